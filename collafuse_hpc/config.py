@@ -1,0 +1,294 @@
+"""Run configuration: one typed dataclass per YAML section.
+
+Precedence is command line (``--set key.path=value``) > YAML file > defaults.
+Unknown keys and wrong types are errors that name the key and list the valid
+ones. :func:`load` validates everything that can be checked without starting
+torch.distributed, so every rank fails the same way before any collective.
+
+Usage::
+
+    cfg = load("configs/quickstart.yaml", ["clients.0.cut_ratio=0.4"])
+    print(dump(cfg))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Image geometry shared by all clients; every shard must match it."""
+
+    image_size: int = 16  # pixels, square images
+    channels: int = 1  # 1 grayscale, 3 RGB
+    num_classes: int = 10  # label range [0, num_classes) for client conditioning
+
+
+@dataclass
+class DiffusionConfig:
+    """The DDPM chain all roles share (see diffusion.py)."""
+
+    timesteps: int = 1000  # T, number of forward noising steps
+    schedule: str = "linear"  # linear (1e-4..0.02) | cosine
+    sampling_steps: int = 0  # reverse steps when sampling; 0 means T (no striding)
+    split: str = "markov"  # markov (exact sub-chain) | reference (authors' code)
+
+
+@dataclass
+class ModelConfig:
+    """UNet size (unet.py)."""
+
+    base_channels: int = 64  # channels at full resolution
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # per level
+    num_res_blocks: int = 2  # residual blocks per level
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])  # pixels
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with gradient clipping and an EMA copy of the weights for sampling."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global L2 norm; 0 disables clipping
+    ema_decay: float = 0.999  # EMA of weights, with warm-up (1+n)/(10+n)
+
+
+@dataclass
+class ServerConfig:
+    """The shared server: runs the chain above each client's cut."""
+
+    count: int = 1  # server ranks (ranks 0..count-1)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    aggregate: str = "concat"  # concat: one step on all clients' batches | sequential
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class ClientConfig:
+    """One client: private shard, its cut and its own model."""
+
+    id: str = ""  # unique name, used in logs and results
+    shard: str = ""  # HDF5 shard path (data.py); relative to the working directory
+    cut_ratio: float | None = None  # c in [0, 1]: fraction of steps done locally
+    cut_step: int | None = None  # t_c directly; give cut_ratio or cut_step, not both
+    batch_size: int = 50  # images per round
+    device: str = "cpu"  # auto | cpu | cuda
+    labels: bool = False  # condition the client model on its own labels (stay local)
+    allow_centralized: bool = False  # required for c = 0: the server sees raw images
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class RunConfig:
+    """Loop, output and runtime settings."""
+
+    output_dir: str = "runs/default"  # results.h5, samples, checkpoints
+    rounds: int = 1000  # training rounds (one batch per client per round)
+    seed: int = 0  # base seed; each role derives its own stream
+    log_every: int = 50  # rounds between log lines and results flushes
+    checkpoint_every: int = 0  # rounds between checkpoints; 0 only at the end
+    keep_checkpoints: int = 2  # checkpoint sets kept on disk
+    samples_per_client: int = 64  # images each client synthesizes at the end
+    sample_batch: int = 256  # max images per server sampling batch
+    threads: int = 0  # torch threads per rank; 0 = cores available / ranks on node
+    timeout_s: float = 300.0  # bound on every wait for a peer, seconds
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection, to test that failures end every rank promptly."""
+
+    rank: int = -1  # rank that fails; -1 disables
+    round: int = 0  # round at which it fails
+    mode: str = "raise"  # raise (exception) | exit (dies without a word)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    clients: list[ClientConfig] = field(default_factory=list)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+
+CHOICES = {
+    "diffusion.schedule": ("linear", "cosine"),
+    "diffusion.split": ("markov", "reference"),
+    "server.device": ("auto", "cpu", "cuda"),
+    "server.aggregate": ("concat", "sequential"),
+    "clients.device": ("auto", "cpu", "cuda"),
+    "fault.mode": ("raise", "exit"),
+}
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type ``hint`` and build nested dataclasses."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise TypeError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(hint, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"config key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise TypeError(
+            f"config key '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ValueError(
+            f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(hints)}"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply ``a.b.0.c=value`` to the raw YAML tree; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} must look like key.path=value")
+    path, text = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node: Any = raw
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ValueError(f"override '{path}': no list item {k} at '{'.'.join(keys[:i])}'")
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, {})
+    last = keys[-1]
+    value = yaml.safe_load(text)
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ValueError(f"override '{path}': no list item {last}")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ValueError(f"override '{path}': '{'.'.join(keys[:-1])}' is not a section")
+
+
+def cut_step(client: ClientConfig, timesteps: int) -> int:
+    """t_c = round(c * T), or the configured cut_step."""
+    if client.cut_step is not None:
+        return client.cut_step
+    return int(round(client.cut_ratio * timesteps))
+
+
+def validate(cfg: Config, check_files: bool = True) -> None:
+    """Raise ValueError naming the key for anything inconsistent."""
+    for key, valid in CHOICES.items():
+        section, name = key.split(".")
+        objs = cfg.clients if section == "clients" else [getattr(cfg, section)]
+        for obj in objs:
+            if getattr(obj, name) not in valid:
+                raise ValueError(f"config key '{key}' is {getattr(obj, name)!r}; valid: {list(valid)}")
+    T = cfg.diffusion.timesteps
+    if T < 1:
+        raise ValueError(f"config key 'diffusion.timesteps' must be >= 1, got {T}")
+    if not 0 <= cfg.diffusion.sampling_steps <= T:
+        raise ValueError(
+            f"config key 'diffusion.sampling_steps' must be in [0, {T}] (0 means T), "
+            f"got {cfg.diffusion.sampling_steps}"
+        )
+    if cfg.server.count != 1:
+        raise ValueError(
+            f"config key 'server.count' is {cfg.server.count}; this version runs exactly one "
+            "server rank (server groups with gradient all-reduce are not implemented yet)"
+        )
+    for name in ("rounds", "log_every", "samples_per_client", "sample_batch", "keep_checkpoints"):
+        if getattr(cfg.run, name) < 1:
+            raise ValueError(f"config key 'run.{name}' must be >= 1, got {getattr(cfg.run, name)}")
+    if cfg.run.timeout_s <= 0:
+        raise ValueError(f"config key 'run.timeout_s' must be > 0 seconds, got {cfg.run.timeout_s}")
+    if not cfg.clients:
+        raise ValueError("config key 'clients' is empty; list at least one client")
+    ids = [c.id for c in cfg.clients]
+    for i, c in enumerate(cfg.clients):
+        key = f"clients.{i}"
+        if not c.id:
+            raise ValueError(f"config key '{key}.id' is missing; give each client a unique name")
+        if ids.count(c.id) > 1:
+            raise ValueError(f"config key '{key}.id': client id {c.id!r} is used twice")
+        if (c.cut_ratio is None) == (c.cut_step is None):
+            raise ValueError(f"client {c.id!r} ('{key}'): give exactly one of cut_ratio or cut_step")
+        if c.cut_ratio is not None and not 0.0 <= c.cut_ratio <= 1.0:
+            raise ValueError(f"config key '{key}.cut_ratio' must be in [0, 1], got {c.cut_ratio}")
+        if c.cut_step is not None and not 0 <= c.cut_step <= T:
+            raise ValueError(f"config key '{key}.cut_step' must be in [0, {T}], got {c.cut_step}")
+        if cut_step(c, T) == 0 and not c.allow_centralized:
+            raise ValueError(
+                f"client {c.id!r} ('{key}') has cut 0: the server would see raw images. "
+                f"Set '{key}.allow_centralized: true' to opt in to this centralized baseline"
+            )
+        if c.batch_size < 1:
+            raise ValueError(f"config key '{key}.batch_size' must be >= 1, got {c.batch_size}")
+        if check_files and not os.path.isfile(c.shard):
+            raise ValueError(
+                f"config key '{key}.shard': file {c.shard!r} not found (relative paths are "
+                f"taken from the working directory {os.getcwd()!r}); prepare it with tools/"
+            )
+
+
+def load(path: str | None, overrides: list[str] = (), check_files: bool = True) -> Config:
+    """Read YAML, apply ``key=value`` overrides, build and validate the config."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file {path!r} not found") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping at the top level")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    cfg = _build(Config, raw)
+    validate(cfg, check_files=check_files)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    """The resolved config as YAML (stored in checkpoints and results)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(raw: dict) -> Config:
+    return _build(Config, raw)

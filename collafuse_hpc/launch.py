@@ -1,0 +1,178 @@
+"""Rank discovery and process-group set-up. The only module that reads the
+environment.
+
+Discovery order:
+1. torchrun: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT.
+2. Open MPI's mpirun (OMPI_COMM_WORLD_SIZE). Checked before SLURM because an
+   mpirun inside an sbatch allocation inherits the batch step's SLURM_PROCID=0.
+3. srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, master = first host of
+   SLURM_JOB_NODELIST, port = 20000 + job id mod 20000.
+4. Other MPI launchers (PMI_SIZE, PMIX_RANK): mpi4py gives rank, size and the
+   local rank by node; rank 0 broadcasts its address and a free port.
+5. Otherwise a single process.
+MASTER_ADDR / MASTER_PORT in the environment override the derived address
+(bind the store to the cluster's internal network: it is unauthenticated).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("collafuse_hpc")
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # torchrun | slurm | mpi | single
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as ``gpu[003-005,007],cpu1``."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    assert m, nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def _resolvable(host: str) -> str:
+    """``host`` if it resolves, else 127.0.0.1 (single-node test clusters use fake names)."""
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except OSError:
+        return "127.0.0.1"
+
+
+def _from_mpi(env: dict[str, str]) -> Launch:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, local_size = node.Get_rank(), node.Get_size()
+    node.Free()
+    addr = port = None
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        addr = "127.0.0.1" if local_size == size else socket.gethostbyname(socket.gethostname())
+    addr, port = comm.bcast((addr, port), root=0)
+    return Launch(
+        rank,
+        size,
+        local_rank,
+        local_size,
+        env.get("MASTER_ADDR", addr),
+        int(env.get("MASTER_PORT", port)),
+        "mpi",
+    )
+
+
+def discover(env: dict[str, str] | None = None) -> Launch:
+    """Find this process's rank from torchrun, SLURM or MPI variables (in that order)."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env.get("LOCAL_WORLD_SIZE", 1)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torchrun",
+        )
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return _from_mpi(env)
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        nodes = int(env.get("SLURM_NNODES", 1))
+        ntasks = int(env["SLURM_NTASKS"])
+        host = env.get("MASTER_ADDR") or _resolvable(_first_slurm_host(env["SLURM_JOB_NODELIST"]))
+        return Launch(
+            int(env["SLURM_PROCID"]),
+            ntasks,
+            int(env.get("SLURM_LOCALID", 0)),
+            -(-ntasks // nodes),
+            host,
+            int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)),
+            "slurm",
+        )
+    if "PMI_SIZE" in env or "PMIX_RANK" in env:
+        return _from_mpi(env)
+    return Launch(0, 1, 0, 1, "127.0.0.1", 0, "single")
+
+
+def threads_per_rank(launch: Launch, configured: int) -> int:
+    """Torch threads for this rank: the configured number, else the cores this
+    process may use divided by the ranks on its node (at least 1)."""
+    if configured > 0:
+        return configured
+    return max(1, len(os.sched_getaffinity(0)) // max(1, launch.local_world_size))
+
+
+def resolve_device(choice: str, launch: Launch) -> torch.device:
+    """``auto`` -> the GPU given by LOCAL_RANK if CUDA is available, else CPU.
+
+    Calls ``torch.cuda.set_device`` before any NCCL communicator exists.
+    """
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"rank {launch.rank}: device 'cuda' requested but CUDA is not available")
+    device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_process_groups(
+    launch: Launch, device: torch.device, timeout_s: float
+) -> dist.ProcessGroup | None:
+    """Start the gloo world group; return a NCCL group of the CUDA ranks, if two or more.
+
+    gloo carries CPU tensors between any two ranks (a GPU server with CPU
+    clients stages through pinned host memory); NCCL carries CUDA tensors
+    directly between GPU ranks.
+    """
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except (RuntimeError, ValueError) as e:
+        raise RuntimeError(
+            f"rank {launch.rank}: could not reach the rendezvous at "
+            f"{launch.master_addr}:{launch.master_port} ({launch.source}) within {timeout_s:.0f} s; "
+            f"check MASTER_ADDR/MASTER_PORT and that the port is open: {e}"
+        ) from None
+    kinds = [None] * launch.world_size
+    dist.all_gather_object(kinds, device.type)
+    cuda_ranks = [r for r, k in enumerate(kinds) if k == "cuda"]
+    if len(cuda_ranks) < 2 or not dist.is_nccl_available():
+        return None
+    return dist.new_group(cuda_ranks, backend="nccl", timeout=timedelta(seconds=timeout_s))

@@ -1,0 +1,385 @@
+"""The shared loop: rounds, checkpoints, results, sampling, shutdown.
+
+The same role loops run in two transports: one process per rank over
+torch.distributed (:func:`run_distributed`), or every role in a thread of one
+process (:func:`run_in_process`, for debugging and the equivalence test).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .client import Client
+from .config import Config, cut_step, dump
+from .data import inspect_shard, to_uint8
+from .launch import discover, init_process_groups, resolve_device, threads_per_rank
+from .results import RoleResults, create_index, part_name, save_grid
+from .server import Server
+from .topology import Topology
+from .wire import DistWire, Kind, LocalHub, LocalWire, PeerFailure, Wire
+
+log = logging.getLogger("collafuse_hpc")
+
+
+@dataclass
+class Context:
+    """What one role's loop needs besides its role object."""
+
+    cfg: Config
+    topo: Topology
+    rank: int
+    wire: Wire
+    start_round: int
+    config_yaml: str
+    round: int = 0  # current round, for error reports
+
+    @property
+    def output_dir(self) -> str:
+        return self.cfg.run.output_dir
+
+
+def preflight(cfg: Config, resume: bool) -> int:
+    """Checks every rank makes before any collective; returns the round to start at."""
+    for i, c in enumerate(cfg.clients):
+        info = inspect_shard(c.shard)
+        want = (cfg.data.channels, cfg.data.image_size)
+        if (info.channels, info.image_size) != want:
+            raise ValueError(
+                f"shard {c.shard!r} (clients.{i}) holds {info.channels}x{info.image_size}x"
+                f"{info.image_size} images, but 'data' asks for {want[0]}x{want[1]}x{want[1]}"
+            )
+        if c.labels and not info.has_labels:
+            raise ValueError(f"clients.{i}.labels is true, but shard {c.shard!r} has no labels")
+    index = os.path.join(cfg.run.output_dir, "results.h5")
+    if not resume and os.path.exists(index):
+        raise ValueError(
+            f"{index!r} holds results of an earlier run; pass --resume to continue it or set "
+            "run.output_dir to a new folder"
+        )
+    rounds = checkpoint.complete_rounds(cfg.run.output_dir) if resume else []
+    return min(rounds[-1], cfg.run.rounds) if rounds else 0
+
+
+def _fault(ctx: Context, round_: int) -> None:
+    f = ctx.cfg.fault
+    if f.rank == ctx.rank and f.round == round_:
+        if f.mode == "exit":
+            os._exit(13)
+        raise RuntimeError(f"injected fault at round {round_}")
+
+
+def _end_of_round(ctx: Context, results: RoleResults, state: dict, r: int) -> None:
+    """After round ``r``: flush results when due, write a checkpoint set when due."""
+    run = ctx.cfg.run
+    done = r + 1
+    last = done == run.rounds
+    if done % run.log_every == 0 or last:
+        results.flush()
+    if last or (run.checkpoint_every and done % run.checkpoint_every == 0):
+        checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml)
+        ctx.wire.barrier()
+        if ctx.rank == 0:
+            checkpoint.mark_complete(ctx.output_dir, done, run.keep_checkpoints)
+        ctx.wire.barrier()
+
+
+def _restore(ctx: Context, role: Server | Client) -> None:
+    if ctx.start_round:
+        role.load_state_dict(checkpoint.load_rank(ctx.output_dir, ctx.start_round, ctx.rank)["state"])
+
+
+def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
+    """Receive every client's x_c, step, reply; then serve the sampling requests."""
+    ranks = {k: ctx.topo.client_rank(k) for k in server.clients}
+    wire, run = ctx.wire, ctx.cfg.run
+    totals = {"images": 0, "time_recv_s": 0.0, "time_compute_s": 0.0, "time_send_s": 0.0}
+    for r in range(ctx.start_round, run.rounds):
+        ctx.round = r
+        _fault(ctx, r)
+        t0 = time.perf_counter()
+        msgs = {k: wire.recv(ranks[k], Kind.TRAIN, r) for k in server.clients}
+        t1 = time.perf_counter()
+        replies = server.train_round(msgs) if msgs else {}
+        t2 = time.perf_counter()
+        for k, reply in replies.items():
+            wire.send(ranks[k], reply)
+        wire.flush()
+        t3 = time.perf_counter()
+        n = sum(m.count for m in msgs.values())
+        losses = [m.payload.item() for m in replies.values()]
+        row = {
+            "round": r,
+            "loss_server": float(np.mean(losses)) if losses else math.nan,
+            "time_recv_s": t1 - t0,
+            "time_compute_s": t2 - t1,
+            "time_send_s": t3 - t2,
+            "images_per_s": n / (t3 - t0),
+        }
+        results.log(row)
+        for key in ("time_recv_s", "time_compute_s", "time_send_s"):
+            totals[key] += row[key]
+        totals["images"] += n
+        if (r + 1) % run.log_every == 0:
+            log.info(
+                "server %d round %d/%d loss/server %.4f images/s %.1f", ctx.rank, r + 1, run.rounds,
+                row["loss_server"], row["images_per_s"],
+            )
+        _end_of_round(ctx, results, server.state_dict(), r)
+    ctx.round = run.rounds
+    t0 = time.perf_counter()
+    requests = {k: wire.recv(ranks[k], Kind.SAMPLE_REQUEST, run.rounds) for k in server.clients}
+    for k, reply in server.sample(requests).items():
+        wire.send(ranks[k], reply)
+    wire.flush()
+    totals["time_sampling_s"] = time.perf_counter() - t0
+    busy = totals["time_recv_s"] + totals["time_compute_s"] + totals["time_send_s"]
+    totals["images_per_s"] = totals["images"] / busy if busy else 0.0
+    totals["bytes_received"] = wire.bytes_received
+    return totals
+
+
+def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
+    """Send x_c, step locally while the server works, take the reply; then sample."""
+    server_rank = ctx.topo.server_of(client.index)
+    wire, run = ctx.wire, ctx.cfg.run
+    totals = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
+    for r in range(ctx.start_round, run.rounds):
+        ctx.round = r
+        _fault(ctx, r)
+        t0 = time.perf_counter()
+        msg = client.begin_round(r)
+        if msg is not None:
+            wire.send(server_rank, msg)
+        t1 = time.perf_counter()
+        loss_local = client.local_step()
+        t2 = time.perf_counter()
+        loss_server = math.nan
+        if msg is not None:
+            loss_server = wire.recv(server_rank, Kind.TRAIN_REPLY, r).payload.item()
+            wire.flush()
+        t3 = time.perf_counter()
+        row = {
+            "round": r,
+            "loss_local": math.nan if loss_local is None else loss_local,
+            "loss_server": loss_server,
+            "time_local_s": t2 - t1,
+            "time_wait_s": t3 - t2,
+            "time_round_s": t3 - t0,
+            "images_per_s": client.batch_size / (t3 - t0),
+        }
+        results.log(row)
+        for key in ("time_local_s", "time_wait_s", "time_round_s"):
+            totals[key] += row[key]
+        totals["images"] += client.batch_size
+        _end_of_round(ctx, results, client.state_dict(), r)
+    ctx.round = run.rounds
+    n = run.samples_per_client
+    t0 = time.perf_counter()
+    request = client.sample_request(run.rounds, n)
+    x_h = None
+    if request is not None:
+        wire.send(server_rank, request)
+        x_h = wire.recv(server_rank, Kind.SAMPLE_REPLY, run.rounds).payload
+        wire.flush()
+    t1 = time.perf_counter()
+    samples = to_uint8(client.finish_samples(n, x_h))
+    totals["time_sampling_wait_s"] = t1 - t0
+    totals["time_sampling_local_s"] = time.perf_counter() - t1
+    results.write("samples/images", samples, unit="uint8 pixels 0..255")
+    if x_h is not None:
+        results.write("samples/x_handover", x_h.float().cpu().numpy(), t=client.cut.handover)
+    grid = os.path.join(ctx.output_dir, "samples", f"{client.id}.png")
+    os.makedirs(os.path.dirname(grid), exist_ok=True)
+    save_grid(samples, grid)
+    totals["images_per_s"] = totals["images"] / totals["time_round_s"] if totals["time_round_s"] else 0.0
+    totals.update(client.audit_summary())
+    totals["grid"] = grid
+    return totals
+
+
+def _write_audit(results: RoleResults, client: Client) -> None:
+    fields = {
+        "round": [a.round for a in client.audit],
+        "kind": [int(Kind[a.kind]) for a in client.audit],
+        "images": [a.images for a in client.audit],
+        "t_c": [a.t_c for a in client.audit],
+        "nbytes": [a.nbytes for a in client.audit],
+    }
+    for name, values in fields.items():
+        results.write(f"audit/{name}", np.asarray(values, dtype=np.int64))
+    results.write_attrs("audit", client.audit_summary())
+
+
+def _part_path(cfg: Config, topo: Topology, rank: int) -> str:
+    if topo.is_server(rank):
+        name = part_name("server", str(rank))
+    else:
+        name = part_name("client", topo.client_ids[topo.client_index(rank)])
+    return os.path.join(cfg.run.output_dir, "parts", name)
+
+
+def build_role(cfg: Config, topo: Topology, rank: int, device: torch.device) -> Server | Client:
+    if topo.is_server(rank):
+        return Server(cfg, rank, topo.clients_of(rank), device)
+    return Client(cfg, topo.client_index(rank), device)
+
+
+def run_role(ctx: Context, role: Server | Client) -> dict:
+    """Run one role to the end. On failure tell the peers (ERROR) and re-raise."""
+    cfg, topo, rank = ctx.cfg, ctx.topo, ctx.rank
+    if isinstance(role, Server):
+        peers = [topo.client_rank(k) for k in role.clients]
+        attrs = {"role": "server", "rank": rank}
+    else:
+        peers = [topo.server_of(role.index)] if role.cut.uses_server else []
+        attrs = {"role": "client", "rank": rank, "client_id": role.id, "t_c": role.cut.t_c, "cut_ratio": role.cut.ratio}
+    try:
+        _restore(ctx, role)
+        results = RoleResults(_part_path(cfg, topo, rank), attrs, ctx.start_round if ctx.start_round else None)
+        if isinstance(role, Server):
+            summary = server_loop(ctx, role, results)
+        else:
+            summary = client_loop(ctx, role, results)
+            _write_audit(results, role)
+        results.flush()
+        summary["bytes_sent"] = ctx.wire.bytes_sent
+        results.write_attrs("summary", summary)
+        ctx.wire.barrier()  # every role has written its part
+        return summary
+    except Exception as e:
+        text = str(e) if isinstance(e, PeerFailure) else f"{topo.describe(rank)}: {type(e).__name__}: {e}"
+        ctx.wire.send_error(peers, ctx.round, text)
+        raise
+
+
+def _index_roles(cfg: Config, topo: Topology) -> dict[str, str]:
+    roles = {}
+    for rank in range(topo.world_size):
+        key = "server" if topo.is_server(rank) else f"clients/{topo.client_ids[topo.client_index(rank)]}"
+        roles[key] = os.path.relpath(_part_path(cfg, topo, rank), cfg.run.output_dir)
+    return roles
+
+
+def print_summary(cfg: Config, summaries: dict[int, dict], topo: Topology, wall_s: float) -> None:
+    out = sys.stdout
+    out.write(f"\ncollafuse-hpc: {cfg.run.rounds} rounds in {wall_s:.1f} s wall\n")
+    for rank in sorted(summaries):
+        s = summaries[rank]
+        if topo.is_server(rank):
+            out.write(
+                f"  server {rank}: {s['images']} images trained, {s['images_per_s']:.1f} images/s while "
+                f"busy; recv wait {s['time_recv_s']:.1f} s, compute {s['time_compute_s']:.1f} s, "
+                f"sampling {s['time_sampling_s']:.1f} s\n"
+            )
+        else:
+            cid = topo.client_ids[topo.client_index(rank)]
+            c = cfg.clients[topo.client_index(rank)]
+            out.write(
+                f"  client {cid!r} (t_c={cut_step(c, cfg.diffusion.timesteps)}): {s['images_per_s']:.1f} "
+                f"images/s; local {s['time_local_s']:.1f} s, waiting {s['time_wait_s']:.1f} s; sent "
+                f"{s['images_sent']} x_c images ({s['bytes_sent'] / 1e6:.2f} MB); samples {s['grid']}\n"
+            )
+    out.write(f"  results: {os.path.join(cfg.run.output_dir, 'results.h5')}\n")
+    out.flush()
+
+
+def _log_losses(cfg: Config, topo: Topology) -> None:
+    """Final loss of each role, averaged over the last logged window."""
+    import h5py
+
+    path = os.path.join(cfg.run.output_dir, "results.h5")
+    with h5py.File(path, "r") as f:
+        for key in _index_roles(cfg, topo):
+            g = f[key]["rounds"]
+            tail = slice(-cfg.run.log_every, None)
+            parts = [f"{n} {np.nanmean(g[n][tail]):.4f}" for n in ("loss_local", "loss_server") if n in g and not np.isnan(g[n][tail]).all()]
+            log.info("%s: mean of the last %d rounds: %s", key, cfg.run.log_every, ", ".join(parts) or "no loss")
+
+
+def _start(cfg: Config, topo: Topology, start_round: int) -> None:
+    """Rank 0 at the start: results.h5 (once) and the resume report."""
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    index = os.path.join(cfg.run.output_dir, "results.h5")
+    if not os.path.exists(index):
+        create_index(index, dump(cfg), cfg.run.seed, _index_roles(cfg, topo))
+    if start_round:
+        log.info("resuming from the checkpoint set of round %d", start_round)
+
+
+def run_distributed(cfg: Config, resume: bool) -> None:
+    """One rank of a launched job (mpirun, srun or torchrun). Raises on failure."""
+    launch = discover()
+    topo = Topology.from_config(cfg, launch.world_size)
+    start_round = preflight(cfg, resume)
+    rank = launch.rank
+    torch.set_num_threads(threads_per_rank(launch, cfg.run.threads))
+    role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.client_index(rank)]
+    device = resolve_device(role_cfg.device, launch)
+    if rank == 0:
+        log.info(
+            "launch: %s, %d ranks (%d servers, %d clients), master %s:%d, %d threads per rank",
+            launch.source, launch.world_size, topo.num_servers, len(topo.client_ids),
+            launch.master_addr, launch.master_port, torch.get_num_threads(),
+        )
+    nccl = init_process_groups(launch, device, cfg.run.timeout_s)
+    wire = DistWire(rank, topo.describe, device, nccl, cfg.run.timeout_s)
+    t0 = time.perf_counter()
+    if rank == 0:
+        _start(cfg, topo, start_round)
+    wire.barrier()
+    ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg))
+    summary = run_role(ctx, build_role(cfg, topo, rank, device))
+    gathered = [None] * topo.world_size
+    torch.distributed.all_gather_object(gathered, summary)
+    if rank == 0:
+        _log_losses(cfg, topo)
+        print_summary(cfg, dict(enumerate(gathered)), topo, time.perf_counter() - t0)
+    torch.distributed.destroy_process_group()
+
+
+def run_in_process(cfg: Config, resume: bool) -> dict[int, dict]:
+    """Every role in a thread of this process; returns each rank's summary."""
+    topo = Topology.from_config(cfg)
+    start_round = preflight(cfg, resume)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    single = discover({})
+    hub = LocalHub(topo.world_size, cfg.run.timeout_s)
+    t0 = time.perf_counter()
+    _start(cfg, topo, start_round)
+    roles = []
+    for rank in range(topo.world_size):
+        role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.client_index(rank)]
+        roles.append(build_role(cfg, topo, rank, resolve_device(role_cfg.device, single)))
+    summaries: dict[int, dict] = {}
+    errors: dict[int, BaseException] = {}
+
+    def target(rank: int) -> None:
+        ctx = Context(cfg, topo, rank, LocalWire(rank, topo.describe, hub), start_round, dump(cfg))
+        try:
+            summaries[rank] = run_role(ctx, roles[rank])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors[rank] = e
+            hub.barrier.abort()
+
+    threads = [threading.Thread(target=target, args=(r,), name=f"rank{r}") for r in range(topo.world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        first = next((e for e in errors.values() if not isinstance(e, PeerFailure)), next(iter(errors.values())))
+        raise first
+    _log_losses(cfg, topo)
+    print_summary(cfg, summaries, topo, time.perf_counter() - t0)
+    return summaries

@@ -1,0 +1,75 @@
+"""The split at the cut: which part of the chain each side owns.
+
+A thin layer over diffusion.py. For a client with cut step t_c:
+
+- the client trains on t in 1..t_c (anchor 0) and sends
+  x_c = q_sample(x_0, t_c) to the server;
+- the server trains on t in t_c+1..T. In the ``markov`` split (default) it
+  continues the chain from x_c with anchor t_c, which gives x_t the exact
+  marginal q(x_t | x_0). In the ``reference`` split (the authors' code) it
+  re-noises x_c as if it were clean data (anchor 0), and sampling hands over
+  at the heuristic step t_c + t_c (1 - c) instead of t_c.
+- sampling: the server runs the grid from T down to the hand-over step h
+  without clipping; the client runs h down to 0 with clipping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One client's cut. ``t_c`` in [0, T]; ``mode`` is ``markov`` or ``reference``."""
+
+    t_c: int
+    timesteps: int
+    mode: str = "markov"
+
+    @property
+    def ratio(self) -> float:
+        """c = t_c / T, the fraction of steps done on the client."""
+        return self.t_c / self.timesteps
+
+    @property
+    def uses_server(self) -> bool:
+        """False for c = 1 (local only): nothing is sent."""
+        return self.t_c < self.timesteps
+
+    @property
+    def server_anchor(self) -> int:
+        """Anchor of the server's chain: t_c (markov) or 0 (reference)."""
+        return self.t_c if self.mode == "markov" else 0
+
+    @property
+    def handover(self) -> int:
+        """Step h at which sampling passes from server to client."""
+        if self.mode == "markov" or not self.uses_server:
+            return self.t_c
+        return min(self.timesteps, int(round(self.t_c + self.t_c * (1 - self.ratio))))
+
+    def sampling_grids(self, steps: int) -> tuple[list[int], list[int]]:
+        """Strictly decreasing timestep grids (server, client) for ``steps`` reverse steps.
+
+        The server grid runs T..h, the client grid h..0; h is on both, and each
+        side gets a share of the steps about in proportion to its part of the
+        chain (every step when ``steps == T``). A side with no part gets [].
+        """
+        T, h = self.timesteps, self.handover
+        if not 1 <= steps <= T:
+            raise ValueError(f"sampling steps must be in [1, {T}], got {steps}")
+        n_server = 0 if h == T else max(1, round(steps * (T - h) / T))
+        n_client = 0 if h == 0 else max(1, steps - n_server)
+        n_server, n_client = min(n_server, T - h), min(n_client, h)
+        server = _grid(T, h, n_server) if n_server else []
+        client = _grid(h, 0, n_client) if n_client else []
+        return server, client
+
+
+def _grid(start: int, stop: int, n: int) -> list[int]:
+    """n evenly spaced integer steps from ``start`` down to ``stop`` (n + 1 points, unique)."""
+    points = np.round(np.linspace(start, stop, n + 1)).astype(int).tolist()
+    assert len(set(points)) == n + 1, (start, stop, n)
+    return points

@@ -1,0 +1,59 @@
+"""A model with its AdamW optimizer and EMA copy: the unit each role trains,
+samples with and checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+
+
+class Trainable:
+    """Owns ``model`` (moved to ``device``), an AdamW optimizer and an EMA of the
+    weights. On CUDA the forward runs under bf16 autocast."""
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.model = model.to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps = 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward, clip, optimizer step, EMA update with warm-up."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.steps += 1
+        decay = min(self.cfg.ema_decay, (1 + self.steps) / (10 + self.steps))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                e.lerp_(p, 1 - decay)
+            for e, b in zip(self.ema.buffers(), self.model.buffers()):
+                e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.steps = int(state["steps"])

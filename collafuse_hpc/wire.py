@@ -1,0 +1,242 @@
+"""Typed point-to-point messages between a client and its server. The only
+module that sends or receives.
+
+Every message is a fixed header, int64 [HEADER_LEN]::
+
+    [MAGIC, kind, round, count, C, H, W, dtype code, t_c, sender rank]
+
+followed by the payload when ``count > 0``: float [count, C, H, W] for images,
+float32 [count] for losses, uint8 [count] (UTF-8 text) for errors. Sends and
+receives are posted in a fixed order (NCCL has no tags and no receive from any
+source), and every wait is bounded by the process group's timeout. A failing
+rank sends ERROR to its peers; a receiver turns ERROR, a closed connection or
+a timeout into :class:`PeerFailure` naming the peer.
+"""
+
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+MAGIC = 0x43465553  # "CFUS"
+HEADER_LEN = 10
+DTYPES = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.uint8}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+
+
+class Kind(enum.IntEnum):
+    TRAIN = 1  # client -> server: x_c [B, C, H, W] of one round
+    TRAIN_REPLY = 2  # server -> client: server loss on that client's x_c, float32 [1]
+    SAMPLE_REQUEST = 3  # client -> server: count = n samples wanted, no payload
+    SAMPLE_REPLY = 4  # server -> client: x_h at the hand-over step [n, C, H, W]
+    ERROR = 9  # either way: the sender failed; payload is the reason (UTF-8)
+
+
+class PeerFailure(RuntimeError):
+    """A peer failed, vanished or timed out; the message names it."""
+
+
+@dataclass
+class Message:
+    kind: Kind
+    round: int
+    t_c: int = 0
+    count: int = 0  # images (or values) in the payload; n requested for SAMPLE_REQUEST
+    payload: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire: header plus payload."""
+        extra = 0 if self.payload is None else self.payload.numel() * self.payload.element_size()
+        return HEADER_LEN * 8 + extra
+
+
+def error_message(round_: int, text: str) -> Message:
+    data = torch.frombuffer(bytearray(text.encode()[:4096] or b"?"), dtype=torch.uint8)
+    return Message(Kind.ERROR, round_, count=data.numel(), payload=data)
+
+
+class Wire:
+    """What a role's loop needs from a transport (implemented below)."""
+
+    describe: Callable[[int], str]
+    rank: int
+
+    def send(self, dst: int, msg: Message) -> None:
+        """Post ``msg`` to ``dst`` without blocking; :meth:`flush` waits for it."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Wait until every posted send has completed (bounded)."""
+        raise NotImplementedError
+
+    def recv(self, src: int, kind: Kind, round_: int) -> Message:
+        """Next message from ``src``; it must be ``kind`` for ``round_``.
+
+        Raises PeerFailure when the peer sent ERROR, died or timed out.
+        """
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        """All ranks meet (bounded); names the ranks that did not arrive."""
+        raise NotImplementedError
+
+    def send_error(self, peers: list[int], round_: int, text: str) -> None:
+        """Best effort: tell ``peers`` that this rank failed, without waiting long."""
+        for p in peers:
+            try:
+                self.send(p, error_message(round_, text))
+            except RuntimeError:
+                pass
+
+    def _check(self, src: int, msg: Message, kind: Kind, round_: int) -> Message:
+        """Turn ERROR or an unexpected message from ``src`` into PeerFailure."""
+        if msg.kind == Kind.ERROR:
+            text = bytes(msg.payload.cpu().tolist()).decode(errors="replace")
+            raise PeerFailure(f"{self.describe(src)} failed: {text}")
+        if msg.kind != kind or msg.round != round_:
+            raise PeerFailure(
+                f"protocol error: {self.describe(self.rank)} expected {kind.name} of round "
+                f"{round_} from {self.describe(src)}, got {msg.kind.name} of round {msg.round}"
+            )
+        return msg
+
+
+class DistWire(Wire):
+    """Sends and receives :class:`Message` objects over torch.distributed.
+
+    Args:
+        rank: this rank.
+        describe: rank -> human name for error messages (Topology.describe).
+        device: where received payloads should land.
+        nccl_group: group of CUDA ranks; used when both peers are in it.
+        timeout_s: bound on every wait, seconds.
+    """
+
+    def __init__(self, rank, describe, device: torch.device, nccl_group, timeout_s: float):
+        self.rank, self.describe, self.device = rank, describe, device
+        self.timeout = timedelta(seconds=timeout_s)
+        self.nccl_group = nccl_group
+        self.nccl_ranks = set(dist.get_process_group_ranks(nccl_group)) if nccl_group else set()
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _via_nccl(self, peer: int) -> bool:
+        return self.rank in self.nccl_ranks and peer in self.nccl_ranks
+
+    def send(self, dst: int, msg: Message) -> None:
+        payload = msg.payload
+        shape = (0, 0, 0) if payload is None or payload.ndim < 4 else tuple(payload.shape[1:])
+        dtype = 0 if payload is None else DTYPE_CODES[payload.dtype]
+        header = torch.tensor(
+            [MAGIC, int(msg.kind), msg.round, msg.count, *shape, dtype, msg.t_c, self.rank],
+            dtype=torch.int64,
+        )
+        group = self.nccl_group if self._via_nccl(dst) else None
+        tensors = [header] + ([] if payload is None else [payload.contiguous()])
+        for t in tensors:
+            t = t.to(self.device) if group is not None else t.cpu()
+            self._pending.append((dist.isend(t, dst, group=group), t))
+        self.bytes_sent += msg.nbytes
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for work, _ in pending:
+            self._wait(work, None, "a send to complete")
+
+    def _wait(self, work: dist.Work, peer: int | None, what: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as e:
+            who = self.describe(peer) if peer is not None else "a peer"
+            reason = "timed out" if "imed out" in str(e) else "lost the connection"
+            raise PeerFailure(
+                f"{self.describe(self.rank)} {reason} waiting for {what} from {who} "
+                f"(bound {self.timeout.total_seconds():.0f} s): {str(e).splitlines()[0][:200]}"
+            ) from None
+
+    def _recv_tensor(self, t: torch.Tensor, src: int, what: str) -> torch.Tensor:
+        group = self.nccl_group if self._via_nccl(src) else None
+        t = t.to(self.device) if group is not None else t
+        self._wait(dist.irecv(t, src, group=group), src, what)
+        self.bytes_received += t.numel() * t.element_size()
+        return t
+
+    def recv(self, src: int, kind: Kind, round_: int) -> Message:
+        what = f"{kind.name} of round {round_}"
+        header = self._recv_tensor(torch.empty(HEADER_LEN, dtype=torch.int64), src, what).cpu()
+        magic, k, rnd, count, c, h, w, dtype, t_c, sender = header.tolist()
+        if magic != MAGIC or sender != src or k not in Kind._value2member_map_:
+            raise PeerFailure(f"{self.describe(self.rank)} got a malformed header from {self.describe(src)}")
+        payload = None
+        if dtype:
+            shape = (count, c, h, w) if c else (count,)
+            payload = self._recv_tensor(torch.empty(shape, dtype=DTYPES[dtype]), src, what)
+            payload = payload.to(self.device, non_blocking=True)
+        return self._check(src, Message(Kind(k), rnd, t_c, count, payload), kind, round_)
+
+    def barrier(self) -> None:
+        try:
+            dist.monitored_barrier(timeout=self.timeout, wait_all_ranks=True)
+        except RuntimeError as e:
+            raise PeerFailure(f"{self.describe(self.rank)}: barrier failed: {str(e)[:300]}") from None
+
+
+class LocalWire(Wire):
+    """In-process transport: every role runs in a thread of one process.
+
+    Messages are cloned on send, as if they had crossed a network, so the same
+    role loop runs unchanged; used by ``--in-process`` and the equivalence test.
+    """
+
+    def __init__(self, rank: int, describe, hub: LocalHub):
+        self.rank, self.describe, self.hub = rank, describe, hub
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def send(self, dst: int, msg: Message) -> None:
+        payload = None if msg.payload is None else msg.payload.detach().clone()
+        self.hub.queue(self.rank, dst).put(Message(msg.kind, msg.round, msg.t_c, msg.count, payload))
+        self.bytes_sent += msg.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def recv(self, src: int, kind: Kind, round_: int) -> Message:
+        try:
+            msg = self.hub.queue(src, self.rank).get(timeout=self.hub.timeout_s)
+        except queue.Empty:
+            raise PeerFailure(
+                f"{self.describe(self.rank)} timed out waiting for {kind.name} of round {round_} "
+                f"from {self.describe(src)} (bound {self.hub.timeout_s:.0f} s)"
+            ) from None
+        self.bytes_received += msg.nbytes
+        return self._check(src, msg, kind, round_)
+
+    def barrier(self) -> None:
+        try:
+            self.hub.barrier.wait(self.hub.timeout_s)
+        except threading.BrokenBarrierError:
+            raise PeerFailure(f"{self.describe(self.rank)}: barrier failed (a role did not arrive)") from None
+
+
+class LocalHub:
+    """Queues between the in-process roles, one per (sender, receiver) pair."""
+
+    def __init__(self, world_size: int, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.barrier = threading.Barrier(world_size)
+        self._queues: dict[tuple[int, int], queue.Queue] = {}
+        self._lock = threading.Lock()
+
+    def queue(self, src: int, dst: int) -> queue.Queue:
+        with self._lock:
+            return self._queues.setdefault((src, dst), queue.Queue())
