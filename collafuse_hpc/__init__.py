@@ -9,7 +9,8 @@ Public API::
 
 __version__ = "0.1.0"
 
-from .config import Config, load as load_config  # noqa: E402
+from .config import Config  # noqa: E402
+from .config import load as load_config
 from .diffusion import GaussianDiffusion, beta_schedule  # noqa: E402
 from .run import run_distributed, run_in_process  # noqa: E402
 from .split import Cut  # noqa: E402

@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
 def _setup_logging() -> None:
     rank = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("SLURM_PROCID")
     prefix = f"[rank {rank}] " if rank is not None else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
 
 
 def _die(code: int, text: str, hard: bool) -> int:

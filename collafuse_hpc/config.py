@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from .split import Cut
+
 
 @dataclass
 class DataConfig:
@@ -155,9 +157,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
-        raise TypeError(
-            f"config key '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}"
-        )
+        raise TypeError(f"config key '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -166,9 +166,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(hints))
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
-        raise ValueError(
-            f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(hints)}"
-        )
+        raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(hints)}")
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -219,8 +217,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise ValueError(f"config key 'diffusion.timesteps' must be >= 1, got {T}")
     if not 0 <= cfg.diffusion.sampling_steps <= T:
         raise ValueError(
-            f"config key 'diffusion.sampling_steps' must be in [0, {T}] (0 means T), "
-            f"got {cfg.diffusion.sampling_steps}"
+            f"config key 'diffusion.sampling_steps' must be in [0, {T}] (0 means T), got {cfg.diffusion.sampling_steps}"
         )
     if cfg.server.count != 1:
         raise ValueError(
@@ -252,6 +249,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                 f"client {c.id!r} ('{key}') has cut 0: the server would see raw images. "
                 f"Set '{key}.allow_centralized: true' to opt in to this centralized baseline"
             )
+        try:
+            Cut(cut_step(c, T), T, cfg.diffusion.split).sampling_grids(cfg.diffusion.sampling_steps or T)
+        except ValueError as e:
+            raise ValueError(f"config key 'diffusion.sampling_steps' for client {c.id!r}: {e}") from None
         if c.batch_size < 1:
             raise ValueError(f"config key '{key}.batch_size' must be >= 1, got {c.batch_size}")
         if check_files and not os.path.isfile(c.shard):

@@ -28,10 +28,14 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def beta_schedule(name: str, timesteps: int) -> np.ndarray:
-    """betas_1..betas_T (float64 [T]) for ``linear`` (1e-4..0.02, scaled to T) or ``cosine``."""
+    """betas_1..betas_T (float64 [T]) for ``linear`` or ``cosine``.
+
+    ``linear`` is DDPM's 1e-4..0.02 at T = 1000, scaled by 1000 / T so shorter
+    chains end at the same noise level (capped at 0.999 for very short chains).
+    """
     if name == "linear":
         scale = 1000.0 / timesteps
-        return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+        return np.linspace(scale * 1e-4, min(scale * 0.02, 0.999), timesteps, dtype=np.float64)
     if name == "cosine":
 
         def f(t: float) -> float:

@@ -44,9 +44,7 @@ class Launch:
 def _first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM node list such as ``gpu[003-005,007],cpu1``."""
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.split()[0]
     except (OSError, subprocess.TimeoutExpired):
@@ -147,9 +145,7 @@ def resolve_device(choice: str, launch: Launch) -> torch.device:
     return device
 
 
-def init_process_groups(
-    launch: Launch, device: torch.device, timeout_s: float
-) -> dist.ProcessGroup | None:
+def init_process_groups(launch: Launch, device: torch.device, timeout_s: float) -> dist.ProcessGroup | None:
     """Start the gloo world group; return a NCCL group of the CUDA ranks, if two or more.
 
     gloo carries CPU tensors between any two ranks (a GPU server with CPU

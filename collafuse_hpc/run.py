@@ -131,8 +131,12 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
         totals["images"] += n
         if (r + 1) % run.log_every == 0:
             log.info(
-                "server %d round %d/%d loss/server %.4f images/s %.1f", ctx.rank, r + 1, run.rounds,
-                row["loss_server"], row["images_per_s"],
+                "server %d round %d/%d loss/server %.4f images/s %.1f",
+                ctx.rank,
+                r + 1,
+                run.rounds,
+                row["loss_server"],
+                row["images_per_s"],
             )
         _end_of_round(ctx, results, server.state_dict(), r)
     ctx.round = run.rounds
@@ -302,7 +306,11 @@ def _log_losses(cfg: Config, topo: Topology) -> None:
         for key in _index_roles(cfg, topo):
             g = f[key]["rounds"]
             tail = slice(-cfg.run.log_every, None)
-            parts = [f"{n} {np.nanmean(g[n][tail]):.4f}" for n in ("loss_local", "loss_server") if n in g and not np.isnan(g[n][tail]).all()]
+            parts = [
+                f"{n} {np.nanmean(g[n][tail]):.4f}"
+                for n in ("loss_local", "loss_server")
+                if n in g and not np.isnan(g[n][tail]).all()
+            ]
             log.info("%s: mean of the last %d rounds: %s", key, cfg.run.log_every, ", ".join(parts) or "no loss")
 
 
@@ -328,8 +336,13 @@ def run_distributed(cfg: Config, resume: bool) -> None:
     if rank == 0:
         log.info(
             "launch: %s, %d ranks (%d servers, %d clients), master %s:%d, %d threads per rank",
-            launch.source, launch.world_size, topo.num_servers, len(topo.client_ids),
-            launch.master_addr, launch.master_port, torch.get_num_threads(),
+            launch.source,
+            launch.world_size,
+            topo.num_servers,
+            len(topo.client_ids),
+            launch.master_addr,
+            launch.master_port,
+            torch.get_num_threads(),
         )
     nccl = init_process_groups(launch, device, cfg.run.timeout_s)
     wire = DistWire(rank, topo.describe, device, nccl, cfg.run.timeout_s)

@@ -108,7 +108,11 @@ class Server:
         return replies
 
     def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+        return {
+            "net": self.net.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])

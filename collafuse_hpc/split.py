@@ -58,11 +58,14 @@ class Cut:
         chain (every step when ``steps == T``). A side with no part gets [].
         """
         T, h = self.timesteps, self.handover
-        if not 1 <= steps <= T:
-            raise ValueError(f"sampling steps must be in [1, {T}], got {steps}")
-        n_server = 0 if h == T else max(1, round(steps * (T - h) / T))
-        n_client = 0 if h == 0 else max(1, steps - n_server)
-        n_server, n_client = min(n_server, T - h), min(n_client, h)
+        both = 0 < h < T
+        if not (2 if both else 1) <= steps <= T:
+            low = 2 if both else 1
+            raise ValueError(f"sampling steps must be in [{low}, {T}] for hand-over step {h}, got {steps}")
+        n_client = min(h, max(1, round(steps * h / T))) if h > 0 else 0
+        n_server = min(T - h, max(1, steps - n_client)) if h < T else 0
+        if h > 0:
+            n_client = min(h, steps - n_server)
         server = _grid(T, h, n_server) if n_server else []
         client = _grid(h, 0, n_client) if n_client else []
         return server, client

