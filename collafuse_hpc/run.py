@@ -31,6 +31,10 @@ from .wire import DistWire, Kind, LocalHub, LocalWire, PeerFailure, Wire
 log = logging.getLogger("collafuse_hpc")
 
 
+class RankFailure(RuntimeError):
+    """This rank failed; the message names the rank, its role and the cause."""
+
+
 @dataclass
 class Context:
     """What one role's loop needs besides its role object."""
@@ -260,10 +264,13 @@ def run_role(ctx: Context, role: Server | Client) -> dict:
         results.write_attrs("summary", summary)
         ctx.wire.barrier()  # every role has written its part
         return summary
-    except Exception as e:
-        text = str(e) if isinstance(e, PeerFailure) else f"{topo.describe(rank)}: {type(e).__name__}: {e}"
-        ctx.wire.send_error(peers, ctx.round, text)
+    except PeerFailure as e:
+        ctx.wire.send_error(peers, ctx.round, str(e))
         raise
+    except Exception as e:
+        text = f"{topo.describe(rank)}: {type(e).__name__}: {e}"
+        ctx.wire.send_error(peers, ctx.round, text)
+        raise RankFailure(text) from e
 
 
 def _index_roles(cfg: Config, topo: Topology) -> dict[str, str]:

@@ -73,8 +73,8 @@ class Wire:
         """Post ``msg`` to ``dst`` without blocking; :meth:`flush` waits for it."""
         raise NotImplementedError
 
-    def flush(self) -> None:
-        """Wait until every posted send has completed (bounded)."""
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every posted send has completed (bounded by ``timeout_s`` or the wire's)."""
         raise NotImplementedError
 
     def recv(self, src: int, kind: Kind, round_: int) -> Message:
@@ -89,12 +89,16 @@ class Wire:
         raise NotImplementedError
 
     def send_error(self, peers: list[int], round_: int, text: str) -> None:
-        """Best effort: tell ``peers`` that this rank failed, without waiting long."""
+        """Best effort: tell ``peers`` that this rank failed, waiting at most a few seconds."""
         for p in peers:
             try:
                 self.send(p, error_message(round_, text))
             except RuntimeError:
                 pass
+        try:
+            self.flush(timeout_s=5.0)
+        except RuntimeError:
+            pass
 
     def _check(self, src: int, msg: Message, kind: Kind, round_: int) -> Message:
         """Turn ERROR or an unexpected message from ``src`` into PeerFailure."""
@@ -147,14 +151,14 @@ class DistWire(Wire):
             self._pending.append((dist.isend(t, dst, group=group), t))
         self.bytes_sent += msg.nbytes
 
-    def flush(self) -> None:
+    def flush(self, timeout_s: float | None = None) -> None:
         pending, self._pending = self._pending, []
         for work, _ in pending:
-            self._wait(work, None, "a send to complete")
+            self._wait(work, None, "a send to complete", timeout_s)
 
-    def _wait(self, work: dist.Work, peer: int | None, what: str) -> None:
+    def _wait(self, work: dist.Work, peer: int | None, what: str, timeout_s: float | None = None) -> None:
         try:
-            work.wait(self.timeout)
+            work.wait(self.timeout if timeout_s is None else timedelta(seconds=timeout_s))
         except RuntimeError as e:
             who = self.describe(peer) if peer is not None else "a peer"
             reason = "timed out" if "imed out" in str(e) else "lost the connection"
@@ -207,7 +211,7 @@ class LocalWire(Wire):
         self.hub.queue(self.rank, dst).put(Message(msg.kind, msg.round, msg.t_c, msg.count, payload))
         self.bytes_sent += msg.nbytes
 
-    def flush(self) -> None:
+    def flush(self, timeout_s: float | None = None) -> None:
         pass
 
     def recv(self, src: int, kind: Kind, round_: int) -> Message:
