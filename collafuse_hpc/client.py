@@ -23,8 +23,10 @@ from .wire import Kind, Message
 
 @dataclass
 class AuditEntry:
-    kind: str  # message kind, e.g. TRAIN
+    """One message that left the client."""
+
     round: int
+    kind: int  # wire.Kind value
     images: int  # images in the payload
     t_c: int
     nbytes: int  # header + payload
@@ -67,7 +69,7 @@ class Client:
 
     def _record(self, msg: Message) -> Message:
         images = msg.count if msg.kind == Kind.TRAIN else 0
-        self.audit.append(AuditEntry(msg.kind.name, msg.round, images, msg.t_c, msg.nbytes))
+        self.audit.append(AuditEntry(msg.round, int(msg.kind), images, msg.t_c, msg.nbytes))
         return msg
 
     def begin_round(self, round_: int) -> Message | None:
@@ -125,13 +127,10 @@ class Client:
         eps = self._eps_model(self.net.ema, y)
         return self.diffusion.p_sample_loop(eps, x_h.float(), grid, a=0, clip=True, generator=self.generator)
 
-    def audit_summary(self) -> dict[str, int]:
-        return {
-            "images_sent": sum(a.images for a in self.audit),
-            "messages_sent": len(self.audit),
-            "bytes_sent": sum(a.nbytes for a in self.audit),
-            "t_c": self.cut.t_c,
-        }
+    def drain_audit(self) -> list[AuditEntry]:
+        """Entries recorded since the last call (the loop stores them in results)."""
+        entries, self.audit = self.audit, []
+        return entries
 
     def state_dict(self) -> dict:
         return {

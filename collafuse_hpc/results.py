@@ -18,8 +18,9 @@ Layout::
                           time_*: seconds; images_per_s: images per second)
       /samples/images     uint8 [n, C, H, W] final collaborative samples (clients)
       /samples/x_handover float32 [n, C, H, W] what the server returned at the cut
-      /audit/<field>      int64 [M] one row per message that left the client:
-                          round, kind (wire.Kind value), images, t_c, nbytes
+      /audit/<field>      int64 [M] one row per message that left the client, over
+                          all runs of this output folder: round, kind (wire.Kind
+                          value), images, t_c, nbytes; attrs hold the totals
       /summary            attrs: totals and rates of the run for this role
 """
 
@@ -37,7 +38,14 @@ from . import __version__
 
 SCHEMA = "collafuse-results"
 SCHEMA_VERSION = 1
-UNITS = {"round": "index", "loss": "mean squared error", "time": "s", "images_per_s": "images/s"}
+UNITS = {
+    "round": "index",
+    "loss": "mean squared error",
+    "time": "s",
+    "images_per_s": "images/s",
+    "nbytes": "bytes",
+    "images": "count",
+}
 
 
 def part_name(role: str, name: str) -> str:
@@ -73,42 +81,53 @@ def create_index(path: str, config_yaml: str, seed: int, roles: dict[str, str]) 
 class RoleResults:
     """Append-only writer of one role's part file.
 
+    Rows are buffered per group (``rounds``, ``audit``) and appended by
+    :meth:`flush`; each column is one extendable dataset.
+
     Args:
         path: the part file.
         attrs: written on the root group.
-        resume_round: when resuming, rows logged after this round are dropped
-            (they belong to rounds that will run again).
+        resume_round: when resuming, rows of every group whose ``round`` is at
+            or after this round are dropped (those rounds will run again).
     """
 
     def __init__(self, path: str, attrs: dict, resume_round: int | None = None):
         self.path = path
-        self._rows: list[dict[str, float]] = []
+        self._rows: dict[str, list[dict[str, float]]] = {}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with h5py.File(path, "a" if resume_round is not None else "w") as f:
             f.attrs.update(attrs)
-            if resume_round is not None and "rounds/round" in f:
-                keep = int((f["rounds/round"][()] < resume_round).sum())
-                for ds in f["rounds"].values():
-                    ds.resize((keep,))
+            for group in f.values():
+                if resume_round is not None and isinstance(group, h5py.Group) and "round" in group:
+                    keep = int((group["round"][()] < resume_round).sum())
+                    for ds in group.values():
+                        ds.resize((keep,))
 
-    def log(self, row: dict[str, float]) -> None:
-        """Buffer one row (metric name -> value); :meth:`flush` writes it."""
-        self._rows.append(row)
+    def log(self, row: dict[str, float], group: str = "rounds") -> None:
+        """Buffer one row (column name -> value) of ``group``; :meth:`flush` writes it."""
+        self._rows.setdefault(group, []).append(row)
 
     def flush(self) -> None:
-        if not self._rows:
+        pending, self._rows = self._rows, {}
+        if not pending:
             return
-        rows, self._rows = self._rows, []
         with h5py.File(self.path, "a") as f:
-            g = f.require_group("rounds")
-            for name in rows[0]:
-                values = np.array([r.get(name, np.nan) for r in rows], dtype=np.float64)
-                if name not in g:
-                    ds = g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(1024,))
-                    ds.attrs["unit"] = UNITS.get(name.split("_")[0], UNITS.get(name, ""))
-                ds = g[name]
-                ds.resize((ds.shape[0] + len(values),))
-                ds[-len(values) :] = values
+            for group, rows in pending.items():
+                g = f.require_group(group)
+                for name in rows[0]:
+                    values = np.array([r[name] for r in rows])
+                    values = values.astype(np.int64 if values.dtype.kind in "iub" else np.float64)
+                    if name not in g:
+                        g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=values.dtype, chunks=(1024,))
+                        g[name].attrs["unit"] = UNITS.get(name.split("_")[0], UNITS.get(name, ""))
+                    ds = g[name]
+                    ds.resize((ds.shape[0] + len(values),))
+                    ds[-len(values) :] = values
+
+    def column(self, group: str, name: str) -> np.ndarray:
+        """All values written so far of ``group/name`` (empty if none)."""
+        with h5py.File(self.path, "r") as f:
+            return f[group][name][()] if group in f and name in f[group] else np.zeros(0)
 
     def write(self, name: str, data: np.ndarray, **attrs) -> None:
         """Write (or replace) dataset ``name`` with optional attributes."""

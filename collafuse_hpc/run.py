@@ -7,6 +7,7 @@ process (:func:`run_in_process`, for debugging and the equivalence test).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -186,6 +187,7 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
             "images_per_s": client.batch_size / (t3 - t0),
         }
         results.log(row)
+        _log_audit(results, client)
         for key in ("time_local_s", "time_wait_s", "time_round_s"):
             totals[key] += row[key]
         totals["images"] += client.batch_size
@@ -210,22 +212,22 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
     os.makedirs(os.path.dirname(grid), exist_ok=True)
     save_grid(samples, grid)
     totals["images_per_s"] = totals["images"] / totals["time_round_s"] if totals["time_round_s"] else 0.0
-    totals.update(client.audit_summary())
-    totals["grid"] = grid
+    _log_audit(results, client)
+    results.flush()
+    audit = {
+        "images_sent": int(results.column("audit", "images").sum()),
+        "messages_sent": len(results.column("audit", "round")),
+        "bytes_sent": int(results.column("audit", "nbytes").sum()),
+        "t_c": client.cut.t_c,
+    }
+    results.write_attrs("audit", audit)
+    totals.update(audit, grid=grid)
     return totals
 
 
-def _write_audit(results: RoleResults, client: Client) -> None:
-    fields = {
-        "round": [a.round for a in client.audit],
-        "kind": [int(Kind[a.kind]) for a in client.audit],
-        "images": [a.images for a in client.audit],
-        "t_c": [a.t_c for a in client.audit],
-        "nbytes": [a.nbytes for a in client.audit],
-    }
-    for name, values in fields.items():
-        results.write(f"audit/{name}", np.asarray(values, dtype=np.int64))
-    results.write_attrs("audit", client.audit_summary())
+def _log_audit(results: RoleResults, client: Client) -> None:
+    for entry in client.drain_audit():
+        results.log(dataclasses.asdict(entry), "audit")
 
 
 def _part_path(cfg: Config, topo: Topology, rank: int) -> str:
@@ -258,9 +260,7 @@ def run_role(ctx: Context, role: Server | Client) -> dict:
             summary = server_loop(ctx, role, results)
         else:
             summary = client_loop(ctx, role, results)
-            _write_audit(results, role)
         results.flush()
-        summary["bytes_sent"] = ctx.wire.bytes_sent
         results.write_attrs("summary", summary)
         ctx.wire.barrier()  # every role has written its part
         return summary

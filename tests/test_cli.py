@@ -1,0 +1,64 @@
+"""The command line and the results tool, as a user runs them."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+from conftest import tiny_config, write_config
+
+from collafuse_hpc.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from results_summary import summarize  # noqa: E402
+
+
+def test_bad_config_exits_2_with_the_key_named(tmp_path, shards, capsys):
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.2]))
+    assert main(["train", cfg, "--in-process", "--set", "clients.1.cut_ratio=2"]) == 2
+    assert "'clients.1.cut_ratio' must be in [0, 1], got 2" in capsys.readouterr().err
+
+
+def test_launch_without_enough_ranks_says_how_to_launch(tmp_path, shards):
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.2]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "SLURM_", "RANK"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "collafuse_hpc", "train", cfg], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "world size 1 does not match the config" in proc.stderr and "mpirun -np 3" in proc.stderr
+
+
+def test_train_then_sample_again_then_summarize(tmp_path, shards):
+    raw = tiny_config(shards, tmp_path / "out", [0.3, 1.0], rounds=2)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    assert main(["train", cfg, "--in-process"]) == 0
+    with h5py.File(tmp_path / "out/results.h5") as f:
+        first = f["clients/c0/samples/images"][()]
+    assert main(["sample", cfg, "--in-process", "--set", "run.seed=1"]) == 0
+    with h5py.File(tmp_path / "out/results.h5") as f:
+        assert f["clients/c0/samples/images"].shape == first.shape
+        assert len(f["clients/c0/rounds/round"]) == 2  # sampling adds no training rounds
+    out = io.StringIO()
+    assert summarize(str(tmp_path / "out/results.h5"), out) == 0
+    text = out.getvalue()
+    assert "clients/c0: 2 rounds logged" in text and "audit: t_c=6, 12 images" in text
+    assert "clients/c1" in text and "audit: t_c=20, 0 images" in text
+
+
+def test_summary_reports_a_missing_part_of_a_crashed_run(tmp_path, shards):
+    raw = tiny_config(shards, tmp_path / "out", [0.3, 0.3], rounds=1)
+    assert main(["train", write_config(tmp_path / "run.yaml", raw), "--in-process"]) == 0
+    (tmp_path / "out/parts/client_c1.h5").unlink()
+    out = io.StringIO()
+    assert summarize(str(tmp_path / "out/results.h5"), out) == 1
+    assert "clients/c1: part file missing" in out.getvalue()
+
+
+def test_sample_without_checkpoint_is_a_clear_error(tmp_path, shards, capsys):
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.2]))
+    assert main(["sample", cfg, "--in-process"]) == 2
+    assert "no complete checkpoint set" in capsys.readouterr().err
