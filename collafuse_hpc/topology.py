@@ -26,7 +26,8 @@ class Topology:
             raise ValueError(
                 f"world size {world_size} does not match the config: {topo.num_servers} server "
                 f"rank(s) + {len(topo.client_ids)} client rank(s) = {topo.world_size}; launch "
-                f"with {topo.world_size} ranks (e.g. mpirun -np {topo.world_size}), pass --in-process, or edit 'clients'"
+                f"with {topo.world_size} ranks (e.g. mpirun -np {topo.world_size}), pass --in-process, "
+                "or edit 'clients'"
             )
         return topo
 

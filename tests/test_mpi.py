@@ -76,6 +76,8 @@ def test_a_raising_rank_ends_the_job_with_its_name(tmp_path, shards, rank, name)
     assert proc.returncode != 0
     assert time.monotonic() - t0 < 60
     assert f"rank {rank} ({name}): RuntimeError: injected fault at round 2" in proc.stderr
+    with h5py.File(tmp_path / "out/results.h5") as f:  # what was written stays readable
+        assert list(f["server/rounds/round"][()]) == [0, 1]
 
 
 def _free_port() -> int:
