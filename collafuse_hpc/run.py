@@ -98,6 +98,21 @@ def _end_of_round(ctx: Context, results: RoleResults, state: dict, r: int) -> No
         ctx.wire.barrier()
 
 
+def _rounds(ctx: Context):
+    """The rounds still to run; keeps ``ctx.round`` current and injects faults."""
+    for r in range(ctx.start_round, ctx.cfg.run.rounds):
+        ctx.round = r
+        _fault(ctx, r)
+        yield r
+    ctx.round = ctx.cfg.run.rounds
+
+
+def _add_times(totals: dict, row: dict) -> None:
+    for key, value in row.items():
+        if key.startswith("time_"):
+            totals[key] = totals.get(key, 0.0) + value
+
+
 def _restore(ctx: Context, role: Server | Client) -> None:
     if ctx.start_round:
         role.load_state_dict(checkpoint.load_rank(ctx.output_dir, ctx.start_round, ctx.rank)["state"])
@@ -108,9 +123,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     ranks = {k: ctx.topo.client_rank(k) for k in server.clients}
     wire, run = ctx.wire, ctx.cfg.run
     totals = {"images": 0, "time_recv_s": 0.0, "time_compute_s": 0.0, "time_send_s": 0.0}
-    for r in range(ctx.start_round, run.rounds):
-        ctx.round = r
-        _fault(ctx, r)
+    for r in _rounds(ctx):
         t0 = time.perf_counter()
         msgs = {k: wire.recv(ranks[k], Kind.TRAIN, r) for k in server.clients}
         t1 = time.perf_counter()
@@ -131,8 +144,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
             "images_per_s": n / (t3 - t0),
         }
         results.log(row)
-        for key in ("time_recv_s", "time_compute_s", "time_send_s"):
-            totals[key] += row[key]
+        _add_times(totals, row)
         totals["images"] += n
         if (r + 1) % run.log_every == 0:
             log.info(
@@ -144,7 +156,6 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
                 row["images_per_s"],
             )
         _end_of_round(ctx, results, server.state_dict(), r)
-    ctx.round = run.rounds
     t0 = time.perf_counter()
     requests = {k: wire.recv(ranks[k], Kind.SAMPLE_REQUEST, run.rounds) for k in server.clients}
     for k, reply in server.sample(requests).items():
@@ -162,9 +173,7 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
     server_rank = ctx.topo.server_of(client.index)
     wire, run = ctx.wire, ctx.cfg.run
     totals = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
-    for r in range(ctx.start_round, run.rounds):
-        ctx.round = r
-        _fault(ctx, r)
+    for r in _rounds(ctx):
         t0 = time.perf_counter()
         msg = client.begin_round(r)
         if msg is not None:
@@ -188,11 +197,9 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
         }
         results.log(row)
         _log_audit(results, client)
-        for key in ("time_local_s", "time_wait_s", "time_round_s"):
-            totals[key] += row[key]
+        _add_times(totals, row)
         totals["images"] += client.batch_size
         _end_of_round(ctx, results, client.state_dict(), r)
-    ctx.round = run.rounds
     n = run.samples_per_client
     t0 = time.perf_counter()
     request = client.sample_request(run.rounds, n)
