@@ -44,7 +44,8 @@ class Client:
         seed = role_seed(cfg.run.seed, "client", index)
         self.sampler = EpochSampler(len(self.reader), c.batch_size, seed)
         self.generator = torch.Generator(device).manual_seed(seed)
-        self.train_labels = self.reader.labels() if c.labels else None
+        self.condition, self.share_labels = c.labels, c.share_labels
+        self.train_labels = self.reader.labels() if c.labels or c.share_labels else None
         torch.manual_seed(seed)  # model init
         model = UNet(
             c.model,
@@ -55,7 +56,8 @@ class Client:
         self.net = Trainable(model, c.optim, device)
         self.audit: list[AuditEntry] = []
         self._x0: torch.Tensor | None = None
-        self._y: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None  # labels of this round's batch, int64 [B]
+        self._sample_y: torch.Tensor | None = None  # labels of the requested samples, int64 [n]
 
     def _eps_model(self, model: torch.nn.Module, y: torch.Tensor | None):
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,8 @@ class Client:
             return None
         t_c = torch.full((len(self._x0),), self.cut.t_c, device=self.device)
         x_c = self.diffusion.q_sample(self._x0, t_c, self._randn(self._x0.shape))
-        return self._record(Message(Kind.TRAIN, round_, self.cut.t_c, len(x_c), x_c))
+        shared = self._y if self.share_labels else None
+        return self._record(Message(Kind.TRAIN, round_, self.cut.t_c, len(x_c), x_c, shared))
 
     def local_step(self) -> float | None:
         """One optimizer step on t ~ U{1..t_c}; None when t_c = 0 (nothing local)."""
@@ -94,18 +97,26 @@ class Client:
         x0, n = self._x0, len(self._x0)
         t = torch.randint(1, self.cut.t_c + 1, (n,), generator=self.generator, device=self.device)
         noise = self._randn(x0.shape)
-        loss = self.diffusion.training_losses(self._eps_model(self.net.model, self._y), x0, t, noise).mean()
+        y = self._y if self.condition else None
+        loss = self.diffusion.training_losses(self._eps_model(self.net.model, y), x0, t, noise).mean()
         self.net.step(loss)
         return loss.item()
 
     def sample_request(self, round_: int, n: int) -> Message | None:
-        """Ask the server for n samples at the hand-over step (None when c = 1)."""
+        """Draw the labels of n samples (from the client's own label frequencies, when
+        it uses labels) and ask the server for them (None when c = 1)."""
+        self._sample_y = None
+        if self.train_labels is not None:
+            pick = torch.randint(len(self.train_labels), (n,), generator=self.generator, device=self.device)
+            self._sample_y = torch.from_numpy(self.train_labels).to(self.device)[pick]
         if not self.cut.uses_server:
             return None
-        return self._record(Message(Kind.SAMPLE_REQUEST, round_, self.cut.t_c, count=n))
+        shared = self._sample_y if self.share_labels else None
+        return self._record(Message(Kind.SAMPLE_REQUEST, round_, self.cut.t_c, n, None, shared))
 
     def finish_samples(self, n: int, x_h: torch.Tensor | None) -> torch.Tensor:
-        """Run the client's part of the reverse chain with the EMA model.
+        """Run the client's part of the reverse chain with the EMA model (after
+        :meth:`sample_request`).
 
         Args:
             x_h: the server's output at the hand-over step [n, C, H, W], or None
@@ -118,13 +129,9 @@ class Client:
         if x_h is None:
             shape = (n, self.cfg.data.channels, self.cfg.data.image_size, self.cfg.data.image_size)
             x_h = self._randn(shape)
-        y = None
-        if self.train_labels is not None:
-            pick = torch.randint(len(self.train_labels), (n,), generator=self.generator, device=self.device)
-            y = torch.from_numpy(self.train_labels).to(self.device)[pick]
         if not grid:  # c = 0: the server produced x_0 itself
             return x_h.float().clamp(-1, 1)
-        eps = self._eps_model(self.net.ema, y)
+        eps = self._eps_model(self.net.ema, self._sample_y if self.condition else None)
         return self.diffusion.p_sample_loop(eps, x_h.float(), grid, a=0, clip=True, generator=self.generator)
 
     def drain_audit(self) -> list[AuditEntry]:

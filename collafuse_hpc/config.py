@@ -31,7 +31,7 @@ class DataConfig:
 
     image_size: int = 16  # pixels, square images
     channels: int = 1  # 1 grayscale, 3 RGB
-    num_classes: int = 10  # label range [0, num_classes) for client conditioning
+    num_classes: int = 10  # label range [0, num_classes) for label conditioning
 
 
 @dataclass
@@ -87,6 +87,7 @@ class ClientConfig:
     batch_size: int = 50  # images per round
     device: str = "cpu"  # auto | cpu | cuda
     labels: bool = False  # condition the client model on its own labels (stay local)
+    share_labels: bool = False  # opt-in: send labels with x_c; the server model becomes class-conditioned
     allow_centralized: bool = False  # required for c = 0: the server sees raw images
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -253,6 +254,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             Cut(cut_step(c, T), T, cfg.diffusion.split).sampling_grids(cfg.diffusion.sampling_steps or T)
         except ValueError as e:
             raise ValueError(f"config key 'diffusion.sampling_steps' for client {c.id!r}: {e}") from None
+        if (c.labels or c.share_labels) and cfg.data.num_classes < 1:
+            raise ValueError(f"client {c.id!r} ('{key}') uses labels, but 'data.num_classes' is 0")
         if c.batch_size < 1:
             raise ValueError(f"config key '{key}.batch_size' must be >= 1, got {c.batch_size}")
         if check_files and not os.path.isfile(c.shard):

@@ -63,8 +63,8 @@ def preflight(cfg: Config, resume: bool) -> int:
                 f"shard {c.shard!r} (clients.{i}) holds {info.channels}x{info.image_size}x"
                 f"{info.image_size} images, but 'data' asks for {want[0]}x{want[1]}x{want[1]}"
             )
-        if c.labels and not info.has_labels:
-            raise ValueError(f"clients.{i}.labels is true, but shard {c.shard!r} has no labels")
+        if (c.labels or c.share_labels) and not info.has_labels:
+            raise ValueError(f"clients.{i} uses labels, but shard {c.shard!r} has no labels")
     index = os.path.join(cfg.run.output_dir, "results.h5")
     if not resume and os.path.exists(index):
         raise ValueError(

@@ -3,10 +3,11 @@ module that sends or receives.
 
 Every message is a fixed header, int64 [HEADER_LEN]::
 
-    [MAGIC, kind, round, count, C, H, W, dtype code, t_c, sender rank]
+    [MAGIC, kind, round, count, C, H, W, dtype code, t_c, sender rank, has labels]
 
-followed by the payload when ``count > 0``: float [count, C, H, W] for images,
-float32 [count] for losses, uint8 [count] (UTF-8 text) for errors. Sends and
+followed by the payload when its dtype code is not 0: float [count, C, H, W]
+for images, float32 [count] for losses, uint8 [count] (UTF-8 text) for errors;
+then, only for clients that opted in to sharing labels, int64 [count] labels. Sends and
 receives are posted in a fixed order (NCCL has no tags and no receive from any
 source), and every wait is bounded by the process group's timeout. A failing
 rank sends ERROR to its peers; a receiver turns ERROR, a closed connection or
@@ -26,15 +27,15 @@ import torch
 import torch.distributed as dist
 
 MAGIC = 0x43465553  # "CFUS"
-HEADER_LEN = 10
+HEADER_LEN = 11
 DTYPES = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.uint8}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 
 class Kind(enum.IntEnum):
-    TRAIN = 1  # client -> server: x_c [B, C, H, W] of one round
+    TRAIN = 1  # client -> server: x_c [B, C, H, W] of one round (+ labels [B] if shared)
     TRAIN_REPLY = 2  # server -> client: server loss on that client's x_c, float32 [1]
-    SAMPLE_REQUEST = 3  # client -> server: count = n samples wanted, no payload
+    SAMPLE_REQUEST = 3  # client -> server: count = n samples wanted (+ labels [n] if shared)
     SAMPLE_REPLY = 4  # server -> client: x_h at the hand-over step [n, C, H, W]
     ERROR = 9  # either way: the sender failed; payload is the reason (UTF-8)
 
@@ -50,12 +51,13 @@ class Message:
     t_c: int = 0
     count: int = 0  # images (or values) in the payload; n requested for SAMPLE_REQUEST
     payload: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # int64 [count], only when the client shares labels
 
     @property
     def nbytes(self) -> int:
-        """Bytes on the wire: header plus payload."""
-        extra = 0 if self.payload is None else self.payload.numel() * self.payload.element_size()
-        return HEADER_LEN * 8 + extra
+        """Bytes on the wire: header, payload and labels."""
+        tensors = [t for t in (self.payload, self.labels) if t is not None]
+        return HEADER_LEN * 8 + sum(t.numel() * t.element_size() for t in tensors)
 
 
 def error_message(round_: int, text: str) -> Message:
@@ -141,11 +143,11 @@ class DistWire(Wire):
         shape = (0, 0, 0) if payload is None or payload.ndim < 4 else tuple(payload.shape[1:])
         dtype = 0 if payload is None else DTYPE_CODES[payload.dtype]
         header = torch.tensor(
-            [MAGIC, int(msg.kind), msg.round, msg.count, *shape, dtype, msg.t_c, self.rank],
+            [MAGIC, int(msg.kind), msg.round, msg.count, *shape, dtype, msg.t_c, self.rank, msg.labels is not None],
             dtype=torch.int64,
         )
         group = self.nccl_group if self._via_nccl(dst) else None
-        tensors = [header] + ([] if payload is None else [payload.contiguous()])
+        tensors = [header] + [t.contiguous() for t in (payload, msg.labels) if t is not None]
         for t in tensors:
             t = t.to(self.device) if group is not None else t.cpu()
             self._pending.append((dist.isend(t, dst, group=group), t))
@@ -177,7 +179,7 @@ class DistWire(Wire):
     def recv(self, src: int, kind: Kind, round_: int) -> Message:
         what = f"{kind.name} of round {round_}"
         header = self._recv_tensor(torch.empty(HEADER_LEN, dtype=torch.int64), src, what).cpu()
-        magic, k, rnd, count, c, h, w, dtype, t_c, sender = header.tolist()
+        magic, k, rnd, count, c, h, w, dtype, t_c, sender, has_labels = header.tolist()
         if magic != MAGIC or sender != src or k not in Kind._value2member_map_:
             raise PeerFailure(f"{self.describe(self.rank)} got a malformed header from {self.describe(src)}")
         payload = None
@@ -185,7 +187,10 @@ class DistWire(Wire):
             shape = (count, c, h, w) if c else (count,)
             payload = self._recv_tensor(torch.empty(shape, dtype=DTYPES[dtype]), src, what)
             payload = payload.to(self.device, non_blocking=True)
-        return self._check(src, Message(Kind(k), rnd, t_c, count, payload), kind, round_)
+        labels = None
+        if has_labels:
+            labels = self._recv_tensor(torch.empty(count, dtype=torch.int64), src, what).to(self.device)
+        return self._check(src, Message(Kind(k), rnd, t_c, count, payload, labels), kind, round_)
 
     def barrier(self) -> None:
         try:
@@ -207,8 +212,8 @@ class LocalWire(Wire):
         self.bytes_received = 0
 
     def send(self, dst: int, msg: Message) -> None:
-        payload = None if msg.payload is None else msg.payload.detach().clone()
-        self.hub.queue(self.rank, dst).put(Message(msg.kind, msg.round, msg.t_c, msg.count, payload))
+        payload, labels = (None if t is None else t.detach().clone() for t in (msg.payload, msg.labels))
+        self.hub.queue(self.rank, dst).put(Message(msg.kind, msg.round, msg.t_c, msg.count, payload, labels))
         self.bytes_sent += msg.nbytes
 
     def flush(self, timeout_s: float | None = None) -> None:

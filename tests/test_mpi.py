@@ -52,6 +52,7 @@ def test_five_ranks_with_different_cuts_including_local_only(tmp_path, shards):
 def test_distributed_run_equals_in_process_run(tmp_path, shards):
     """Same seeds, same losses and samples: the wire protocol changes nothing."""
     raw = tiny_config(shards, tmp_path / "dist", [0.25, 0.5])
+    raw["clients"][0].update(labels=True, share_labels=True)  # labels cross the wire too
     proc = run_mpi(3, ["train", write_config(tmp_path / "run.yaml", raw)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     raw["run"]["output_dir"] = str(tmp_path / "local")

@@ -28,6 +28,7 @@ def test_privacy_invariant_only_x_c_at_the_cut_leaves_a_client(tmp_path, shards,
 
     def recording_send(self, dst, msg):
         if self.rank != 0:
+            assert msg.labels is None, "labels leave a client only when it opts in"
             sent.append((self.rank, msg.kind, msg.round, None if msg.payload is None else msg.payload.clone()))
         original(self, dst, msg)
 
@@ -56,6 +57,36 @@ def test_privacy_invariant_only_x_c_at_the_cut_leaves_a_client(tmp_path, shards,
         assert f["clients/c0/samples/images"].shape == (4, 1, 8, 8)
         assert f["clients/c0/samples/images"].dtype == np.uint8
         assert f["clients/c0/samples/x_handover"].attrs["t"] == 5
+
+
+def test_labels_cross_only_for_the_client_that_opts_in(tmp_path, shards, monkeypatch):
+    raw = tiny_config(shards, tmp_path, [0.25, 0.25], rounds=3, checkpoint_every=0)
+    raw["clients"][0].update(labels=True, share_labels=True)
+    raw["clients"][1].update(labels=True)
+    cfg = from_dict(raw)
+    sent = []
+    original = LocalWire.send
+
+    def recording_send(self, dst, msg):
+        sent.append((self.rank, msg.kind, msg.labels))
+        original(self, dst, msg)
+
+    monkeypatch.setattr(LocalWire, "send", recording_send)
+    run_in_process(cfg, resume=False)
+
+    c0 = cfg.clients[0]
+    sampler = EpochSampler(len(ShardReader(c0.shard)), c0.batch_size, role_seed(cfg.run.seed, "client", 0))
+    c0_train = [labels for rank, kind, labels in sent if rank == 1 and kind == Kind.TRAIN]
+    assert len(c0_train) == 3
+    for labels in c0_train:
+        assert np.array_equal(labels.numpy(), ShardReader(c0.shard).read(sampler.next())[1])
+    request = next(labels for rank, kind, labels in sent if rank == 1 and kind == Kind.SAMPLE_REQUEST)
+    assert request.shape == (4,) and set(request.tolist()) <= {0, 1, 2}  # c0 holds digits 0-2
+    assert all(labels is None for rank, _, labels in sent if rank == 2)
+    with h5py.File(tmp_path / "results.h5") as f:
+        header, x_c, y = 11 * 8, 6 * 8 * 8 * 4, 6 * 8
+        assert list(f["clients/c0/audit/nbytes"][:3]) == [header + x_c + y] * 3
+        assert list(f["clients/c1/audit/nbytes"][:3]) == [header + x_c] * 3
 
 
 def test_a_failing_client_ends_every_role_with_its_name(tmp_path, shards):
