@@ -39,13 +39,32 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--in-process", action="store_true", help="run every role in this one process")
         if name == "train":
             s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint set")
-    prep = sub.add_parser("prepare", help="build HDF5 client shards")
-    prep.add_argument("dataset", choices=["digits"], help="digits: scikit-learn's bundled handwritten digits")
+    prep = sub.add_parser("prepare", help="build HDF5 client shards from a dataset on disk")
+    prep.add_argument("dataset", choices=["celeba", "cub", "mnist", "folder", "digits"])
+    prep.add_argument("--root", help="dataset folder in its official layout (not for digits)")
     prep.add_argument("--out", required=True, help="output folder for client_<k>.h5")
-    prep.add_argument("--clients", type=int, default=2, help="number of clients")
-    prep.add_argument("--size", type=int, default=16, help="image size in pixels")
-    prep.add_argument("--partition", choices=["class", "iid"], default="class")
-    prep.add_argument("--test-fraction", type=float, default=0.2)
+    prep.add_argument("--clients", type=int, default=2, help="number of clients K")
+    prep.add_argument("--partition", choices=["iid", "class", "dirichlet", "attributes"], default="iid")
+    prep.add_argument(
+        "--groups",
+        help="attributes partition: one group per client, ';' between clients, "
+        "',' within a group, e.g. 'Male;Eyeglasses,Wearing_Hat'",
+    )
+    prep.add_argument("--exclusive", action="store_true", help="attributes partition: one client per image")
+    prep.add_argument("--alpha", type=float, default=0.5, help="dirichlet partition: concentration")
+    prep.add_argument("--size", type=int, default=64, help="output image side, pixels")
+    prep.add_argument("--crop", type=int, default=0, help="centre crop side before resizing (CelebA: 140)")
+    prep.add_argument(
+        "--bbox-margin",
+        type=float,
+        default=-1.0,
+        help="CUB: crop a square around the bounding box grown by this fraction (e.g. 0.1)",
+    )
+    prep.add_argument("--train-size", type=int, default=0, help="train images per client (0 = all)")
+    prep.add_argument("--test-size", type=int, default=0, help="test images per client (0 = all)")
+    prep.add_argument("--test-fraction", type=float, default=0.2, help="test share without an official split")
+    prep.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
+    prep.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     prep.add_argument("--seed", type=int, default=0)
     return p
 
@@ -66,17 +85,46 @@ def _die(code: int, text: str, hard: bool) -> int:
     return code
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare
+    from .data.sources import SOURCES, read_digits
+
+    try:
+        if args.dataset == "digits":
+            catalog = read_digits()
+        elif not args.root:
+            raise ValueError(f"prepare {args.dataset} needs --root, the folder of the official download")
+        else:
+            catalog = SOURCES[args.dataset](args.root)
+        groups = [g.split(",") for g in args.groups.split(";")] if args.groups else None
+        prepare(
+            catalog,
+            args.out,
+            args.clients,
+            args.partition,
+            seed=args.seed,
+            size=args.size,
+            crop=args.crop,
+            bbox_margin=args.bbox_margin,
+            groups=groups,
+            exclusive=args.exclusive,
+            alpha=args.alpha,
+            test_fraction=args.test_fraction,
+            train_size=args.train_size,
+            test_size=args.test_size,
+            workers=args.workers,
+            strict=args.strict,
+        )
+    except ValueError as e:
+        return _die(2, str(e), hard=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
     if args.command == "prepare":
-        from .prepare import prepare_digits
-
-        try:
-            prepare_digits(args.out, args.clients, args.size, args.partition, args.test_fraction, args.seed)
-        except (ValueError, ImportError) as e:
-            return _die(2, str(e), hard=False)
-        return 0
+        return _prepare(args)
 
     from . import checkpoint
     from .run import run_distributed, run_in_process

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config, cut_step
-from .data import EpochSampler, ShardReader, to_model_range
+from .data import EpochSampler, ShardReader, random_hflip, to_model_range
 from .diffusion import GaussianDiffusion, beta_schedule
 from .split import Cut
 from .topology import role_seed
@@ -40,7 +40,7 @@ class Client:
         self.cut = Cut(cut_step(c, T), T, cfg.diffusion.split)
         self.diffusion = GaussianDiffusion(beta_schedule(cfg.diffusion.schedule, T))
         self.reader = ShardReader(c.shard, "train")
-        self.batch_size = c.batch_size
+        self.batch_size, self.hflip = c.batch_size, c.hflip
         seed = role_seed(cfg.run.seed, "client", index)
         self.sampler = EpochSampler(len(self.reader), c.batch_size, seed)
         self.generator = torch.Generator(device).manual_seed(seed)
@@ -82,6 +82,8 @@ class Client:
         """
         images, labels = self.reader.read(self.sampler.next())
         self._x0 = to_model_range(images, self.device)  # (B, C, H, W) in [-1, 1]
+        if self.hflip:
+            self._x0 = random_hflip(self._x0, self.generator)
         self._y = torch.from_numpy(labels).to(self.device) if self.train_labels is not None else None
         if not self.cut.uses_server:
             return None

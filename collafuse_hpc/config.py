@@ -85,6 +85,7 @@ class ClientConfig:
     cut_ratio: float | None = None  # c in [0, 1]: fraction of steps done locally
     cut_step: int | None = None  # t_c directly; give cut_ratio or cut_step, not both
     batch_size: int = 50  # images per round
+    hflip: bool = False  # augment: mirror each training image left-right with probability 1/2
     device: str = "cpu"  # auto | cpu | cuda
     labels: bool = False  # condition the client model on its own labels (stay local)
     share_labels: bool = False  # opt-in: send labels with x_c; the server model becomes class-conditioned

@@ -8,9 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash jobs/setup.sh
 VENV=${VENV:-.venv}
-if [ ! -f data/quickstart/client_1.h5 ]; then
-  "$VENV/bin/python" -m collafuse_hpc prepare digits --out data/quickstart --clients 2 --size 16
-fi
+"$VENV/bin/python" -m collafuse_hpc prepare digits --out data/quickstart --clients 2 --partition class --size 16
 out="runs/quickstart-$(date +%Y%m%d-%H%M%S)"
 start=$(date +%s)
 bash jobs/local.sh 3 train configs/quickstart.yaml --set "run.output_dir=$out" "$@"

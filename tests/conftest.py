@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from collafuse_hpc.prepare import prepare_digits
+from collafuse_hpc.data.prepare import prepare
+from collafuse_hpc.data.sources import read_digits
 
 MPIRUN_ENV = {
     "OMPI_ALLOW_RUN_AS_ROOT": "1",
@@ -27,7 +28,7 @@ MPIRUN_ENV = {
 def shards(tmp_path_factory) -> list[str]:
     """Four 8x8 digit shards, split by class (c0: 0-2, c1: 3-5, c2: 6-7, c3: 8-9)."""
     out = tmp_path_factory.mktemp("shards")
-    return prepare_digits(str(out), clients=4, size=8, rule="class", test_fraction=0.2, seed=0)
+    return prepare(read_digits(), str(out), 4, "class", size=8, test_fraction=0.2, seed=0)
 
 
 def tiny_config(shards: list[str], out: Path, cuts: list[float], fault: dict | None = None, **run) -> dict:

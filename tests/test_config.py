@@ -1,5 +1,7 @@
 """Config loading: types, unknown keys, ranges, files, overrides, roles."""
 
+from pathlib import Path
+
 import pytest
 from conftest import tiny_config, write_config
 
@@ -68,3 +70,9 @@ def test_world_size_must_match_roles(cfg_file):
     assert topo.describe(1) == "rank 1 (client 'c0')"
     with pytest.raises(ValueError, match=r"world size 4 does not match.*mpirun -np 3"):
         Topology.from_config(cfg, 4)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "celeba64", "cub64"])
+def test_shipped_configs_are_valid(name):
+    cfg = load(str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"), check_files=False)
+    assert Topology.from_config(cfg).world_size == 1 + len(cfg.clients)

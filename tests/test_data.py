@@ -1,22 +1,166 @@
-"""Shards: format, validation, batch reads and the resumable epoch order."""
+"""Shards: official layouts -> prepare -> partition -> read back; bad inputs."""
+
+import os
 
 import h5py
 import numpy as np
 import pytest
+import torch
+from conftest import tiny_config
+from layouts import CELEBA_NAMES, make_celeba, make_cub, make_folder, make_mnist
 
-from collafuse_hpc.data import EpochSampler, ShardReader, inspect_shard, to_model_range, write_shard
+from collafuse_hpc.config import from_dict
+from collafuse_hpc.data import (
+    EpochSampler,
+    ShardReader,
+    Split,
+    inspect_shard,
+    random_hflip,
+    to_model_range,
+    write_shard,
+)
+from collafuse_hpc.data.prepare import prepare
+from collafuse_hpc.data.sources import read_celeba, read_cub, read_folder, read_mnist
+from collafuse_hpc.run import preflight
+
+
+def _read(path, split="train"):
+    with h5py.File(path) as f:
+        g = f[split]
+        return {k: g[k][()] for k in g}, dict(f.attrs)
 
 
 def test_prepared_digit_shards_are_non_iid_and_valid(shards):
     seen = []
     for path in shards:
-        info = inspect_shard(path)
+        info = inspect_shard(path, verify_hash=True)
         assert (info.channels, info.image_size) == (1, 8) and info.has_labels
+        data, attrs = _read(path)
+        assert attrs["dataset"] == "sklearn-digits" and attrs["partition"].startswith("class seed=0")
+        seen.append(set(np.unique(data["labels"])))
         with h5py.File(path) as f:
-            seen.append(set(np.unique(f["train/labels"][()])))
-            assert f["train/images"].chunks == (1, 1, 8, 8)
+            assert f["train/images"].chunks == (1, 1, 8, 8) and f["train/images"].compression is None
     assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])  # disjoint digits
     assert set().union(*seen) == set(range(10))
+
+
+@pytest.fixture(scope="module")
+def celeba(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("celeba"))
+    return root, make_celeba(root)
+
+
+def test_celeba_attribute_groups_overlap_and_exclusive(celeba, tmp_path):
+    root, attrs = celeba
+    groups = [["Eyeglasses"], ["Male", "Wearing_Hat"]]
+    catalog = read_celeba(root)
+    assert catalog.attribute_names == CELEBA_NAMES and np.array_equal(catalog.attributes, attrs)
+    over = prepare(catalog, str(tmp_path / "o"), 2, "attributes", groups=groups, size=16, crop=140, workers=2)
+    excl = prepare(catalog, str(tmp_path / "e"), 2, "attributes", groups=groups, exclusive=True, size=16, workers=2)
+    ids = {}
+    for mode, paths in (("overlap", over), ("exclusive", excl)):
+        ids[mode] = []
+        for k, path in enumerate(paths):
+            train, attrs_ = _read(path, "train")
+            test, _ = _read(path, "test")
+            assert train["images"].shape[1:] == (3, 16, 16) and train["attributes"].dtype == np.int8
+            assert [str(n) for n in attrs_["attribute_names"]] == CELEBA_NAMES
+            assert "centre crop 140" in attrs_["recipe"] or mode == "exclusive"
+            cols = [CELEBA_NAMES.index(a) for a in groups[k]]
+            for split in (train, test):
+                assert split["attributes"][:, cols].any(axis=1).all()  # every image qualifies
+            assert all(int(i.decode()[:6]) > 12 for i in test["ids"])  # official test partition (2)
+            ids[mode].append({i.decode() for s in (train, test) for i in s["ids"]})
+    assert "000001.jpg" in ids["overlap"][0] and "000001.jpg" in ids["overlap"][1]
+    assert not (ids["exclusive"][0] & ids["exclusive"][1])
+    assert ids["exclusive"][0] | ids["exclusive"][1] == ids["overlap"][0] | ids["overlap"][1]
+
+
+def test_same_seed_same_split_and_resumed_decoding(celeba, tmp_path, capsys):
+    root, _ = celeba
+    a = prepare(read_celeba(root), str(tmp_path / "a"), 2, "iid", size=8, seed=3, workers=2)
+    first = [inspect_shard(p).content_hash for p in a]
+    capsys.readouterr()
+    again = prepare(read_celeba(root), str(tmp_path / "a"), 2, "iid", size=8, seed=3, workers=2)
+    assert [inspect_shard(p).content_hash for p in again] == first
+    assert "decoding celeba: 0/0" in capsys.readouterr().err  # everything came from the cache
+    other = prepare(read_celeba(root), str(tmp_path / "b"), 2, "iid", size=8, seed=4, workers=2)
+    assert [inspect_shard(p).content_hash for p in other] != first
+
+
+def test_unreadable_images_are_skipped_and_reported_or_fail_in_strict_mode(tmp_path, capsys):
+    root = str(tmp_path / "celeba")
+    make_celeba(root)
+    os.remove(os.path.join(root, "img_align_celeba", "000002.jpg"))  # listed but missing
+    with open(os.path.join(root, "img_align_celeba", "000003.jpg"), "wb") as f:
+        f.write(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match=r"2 unreadable image\(s\) \(strict mode\).*kept in"):
+        prepare(read_celeba(root), str(tmp_path / "out"), 1, "iid", size=8, workers=2, strict=True)
+    (path,) = prepare(read_celeba(root), str(tmp_path / "out"), 1, "iid", size=8, workers=2)
+    err = capsys.readouterr().err
+    assert "2 unreadable image(s) left out" in err and "000003.jpg" in err
+    ids = {i.decode() for s in ("train", "test") for i in _read(path, s)[0]["ids"]}
+    assert len(ids) == 14 and not {"000002.jpg", "000003.jpg"} & ids
+    assert "decoding celeba: 0/0" in err  # the second run reused the strict run's cache
+
+
+def test_missing_metadata_file_is_named(tmp_path):
+    root = str(tmp_path / "celeba")
+    make_celeba(root)
+    os.remove(os.path.join(root, "list_eval_partition.txt"))
+    with pytest.raises(ValueError, match="CelebA partition file: .*list_eval_partition.txt' not found"):
+        read_celeba(root)
+
+
+def test_cub_labels_boxes_and_repaired_attribute_lines(tmp_path, capsys):
+    root = make_cub(str(tmp_path))
+    catalog = read_cub(root)
+    assert catalog.notes and "repaired 2 malformed line(s)" in catalog.notes[0]
+    expected = np.array([[(i + a) % 3 == 0 for a in range(1, 5)] for i in range(12)], dtype=np.int8)
+    assert np.array_equal(catalog.attributes, expected)  # malformed lines read too
+    paths = prepare(catalog, str(tmp_path / "out"), 3, "class", size=16, bbox_margin=0.1, workers=2)
+    assert "repaired 2 malformed" in capsys.readouterr().out
+    for k, path in enumerate(paths):
+        train, attrs = _read(path)
+        assert set(train["labels"]) == {k} and "bounding box" in attrs["recipe"]
+        assert all(i.decode().startswith(f"{k + 1:03d}.") for i in train["ids"])
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_files_gzipped_or_plain(tmp_path, gz):
+    make_mnist(str(tmp_path), gz)
+    catalog = read_mnist(str(tmp_path))
+    assert len(catalog) == 30 and catalog.channels == 1
+    (path,) = prepare(catalog, str(tmp_path / "out"), 1, "iid", size=32)
+    assert inspect_shard(path).counts == {"train": 20, "test": 10}  # official split kept
+
+
+def test_wrong_idx_magic_is_named(tmp_path):
+    make_mnist(str(tmp_path), gz=False)
+    with open(tmp_path / "t10k-labels-idx1-ubyte", "r+b") as f:
+        f.write(b"\x00\x00\x09\x99")
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte' is not an IDX file with magic 2049"):
+        read_mnist(str(tmp_path))
+
+
+def test_folder_with_dirichlet_label_skew(tmp_path):
+    make_folder(str(tmp_path / "imgs"), classes=3, per_class=10)
+    catalog = read_folder(str(tmp_path / "imgs"))
+    assert sorted(set(catalog.labels)) == [0, 1, 2]
+    paths = prepare(catalog, str(tmp_path / "out"), 3, "dirichlet", alpha=0.1, size=8, test_fraction=0.1, seed=1)
+    hists = [np.bincount(_read(p)[0]["labels"], minlength=3) for p in paths]
+    assert sum(h.sum() for h in hists) + sum(inspect_shard(p).counts["test"] for p in paths) == 30
+    assert max(h.max() / h.sum() for h in hists) > 0.6  # skewed, not iid
+
+
+def test_shards_of_different_resolutions_fail_before_any_run(tmp_path, shards):
+    other = str(tmp_path / "big.h5")
+    images = np.zeros((4, 1, 16, 16), np.uint8)
+    write_shard(other, {"train": Split(images), "test": Split(images)})
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.2])
+    raw["clients"][1]["shard"] = other
+    with pytest.raises(ValueError, match="big.h5.*holds 1x16x16 images, but 'data' asks for 1x8x8"):
+        preflight(from_dict(raw), resume=False)
 
 
 def test_reader_returns_requested_order_with_repeats(shards):
@@ -35,9 +179,8 @@ def test_sampler_covers_each_epoch_and_resumes_identically():
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))
     b = EpochSampler(10, 4, seed=3)
     b.next()
-    state = b.state_dict()
     c = EpochSampler(10, 4, seed=3)
-    c.load_state_dict(state)
+    c.load_state_dict(b.state_dict())
     assert np.array_equal(np.concatenate([c.next() for _ in range(4)]), first[4:])
 
 
@@ -51,6 +194,20 @@ def test_bad_shards_are_named(tmp_path):
     with pytest.raises(ValueError, match="not a readable HDF5 file"):
         inspect_shard(str(tmp_path / "text.h5"))
     images = np.zeros((3, 1, 8, 8), np.uint8)
-    write_shard(str(tmp_path / "nolabels.h5"), {"train": (images, None)})
+    write_shard(str(tmp_path / "notest.h5"), {"train": Split(images)})
     with pytest.raises(ValueError, match="no 'test/images'"):
-        inspect_shard(str(tmp_path / "nolabels.h5"))
+        inspect_shard(str(tmp_path / "notest.h5"))
+    write_shard(str(tmp_path / "edited.h5"), {"train": Split(images), "test": Split(images)})
+    with h5py.File(tmp_path / "edited.h5", "a") as f:
+        f["train/images"][0, 0, 0, 0] = 7
+    inspect_shard(str(tmp_path / "edited.h5"))  # structure is fine
+    with pytest.raises(ValueError, match="does not match its content_hash"):
+        inspect_shard(str(tmp_path / "edited.h5"), verify_hash=True)
+
+
+def test_random_hflip_mirrors_about_half_and_only_left_right():
+    x = torch.arange(200 * 4, dtype=torch.float32).reshape(200, 1, 2, 2)
+    out = random_hflip(x, torch.Generator().manual_seed(0))
+    flipped = (out != x).flatten(1).any(1)
+    assert torch.equal(out[flipped], x[flipped].flip(-1)) and torch.equal(out[~flipped], x[~flipped])
+    assert 70 < int(flipped.sum()) < 130

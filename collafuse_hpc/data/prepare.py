@@ -1,0 +1,267 @@
+"""Build per-client shards from a :class:`~collafuse_hpc.data.sources.Catalog`.
+
+Pipeline: partition the catalog across clients, split each client's pool into
+train/test, decode every needed image once (in parallel processes, with a
+progress line) into a resumable cache, then write one shard per client.
+
+- Idempotent and resumable: decoded pixels go to ``<out>/.cache/<key>.h5``
+  with a per-image state, flushed every chunk; an interrupted run continues
+  where it stopped, a repeated run decodes nothing.
+- Unreadable images (missing, corrupt) are reported and left out; with
+  ``strict`` the run fails after the cache is flushed, naming them, and nothing
+  already decoded is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import h5py
+import numpy as np
+from PIL import Image
+
+from . import partition as part
+from .shard import Split, write_shard
+from .sources import Catalog
+
+CHUNK = 256  # images decoded between cache flushes
+PENDING, DONE, FAILED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How source pixels become shard pixels."""
+
+    size: int  # output side, pixels
+    channels: int  # 1 grey, 3 RGB
+    crop: int = 0  # centre crop side in source pixels before resizing; 0 = largest centred square
+    bbox_margin: float = -1.0  # >= 0: square crop around the bounding box, grown by this fraction
+
+    def describe(self) -> str:
+        how = (
+            f"square around bounding box, margin {self.bbox_margin}"
+            if self.bbox_margin >= 0
+            else (f"centre crop {self.crop}" if self.crop else "largest centred square")
+        )
+        return f"{how}, bicubic resize to {self.size}x{self.size}, {self.channels} channel(s)"
+
+
+def _crop_box(w: int, h: int, recipe: Recipe, box: np.ndarray | None) -> tuple[int, int, int, int]:
+    if box is not None and recipe.bbox_margin >= 0:
+        x, y, bw, bh = box
+        side = max(bw, bh) * (1 + 2 * recipe.bbox_margin)
+        cx, cy = x + bw / 2, y + bh / 2
+    else:
+        side = min(recipe.crop or min(w, h), w, h)
+        cx, cy = w / 2, h / 2
+    side = min(side, w, h)
+    left = int(round(min(max(cx - side / 2, 0), w - side)))
+    top = int(round(min(max(cy - side / 2, 0), h - side)))
+    return left, top, left + int(round(side)), top + int(round(side))
+
+
+def _finish(img: Image.Image, recipe: Recipe, box: np.ndarray | None) -> np.ndarray:
+    img = img.convert("L" if recipe.channels == 1 else "RGB")
+    img = img.crop(_crop_box(*img.size, recipe, box)).resize((recipe.size, recipe.size), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
+
+
+def decode_file(job: tuple[int, str, np.ndarray | None, Recipe]) -> tuple[int, np.ndarray | None, str]:
+    """Worker: (index, path, box, recipe) -> (index, uint8 [C, S, S] or None, error text)."""
+    i, path, box, recipe = job
+    try:
+        with Image.open(path) as img:
+            return i, _finish(img, recipe, box), ""
+    except Exception as e:  # noqa: BLE001 - every unreadable image is reported, not fatal
+        return i, None, f"{path}: {type(e).__name__}: {e}"
+
+
+class Progress:
+    """One self-updating line on stderr: done/total, rate, ETA."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.what, self.t0, self.last = total, what, time.monotonic(), 0.0
+
+    def update(self, done: int, failed: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < 0.5:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate else float("inf")
+        sys.stderr.write(
+            f"\r{self.what}: {done}/{self.total} ({100 * done / max(self.total, 1):.1f}%) "
+            f"{rate:.0f} images/s, ETA {eta:.0f} s, {failed} unreadable"
+        )
+        if final:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _cache_path(out: str, catalog: Catalog, recipe: Recipe) -> str:
+    key = json.dumps([catalog.dataset, catalog.source, len(catalog), asdict(recipe)])
+    return os.path.join(out, ".cache", f"{catalog.dataset}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.h5")
+
+
+def decode(
+    catalog: Catalog, needed: np.ndarray, recipe: Recipe, out: str, workers: int, strict: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of ``needed`` images: (uint8 [len(needed), C, S, S], ok mask [len(needed)])."""
+    shape = (recipe.channels, recipe.size, recipe.size)
+    if catalog.arrays is not None:  # already in memory (MNIST, digits): resize in-process
+        images = np.stack([_finish(Image.fromarray(catalog.arrays[i]), recipe, None) for i in needed])
+        return images.reshape(len(needed), *shape), np.ones(len(needed), dtype=bool)
+    path = _cache_path(out, catalog, recipe)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    errors: list[str] = []
+    with mp.get_context("fork").Pool(workers) as pool, h5py.File(path, "a") as cache:  # fork before opening
+        if "state" not in cache:
+            cache.create_dataset("images", (len(catalog), *shape), np.uint8, chunks=(1, *shape))
+            cache.create_dataset("state", data=np.zeros(len(catalog), np.int8))
+        state = cache["state"][()]
+        todo = [int(i) for i in needed if state[i] == PENDING]
+        progress = Progress(len(todo), f"decoding {catalog.dataset}")
+        boxes = catalog.boxes if recipe.bbox_margin >= 0 else None
+        jobs = ((i, catalog.files[i], None if boxes is None else boxes[i], recipe) for i in todo)
+        done = failed = 0
+        batch: list[tuple[int, np.ndarray]] = []
+        for i, pixels, error in pool.imap_unordered(decode_file, jobs, chunksize=16):
+            if pixels is None:
+                state[i] = FAILED
+                errors.append(error)
+                failed += 1
+            else:
+                batch.append((i, pixels))
+            done += 1
+            if len(batch) >= CHUNK or done == len(todo):
+                for j, px in sorted(batch, key=lambda b: b[0]):
+                    cache["images"][j] = px
+                    state[j] = DONE
+                batch = []
+                cache["state"][...] = state
+                cache.flush()
+            progress.update(done, failed)
+        progress.update(done, failed, final=True)
+        cache["state"][...] = state
+        ok = state[needed] == DONE
+        if errors or (~ok).any():
+            missing = [catalog.files[i] for i in needed[~ok]]
+            shown = "\n  ".join(errors[:10] or missing[:10])
+            print(f"{int((~ok).sum())} unreadable image(s) left out, e.g.:\n  {shown}", file=sys.stderr)
+            if strict:
+                raise ValueError(
+                    f"{int((~ok).sum())} unreadable image(s) (strict mode), first {missing[0]!r}; "
+                    f"decoded images are kept in {path!r} for the next run"
+                )
+        images = np.empty((len(needed), *shape), np.uint8)
+        for k, i in enumerate(needed):
+            if ok[k]:
+                cache["images"].read_direct(images, np.s_[int(i)], np.s_[k])
+    return images, ok
+
+
+def _histogram(labels: np.ndarray | None) -> str:
+    if labels is None:
+        return "-"
+    values, counts = np.unique(labels, return_counts=True)
+    if len(values) > 12:
+        return f"{len(values)} classes, largest {counts.max()}"
+    return " ".join(f"{v}:{c}" for v, c in zip(values, counts))
+
+
+def prepare(
+    catalog: Catalog,
+    out: str,
+    clients: int,
+    rule: str = "iid",
+    *,
+    seed: int = 0,
+    size: int = 64,
+    crop: int = 0,
+    bbox_margin: float = -1.0,
+    groups: list[list[str]] | None = None,
+    exclusive: bool = False,
+    alpha: float = 0.5,
+    test_fraction: float = 0.2,
+    train_size: int = 0,
+    test_size: int = 0,
+    workers: int = 0,
+    strict: bool = False,
+) -> list[str]:
+    """Write ``out/client_<k>.h5`` for k < clients and print a table; returns the paths."""
+    if clients < 1 or not 0 <= test_fraction < 1:
+        raise ValueError(f"need clients >= 1 and 0 <= test_fraction < 1, got {clients}, {test_fraction}")
+    if rule not in part.RULES:
+        raise ValueError(f"unknown partition rule {rule!r}; valid: {list(part.RULES)}")
+    if rule in ("class", "dirichlet") and catalog.labels is None:
+        raise ValueError(f"partition {rule!r} needs labels, and {catalog.dataset} from {catalog.source!r} has none")
+    rng = np.random.default_rng(seed)
+    if rule == "iid":
+        pools = part.iid(len(catalog), clients, rng)
+    elif rule == "class":
+        pools = part.by_class(catalog.labels, clients)
+    elif rule == "dirichlet":
+        pools = part.dirichlet(catalog.labels, clients, alpha, rng)
+    else:
+        if catalog.attributes is None or not groups or len(groups) != clients:
+            raise ValueError(
+                f"partition 'attributes' needs a catalog with attributes and one group per client "
+                f"({clients}), e.g. --groups 'Male;Eyeglasses,Wearing_Hat'"
+            )
+        pools = part.by_attributes(catalog.attributes, catalog.attribute_names, groups, exclusive, rng)
+    splits = [part.train_test(p, catalog.split, test_fraction, train_size, test_size, rng) for p in pools]
+    for k, (train, test) in enumerate(splits):
+        if len(train) == 0 or len(test) == 0:
+            raise ValueError(f"client {k} gets {len(train)} train and {len(test)} test images; change the partition")
+
+    recipe = Recipe(size, catalog.channels, crop, bbox_margin)
+    needed = np.unique(np.concatenate([np.concatenate(s) for s in splits]))
+    images, ok = decode(catalog, needed, recipe, out, workers, strict)
+    where = {int(i): k for k, i in enumerate(needed)}
+    for note in catalog.notes:
+        print(f"note: {note}")
+    partition = (
+        f"{rule} seed={seed} clients={clients}"
+        + (f" groups={groups} {'exclusive' if exclusive else 'overlap'}" if rule == "attributes" else "")
+        + (f" alpha={alpha}" if rule == "dirichlet" else "")
+    )
+    paths = []
+    print(f"{'client':<10}{'train':>8}{'test':>8}  train labels")
+    for k, (train, test) in enumerate(splits):
+
+        def subset(idx: np.ndarray) -> Split:
+            idx = np.array([i for i in idx if ok[where[int(i)]]], dtype=np.int64)
+            return Split(
+                images=images[[where[int(i)] for i in idx]].reshape(len(idx), *images.shape[1:]),
+                labels=None if catalog.labels is None else catalog.labels[idx],
+                attributes=None if catalog.attributes is None else catalog.attributes[idx],
+                ids=[catalog.ids[i] for i in idx],
+            )
+
+        shard = {"train": subset(train), "test": subset(test)}
+        path = os.path.join(out, f"client_{k}.h5")
+        write_shard(
+            path,
+            shard,
+            attribute_names=catalog.attribute_names,
+            dataset=catalog.dataset,
+            source=catalog.source,
+            recipe=recipe.describe(),
+            client_id=f"client_{k}",
+            partition=partition,
+            split="train+test" + (" (official)" if catalog.split is not None else f" (test_fraction={test_fraction})"),
+        )
+        print(
+            f"{'client_' + str(k):<10}{len(shard['train'].images):>8}{len(shard['test'].images):>8}  "
+            f"{_histogram(shard['train'].labels)}"
+        )
+        paths.append(path)
+    return paths
