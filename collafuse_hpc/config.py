@@ -69,7 +69,7 @@ class OptimConfig:
 class ServerConfig:
     """The shared server: runs the chain above each client's cut."""
 
-    count: int = 1  # server ranks (ranks 0..count-1)
+    count: int = 1  # server ranks (ranks 0..count-1), replicas kept identical by gradient all-reduce
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     aggregate: str = "concat"  # concat: one step on all clients' batches | sequential
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -221,10 +221,15 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise ValueError(
             f"config key 'diffusion.sampling_steps' must be in [0, {T}] (0 means T), got {cfg.diffusion.sampling_steps}"
         )
-    if cfg.server.count != 1:
+    if not 1 <= cfg.server.count <= max(1, len(cfg.clients)):
         raise ValueError(
-            f"config key 'server.count' is {cfg.server.count}; this version runs exactly one "
-            "server rank (server groups with gradient all-reduce are not implemented yet)"
+            f"config key 'server.count' is {cfg.server.count}; it must be in [1, number of clients "
+            f"= {len(cfg.clients)}] (each server rank serves its own clients)"
+        )
+    if cfg.server.count > 1 and cfg.server.aggregate != "concat":
+        raise ValueError(
+            "config key 'server.aggregate' is 'sequential', which needs server.count: 1 "
+            "(several server replicas step together on their concatenated batches)"
         )
     for name in ("rounds", "log_every", "samples_per_client", "sample_batch", "keep_checkpoints"):
         if getattr(cfg.run, name) < 1:

@@ -145,12 +145,16 @@ def resolve_device(choice: str, launch: Launch) -> torch.device:
     return device
 
 
-def init_process_groups(launch: Launch, device: torch.device, timeout_s: float) -> dist.ProcessGroup | None:
-    """Start the gloo world group; return a NCCL group of the CUDA ranks, if two or more.
+def init_process_groups(
+    launch: Launch, device: torch.device, num_servers: int, timeout_s: float
+) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup]:
+    """Start the gloo world group; return (NCCL group of the CUDA ranks if two or
+    more, else None; the server group of ranks 0..num_servers-1).
 
     gloo carries CPU tensors between any two ranks (a GPU server with CPU
-    clients stages through pinned host memory); NCCL carries CUDA tensors
-    directly between GPU ranks.
+    clients stages through host memory); NCCL carries CUDA tensors directly
+    between GPU ranks. The server group all-reduces the replicas' gradients,
+    over NCCL when every server is on a GPU.
     """
     try:
         dist.init_process_group(
@@ -169,6 +173,9 @@ def init_process_groups(launch: Launch, device: torch.device, timeout_s: float) 
     kinds = [None] * launch.world_size
     dist.all_gather_object(kinds, device.type)
     cuda_ranks = [r for r, k in enumerate(kinds) if k == "cuda"]
-    if len(cuda_ranks) < 2 or not dist.is_nccl_available():
-        return None
-    return dist.new_group(cuda_ranks, backend="nccl", timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    nccl = dist.is_nccl_available() and len(cuda_ranks) >= 2
+    servers = list(range(num_servers))
+    server_backend = "nccl" if nccl and all(kinds[r] == "cuda" for r in servers) else "gloo"
+    server_group = dist.new_group(servers, backend=server_backend, timeout=timeout)
+    return (dist.new_group(cuda_ranks, backend="nccl", timeout=timeout) if nccl else None), server_group

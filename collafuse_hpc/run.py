@@ -245,9 +245,10 @@ def _part_path(cfg: Config, topo: Topology, rank: int) -> str:
     return os.path.join(cfg.run.output_dir, "parts", name)
 
 
-def build_role(cfg: Config, topo: Topology, rank: int, device: torch.device) -> Server | Client:
+def build_role(cfg: Config, topo: Topology, rank: int, device: torch.device, wire: Wire) -> Server | Client:
     if topo.is_server(rank):
-        return Server(cfg, rank, topo.clients_of(rank), device)
+        reduce = wire.allreduce_servers if topo.num_servers > 1 else None
+        return Server(cfg, rank, topo.clients_of(rank), device, reduce)
     return Client(cfg, topo.client_index(rank), device)
 
 
@@ -358,14 +359,14 @@ def run_distributed(cfg: Config, resume: bool) -> None:
             launch.master_port,
             torch.get_num_threads(),
         )
-    nccl = init_process_groups(launch, device, cfg.run.timeout_s)
-    wire = DistWire(rank, topo.describe, device, nccl, cfg.run.timeout_s)
+    nccl, server_group = init_process_groups(launch, device, topo.num_servers, cfg.run.timeout_s)
+    wire = DistWire(rank, topo.describe, device, nccl, server_group, cfg.run.timeout_s)
     t0 = time.perf_counter()
     if rank == 0:
         _start(cfg, topo, start_round)
     wire.barrier()
     ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg))
-    summary = run_role(ctx, build_role(cfg, topo, rank, device))
+    summary = run_role(ctx, build_role(cfg, topo, rank, device, wire))
     gathered = [None] * topo.world_size
     torch.distributed.all_gather_object(gathered, summary)
     if rank == 0:
@@ -381,23 +382,24 @@ def run_in_process(cfg: Config, resume: bool) -> dict[int, dict]:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     single = discover({})
-    hub = LocalHub(topo.world_size, cfg.run.timeout_s)
+    hub = LocalHub(topo.world_size, topo.num_servers, cfg.run.timeout_s)
     t0 = time.perf_counter()
     _start(cfg, topo, start_round)
+    wires = [LocalWire(rank, topo.describe, hub) for rank in range(topo.world_size)]
     roles = []
     for rank in range(topo.world_size):
         role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.client_index(rank)]
-        roles.append(build_role(cfg, topo, rank, resolve_device(role_cfg.device, single)))
+        roles.append(build_role(cfg, topo, rank, resolve_device(role_cfg.device, single), wires[rank]))
     summaries: dict[int, dict] = {}
     errors: dict[int, BaseException] = {}
 
     def target(rank: int) -> None:
-        ctx = Context(cfg, topo, rank, LocalWire(rank, topo.describe, hub), start_round, dump(cfg))
+        ctx = Context(cfg, topo, rank, wires[rank], start_round, dump(cfg))
         try:
             summaries[rank] = run_role(ctx, roles[rank])
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors[rank] = e
-            hub.barrier.abort()
+            hub.abort()
 
     threads = [threading.Thread(target=target, args=(r,), name=f"rank{r}") for r in range(topo.world_size)]
     for t in threads:

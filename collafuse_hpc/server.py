@@ -4,6 +4,7 @@ and runs that part of the reverse chain for the clients' sampling requests."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -17,21 +18,42 @@ from .wire import Kind, Message, PeerFailure
 
 
 class Server:
-    """Args: clients: indices (into ``cfg.clients``) of the clients it serves."""
+    """One server replica.
 
-    def __init__(self, cfg: Config, rank: int, clients: list[int], device: torch.device):
+    With ``server.count > 1`` every replica starts from the same weights, sums its
+    gradients with the others' (``reduce``) and so stays identical. Random draws
+    for a client's data come from a stream of that client's own (seeded by the
+    client index), so results do not depend on which replica serves whom.
+
+    Args:
+        clients: indices (into ``cfg.clients``) of the clients this replica serves.
+        reduce: sums a flat gradient tensor in place over the replicas (None for one).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        rank: int,
+        clients: list[int],
+        device: torch.device,
+        reduce: Callable[[torch.Tensor], None] | None = None,
+    ):
         self.cfg, self.rank, self.device = cfg, rank, device
         T = cfg.diffusion.timesteps
         self.timesteps = T
         self.cuts = {k: Cut(cut_step(cfg.clients[k], T), T, cfg.diffusion.split) for k in clients}
         self.clients = [k for k in clients if self.cuts[k].uses_server]  # c = 1 never calls
         self.diffusion = GaussianDiffusion(beta_schedule(cfg.diffusion.schedule, T))
-        seed = role_seed(cfg.run.seed, "server", rank)
-        self.generator = torch.Generator(device).manual_seed(seed)
+        self.streams = {
+            k: torch.Generator(device).manual_seed(role_seed(cfg.run.seed, "stream", k)) for k in self.clients
+        }
+        self.reduce = reduce
+        # Images per step over all replicas: the loss is a mean over all of them.
+        self.images_per_step = sum(c.batch_size for c in cfg.clients if cut_step(c, T) < T)
         # Clients that opt in send labels; the others get the extra "unknown" class.
         self.null_class = cfg.data.num_classes
-        shared = any(cfg.clients[k].share_labels for k in clients)
-        torch.manual_seed(seed)  # model init
+        shared = any(c.share_labels for c in cfg.clients)
+        torch.manual_seed(role_seed(cfg.run.seed, "server", 0))  # the same init on every replica
         model = UNet(
             cfg.server.model,
             cfg.data.channels,
@@ -63,20 +85,26 @@ class Server:
                 f"t_c={self.cuts[k].t_c}: the ranks run with different configs"
             )
 
-    def _losses(self, x_c: torch.Tensor, t_c: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """Per-example server loss on x_c [N, C, H, W] with cut steps t_c [N] (labels y [N])."""
-        T, n = self.timesteps, len(x_c)
-        u = torch.rand(n, generator=self.generator, device=self.device)
+    def _losses(self, msgs: list[tuple[int, Message]]) -> torch.Tensor:
+        """Per-example server loss [N] on the concatenated x_c of ``[(client, msg)]``."""
+        T = self.timesteps
+        x_c = torch.cat([m.payload.float() for _, m in msgs])  # (N, C, H, W)
+        t_c = torch.cat([torch.full((m.count,), m.t_c, device=self.device) for _, m in msgs])
+        u = torch.cat([torch.rand(m.count, generator=self.streams[k], device=self.device) for k, m in msgs])
+        noise = torch.cat(
+            [torch.randn(m.payload.shape, generator=self.streams[k], device=self.device) for k, m in msgs]
+        )
         t = t_c + 1 + (u * (T - t_c)).long().clamp(max=T - 1 - t_c)  # U{t_c+1..T}
-        noise = torch.randn(x_c.shape, generator=self.generator, device=self.device)
         anchor = t_c if self.cfg.diffusion.split == "markov" else 0
+        y = self._labels([m for _, m in msgs])
         return self.diffusion.training_losses(self._eps_model(self.net.model, t_c, y), x_c, t, noise, anchor)
 
     def train_round(self, msgs: dict[int, Message]) -> dict[int, Message]:
         """One round on ``{client index: TRAIN message}``; returns the replies.
 
-        ``concat`` takes one step on all batches at once; ``sequential`` one step
-        per client in a fixed order (the authors' code).
+        ``concat`` takes one step on all batches at once (summed with the other
+        replicas' batches); ``sequential`` one step per client in a fixed order
+        (the authors' code; one replica only).
         """
         for k, m in msgs.items():
             self._check(k, m)
@@ -84,11 +112,12 @@ class Server:
         groups = [order] if self.cfg.server.aggregate == "concat" else [[k] for k in order]
         replies = {}
         for group in groups:
-            x_c = torch.cat([msgs[k].payload.float() for k in group])
-            t_c = torch.cat([torch.full((msgs[k].count,), msgs[k].t_c, device=self.device) for k in group])
-            losses = self._losses(x_c, t_c, self._labels([msgs[k] for k in group]))
-            self.net.step(losses.mean())
-            for k, part in zip(group, losses.detach().split([msgs[k].count for k in group])):
+            losses = self._losses([(k, msgs[k]) for k in group]) if group else None
+            if self.reduce is None:
+                self.net.step(None if losses is None else losses.mean())
+            else:  # sum / N over all replicas' images, then summed across replicas: the global mean
+                self.net.step(None if losses is None else losses.sum() / self.images_per_step, self.reduce)
+            for k, part in zip(group, [] if losses is None else losses.detach().split([msgs[k].count for k in group])):
                 replies[k] = Message(Kind.TRAIN_REPLY, msgs[k].round, msgs[k].t_c, 1, part.mean().reshape(1).cpu())
         return replies
 
@@ -110,15 +139,18 @@ class Server:
             grid, _ = cut.sampling_grids(steps)
             total = sum(requests[k].count for k in ks)
             y_all = self._labels([requests[k] for k in ks])
+            x_T = torch.cat(
+                [torch.randn((requests[k].count, C, S, S), generator=self.streams[k], device=self.device) for k in ks]
+            )
             out = []
             for start in range(0, total, self.cfg.run.sample_batch):
                 n = min(self.cfg.run.sample_batch, total - start)
-                x = torch.randn((n, C, S, S), generator=self.generator, device=self.device)
+                x = x_T[start : start + n]
                 y = None if y_all is None else y_all[start : start + n]
                 eps = self._eps_model(self.net.ema, torch.tensor([t_c], device=self.device), y)
                 out.append(
                     self.diffusion.p_sample_loop(
-                        eps, x, grid, a=cut.server_anchor, clip=False, generator=self.generator
+                        eps, x, grid, a=cut.server_anchor, clip=False, generator=self.streams[ks[0]]
                     )
                 )
             parts = torch.cat(out).split([requests[k].count for k in ks])
@@ -129,11 +161,12 @@ class Server:
     def state_dict(self) -> dict:
         return {
             "net": self.net.state_dict(),
-            "generator": self.generator.get_state(),
+            "streams": {str(k): g.get_state() for k, g in self.streams.items()},
             "torch_rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
-        self.generator.set_state(state["generator"])
+        for k, g in self.streams.items():
+            g.set_state(state["streams"][str(k)])
         torch.set_rng_state(state["torch_rng"])

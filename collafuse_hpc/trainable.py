@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -29,10 +30,24 @@ class Trainable:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def step(self, loss: torch.Tensor) -> None:
-        """Backward, clip, optimizer step, EMA update with warm-up."""
+    def step(self, loss: torch.Tensor | None, reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Backward, reduce, clip, optimizer step, EMA update with warm-up.
+
+        ``reduce`` sums the flattened gradients in place across replicas (a
+        server group); ``loss`` may then be None for a replica with no data this
+        round, which contributes zeros and still steps with the others.
+        """
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss is not None:
+            loss.backward()
+        if reduce is not None:
+            params = list(self.model.parameters())
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            reduce(flat)
+            offset = 0
+            for p in params:
+                p.grad = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
         if self.cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()

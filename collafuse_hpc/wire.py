@@ -90,6 +90,10 @@ class Wire:
         """All ranks meet (bounded); names the ranks that did not arrive."""
         raise NotImplementedError
 
+    def allreduce_servers(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` in place over the server ranks (servers only, all of them)."""
+        raise NotImplementedError
+
     def send_error(self, peers: list[int], round_: int, text: str) -> None:
         """Best effort: tell ``peers`` that this rank failed, waiting at most a few seconds."""
         for p in peers:
@@ -126,10 +130,10 @@ class DistWire(Wire):
         timeout_s: bound on every wait, seconds.
     """
 
-    def __init__(self, rank, describe, device: torch.device, nccl_group, timeout_s: float):
+    def __init__(self, rank, describe, device: torch.device, nccl_group, server_group, timeout_s: float):
         self.rank, self.describe, self.device = rank, describe, device
         self.timeout = timedelta(seconds=timeout_s)
-        self.nccl_group = nccl_group
+        self.nccl_group, self.server_group = nccl_group, server_group
         self.nccl_ranks = set(dist.get_process_group_ranks(nccl_group)) if nccl_group else set()
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         self.bytes_sent = 0
@@ -198,6 +202,19 @@ class DistWire(Wire):
         except RuntimeError as e:
             raise PeerFailure(f"{self.describe(self.rank)}: barrier failed: {str(e)[:300]}") from None
 
+    def allreduce_servers(self, tensor: torch.Tensor) -> None:
+        on_gloo = dist.get_backend(self.server_group) == "gloo"
+        buf = tensor.cpu() if on_gloo else tensor
+        try:
+            dist.all_reduce(buf, group=self.server_group)
+        except RuntimeError as e:
+            raise PeerFailure(
+                f"{self.describe(self.rank)} lost a server replica during the gradient all-reduce: "
+                f"{str(e).splitlines()[0][:200]}"
+            ) from None
+        if buf is not tensor:
+            tensor.copy_(buf)
+
 
 class LocalWire(Wire):
     """In-process transport: every role runs in a thread of one process.
@@ -236,15 +253,40 @@ class LocalWire(Wire):
         except threading.BrokenBarrierError:
             raise PeerFailure(f"{self.describe(self.rank)}: barrier failed (a role did not arrive)") from None
 
+    def allreduce_servers(self, tensor: torch.Tensor) -> None:
+        self.hub.allreduce_servers(tensor)
+
 
 class LocalHub:
     """Queues between the in-process roles, one per (sender, receiver) pair."""
 
-    def __init__(self, world_size: int, timeout_s: float):
+    def __init__(self, world_size: int, num_servers: int, timeout_s: float):
         self.timeout_s = timeout_s
         self.barrier = threading.Barrier(world_size)
         self._queues: dict[tuple[int, int], queue.Queue] = {}
         self._lock = threading.Lock()
+        self._sum: torch.Tensor | None = None
+        self._added = threading.Barrier(num_servers)
+        self._read = threading.Barrier(num_servers, action=self._reset_sum)
+
+    def _reset_sum(self) -> None:
+        self._sum = None
+
+    def allreduce_servers(self, tensor: torch.Tensor) -> None:
+        """Sum over the server threads: all add, all read, then one resets."""
+        with self._lock:
+            self._sum = tensor.clone() if self._sum is None else self._sum + tensor
+        try:
+            self._added.wait(self.timeout_s)
+            tensor.copy_(self._sum)
+            self._read.wait(self.timeout_s)
+        except threading.BrokenBarrierError:
+            raise PeerFailure("a server replica did not reach the gradient all-reduce") from None
+
+    def abort(self) -> None:
+        """Wake every role waiting at a barrier (a role failed)."""
+        for b in (self.barrier, self._added, self._read):
+            b.abort()
 
     def queue(self, src: int, dst: int) -> queue.Queue:
         with self._lock:

@@ -9,8 +9,10 @@ import time
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import run_mpi, tiny_config, write_config
 
+from collafuse_hpc.checkpoint import load_rank
 from collafuse_hpc.config import from_dict
 from collafuse_hpc.run import run_in_process
 
@@ -121,3 +123,18 @@ def test_without_a_launcher_that_kills_peers_survivors_exit_and_name_the_dead_ra
     assert elapsed < 60
     assert "rank 1 (client 'c0')" in outputs[0][1]
     assert "rank 1 (client 'c0')" in outputs[2][1] or "rank 0 (server 0)" in outputs[2][1]
+
+
+def test_two_server_ranks_under_mpirun_match_one_server_in_process(tmp_path, shards):
+    raw = tiny_config(shards, tmp_path / "two", [0.2, 0.4, 0.2, 0.6], rounds=3, checkpoint_every=0)
+    raw["server"]["count"] = 2
+    proc = run_mpi(6, ["train", write_config(tmp_path / "run.yaml", raw)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw["server"]["count"] = 1
+    raw["run"]["output_dir"] = str(tmp_path / "one")
+    run_in_process(from_dict(raw), resume=False)
+    reference = load_rank(str(tmp_path / "one"), 3, 0)["state"]["net"]["model"]
+    for rank in (0, 1):
+        replica = load_rank(str(tmp_path / "two"), 3, rank)["state"]["net"]["model"]
+        for name, value in reference.items():
+            torch.testing.assert_close(replica[name], value, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")

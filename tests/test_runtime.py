@@ -138,3 +138,26 @@ def test_peer_failure_is_the_type_a_survivor_sees(tmp_path, shards):
     with pytest.raises(RuntimeError) as info:
         run_in_process(cfg, resume=False)
     assert not isinstance(info.value, PeerFailure) and "injected fault at round 2" in str(info.value)
+
+
+def _server_weights(out, rounds, rank):
+    return load_rank(str(out), rounds, rank)["state"]["net"]["model"]
+
+
+def test_two_server_replicas_equal_one_server_with_all_batches(tmp_path, shards):
+    """2 servers x 2 clients (gradient all-reduce) == 1 server with the 4 batches concatenated."""
+    one = tiny_config(shards, tmp_path / "one", [0.2, 0.4, 0.2, 0.6], rounds=3, checkpoint_every=0)
+    run_in_process(from_dict(one), resume=False)
+    two = tiny_config(shards, tmp_path / "two", [0.2, 0.4, 0.2, 0.6], rounds=3, checkpoint_every=0)
+    two["server"]["count"] = 2
+    run_in_process(from_dict(two), resume=False)
+    reference = _server_weights(tmp_path / "one", 3, 0)
+    for rank in (0, 1):
+        replica = _server_weights(tmp_path / "two", 3, rank)
+        for name, value in reference.items():
+            torch.testing.assert_close(replica[name], value, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")
+    assert reference["out.2.weight"].abs().sum() > 0  # trained away from its zero init
+    for key in ("clients/c0", "clients/c3"):
+        np.testing.assert_allclose(
+            _losses(tmp_path / "one", key)["loss_server"], _losses(tmp_path / "two", key)["loss_server"], rtol=1e-4
+        )
