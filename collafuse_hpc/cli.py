@@ -13,7 +13,9 @@ Launch lines::
     # override single keys
     collafuse-hpc train configs/quickstart.yaml --set clients.0.cut_ratio=0.4 --set run.rounds=50
 
-Exit status: 0 done, 1 a rank failed (the message names it), 2 bad input.
+Exit status: 0 done, 1 a rank failed (the message names it), 2 bad input,
+75 stopped by SIGUSR1/SIGTERM at a round boundary with a checkpoint set (requeue
+and continue with --resume).
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare(args)
 
     from . import checkpoint
+    from .preemption import EXIT_REQUEUE, Preempted, StopRequest
     from .run import run_distributed, run_in_process
 
     try:
@@ -140,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=False)
     distributed = not args.in_process
+    stop = StopRequest().install()
     try:
         if distributed:
-            run_distributed(cfg, resume)
+            run_distributed(cfg, resume, stop)
         else:
-            run_in_process(cfg, resume)
+            run_in_process(cfg, resume, stop)
+    except Preempted as e:
+        return _die(EXIT_REQUEUE, str(e), hard=distributed)
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=distributed)
     except Exception as e:  # noqa: BLE001 - one clear line per failed rank, then exit non-zero

@@ -108,6 +108,7 @@ class RunConfig:
     sample_batch: int = 256  # max images per server sampling batch
     threads: int = 0  # torch threads per rank; 0 = cores available / ranks on node
     timeout_s: float = 300.0  # bound on every wait for a peer, seconds
+    stop_check_every: int = 1  # rounds between the collective that agrees on a preemption signal
 
 
 @dataclass
@@ -231,7 +232,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             "config key 'server.aggregate' is 'sequential', which needs server.count: 1 "
             "(several server replicas step together on their concatenated batches)"
         )
-    for name in ("rounds", "log_every", "samples_per_client", "sample_batch", "keep_checkpoints"):
+    for name in ("rounds", "log_every", "samples_per_client", "sample_batch", "keep_checkpoints", "stop_check_every"):
         if getattr(cfg.run, name) < 1:
             raise ValueError(f"config key 'run.{name}' must be >= 1, got {getattr(cfg.run, name)}")
     if cfg.run.timeout_s <= 0:

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -23,7 +24,10 @@ from . import checkpoint
 from .client import Client
 from .config import Config, cut_step, dump
 from .data import inspect_shard, to_uint8
-from .launch import discover, init_process_groups, resolve_device, threads_per_rank
+from .launch import Launch, discover, init_process_groups, resolve_device, threads_per_rank
+from .lock import RunLock
+from .lock import check as check_lock
+from .preemption import Preempted, StopRequest
 from .results import RoleResults, create_index, part_name, save_grid
 from .server import Server
 from .topology import Topology
@@ -46,6 +50,7 @@ class Context:
     wire: Wire
     start_round: int
     config_yaml: str
+    stop: StopRequest
     round: int = 0  # current round, for error reports
 
     @property
@@ -84,18 +89,22 @@ def _fault(ctx: Context, round_: int) -> None:
 
 
 def _end_of_round(ctx: Context, results: RoleResults, state: dict, r: int) -> None:
-    """After round ``r``: flush results when due, write a checkpoint set when due."""
+    """After round ``r``: agree on a stop request, flush results and write a
+    checkpoint set when due; raise Preempted (on every rank) after a stop."""
     run = ctx.cfg.run
     done = r + 1
     last = done == run.rounds
-    if done % run.log_every == 0 or last:
+    stop = not last and done % run.stop_check_every == 0 and ctx.wire.any_rank(ctx.stop.requested)
+    if done % run.log_every == 0 or last or stop:
         results.flush()
-    if last or (run.checkpoint_every and done % run.checkpoint_every == 0):
+    if last or stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
         checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml)
         ctx.wire.barrier()
         if ctx.rank == 0:
             checkpoint.mark_complete(ctx.output_dir, done, run.keep_checkpoints)
         ctx.wire.barrier()
+    if stop:
+        raise Preempted(done, ctx.stop.signal_name or "a signal on another rank")
 
 
 def _rounds(ctx: Context):
@@ -272,6 +281,8 @@ def run_role(ctx: Context, role: Server | Client) -> dict:
         results.write_attrs("summary", summary)
         ctx.wire.barrier()  # every role has written its part
         return summary
+    except Preempted:
+        raise
     except PeerFailure as e:
         ctx.wire.send_error(peers, ctx.round, str(e))
         raise
@@ -339,11 +350,18 @@ def _start(cfg: Config, topo: Topology, start_round: int) -> None:
         log.info("resuming from the checkpoint set of round %d", start_round)
 
 
-def run_distributed(cfg: Config, resume: bool) -> None:
-    """One rank of a launched job (mpirun, srun or torchrun). Raises on failure."""
+def _job_key(launch: Launch) -> str:
+    """Shared by every rank of one job (the rendezvous address), different across jobs."""
+    return f"{launch.source}:{launch.master_addr}:{launch.master_port}"
+
+
+def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) -> None:
+    """One rank of a launched job (mpirun, srun or torchrun). Raises on failure,
+    Preempted after an agreed stop."""
     launch = discover()
     topo = Topology.from_config(cfg, launch.world_size)
     start_round = preflight(cfg, resume)
+    check_lock(cfg.run.output_dir, _job_key(launch))
     rank = launch.rank
     torch.set_num_threads(threads_per_rank(launch, cfg.run.threads))
     role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.client_index(rank)]
@@ -362,23 +380,37 @@ def run_distributed(cfg: Config, resume: bool) -> None:
     nccl, server_group = init_process_groups(launch, device, topo.num_servers, cfg.run.timeout_s)
     wire = DistWire(rank, topo.describe, device, nccl, server_group, cfg.run.timeout_s)
     t0 = time.perf_counter()
-    if rank == 0:
-        _start(cfg, topo, start_round)
-    wire.barrier()
-    ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg))
-    summary = run_role(ctx, build_role(cfg, topo, rank, device, wire))
-    gathered = [None] * topo.world_size
-    torch.distributed.all_gather_object(gathered, summary)
-    if rank == 0:
-        _log_losses(cfg, topo)
-        print_summary(cfg, dict(enumerate(gathered)), topo, time.perf_counter() - t0)
+    lock = RunLock(cfg.run.output_dir, _job_key(launch)) if rank == 0 else None
+    try:
+        if rank == 0:
+            _start(cfg, topo, start_round)
+        wire.barrier()
+        ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop or StopRequest())
+        summary = run_role(ctx, build_role(cfg, topo, rank, device, wire))
+        gathered = [None] * topo.world_size
+        torch.distributed.all_gather_object(gathered, summary)
+        if rank == 0:
+            _log_losses(cfg, topo)
+            print_summary(cfg, dict(enumerate(gathered)), topo, time.perf_counter() - t0)
+    finally:
+        if lock is not None:
+            lock.release()
     torch.distributed.destroy_process_group()
 
 
-def run_in_process(cfg: Config, resume: bool) -> dict[int, dict]:
-    """Every role in a thread of this process; returns each rank's summary."""
+def run_in_process(cfg: Config, resume: bool, stop: StopRequest | None = None) -> dict[int, dict]:
+    """Every role in a thread of this process; returns each rank's summary.
+    Raises on failure, Preempted after a stop request."""
     topo = Topology.from_config(cfg)
     start_round = preflight(cfg, resume)
+    lock = RunLock(cfg.run.output_dir, f"in-process:{socket.gethostname()}:{os.getpid()}")
+    try:
+        return _run_threads(cfg, topo, start_round, stop or StopRequest())
+    finally:
+        lock.release()
+
+
+def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopRequest) -> dict[int, dict]:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     single = discover({})
@@ -394,7 +426,7 @@ def run_in_process(cfg: Config, resume: bool) -> dict[int, dict]:
     errors: dict[int, BaseException] = {}
 
     def target(rank: int) -> None:
-        ctx = Context(cfg, topo, rank, wires[rank], start_round, dump(cfg))
+        ctx = Context(cfg, topo, rank, wires[rank], start_round, dump(cfg), stop)
         try:
             summaries[rank] = run_role(ctx, roles[rank])
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
@@ -407,8 +439,8 @@ def run_in_process(cfg: Config, resume: bool) -> dict[int, dict]:
     for t in threads:
         t.join()
     if errors:
-        first = next((e for e in errors.values() if not isinstance(e, PeerFailure)), next(iter(errors.values())))
-        raise first
+        order = sorted(errors.values(), key=lambda e: isinstance(e, PeerFailure))  # the cause before its echoes
+        raise order[0]
     _log_losses(cfg, topo)
     print_summary(cfg, summaries, topo, time.perf_counter() - t0)
     return summaries

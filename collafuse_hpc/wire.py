@@ -94,6 +94,10 @@ class Wire:
         """Sum ``tensor`` in place over the server ranks (servers only, all of them)."""
         raise NotImplementedError
 
+    def any_rank(self, flag: bool) -> bool:
+        """True when any rank passes True: one small collective over all ranks (bounded)."""
+        raise NotImplementedError
+
     def send_error(self, peers: list[int], round_: int, text: str) -> None:
         """Best effort: tell ``peers`` that this rank failed, waiting at most a few seconds."""
         for p in peers:
@@ -215,6 +219,16 @@ class DistWire(Wire):
         if buf is not tensor:
             tensor.copy_(buf)
 
+    def any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([int(flag)])
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        except RuntimeError as e:
+            raise PeerFailure(
+                f"{self.describe(self.rank)} lost a rank at the round boundary: {str(e).splitlines()[0][:200]}"
+            ) from None
+        return bool(t.item())
+
 
 class LocalWire(Wire):
     """In-process transport: every role runs in a thread of one process.
@@ -254,38 +268,55 @@ class LocalWire(Wire):
             raise PeerFailure(f"{self.describe(self.rank)}: barrier failed (a role did not arrive)") from None
 
     def allreduce_servers(self, tensor: torch.Tensor) -> None:
-        self.hub.allreduce_servers(tensor)
+        self.hub.server_sum(tensor, "gradient all-reduce")
+
+    def any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([int(flag)])
+        self.hub.world_max(t, "stop agreement")
+        return bool(t.item())
+
+
+class _Reduction:
+    """An all-reduce among ``n`` threads: all add, all read, then one resets."""
+
+    def __init__(self, n: int, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], timeout_s: float):
+        self.op, self.timeout_s = op, timeout_s
+        self._lock = threading.Lock()
+        self._acc: torch.Tensor | None = None
+        self.added = threading.Barrier(n)
+        self.read = threading.Barrier(n, action=self._reset)
+
+    def _reset(self) -> None:
+        self._acc = None
+
+    def __call__(self, tensor: torch.Tensor, what: str) -> None:
+        with self._lock:
+            self._acc = tensor.clone() if self._acc is None else self.op(self._acc, tensor)
+        try:
+            self.added.wait(self.timeout_s)
+            tensor.copy_(self._acc)
+            self.read.wait(self.timeout_s)
+        except threading.BrokenBarrierError:
+            raise PeerFailure(f"a role did not reach the {what}") from None
 
 
 class LocalHub:
-    """Queues between the in-process roles, one per (sender, receiver) pair."""
+    """Queues between the in-process roles, one per (sender, receiver) pair, and
+    the barrier and reductions they share."""
 
     def __init__(self, world_size: int, num_servers: int, timeout_s: float):
         self.timeout_s = timeout_s
         self.barrier = threading.Barrier(world_size)
         self._queues: dict[tuple[int, int], queue.Queue] = {}
         self._lock = threading.Lock()
-        self._sum: torch.Tensor | None = None
-        self._added = threading.Barrier(num_servers)
-        self._read = threading.Barrier(num_servers, action=self._reset_sum)
-
-    def _reset_sum(self) -> None:
-        self._sum = None
-
-    def allreduce_servers(self, tensor: torch.Tensor) -> None:
-        """Sum over the server threads: all add, all read, then one resets."""
-        with self._lock:
-            self._sum = tensor.clone() if self._sum is None else self._sum + tensor
-        try:
-            self._added.wait(self.timeout_s)
-            tensor.copy_(self._sum)
-            self._read.wait(self.timeout_s)
-        except threading.BrokenBarrierError:
-            raise PeerFailure("a server replica did not reach the gradient all-reduce") from None
+        self.server_sum = _Reduction(num_servers, torch.add, timeout_s)
+        self.world_max = _Reduction(world_size, torch.maximum, timeout_s)
 
     def abort(self) -> None:
         """Wake every role waiting at a barrier (a role failed)."""
-        for b in (self.barrier, self._added, self._read):
+        for b in (self.barrier, *(r.added for r in (self.server_sum, self.world_max))):
+            b.abort()
+        for b in (self.server_sum.read, self.world_max.read):
             b.abort()
 
     def queue(self, src: int, dst: int) -> queue.Queue:

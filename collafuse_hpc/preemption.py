@@ -1,0 +1,46 @@
+"""Preemption: SIGUSR1 or SIGTERM asks every rank to stop at the next round boundary.
+
+The signal only sets a flag. At each round boundary all ranks agree on it
+with one small collective (``Wire.any_rank``), write a complete checkpoint set,
+flush their results and exit with :data:`EXIT_REQUEUE`, which the job scripts
+turn into ``scontrol requeue``; the requeued job resumes from that set.
+SLURM's ``--signal=B:USR1@120`` gives the lead time.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped cleanly, run again to continue
+
+
+class Preempted(Exception):
+    """Every rank stopped at a round boundary after a signal; a checkpoint set exists."""
+
+    def __init__(self, round_: int, signal_name: str):
+        super().__init__(
+            f"stopped by {signal_name} after round {round_}: checkpoint set written; "
+            f"exit {EXIT_REQUEUE} so the job is requeued (continue with --resume)"
+        )
+        self.round = round_
+
+
+class StopRequest:
+    """A flag set by SIGUSR1/SIGTERM (install from the main thread)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def install(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal_name = signal.Signals(signum).name

@@ -1,0 +1,93 @@
+"""Preemption (stop at a round boundary, checkpoint, resume) and the output-folder lock."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from conftest import MPIRUN_ENV, mpirun, tiny_config, write_config
+
+from collafuse_hpc import checkpoint
+from collafuse_hpc.config import from_dict
+from collafuse_hpc.preemption import EXIT_REQUEUE, Preempted, StopRequest
+from collafuse_hpc.run import run_in_process
+
+
+def _losses(out):
+    with h5py.File(out / "results.h5") as f:
+        return {
+            key: {n: f[key]["rounds"][n][()] for n in ("loss_local", "loss_server") if n in f[key]["rounds"]}
+            for key in ("server", "clients/c0", "clients/c1")
+        }
+
+
+def _assert_same_losses(a, b):
+    for key in a:
+        for name in a[key]:
+            np.testing.assert_allclose(a[key][name], b[key][name], rtol=1e-5, equal_nan=True, err_msg=key + name)
+
+
+def test_stop_request_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, shards):
+    full = tiny_config(shards, tmp_path / "full", [0.2, 0.5], rounds=6, checkpoint_every=0)
+    run_in_process(from_dict(full), resume=False)
+    raw = tiny_config(shards, tmp_path / "cut", [0.2, 0.5], rounds=6, checkpoint_every=0, stop_check_every=2)
+    stop = StopRequest()
+    stop.signal_name = "SIGUSR1"  # as if the signal had arrived during round 0
+    with pytest.raises(Preempted, match="stopped by SIGUSR1 after round 2"):
+        run_in_process(from_dict(raw), resume=False, stop=stop)
+    assert checkpoint.complete_rounds(str(tmp_path / "cut")) == [2]
+    assert not (tmp_path / "cut/.lock").exists()
+    run_in_process(from_dict(raw), resume=True)
+    _assert_same_losses(_losses(tmp_path / "full"), _losses(tmp_path / "cut"))
+
+
+def test_a_live_lock_of_another_job_refuses_the_folder_and_a_dead_one_is_taken_over(tmp_path, shards):
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=1)
+    os.makedirs(tmp_path / "out")
+    lock = tmp_path / "out/.lock"
+    lock.write_text(json.dumps({"job": "other", "host": socket.gethostname(), "pid": os.getpid()}))
+    with pytest.raises(ValueError, match="is in use by job 'other'"):
+        run_in_process(from_dict(raw), resume=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"job": "other", "host": socket.gethostname(), "pid": dead.pid}))
+    run_in_process(from_dict(raw), resume=False)
+    assert not lock.exists()
+
+
+@pytest.mark.mpi
+def test_sigusr1_to_mpirun_stops_checkpoints_exits_for_requeue_and_resumes(tmp_path, shards):
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=40, log_every=1, checkpoint_every=0)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    env = {**os.environ, **MPIRUN_ENV}
+    cmd = [mpirun(), "-np", "3", sys.executable, "-m", "collafuse_hpc", "train", cfg]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = tmp_path / "out/parts/server_0.h5"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with h5py.File(part) as f:
+                if "rounds/round" in f and len(f["rounds/round"]) >= 3:
+                    break
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == EXIT_REQUEUE, err[-3000:]
+    assert time.monotonic() - t0 < 30
+    assert "stopped by SIGUSR1 after round" in err
+    (stopped,) = checkpoint.complete_rounds(str(tmp_path / "out"))
+    assert 3 <= stopped < 40
+    proc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from the checkpoint set of round {stopped}" in proc.stderr
+    with h5py.File(tmp_path / "out/results.h5") as f:
+        assert list(f["server/rounds/round"][()]) == list(range(40))
