@@ -12,7 +12,7 @@ Layout::
                           package_version, torch_version, seed, roles (YAML), created
       /server             -> parts/server_0.h5
       /clients/<id>       -> parts/client_<id>.h5
-    part file             attrs: role, rank, (client_id, t_c, cut_ratio)
+    part file             attrs: role, rank, host, pid, (client_id, t_c, cut_ratio)
       /rounds/<metric>    float64 [R], one row per logged round; attr ``unit``
                           (round: the round index; loss_*: mean squared error;
                           time_*: seconds; images_per_s: images per second)

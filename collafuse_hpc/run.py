@@ -266,10 +266,11 @@ def run_role(ctx: Context, role: Server | Client) -> dict:
     cfg, topo, rank = ctx.cfg, ctx.topo, ctx.rank
     if isinstance(role, Server):
         peers = [topo.client_rank(k) for k in role.clients]
-        attrs = {"role": "server", "rank": rank}
+        attrs = {"role": "server"}
     else:
         peers = [topo.server_of(role.index)] if role.cut.uses_server else []
-        attrs = {"role": "client", "rank": rank, "client_id": role.id, "t_c": role.cut.t_c, "cut_ratio": role.cut.ratio}
+        attrs = {"role": "client", "client_id": role.id, "t_c": role.cut.t_c, "cut_ratio": role.cut.ratio}
+    attrs.update(rank=rank, host=socket.gethostname(), pid=os.getpid())  # which process wrote this part
     try:
         _restore(ctx, role)
         results = RoleResults(_part_path(cfg, topo, rank), attrs, ctx.start_round if ctx.start_round else None)
@@ -284,8 +285,13 @@ def run_role(ctx: Context, role: Server | Client) -> dict:
     except Preempted:
         raise
     except PeerFailure as e:
+        if e.unnamed:  # a collective failed without saying who: ask the peers
+            known = (ctx.wire.probe(p, timeout_s=5.0) for p in peers)
+            text = next((t for t in known if t), None)
+            if text:
+                e = PeerFailure(text)
         ctx.wire.send_error(peers, ctx.round, str(e))
-        raise
+        raise e from None
     except Exception as e:
         text = f"{topo.describe(rank)}: {type(e).__name__}: {e}"
         ctx.wire.send_error(peers, ctx.round, text)

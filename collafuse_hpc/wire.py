@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import queue
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,12 @@ class Kind(enum.IntEnum):
 
 
 class PeerFailure(RuntimeError):
-    """A peer failed, vanished or timed out; the message names it."""
+    """A peer failed, vanished or timed out; the message names it when it can be
+    known (``unnamed`` is True after a failed collective, which does not say who)."""
+
+    def __init__(self, text: str, unnamed: bool = False):
+        super().__init__(text)
+        self.unnamed = unnamed
 
 
 @dataclass
@@ -98,6 +104,12 @@ class Wire:
         """True when any rank passes True: one small collective over all ranks (bounded)."""
         raise NotImplementedError
 
+    def probe(self, src: int, timeout_s: float) -> str | None:
+        """After a failed collective, learn what happened to peer ``src``: the text of
+        an ERROR it sent, a note that its connection is closed, or None (no news
+        within ``timeout_s``)."""
+        raise NotImplementedError
+
     def send_error(self, peers: list[int], round_: int, text: str) -> None:
         """Best effort: tell ``peers`` that this rank failed, waiting at most a few seconds."""
         for p in peers:
@@ -139,7 +151,7 @@ class DistWire(Wire):
         self.timeout = timedelta(seconds=timeout_s)
         self.nccl_group, self.server_group = nccl_group, server_group
         self.nccl_ranks = set(dist.get_process_group_ranks(nccl_group)) if nccl_group else set()
-        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._pending: list[tuple[dist.Work, torch.Tensor, int]] = []
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -158,23 +170,23 @@ class DistWire(Wire):
         tensors = [header] + [t.contiguous() for t in (payload, msg.labels) if t is not None]
         for t in tensors:
             t = t.to(self.device) if group is not None else t.cpu()
-            self._pending.append((dist.isend(t, dst, group=group), t))
+            self._pending.append((dist.isend(t, dst, group=group), t, dst))
         self.bytes_sent += msg.nbytes
 
     def flush(self, timeout_s: float | None = None) -> None:
         pending, self._pending = self._pending, []
-        for work, _ in pending:
-            self._wait(work, None, "a send to complete", timeout_s)
+        for work, _, dst in pending:
+            self._wait(work, dst, "a send to complete", timeout_s, "to")
 
-    def _wait(self, work: dist.Work, peer: int | None, what: str, timeout_s: float | None = None) -> None:
+    def _wait(self, work: dist.Work, peer: int, what: str, timeout_s: float | None = None, way: str = "from") -> None:
+        bound = self.timeout if timeout_s is None else timedelta(seconds=timeout_s)
         try:
-            work.wait(self.timeout if timeout_s is None else timedelta(seconds=timeout_s))
+            work.wait(bound)
         except RuntimeError as e:
-            who = self.describe(peer) if peer is not None else "a peer"
             reason = "timed out" if "imed out" in str(e) else "lost the connection"
             raise PeerFailure(
-                f"{self.describe(self.rank)} {reason} waiting for {what} from {who} "
-                f"(bound {self.timeout.total_seconds():.0f} s): {str(e).splitlines()[0][:200]}"
+                f"{self.describe(self.rank)} {reason} waiting for {what} {way} {self.describe(peer)} "
+                f"(bound {bound.total_seconds():.0f} s): {str(e).splitlines()[0][:200]}"
             ) from None
 
     def _recv_tensor(self, t: torch.Tensor, src: int, what: str) -> torch.Tensor:
@@ -204,7 +216,14 @@ class DistWire(Wire):
         try:
             dist.monitored_barrier(timeout=self.timeout, wait_all_ranks=True)
         except RuntimeError as e:
-            raise PeerFailure(f"{self.describe(self.rank)}: barrier failed: {str(e)[:300]}") from None
+            found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
+            missing = [int(r) for r in found.group(1).replace(",", " ").split()] if found else []
+            if missing:
+                raise PeerFailure(
+                    f"{self.describe(self.rank)}: {', '.join(map(self.describe, missing))} did not reach the "
+                    f"barrier within {self.timeout.total_seconds():.0f} s (dead or stuck)"
+                ) from None
+            raise PeerFailure(f"{self.describe(self.rank)}: barrier failed: {str(e)[:300]}", unnamed=True) from None
 
     def allreduce_servers(self, tensor: torch.Tensor) -> None:
         on_gloo = dist.get_backend(self.server_group) == "gloo"
@@ -212,9 +231,10 @@ class DistWire(Wire):
         try:
             dist.all_reduce(buf, group=self.server_group)
         except RuntimeError as e:
+            others = [r for r in dist.get_process_group_ranks(self.server_group) if r != self.rank]
             raise PeerFailure(
-                f"{self.describe(self.rank)} lost a server replica during the gradient all-reduce: "
-                f"{str(e).splitlines()[0][:200]}"
+                f"{self.describe(self.rank)} lost a server replica ({', '.join(map(self.describe, others))}) "
+                f"during the gradient all-reduce: {str(e).splitlines()[0][:200]}"
             ) from None
         if buf is not tensor:
             tensor.copy_(buf)
@@ -225,9 +245,25 @@ class DistWire(Wire):
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         except RuntimeError as e:
             raise PeerFailure(
-                f"{self.describe(self.rank)} lost a rank at the round boundary: {str(e).splitlines()[0][:200]}"
+                f"{self.describe(self.rank)} lost a rank at the round boundary: {str(e).splitlines()[0][:200]}",
+                unnamed=True,
             ) from None
         return bool(t.item())
+
+    def probe(self, src: int, timeout_s: float) -> str | None:
+        header = torch.empty(HEADER_LEN, dtype=torch.int64)
+        try:
+            dist.irecv(header, src).wait(timedelta(seconds=timeout_s))
+            magic, k, _, count, *_ = header.tolist()
+            if magic != MAGIC or k != Kind.ERROR:
+                return None
+            text = torch.empty(count, dtype=torch.uint8)
+            dist.irecv(text, src).wait(timedelta(seconds=timeout_s))
+        except RuntimeError as e:
+            if "imed out" in str(e):
+                return None
+            return f"{self.describe(src)} is gone (its connection closed): {str(e).splitlines()[0][:160]}"
+        return bytes(text.tolist()).decode(errors="replace")
 
 
 class LocalWire(Wire):
@@ -274,6 +310,13 @@ class LocalWire(Wire):
         t = torch.tensor([int(flag)])
         self.hub.world_max(t, "stop agreement")
         return bool(t.item())
+
+    def probe(self, src: int, timeout_s: float) -> str | None:
+        try:
+            msg = self.hub.queue(src, self.rank).get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        return bytes(msg.payload.tolist()).decode(errors="replace") if msg.kind == Kind.ERROR else None
 
 
 class _Reduction:

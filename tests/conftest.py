@@ -80,3 +80,51 @@ def run_mpi(np_: int, args: list[str], timeout: float = 240) -> subprocess.Compl
     env = {**os.environ, **MPIRUN_ENV}
     cmd = [mpirun(), "-np", str(np_), sys.executable, "-m", "collafuse_hpc", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def spawn_ranks(n: int, args: list[str], logs: Path) -> list[subprocess.Popen]:
+    """Start n ranks as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT), with no
+    launcher that cleans up after a failure; stderr of rank r goes to logs/rank<r>.err."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(n):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(n),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(n),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        with open(logs / f"rank{rank}.err", "w") as err:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "collafuse_hpc", *args], env=env, stdout=subprocess.DEVNULL, stderr=err
+                )
+            )
+    return procs
+
+
+def wait_for_rounds(part: Path, rounds: int, timeout: float = 90) -> int:
+    """Wait until a part file has logged ``rounds`` rounds; returns the pid that wrote it."""
+    import time
+
+    import h5py
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with h5py.File(part) as f:
+                if "rounds/round" in f and len(f["rounds/round"]) >= rounds:
+                    return int(f.attrs["pid"])
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{part} did not reach {rounds} rounds in {timeout} s")

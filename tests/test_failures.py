@@ -1,0 +1,83 @@
+"""kill -9 of a rank mid-run: every other rank exits non-zero within the bound,
+naming the dead rank, and a restart resumes from the last checkpoint set."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import pytest
+from conftest import MPIRUN_ENV, mpirun, spawn_ranks, tiny_config, wait_for_rounds, write_config
+
+from collafuse_hpc import checkpoint
+
+pytestmark = pytest.mark.mpi
+ROUNDS = 40
+
+
+@pytest.mark.parametrize(
+    "victim,servers,cuts,named,peers",
+    [
+        (1, 1, [0.2, 0.5], "rank 1 (client 'c0')", [0, 2]),  # c1 hears it from the server
+        (0, 1, [0.2, 0.5], "rank 0 (server 0)", [1, 2]),
+        (1, 2, [0.2, 0.4, 0.2, 0.6], "rank 1 (server 1)", [0, 3, 5]),  # its replica and its clients
+    ],
+    ids=["client", "server", "second-server"],
+)
+def test_kill_9_without_a_launcher_that_cleans_up(tmp_path, shards, victim, servers, cuts, named, peers):
+    """Ranks that talk to the dead one name it; the others name the rank whose exit
+    they saw (a cascade); nobody waits for the timeout."""
+    raw = tiny_config(shards, tmp_path / "out", cuts, rounds=ROUNDS, log_every=1, checkpoint_every=2)
+    raw["server"]["count"] = servers
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    n = servers + len(cuts)
+    procs = spawn_ranks(n, ["train", cfg], tmp_path / "logs")
+    part = "server_1.h5" if victim == 1 and servers == 2 else ("server_0.h5" if victim == 0 else "client_c0.h5")
+    pid = wait_for_rounds(tmp_path / "out/parts" / part, 4)
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    for p in procs:
+        p.wait(timeout=90)
+    elapsed = time.monotonic() - t0
+    codes = [p.returncode for p in procs]
+    assert codes[victim] == -signal.SIGKILL
+    assert all(c == 1 for r, c in enumerate(codes) if r != victim), codes
+    assert elapsed < raw["run"]["timeout_s"], elapsed
+    for rank in range(n):
+        if rank != victim:
+            text = (tmp_path / "logs" / f"rank{rank}.err").read_text()
+            (error,) = [line for line in text.splitlines() if line.startswith("collafuse-hpc: error:")]
+            assert named in error if rank in peers else re.search(r"rank \d \((server \d|client 'c\d')\)", error), (
+                rank,
+                error,
+            )
+    print(f"\nkill -9 {named}: all {n - 1} other ranks exited non-zero {elapsed:.2f} s later")
+
+    last = checkpoint.complete_rounds(str(tmp_path / "out"))[-1]
+    procs = spawn_ranks(n, ["train", cfg, "--resume"], tmp_path / "logs2")
+    assert [p.wait(timeout=240) for p in procs] == [0] * n
+    assert f"resuming from the checkpoint set of round {last}" in (tmp_path / "logs2/rank0.err").read_text()
+    with h5py.File(tmp_path / "out/results.h5") as f:
+        assert list(f["server/rounds/round"][()]) == list(range(ROUNDS))
+
+
+def test_kill_9_of_a_client_under_mpirun_ends_the_job_and_a_restart_resumes(tmp_path, shards):
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=ROUNDS, log_every=1, checkpoint_every=2)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    env = {**os.environ, **MPIRUN_ENV}
+    cmd = [mpirun(), "-np", "3", sys.executable, "-m", "collafuse_hpc", "train", cfg]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.kill(wait_for_rounds(tmp_path / "out/parts/client_c1.h5", 4), signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 30
+    print(
+        f"\nkill -9 of client c1 under mpirun: job ended (exit {proc.returncode}) {time.monotonic() - t0:.2f} s later"
+    )
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with h5py.File(tmp_path / "out/results.h5") as f:
+        assert list(f["clients/c1/rounds/round"][()]) == list(range(ROUNDS))
