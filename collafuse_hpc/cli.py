@@ -79,8 +79,8 @@ def _setup_logging() -> None:
     )
 
 
-def _die(code: int, text: str, hard: bool) -> int:
-    print(f"collafuse-hpc: error: {text}", file=sys.stderr, flush=True)
+def _die(code: int, text: str, hard: bool, label: str = "error") -> int:
+    print(f"collafuse-hpc: {label}: {text}", file=sys.stderr, flush=True)
     if hard:  # skip MPI finalize and process-group teardown that could wait on a dead peer
         sys.stdout.flush()
         os._exit(code)
@@ -150,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_in_process(cfg, resume, stop)
     except Preempted as e:
-        return _die(EXIT_REQUEUE, str(e), hard=distributed)
+        return _die(EXIT_REQUEUE, str(e), hard=distributed, label="stopped")
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=distributed)
     except Exception as e:  # noqa: BLE001 - one clear line per failed rank, then exit non-zero
         return _die(1, str(e) if str(e) else type(e).__name__, hard=distributed)
+    if distributed:  # skip interpreter teardown of the process groups and MPI (see run_distributed)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -175,29 +175,39 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 
 
 def apply_override(raw: dict, assignment: str) -> None:
-    """Apply ``a.b.0.c=value`` to the raw YAML tree; the value is parsed as YAML."""
+    """Apply ``a.b.0.c=value`` to the raw YAML tree; the value is parsed as YAML.
+
+    ``*`` as a list index applies to every item (``clients.*.cut_ratio=0.4``).
+    """
     if "=" not in assignment:
         raise ValueError(f"override {assignment!r} must look like key.path=value")
     path, text = assignment.split("=", 1)
-    keys = path.strip().split(".")
-    node: Any = raw
-    for i, k in enumerate(keys[:-1]):
-        if isinstance(node, list):
-            if not k.isdigit() or int(k) >= len(node):
-                raise ValueError(f"override '{path}': no list item {k} at '{'.'.join(keys[:i])}'")
-            node = node[int(k)]
-        else:
-            node = node.setdefault(k, {})
-    last = keys[-1]
-    value = yaml.safe_load(text)
+    _assign(raw, path.strip().split("."), yaml.safe_load(text), path.strip())
+
+
+def _assign(node: Any, keys: list[str], value: Any, path: str) -> None:
+    key, rest = keys[0], keys[1:]
     if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ValueError(f"override '{path}': no list item {last}")
-        node[int(last)] = value
+        if key == "*":
+            if rest:
+                for item in node:
+                    _assign(item, rest, value, path)
+            else:
+                node[:] = [value] * len(node)
+            return
+        if not key.isdigit() or int(key) >= len(node):
+            raise ValueError(f"override '{path}': no list item {key} (the list has {len(node)})")
+        if rest:
+            _assign(node[int(key)], rest, value, path)
+        else:
+            node[int(key)] = value
     elif isinstance(node, dict):
-        node[last] = value
+        if rest:
+            _assign(node.setdefault(key, {}), rest, value, path)
+        else:
+            node[key] = value
     else:
-        raise ValueError(f"override '{path}': '{'.'.join(keys[:-1])}' is not a section")
+        raise ValueError(f"override '{path}': '{key}' is inside a value, not a section")
 
 
 def cut_step(client: ClientConfig, timesteps: int) -> int:

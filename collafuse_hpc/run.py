@@ -363,7 +363,11 @@ def _job_key(launch: Launch) -> str:
 
 def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) -> None:
     """One rank of a launched job (mpirun, srun or torchrun). Raises on failure,
-    Preempted after an agreed stop."""
+    Preempted after an agreed stop.
+
+    The process groups stay initialized; the command line ends the process
+    right after (tearing gloo down while peers exit can abort in C++).
+    """
     launch = discover()
     topo = Topology.from_config(cfg, launch.world_size)
     start_round = preflight(cfg, resume)
@@ -401,7 +405,6 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
     finally:
         if lock is not None:
             lock.release()
-    torch.distributed.destroy_process_group()
 
 
 def run_in_process(cfg: Config, resume: bool, stop: StopRequest | None = None) -> dict[int, dict]:

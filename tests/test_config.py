@@ -76,3 +76,8 @@ def test_world_size_must_match_roles(cfg_file):
 def test_shipped_configs_are_valid(name):
     cfg = load(str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"), check_files=False)
     assert Topology.from_config(cfg).world_size == 1 + len(cfg.clients)
+
+
+def test_star_override_sets_every_client(cfg_file):
+    cfg = load(cfg_file(), ["clients.*.cut_ratio=0.6", "clients.*.batch_size=3"])
+    assert [c.cut_ratio for c in cfg.clients] == [0.6, 0.6] and [c.batch_size for c in cfg.clients] == [3, 3]

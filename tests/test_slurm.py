@@ -1,0 +1,139 @@
+"""The project's own jobs/ scripts submitted with sbatch to a real SLURM
+(tests/slurm/start_cluster.sh starts a two-node one on this host; CI does)."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+from conftest import tiny_config, wait_for_rounds, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_NODES = ["--partition=ci", "--gres=none", "--cpus-per-task=1"]  # override the GPU cluster lines
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm():
+    ok = shutil.which("sbatch") and subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    if not ok:
+        reason = "no running SLURM (start one with: bash tests/slurm/start_cluster.sh DIR; export SLURM_CONF=...)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def _run(*args: str) -> str:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def _job(jid: str) -> dict[str, str]:
+    out = _run("scontrol", "show", "job", "-o", jid)
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def _wait(jid: str, states: set[str], timeout: float = 240) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = _job(jid)
+        if info["JobState"] in states:
+            return info
+        time.sleep(1)
+    raise AssertionError(f"job {jid} still {info['JobState']} after {timeout} s (wanted {states}): {info}")
+
+
+def _config(tmp_path, shards, rounds, **run):
+    raw = tiny_config(shards, tmp_path / "unused", [0.2, 0.5], rounds=rounds, **run)
+    return write_config(tmp_path / "run.yaml", raw)
+
+
+def test_two_node_train_job(tmp_path, shards):
+    cfg = _config(tmp_path, shards, rounds=6)
+    out = tmp_path / "out"
+    jid = _run(
+        "sbatch",
+        "--parsable",
+        *CI_NODES,
+        "--nodes=2",
+        "--ntasks=3",
+        "--ntasks-per-node=2",
+        f"--output={tmp_path}/job.out",
+        f"--export=ALL,OUTPUT_DIR={out}",
+        "jobs/train.sbatch",
+        cfg,
+    ).strip()
+    info = _wait(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert info["NodeList"] == "node[1-2]" and "launch: slurm, 3 ranks" in log
+    with h5py.File(out / "results.h5") as f:
+        assert list(f["server/rounds/round"][()]) == list(range(6))
+
+
+def test_sweep_job_array_and_dependent_report(tmp_path, shards):
+    cfg = _config(tmp_path, shards, rounds=3)
+    env = {**os.environ, "CUTS": "0.2 0.6 1.0"}
+    text = subprocess.run(
+        ["bash", "jobs/sweep.sh", cfg, *CI_NODES, "--nodes=1", "--ntasks=3", "--ntasks-per-node=3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    array, report = re.search(r"array job (\d+) .* report job (\d+)", text).groups()
+    try:
+        info = _wait(report, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+        sweep = ROOT / "runs" / f"sweep-{array}"
+        assert info["JobState"] == "COMPLETED", (sweep / "report.out").read_text()[-2000:]
+        for task in range(3):
+            assert _job(f"{array}_{task}")["JobState"] == "COMPLETED"
+        summary = (sweep / "report.out").read_text()
+        for c, t_c in (("0.2", 4), ("0.6", 12), ("1.0", 20)):
+            assert f"c{c}/results.h5" in summary
+            with h5py.File(sweep / f"c{c}/results.h5") as f:
+                assert f["clients/c1"].attrs["t_c"] == t_c
+    finally:
+        shutil.rmtree(ROOT / "runs" / f"sweep-{array}", ignore_errors=True)
+        for log in (ROOT / "runs").glob(f"slurm-{array}_*.out"):
+            log.unlink()
+
+
+def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(tmp_path, shards):
+    rounds = 200
+    cfg = _config(tmp_path, shards, rounds=rounds, log_every=1, checkpoint_every=0)
+    out = tmp_path / "out"
+    jid = _run(
+        "sbatch",
+        "--parsable",
+        *CI_NODES,
+        "--nodes=2",
+        "--ntasks=3",
+        "--ntasks-per-node=2",
+        f"--output={tmp_path}/job.out",
+        f"--export=ALL,OUTPUT_DIR={out}",
+        "jobs/train.sbatch",
+        cfg,
+    ).strip()
+    _wait(jid, {"RUNNING"}, timeout=60)
+    wait_for_rounds(out / "parts/server_0.h5", 5)
+    _run("scancel", "--batch", "--signal=USR1", jid)  # what --signal=B:USR1@120 does before the time limit
+    deadline = time.monotonic() + 120
+    while _job(jid).get("Restarts") != "1" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _job(jid)["Restarts"] == "1", (tmp_path / "job.out").read_text()[-3000:]
+    _run("scontrol", "update", f"JobId={jid}", "StartTime=now")  # skip SLURM's requeue hold-off
+    info = _wait(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    stopped = int(re.search(r"stopped by SIGUSR1 after round (\d+)", log).group(1))
+    assert 5 <= stopped < rounds and "requeueing job" in log
+    assert f"resuming from the checkpoint set of round {stopped}" in log
+    with h5py.File(out / "results.h5") as f:
+        assert list(f["server/rounds/round"][()]) == list(range(rounds))
