@@ -137,3 +137,37 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(tmp_path, shard
     assert f"resuming from the checkpoint set of round {stopped}" in log
     with h5py.File(out / "results.h5") as f:
         assert list(f["server/rounds/round"][()]) == list(range(rounds))
+
+
+def test_heterogeneous_job_server_component_and_client_component(tmp_path, shards):
+    """jobs/hetero.sbatch: 1 server task (component 0) + 5 client tasks (component 1)."""
+    raw = tiny_config([shards[k % 4] for k in range(5)], tmp_path / "unused", [0.2, 0.4, 0.6, 0.8, 1.0], rounds=3)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    out = tmp_path / "out"
+    env = {**os.environ, "SBATCH_PARTITION": "ci", "SBATCH_GRES": "none"}  # both components
+    jid = (
+        subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                f"--output={tmp_path}/job.out",
+                f"--export=ALL,OUTPUT_DIR={out}",
+                "jobs/hetero.sbatch",
+                cfg,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        .stdout.strip()
+        .split("+")[0]
+    )
+    info = _wait(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "launch: slurm, 6 ranks (1 servers, 5 clients)" in log
+    with h5py.File(out / "results.h5") as f:
+        assert f["server"].attrs["rank"] == 0 and f["clients/c4"].attrs["rank"] == 5

@@ -49,8 +49,8 @@ KillWait=30
 SchedulerType=sched/backfill
 InactiveLimit=0
 MinJobAge=600
-NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=16818 CPUs=8 RealMemory=4000 State=UNKNOWN
-NodeName=node2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=16819 CPUs=8 RealMemory=4000 State=UNKNOWN
+NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=16818 CPUs=16 RealMemory=4000 State=UNKNOWN
+NodeName=node2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=16819 CPUs=16 RealMemory=4000 State=UNKNOWN
 PartitionName=ci Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
 export SLURM_CONF="$dir/slurm.conf"

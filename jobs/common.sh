@@ -1,0 +1,42 @@
+# Shared by the SLURM job scripts (sourced from $SLURM_SUBMIT_DIR/jobs/common.sh).
+#
+# collafuse_run CONFIG [ARGS...] runs one training job step with srun:
+#   - environment: NCCL/gloo interfaces, threads per task from --cpus-per-task;
+#   - output folder $OUTPUT_DIR (default runs/<job name>-<job id>); a requeued
+#     job finds its results there and continues with --resume;
+#   - USR1 (from --signal=B:USR1@120) is forwarded to every rank, which stop at
+#     the next round boundary with a checkpoint set and exit 75; the job is then
+#     requeued with scontrol.
+# SRUN_ARGS (an array, optional) adds options to srun, e.g. (--het-group=0,1).
+
+# The rendezvous store is unauthenticated: keep it on the cluster's internal
+# network (set the interfaces when the default route is not internal).
+export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-^lo,docker}
+[ -n "${GLOO_SOCKET_IFNAME:-}" ] || unset GLOO_SOCKET_IFNAME
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+VENV=${VENV:-.venv}
+
+collafuse_run() {
+  local config=$1
+  shift
+  local out=${OUTPUT_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
+  local resume=()
+  [ -f "$out/results.h5" ] && resume=(--resume)
+  echo "collafuse: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST -> $out"
+  srun --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" "$VENV/bin/python" -m collafuse_hpc train "$config" \
+    --set "run.output_dir=$out" "${resume[@]}" "$@" &
+  local step=$!
+  trap 'echo "collafuse: USR1, ranks stop at the next round boundary"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+  local rc=0
+  wait "$step" || rc=$?
+  while kill -0 "$step" 2>/dev/null; do  # wait returns early when the trap runs
+    rc=0
+    wait "$step" || rc=$?
+  done
+  if [ "$rc" -eq 75 ]; then
+    echo "collafuse: checkpoint written, requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  return "$rc"
+}
