@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         return _die(2, str(e), hard=distributed)
     except Exception as e:  # noqa: BLE001 - one clear line per failed rank, then exit non-zero
         return _die(1, str(e) if str(e) else type(e).__name__, hard=distributed)
-    if distributed:  # skip interpreter teardown of the process groups and MPI (see run_distributed)
+    if distributed:  # skip interpreter teardown of the process groups (see run_distributed)
+        if "mpi4py.MPI" in sys.modules:  # mpirun counts a rank without MPI_Finalize as failed
+            sys.modules["mpi4py.MPI"].Finalize()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

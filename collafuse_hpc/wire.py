@@ -126,7 +126,7 @@ class Wire:
         """Turn ERROR or an unexpected message from ``src`` into PeerFailure."""
         if msg.kind == Kind.ERROR:
             text = bytes(msg.payload.cpu().tolist()).decode(errors="replace")
-            raise PeerFailure(f"{self.describe(src)} failed: {text}")
+            raise PeerFailure(text if text.startswith("rank ") else f"{self.describe(src)} failed: {text}")
         if msg.kind != kind or msg.round != round_:
             raise PeerFailure(
                 f"protocol error: {self.describe(self.rank)} expected {kind.name} of round "
@@ -170,7 +170,13 @@ class DistWire(Wire):
         tensors = [header] + [t.contiguous() for t in (payload, msg.labels) if t is not None]
         for t in tensors:
             t = t.to(self.device) if group is not None else t.cpu()
-            self._pending.append((dist.isend(t, dst, group=group), t, dst))
+            try:
+                self._pending.append((dist.isend(t, dst, group=group), t, dst))
+            except RuntimeError as e:
+                raise PeerFailure(
+                    f"{self.describe(self.rank)} lost the connection sending {msg.kind.name} to "
+                    f"{self.describe(dst)}: {str(e).splitlines()[0][:200]}"
+                ) from None
         self.bytes_sent += msg.nbytes
 
     def flush(self, timeout_s: float | None = None) -> None:

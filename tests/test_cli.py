@@ -62,3 +62,13 @@ def test_sample_without_checkpoint_is_a_clear_error(tmp_path, shards, capsys):
     cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.2]))
     assert main(["sample", cfg, "--in-process"]) == 2
     assert "no complete checkpoint set" in capsys.readouterr().err
+
+
+def test_unreachable_rendezvous_names_the_address(tmp_path, shards):
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.2], timeout_s=3))
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "collafuse_hpc", "train", cfg], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    assert "could not reach the rendezvous at 127.0.0.1:9 (torchrun) within 3 s" in proc.stderr
