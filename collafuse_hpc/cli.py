@@ -143,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=False)
     distributed = not args.in_process
-    stop = StopRequest().install()
     try:
-        if distributed:
-            run_distributed(cfg, resume, stop)
-        else:
-            run_in_process(cfg, resume, stop)
+        with StopRequest() as stop:
+            if distributed:
+                run_distributed(cfg, resume, stop)
+            else:
+                run_in_process(cfg, resume, stop)
     except Preempted as e:
         return _die(EXIT_REQUEUE, str(e), hard=distributed, label="stopped")
     except (ValueError, TypeError) as e:

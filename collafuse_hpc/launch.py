@@ -140,7 +140,13 @@ def resolve_device(choice: str, launch: Launch) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError(f"rank {launch.rank}: device 'cuda' requested but CUDA is not available")
-    device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+    gpus = torch.cuda.device_count()
+    if launch.local_rank >= gpus:
+        raise ValueError(
+            f"rank {launch.rank} is local rank {launch.local_rank} on a node with {gpus} GPU(s): start at most "
+            f"{gpus} GPU ranks per node (--ntasks-per-node, --gres) or set this role's device to cpu"
+        )
+    device = torch.device("cuda", launch.local_rank)
     torch.cuda.set_device(device)
     return device
 

@@ -26,21 +26,30 @@ class Preempted(Exception):
         self.round = round_
 
 
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
 class StopRequest:
-    """A flag set by SIGUSR1/SIGTERM (install from the main thread)."""
+    """A flag set by SIGUSR1/SIGTERM while used as a context manager (main thread
+    only); the previous handlers come back on exit."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
 
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
 
-    def install(self) -> StopRequest:
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
-                signal.signal(sig, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         self.signal_name = signal.Signals(signum).name

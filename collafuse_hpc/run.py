@@ -123,8 +123,33 @@ def _add_times(totals: dict, row: dict) -> None:
 
 
 def _restore(ctx: Context, role: Server | Client) -> None:
-    if ctx.start_round:
-        role.load_state_dict(checkpoint.load_rank(ctx.output_dir, ctx.start_round, ctx.rank)["state"])
+    """Load the newest checkpoint set every rank can read (a truncated or foreign
+    file falls back to the previous set) and set ``ctx.start_round`` to it."""
+    if not ctx.start_round:
+        return
+    state, mine = None, 0
+    for r in reversed([r for r in checkpoint.complete_rounds(ctx.output_dir) if r <= ctx.start_round]):
+        try:
+            state, mine = checkpoint.load_rank(ctx.output_dir, r, ctx.rank)["state"], r
+            break
+        except ValueError as e:
+            log.warning("%s; trying the previous checkpoint set", e)
+    agreed = -ctx.wire.max_over_ranks(-mine)  # the newest set that loads on every rank
+    if agreed != mine:
+        state = checkpoint.load_rank(ctx.output_dir, agreed, ctx.rank)["state"] if agreed else None
+    if state is not None:
+        try:
+            role.load_state_dict(state)
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(
+                f"the checkpoint set of round {agreed} in {ctx.output_dir!r} does not fit this config "
+                f"(model sizes or clients changed?): {str(e).splitlines()[0][:300]}"
+            ) from None
+    ctx.start_round = agreed
+    if ctx.rank == 0 and agreed:
+        log.info("resuming from the checkpoint set of round %d", agreed)
+    elif ctx.rank == 0:
+        log.warning("no readable checkpoint set: starting again from round 0")
 
 
 def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
@@ -346,14 +371,12 @@ def _log_losses(cfg: Config, topo: Topology) -> None:
             log.info("%s: mean of the last %d rounds: %s", key, cfg.run.log_every, ", ".join(parts) or "no loss")
 
 
-def _start(cfg: Config, topo: Topology, start_round: int) -> None:
-    """Rank 0 at the start: results.h5 (once) and the resume report."""
+def _start(cfg: Config, topo: Topology) -> None:
+    """Rank 0 at the start: write results.h5 (once per output folder)."""
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     index = os.path.join(cfg.run.output_dir, "results.h5")
     if not os.path.exists(index):
         create_index(index, dump(cfg), cfg.run.seed, _index_roles(cfg, topo))
-    if start_round:
-        log.info("resuming from the checkpoint set of round %d", start_round)
 
 
 def _job_key(launch: Launch) -> str:
@@ -393,7 +416,7 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
     lock = RunLock(cfg.run.output_dir, _job_key(launch)) if rank == 0 else None
     try:
         if rank == 0:
-            _start(cfg, topo, start_round)
+            _start(cfg, topo)
         wire.barrier()
         ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop or StopRequest())
         summary = run_role(ctx, build_role(cfg, topo, rank, device, wire))
@@ -425,7 +448,7 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
     single = discover({})
     hub = LocalHub(topo.world_size, topo.num_servers, cfg.run.timeout_s)
     t0 = time.perf_counter()
-    _start(cfg, topo, start_round)
+    _start(cfg, topo)
     wires = [LocalWire(rank, topo.describe, hub) for rank in range(topo.world_size)]
     roles = []
     for rank in range(topo.world_size):

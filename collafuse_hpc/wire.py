@@ -100,9 +100,13 @@ class Wire:
         """Sum ``tensor`` in place over the server ranks (servers only, all of them)."""
         raise NotImplementedError
 
-    def any_rank(self, flag: bool) -> bool:
-        """True when any rank passes True: one small collective over all ranks (bounded)."""
+    def max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` over all ranks: one small collective (bounded)."""
         raise NotImplementedError
+
+    def any_rank(self, flag: bool) -> bool:
+        """True when any rank passes True."""
+        return self.max_over_ranks(int(flag)) > 0
 
     def probe(self, src: int, timeout_s: float) -> str | None:
         """After a failed collective, learn what happened to peer ``src``: the text of
@@ -245,16 +249,16 @@ class DistWire(Wire):
         if buf is not tensor:
             tensor.copy_(buf)
 
-    def any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([int(flag)])
+    def max_over_ranks(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64)
         try:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         except RuntimeError as e:
             raise PeerFailure(
-                f"{self.describe(self.rank)} lost a rank at the round boundary: {str(e).splitlines()[0][:200]}",
+                f"{self.describe(self.rank)} lost a rank during an all-ranks agreement: {str(e).splitlines()[0][:200]}",
                 unnamed=True,
             ) from None
-        return bool(t.item())
+        return int(t.item())
 
     def probe(self, src: int, timeout_s: float) -> str | None:
         header = torch.empty(HEADER_LEN, dtype=torch.int64)
@@ -312,10 +316,10 @@ class LocalWire(Wire):
     def allreduce_servers(self, tensor: torch.Tensor) -> None:
         self.hub.server_sum(tensor, "gradient all-reduce")
 
-    def any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([int(flag)])
-        self.hub.world_max(t, "stop agreement")
-        return bool(t.item())
+    def max_over_ranks(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64)
+        self.hub.world_max(t, "all-ranks agreement")
+        return int(t.item())
 
     def probe(self, src: int, timeout_s: float) -> str | None:
         try:

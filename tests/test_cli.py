@@ -2,6 +2,7 @@
 
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,9 @@ def test_launch_without_enough_ranks_says_how_to_launch(tmp_path, shards):
 def test_train_then_sample_again_then_summarize(tmp_path, shards):
     raw = tiny_config(shards, tmp_path / "out", [0.3, 1.0], rounds=2)
     cfg = write_config(tmp_path / "run.yaml", raw)
+    before = signal.getsignal(signal.SIGTERM)
     assert main(["train", cfg, "--in-process"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before  # the stop handlers are put back
     with h5py.File(tmp_path / "out/results.h5") as f:
         first = f["clients/c0/samples/images"][()]
     assert main(["sample", cfg, "--in-process", "--set", "run.seed=1"]) == 0

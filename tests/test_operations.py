@@ -1,6 +1,7 @@
 """Preemption (stop at a round boundary, checkpoint, resume) and the output-folder lock."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -91,3 +92,31 @@ def test_sigusr1_to_mpirun_stops_checkpoints_exits_for_requeue_and_resumes(tmp_p
     assert f"resuming from the checkpoint set of round {stopped}" in proc.stderr
     with h5py.File(tmp_path / "out/results.h5") as f:
         assert list(f["server/rounds/round"][()]) == list(range(40))
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_set(tmp_path, shards, caplog):
+    caplog.set_level(logging.INFO, logger="collafuse_hpc")
+    full = tiny_config(shards, tmp_path / "full", [0.2, 0.5], rounds=6, checkpoint_every=0)
+    run_in_process(from_dict(full), resume=False)
+    raw = tiny_config(shards, tmp_path / "cut", [0.2, 0.5], rounds=4, checkpoint_every=2, keep_checkpoints=3)
+    run_in_process(from_dict(raw), resume=False)
+    assert checkpoint.complete_rounds(str(tmp_path / "cut")) == [2, 4]
+    victim = tmp_path / "cut/checkpoints/round_00000004/rank1.pt"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated, as by a full disk
+    raw["run"]["rounds"] = 6
+    run_in_process(from_dict(raw), resume=True)
+    assert "rank1.pt' cannot be read" in caplog.text and "trying the previous checkpoint set" in caplog.text
+    assert "resuming from the checkpoint set of round 2" in caplog.text
+    _assert_same_losses(_losses(tmp_path / "full"), _losses(tmp_path / "cut"))
+
+
+def test_gpu_ranks_beyond_the_node_gpus_are_refused(monkeypatch):
+    from collafuse_hpc.launch import Launch, resolve_device
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    launch = Launch(
+        rank=3, world_size=4, local_rank=1, local_world_size=2, master_addr="x", master_port=1, source="slurm"
+    )
+    with pytest.raises(ValueError, match="rank 3 is local rank 1 on a node with 1 GPU"):
+        resolve_device("cuda", launch)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import multiprocessing.pool
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -73,6 +75,13 @@ def _finish(img: Image.Image, recipe: Recipe, box: np.ndarray | None) -> np.ndar
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
 
 
+def _worker_init() -> None:
+    """Pool workers take default signal handling (a parent may have installed its
+    own SIGTERM handler, which would make Pool.terminate wait forever)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def decode_file(job: tuple[int, str, np.ndarray | None, Recipe]) -> tuple[int, np.ndarray | None, str]:
     """Worker: (index, path, box, recipe) -> (index, uint8 [C, S, S] or None, error text)."""
     i, path, box, recipe = job
@@ -121,8 +130,21 @@ def decode(
     path = _cache_path(out, catalog, recipe)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     workers = workers or os.cpu_count() or 1
+    pool = mp.get_context("fork").Pool(workers, initializer=_worker_init)  # fork before opening the cache
+    try:
+        images, ok = _decode_into_cache(catalog, needed, recipe, path, pool, strict)
+    finally:
+        pool.terminate()
+        pool.join()
+    return images, ok
+
+
+def _decode_into_cache(
+    catalog: Catalog, needed: np.ndarray, recipe: Recipe, path: str, pool: mp.pool.Pool, strict: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    shape = (recipe.channels, recipe.size, recipe.size)
     errors: list[str] = []
-    with mp.get_context("fork").Pool(workers) as pool, h5py.File(path, "a") as cache:  # fork before opening
+    with h5py.File(path, "a") as cache:
         if "state" not in cache:
             cache.create_dataset("images", (len(catalog), *shape), np.uint8, chunks=(1, *shape))
             cache.create_dataset("state", data=np.zeros(len(catalog), np.int8))
