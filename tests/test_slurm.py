@@ -52,10 +52,12 @@ def _config(tmp_path, shards, rounds, **run):
     return write_config(tmp_path / "run.yaml", raw)
 
 
-def test_two_node_train_job(tmp_path, shards):
-    cfg = _config(tmp_path, shards, rounds=6)
-    out = tmp_path / "out"
-    jid = _run(
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+
+def _submit_train(tmp_path: Path, cfg: str, out: Path) -> str:
+    """jobs/train.sbatch on both nodes (1 server + 2 clients); returns the job id."""
+    return _run(
         "sbatch",
         "--parsable",
         *CI_NODES,
@@ -67,7 +69,13 @@ def test_two_node_train_job(tmp_path, shards):
         "jobs/train.sbatch",
         cfg,
     ).strip()
-    info = _wait(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
+
+
+def test_two_node_train_job(tmp_path, shards):
+    cfg = _config(tmp_path, shards, rounds=6)
+    out = tmp_path / "out"
+    jid = _submit_train(tmp_path, cfg, out)
+    info = _wait(jid, FINAL)
     log = (tmp_path / "job.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert info["NodeList"] == "node[1-2]" and "launch: slurm, 3 ranks" in log
@@ -89,7 +97,7 @@ def test_sweep_job_array_and_dependent_report(tmp_path, shards):
     ).stdout
     array, report = re.search(r"array job (\d+) .* report job (\d+)", text).groups()
     try:
-        info = _wait(report, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+        info = _wait(report, FINAL, timeout=300)
         sweep = ROOT / "runs" / f"sweep-{array}"
         assert info["JobState"] == "COMPLETED", (sweep / "report.out").read_text()[-2000:]
         for task in range(3):
@@ -109,18 +117,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(tmp_path, shard
     rounds = 200
     cfg = _config(tmp_path, shards, rounds=rounds, log_every=1, checkpoint_every=0)
     out = tmp_path / "out"
-    jid = _run(
-        "sbatch",
-        "--parsable",
-        *CI_NODES,
-        "--nodes=2",
-        "--ntasks=3",
-        "--ntasks-per-node=2",
-        f"--output={tmp_path}/job.out",
-        f"--export=ALL,OUTPUT_DIR={out}",
-        "jobs/train.sbatch",
-        cfg,
-    ).strip()
+    jid = _submit_train(tmp_path, cfg, out)
     _wait(jid, {"RUNNING"}, timeout=60)
     wait_for_rounds(out / "parts/server_0.h5", 5)
     _run("scancel", "--batch", "--signal=USR1", jid)  # what --signal=B:USR1@120 does before the time limit
@@ -129,7 +126,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(tmp_path, shard
         time.sleep(0.5)
     assert _job(jid)["Restarts"] == "1", (tmp_path / "job.out").read_text()[-3000:]
     _run("scontrol", "update", f"JobId={jid}", "StartTime=now")  # skip SLURM's requeue hold-off
-    info = _wait(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    info = _wait(jid, FINAL)
     log = (tmp_path / "job.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
     stopped = int(re.search(r"stopped by SIGUSR1 after round (\d+)", log).group(1))
@@ -165,7 +162,7 @@ def test_heterogeneous_job_server_component_and_client_component(tmp_path, shard
         .stdout.strip()
         .split("+")[0]
     )
-    info = _wait(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    info = _wait(jid, FINAL)
     log = (tmp_path / "job.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "launch: slurm, 6 ranks (1 servers, 5 clients)" in log
