@@ -109,6 +109,7 @@ class RunConfig:
     threads: int = 0  # torch threads per rank; 0 = cores available / ranks on node
     timeout_s: float = 300.0  # bound on every wait for a peer, seconds
     stop_check_every: int = 1  # rounds between the collective that agrees on a preemption signal
+    watchdog_s: float = 1800.0  # end a rank that makes no progress this long (hangs below the wire); 0 = off
 
 
 @dataclass

@@ -31,6 +31,7 @@ from .preemption import Preempted, StopRequest
 from .results import RoleResults, create_index, part_name, save_grid
 from .server import Server
 from .topology import Topology
+from .watchdog import Watchdog
 from .wire import DistWire, Kind, LocalHub, LocalWire, PeerFailure, Wire
 
 log = logging.getLogger("collafuse_hpc")
@@ -51,11 +52,16 @@ class Context:
     start_round: int
     config_yaml: str
     stop: StopRequest
+    watchdog: Watchdog | None = None  # distributed runs only
     round: int = 0  # current round, for error reports
 
     @property
     def output_dir(self) -> str:
         return self.cfg.run.output_dir
+
+    def beat(self, what: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(what)
 
 
 def preflight(cfg: Config, resume: bool) -> int:
@@ -98,6 +104,7 @@ def _end_of_round(ctx: Context, results: RoleResults, state: dict, r: int) -> No
     if done % run.log_every == 0 or last or stop:
         results.flush()
     if last or stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
+        ctx.beat(f"the checkpoint set of round {done}")
         checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml)
         ctx.wire.barrier()
         if ctx.rank == 0:
@@ -111,9 +118,11 @@ def _rounds(ctx: Context):
     """The rounds still to run; keeps ``ctx.round`` current and injects faults."""
     for r in range(ctx.start_round, ctx.cfg.run.rounds):
         ctx.round = r
+        ctx.beat(f"round {r}")
         _fault(ctx, r)
         yield r
     ctx.round = ctx.cfg.run.rounds
+    ctx.beat("sampling")
 
 
 def _add_times(totals: dict, row: dict) -> None:
@@ -418,8 +427,10 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
         if rank == 0:
             _start(cfg, topo)
         wire.barrier()
-        ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop or StopRequest())
+        watchdog = Watchdog(topo.describe(rank), cfg.run.watchdog_s) if cfg.run.watchdog_s > 0 else None
+        ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop or StopRequest(), watchdog)
         summary = run_role(ctx, build_role(cfg, topo, rank, device, wire))
+        ctx.beat("the end of the run")
         gathered = [None] * topo.world_size
         torch.distributed.all_gather_object(gathered, summary)
         if rank == 0:

@@ -18,6 +18,7 @@ from collafuse_hpc import checkpoint
 from collafuse_hpc.config import from_dict
 from collafuse_hpc.preemption import EXIT_REQUEUE, Preempted, StopRequest
 from collafuse_hpc.run import run_in_process
+from collafuse_hpc.watchdog import Watchdog
 
 
 def _losses(out):
@@ -120,3 +121,15 @@ def test_gpu_ranks_beyond_the_node_gpus_are_refused(monkeypatch):
     )
     with pytest.raises(ValueError, match="rank 3 is local rank 1 on a node with 1 GPU"):
         resolve_device("cuda", launch)
+
+
+def test_watchdog_fires_only_without_progress():
+    fired = []
+    dog = Watchdog("rank 1 (client 'c0')", limit_s=0.4, on_stall=fired.append)
+    for _ in range(6):
+        time.sleep(0.1)
+        dog.beat("round 3")
+    assert not fired
+    time.sleep(1.2)
+    dog.stop()
+    assert fired and "rank 1 (client 'c0'): no progress for" in fired[0] and "during round 3" in fired[0]
