@@ -78,6 +78,12 @@ def create_index(path: str, config_yaml: str, seed: int, roles: dict[str, str]) 
     os.replace(tmp, path)
 
 
+def _open(path: str, mode: str) -> h5py.File:
+    """Open a part file without HDF5's file lock: someone reading results of a live
+    run (h5dump, tools/, a notebook) must never make a training rank fail."""
+    return h5py.File(path, mode, locking=False)
+
+
 class RoleResults:
     """Append-only writer of one role's part file.
 
@@ -95,7 +101,7 @@ class RoleResults:
         self.path = path
         self._rows: dict[str, list[dict[str, float]]] = {}
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with h5py.File(path, "a" if resume_round is not None else "w") as f:
+        with _open(path, "a" if resume_round is not None else "w") as f:
             f.attrs.update(attrs)
             for group in f.values():
                 if resume_round is not None and isinstance(group, h5py.Group) and "round" in group:
@@ -111,7 +117,7 @@ class RoleResults:
         pending, self._rows = self._rows, {}
         if not pending:
             return
-        with h5py.File(self.path, "a") as f:
+        with _open(self.path, "a") as f:
             for group, rows in pending.items():
                 g = f.require_group(group)
                 for name in rows[0]:
@@ -126,19 +132,19 @@ class RoleResults:
 
     def column(self, group: str, name: str) -> np.ndarray:
         """All values written so far of ``group/name`` (empty if none)."""
-        with h5py.File(self.path, "r") as f:
+        with _open(self.path, "r") as f:
             return f[group][name][()] if group in f and name in f[group] else np.zeros(0)
 
     def write(self, name: str, data: np.ndarray, **attrs) -> None:
         """Write (or replace) dataset ``name`` with optional attributes."""
-        with h5py.File(self.path, "a") as f:
+        with _open(self.path, "a") as f:
             if name in f:
                 del f[name]
             ds = f.create_dataset(name, data=data)
             ds.attrs.update(attrs)
 
     def write_attrs(self, group: str, attrs: dict) -> None:
-        with h5py.File(self.path, "a") as f:
+        with _open(self.path, "a") as f:
             f.require_group(group).attrs.update(attrs)
 
 

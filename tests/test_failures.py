@@ -21,7 +21,7 @@ ROUNDS = 40
 @pytest.mark.parametrize(
     "victim,servers,cuts,named,peers",
     [
-        (1, 1, [0.2, 0.5], "rank 1 (client 'c0')", [0, 2]),  # c1 hears it from the server
+        (1, 1, [0.2, 0.5], "rank 1 (client 'c0')", [0]),
         (0, 1, [0.2, 0.5], "rank 0 (server 0)", [1, 2]),
         (1, 2, [0.2, 0.4, 0.2, 0.6], "rank 1 (server 1)", [0, 3, 5]),  # its replica and its clients
     ],

@@ -133,3 +133,30 @@ def test_watchdog_fires_only_without_progress():
     time.sleep(1.2)
     dog.stop()
     assert fired and "rank 1 (client 'c0'): no progress for" in fired[0] and "during round 3" in fired[0]
+
+
+def test_a_reader_of_a_live_run_never_blocks_the_writer(tmp_path):
+    """h5dump, tools/ or a notebook holding a part file open (with HDF5's lock)
+    must not make a training rank fail on its next flush."""
+    from collafuse_hpc.results import RoleResults
+
+    path = tmp_path / "parts/server_0.h5"
+    results = RoleResults(str(path), {"role": "server"})
+    results.log({"round": 0, "loss_server": 1.0})
+    results.flush()
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import h5py, time; f = h5py.File({str(path)!r}, 'r'); print('open', flush=True); time.sleep(10)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        results.log({"round": 1, "loss_server": 0.5})
+        results.flush()
+    finally:
+        reader.kill()
+    assert list(results.column("rounds", "round")) == [0, 1]
