@@ -125,7 +125,11 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(tmp_path, shard
     while _job(jid).get("Restarts") != "1" and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _job(jid)["Restarts"] == "1", (tmp_path / "job.out").read_text()[-3000:]
-    _run("scontrol", "update", f"JobId={jid}", "StartTime=now")  # skip SLURM's requeue hold-off
+    _wait(jid, {"PENDING"}, timeout=60)
+    # Skip SLURM's 2-minute requeue hold-off, but not within the same second as the
+    # requeue: slurmd refuses a job credential no newer than the revoked one.
+    time.sleep(3)
+    _run("scontrol", "update", f"JobId={jid}", "StartTime=now")
     info = _wait(jid, FINAL)
     log = (tmp_path / "job.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
