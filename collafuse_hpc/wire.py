@@ -186,12 +186,16 @@ class DistWire(Wire):
     def flush(self, timeout_s: float | None = None) -> None:
         pending, self._pending = self._pending, []
         for work, _, dst in pending:
-            self._wait(work, dst, "a send to complete", timeout_s, "to")
+            self._wait(lambda w=work: w, dst, "a send to complete", timeout_s, "to")
 
-    def _wait(self, work: dist.Work, peer: int, what: str, timeout_s: float | None = None, way: str = "from") -> None:
+    def _wait(
+        self, post: Callable[[], dist.Work], peer: int, what: str, timeout_s: float | None = None, way: str = "from"
+    ) -> None:
+        """Post an operation and wait for it; any failure becomes PeerFailure naming ``peer``
+        (posting itself raises when the peer's connection is already closed)."""
         bound = self.timeout if timeout_s is None else timedelta(seconds=timeout_s)
         try:
-            work.wait(bound)
+            post().wait(bound)
         except RuntimeError as e:
             reason = "timed out" if "imed out" in str(e) else "lost the connection"
             raise PeerFailure(
@@ -202,7 +206,7 @@ class DistWire(Wire):
     def _recv_tensor(self, t: torch.Tensor, src: int, what: str) -> torch.Tensor:
         group = self.nccl_group if self._via_nccl(src) else None
         t = t.to(self.device) if group is not None else t
-        self._wait(dist.irecv(t, src, group=group), src, what)
+        self._wait(lambda: dist.irecv(t, src, group=group), src, what)
         self.bytes_received += t.numel() * t.element_size()
         return t
 
