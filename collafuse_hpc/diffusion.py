@@ -62,11 +62,6 @@ class GaussianDiffusion:
         self.alphas_cumprod = np.cumprod(self.alphas)  # abar_t, abar_0 = 1
         self._abar = torch.from_numpy(self.alphas_cumprod)
 
-    def snr(self, t: int) -> float:
-        """Signal-to-noise ratio abar_t / (1 - abar_t) of x_t about x_0."""
-        abar = self.alphas_cumprod[t]
-        return float("inf") if t == 0 else abar / (1.0 - abar)
-
     def abar(self, t: torch.Tensor, a: torch.Tensor | int = 0) -> torch.Tensor:
         """abar_{t|a} = abar_t / abar_a as float64 on ``t``'s device, shape of ``t``."""
         table = self._abar.to(t.device)

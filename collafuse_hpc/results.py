@@ -32,6 +32,7 @@ import time
 import h5py
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from . import __version__
@@ -59,8 +60,6 @@ def create_index(path: str, config_yaml: str, seed: int, roles: dict[str, str]) 
     Args:
         roles: {"server": "parts/server_0.h5", "clients/<id>": "parts/client_<id>.h5", ...}
     """
-    import yaml
-
     tmp = path + ".tmp"
     with h5py.File(tmp, "w") as f:
         f.attrs.update(

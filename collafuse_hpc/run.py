@@ -291,7 +291,7 @@ def _part_path(cfg: Config, topo: Topology, rank: int) -> str:
 def build_role(cfg: Config, topo: Topology, rank: int, device: torch.device, wire: Wire) -> Server | Client:
     if topo.is_server(rank):
         reduce = wire.allreduce_servers if topo.num_servers > 1 else None
-        return Server(cfg, rank, topo.clients_of(rank), device, reduce)
+        return Server(cfg, topo.clients_of(rank), device, reduce)
     return Client(cfg, topo.client_index(rank), device)
 
 

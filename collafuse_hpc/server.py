@@ -33,12 +33,11 @@ class Server:
     def __init__(
         self,
         cfg: Config,
-        rank: int,
         clients: list[int],
         device: torch.device,
         reduce: Callable[[torch.Tensor], None] | None = None,
     ):
-        self.cfg, self.rank, self.device = cfg, rank, device
+        self.cfg, self.device = cfg, device
         T = cfg.diffusion.timesteps
         self.timesteps = T
         self.cuts = {k: Cut(cut_step(cfg.clients[k], T), T, cfg.diffusion.split) for k in clients}

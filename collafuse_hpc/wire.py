@@ -156,7 +156,6 @@ class DistWire(Wire):
         self.nccl_group, self.server_group = nccl_group, server_group
         self.nccl_ranks = set(dist.get_process_group_ranks(nccl_group)) if nccl_group else set()
         self._pending: list[tuple[dist.Work, torch.Tensor, int]] = []
-        self.bytes_sent = 0
         self.bytes_received = 0
 
     def _via_nccl(self, peer: int) -> bool:
@@ -181,7 +180,6 @@ class DistWire(Wire):
                     f"{self.describe(self.rank)} lost the connection sending {msg.kind.name} to "
                     f"{self.describe(dst)}: {str(e).splitlines()[0][:200]}"
                 ) from None
-        self.bytes_sent += msg.nbytes
 
     def flush(self, timeout_s: float | None = None) -> None:
         pending, self._pending = self._pending, []
@@ -289,13 +287,11 @@ class LocalWire(Wire):
 
     def __init__(self, rank: int, describe, hub: LocalHub):
         self.rank, self.describe, self.hub = rank, describe, hub
-        self.bytes_sent = 0
         self.bytes_received = 0
 
     def send(self, dst: int, msg: Message) -> None:
         payload, labels = (None if t is None else t.detach().clone() for t in (msg.payload, msg.labels))
         self.hub.queue(self.rank, dst).put(Message(msg.kind, msg.round, msg.t_c, msg.count, payload, labels))
-        self.bytes_sent += msg.nbytes
 
     def flush(self, timeout_s: float | None = None) -> None:
         pass
