@@ -18,7 +18,7 @@ from .split import Cut
 from .topology import role_seed
 from .trainable import Trainable
 from .unet import UNet
-from .wire import Kind, Message
+from .wire import WIRE_DTYPES, Kind, Message
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Client:
         self.diffusion = GaussianDiffusion(beta_schedule(cfg.diffusion.schedule, T))
         self.reader = ShardReader(c.shard, "train")
         self.batch_size, self.hflip = c.batch_size, c.hflip
+        self.wire_dtype = WIRE_DTYPES[c.wire_dtype]
         seed = role_seed(cfg.run.seed, "client", index)
         self.sampler = EpochSampler(len(self.reader), c.batch_size, seed)
         self.generator = torch.Generator(device).manual_seed(seed)
@@ -53,16 +54,15 @@ class Client:
             cfg.data.image_size,
             num_classes=cfg.data.num_classes if c.labels else 0,
         )
-        self.net = Trainable(model, c.optim, device)
+        self.net = Trainable(model, c.optim, device, c.compile)
         self.audit: list[AuditEntry] = []
         self._x0: torch.Tensor | None = None
         self._y: torch.Tensor | None = None  # labels of this round's batch, int64 [B]
         self._sample_y: torch.Tensor | None = None  # labels of the requested samples, int64 [n]
 
-    def _eps_model(self, model: torch.nn.Module, y: torch.Tensor | None):
+    def _eps_model(self, ema: bool, y: torch.Tensor | None):
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with self.net.autocast():
-                return model(x, t, y=y)
+            return self.net.forward(x, t, ema, y=y)
 
         return eps
 
@@ -77,8 +77,8 @@ class Client:
     def begin_round(self, round_: int) -> Message | None:
         """Draw this round's batch; return x_c for the server (None when c = 1).
 
-        x_c = sqrt(abar_{t_c}) x_0 + sqrt(1 - abar_{t_c}) eps_c with fresh eps_c:
-        the only thing derived from x_0 that leaves the client.
+        x_c = sqrt(abar_{t_c}) x_0 + sqrt(1 - abar_{t_c}) eps_c with fresh eps_c, in the
+        configured wire dtype: the only thing derived from x_0 that leaves the client.
         """
         images, labels = self.reader.read(self.sampler.next())
         self._x0 = to_model_range(images, self.device)  # (B, C, H, W) in [-1, 1]
@@ -88,7 +88,7 @@ class Client:
         if not self.cut.uses_server:
             return None
         t_c = torch.full((len(self._x0),), self.cut.t_c, device=self.device)
-        x_c = self.diffusion.q_sample(self._x0, t_c, self._randn(self._x0.shape))
+        x_c = self.diffusion.q_sample(self._x0, t_c, self._randn(self._x0.shape)).to(self.wire_dtype)
         shared = self._y if self.share_labels else None
         return self._record(Message(Kind.TRAIN, round_, self.cut.t_c, len(x_c), x_c, shared))
 
@@ -100,7 +100,7 @@ class Client:
         t = torch.randint(1, self.cut.t_c + 1, (n,), generator=self.generator, device=self.device)
         noise = self._randn(x0.shape)
         y = self._y if self.condition else None
-        loss = self.diffusion.training_losses(self._eps_model(self.net.model, y), x0, t, noise).mean()
+        loss = self.diffusion.training_losses(self._eps_model(False, y), x0, t, noise).mean()
         self.net.step(loss)
         return loss.item()
 
@@ -133,7 +133,7 @@ class Client:
             x_h = self._randn(shape)
         if not grid:  # c = 0: the server produced x_0 itself
             return x_h.float().clamp(-1, 1)
-        eps = self._eps_model(self.net.ema, self._sample_y if self.condition else None)
+        eps = self._eps_model(True, self._sample_y if self.condition else None)
         return self.diffusion.p_sample_loop(eps, x_h.float(), grid, a=0, clip=True, generator=self.generator)
 
     def drain_audit(self) -> list[AuditEntry]:

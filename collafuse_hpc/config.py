@@ -72,6 +72,7 @@ class ServerConfig:
     count: int = 1  # server ranks (ranks 0..count-1), replicas kept identical by gradient all-reduce
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     aggregate: str = "concat"  # concat: one step on all clients' batches | sequential
+    compile: bool = False  # torch.compile the UNet (pays off on GPUs; slow to start on CPU)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -90,6 +91,8 @@ class ClientConfig:
     labels: bool = False  # condition the client model on its own labels (stay local)
     share_labels: bool = False  # opt-in: send labels with x_c; the server model becomes class-conditioned
     allow_centralized: bool = False  # required for c = 0: the server sees raw images
+    wire_dtype: str = "float32"  # x_c and the returned x_h on the wire: float32 | bfloat16 | float16 (half the bytes)
+    compile: bool = False  # torch.compile the UNet
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -110,6 +113,7 @@ class RunConfig:
     timeout_s: float = 300.0  # bound on every wait for a peer, seconds
     stop_check_every: int = 1  # rounds between the collective that agrees on a preemption signal
     watchdog_s: float = 1800.0  # end a rank that makes no progress this long (hangs below the wire); 0 = off
+    profile_rounds: int = 0  # trace this many rounds (after 2 warm-up rounds) with torch.profiler; 0 = off
 
 
 @dataclass
@@ -137,6 +141,7 @@ CHOICES = {
     "server.device": ("auto", "cpu", "cuda"),
     "server.aggregate": ("concat", "sequential"),
     "clients.device": ("auto", "cpu", "cuda"),
+    "clients.wire_dtype": ("float32", "bfloat16", "float16"),
     "fault.mode": ("raise", "exit"),
 }
 
@@ -246,6 +251,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     for name in ("rounds", "log_every", "samples_per_client", "sample_batch", "keep_checkpoints", "stop_check_every"):
         if getattr(cfg.run, name) < 1:
             raise ValueError(f"config key 'run.{name}' must be >= 1, got {getattr(cfg.run, name)}")
+    if cfg.run.profile_rounds < 0:
+        raise ValueError(f"config key 'run.profile_rounds' must be >= 0, got {cfg.run.profile_rounds}")
     if cfg.run.timeout_s <= 0:
         raise ValueError(f"config key 'run.timeout_s' must be > 0 seconds, got {cfg.run.timeout_s}")
     if not cfg.clients:

@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,11 +29,12 @@ from .launch import Launch, discover, init_process_groups, resolve_device, threa
 from .lock import RunLock
 from .lock import check as check_lock
 from .preemption import Preempted, StopRequest
+from .profiling import RoundProfiler
 from .results import RoleResults, create_index, part_name, save_grid
 from .server import Server
 from .topology import Topology
 from .watchdog import Watchdog
-from .wire import DistWire, Kind, LocalHub, LocalWire, PeerFailure, Wire
+from .wire import DistWire, Kind, LocalHub, LocalWire, Message, PeerFailure, Wire
 
 log = logging.getLogger("collafuse_hpc")
 
@@ -54,6 +56,8 @@ class Context:
     stop: StopRequest
     watchdog: Watchdog | None = None  # distributed runs only
     round: int = 0  # current round, for error reports
+    pending_stop: Callable[[], bool] | None = None  # the stop agreement posted at the last check
+    may_profile: bool = True  # in-process runs profile from one thread (the profiler is per process)
 
     @property
     def output_dir(self) -> str:
@@ -96,11 +100,20 @@ def _fault(ctx: Context, round_: int) -> None:
 
 def _end_of_round(ctx: Context, results: RoleResults, state: dict, r: int) -> None:
     """After round ``r``: agree on a stop request, flush results and write a
-    checkpoint set when due; raise Preempted (on every rank) after a stop."""
+    checkpoint set when due; raise Preempted (on every rank) after a stop.
+
+    The agreement is posted at one check and read at the next, so it never
+    holds a round up: a signal stops the run one check interval after it came.
+    """
     run = ctx.cfg.run
     done = r + 1
     last = done == run.rounds
-    stop = not last and done % run.stop_check_every == 0 and ctx.wire.any_rank(ctx.stop.requested)
+    check = done % run.stop_check_every == 0
+    stop = False
+    if (check or last) and ctx.pending_stop is not None:
+        stop, ctx.pending_stop = ctx.pending_stop() and not last, None
+    if check and not last and not stop:
+        ctx.pending_stop = ctx.wire.any_rank_later(ctx.stop.requested)
     if done % run.log_every == 0 or last or stop:
         results.flush()
     if last or stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
@@ -125,10 +138,17 @@ def _rounds(ctx: Context):
     ctx.beat("sampling")
 
 
-def _add_times(totals: dict, row: dict) -> None:
+def _add_totals(totals: dict, row: dict) -> None:
+    """Sum a round's timers and byte counts into the run's totals."""
     for key, value in row.items():
-        if key.startswith("time_"):
-            totals[key] = totals.get(key, 0.0) + value
+        if key.startswith(("time_", "bytes_")):
+            totals[key] = totals.get(key, 0) + value
+
+
+def _profiler(ctx: Context, role: str, device: torch.device) -> RoundProfiler:
+    name = f"server_{ctx.rank}" if role == "server" and ctx.topo.num_servers > 1 else role
+    path = os.path.join(ctx.output_dir, "profile", f"{name}.json")
+    return RoundProfiler(path, ctx.cfg.run.profile_rounds if ctx.may_profile else 0, device.type == "cuda")
 
 
 def _restore(ctx: Context, role: Server | Client) -> None:
@@ -162,32 +182,39 @@ def _restore(ctx: Context, role: Server | Client) -> None:
 
 
 def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
-    """Receive every client's x_c, step, reply; then serve the sampling requests."""
+    """Receive every client's x_c, reply with the loss after the forward pass, step;
+    then serve the sampling requests."""
     ranks = {k: ctx.topo.client_rank(k) for k in server.clients}
     wire, run = ctx.wire, ctx.cfg.run
-    totals = {"images": 0, "time_recv_s": 0.0, "time_compute_s": 0.0, "time_send_s": 0.0}
+    totals = {"images": 0, "bytes_received": 0, "time_recv_s": 0.0, "time_compute_s": 0.0, "time_send_s": 0.0}
+    profiler = _profiler(ctx, "server", server.device)
     for r in _rounds(ctx):
         t0 = time.perf_counter()
         msgs = {k: wire.recv(ranks[k], Kind.TRAIN, r) for k in server.clients}
         t1 = time.perf_counter()
-        replies = server.train_round(msgs) if msgs else {}
+        losses: list[float] = []
+
+        def reply(k: int, msg: Message, losses=losses) -> None:
+            losses.append(msg.payload.item())
+            wire.send(ranks[k], msg)
+
+        if msgs or ctx.topo.num_servers > 1:  # an idle replica still joins the gradient all-reduce
+            server.train_round(msgs, reply)
         t2 = time.perf_counter()
-        for k, reply in replies.items():
-            wire.send(ranks[k], reply)
         wire.flush()
         t3 = time.perf_counter()
         n = sum(m.count for m in msgs.values())
-        losses = [m.payload.item() for m in replies.values()]
         row = {
             "round": r,
             "loss_server": float(np.mean(losses)) if losses else math.nan,
+            "bytes_received": sum(m.nbytes for m in msgs.values()),
             "time_recv_s": t1 - t0,
             "time_compute_s": t2 - t1,
             "time_send_s": t3 - t2,
             "images_per_s": n / (t3 - t0),
         }
         results.log(row)
-        _add_times(totals, row)
+        _add_totals(totals, row)
         totals["images"] += n
         if (r + 1) % run.log_every == 0:
             log.info(
@@ -198,16 +225,19 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
                 row["loss_server"],
                 row["images_per_s"],
             )
+        profiler.step()
         _end_of_round(ctx, results, server.state_dict(), r)
+    profiler.close()
     t0 = time.perf_counter()
     requests = {k: wire.recv(ranks[k], Kind.SAMPLE_REQUEST, run.rounds) for k in server.clients}
-    for k, reply in server.sample(requests).items():
-        wire.send(ranks[k], reply)
+    for k, reply_msg in server.sample(requests).items():
+        wire.send(ranks[k], reply_msg)
     wire.flush()
     totals["time_sampling_s"] = time.perf_counter() - t0
     busy = totals["time_recv_s"] + totals["time_compute_s"] + totals["time_send_s"]
     totals["images_per_s"] = totals["images"] / busy if busy else 0.0
-    totals["bytes_received"] = wire.bytes_received
+    if server.device.type == "cuda":
+        totals["gpu_peak_memory_bytes"] = torch.cuda.max_memory_allocated(server.device)
     return totals
 
 
@@ -216,6 +246,7 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
     server_rank = ctx.topo.server_of(client.index)
     wire, run = ctx.wire, ctx.cfg.run
     totals = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
+    profiler = _profiler(ctx, f"client_{client.id}", client.device)
     for r in _rounds(ctx):
         t0 = time.perf_counter()
         msg = client.begin_round(r)
@@ -240,9 +271,11 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
         }
         results.log(row)
         _log_audit(results, client)
-        _add_times(totals, row)
+        _add_totals(totals, row)
         totals["images"] += client.batch_size
+        profiler.step()
         _end_of_round(ctx, results, client.state_dict(), r)
+    profiler.close()
     n = run.samples_per_client
     t0 = time.perf_counter()
     request = client.sample_request(run.rounds, n)
@@ -469,7 +502,7 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
     errors: dict[int, BaseException] = {}
 
     def target(rank: int) -> None:
-        ctx = Context(cfg, topo, rank, wires[rank], start_round, dump(cfg), stop)
+        ctx = Context(cfg, topo, rank, wires[rank], start_round, dump(cfg), stop, may_profile=rank == 0)
         try:
             summaries[rank] = run_role(ctx, roles[rank])
         except BaseException as e:  # noqa: BLE001 - reported by the main thread

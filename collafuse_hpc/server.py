@@ -14,7 +14,7 @@ from .split import Cut
 from .topology import role_seed
 from .trainable import Trainable
 from .unet import UNet
-from .wire import Kind, Message, PeerFailure
+from .wire import WIRE_DTYPES, Kind, Message, PeerFailure
 
 
 class Server:
@@ -61,12 +61,11 @@ class Server:
             cut_conditioning=True,
         )
         self.class_conditioned = shared
-        self.net = Trainable(model, cfg.server.optim, device)
+        self.net = Trainable(model, cfg.server.optim, device, cfg.server.compile)
 
-    def _eps_model(self, model: torch.nn.Module, t_c: torch.Tensor, y: torch.Tensor | None):
+    def _eps_model(self, ema: bool, t_c: torch.Tensor, y: torch.Tensor | None):
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with self.net.autocast():
-                return model(x, t, t_c=t_c.expand(len(x)), y=y)
+            return self.net.forward(x, t, ema, t_c=t_c.expand(len(x)), y=y)
 
         return eps
 
@@ -96,11 +95,14 @@ class Server:
         t = t_c + 1 + (u * (T - t_c)).long().clamp(max=T - 1 - t_c)  # U{t_c+1..T}
         anchor = t_c if self.cfg.diffusion.split == "markov" else 0
         y = self._labels([m for _, m in msgs])
-        return self.diffusion.training_losses(self._eps_model(self.net.model, t_c, y), x_c, t, noise, anchor)
+        return self.diffusion.training_losses(self._eps_model(False, t_c, y), x_c, t, noise, anchor)
 
-    def train_round(self, msgs: dict[int, Message]) -> dict[int, Message]:
-        """One round on ``{client index: TRAIN message}``; returns the replies.
+    def train_round(self, msgs: dict[int, Message], reply: Callable[[int, Message], None]) -> None:
+        """One round on ``{client index: TRAIN message}``.
 
+        ``reply(client, TRAIN_REPLY)`` is called as soon as the forward pass has
+        the losses, before backward and the optimizer step, so a client can start
+        its next round while this replica is still computing.
         ``concat`` takes one step on all batches at once (summed with the other
         replicas' batches); ``sequential`` one step per client in a fixed order
         (the authors' code; one replica only).
@@ -109,16 +111,16 @@ class Server:
             self._check(k, m)
         order = sorted(msgs)
         groups = [order] if self.cfg.server.aggregate == "concat" else [[k] for k in order]
-        replies = {}
         for group in groups:
             losses = self._losses([(k, msgs[k]) for k in group]) if group else None
+            if losses is not None:
+                parts = losses.detach().cpu().split([msgs[k].count for k in group])
+                for k, part in zip(group, parts):
+                    reply(k, Message(Kind.TRAIN_REPLY, msgs[k].round, msgs[k].t_c, 1, part.mean().reshape(1)))
             if self.reduce is None:
                 self.net.step(None if losses is None else losses.mean())
             else:  # sum / N over all replicas' images, then summed across replicas: the global mean
                 self.net.step(None if losses is None else losses.sum() / self.images_per_step, self.reduce)
-            for k, part in zip(group, [] if losses is None else losses.detach().split([msgs[k].count for k in group])):
-                replies[k] = Message(Kind.TRAIN_REPLY, msgs[k].round, msgs[k].t_c, 1, part.mean().reshape(1).cpu())
-        return replies
 
     def sample(self, requests: dict[int, Message]) -> dict[int, Message]:
         """Serve ``{client index: SAMPLE_REQUEST}``: run T..h with the EMA model.
@@ -146,7 +148,7 @@ class Server:
                 n = min(self.cfg.run.sample_batch, total - start)
                 x = x_T[start : start + n]
                 y = None if y_all is None else y_all[start : start + n]
-                eps = self._eps_model(self.net.ema, torch.tensor([t_c], device=self.device), y)
+                eps = self._eps_model(True, torch.tensor([t_c], device=self.device), y)
                 out.append(
                     self.diffusion.p_sample_loop(
                         eps, x, grid, a=cut.server_anchor, clip=False, generator=self.streams[ks[0]]
@@ -154,7 +156,8 @@ class Server:
                 )
             parts = torch.cat(out).split([requests[k].count for k in ks])
             for k, x_h in zip(ks, parts):
-                replies[k] = Message(Kind.SAMPLE_REPLY, requests[k].round, t_c, len(x_h), x_h.contiguous())
+                x_h = x_h.to(WIRE_DTYPES[self.cfg.clients[k].wire_dtype]).contiguous()
+                replies[k] = Message(Kind.SAMPLE_REPLY, requests[k].round, t_c, len(x_h), x_h)
         return replies
 
     def state_dict(self) -> dict:

@@ -15,20 +15,33 @@ from .config import OptimConfig
 
 class Trainable:
     """Owns ``model`` (moved to ``device``), an AdamW optimizer and an EMA of the
-    weights. On CUDA the forward runs under bf16 autocast."""
+    weights. On CUDA the weights and inputs are channels_last and the forward
+    runs under bf16 autocast; ``compile`` wraps both copies in torch.compile.
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, device: torch.device):
+    The checkpointed state is always the plain module's (compiled or not).
+    """
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, device: torch.device, compile: bool = False):
         self.cfg = cfg
         self.device = device
-        self.model = model.to(device)
+        self.cuda = device.type == "cuda"
+        memory_format = torch.channels_last if self.cuda else torch.contiguous_format
+        self.model = model.to(device, memory_format=memory_format)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps = 0
+        self._run_model = torch.compile(self.model) if compile else self.model
+        self._run_ema = torch.compile(self.ema) if compile else self.ema
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ema: bool = False, **cond) -> torch.Tensor:
+        """Predicted noise for x [N, C, H, W] at steps t [N]; ``ema`` uses the sampling copy.
+        ``cond`` goes to the model (t_c, y). Returns float32 on CUDA too."""
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        context = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        with context:
+            eps = (self._run_ema if ema else self._run_model)(x, t, **cond)
+        return eps.float()
 
     def step(self, loss: torch.Tensor | None, reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         """Backward, reduce, clip, optimizer step, EMA update with warm-up.

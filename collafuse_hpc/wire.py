@@ -31,6 +31,7 @@ MAGIC = 0x43465553  # "CFUS"
 HEADER_LEN = 11
 DTYPES = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.uint8}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config names
 
 
 class Kind(enum.IntEnum):
@@ -108,6 +109,12 @@ class Wire:
         """True when any rank passes True."""
         return self.max_over_ranks(int(flag)) > 0
 
+    def any_rank_later(self, flag: bool) -> Callable[[], bool]:
+        """Start :meth:`any_rank` without waiting; the returned function waits for the
+        answer. Lets ranks agree on a flag without a per-round synchronization point."""
+        answer = self.any_rank(flag)
+        return lambda: answer
+
     def probe(self, src: int, timeout_s: float) -> str | None:
         """After a failed collective, learn what happened to peer ``src``: the text of
         an ERROR it sent, a note that its connection is closed, or None (no news
@@ -156,7 +163,6 @@ class DistWire(Wire):
         self.nccl_group, self.server_group = nccl_group, server_group
         self.nccl_ranks = set(dist.get_process_group_ranks(nccl_group)) if nccl_group else set()
         self._pending: list[tuple[dist.Work, torch.Tensor, int]] = []
-        self.bytes_received = 0
 
     def _via_nccl(self, peer: int) -> bool:
         return self.rank in self.nccl_ranks and peer in self.nccl_ranks
@@ -205,7 +211,6 @@ class DistWire(Wire):
         group = self.nccl_group if self._via_nccl(src) else None
         t = t.to(self.device) if group is not None else t
         self._wait(lambda: dist.irecv(t, src, group=group), src, what)
-        self.bytes_received += t.numel() * t.element_size()
         return t
 
     def recv(self, src: int, kind: Kind, round_: int) -> Message:
@@ -217,7 +222,9 @@ class DistWire(Wire):
         payload = None
         if dtype:
             shape = (count, c, h, w) if c else (count,)
-            payload = self._recv_tensor(torch.empty(shape, dtype=DTYPES[dtype]), src, what)
+            # pinned host memory lets the copy to a GPU overlap with what follows
+            pinned = self.device.type == "cuda" and not self._via_nccl(src)
+            payload = self._recv_tensor(torch.empty(shape, dtype=DTYPES[dtype], pin_memory=pinned), src, what)
             payload = payload.to(self.device, non_blocking=True)
         labels = None
         if has_labels:
@@ -251,16 +258,36 @@ class DistWire(Wire):
         if buf is not tensor:
             tensor.copy_(buf)
 
-    def max_over_ranks(self, value: int) -> int:
+    def _agreement(self, value: int) -> Callable[[], int]:
+        """Post a MAX all-reduce of ``value`` over all ranks; the returned function waits
+        (bounded) for the result. A failure there is unnamed: a collective does not say who."""
         t = torch.tensor([value], dtype=torch.int64)
         try:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
         except RuntimeError as e:
-            raise PeerFailure(
-                f"{self.describe(self.rank)} lost a rank during an all-ranks agreement: {str(e).splitlines()[0][:200]}",
-                unnamed=True,
-            ) from None
-        return int(t.item())
+            work, error = None, e
+
+        def result() -> int:
+            try:
+                if work is None:
+                    raise error
+                work.wait(self.timeout)
+            except RuntimeError as e:
+                raise PeerFailure(
+                    f"{self.describe(self.rank)} lost a rank during an all-ranks agreement: "
+                    f"{str(e).splitlines()[0][:200]}",
+                    unnamed=True,
+                ) from None
+            return int(t.item())
+
+        return result
+
+    def max_over_ranks(self, value: int) -> int:
+        return self._agreement(value)()
+
+    def any_rank_later(self, flag: bool) -> Callable[[], bool]:
+        result = self._agreement(int(flag))
+        return lambda: result() > 0
 
     def probe(self, src: int, timeout_s: float) -> str | None:
         header = torch.empty(HEADER_LEN, dtype=torch.int64)
@@ -287,7 +314,6 @@ class LocalWire(Wire):
 
     def __init__(self, rank: int, describe, hub: LocalHub):
         self.rank, self.describe, self.hub = rank, describe, hub
-        self.bytes_received = 0
 
     def send(self, dst: int, msg: Message) -> None:
         payload, labels = (None if t is None else t.detach().clone() for t in (msg.payload, msg.labels))
@@ -304,7 +330,6 @@ class LocalWire(Wire):
                 f"{self.describe(self.rank)} timed out waiting for {kind.name} of round {round_} "
                 f"from {self.describe(src)} (bound {self.hub.timeout_s:.0f} s)"
             ) from None
-        self.bytes_received += msg.nbytes
         return self._check(src, msg, kind, round_)
 
     def barrier(self) -> None:

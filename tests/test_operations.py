@@ -41,9 +41,10 @@ def test_stop_request_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_pa
     raw = tiny_config(shards, tmp_path / "cut", [0.2, 0.5], rounds=6, checkpoint_every=0, stop_check_every=2)
     stop = StopRequest()
     stop.signal_name = "SIGUSR1"  # as if the signal had arrived during round 0
-    with pytest.raises(Preempted, match="stopped by SIGUSR1 after round 2"):
+    # posted at the check after round 2, read at the next check (round 4): one interval later
+    with pytest.raises(Preempted, match="stopped by SIGUSR1 after round 4"):
         run_in_process(from_dict(raw), resume=False, stop=stop)
-    assert checkpoint.complete_rounds(str(tmp_path / "cut")) == [2]
+    assert checkpoint.complete_rounds(str(tmp_path / "cut")) == [4]
     assert not (tmp_path / "cut/.lock").exists()
     run_in_process(from_dict(raw), resume=True)
     _assert_same_losses(_losses(tmp_path / "full"), _losses(tmp_path / "cut"))

@@ -1,0 +1,130 @@
+"""Client compute: FLOPs and measured wall time of a client's share of sampling and
+training, against doing everything locally with the same model.
+
+Sampling: the client runs the grid h..0 of its cut instead of T..0, so with
+equal per-step cost the ideal ratio is its share of the grid (about c).
+Training: one local step per round either way (t ~ U{1..t_c} instead of
+U{1..T} costs the same), plus drawing x_c; the saving is that the server's
+part of the chain never runs on the client. FLOPs come from
+torch.utils.flop_counter (multiply-adds count 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .client import Client
+from .split import Cut
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def client_compute(client: Client, n: int, steps: int, repeats: int = 3) -> dict[str, float]:
+    """Measure ``client``'s share against local-only work with its own model.
+
+    Args:
+        n: images per sampling batch.
+        steps: reverse steps of the full grid (diffusion.sampling_steps or T).
+    Returns (FLOPs as counts, times in seconds, ratios dimensionless):
+        sampling_steps_client / _full, sampling_flops_client / _full (per image),
+        sampling_time_client_s / _full_s (per image), sampling_time_ratio,
+        sampling_ideal_ratio (the client's share of the grid; c for equal models),
+        train_flops_client / _full (per image, one round), train_time_client_s / _full_s
+        (per round), train_time_ratio.
+    """
+    diffusion, device = client.diffusion, client.device
+    shape = (n, client.cfg.data.channels, client.cfg.data.image_size, client.cfg.data.image_size)
+    y = None
+    if client.condition:  # its own labels, cycled to n
+        labels = torch.from_numpy(client.train_labels).to(device)
+        y = labels[torch.arange(n, device=device) % len(labels)]
+    eps = client._eps_model(True, y)
+    _, share = client.cut.sampling_grids(steps)
+    _, full = Cut(client.cut.timesteps, client.cut.timesteps).sampling_grids(steps)
+    x = torch.randn(shape, device=device)
+    t = torch.full((n,), max(1, client.cut.t_c), device=device, dtype=torch.long)
+    with torch.inference_mode():
+        step_flops = _flops(lambda: eps(x, t))
+
+    def sample(grid: list[int]):
+        return lambda: diffusion.p_sample_loop(eps, x, grid, a=0, clip=True) if grid else None
+
+    time_share = _timed(sample(share), repeats) if share else 0.0
+    time_full = _timed(sample(full), repeats)
+    out = {
+        "sampling_steps_client": max(0, len(share) - 1),
+        "sampling_steps_full": len(full) - 1,
+        "sampling_flops_client": step_flops * max(0, len(share) - 1) / n,
+        "sampling_flops_full": step_flops * (len(full) - 1) / n,
+        "sampling_time_client_s": time_share / n,
+        "sampling_time_full_s": time_full / n,
+        "sampling_time_ratio": time_share / time_full,
+        "sampling_ideal_ratio": max(0, len(share) - 1) / (len(full) - 1),
+    }
+    out.update(_train_compute(client, repeats))
+    return out
+
+
+def _train_compute(client: Client, repeats: int) -> dict[str, float]:
+    """One round's client work (draw x_c + local step) against one full-chain local step.
+
+    Runs on a copy of the optimizer state: the client's weights are restored after."""
+    state = copy.deepcopy(client.net.state_dict())  # state_dict() holds the live tensors
+    sampler, gen, rng = client.sampler.state_dict(), client.generator.get_state(), torch.get_rng_state()
+    t_c = client.cut.t_c
+
+    def round_client() -> None:
+        client.begin_round(0)
+        if t_c:
+            client.local_step()
+
+    def round_full() -> None:
+        client.begin_round(0)
+        client.cut = Cut(client.cut.timesteps, client.cut.timesteps, client.cut.mode)
+        try:
+            client.local_step()
+        finally:
+            client.cut = cut
+
+    cut = client.cut
+    audit = len(client.audit)
+    try:
+        flops_client = _flops(round_client)
+        flops_full = _flops(round_full)
+        time_client = _timed(round_client, repeats)
+        time_full = _timed(round_full, repeats)
+    finally:
+        client.net.load_state_dict(state)
+        client.sampler.load_state_dict(sampler)
+        client.generator.set_state(gen)
+        torch.set_rng_state(rng)
+        del client.audit[audit:]  # measurement rounds sent nothing
+    b = client.batch_size
+    return {
+        "train_flops_client": flops_client / b,
+        "train_flops_full": flops_full / b,
+        "train_time_client_s": time_client,
+        "train_time_full_s": time_full,
+        "train_time_ratio": time_client / time_full,
+    }

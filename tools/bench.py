@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Performance suite: ratios measured side by side in one run (see README, Performance).
+
+    python tools/bench.py [all|server|wire|client|scaling|data|e2e ...] [--out runs/bench] [--device cpu|cuda]
+
+Each benchmark prints a table and writes <out>/<name>.json. What each measures and its ideal:
+  server   server training images/s in a distributed run (1 server, 2 clients with tiny models)
+           / the same server model on the same concatenated batch in one process, no
+           communication (measured before and after the run, averaged). Target >= 0.95.
+  wire     bytes the clients send per image / one float32 x_c (ideal 1.0 plus the 88-byte
+           header per message), for float32 and bfloat16 wire formats; the share of each
+           role's wall time spent waiting or communicating.
+  client   a client's wall time per sample at cut c / full local sampling with the same
+           model, for c = 0.2, 0.5, 0.8. Ideal c; target within 10% of c.
+  scaling  1, 2, 4, 8 clients (oversubscribed here): the server's compute per image, relative
+           to 1 client (target: flat within 10%), and round time / total batch.
+  data     the HDF5 shard reader against PIL JPEG decoding (tools/bench_loader.py).
+  e2e      whole-run training images/s / one process training one DDPM (the server's
+           model, all T steps) on the same images and total batch.
+The reference run behind server, wire and e2e is shared. The whole suite takes about
+5 minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from collafuse_hpc import benchmark as B  # noqa: E402
+from collafuse_hpc.client import Client  # noqa: E402
+from collafuse_hpc.compute import client_compute  # noqa: E402
+from collafuse_hpc.config import from_dict  # noqa: E402
+
+SERVER_MODEL = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8]}
+CLIENT_MODEL = {"base_channels": 8, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": []}
+ROUNDS, SKIP = 40, 10  # rounds per distributed run; warm-up rounds left out of the figures
+
+
+def _table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(str(h)), *(len(_fmt(r[i])) for r in rows)) for i, h in enumerate(header)]
+    print("  " + "  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  " + "  ".join(_fmt(v).rjust(w) for v, w in zip(r, widths)))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def reference(tmp: str, device: str) -> dict:
+    """The shared run: 1 server + 2 clients, plus its single-process baselines."""
+    shards = B.synthetic_shards(os.path.join(tmp, "shards2"), 2, 16, 1)
+    raw = B.bench_config(
+        shards, os.path.join(tmp, "ref"), SERVER_MODEL, CLIENT_MODEL, **{"run.rounds": ROUNDS, "server.device": device}
+    )
+    dev = torch.device(device)
+    alone_before = B.server_alone(raw, ROUNDS - SKIP, 3, dev)
+    wall = B.launch(raw)
+    alone_after = B.server_alone(raw, ROUNDS - SKIP, 3, dev)
+    plain = B.plain_ddpm(raw, ROUNDS - SKIP, 3, dev)
+    times = B.read_run(raw["run"]["output_dir"], SKIP)
+    return {"raw": raw, "wall_s": wall, "alone": (alone_before + alone_after) / 2, "plain": plain, "times": times}
+
+
+def bench_server(ref: dict) -> dict:
+    t = ref["times"]
+    ratio = t.server_images_per_s / ref["alone"]
+    _table(
+        "1. server efficiency (target >= 0.95)",
+        ["distributed images/s", "one process images/s", "ratio"],
+        [[t.server_images_per_s, ref["alone"], ratio]],
+    )
+    return {"distributed_images_per_s": t.server_images_per_s, "alone_images_per_s": ref["alone"], "ratio": ratio}
+
+
+def bench_wire(ref: dict, tmp: str) -> dict:
+    raw = dict(ref["raw"], run={**ref["raw"]["run"], "output_dir": os.path.join(tmp, "bf16")})
+    raw["clients"] = [{**c, "wire_dtype": "bfloat16"} for c in raw["clients"]]
+    B.launch(raw)
+    half = B.read_run(raw["run"]["output_dir"], SKIP)
+    one = B.x_c_bytes(ref["raw"])
+    batch = ref["raw"]["clients"][0]["batch_size"]
+    rows, out = [], {}
+    for name, t, ideal in (("float32", ref["times"], 1.0), ("bfloat16", half, 0.5)):
+        ratio = t.bytes_per_image / one
+        with_header = ideal + B.HEADER_BYTES / batch / one
+        rows.append([name, t.bytes_per_image, ratio, with_header, t.server_wire_fraction, t.client_wait_fraction])
+        out[name] = {
+            "bytes_per_image": t.bytes_per_image,
+            "ratio_to_float32_x_c": ratio,
+            "ideal_with_header": with_header,
+            "server_wire_fraction": t.server_wire_fraction,
+            "client_wait_fraction": t.client_wait_fraction,
+        }
+    _table(
+        f"2. wire cost (one float32 x_c = {one:.0f} bytes; header {B.HEADER_BYTES} bytes per message of {batch})",
+        ["wire", "bytes/image", "ratio", "ideal", "server recv+send share", "client wait share"],
+        rows,
+    )
+    return out
+
+
+def bench_client(tmp: str) -> dict:
+    shards = B.synthetic_shards(os.path.join(tmp, "shards1"), 1, 16, 1)
+    rows, out = [], {}
+    for c in (0.2, 0.5, 0.8):
+        raw = B.bench_config(
+            shards, os.path.join(tmp, "client"), SERVER_MODEL, SERVER_MODEL, **{"clients.cut_ratio": c}
+        )
+        raw["diffusion"]["sampling_steps"] = 0
+        m = client_compute(Client(from_dict(raw), 0, torch.device("cpu")), n=16, steps=raw["diffusion"]["timesteps"])
+        share = m["sampling_time_ratio"] / c
+        rows.append([c, m["sampling_time_client_s"], m["sampling_time_full_s"], m["sampling_time_ratio"], share])
+        out[str(c)] = {**m, "ratio_over_c": share}
+    _table(
+        "3. client sampling cost (ideal ratio = c; target ratio/c within 0.9..1.1)",
+        ["c", "client s/sample", "local-only s/sample", "ratio", "ratio/c"],
+        rows,
+    )
+    return out
+
+
+def bench_scaling(tmp: str, device: str) -> dict:
+    shards = B.synthetic_shards(os.path.join(tmp, "shards8"), 8, 16, 1)
+    rows, out, base = [], {}, None
+    for k in (1, 2, 4, 8):
+        raw = B.bench_config(
+            shards[:k],
+            os.path.join(tmp, f"scale{k}"),
+            SERVER_MODEL,
+            CLIENT_MODEL,
+            **{"run.rounds": ROUNDS, "server.device": device, "clients.batch_size": 16},
+        )
+        B.launch(raw)
+        t = B.read_run(raw["run"]["output_dir"], SKIP)
+        per_image_round = t.server_round_s / (16 * k)
+        base = base or (t.server_compute_s_per_image, per_image_round)
+        row = {
+            "server_compute_ms_per_image": 1e3 * t.server_compute_s_per_image,
+            "relative_to_1_client": t.server_compute_s_per_image / base[0],
+            "round_s": t.server_round_s,
+            "round_s_per_image_relative": per_image_round / base[1],
+        }
+        rows.append([k, 16 * k, *row.values()])
+        out[str(k)] = row
+    _table(
+        "4. scaling in clients (batch 16 each; target: compute per image flat within 10%)",
+        ["clients", "total batch", "server ms/image", "relative", "round s", "round s/image relative"],
+        rows,
+    )
+    return out
+
+
+def bench_data(out_dir: str) -> dict:
+    path = os.path.join(out_dir, "data.json")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_loader.py")
+    print("\n5. data loader")
+    subprocess.run([sys.executable, script, "--images", "1000", "--seconds", "2", "--json", path], check=True)
+    with open(path) as f:
+        return json.load(f)
+
+
+def bench_e2e(ref: dict) -> dict:
+    t = ref["times"]
+    ratio = t.run_images_per_s / ref["plain"]
+    _table(
+        "6. end to end (collaborative run vs one process training one DDPM, same total batch)",
+        ["collaborative images/s", "single-process images/s", "ratio"],
+        [[t.run_images_per_s, ref["plain"], ratio]],
+    )
+    return {
+        "collaborative_images_per_s": t.run_images_per_s,
+        "single_process_images_per_s": ref["plain"],
+        "ratio": ratio,
+    }
+
+
+NAMES = ("server", "wire", "client", "scaling", "data", "e2e")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("which", nargs="*", default=["all"], choices=["all", *NAMES], help="benchmarks to run")
+    p.add_argument("--out", default="runs/bench", help="folder for the JSON files")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the server's device")
+    args = p.parse_args()
+    which = NAMES if "all" in args.which else args.which
+    torch.set_num_threads(1)  # as each rank of the distributed runs
+    os.makedirs(args.out, exist_ok=True)
+    print(f"collafuse-hpc benchmarks on {os.cpu_count()} cores, server on {args.device}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = reference(tmp, args.device) if {"server", "wire", "e2e"} & set(which) else None
+        results = {}
+        for name in which:
+            if name == "server":
+                results[name] = bench_server(ref)
+            elif name == "wire":
+                results[name] = bench_wire(ref, tmp)
+            elif name == "client":
+                results[name] = bench_client(tmp)
+            elif name == "scaling":
+                results[name] = bench_scaling(tmp, args.device)
+            elif name == "data":
+                results[name] = bench_data(args.out)
+            else:
+                results[name] = bench_e2e(ref)
+            with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+                json.dump(results[name], f, indent=2)
+    print(f"\nJSON: {args.out}/<name>.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

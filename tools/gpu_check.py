@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""GPU check: the server on one GPU (bf16 autocast, channels_last), clients on CPU cores.
+
+    python tools/gpu_check.py [--clients 4] [--rounds 40] [--size 64] [--out runs/gpu_check]
+
+Runs, with one process per role (mpirun if there is one, else torchrun):
+  A. clients at c = 0 (they only read and send: not the bottleneck): server images/s
+     and the efficiency ratio against the same model stepping alone on the GPU on the
+     same concatenated batch (target >= 0.95), the wire fraction, peak GPU memory;
+  B. clients at c = 0.2 training their own small models on CPU: what a one-GPU
+     workstation gets end to end, and who waits for whom.
+Without a GPU it says so and runs the same at a small size on CPU (CI runs it that way).
+Prints a table and writes <out>/gpu_check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from collafuse_hpc import benchmark as B  # noqa: E402
+
+GPU_SERVER = {"base_channels": 64, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attention_resolutions": [16]}
+CPU_SERVER = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
+CLIENT = {"base_channels": 8, "channel_mult": [1, 1, 1], "num_res_blocks": 1, "attention_resolutions": []}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--batch", type=int, default=64, help="images per client per round")
+    p.add_argument("--size", type=int, default=64, help="image side (pixels), 3 channels")
+    p.add_argument("--out", default="runs/gpu_check")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        print(f"GPU: {torch.cuda.get_device_name(0)}; server on cuda:0 with bf16 autocast, clients on CPU")
+        size, server_model, rounds, batch = args.size, GPU_SERVER, args.rounds, args.batch
+    else:
+        print("no GPU found: running the same check on CPU at a small size (16x16, small models)")
+        size, server_model, rounds, batch = 16, CPU_SERVER, min(args.rounds, 16), min(args.batch, 8)
+    skip = max(2, rounds // 4)
+    device = "cuda" if cuda else "cpu"
+    threads = max(1, (os.cpu_count() or 2) // (args.clients + 1))
+    os.makedirs(args.out, exist_ok=True)
+    results = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = B.synthetic_shards(os.path.join(tmp, "shards"), args.clients, size, 3, train=4 * batch, test=16)
+        common = {
+            "run.rounds": rounds,
+            "run.threads": threads,
+            "run.samples_per_client": 8,
+            "server.device": device,
+            "clients.batch_size": batch,
+        }
+        for name, cut in (("A_clients_idle", 0.0), ("B_clients_training", 0.2)):
+            raw = B.bench_config(
+                shards,
+                os.path.join(tmp, name),
+                server_model,
+                CLIENT,
+                **common,
+                **{"clients.cut_ratio": cut, "clients.allow_centralized": cut == 0},
+            )
+            wall = B.launch(raw)
+            t = B.read_run(raw["run"]["output_dir"], skip)
+            results[name] = {"cut_ratio": cut, "wall_s": wall, **vars(t)}
+            if cut == 0:
+                torch.set_num_threads(threads)
+                alone = B.server_alone(raw, rounds - skip, 3, torch.device(device))
+                results[name]["alone_images_per_s"] = alone
+                results[name]["efficiency"] = t.server_images_per_s / alone
+    a, b = results["A_clients_idle"], results["B_clients_training"]
+    print(f"\n{args.clients} clients x {batch} images of 3x{size}x{size} per round, {rounds} rounds ({skip} warm-up)")
+    rows = [
+        ("server images/s, clients idle (A)", f"{a['server_images_per_s']:.1f}"),
+        ("same model alone on the same batch", f"{a['alone_images_per_s']:.1f}"),
+        ("efficiency ratio (target >= 0.95)", f"{a['efficiency']:.3f}"),
+        ("server wire fraction (A)", f"{a['server_wire_fraction']:.4f}"),
+        ("peak GPU memory, server (A)", f"{a['gpu_peak_memory_bytes'] / 2**30:.2f} GiB" if cuda else "n/a (CPU)"),
+        ("server images/s, clients training (B)", f"{b['server_images_per_s']:.1f}"),
+        ("server wire fraction (B)", f"{b['server_wire_fraction']:.4f}"),
+        ("client wait fraction (B)", f"{b['client_wait_fraction']:.4f}"),
+        ("bytes per image / one x_c", f"{b['bytes_per_image'] / (3 * size * size * 4):.4f}"),
+    ]
+    for label, value in rows:
+        print(f"  {label:<40}{value:>14}")
+    path = os.path.join(args.out, "gpu_check.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, default=float)
+    print(f"JSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
