@@ -493,11 +493,12 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
     hub = LocalHub(topo.world_size, topo.num_servers, cfg.run.timeout_s)
     t0 = time.perf_counter()
     _start(cfg, topo)
-    wires = [LocalWire(rank, topo.describe, hub) for rank in range(topo.world_size)]
-    roles = []
+    wires, roles = [], []
     for rank in range(topo.world_size):
         role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.client_index(rank)]
-        roles.append(build_role(cfg, topo, rank, resolve_device(role_cfg.device, single), wires[rank]))
+        device = resolve_device(role_cfg.device, single)
+        wires.append(LocalWire(rank, topo.describe, hub, device))
+        roles.append(build_role(cfg, topo, rank, device, wires[rank]))
     summaries: dict[int, dict] = {}
     errors: dict[int, BaseException] = {}
 

@@ -308,12 +308,13 @@ class DistWire(Wire):
 class LocalWire(Wire):
     """In-process transport: every role runs in a thread of one process.
 
-    Messages are cloned on send, as if they had crossed a network, so the same
-    role loop runs unchanged; used by ``--in-process`` and the equivalence test.
+    Messages are cloned on send, as if they had crossed a network, and land on the
+    receiver's device, so the same role loop runs unchanged; used by
+    ``--in-process`` and the equivalence test.
     """
 
-    def __init__(self, rank: int, describe, hub: LocalHub):
-        self.rank, self.describe, self.hub = rank, describe, hub
+    def __init__(self, rank: int, describe, hub: LocalHub, device: torch.device):
+        self.rank, self.describe, self.hub, self.device = rank, describe, hub, device
 
     def send(self, dst: int, msg: Message) -> None:
         payload, labels = (None if t is None else t.detach().clone() for t in (msg.payload, msg.labels))
@@ -330,7 +331,8 @@ class LocalWire(Wire):
                 f"{self.describe(self.rank)} timed out waiting for {kind.name} of round {round_} "
                 f"from {self.describe(src)} (bound {self.hub.timeout_s:.0f} s)"
             ) from None
-        return self._check(src, msg, kind, round_)
+        payload, labels = (None if t is None else t.to(self.device) for t in (msg.payload, msg.labels))
+        return self._check(src, Message(msg.kind, msg.round, msg.t_c, msg.count, payload, labels), kind, round_)
 
     def barrier(self) -> None:
         try:

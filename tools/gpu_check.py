@@ -38,6 +38,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--batch", type=int, default=64, help="images per client per round")
     p.add_argument("--size", type=int, default=64, help="image side (pixels), 3 channels")
+    p.add_argument("--compile", action="store_true", help="torch.compile the server's UNet (both measurements)")
     p.add_argument("--out", default="runs/gpu_check")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
@@ -51,7 +52,11 @@ def main() -> int:
     device = "cuda" if cuda else "cpu"
     threads = max(1, (os.cpu_count() or 2) // (args.clients + 1))
     os.makedirs(args.out, exist_ok=True)
-    results = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__}
+    results = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+        "compile": args.compile,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         shards = B.synthetic_shards(os.path.join(tmp, "shards"), args.clients, size, 3, train=4 * batch, test=16)
         common = {
@@ -60,6 +65,7 @@ def main() -> int:
             "run.samples_per_client": 8,
             "server.device": device,
             "clients.batch_size": batch,
+            "server.compile": args.compile,
         }
         for name, cut in (("A_clients_idle", 0.0), ("B_clients_training", 0.2)):
             raw = B.bench_config(
