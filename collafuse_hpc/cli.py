@@ -1,4 +1,5 @@
-"""Command line: ``collafuse-hpc train|sample|prepare`` (also ``python -m collafuse_hpc``).
+"""Command line: ``collafuse-hpc train|sample|evaluate|prepare|inspect|export|compare``
+(also ``python -m collafuse_hpc``).
 
 Launch lines::
 
@@ -12,6 +13,8 @@ Launch lines::
     torchrun --nproc-per-node=3 -m collafuse_hpc train configs/quickstart.yaml
     # override single keys
     collafuse-hpc train configs/quickstart.yaml --set clients.0.cut_ratio=0.4 --set run.rounds=50
+    # FID/KID, disclosure and client compute of the newest checkpoint set, into results.h5
+    collafuse-hpc evaluate configs/quickstart.yaml
 
 Exit status: 0 done, 1 a rank failed (the message names it), 2 bad input,
 75 stopped by SIGUSR1/SIGTERM at a round boundary with a checkpoint set (requeue
@@ -34,13 +37,26 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("train", "train collaboratively, then sample (resumable with --resume)"),
         ("sample", "sample again from the latest complete checkpoint set"),
+        ("evaluate", "FID/KID, disclosure and client compute of the latest checkpoint set (one process)"),
     ):
         s = sub.add_parser(name, help=text)
         s.add_argument("config", help="YAML run file (configs/)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
+        if name == "evaluate":
+            continue
         s.add_argument("--in-process", action="store_true", help="run every role in this one process")
         if name == "train":
             s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint set")
+    ins = sub.add_parser("inspect", help="summarize a results.h5 (also of a crashed or running run)")
+    ins.add_argument("results", help="results.h5 of a run")
+    ins.add_argument("--json", action="store_true", help="print JSON for scripts")
+    exp = sub.add_parser("export", help="write sample grids (PNG) and arrays (NPY) from a results.h5")
+    exp.add_argument("results", help="results.h5 of a run")
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--npy", action="store_true", help="also write the uint8 arrays as .npy")
+    cmp_ = sub.add_parser("compare", help="headline numbers of several results.h5 side by side")
+    cmp_.add_argument("results", nargs="+", help="results.h5 files")
+    cmp_.add_argument("--json", action="store_true", help="print JSON for scripts")
     prep = sub.add_parser("prepare", help="build HDF5 client shards from a dataset on disk")
     prep.add_argument("dataset", choices=["celeba", "cub", "mnist", "folder", "digits"])
     prep.add_argument("--root", help="dataset folder in its official layout (not for digits)")
@@ -122,6 +138,43 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_results(args: argparse.Namespace) -> int:
+    """inspect / export / compare; exit 1 when a file cannot be read or a part is missing."""
+    from . import inspection
+
+    files = args.results if isinstance(args.results, list) else [args.results]
+    for path in files:
+        if not os.path.isfile(path):
+            return _die(2, f"results file {path!r} not found", hard=False)
+    try:
+        if args.command == "inspect":
+            summary = inspection.summarize(args.results)
+            print(inspection.to_json(summary) if args.json else inspection.format_summary(summary))
+            return 1 if any("part file" in m for m in summary["missing"]) else 0
+        if args.command == "export":
+            for path in inspection.export(args.results, args.out, args.npy):
+                print(path)
+            return 0
+        paths, rows = inspection.compare(args.results)
+        print(
+            inspection.to_json({"files": paths, "rows": rows}) if args.json else inspection.format_compare(paths, rows)
+        )
+    except OSError as e:
+        return _die(2, f"cannot read results: {e}", hard=False)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, print_report
+
+    try:
+        cfg = load(args.config, args.set)
+        print_report(evaluate(cfg))
+    except (ValueError, TypeError) as e:
+        return _die(2, str(e), hard=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
@@ -132,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     from .preemption import EXIT_REQUEUE, Preempted, StopRequest
     from .run import run_distributed, run_in_process
 
+    if args.command == "evaluate":
+        return _evaluate(args)
+    if args.command in ("inspect", "export", "compare"):
+        return _read_results(args)
     try:
         cfg = load(args.config, args.set)
         resume = args.command == "sample" or args.resume

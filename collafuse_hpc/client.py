@@ -60,7 +60,9 @@ class Client:
         self._y: torch.Tensor | None = None  # labels of this round's batch, int64 [B]
         self._sample_y: torch.Tensor | None = None  # labels of the requested samples, int64 [n]
 
-    def _eps_model(self, ema: bool, y: torch.Tensor | None):
+    def eps_model(self, ema: bool, y: torch.Tensor | None):
+        """eps(x, t) of the training (``ema`` False) or sampling copy, labels y [N] or None."""
+
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.net.forward(x, t, ema, y=y)
 
@@ -100,7 +102,7 @@ class Client:
         t = torch.randint(1, self.cut.t_c + 1, (n,), generator=self.generator, device=self.device)
         noise = self._randn(x0.shape)
         y = self._y if self.condition else None
-        loss = self.diffusion.training_losses(self._eps_model(False, y), x0, t, noise).mean()
+        loss = self.diffusion.training_losses(self.eps_model(False, y), x0, t, noise).mean()
         self.net.step(loss)
         return loss.item()
 
@@ -133,7 +135,7 @@ class Client:
             x_h = self._randn(shape)
         if not grid:  # c = 0: the server produced x_0 itself
             return x_h.float().clamp(-1, 1)
-        eps = self._eps_model(True, self._sample_y if self.condition else None)
+        eps = self.eps_model(True, self._sample_y if self.condition else None)
         return self.diffusion.p_sample_loop(eps, x_h.float(), grid, a=0, clip=True, generator=self.generator)
 
     def drain_audit(self) -> list[AuditEntry]:

@@ -117,6 +117,21 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation (``collafuse-hpc evaluate``, or at the end of training with ``at_end``)."""
+
+    at_end: bool = False  # evaluate right after training (rank 0, from the final checkpoint set)
+    extractor: str = "inception"  # inception (FID's Inception-v3, local file) | pixels (no weights; a proxy)
+    inception_path: str = ""  # weights file; empty: $COLLAFUSE_INCEPTION (features.py lists the accepted forms)
+    images: int = 1000  # generated images per set and client (and at most this many real test images)
+    kid_subsets: int = 100  # random subsets for KID's mean and std
+    kid_subset_size: int = 1000  # images per KID subset (capped at the set sizes)
+    batch: int = 250  # images per sampling and feature batch
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    cache_dir: str = ""  # real-image features per shard hash; empty: $COLLAFUSE_CACHE or ~/.cache/collafuse_hpc
+
+
+@dataclass
 class FaultConfig:
     """Fault injection, to test that failures end every rank promptly."""
 
@@ -132,6 +147,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     clients: list[ClientConfig] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -143,6 +159,8 @@ CHOICES = {
     "clients.device": ("auto", "cpu", "cuda"),
     "clients.wire_dtype": ("float32", "bfloat16", "float16"),
     "fault.mode": ("raise", "exit"),
+    "eval.extractor": ("inception", "pixels"),
+    "eval.device": ("auto", "cpu", "cuda"),
 }
 
 
@@ -251,6 +269,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     for name in ("rounds", "log_every", "samples_per_client", "sample_batch", "keep_checkpoints", "stop_check_every"):
         if getattr(cfg.run, name) < 1:
             raise ValueError(f"config key 'run.{name}' must be >= 1, got {getattr(cfg.run, name)}")
+    for name in ("images", "kid_subsets", "kid_subset_size", "batch"):
+        if getattr(cfg.eval, name) < 2:
+            raise ValueError(f"config key 'eval.{name}' must be >= 2, got {getattr(cfg.eval, name)}")
     if cfg.run.profile_rounds < 0:
         raise ValueError(f"config key 'run.profile_rounds' must be >= 0, got {cfg.run.profile_rounds}")
     if cfg.run.timeout_s <= 0:

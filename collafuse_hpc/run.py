@@ -469,6 +469,7 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
         if rank == 0:
             _log_losses(cfg, topo)
             print_summary(cfg, dict(enumerate(gathered)), topo, time.perf_counter() - t0)
+            _evaluate_at_end(cfg)
     finally:
         if lock is not None:
             lock.release()
@@ -520,4 +521,14 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
         raise order[0]
     _log_losses(cfg, topo)
     print_summary(cfg, summaries, topo, time.perf_counter() - t0)
+    _evaluate_at_end(cfg)
     return summaries
+
+
+def _evaluate_at_end(cfg: Config) -> None:
+    """With ``eval.at_end``: evaluate the final checkpoint set in this process (rank 0)."""
+    if cfg.eval.at_end:
+        from .evaluate import evaluate, print_report
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # the other ranks are done
+        print_report(evaluate(cfg))

@@ -63,13 +63,15 @@ class Server:
         self.class_conditioned = shared
         self.net = Trainable(model, cfg.server.optim, device, cfg.server.compile)
 
-    def _eps_model(self, ema: bool, t_c: torch.Tensor, y: torch.Tensor | None):
+    def eps_model(self, ema: bool, t_c: torch.Tensor, y: torch.Tensor | None):
+        """eps(x, t) of the training (``ema`` False) or sampling copy at cut t_c [1], labels y [N] or None."""
+
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.net.forward(x, t, ema, t_c=t_c.expand(len(x)), y=y)
 
         return eps
 
-    def _labels(self, msgs: list[Message]) -> torch.Tensor | None:
+    def labels(self, msgs: list[Message]) -> torch.Tensor | None:
         """Shared labels of ``msgs`` concatenated, the null class where none were sent."""
         if not self.class_conditioned:
             return None
@@ -94,8 +96,8 @@ class Server:
         )
         t = t_c + 1 + (u * (T - t_c)).long().clamp(max=T - 1 - t_c)  # U{t_c+1..T}
         anchor = t_c if self.cfg.diffusion.split == "markov" else 0
-        y = self._labels([m for _, m in msgs])
-        return self.diffusion.training_losses(self._eps_model(False, t_c, y), x_c, t, noise, anchor)
+        y = self.labels([m for _, m in msgs])
+        return self.diffusion.training_losses(self.eps_model(False, t_c, y), x_c, t, noise, anchor)
 
     def train_round(self, msgs: dict[int, Message], reply: Callable[[int, Message], None]) -> None:
         """One round on ``{client index: TRAIN message}``.
@@ -139,7 +141,7 @@ class Server:
             cut = self.cuts[ks[0]]
             grid, _ = cut.sampling_grids(steps)
             total = sum(requests[k].count for k in ks)
-            y_all = self._labels([requests[k] for k in ks])
+            y_all = self.labels([requests[k] for k in ks])
             x_T = torch.cat(
                 [torch.randn((requests[k].count, C, S, S), generator=self.streams[k], device=self.device) for k in ks]
             )
@@ -148,7 +150,7 @@ class Server:
                 n = min(self.cfg.run.sample_batch, total - start)
                 x = x_T[start : start + n]
                 y = None if y_all is None else y_all[start : start + n]
-                eps = self._eps_model(True, torch.tensor([t_c], device=self.device), y)
+                eps = self.eps_model(True, torch.tensor([t_c], device=self.device), y)
                 out.append(
                     self.diffusion.p_sample_loop(
                         eps, x, grid, a=cut.server_anchor, clip=False, generator=self.streams[ks[0]]

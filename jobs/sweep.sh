@@ -4,7 +4,8 @@
 #
 #   CUTS="0.2 0.4 0.6 0.8 1.0" bash jobs/sweep.sh CONFIG [sbatch options ...] [-- --set key=value ...]
 #
-# Prints the array job id and the report job id; results land in runs/sweep-<array id>/c<c>/.
+# Prints the array job id and the report job id; results land in runs/sweep-<array id>/c<c>/,
+# the report (table.csv, table.md, tradeoff.png, grids/) in runs/sweep-<array id>/report/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:?usage: jobs/sweep.sh CONFIG [sbatch options] [-- --set key=value ...]}
@@ -20,5 +21,5 @@ array=${array%%;*}
 mkdir -p "runs/sweep-$array"
 report=$(sbatch --parsable "${opts[@]}" --dependency=afterany:"$array" --nodes=1 --ntasks=1 \
   --ntasks-per-node=1 --job-name=collafuse-report --output="runs/sweep-$array/report.out" --gres=none \
-  --wrap "${VENV:-.venv}/bin/python tools/results_summary.py runs/sweep-$array/c*/results.h5")
+  --wrap "${VENV:-.venv}/bin/python tools/report.py runs/sweep-$array/c*/results.h5 --out runs/sweep-$array/report")
 echo "sweep: array job $array (c = ${cuts[*]}), report job $report -> runs/sweep-$array/report.out"

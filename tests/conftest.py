@@ -52,6 +52,14 @@ def tiny_config(shards: list[str], out: Path, cuts: list[float], fault: dict | N
             {"id": f"c{k}", "shard": shards[k], "cut_ratio": c, "batch_size": 6, "model": model}
             for k, c in enumerate(cuts)
         ],
+        "eval": {  # pixel features: no weights needed; small sets so evaluating takes seconds
+            "extractor": "pixels",
+            "images": 8,
+            "kid_subsets": 5,
+            "kid_subset_size": 8,
+            "batch": 16,
+            "cache_dir": str(Path(out).parent / "feature_cache"),
+        },
         "fault": fault or {},
     }
     return cfg

@@ -1,6 +1,5 @@
-"""The command line and the results tool, as a user runs them."""
+"""The command line, as a user runs it."""
 
-import io
 import os
 import signal
 import subprocess
@@ -13,8 +12,6 @@ from conftest import tiny_config, write_config
 from collafuse_hpc.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-from results_summary import summarize  # noqa: E402
 
 
 def test_bad_config_exits_2_with_the_key_named(tmp_path, shards, capsys):
@@ -33,7 +30,7 @@ def test_launch_without_enough_ranks_says_how_to_launch(tmp_path, shards):
     assert "world size 1 does not match the config" in proc.stderr and "mpirun -np 3" in proc.stderr
 
 
-def test_train_then_sample_again_then_summarize(tmp_path, shards):
+def test_train_then_sample_again_then_inspect(tmp_path, shards, capsys):
     raw = tiny_config(shards, tmp_path / "out", [0.3, 1.0], rounds=2)
     cfg = write_config(tmp_path / "run.yaml", raw)
     before = signal.getsignal(signal.SIGTERM)
@@ -45,20 +42,11 @@ def test_train_then_sample_again_then_summarize(tmp_path, shards):
     with h5py.File(tmp_path / "out/results.h5") as f:
         assert f["clients/c0/samples/images"].shape == first.shape
         assert len(f["clients/c0/rounds/round"]) == 2  # sampling adds no training rounds
-    out = io.StringIO()
-    assert summarize(str(tmp_path / "out/results.h5"), out) == 0
-    text = out.getvalue()
-    assert "clients/c0: 2 rounds logged" in text and "audit: t_c=6, 12 images" in text
-    assert "clients/c1" in text and "audit: t_c=20, 0 images" in text
-
-
-def test_summary_reports_a_missing_part_of_a_crashed_run(tmp_path, shards):
-    raw = tiny_config(shards, tmp_path / "out", [0.3, 0.3], rounds=1)
-    assert main(["train", write_config(tmp_path / "run.yaml", raw), "--in-process"]) == 0
-    (tmp_path / "out/parts/client_c1.h5").unlink()
-    out = io.StringIO()
-    assert summarize(str(tmp_path / "out/results.h5"), out) == 1
-    assert "clients/c1: part file missing" in out.getvalue()
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "out/results.h5")]) == 0
+    text = capsys.readouterr().out
+    assert "clients/c0 t_c=6 (c=0.30): rank 1" in text and "audit: 12 images in 2 training messages" in text
+    assert "clients/c1 t_c=20 (c=1.00)" in text and "audit: 0 images in 0 training messages" in text
 
 
 def test_sample_without_checkpoint_is_a_clear_error(tmp_path, shards, capsys):

@@ -102,11 +102,13 @@ def test_sweep_job_array_and_dependent_report(tmp_path, shards):
         assert info["JobState"] == "COMPLETED", (sweep / "report.out").read_text()[-2000:]
         for task in range(3):
             assert _job(f"{array}_{task}")["JobState"] == "COMPLETED"
-        summary = (sweep / "report.out").read_text()
+        table = (sweep / "report/table.csv").read_text().splitlines()
+        assert [line.split(",")[0] for line in table[1:]] == ["0.2", "0.6", "1.0"]
+        assert (sweep / "report/tradeoff.png").stat().st_size > 0
         for c, t_c in (("0.2", 4), ("0.6", 12), ("1.0", 20)):
-            assert f"c{c}/results.h5" in summary
             with h5py.File(sweep / f"c{c}/results.h5") as f:
                 assert f["clients/c1"].attrs["t_c"] == t_c
+                assert f["metrics/c1/disclosure"].attrs["t_c"] == t_c
     finally:
         shutil.rmtree(ROOT / "runs" / f"sweep-{array}", ignore_errors=True)
         for log in (ROOT / "runs").glob(f"slurm-{array}_*.out"):

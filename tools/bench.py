@@ -117,7 +117,8 @@ def bench_client(tmp: str) -> dict:
             shards, os.path.join(tmp, "client"), SERVER_MODEL, SERVER_MODEL, **{"clients.cut_ratio": c}
         )
         raw["diffusion"]["sampling_steps"] = 0
-        m = client_compute(Client(from_dict(raw), 0, torch.device("cpu")), n=16, steps=raw["diffusion"]["timesteps"])
+        client = Client(from_dict(raw), 0, torch.device("cpu"))
+        m = client_compute(client, n=16, steps=raw["diffusion"]["timesteps"], repeats=3)
         share = m["sampling_time_ratio"] / c
         rows.append([c, m["sampling_time_client_s"], m["sampling_time_full_s"], m["sampling_time_ratio"], share])
         out[str(c)] = {**m, "ratio_over_c": share}

@@ -134,7 +134,7 @@ def inspect_shard(path: str, verify_hash: bool = False) -> ShardInfo:
             raise ValueError(f"shard {path!r} has schema {f.attrs.get('schema')!r}, expected {SCHEMA!r}")
         if f.attrs.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(
-                f"shard {path!r} has schema_version {f.attrs.get('schema_version')!r}; "
+                f"shard {path!r} has schema_version {f.attrs.get('schema_version')}; "
                 f"this package reads version {SCHEMA_VERSION}: prepare it again"
             )
         names = tuple(str(n) for n in f.attrs.get("attribute_names", []))

@@ -1,0 +1,261 @@
+"""Evaluation of a trained run: image quality, disclosure and client compute.
+
+``collafuse-hpc evaluate CONFIG`` (or ``eval.at_end``) loads the newest complete
+checkpoint set into one process and, per client and pooled over clients,
+compares five image sets with the client's held-out real test images:
+
+- ``collaborative``: the server runs T..h, the client h..0 (what a run samples);
+- ``cut``: x_c of the real test images, as sent (what the server sees in training);
+- ``server_at_cut``: the server's output x_h at the hand-over step;
+- ``server_alone``: the server continuing from x_h to t = 0 with its own model
+  (anchor 0, clipped), what a curious server could make of its part alone;
+- ``client_alone``: the client's model on the whole chain T..0 from pure noise.
+
+Noised sets are clipped to [-1, 1] before feature extraction, as an image
+viewer would show them. It also reports the disclosure of what crossed the wire
+(metrics.py) and the client's compute (compute.py), and writes everything to
+``results.h5`` under ``/metrics``::
+
+    /metrics                  attrs: extractor, checkpoint_round, created, units
+      /<client id>|pooled/<set>   attrs: fid, kid_mean, kid_std, images, real_images
+                                  dataset images: uint8 [<=64, C, H, W] (a sample grid)
+      /<client id>/disclosure     attrs: t_c, snr, mse, psnr_db, ssim, dims, mu_per_release,
+                                  releases, mu_composed, reading, images
+      /<client id>/compute        attrs: compute.client_compute's fields
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import h5py
+import numpy as np
+import torch
+
+from . import checkpoint, metrics
+from .client import Client
+from .compute import client_compute
+from .config import Config
+from .data import ShardReader, inspect_shard, to_model_range, to_uint8
+from .features import cached_real_features, features, load_extractor
+from .server import Server
+from .split import Cut
+from .topology import Topology
+from .wire import Kind
+
+log = logging.getLogger("collafuse_hpc")
+
+SETS = ("collaborative", "cut", "server_at_cut", "server_alone", "client_alone")
+GRID_IMAGES = 64  # images kept per set for sample grids
+UNITS = (
+    "fid: squared feature distance; kid_mean/kid_std: MMD^2 (unbiased, cubic kernel); mse: per pixel in [-1, 1]; "
+    "psnr_db: dB for data range 2; ssim: mean SSIM in [-1, 1]; snr: abar/(1-abar); mu_*: Gaussian DP mu; "
+    "*_flops: floating-point operations per image; *_s: seconds"
+)
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("eval.device is 'cuda' but CUDA is not available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _cache_dir(cfg: Config) -> str:
+    default = os.path.join(os.path.expanduser("~"), ".cache", "collafuse_hpc")
+    return cfg.eval.cache_dir or os.environ.get("COLLAFUSE_CACHE", default)
+
+
+def _load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int, Server], list[Client]]:
+    """Servers by rank and clients by index with the weights of the set of ``round_``
+    (weights only: random streams are the evaluation's own)."""
+    topo = Topology.from_config(cfg)
+    out = cfg.run.output_dir
+    servers = {}
+    for rank in range(topo.num_servers):
+        servers[rank] = Server(cfg, topo.clients_of(rank), device)
+        servers[rank].net.load_state_dict(checkpoint.load_rank(out, round_, rank)["state"]["net"])
+    clients = []
+    for k in range(len(cfg.clients)):
+        client = Client(cfg, k, device)
+        client.net.load_state_dict(checkpoint.load_rank(out, round_, topo.client_rank(k))["state"]["net"])
+        clients.append(client)
+    return servers, clients
+
+
+def _as_sent(client: Client, x0: torch.Tensor) -> torch.Tensor:
+    """x_c of ``x0`` at the client's cut, through its wire dtype (what the server receives)."""
+    t = torch.full((len(x0),), client.cut.t_c, device=x0.device)
+    noise = torch.randn(x0.shape, generator=client.generator, device=x0.device)
+    return client.diffusion.q_sample(x0, t, noise).to(client.wire_dtype).float()
+
+
+def _image_sets(cfg: Config, server: Server | None, client: Client, x_c: torch.Tensor, n: int) -> dict:
+    """The five sets for one client, each float [N, C, H, W] (None where the set does not exist)."""
+    steps = cfg.diffusion.sampling_steps or cfg.diffusion.timesteps
+    cut = client.cut
+    request = client.sample_request(0, n)
+    client.drain_audit()  # evaluation sends nothing anywhere
+    sets: dict[str, torch.Tensor | None] = dict.fromkeys(SETS)
+    x_h = None
+    if request is not None and server is not None:
+        x_h = server.sample({client.index: request})[client.index].payload.float()
+        _, client_grid = cut.sampling_grids(steps)
+        sets["server_at_cut"] = x_h
+        if client_grid:
+            t_c = torch.tensor([cut.t_c], device=server.device)
+            eps = server.eps_model(True, t_c, server.labels([request]))
+            sets["server_alone"] = server.diffusion.p_sample_loop(eps, x_h, client_grid, a=0, clip=True)
+        else:
+            sets["server_alone"] = x_h.clamp(-1, 1)
+    sets["collaborative"] = client.finish_samples(n, x_h)
+    if cut.uses_server:
+        sets["cut"] = x_c
+    _, full = Cut(cut.timesteps, cut.timesteps).sampling_grids(steps)
+    eps = client.eps_model(True, client._sample_y if client.condition else None)
+    noise = torch.randn(sets["collaborative"].shape, generator=client.generator, device=client.device)
+    sets["client_alone"] = client.diffusion.p_sample_loop(eps, noise, full, a=0, clip=True)
+    return sets
+
+
+def _disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor, released: int) -> dict:
+    """Disclosure of x_c (as sent) about the real test images x0; ``released``: training
+    images the client sent, so each image was released ceil(released / train size) times."""
+    t_c = client.cut.t_c
+    abar = float(client.diffusion.alphas_cumprod[t_c])
+    dims = int(np.prod(x0.shape[1:]))
+    releases = math.ceil(released / len(client.reader)) if released else 0
+    mu = metrics.gdp_mu(dims, abar)
+    composed = mu * math.sqrt(releases) if releases else 0.0
+    return {
+        "t_c": t_c,
+        "snr": metrics.snr(abar),
+        "mse": metrics.mse(x_c, x0),
+        "psnr_db": metrics.psnr(x_c, x0),
+        "ssim": metrics.ssim(x_c, x0),
+        "dims": dims,
+        "mu_per_release": mu,
+        "releases": releases,
+        "mu_composed": composed,
+        "reading": metrics.gdp_reading(composed if releases else mu) if client.cut.uses_server else "nothing sent",
+        "images": len(x0),
+    }
+
+
+def _released(cfg: Config, client_id: str) -> int:
+    """Images this client sent for training, from the run's audit (0 if it has none)."""
+    path = os.path.join(cfg.run.output_dir, "results.h5")
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            audit = f[f"clients/{client_id}/audit"]
+            return int(audit["images"][()][audit["kind"][()] == Kind.TRAIN].sum())
+    except (OSError, KeyError):
+        return 0
+
+
+def _quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
+    k_mean, k_std = metrics.kid(real, fake, cfg.eval.kid_subsets, cfg.eval.kid_subset_size, cfg.run.seed)
+    return {"fid": metrics.fid(real, fake), "kid_mean": k_mean, "kid_std": k_std}
+
+
+def evaluate(cfg: Config) -> dict:
+    """Evaluate the newest complete checkpoint set of ``cfg.run.output_dir``; write
+    ``/metrics`` into its results.h5 and return the same numbers as a dict."""
+    device = _device(cfg.eval.device)
+    extract, identity = load_extractor(cfg.eval.extractor, cfg.eval.inception_path, device)
+    rounds = checkpoint.complete_rounds(cfg.run.output_dir)
+    if not rounds:
+        raise ValueError(f"no complete checkpoint set under {cfg.run.output_dir!r}; train first")
+    index = os.path.join(cfg.run.output_dir, "results.h5")
+    if not os.path.exists(index):
+        raise ValueError(f"{index!r} not found: evaluate needs the run's results file")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.run.seed)
+    servers, clients = _load_roles(cfg, rounds[-1], device)
+    topo = Topology.from_config(cfg)
+    n = cfg.eval.images
+    report: dict = {}
+    pooled = {s: ([], []) for s in SETS}  # set -> (real features, generated features) of the clients that have it
+    grids = {}
+
+    def feats(x: torch.Tensor) -> np.ndarray:
+        return features(extract, x.clamp(-1, 1), cfg.eval.batch, device)
+
+    for client in clients:
+        reader = ShardReader(cfg.clients[client.index].shard, "test")
+        if len(reader) < 2:
+            raise ValueError(f"shard {cfg.clients[client.index].shard!r} has {len(reader)} test images; need >= 2")
+        take = np.arange(min(n, len(reader)))
+        x0 = to_model_range(reader.read(take)[0], device)
+        key = f"{inspect_shard(reader.path).content_hash[:16]}-test{len(take)}-{identity}"
+        real = cached_real_features(_cache_dir(cfg), key, lambda x0=x0: feats(x0))
+        server = servers[topo.server_of(client.index)] if client.cut.uses_server else None
+        x_c = _as_sent(client, x0)
+        sets = _image_sets(cfg, server, client, x_c, n)
+        entry = {}
+        for name, images in sets.items():
+            if images is None:
+                continue
+            fake = feats(images)
+            pooled[name][0].append(real)
+            pooled[name][1].append(fake)
+            entry[name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
+            grids[(client.id, name)] = to_uint8(images[:GRID_IMAGES])
+        entry["disclosure"] = _disclosure(client, x0, x_c, _released(cfg, client.id))
+        steps = cfg.diffusion.sampling_steps or cfg.diffusion.timesteps
+        entry["compute"] = client_compute(client, min(n, 64), steps)
+        report[client.id] = entry
+        log.info("evaluated client %s: %s", client.id, _line(entry))
+    report["pooled"] = {}
+    for name, (reals, fakes) in pooled.items():
+        if fakes:
+            real, fake = np.concatenate(reals), np.concatenate(fakes)
+            report["pooled"][name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
+    _write(index, report, grids, identity, rounds[-1])
+    log.info("evaluation of round %d written to %s (%.1f s)", rounds[-1], index, time.perf_counter() - t0)
+    return report
+
+
+def print_report(report: dict) -> None:
+    """FID / KID per client and image set, then disclosure and client compute."""
+    print(f"\n{'':<14}" + "".join(f"{s:>22}" for s in SETS))
+    for who, entry in report.items():
+        cells = [f"{entry[s]['fid']:9.2f} / {entry[s]['kid_mean']:9.4f}" if s in entry else "-" for s in SETS]
+        print(f"{who:<14}" + "".join(f"{c:>22}" for c in cells))
+    print("(FID / KID mean per cell)")
+    for who, entry in report.items():
+        if "disclosure" in entry:
+            d, c = entry["disclosure"], entry["compute"]
+            print(
+                f"{who}: t_c={d['t_c']} SNR {d['snr']:.3g}, PSNR {d['psnr_db']:.2f} dB, SSIM {d['ssim']:.3f}, "
+                f"mu {d['mu_per_release']:.3g} per release x {d['releases']} releases = {d['mu_composed']:.3g} "
+                f"({d['reading']}); client sampling time {c['sampling_time_ratio']:.3f} of local-only "
+                f"(ideal {c['sampling_ideal_ratio']:.3f})"
+            )
+
+
+def _line(entry: dict) -> str:
+    return ", ".join(f"{s} FID {entry[s]['fid']:.2f}" for s in SETS if s in entry)
+
+
+def _write(index: str, report: dict, grids: dict, identity: str, round_: int) -> None:
+    with h5py.File(index, "a", locking=False) as f:
+        if "metrics" in f:
+            del f["metrics"]
+        g = f.create_group("metrics")
+        g.attrs.update(
+            extractor=identity,
+            checkpoint_round=round_,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            units=UNITS,
+        )
+        for who, entry in report.items():
+            for name, values in entry.items():
+                sub = g.create_group(f"{who}/{name}")
+                sub.attrs.update(values)
+                if (who, name) in grids:
+                    sub.create_dataset("images", data=grids[(who, name)])
