@@ -96,7 +96,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     implementation; images smaller than the window use a window of their size."""
     a, b = a.double(), b.double()
     size = min(11, a.shape[-1], a.shape[-2])
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    coords = torch.arange(size, dtype=torch.float64, device=a.device) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * 1.5**2))
     g = g / g.sum()
     window = (g[:, None] * g[None, :]).expand(a.shape[1], 1, size, size).contiguous()

@@ -36,3 +36,26 @@ def test_compiled_server_matches_eager(tmp_path, shards):
         run_in_process(from_dict(raw), resume=False)
         out[compiled] = _server_losses(tmp_path / str(compiled))[0]
     np.testing.assert_allclose(out[True], out[False], rtol=0.05)
+
+
+def test_evaluate_on_gpu_a_run_trained_on_cpu(tmp_path, shards):
+    from collafuse_hpc.evaluate import evaluate
+
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2)
+    run_in_process(from_dict(raw), resume=False)
+    raw["eval"]["device"] = "cuda"
+    report = evaluate(from_dict(raw))
+    assert np.isfinite(report["pooled"]["collaborative"]["fid"]) and report["c0"]["compute"]["sampling_ideal_ratio"]
+
+
+def test_fid_inception_features_on_gpu_match_cpu(tmp_path):
+    from collafuse_hpc.features import FIDInceptionV3, features, load_extractor
+
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().state_dict(), tmp_path / "w.pth")
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    out = {}
+    for name in ("cpu", "cuda"):
+        extract, _ = load_extractor("inception", str(tmp_path / "w.pth"), torch.device(name))
+        out[name] = features(extract, x, 4, torch.device(name))
+    np.testing.assert_allclose(out["cuda"], out["cpu"], rtol=1e-2, atol=1e-3)
