@@ -94,32 +94,43 @@ def _as_sent(client: Client, x0: torch.Tensor) -> torch.Tensor:
     return client.diffusion.q_sample(x0, t, noise).to(client.wire_dtype).float()
 
 
-def _image_sets(cfg: Config, server: Server | None, client: Client, x_c: torch.Tensor, n: int) -> dict:
-    """The five sets for one client, each float [N, C, H, W] (None where the set does not exist)."""
+def _generated(cfg: Config, server: Server | None, client: Client, n: int) -> dict[str, torch.Tensor]:
+    """One batch of the generated sets for one client, each float [n, C, H, W]
+    (the server's sets only when the client uses the server)."""
     steps = cfg.diffusion.sampling_steps or cfg.diffusion.timesteps
     cut = client.cut
     request = client.sample_request(0, n)
     client.drain_audit()  # evaluation sends nothing anywhere
-    sets: dict[str, torch.Tensor | None] = dict.fromkeys(SETS)
-    x_h = None
+    out, x_h = {}, None
     if request is not None and server is not None:
         x_h = server.sample({client.index: request})[client.index].payload.float()
         _, client_grid = cut.sampling_grids(steps)
-        sets["server_at_cut"] = x_h
+        out["server_at_cut"] = x_h
         if client_grid:
             t_c = torch.tensor([cut.t_c], device=server.device)
             eps = server.eps_model(True, t_c, server.labels([request]))
-            sets["server_alone"] = server.diffusion.p_sample_loop(eps, x_h, client_grid, a=0, clip=True)
+            out["server_alone"] = server.diffusion.p_sample_loop(eps, x_h, client_grid, a=0, clip=True)
         else:
-            sets["server_alone"] = x_h.clamp(-1, 1)
-    sets["collaborative"] = client.finish_samples(n, x_h)
-    if cut.uses_server:
-        sets["cut"] = x_c
+            out["server_alone"] = x_h.clamp(-1, 1)
+    out["collaborative"] = client.finish_samples(n, x_h)
     _, full = Cut(cut.timesteps, cut.timesteps).sampling_grids(steps)
     eps = client.eps_model(True, client._sample_y if client.condition else None)
-    noise = torch.randn(sets["collaborative"].shape, generator=client.generator, device=client.device)
-    sets["client_alone"] = client.diffusion.p_sample_loop(eps, noise, full, a=0, clip=True)
-    return sets
+    noise = torch.randn(out["collaborative"].shape, generator=client.generator, device=client.device)
+    out["client_alone"] = client.diffusion.p_sample_loop(eps, noise, full, a=0, clip=True)
+    return out
+
+
+def _image_sets(cfg: Config, server: Server | None, client: Client, x_c: torch.Tensor) -> dict:
+    """The five sets for one client (``eval.images`` generated, ``eval.batch`` at a time);
+    a set the client's cut does not have is left out."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, cfg.eval.images, cfg.eval.batch):
+        for name, images in _generated(cfg, server, client, min(cfg.eval.batch, cfg.eval.images - start)).items():
+            parts.setdefault(name, []).append(images)
+    sets = {name: torch.cat(parts[name]) for name in SETS if name in parts}
+    if client.cut.uses_server:
+        sets["cut"] = x_c
+    return {name: sets[name] for name in SETS if name in sets}
 
 
 def _disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor, released: int) -> dict:
@@ -195,11 +206,9 @@ def evaluate(cfg: Config) -> dict:
         real = cached_real_features(_cache_dir(cfg), key, lambda x0=x0: feats(x0))
         server = servers[topo.server_of(client.index)] if client.cut.uses_server else None
         x_c = _as_sent(client, x0)
-        sets = _image_sets(cfg, server, client, x_c, n)
+        sets = _image_sets(cfg, server, client, x_c)
         entry = {}
         for name, images in sets.items():
-            if images is None:
-                continue
             fake = feats(images)
             pooled[name][0].append(real)
             pooled[name][1].append(fake)

@@ -85,8 +85,10 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB for data range 2 (images in [-1, 1]), from the mean MSE over all images."""
-    return 10 * math.log10(4.0 / max(mse(a, b), 1e-20))
+    """PSNR in dB for data range 2 (images in [-1, 1]), from the mean MSE over all images
+    (infinite for identical images, e.g. x_c at c = 0)."""
+    error = mse(a, b)
+    return math.inf if error == 0 else 10 * math.log10(4.0 / error)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:

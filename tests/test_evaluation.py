@@ -119,6 +119,7 @@ def test_fid_with_the_real_inception_weights(shards):
 def test_evaluate_writes_metrics_for_every_set_and_reuses_cached_real_features(tmp_path, shards):
     raw = tiny_config(shards, tmp_path / "out", [0.25, 1.0], rounds=6, checkpoint_every=0)
     raw["clients"][0]["wire_dtype"] = "bfloat16"
+    raw["eval"]["batch"] = 3  # 8 images per set, generated in batches of 3, 3 and 2
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     report = evaluate(cfg)
