@@ -27,19 +27,31 @@ def _flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def _timed(fn, repeats: int) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` calls (warm up before: the FLOP count does)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
-def client_compute(client: Client, n: int, steps: int, repeats: int = 1) -> dict[str, float]:
+def _timed_pair(a, b, repeats: int) -> tuple[float, float, float]:
+    """Time ``a`` and ``b`` side by side ``repeats`` times, alternating which goes first
+    (warm up before: the FLOP count does). Returns (mean seconds of a, of b, and their
+    ratio): taken side by side in alternating order, the ratio holds on a machine whose
+    speed drifts."""
+    a_total = b_total = 0.0
+    for i in range(repeats):
+        if i % 2:
+            b_total += _seconds(b)
+            a_total += _seconds(a)
+        else:
+            a_total += _seconds(a)
+            b_total += _seconds(b)
+    return a_total / repeats, b_total / repeats, a_total / b_total
+
+
+def client_compute(client: Client, n: int, steps: int, repeats: int = 4) -> dict[str, float]:
     """Measure ``client``'s share against local-only work with its own model.
 
     Args:
@@ -67,10 +79,9 @@ def client_compute(client: Client, n: int, steps: int, repeats: int = 1) -> dict
         step_flops = _flops(lambda: eps(x, t))
 
     def sample(grid: list[int]):
-        return lambda: diffusion.p_sample_loop(eps, x, grid, a=0, clip=True) if grid else None
+        return lambda: diffusion.p_sample_loop(eps, x, grid, a=0, clip=True) if grid else None  # [] at c = 0
 
-    time_share = _timed(sample(share), repeats) if share else 0.0
-    time_full = _timed(sample(full), repeats)
+    time_share, time_full, ratio = _timed_pair(sample(share), sample(full), repeats)
     out = {
         "sampling_steps_client": max(0, len(share) - 1),
         "sampling_steps_full": len(full) - 1,
@@ -78,7 +89,7 @@ def client_compute(client: Client, n: int, steps: int, repeats: int = 1) -> dict
         "sampling_flops_full": step_flops * (len(full) - 1) / n,
         "sampling_time_client_s": time_share / n,
         "sampling_time_full_s": time_full / n,
-        "sampling_time_ratio": time_share / time_full,
+        "sampling_time_ratio": ratio,
         "sampling_ideal_ratio": max(0, len(share) - 1) / (len(full) - 1),
     }
     out.update(_train_compute(client, repeats))
@@ -111,8 +122,7 @@ def _train_compute(client: Client, repeats: int) -> dict[str, float]:
     try:
         flops_client = _flops(round_client)
         flops_full = _flops(round_full)
-        time_client = _timed(round_client, repeats)
-        time_full = _timed(round_full, repeats)
+        time_client, time_full, ratio = _timed_pair(round_client, round_full, repeats)
     finally:
         client.net.load_state_dict(state)
         client.sampler.load_state_dict(sampler)
@@ -125,5 +135,5 @@ def _train_compute(client: Client, repeats: int) -> dict[str, float]:
         "train_flops_full": flops_full / b,
         "train_time_client_s": time_client,
         "train_time_full_s": time_full,
-        "train_time_ratio": time_client / time_full,
+        "train_time_ratio": ratio,
     }

@@ -109,14 +109,16 @@ def _generated(cfg: Config, server: Server | None, client: Client, n: int) -> di
         if client_grid:
             t_c = torch.tensor([cut.t_c], device=server.device)
             eps = server.eps_model(True, t_c, server.labels([request]))
-            out["server_alone"] = server.diffusion.p_sample_loop(eps, x_h, client_grid, a=0, clip=True)
+            out["server_alone"] = server.diffusion.p_sample_loop(
+                eps, x_h, client_grid, a=0, clip=True, generator=client.generator
+            )
         else:
             out["server_alone"] = x_h.clamp(-1, 1)
     out["collaborative"] = client.finish_samples(n, x_h)
     _, full = Cut(cut.timesteps, cut.timesteps).sampling_grids(steps)
     eps = client.eps_model(True, client._sample_y if client.condition else None)
     noise = torch.randn(out["collaborative"].shape, generator=client.generator, device=client.device)
-    out["client_alone"] = client.diffusion.p_sample_loop(eps, noise, full, a=0, clip=True)
+    out["client_alone"] = client.diffusion.p_sample_loop(eps, noise, full, a=0, clip=True, generator=client.generator)
     return out
 
 
@@ -216,7 +218,7 @@ def evaluate(cfg: Config) -> dict:
             grids[(client.id, name)] = to_uint8(images[:GRID_IMAGES])
         entry["disclosure"] = _disclosure(client, x0, x_c, _released(cfg, client.id))
         steps = cfg.diffusion.sampling_steps or cfg.diffusion.timesteps
-        entry["compute"] = client_compute(client, min(n, 64), steps)
+        entry["compute"] = client_compute(client, min(n, 16), steps)
         report[client.id] = entry
         log.info("evaluated client %s: %s", client.id, _line(entry))
     report["pooled"] = {}

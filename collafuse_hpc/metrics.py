@@ -46,7 +46,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             offset = np.eye(len(sigma1)) * 1e-6
             covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return max(distance, 0.0)  # round-off makes equal sets slightly negative
 
 
 def fid(real: np.ndarray, fake: np.ndarray) -> float:

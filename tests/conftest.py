@@ -12,16 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from collafuse_hpc.benchmark import MPI_ENV as MPIRUN_ENV
 from collafuse_hpc.data.prepare import prepare
 from collafuse_hpc.data.sources import read_digits
-
-MPIRUN_ENV = {
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_btl": "self,tcp",
-    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-    "OMP_NUM_THREADS": "1",
-}
 
 
 @pytest.fixture(scope="session")

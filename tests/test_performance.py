@@ -109,3 +109,10 @@ def test_gpu_check_runs_on_cpu_and_says_so(tmp_path):
     with open(tmp_path / "gpu_check.json") as f:
         result = json.load(f)
     assert result["device"] == "cpu" and 0 < result["A_clients_idle"]["efficiency"] < 2
+
+
+def test_bench_rejects_an_unknown_benchmark_by_name():
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools/bench.py"), "server", "speed"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "unknown benchmark(s) ['speed']; choose from all, server" in done.stderr

@@ -97,6 +97,7 @@ def figure(rows: list[dict], path: str) -> bool:
     twin = ax[1].twinx()
     twin.semilogy(cs, [max(r["mu_composed"], 1e-3) for r in rows], marker="s", color="tab:purple", label="mu-GDP")
     twin.set_ylabel("composed mu-GDP (log)")
+    ax[1].legend(handles=ax[1].lines + twin.lines, fontsize=8)
     ax[1].set_title("disclosure of what crosses the wire")
     ax[2].plot(cs, [r["sampling_time_ratio"] for r in rows], marker="o", label="sampling time, measured")
     ax[2].plot(cs, [r["sampling_ideal_ratio"] for r in rows], linestyle="--", label="sampling, ideal (c)")
