@@ -331,8 +331,8 @@ def build_role(cfg: Config, topo: Topology, rank: int, device: torch.device, wir
 def run_role(ctx: Context, role: Server | Client) -> dict:
     """Run one role to the end. On failure tell the peers (ERROR) and re-raise."""
     cfg, topo, rank = ctx.cfg, ctx.topo, ctx.rank
-    if isinstance(role, Server):  # its clients and the other server replicas
-        peers = [topo.client_rank(k) for k in role.clients] + [r for r in range(topo.num_servers) if r != rank]
+    if isinstance(role, Server):  # the other replicas first: after a failed collective they are probed first
+        peers = [r for r in range(topo.num_servers) if r != rank] + [topo.client_rank(k) for k in role.clients]
         attrs = {"role": "server"}
     else:
         peers = [topo.server_of(role.index)] if role.cut.uses_server else []
