@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import yaml
 
+from .checkpoint import complete_rounds
 from .evaluate import SETS
 from .results import save_grid
 from .wire import Kind
@@ -83,14 +84,8 @@ def summarize(path: str) -> dict:
                 out["metrics"][who] = {name: {k: _plain(v) for k, v in g[name].attrs.items()} for name in order}
         else:
             out["missing"].append("metrics (not evaluated: collafuse-hpc evaluate CONFIG)")
-    out["checkpoints"] = _checkpoints(os.path.dirname(os.path.abspath(path)))
+    out["checkpoints"] = complete_rounds(os.path.dirname(os.path.abspath(path)))
     return out
-
-
-def _checkpoints(output_dir: str) -> list[int]:
-    from .checkpoint import complete_rounds
-
-    return complete_rounds(output_dir)
 
 
 def _fmt(v) -> str:

@@ -1,7 +1,8 @@
 """Preemption: SIGUSR1 or SIGTERM asks every rank to stop at the next round boundary.
 
-The signal only sets a flag. At each round boundary all ranks agree on it
-with one small collective (``Wire.any_rank``), write a complete checkpoint set,
+The signal only sets a flag. Every ``run.stop_check_every`` rounds all ranks agree on
+it with one small non-blocking collective (``Wire.any_rank_later``, read at the next
+check), write a complete checkpoint set,
 flush their results and exit with :data:`EXIT_REQUEUE`, which the job scripts
 turn into ``scontrol requeue``; the requeued job resumes from that set.
 SLURM's ``--signal=B:USR1@120`` gives the lead time.

@@ -105,14 +105,11 @@ class Wire:
         """The largest ``value`` over all ranks: one small collective (bounded)."""
         raise NotImplementedError
 
-    def any_rank(self, flag: bool) -> bool:
-        """True when any rank passes True."""
-        return self.max_over_ranks(int(flag)) > 0
-
     def any_rank_later(self, flag: bool) -> Callable[[], bool]:
-        """Start :meth:`any_rank` without waiting; the returned function waits for the
-        answer. Lets ranks agree on a flag without a per-round synchronization point."""
-        answer = self.any_rank(flag)
+        """Start agreeing whether any rank passes True; the returned function waits for
+        the answer. Lets ranks agree on a flag without a per-round synchronization point
+        (this default answers at once; DistWire's does not block)."""
+        answer = self.max_over_ranks(int(flag)) > 0
         return lambda: answer
 
     def probe(self, src: int, timeout_s: float) -> str | None:
