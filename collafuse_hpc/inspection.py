@@ -8,6 +8,7 @@ missing (a role's part file, its summary, samples, metrics) is listed under
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import h5py
@@ -15,9 +16,30 @@ import numpy as np
 import yaml
 
 from .checkpoint import complete_rounds
+from .data.shard import SCHEMA as SHARD_SCHEMA
 from .evaluate import SETS
-from .results import save_grid
+from .results import SCHEMA, save_grid
 from .wire import Kind
+
+
+def open_results(path: str) -> h5py.File:
+    """Open a results file for reading; ValueError saying what the file is otherwise
+    (not HDF5, a client shard, another HDF5 file)."""
+    hint = "pass the results.h5 in a run's output_dir"
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as e:
+        raise ValueError(f"{path!r} is not a readable HDF5 file ({e}); {hint}") from None
+    schema = f.attrs.get("schema")
+    if schema != SCHEMA:
+        f.close()
+        what = (
+            "a client shard (made by collafuse-hpc prepare)"
+            if schema == SHARD_SCHEMA
+            else f"an HDF5 file with schema {schema!r}"
+        )
+        raise ValueError(f"{path!r} is {what}, not a collafuse-hpc results file; {hint}")
+    return f
 
 
 def _tail(values: np.ndarray) -> float | None:
@@ -60,7 +82,7 @@ def _role(g: h5py.Group) -> dict:
 def summarize(path: str) -> dict:
     """Everything a person asks of a results file, as a dict (``inspect --json`` prints it)."""
     out: dict = {"file": path, "missing": []}
-    with h5py.File(path, "r", locking=False) as f:
+    with open_results(path) as f:
         out["attrs"] = {k: _plain(v) for k, v in f.attrs.items() if k not in ("config", "roles")}
         out["config"] = yaml.safe_load(f.attrs.get("config", "{}"))
         roles = yaml.safe_load(f.attrs.get("roles", "{}")) or {}
@@ -91,6 +113,8 @@ def summarize(path: str) -> dict:
 def _fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -162,35 +186,36 @@ def format_summary(s: dict) -> str:
 
 def export(path: str, out_dir: str, arrays: bool = False) -> list[str]:
     """Write each client's samples and each evaluated image set as PNG grids (and
-    ``.npy`` arrays with ``arrays``) into ``out_dir``; returns the files written."""
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-
-    def save(name: str, images: np.ndarray) -> None:
-        png = os.path.join(out_dir, f"{name}.png")
-        save_grid(images, png)
-        written.append(png)
-        if arrays:
-            npy = os.path.join(out_dir, f"{name}.npy")
-            np.save(npy, images)
-            written.append(npy)
-
-    with h5py.File(path, "r", locking=False) as f:
+    ``.npy`` arrays with ``arrays``) into ``out_dir``; returns the files written
+    (none, and no folder made, when the file holds no images)."""
+    images = {}
+    with open_results(path) as f:
         for cid in f.get("clients", {}):
             try:
                 g = f[f"clients/{cid}"]
-            except KeyError:
+            except KeyError:  # a part file that is missing
                 continue
             if "samples/images" in g:
-                save(f"samples_{cid}", g["samples/images"][()])
+                images[f"samples_{cid}"] = g["samples/images"][()]
         for who, g in f.get("metrics", {}).items():
             for name, s in g.items():
                 if "images" in s:
-                    save(f"{who}_{name}", s["images"][()])
+                    images[f"{who}_{name}"] = s["images"][()]
+    written = []
+    for name, array in images.items():
+        os.makedirs(out_dir, exist_ok=True)
+        png = os.path.join(out_dir, f"{name}.png")
+        save_grid(array, png)
+        written.append(png)
+        if arrays:
+            npy = os.path.join(out_dir, f"{name}.npy")
+            np.save(npy, array)
+            written.append(npy)
     return written
 
 
 COMPARE_ROWS = (
+    ("extractor (FID/KID features)", lambda s: s["metrics"]["attrs"]["extractor"]),
     ("rounds", lambda s: s["config"]["run"]["rounds"]),
     ("cut ratio(s)", lambda s: sorted({c.get("cut_ratio") for c in s["config"]["clients"]}, key=str)),
     ("server images/s", lambda s: s["roles"].get("server", {}).get("summary", {}).get("images_per_s")),
@@ -207,10 +232,9 @@ def compare(paths: list[str]) -> tuple[list[str], list[list]]:
         rows.append([name] + [_safe(get, s) for s in summaries])
     sets = sorted({n for s in summaries for n in s.get("metrics", {}).get("pooled", {})})
     for name in sets:
-        rows.append(
-            [f"FID pooled {name}"]
-            + [s.get("metrics", {}).get("pooled", {}).get(name, {}).get("fid") for s in summaries]
-        )
+        pooled = [s.get("metrics", {}).get("pooled", {}).get(name, {}) for s in summaries]
+        rows.append([f"FID pooled {name}"] + [p.get("fid") for p in pooled])
+        rows.append([f"KID pooled {name} (mean +- std)"] + [_kid(p) for p in pooled])
     for s in summaries:
         for who, sets_ in s.get("metrics", {}).items():
             if isinstance(sets_, dict) and "disclosure" in sets_:
@@ -218,6 +242,12 @@ def compare(paths: list[str]) -> tuple[list[str], list[list]]:
                 if all(label != r[0] for r in rows):
                     rows.append([label] + [_metric(t, who, "disclosure", "psnr_db") for t in summaries])
     return paths, rows
+
+
+def _kid(quality: dict) -> str | None:
+    if "kid_mean" not in quality:
+        return None
+    return f"{_fmt(quality['kid_mean'])} +- {_fmt(quality['kid_std'])}"
 
 
 def _safe(get, s):

