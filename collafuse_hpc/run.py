@@ -25,6 +25,7 @@ from . import checkpoint
 from .client import Client
 from .config import Config, cut_step, dump
 from .data import inspect_shard, to_uint8
+from .features import inception_path
 from .launch import Launch, discover, init_process_groups, resolve_device, threads_per_rank
 from .lock import RunLock
 from .lock import check as check_lock
@@ -80,6 +81,8 @@ def preflight(cfg: Config, resume: bool) -> int:
             )
         if (c.labels or c.share_labels) and not info.has_labels:
             raise ValueError(f"clients.{i} uses labels, but shard {c.shard!r} has no labels")
+    if cfg.eval.at_end and cfg.eval.extractor == "inception":
+        inception_path(cfg.eval.inception_path)  # a missing file fails now, not after training
     index = os.path.join(cfg.run.output_dir, "results.h5")
     if not resume and os.path.exists(index):
         raise ValueError(

@@ -293,6 +293,14 @@ def test_evaluate_without_a_checkpoint_or_weights_is_a_clear_error(tmp_path, sha
     assert "no complete checkpoint set" in capsys.readouterr().err
     assert main(["evaluate", cfg, "--set", "eval.extractor=inception"]) == 2
     assert "stage the FID Inception weights" in capsys.readouterr().err
+    (tmp_path / "w.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    inception = ["--set", "eval.extractor=inception", "--set", f"eval.inception_path={tmp_path / 'w.pt'}"]
+    assert main(["evaluate", cfg, *inception]) == 2
+    assert f"{str(tmp_path / 'w.pt')!r} is neither TorchScript nor a PyTorch state dict" in capsys.readouterr().err
+    # training that would evaluate at the end with a missing file stops before it starts
+    at_end = ["--set", "eval.at_end=true", *inception[:2], "--set", "eval.inception_path=/no/w.pth"]
+    assert main(["train", cfg, "--in-process", *at_end]) == 2
+    assert "'/no/w.pth' not found: stage" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_inspect_export_and_compare_on_real_runs_and_a_crashed_one(tmp_path, shards, capsys, caplog):

