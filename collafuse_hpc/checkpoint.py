@@ -14,6 +14,7 @@ import re
 import shutil
 
 import torch
+import yaml
 
 FORMAT = "collafuse-checkpoint-v1"
 MARKER = "COMPLETE"
@@ -47,24 +48,52 @@ def save_rank(output_dir: str, round_: int, rank: int, state: dict, config_yaml:
 
 
 def mark_complete(output_dir: str, round_: int, keep: int) -> None:
-    """Rank 0, after all ranks saved: mark the set complete, drop all but ``keep`` sets."""
+    """Rank 0, after all ranks saved: mark the set complete, drop all but ``keep``
+    complete sets and every incomplete set older than this one (a set a crash or a
+    full disk left half-written can never be resumed from)."""
     with open(os.path.join(set_dir(output_dir, round_), MARKER), "w") as f:
         f.write(f"{round_}\n")
     for r in complete_rounds(output_dir)[:-keep]:
         shutil.rmtree(set_dir(output_dir, r), ignore_errors=True)
+    for r in _set_rounds(output_dir):
+        if r < round_ and not os.path.exists(os.path.join(set_dir(output_dir, r), MARKER)):
+            shutil.rmtree(set_dir(output_dir, r), ignore_errors=True)
+
+
+def _set_rounds(output_dir: str) -> list[int]:
+    """Rounds of every set folder, complete or not, ascending."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(int(m.group(1)) for m in map(re.compile(r"round_(\d+)").fullmatch, names) if m)
 
 
 def complete_rounds(output_dir: str) -> list[int]:
     """Rounds with a complete checkpoint set, ascending."""
+    return [r for r in _set_rounds(output_dir) if os.path.exists(os.path.join(set_dir(output_dir, r), MARKER))]
+
+
+def describe(output_dir: str) -> str:
+    """What the checkpoints folder holds, for messages about a resume."""
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
-        return []
-    rounds = []
-    for name in os.listdir(root):
-        m = re.fullmatch(r"round_(\d+)", name)
-        if m and os.path.exists(os.path.join(root, name, MARKER)):
-            rounds.append(int(m.group(1)))
-    return sorted(rounds)
+        return f"there is no checkpoints folder {root!r}"
+    rounds = _set_rounds(output_dir)
+    complete = complete_rounds(output_dir)
+    if not rounds:
+        return f"{root!r} holds no checkpoint set"
+    if not complete:
+        return f"{root!r} holds {len(rounds)} set(s), none marked {MARKER} (rounds {rounds[:5]})"
+    return f"{root!r} holds complete sets of rounds {complete}"
+
+
+def saved_config(output_dir: str, round_: int) -> dict:
+    """The resolved config (as a dict) that the set of ``round_`` was written with."""
+    path = os.path.join(set_dir(output_dir, round_), "rank0.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
+        return yaml.safe_load(ckpt["config"])
+    except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways inside torch
+        raise ValueError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def load_rank(output_dir: str, round_: int, rank: int) -> dict:

@@ -46,7 +46,16 @@ def _parser() -> argparse.ArgumentParser:
             continue
         s.add_argument("--in-process", action="store_true", help="run every role in this one process")
         if name == "train":
-            s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint set")
+            s.add_argument(
+                "--resume",
+                nargs="?",
+                const=True,
+                default=False,
+                type=_resume_mode,
+                metavar="auto",
+                help="continue from the newest complete checkpoint set (refused when there is none, or when the "
+                "config differs in what it trains); --resume=auto continues if there is a set and starts otherwise",
+            )
     ins = sub.add_parser("inspect", help="summarize a results.h5 (also of a crashed or running run)")
     ins.add_argument("results", help="results.h5 of a run")
     ins.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -92,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     prep.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _resume_mode(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', not {text!r}")
+    return text
 
 
 def _setup_logging() -> None:
@@ -218,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return _read_results(args)
     try:
         cfg = load(args.config, args.set)
-        resume = args.command == "sample" or args.resume
+        resume = True if args.command == "sample" else args.resume
         if args.command == "sample":
             rounds = checkpoint.complete_rounds(cfg.run.output_dir)
             if not rounds:

@@ -14,7 +14,9 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,6 +153,8 @@ class Config:
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 
+CLIENT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+
 CHOICES = {
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.split": ("markov", "reference"),
@@ -266,6 +270,14 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             "config key 'server.aggregate' is 'sequential', which needs server.count: 1 "
             "(several server replicas step together on their concatenated batches)"
         )
+    models = [("server.model", cfg.server.model)] + [(f"clients.{i}.model", c.model) for i, c in enumerate(cfg.clients)]
+    for key, m in models:
+        if m.base_channels < 1 or m.num_res_blocks < 1:
+            raise ValueError(f"config key '{key}': base_channels and num_res_blocks must be >= 1")
+        if not m.channel_mult or min(m.channel_mult) < 1:
+            raise ValueError(f"config key '{key}.channel_mult' is {m.channel_mult}; give one multiplier >= 1 per level")
+        if not 0 <= m.dropout < 1:
+            raise ValueError(f"config key '{key}.dropout' must be in [0, 1), got {m.dropout}")
     for name in ("rounds", "log_every", "samples_per_client", "sample_batch", "keep_checkpoints", "stop_check_every"):
         if getattr(cfg.run, name) < 1:
             raise ValueError(f"config key 'run.{name}' must be >= 1, got {getattr(cfg.run, name)}")
@@ -283,6 +295,11 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         key = f"clients.{i}"
         if not c.id:
             raise ValueError(f"config key '{key}.id' is missing; give each client a unique name")
+        if not CLIENT_ID.fullmatch(c.id):
+            raise ValueError(
+                f"config key '{key}.id' is {c.id!r}; ids name files and HDF5 groups, so use letters, digits, "
+                "'_', '-' and '.', not starting with '.' (e.g. 'c0', 'hospital_a')"
+            )
         if ids.count(c.id) > 1:
             raise ValueError(f"config key '{key}.id': client id {c.id!r} is used twice")
         if (c.cut_ratio is None) == (c.cut_step is None):
@@ -311,6 +328,62 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             )
 
 
+# Keys a resumed run may change: how long, how often, where and how fast it runs, and
+# how it is evaluated, but not what it trains (any other difference refuses --resume).
+# Shards may move (data staged elsewhere) but must hold the same images.
+RESUMABLE = (
+    "run.output_dir",
+    "run.rounds",
+    "run.log_every",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.samples_per_client",
+    "run.sample_batch",
+    "run.threads",
+    "run.timeout_s",
+    "run.stop_check_every",
+    "run.watchdog_s",
+    "run.profile_rounds",
+    "diffusion.sampling_steps",
+    "server.device",
+    "server.compile",
+    "clients.*.device",
+    "clients.*.compile",
+    "clients.*.shard",
+    "clients.*.allow_centralized",
+    "eval.*",
+    "fault.*",
+)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.0.c": value}; lists of mappings are indexed, other lists are values."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """``'key: old -> new'`` for each key outside :data:`RESUMABLE` that differs between
+    the config a run was started with (``saved``) and ``current`` (both as dicts)."""
+    old, new = _flatten(saved), _flatten(current)
+    if len(saved.get("clients", [])) != len(current.get("clients", [])):
+        return [f"clients: {len(saved.get('clients', []))} -> {len(current.get('clients', []))} clients"]
+    missing = object()
+    return [
+        f"{key}: {old.get(key, '(none)')!r} -> {new.get(key, '(none)')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing) and not any(fnmatch.fnmatch(key, p) for p in RESUMABLE)
+    ]
+
+
 def load(path: str | None, overrides: list[str] = (), check_files: bool = True) -> Config:
     """Read YAML, apply ``key=value`` overrides, build and validate the config."""
     raw: dict = {}
@@ -320,6 +393,10 @@ def load(path: str | None, overrides: list[str] = (), check_files: bool = True) 
                 raw = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ValueError(f"config file {path!r} not found") from None
+        except OSError as e:  # a folder, no permission, ...
+            raise ValueError(f"config file {path!r} cannot be read: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {path!r} is not text (YAML expected)") from None
         except yaml.YAMLError as e:
             raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):

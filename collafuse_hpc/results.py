@@ -77,6 +77,13 @@ def create_index(path: str, config_yaml: str, seed: int, roles: dict[str, str]) 
     os.replace(tmp, path)
 
 
+def record_config(path: str, config_yaml: str) -> None:
+    """A resumed run's config replaces the one results.h5 holds (they differ only in
+    keys that may change on resume: rounds, logging, devices, ...)."""
+    with _open(path, "a") as f:
+        f.attrs["config"] = config_yaml
+
+
 def _open(path: str, mode: str) -> h5py.File:
     """Open a part file without HDF5's file lock: someone reading results of a live
     run (h5dump, tools/, a notebook) must never make a training rank fail."""

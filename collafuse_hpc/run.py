@@ -23,17 +23,18 @@ import torch
 
 from . import checkpoint
 from .client import Client
-from .config import Config, cut_step, dump
-from .data import inspect_shard, to_uint8
+from .config import Config, cut_step, dump, resume_differences, to_dict
+from .data import ShardReader, inspect_shard, to_uint8
 from .features import inception_path
 from .launch import Launch, discover, init_process_groups, resolve_device, threads_per_rank
 from .lock import RunLock
 from .lock import check as check_lock
 from .preemption import Preempted, StopRequest
 from .profiling import RoundProfiler
-from .results import RoleResults, create_index, part_name, save_grid
+from .results import RoleResults, create_index, part_name, record_config, save_grid
 from .server import Server
 from .topology import Topology
+from .unet import UNet
 from .watchdog import Watchdog
 from .wire import DistWire, Kind, LocalHub, LocalWire, Message, PeerFailure, Wire
 
@@ -69,8 +70,14 @@ class Context:
             self.watchdog.beat(what)
 
 
-def preflight(cfg: Config, resume: bool) -> int:
-    """Checks every rank makes before any collective; returns the round to start at."""
+def preflight(cfg: Config, resume: bool | str) -> int:
+    """Checks every rank makes before any collective and before any file is written;
+    returns the round to start at.
+
+    Args:
+        resume: False (a new run), True (continue the newest complete checkpoint set;
+            refused without one) or "auto" (continue one if there is one, else start).
+    """
     for i, c in enumerate(cfg.clients):
         info = inspect_shard(c.shard)
         want = (cfg.data.channels, cfg.data.image_size)
@@ -81,16 +88,94 @@ def preflight(cfg: Config, resume: bool) -> int:
             )
         if (c.labels or c.share_labels) and not info.has_labels:
             raise ValueError(f"clients.{i} uses labels, but shard {c.shard!r} has no labels")
+        if c.labels or c.share_labels:
+            labels = ShardReader(c.shard, "train").labels()
+            if labels.min() < 0 or labels.max() >= cfg.data.num_classes:
+                raise ValueError(
+                    f"clients.{i} uses labels, but shard {c.shard!r} has labels {labels.min()}..{labels.max()}, "
+                    f"outside [0, data.num_classes = {cfg.data.num_classes}): set data.num_classes to at least "
+                    f"{labels.max() + 1}"
+                )
+        if c.batch_size > info.counts["train"]:
+            raise ValueError(
+                f"config key 'clients.{i}.batch_size' is {c.batch_size}, but shard {c.shard!r} holds only "
+                f"{info.counts['train']} train images"
+            )
+    _check_models(cfg)
     if cfg.eval.at_end and cfg.eval.extractor == "inception":
         inception_path(cfg.eval.inception_path)  # a missing file fails now, not after training
     index = os.path.join(cfg.run.output_dir, "results.h5")
-    if not resume and os.path.exists(index):
+    if not resume:
+        if os.path.exists(index):
+            raise ValueError(
+                f"{index!r} holds results of an earlier run; pass --resume to continue it or set "
+                "run.output_dir to a new folder"
+            )
+        return 0
+    return _resume_round(cfg, auto=resume == "auto")
+
+
+def _check_models(cfg: Config) -> None:
+    """Build every distinct model on the meta device (no memory, no arithmetic) and run
+    one forward pass, so sizes that cannot work fail now, naming their key."""
+    size, channels = cfg.data.image_size, cfg.data.channels
+    shared = any(c.share_labels for c in cfg.clients)
+    specs = {("server.model", repr(cfg.server.model), cfg.data.num_classes + 1 if shared else 0, True)}
+    for i, c in enumerate(cfg.clients):
+        specs.add((f"clients.{i}.model", repr(c.model), cfg.data.num_classes if c.labels else 0, False))
+    seen = set()
+    for key, model, classes, cut in sorted(specs):
+        if (model, classes, cut) in seen:
+            continue
+        seen.add((model, classes, cut))
+        m = cfg.server.model if key == "server.model" else cfg.clients[int(key.split(".")[1])].model
+        try:
+            with torch.device("meta"):
+                t = torch.zeros(1, dtype=torch.long)
+                net = UNet(m, channels, size, num_classes=classes, cut_conditioning=cut)
+                net(torch.zeros(1, channels, size, size), t, t if cut else None, t if classes else None)
+        except (ValueError, RuntimeError, AssertionError) as e:
+            raise ValueError(
+                f"config key '{key}' ({model}) does not give a working UNet for {channels}x{size}x{size} images: "
+                f"{(str(e).splitlines() or [type(e).__name__])[0]} (channel counts base_channels x channel_mult "
+                "should be multiples of 4, or of 32 from 128 on; image_size divisible by 2^(levels - 1))"
+            ) from None
+
+
+def _resume_round(cfg: Config, auto: bool) -> int:
+    """The newest complete set's round, after checking that this config may continue it."""
+    out = cfg.run.output_dir
+    rounds = checkpoint.complete_rounds(out)
+    if not rounds:
+        if auto:
+            return 0
         raise ValueError(
-            f"{index!r} holds results of an earlier run; pass --resume to continue it or set "
-            "run.output_dir to a new folder"
+            f"--resume: {checkpoint.describe(out)}, so there is nothing to continue. Start without --resume "
+            "(a new run.output_dir), or pass --resume=auto to continue when a set exists and start otherwise"
         )
-    rounds = checkpoint.complete_rounds(cfg.run.output_dir) if resume else []
-    return min(rounds[-1], cfg.run.rounds) if rounds else 0
+    saved, errors = None, []
+    for r in reversed(rounds):  # the newest set whose config reads (a damaged file falls back, as on restore)
+        try:
+            saved = checkpoint.saved_config(out, r)
+            break
+        except ValueError as e:
+            errors.append(str(e))
+    if saved is None:
+        raise ValueError(f"--resume: no checkpoint set in {out!r} can be read: {'; '.join(errors)}")
+    differences = resume_differences(saved, to_dict(cfg))
+    if differences:
+        raise ValueError(
+            f"--resume: this config differs from the run in {out!r} in keys that change what it trains: "
+            f"{'; '.join(differences)}. Resume with the run's config (only rounds, logging, checkpointing, "
+            "timeouts, devices, shard paths, sampling steps and eval settings may change), or start a new "
+            "run.output_dir"
+        )
+    if cfg.run.rounds < rounds[-1]:
+        raise ValueError(
+            f"--resume: the run in {out!r} has finished {rounds[-1]} rounds, but run.rounds is {cfg.run.rounds}; "
+            "rounds are never undone: raise run.rounds to train on, or use 'collafuse-hpc sample' to sample again"
+        )
+    return rounds[-1]
 
 
 def _fault(ctx: Context, round_: int) -> None:
@@ -424,6 +509,8 @@ def _start(cfg: Config, topo: Topology) -> None:
     index = os.path.join(cfg.run.output_dir, "results.h5")
     if not os.path.exists(index):
         create_index(index, dump(cfg), cfg.run.seed, _index_roles(cfg, topo))
+    else:  # resumed: record the config it runs on (only RESUMABLE keys can differ)
+        record_config(index, dump(cfg))
 
 
 def _job_key(launch: Launch) -> str:
@@ -471,6 +558,8 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
         ctx.beat("the end of the run")
         gathered = [None] * topo.world_size
         torch.distributed.all_gather_object(gathered, summary)
+        if watchdog is not None:  # no peer is waited for from here on; an evaluation may take hours
+            watchdog.stop()
         if rank == 0:
             _log_losses(cfg, topo)
             print_summary(cfg, dict(enumerate(gathered)), topo, time.perf_counter() - t0)

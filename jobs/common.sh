@@ -22,7 +22,7 @@ collafuse_run() {
   shift
   local out=${OUTPUT_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
   local resume=()
-  [ -f "$out/results.h5" ] && resume=(--resume)
+  [ -f "$out/results.h5" ] && resume=(--resume=auto)
   echo "collafuse: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST -> $out"
   srun --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" "$VENV/bin/python" -m collafuse_hpc train "$config" \
     --set "run.output_dir=$out" "${resume[@]}" "$@" &

@@ -26,7 +26,7 @@ for c in "${cuts[@]}"; do
     continue
   fi
   extra=()
-  [ -f "$out/results.h5" ] && extra=(--resume)  # an interrupted run continues
+  [ -f "$out/results.h5" ] && extra=(--resume=auto)  # an interrupted run continues (or starts over without a checkpoint)
   [ "$(awk -v c="$c" 'BEGIN { print (c == 0) }')" = 1 ] && extra+=(--set "clients.*.allow_centralized=true")
   echo "sweep: c = $c -> $out"
   bash jobs/local.sh "$np" train "$config" --set "run.output_dir=$out" --set "clients.*.cut_ratio=$c" \

@@ -399,10 +399,10 @@ def test_local_sweep_trains_evaluates_and_reports(tmp_path, shards):
 
 
 @pytest.mark.mpi
-def test_at_end_evaluation_under_mpirun(tmp_path, shards):
-    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2)
-    raw["eval"]["at_end"] = True
+def test_at_end_evaluation_under_mpirun_outlasts_the_watchdog(tmp_path, shards):
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2, watchdog_s=4)
+    raw["eval"].update(at_end=True, images=48)  # evaluating takes longer than the watchdog's limit
     done = run_mpi(3, ["train", write_config(tmp_path / "run.yaml", raw)])
     assert done.returncode == 0, done.stderr[-3000:]
     with h5py.File(tmp_path / "out/results.h5") as f:
-        assert f["metrics/pooled/collaborative"].attrs["images"] == 16
+        assert f["metrics/pooled/collaborative"].attrs["images"] == 96

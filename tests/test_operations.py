@@ -15,6 +15,7 @@ import pytest
 from conftest import MPIRUN_ENV, mpirun, tiny_config, write_config
 
 from collafuse_hpc import checkpoint
+from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
 from collafuse_hpc.preemption import EXIT_REQUEUE, Preempted, StopRequest
 from collafuse_hpc.run import run_in_process
@@ -161,3 +162,43 @@ def test_a_reader_of_a_live_run_never_blocks_the_writer(tmp_path):
     finally:
         reader.kill()
     assert list(results.column("rounds", "round")) == [0, 1]
+
+
+def _tree(folder):
+    """sha256 of every file under ``folder``: a refused command must change none of them."""
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_mistakes_are_refused_before_anything_is_written(tmp_path, shards, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="collafuse_hpc")
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=4, checkpoint_every=2)
+    config = write_config(tmp_path / "run.yaml", raw)
+    assert main(["train", config, "--in-process"]) == 0
+    before = _tree(tmp_path / "out")
+    mistakes = {  # what the user changed -> what the refusal must name
+        ("--set", "server.model.base_channels=16"): "server.model.base_channels: 8 -> 16",
+        ("--set", "clients.0.cut_ratio=0.5"): "clients.0.cut_ratio: 0.25 -> 0.5",
+        ("--set", "run.seed=1"): "run.seed: 0 -> 1",
+        ("--set", "run.rounds=2"): "has finished 4 rounds, but run.rounds is 2; rounds are never undone",
+        ("--set", "run.output_dir=" + str(tmp_path / "elsewhere")): "there is no checkpoints folder",
+    }
+    for args, message in mistakes.items():
+        assert main(["train", config, "--in-process", "--resume", *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert _tree(tmp_path / "out") == before and not (tmp_path / "elsewhere").exists()
+    # keys that do not change what the run trains may change; results.h5 then records them
+    more = ["--set", "run.rounds=6", "--set", "run.log_every=3", "--set", "eval.images=4"]
+    (tmp_path / "out/checkpoints/round_00000003").mkdir()  # left half-written by a crash: never resumable
+    assert main(["train", config, "--in-process", "--resume", *more]) == 0
+    with h5py.File(tmp_path / "out/results.h5") as f:
+        assert "rounds: 6" in f.attrs["config"] and len(f["server/rounds/round"]) == 6
+    assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == ["round_00000004", "round_00000006"]
+    # --resume=auto starts a run that has no checkpoint yet, and continues one that has
+    fresh = ["--set", "run.output_dir=" + str(tmp_path / "fresh")]
+    caplog.clear()
+    assert main(["train", config, "--in-process", "--resume=auto", *fresh]) == 0
+    assert "resuming" not in caplog.text
+    assert main(["train", config, "--in-process", "--resume=auto", *fresh, "--set", "run.rounds=6"]) == 0
+    assert "resuming from the checkpoint set of round 4" in caplog.text

@@ -29,6 +29,7 @@ import torch
 
 SCHEMA = "collafuse-shard"
 SCHEMA_VERSION = 2
+REQUIRED_ATTRS = ("channels", "image_size", "content_hash", "train_count", "test_count")
 SPLITS = ("train", "test")
 
 
@@ -137,6 +138,9 @@ def inspect_shard(path: str, verify_hash: bool = False) -> ShardInfo:
                 f"shard {path!r} has schema_version {f.attrs.get('schema_version')}; "
                 f"this package reads version {SCHEMA_VERSION}: prepare it again"
             )
+        missing = [a for a in REQUIRED_ATTRS if a not in f.attrs]
+        if missing:
+            raise ValueError(f"shard {path!r} lacks the attribute(s) {missing}: it is damaged; prepare it again")
         names = tuple(str(n) for n in f.attrs.get("attribute_names", []))
         geometry = (int(f.attrs["channels"]), int(f.attrs["image_size"]), int(f.attrs["image_size"]))
         counts, labels = {}, []
@@ -158,6 +162,10 @@ def inspect_shard(path: str, verify_hash: bool = False) -> ShardInfo:
             for key, shape in (("labels", (n,)), ("ids", (n,)), ("attributes", (n, len(names)))):
                 if key in g and g[key].shape != shape:
                     raise ValueError(f"shard {path!r}: '{split}/{key}' has shape {g[key].shape}, expected {shape}")
+            if "labels" in g and g["labels"].dtype.kind not in "iu":
+                raise ValueError(
+                    f"shard {path!r}: '{split}/labels' holds {g['labels'].dtype} values; class labels must be integers"
+                )
             counts[split] = n
             labels.append("labels" in g)
         if verify_hash:

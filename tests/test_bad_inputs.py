@@ -1,0 +1,128 @@
+"""The bad-input corpus: every input a user got wrong that we know of, with the exit
+code and a fragment of the one-line message it must give. Nothing may be written.
+
+Add a row for every defect found. A row is (name, change, exit code, fragment):
+``change(raw, tmp_path, shards)`` edits the config dict or the files it names and
+returns extra command-line arguments (or a replacement config path as ``str``).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from conftest import tiny_config, write_config
+
+from collafuse_hpc.cli import main
+
+
+def _set(path: str, value):
+    """A change that sets one config key (``a.b.0.c``)."""
+
+    def change(raw, tmp_path, shards):
+        *parents, last = path.split(".")
+        node = raw
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+        return []
+
+    return change
+
+
+def _args(*args: str):
+    return lambda raw, tmp_path, shards: list(args)
+
+
+def _shard(edit):
+    """A change to a copy of client 0's shard."""
+
+    def change(raw, tmp_path, shards):
+        copy = tmp_path / "edited.h5"
+        shutil.copy(shards[0], copy)
+        with h5py.File(copy, "a") as f:
+            edit(f)
+        raw["clients"][0]["shard"] = str(copy)
+        return []
+
+    return change
+
+
+def _float_labels(f):
+    labels = f["train/labels"][()]
+    del f["train/labels"]
+    f["train/labels"] = labels.astype(np.float32) + 0.5
+
+
+def _labels_beyond(f):
+    f["train/labels"][0] = 12  # data.num_classes is 10
+
+
+def _labels_on(change):
+    def both(raw, tmp_path, shards):
+        raw["clients"][0]["share_labels"] = True
+        return change(raw, tmp_path, shards)
+
+    return both
+
+
+def _folder_as_config(raw, tmp_path, shards):
+    return str(tmp_path)
+
+
+CORPUS = [
+    ("config path is a folder", _folder_as_config, 2, "cannot be read: Is a directory"),
+    ("unknown key", _set("run.roundz", 3), 2, "unknown config key(s) ['roundz'] in section 'run'"),
+    ("wrong type", _set("run.rounds", "many"), 2, "config key 'run.rounds' must be int"),
+    ("rounds 0", _set("run.rounds", 0), 2, "'run.rounds' must be >= 1"),
+    ("cut ratio above 1", _set("clients.0.cut_ratio", 1.5), 2, "'clients.0.cut_ratio' must be in [0, 1]"),
+    ("cut 0 without opt-in", _set("clients.0.cut_ratio", 0.0), 2, "allow_centralized"),
+    ("missing shard", _set("clients.0.shard", "/nowhere/c0.h5"), 2, "file '/nowhere/c0.h5' not found"),
+    ("image size of another shard", _set("data.image_size", 16), 2, "holds 1x8x8 images, but 'data' asks for"),
+    ("client id with a path", _set("clients.0.id", "../../x"), 2, "'clients.0.id' is '../../x'; ids name files"),
+    ("client id twice", _set("clients.1.id", "c0"), 2, "client id 'c0' is used twice"),
+    ("empty channel_mult", _set("server.model.channel_mult", []), 2, "'server.model.channel_mult' is []"),
+    (
+        "GroupNorm cannot split",
+        _set("server.model.base_channels", 10),
+        2,
+        "num_channels (30) must be divisible by num_groups (7)",
+    ),
+    ("width 144 in 32 groups", _set("clients.1.model.base_channels", 36), 2, "must be divisible by num_groups (32)"),
+    ("batch larger than the shard", _set("clients.0.batch_size", 100000), 2, "is 100000, but shard"),
+    ("dropout 1", _set("server.model.dropout", 1.0), 2, "'server.model.dropout' must be in [0, 1)"),
+    ("sampling steps above T", _set("diffusion.sampling_steps", 99), 2, "'diffusion.sampling_steps' must be in"),
+    ("unknown choice", _set("diffusion.schedule", "quadratic"), 2, "valid: ['linear', 'cosine']"),
+    ("shard without channels", _shard(lambda f: f.attrs.__delitem__("channels")), 2, "lacks the attribute(s)"),
+    ("float labels", _labels_on(_shard(_float_labels)), 2, "holds float32 values; class labels must be integers"),
+    ("labels beyond num_classes", _labels_on(_shard(_labels_beyond)), 2, "set data.num_classes to at least 13"),
+    ("override without =", _args("--set", "run.rounds"), 2, "must look like key.path=value"),
+    ("resume without a checkpoint", _args("--resume"), 2, "nothing to continue"),
+    ("resume with a value", _args("--resume=yes"), 2, "--resume takes no value or 'auto'"),
+]
+
+
+def _exit_code(args: list[str]) -> int:
+    try:
+        return main(args)
+    except SystemExit as e:  # argparse refuses the command line itself
+        return e.code
+
+
+@pytest.mark.parametrize("name, change, code, fragment", CORPUS, ids=[row[0] for row in CORPUS])
+def test_bad_input_gives_one_clear_line_and_writes_nothing(tmp_path, shards, capsys, name, change, code, fragment):
+    out = tmp_path / "out"
+    raw = tiny_config(shards, out, [0.25, 0.5])
+    extra = change(raw, tmp_path, shards)
+    config, args = (extra, []) if isinstance(extra, str) else (write_config(tmp_path / "run.yaml", raw), extra)
+    got = _exit_code(["train", config, "--in-process", *args])
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert fragment in err, err
+    assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1, err
+    assert not out.exists()
