@@ -17,8 +17,9 @@ Launch lines::
     collafuse-hpc evaluate configs/quickstart.yaml
 
 Exit status: 0 done, 1 a rank failed (the message names it), 2 bad input,
-75 stopped by SIGUSR1/SIGTERM at a round boundary with a checkpoint set (requeue
-and continue with --resume).
+75 stopped by SIGUSR1/SIGTERM/SIGINT at a round boundary with a checkpoint set (requeue
+and continue with --resume), 130 interrupted by a second SIGINT (the newest complete
+checkpoint set is kept).
 """
 
 from __future__ import annotations
@@ -250,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_in_process(cfg, resume, stop)
     except Preempted as e:
         return _die(EXIT_REQUEUE, str(e), hard=distributed, label="stopped")
+    except KeyboardInterrupt:
+        rounds = checkpoint.complete_rounds(cfg.run.output_dir)
+        kept = f"the checkpoint set of round {rounds[-1]} is kept" if rounds else "no checkpoint set was written yet"
+        return _die(130, f"interrupted (Ctrl-C twice); {kept}: continue with --resume=auto", hard=True)
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=distributed)
     except Exception as e:  # noqa: BLE001 - one clear line per failed rank, then exit non-zero

@@ -1,11 +1,12 @@
-"""Preemption: SIGUSR1 or SIGTERM asks every rank to stop at the next round boundary.
+"""Preemption: SIGUSR1, SIGTERM or SIGINT asks every rank to stop at the next round boundary.
 
 The signal only sets a flag. Every ``run.stop_check_every`` rounds all ranks agree on
 it with one small non-blocking collective (``Wire.any_rank_later``, read at the next
 check), write a complete checkpoint set,
 flush their results and exit with :data:`EXIT_REQUEUE`, which the job scripts
 turn into ``scontrol requeue``; the requeued job resumes from that set.
-SLURM's ``--signal=B:USR1@120`` gives the lead time.
+SLURM's ``--signal=B:USR1@120`` gives the lead time. A second SIGINT (Ctrl-C twice)
+interrupts at once: the newest complete checkpoint set stays as it was.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ class Preempted(Exception):
         self.round = round_
 
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
-    """A flag set by SIGUSR1/SIGTERM while used as a context manager (main thread
-    only); the previous handlers come back on exit."""
+    """A flag set by SIGUSR1/SIGTERM/SIGINT while used as a context manager (main
+    thread only); the previous handlers come back on exit."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -53,4 +54,6 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # Ctrl-C twice: do not wait for the round boundary
         self.signal_name = signal.Signals(signum).name

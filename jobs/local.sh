@@ -5,6 +5,12 @@
 #
 # NP must equal server.count + number of clients. Works as root and with more
 # ranks than cores (Open MPI from PyPI needs flags for both; MPICH needs none).
+#
+# SIGTERM or SIGINT (Ctrl-C) to this script stops the run at the next round
+# boundary with a checkpoint set (exit 75; continue with --resume): the script
+# hands them to mpirun as SIGUSR1, which mpirun forwards. mpirun itself, signalled
+# with SIGTERM or SIGINT, kills its ranks at once: then the newest complete
+# checkpoint set stays as it was, and the round in progress is lost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 np=${1:?usage: jobs/local.sh NP train|sample CONFIG [args]}
@@ -15,4 +21,21 @@ export OMPI_MCA_btl=${OMPI_MCA_btl:-self,tcp}  # no stale /dev/shm segments
 export PRTE_MCA_rmaps_default_mapping_policy=${PRTE_MCA_rmaps_default_mapping_policy:-:oversubscribe}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 MPIRUN=${MPIRUN:-$VENV/bin/mpirun}
-exec "$MPIRUN" -np "$np" "$VENV/bin/python" -m collafuse_hpc "$@"
+# mpirun in its own process group, so a Ctrl-C at the terminal reaches only this script
+set -m
+"$MPIRUN" -np "$np" "$VENV/bin/python" -m collafuse_hpc "$@" &
+launcher=$!
+set +m
+stop() {
+  echo "collafuse: $1, ranks stop at the next round boundary" >&2
+  kill -USR1 "$launcher" 2>/dev/null || true
+}
+trap 'stop SIGTERM' TERM
+trap 'stop SIGINT' INT
+rc=0
+wait "$launcher" || rc=$?
+while kill -0 "$launcher" 2>/dev/null; do  # wait returns early when a trap runs
+  rc=0
+  wait "$launcher" || rc=$?
+done
+exit "$rc"

@@ -8,11 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import MPIRUN_ENV, mpirun, tiny_config, write_config
+from conftest import MPIRUN_ENV, mpirun, run_mpi, spawn_ranks, tiny_config, wait_for_rounds, write_config
 
 from collafuse_hpc import checkpoint
 from collafuse_hpc.cli import main
@@ -20,6 +21,8 @@ from collafuse_hpc.config import from_dict
 from collafuse_hpc.preemption import EXIT_REQUEUE, Preempted, StopRequest
 from collafuse_hpc.run import run_in_process
 from collafuse_hpc.watchdog import Watchdog
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _losses(out):
@@ -202,3 +205,52 @@ def test_resume_mistakes_are_refused_before_anything_is_written(tmp_path, shards
     assert "resuming" not in caplog.text
     assert main(["train", config, "--in-process", "--resume=auto", *fresh, "--set", "run.rounds=6"]) == 0
     assert "resuming from the checkpoint set of round 4" in caplog.text
+
+
+def _launch(launcher: str, cfg: str, tmp_path) -> list[subprocess.Popen]:
+    """The run's processes: the launcher first (local.sh, mpirun) or every rank (torchrun-style)."""
+    env = {**os.environ, **MPIRUN_ENV, "MPIRUN": mpirun(), "VENV": str(Path(sys.executable).parent.parent)}
+    if launcher == "ranks":
+        return spawn_ranks(3, ["train", cfg], tmp_path / "logs")
+    cmd = ["bash", str(ROOT / "jobs/local.sh"), "3"] if launcher == "local.sh" else [mpirun(), "-np", "3"]
+    if launcher == "mpirun":
+        cmd += [sys.executable, "-m", "collafuse_hpc"]
+    return [subprocess.Popen([*cmd, "train", cfg], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
+
+
+# (launcher, signal, who gets it, exit status): the ways a run is stopped by a person, a
+# scheduler or a launcher. mpirun kills its ranks at once on SIGTERM/SIGINT; there the
+# newest complete checkpoint set must stay intact and the run continue from it.
+SIGNAL_MATRIX = [
+    ("local.sh", signal.SIGTERM, "launcher", EXIT_REQUEUE),
+    ("local.sh", signal.SIGINT, "launcher", EXIT_REQUEUE),
+    ("ranks", signal.SIGTERM, "every rank", EXIT_REQUEUE),
+    ("ranks", signal.SIGINT, "one client", EXIT_REQUEUE),
+    ("mpirun", signal.SIGTERM, "launcher", "killed"),
+]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("launcher, sig, target, expected", SIGNAL_MATRIX, ids=lambda v: getattr(v, "name", str(v)))
+def test_a_signal_mid_training_keeps_a_complete_checkpoint_set_to_continue_from(
+    tmp_path, shards, launcher, sig, target, expected
+):
+    rounds = 200
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=rounds, log_every=1, checkpoint_every=2)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    procs = _launch(launcher, cfg, tmp_path)
+    wait_for_rounds(tmp_path / "out/parts/server_0.h5", 5)
+    for p in procs if target == "every rank" else procs[1:2] if target == "one client" else procs[:1]:
+        p.send_signal(sig)
+    codes = [p.wait(timeout=90) for p in procs]
+    sets = checkpoint.complete_rounds(str(tmp_path / "out"))
+    if expected == "killed":
+        assert codes[0] not in (0, EXIT_REQUEUE) and sets, codes
+    else:
+        assert codes == [EXIT_REQUEUE] * len(procs)
+        assert 5 <= sets[-1] < rounds and len(sets) <= 2  # the stop's set, keep_checkpoints 2
+    for rank in range(3):  # every file of the newest set loads
+        checkpoint.load_rank(str(tmp_path / "out"), sets[-1], rank)
+    if launcher == "mpirun":  # continue from it to the end
+        done = run_mpi(3, ["train", cfg, "--resume"])
+        assert done.returncode == 0 and f"resuming from the checkpoint set of round {sets[-1]}" in done.stderr
