@@ -9,6 +9,9 @@ at). Files are written atomically (temp file, fsync, rename) and loaded with
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import re
 import shutil
@@ -25,13 +28,29 @@ def set_dir(output_dir: str, round_: int) -> str:
 
 
 def save_atomic(path: str, obj: dict) -> None:
+    """Write ``obj`` to ``path`` through a temporary file, fsync'd, then renamed.
+
+    A failed write leaves nothing behind; a full disk raises OSError(ENOSPC) that
+    names the file, the bytes it needs and the bytes free."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        need, free = _serialized_size(obj), shutil.disk_usage(os.path.dirname(path)).free
+        if getattr(e, "errno", None) == errno.ENOSPC or free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left for checkpoint {path!r}: it needs {need} bytes, {free} are free. Free space (or "
+                "point run.output_dir elsewhere), then continue with --resume: the newest complete set is kept",
+            ) from None
+        raise
     dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -39,12 +58,37 @@ def save_atomic(path: str, obj: dict) -> None:
         os.close(dir_fd)
 
 
+class _ByteCounter(io.RawIOBase):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.count += len(data)
+        return len(data)
+
+
+def _serialized_size(obj: dict) -> int:
+    """Bytes that torch.save writes for ``obj`` (counted, not stored)."""
+    counter = _ByteCounter()
+    torch.save(obj, counter)
+    return counter.count
+
+
 def save_rank(output_dir: str, round_: int, rank: int, state: dict, config_yaml: str) -> None:
-    """Save this rank's state for the set of ``round_`` (call on every rank)."""
-    save_atomic(
-        os.path.join(set_dir(output_dir, round_), f"rank{rank}.pt"),
-        {"format": FORMAT, "round": round_, "rank": rank, "config": config_yaml, "state": state},
-    )
+    """Save this rank's state for the set of ``round_`` (call on every rank). On a full
+    disk the whole set is removed: it can never complete, and its files take space."""
+    try:
+        save_atomic(
+            os.path.join(set_dir(output_dir, round_), f"rank{rank}.pt"),
+            {"format": FORMAT, "round": round_, "rank": rank, "config": config_yaml, "state": state},
+        )
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            shutil.rmtree(set_dir(output_dir, round_), ignore_errors=True)
+        raise
 
 
 def mark_complete(output_dir: str, round_: int, keep: int) -> None:
@@ -55,8 +99,14 @@ def mark_complete(output_dir: str, round_: int, keep: int) -> None:
         f.write(f"{round_}\n")
     for r in complete_rounds(output_dir)[:-keep]:
         shutil.rmtree(set_dir(output_dir, r), ignore_errors=True)
+    remove_incomplete(output_dir, before=round_)
+
+
+def remove_incomplete(output_dir: str, before: int | None = None) -> None:
+    """Delete set folders without a COMPLETE marker (all, or those older than ``before``):
+    a crash, a kill or a full disk left them half-written, and no resume uses them."""
     for r in _set_rounds(output_dir):
-        if r < round_ and not os.path.exists(os.path.join(set_dir(output_dir, r), MARKER)):
+        if (before is None or r < before) and not os.path.exists(os.path.join(set_dir(output_dir, r), MARKER)):
             shutil.rmtree(set_dir(output_dir, r), ignore_errors=True)
 
 

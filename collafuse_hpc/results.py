@@ -26,7 +26,10 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import time
 
 import h5py
@@ -80,7 +83,7 @@ def create_index(path: str, config_yaml: str, seed: int, roles: dict[str, str]) 
 def record_config(path: str, config_yaml: str) -> None:
     """A resumed run's config replaces the one results.h5 holds (they differ only in
     keys that may change on resume: rounds, logging, devices, ...)."""
-    with _open(path, "a") as f:
+    with _writing(path) as f:
         f.attrs["config"] = config_yaml
 
 
@@ -88,6 +91,31 @@ def _open(path: str, mode: str) -> h5py.File:
     """Open a part file without HDF5's file lock: someone reading results of a live
     run (h5dump, tools/, a notebook) must never make a training rank fail."""
     return h5py.File(path, mode, locking=False)
+
+
+RESERVE_BYTES = 4 << 20  # free space below which results are not written (HDF5 breaks files on a full disk)
+
+
+@contextlib.contextmanager
+def _writing(path: str, mode: str = "a"):
+    """Open ``path`` to write; OSError naming the file when it cannot be.
+
+    HDF5 can leave a file unreadable when a write fails half-way for lack of space,
+    so nothing is written with less than RESERVE_BYTES free: the rows written
+    before stay readable."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if free < RESERVE_BYTES:
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left to write results to {path!r}: {free} bytes free, {RESERVE_BYTES} needed to write "
+            "safely. The rows written before are kept; free space (or move run.output_dir), then continue "
+            "with --resume",
+        )
+    try:
+        with _open(path, mode) as f:
+            yield f
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write results to {path!r}: {str(e).splitlines()[0]}") from None
 
 
 class RoleResults:
@@ -107,7 +135,7 @@ class RoleResults:
         self.path = path
         self._rows: dict[str, list[dict[str, float]]] = {}
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with _open(path, "a" if resume_round is not None else "w") as f:
+        with _writing(path, "a" if resume_round is not None else "w") as f:
             f.attrs.update(attrs)
             for group in f.values():
                 if resume_round is not None and isinstance(group, h5py.Group) and "round" in group:
@@ -123,7 +151,7 @@ class RoleResults:
         pending, self._rows = self._rows, {}
         if not pending:
             return
-        with _open(self.path, "a") as f:
+        with _writing(self.path) as f:
             for group, rows in pending.items():
                 g = f.require_group(group)
                 for name in rows[0]:
@@ -143,14 +171,14 @@ class RoleResults:
 
     def write(self, name: str, data: np.ndarray, **attrs) -> None:
         """Write (or replace) dataset ``name`` with optional attributes."""
-        with _open(self.path, "a") as f:
+        with _writing(self.path) as f:
             if name in f:
                 del f[name]
             ds = f.create_dataset(name, data=data)
             ds.attrs.update(attrs)
 
     def write_attrs(self, group: str, attrs: dict) -> None:
-        with _open(self.path, "a") as f:
+        with _writing(self.path) as f:
             f.require_group(group).attrs.update(attrs)
 
 

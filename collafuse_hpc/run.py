@@ -511,6 +511,7 @@ def _start(cfg: Config, topo: Topology) -> None:
         create_index(index, dump(cfg), cfg.run.seed, _index_roles(cfg, topo))
     else:  # resumed: record the config it runs on (only RESUMABLE keys can differ)
         record_config(index, dump(cfg))
+        checkpoint.remove_incomplete(cfg.run.output_dir)  # left by the run that stopped: free their space
 
 
 def _job_key(launch: Launch) -> str:

@@ -1,0 +1,83 @@
+"""A full disk: nothing half-written stays, the message names the file and the space,
+the newest complete checkpoint set and every written round stay readable, and the
+run continues once there is space again. Uses a small tmpfs (needs root)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import h5py
+import pytest
+import torch
+from conftest import tiny_config, wait_for_rounds, write_config
+
+from collafuse_hpc import checkpoint
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs at tmp_path/disk, unmounted after the test."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs (CI runs as root): {done.stderr.decode()}")
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder, leave: int) -> None:
+    """Write a ballast file so that ``leave`` bytes stay free."""
+    free = shutil.disk_usage(folder).free
+    with open(folder / "ballast", "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_nothing_and_says_what_it_needs(small_disk):
+    out = str(small_disk / "out")
+    state = {"w": torch.zeros(300_000)}  # 1.2 MB
+    checkpoint.save_rank(out, 2, 0, state, "config: {}")
+    checkpoint.mark_complete(out, 2, keep=2)
+    checkpoint.save_rank(out, 4, 1, state, "config: {}")  # another rank's file of the next set
+    _fill(small_disk, 200_000)
+    with pytest.raises(OSError) as e:
+        checkpoint.save_rank(out, 4, 0, state, "config: {}")
+    assert e.value.errno == errno.ENOSPC
+    assert f"no space left for checkpoint '{out}/checkpoints/round_00000004/rank0.pt': it needs 12" in str(e.value)
+    assert checkpoint.complete_rounds(out) == [2] and not os.path.exists(checkpoint.set_dir(out, 4))
+    assert [p.name for p in (small_disk / "out").rglob("*tmp*")] == []
+
+
+def test_a_run_that_fills_the_disk_stops_cleanly_and_continues_after(small_disk, tmp_path, shards):
+    raw = tiny_config(shards, small_disk / "out", [0.25, 0.5], rounds=400, log_every=1, checkpoint_every=5)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    cmd = [sys.executable, "-m", "collafuse_hpc", "train", cfg, "--in-process"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_rounds(small_disk / "out/parts/server_0.h5", 12)
+    _fill(small_disk, 1 << 20)
+    t0 = time.monotonic()
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 1 and time.monotonic() - t0 < 30, err
+    assert "no space left" in err and str(small_disk / "out") in err and "Traceback" not in err, err
+    assert [p.name for p in (small_disk / "out").rglob("*tmp*")] == []
+    sets = checkpoint.complete_rounds(str(small_disk / "out"))
+    assert sets and sets[-1] >= 10
+    for rank in range(3):
+        checkpoint.load_rank(str(small_disk / "out"), sets[-1], rank)
+    with h5py.File(small_disk / "out/results.h5") as f:
+        assert len(f["server/rounds/round"]) >= sets[-1]  # the rounds before the full disk are readable
+    (small_disk / "ballast").unlink()
+    raw["run"]["rounds"] = sets[-1] + 5
+    write_config(tmp_path / "run.yaml", raw)
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with h5py.File(small_disk / "out/results.h5") as f:
+        assert list(f["server/rounds/round"][()]) == list(range(sets[-1] + 5))
