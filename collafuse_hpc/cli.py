@@ -158,6 +158,12 @@ def _prepare(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         return _die(2, str(e), hard=False)
+    except OSError as e:
+        return _die(1, f"cannot write {e.filename or args.out!r}: {e.strerror or e}", hard=False)
+    except KeyboardInterrupt:
+        kept = os.path.join(args.out, ".cache")
+        text = f"interrupted; decoded images are kept in {kept!r}: run the same command again to continue"
+        return _die(130, text, hard=False, label="stopped")
     return 0
 
 

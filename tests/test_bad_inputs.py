@@ -8,12 +8,15 @@ returns extra command-line arguments (or a replacement config path as ``str``).
 
 from __future__ import annotations
 
+import gzip
 import shutil
+import struct
 
 import h5py
 import numpy as np
 import pytest
 from conftest import tiny_config, write_config
+from layouts import make_folder, make_mnist
 
 from collafuse_hpc.cli import main
 
@@ -126,3 +129,67 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(tmp_path, shards, cap
     assert fragment in err, err
     assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1, err
     assert not out.exists()
+
+
+# prepare: (name, build(tmp_path) -> command-line arguments after "prepare", exit code, fragment)
+def _mnist(edit):
+    def build(tmp_path):
+        root = tmp_path / "mnist"
+        make_mnist(str(root), gz=True)
+        edit(root / "train-images-idx3-ubyte.gz")
+        return ["mnist", "--root", str(root), "--out", str(tmp_path / "out")]
+
+    return build
+
+
+def _truncate_gzip(path):
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def _header_only(path):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">IIII", 2051, 20, 28, 28)[:6])
+
+
+def _folder(*extra: str, unreadable_class: int | None = None):
+    def build(tmp_path):
+        root = tmp_path / "folder"
+        make_folder(str(root))
+        if unreadable_class is not None:
+            for image in (root / f"class_{unreadable_class}").iterdir():
+                image.write_bytes(b"not an image")
+        return ["folder", "--root", str(root), "--out", str(tmp_path / "out"), "--workers", "1", *extra]
+
+    return build
+
+
+def _out_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("")
+    return ["digits", "--out", str(tmp_path / "out")]
+
+
+PREPARE_CORPUS = [
+    ("truncated gzip IDX", _mnist(_truncate_gzip), 2, "is truncated or damaged (EOFError"),
+    ("IDX with only a header", _mnist(_header_only), 2, "is truncated or damaged (error"),
+    ("--out is a file", _out_is_a_file, 2, "is a file; give a folder for the shards"),
+    ("--alpha nan", _folder("--partition", "dirichlet", "--alpha", "nan"), 2, "must be a positive number, got nan"),
+    ("--size 0", _folder("--size", "0"), 2, "--size must be >= 1"),
+    ("--bbox-margin without boxes", _folder("--bbox-margin", "0.1"), 2, "--bbox-margin needs bounding boxes (CUB)"),
+    (
+        "a class that does not decode",
+        _folder("--partition", "class", "--clients", "3", unreadable_class=1),
+        2,
+        "client 1 keeps 0 train and 0 test images once unreadable images are left out; no shard was written",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, build, code, fragment", PREPARE_CORPUS, ids=[row[0] for row in PREPARE_CORPUS])
+def test_bad_prepare_input_gives_one_clear_line_and_writes_no_shard(tmp_path, capsys, name, build, code, fragment):
+    args = build(tmp_path)
+    got = _exit_code(["prepare", *args])
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert fragment in err, err
+    assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1, err
+    assert not list(tmp_path.glob("out/client_*.h5"))

@@ -1,6 +1,10 @@
 """Shards: official layouts -> prepare -> partition -> read back; bad inputs."""
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -8,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from layouts import CELEBA_NAMES, make_celeba, make_cub, make_folder, make_mnist
+from PIL import Image
 
 from collafuse_hpc.config import from_dict
 from collafuse_hpc.data import (
@@ -88,6 +93,39 @@ def test_same_seed_same_split_and_resumed_decoding(celeba, tmp_path, capsys):
     assert [inspect_shard(p).content_hash for p in other] != first
 
 
+def test_a_shard_says_how_its_pixels_were_made_and_fewer_clients_leave_no_stale_shard(celeba, tmp_path, capsys):
+    root, _ = celeba
+    (path,) = prepare(read_celeba(root), str(tmp_path / "a"), 1, "iid", size=8, crop=500, workers=2)
+    assert inspect_shard(path) and _read(path)[1]["recipe"].startswith(
+        "centre crop 178 (asked 500, limited by the image size), bicubic resize to 8x8"
+    )
+    (path,) = prepare(read_celeba(root), str(tmp_path / "b"), 1, "iid", size=8, crop=140, workers=2)
+    assert _read(path)[1]["recipe"].startswith("centre crop 140, bicubic")
+    make_folder(str(tmp_path / "folder"))
+    prepare(read_folder(str(tmp_path / "folder")), str(tmp_path / "c"), 3, "iid", size=8, workers=2)
+    capsys.readouterr()
+    prepare(read_folder(str(tmp_path / "folder")), str(tmp_path / "c"), 2, "iid", size=8, workers=2)
+    assert sorted(p.name for p in (tmp_path / "c").glob("client_*.h5")) == ["client_0.h5", "client_1.h5"]
+    assert "removed client_2.h5 of an earlier preparation with more clients" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_prepare_says_what_was_kept_and_exits_130(tmp_path):
+    root = tmp_path / "folder"
+    make_folder(str(root), classes=2, per_class=300)
+    cmd = [sys.executable, "-m", "collafuse_hpc", "prepare", "folder", "--root", str(root), "--workers", "1"]
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "decoding folder" not in seen:  # the progress line: decoding has begun
+        chunk = proc.stderr.read(1)
+        assert chunk, f"prepare ended before decoding: {seen}"
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    err = seen + proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted; decoded images are kept in" in err and "run the same command again" in err
+    assert "Traceback" not in err and not list((tmp_path / "out").glob("client_*.h5"))
+
+
 def test_unreadable_images_are_skipped_and_reported_or_fail_in_strict_mode(tmp_path, capsys):
     root = str(tmp_path / "celeba")
     make_celeba(root)
@@ -101,7 +139,17 @@ def test_unreadable_images_are_skipped_and_reported_or_fail_in_strict_mode(tmp_p
     assert "2 unreadable image(s) left out" in err and "000003.jpg" in err
     ids = {i.decode() for s in ("train", "test") for i in _read(path, s)[0]["ids"]}
     assert len(ids) == 14 and not {"000002.jpg", "000003.jpg"} & ids
-    assert "decoding celeba: 0/0" in err  # the second run reused the strict run's cache
+    assert "decoding celeba: 2/2" in err  # the strict run's cache is reused; only the failures are tried again
+    # a repaired image is decoded on the next run, and a changed one is decoded again
+    shutil.copy(
+        os.path.join(root, "img_align_celeba", "000004.jpg"), os.path.join(root, "img_align_celeba", "000003.jpg")
+    )
+    Image.new("RGB", (178, 218), (255, 0, 0)).save(os.path.join(root, "img_align_celeba", "000005.jpg"))
+    (path,) = prepare(read_celeba(root), str(tmp_path / "out"), 1, "iid", size=8, workers=2)
+    assert "decoding celeba: 3/3" in capsys.readouterr().err  # 000002 (still missing), 000003, 000005
+    (train, _), (test, _) = _read(path, "train"), _read(path, "test")
+    pixels = {i.decode(): img for s in (train, test) for i, img in zip(s["ids"], s["images"])}
+    assert "000003.jpg" in pixels and (pixels["000005.jpg"][0] > 200).all()  # red, not the old pixels
 
 
 def test_missing_metadata_file_is_named(tmp_path):

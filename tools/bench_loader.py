@@ -77,7 +77,7 @@ def main() -> int:
             batch = []
             for i in idx:
                 with Image.open(catalog.files[i]) as img:
-                    batch.append(_finish(img, recipe, None))
+                    batch.append(_finish(img, recipe, None)[0])
             return to_model_range(np.stack(batch), "cpu")
 
         def shard(idx: np.ndarray) -> torch.Tensor:

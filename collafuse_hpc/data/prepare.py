@@ -5,8 +5,9 @@ train/test, decode every needed image once (in parallel processes, with a
 progress line) into a resumable cache, then write one shard per client.
 
 - Idempotent and resumable: decoded pixels go to ``<out>/.cache/<key>.h5``
-  with a per-image state, flushed every chunk; an interrupted run continues
-  where it stopped, a repeated run decodes nothing.
+  with a per-image state and the source file's size and mtime, flushed every
+  chunk; an interrupted run continues where it stopped, a repeated run decodes
+  nothing but the images whose file changed and those that failed before.
 - Unreadable images (missing, corrupt) are reported and left out; with
   ``strict`` the run fails after the cache is flushed, naming them, and nothing
   already decoded is lost.
@@ -16,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import multiprocessing.pool
 import os
+import re
 import signal
 import sys
 import time
@@ -45,12 +48,18 @@ class Recipe:
     crop: int = 0  # centre crop side in source pixels before resizing; 0 = largest centred square
     bbox_margin: float = -1.0  # >= 0: square crop around the bounding box, grown by this fraction
 
-    def describe(self) -> str:
-        how = (
-            f"square around bounding box, margin {self.bbox_margin}"
-            if self.bbox_margin >= 0
-            else (f"centre crop {self.crop}" if self.crop else "largest centred square")
-        )
+    def describe(self, sides: np.ndarray) -> str:
+        """What was done, given the crop sides used per image (source pixels)."""
+        lo, hi = (int(sides.min()), int(sides.max())) if len(sides) else (0, 0)
+        used = f"{lo}" if lo == hi else f"{lo}..{hi}"
+        if self.bbox_margin >= 0:
+            how = f"square around the bounding box grown by {self.bbox_margin} per side ({used} px)"
+        elif self.crop and hi < self.crop:
+            how = f"centre crop {used} (asked {self.crop}, limited by the image size)"
+        elif self.crop:
+            how = f"centre crop {self.crop}"
+        else:
+            how = f"largest centred square ({used} px)"
         return f"{how}, bicubic resize to {self.size}x{self.size}, {self.channels} channel(s)"
 
 
@@ -68,11 +77,13 @@ def _crop_box(w: int, h: int, recipe: Recipe, box: np.ndarray | None) -> tuple[i
     return left, top, left + int(round(side)), top + int(round(side))
 
 
-def _finish(img: Image.Image, recipe: Recipe, box: np.ndarray | None) -> np.ndarray:
+def _finish(img: Image.Image, recipe: Recipe, box: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """(uint8 [C, S, S], the side of the square cut from the source, pixels)."""
     img = img.convert("L" if recipe.channels == 1 else "RGB")
-    img = img.crop(_crop_box(*img.size, recipe, box)).resize((recipe.size, recipe.size), Image.BICUBIC)
+    left, top, right, _ = crop = _crop_box(*img.size, recipe, box)
+    img = img.crop(crop).resize((recipe.size, recipe.size), Image.BICUBIC)
     arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), right - left  # (C, H, W)
 
 
 def _worker_init() -> None:
@@ -82,14 +93,23 @@ def _worker_init() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def decode_file(job: tuple[int, str, np.ndarray | None, Recipe]) -> tuple[int, np.ndarray | None, str]:
-    """Worker: (index, path, box, recipe) -> (index, uint8 [C, S, S] or None, error text)."""
+def decode_file(job: tuple[int, str, np.ndarray | None, Recipe]) -> tuple[int, np.ndarray | None, int, str]:
+    """Worker: (index, path, box, recipe) -> (index, uint8 [C, S, S] or None, crop side, error text)."""
     i, path, box, recipe = job
     try:
         with Image.open(path) as img:
-            return i, _finish(img, recipe, box), ""
+            return i, *_finish(img, recipe, box), ""
     except Exception as e:  # noqa: BLE001 - every unreadable image is reported, not fatal
-        return i, None, f"{path}: {type(e).__name__}: {e}"
+        return i, None, 0, f"{path}: {type(e).__name__}: {e}"
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    """(size in bytes, mtime in ns) of a source file; (-1, -1) when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
 
 
 class Progress:
@@ -121,58 +141,68 @@ def _cache_path(out: str, catalog: Catalog, recipe: Recipe) -> str:
 
 def decode(
     catalog: Catalog, needed: np.ndarray, recipe: Recipe, out: str, workers: int, strict: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels of ``needed`` images: (uint8 [len(needed), C, S, S], ok mask [len(needed)])."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels of ``needed`` images: (uint8 [len(needed), C, S, S], ok mask [len(needed)],
+    crop side used per image [len(needed)], source pixels)."""
     shape = (recipe.channels, recipe.size, recipe.size)
     if catalog.arrays is not None:  # already in memory (MNIST, digits): resize in-process
-        images = np.stack([_finish(Image.fromarray(catalog.arrays[i]), recipe, None) for i in needed])
-        return images.reshape(len(needed), *shape), np.ones(len(needed), dtype=bool)
+        done = [_finish(Image.fromarray(catalog.arrays[i]), recipe, None) for i in needed]
+        images = np.stack([d[0] for d in done]).reshape(len(needed), *shape)
+        return images, np.ones(len(needed), dtype=bool), np.array([d[1] for d in done])
     path = _cache_path(out, catalog, recipe)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     workers = workers or os.cpu_count() or 1
     pool = mp.get_context("fork").Pool(workers, initializer=_worker_init)  # fork before opening the cache
     try:
-        images, ok = _decode_into_cache(catalog, needed, recipe, path, pool, strict)
+        return _decode_into_cache(catalog, needed, recipe, path, pool, strict)
     finally:
         pool.terminate()
         pool.join()
-    return images, ok
 
 
 def _decode_into_cache(
     catalog: Catalog, needed: np.ndarray, recipe: Recipe, path: str, pool: mp.pool.Pool, strict: bool
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     shape = (recipe.channels, recipe.size, recipe.size)
     errors: list[str] = []
     with h5py.File(path, "a") as cache:
-        if "state" not in cache:
+        if "stamp" not in cache:  # new, or from a version that kept no stamps: decode everything
+            for name in ("images", "state", "side"):
+                if name in cache:
+                    del cache[name]
             cache.create_dataset("images", (len(catalog), *shape), np.uint8, chunks=(1, *shape))
             cache.create_dataset("state", data=np.zeros(len(catalog), np.int8))
-        state = cache["state"][()]
-        todo = [int(i) for i in needed if state[i] == PENDING]
+            cache.create_dataset("side", data=np.zeros(len(catalog), np.int32))
+            cache.create_dataset("stamp", data=np.full((len(catalog), 2), -1, np.int64))
+        state, sides, stamps = cache["state"][()], cache["side"][()], cache["stamp"][()]
+        now = {int(i): _stamp(catalog.files[i]) for i in needed}
+        # decode what is new, what failed before (it may have been fixed) and what changed since
+        todo = [int(i) for i in needed if state[i] != DONE or tuple(stamps[i]) != now[int(i)]]
         progress = Progress(len(todo), f"decoding {catalog.dataset}")
         boxes = catalog.boxes if recipe.bbox_margin >= 0 else None
         jobs = ((i, catalog.files[i], None if boxes is None else boxes[i], recipe) for i in todo)
         done = failed = 0
         batch: list[tuple[int, np.ndarray]] = []
-        for i, pixels, error in pool.imap_unordered(decode_file, jobs, chunksize=16):
+        for i, pixels, side, error in pool.imap_unordered(decode_file, jobs, chunksize=16):
+            stamps[i] = now[i]
             if pixels is None:
                 state[i] = FAILED
                 errors.append(error)
                 failed += 1
             else:
                 batch.append((i, pixels))
+                sides[i] = side
             done += 1
             if len(batch) >= CHUNK or done == len(todo):
                 for j, px in sorted(batch, key=lambda b: b[0]):
                     cache["images"][j] = px
                     state[j] = DONE
                 batch = []
-                cache["state"][...] = state
+                cache["state"][...], cache["side"][...], cache["stamp"][...] = state, sides, stamps
                 cache.flush()
             progress.update(done, failed)
         progress.update(done, failed, final=True)
-        cache["state"][...] = state
+        cache["state"][...], cache["side"][...], cache["stamp"][...] = state, sides, stamps
         ok = state[needed] == DONE
         if errors or (~ok).any():
             missing = [catalog.files[i] for i in needed[~ok]]
@@ -187,7 +217,7 @@ def _decode_into_cache(
         for k, i in enumerate(needed):
             if ok[k]:
                 cache["images"].read_direct(images, np.s_[int(i)], np.s_[k])
-    return images, ok
+    return images, ok, sides[needed]
 
 
 def _histogram(labels: np.ndarray | None) -> str:
@@ -218,9 +248,19 @@ def prepare(
     workers: int = 0,
     strict: bool = False,
 ) -> list[str]:
-    """Write ``out/client_<k>.h5`` for k < clients and print a table; returns the paths."""
+    """Write ``out/client_<k>.h5`` for k < clients and print a table; returns the paths.
+
+    Every argument is checked before anything is written; shards of a previous
+    preparation with more clients (``client_<k>.h5``, k >= clients) are removed."""
     if clients < 1 or not 0 <= test_fraction < 1:
         raise ValueError(f"need clients >= 1 and 0 <= test_fraction < 1, got {clients}, {test_fraction}")
+    if size < 1 or crop < 0:
+        raise ValueError(f"--size must be >= 1 and --crop >= 0 pixels, got {size} and {crop}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"--alpha (the Dirichlet concentration) must be a positive number, got {alpha}")
+    if bbox_margin >= 0 and catalog.boxes is None:
+        raise ValueError(f"--bbox-margin needs bounding boxes (CUB); {catalog.dataset} has none")
+    _check_out(out)
     if rule not in part.RULES:
         raise ValueError(f"unknown partition rule {rule!r}; valid: {list(part.RULES)}")
     if rule in ("class", "dirichlet") and catalog.labels is None:
@@ -246,10 +286,27 @@ def prepare(
 
     recipe = Recipe(size, catalog.channels, crop, bbox_margin)
     needed = np.unique(np.concatenate([np.concatenate(s) for s in splits]))
-    images, ok = decode(catalog, needed, recipe, out, workers, strict)
+    images, ok, sides = decode(catalog, needed, recipe, out, workers, strict)
     where = {int(i): k for k, i in enumerate(needed)}
     for note in catalog.notes:
         print(f"note: {note}")
+
+    def subset(idx: np.ndarray) -> Split:
+        idx = np.array([i for i in idx if ok[where[int(i)]]], dtype=np.int64)
+        return Split(
+            images=images[[where[int(i)] for i in idx]].reshape(len(idx), *images.shape[1:]),
+            labels=None if catalog.labels is None else catalog.labels[idx],
+            attributes=None if catalog.attributes is None else catalog.attributes[idx],
+            ids=[catalog.ids[i] for i in idx],
+        )
+
+    shards = [{"train": subset(train), "test": subset(test)} for train, test in splits]
+    for k, shard in enumerate(shards):  # after decoding: unreadable images may have emptied a client
+        if min(len(shard["train"].images), len(shard["test"].images)) == 0:
+            raise ValueError(
+                f"client {k} keeps {len(shard['train'].images)} train and {len(shard['test'].images)} test images "
+                "once unreadable images are left out; no shard was written. Fix the images or change the partition"
+            )
     partition = (
         f"{rule} seed={seed} clients={clients}"
         + (f" groups={groups} {'exclusive' if exclusive else 'overlap'}" if rule == "attributes" else "")
@@ -257,18 +314,7 @@ def prepare(
     )
     paths = []
     print(f"{'client':<10}{'train':>8}{'test':>8}  train labels")
-    for k, (train, test) in enumerate(splits):
-
-        def subset(idx: np.ndarray) -> Split:
-            idx = np.array([i for i in idx if ok[where[int(i)]]], dtype=np.int64)
-            return Split(
-                images=images[[where[int(i)] for i in idx]].reshape(len(idx), *images.shape[1:]),
-                labels=None if catalog.labels is None else catalog.labels[idx],
-                attributes=None if catalog.attributes is None else catalog.attributes[idx],
-                ids=[catalog.ids[i] for i in idx],
-            )
-
-        shard = {"train": subset(train), "test": subset(test)}
+    for k, shard in enumerate(shards):
         path = os.path.join(out, f"client_{k}.h5")
         write_shard(
             path,
@@ -276,7 +322,7 @@ def prepare(
             attribute_names=catalog.attribute_names,
             dataset=catalog.dataset,
             source=catalog.source,
-            recipe=recipe.describe(),
+            recipe=recipe.describe(sides[[where[int(i)] for i in np.concatenate(splits[k]) if ok[where[int(i)]]]]),
             client_id=f"client_{k}",
             partition=partition,
             split="train+test" + (" (official)" if catalog.split is not None else f" (test_fraction={test_fraction})"),
@@ -286,4 +332,20 @@ def prepare(
             f"{_histogram(shard['train'].labels)}"
         )
         paths.append(path)
+    for name in sorted(os.listdir(out)):
+        m = re.fullmatch(r"client_(\d+)\.h5", name)
+        if m and int(m.group(1)) >= clients:
+            os.unlink(os.path.join(out, name))
+            print(f"note: removed {name} of an earlier preparation with more clients")
     return paths
+
+
+def _check_out(out: str) -> None:
+    """--out must be a folder this process can write (made if missing)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file; give a folder for the shards")
+    parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out!r}: cannot write in {parent!r} (permissions); choose another folder")

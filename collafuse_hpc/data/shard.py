@@ -29,7 +29,7 @@ import torch
 
 SCHEMA = "collafuse-shard"
 SCHEMA_VERSION = 2
-REQUIRED_ATTRS = ("channels", "image_size", "content_hash", "train_count", "test_count")
+REQUIRED_ATTRS = ("channels", "image_size", "content_hash")
 SPLITS = ("train", "test")
 
 

@@ -164,13 +164,16 @@ def read_cub(root: str) -> Catalog:
 
 def _read_idx(path: str, magic: int) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        head = f.read(4)
-        if len(head) < 4 or struct.unpack(">I", head)[0] != magic:
-            got = struct.unpack(">I", head)[0] if len(head) == 4 else None
-            raise ValueError(f"{path!r} is not an IDX file with magic {magic} (got {got})")
-        dims = struct.unpack(">" + "I" * (magic & 0xFF), f.read(4 * (magic & 0xFF)))
-        data = np.frombuffer(f.read(), dtype=np.uint8)
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or struct.unpack(">I", head)[0] != magic:
+                got = struct.unpack(">I", head)[0] if len(head) == 4 else None
+                raise ValueError(f"{path!r} is not an IDX file with magic {magic} (got {got})")
+            dims = struct.unpack(">" + "I" * (magic & 0xFF), f.read(4 * (magic & 0xFF)))
+            data = np.frombuffer(f.read(), dtype=np.uint8)
+    except (EOFError, struct.error, gzip.BadGzipFile, OSError) as e:  # cut off, or not gzip after all
+        raise ValueError(f"{path!r} is truncated or damaged ({type(e).__name__}: {e}); download it again") from None
     if data.size != int(np.prod(dims)):
         raise ValueError(f"{path!r} is truncated: header says {dims}, found {data.size} bytes")
     return data.reshape(dims)
