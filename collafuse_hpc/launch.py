@@ -10,8 +10,12 @@ Discovery order:
 4. Other MPI launchers (PMI_SIZE, PMIX_RANK): mpi4py gives rank, size and the
    local rank by node; rank 0 broadcasts its address and a free port.
 5. Otherwise a single process.
-MASTER_ADDR / MASTER_PORT in the environment override the derived address
-(bind the store to the cluster's internal network: it is unauthenticated).
+MASTER_ADDR / MASTER_PORT in the environment override the derived address.
+
+The rendezvous store is unauthenticated. Rank 0 listens on MASTER_ADDR's
+interface only (127.0.0.1 stays on this machine; a cluster's internal address
+stays on that network), on a socket it keeps from choosing the port to handing
+it to the store, so no other process can take the port in between.
 """
 
 from __future__ import annotations
@@ -73,11 +77,11 @@ def _from_mpi(env: dict[str, str]) -> Launch:
     local_rank, local_size = node.Get_rank(), node.Get_size()
     node.Free()
     addr = port = None
-    if rank == 0:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        addr = "127.0.0.1" if local_size == size else socket.gethostbyname(socket.gethostname())
+    if rank == 0 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+        addr = env.get("MASTER_ADDR") or (
+            "127.0.0.1" if local_size == size else socket.gethostbyname(socket.gethostname())
+        )
+        port = _listen(addr, 0).getsockname()[1]  # kept open for the store: no race for the port
     addr, port = comm.bcast((addr, port), root=0)
     return Launch(
         rank,
@@ -151,6 +155,47 @@ def resolve_device(choice: str, launch: Launch) -> torch.device:
     return device
 
 
+_listeners: dict[tuple[str, int], socket.socket] = {}  # (MASTER_ADDR, port) -> listening socket of rank 0
+
+
+def _listen(addr: str, port: int) -> socket.socket:
+    """A socket listening on ``addr``'s interface only, at ``port`` (0: a free one);
+    ValueError naming the address and port when it cannot be had."""
+    try:
+        host = socket.gethostbyname(addr)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(1024)
+    except OSError as e:
+        why = "is in use (another job?): set MASTER_PORT" if e.errno == 98 else "cannot be bound on this host"
+        raise ValueError(
+            f"rank 0: the rendezvous at MASTER_ADDR {addr}, port {port} {why} ({e.strerror}); MASTER_ADDR must be "
+            "an address of rank 0's host"
+        ) from None
+    _listeners[(addr, s.getsockname()[1])] = s
+    return s
+
+
+def _store(launch: Launch, timeout: timedelta) -> dist.TCPStore:
+    """The rendezvous store: rank 0 serves it on its MASTER_ADDR socket, the others connect."""
+    if launch.rank != 0:
+        return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, False, timeout)
+    # the socket stays in _listeners, open for as long as the store serves on it
+    listener = _listeners.get((launch.master_addr, launch.master_port)) or _listen(
+        launch.master_addr, launch.master_port
+    )
+    return dist.TCPStore(
+        launch.master_addr,
+        launch.master_port,
+        launch.world_size,
+        True,
+        timeout,
+        wait_for_workers=False,
+        master_listen_fd=listener.fileno(),
+    )
+
+
 def init_process_groups(
     launch: Launch, device: torch.device, num_servers: int, timeout_s: float
 ) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup]:
@@ -165,19 +210,20 @@ def init_process_groups(
     try:
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            store=_store(launch, timedelta(seconds=timeout_s)),
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=timedelta(seconds=timeout_s),
         )
-    except (RuntimeError, ValueError) as e:
+    except RuntimeError as e:
         raise RuntimeError(
             f"rank {launch.rank}: could not reach the rendezvous at "
             f"{launch.master_addr}:{launch.master_port} ({launch.source}) within {timeout_s:.0f} s; "
             f"check MASTER_ADDR/MASTER_PORT and that the port is open: {e}"
         ) from None
-    kinds = [None] * launch.world_size
-    dist.all_gather_object(kinds, device.type)
+    on_cuda = [torch.zeros(1, dtype=torch.int64) for _ in range(launch.world_size)]  # tensors, not pickles
+    dist.all_gather(on_cuda, torch.tensor([int(device.type == "cuda")]))
+    kinds = ["cuda" if t.item() else "cpu" for t in on_cuda]
     cuda_ranks = [r for r, k in enumerate(kinds) if k == "cuda"]
     timeout = timedelta(seconds=timeout_s)
     nccl = dist.is_nccl_available() and len(cuda_ranks) >= 2

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import h5py
 import numpy as np
 import torch
 
@@ -484,10 +485,17 @@ def print_summary(cfg: Config, summaries: dict[int, dict], topo: Topology, wall_
     out.flush()
 
 
+def _summaries(cfg: Config, topo: Topology) -> dict[int, dict]:
+    """Each rank's summary, read from its part file (nothing is unpickled from peers)."""
+    out = {}
+    for rank in range(topo.world_size):
+        with h5py.File(_part_path(cfg, topo, rank), "r", locking=False) as f:
+            out[rank] = {k: v.item() if hasattr(v, "item") else v for k, v in f["summary"].attrs.items()}
+    return out
+
+
 def _log_losses(cfg: Config, topo: Topology) -> None:
     """Final loss of each role, averaged over the last logged window."""
-    import h5py
-
     path = os.path.join(cfg.run.output_dir, "results.h5")
     with h5py.File(path, "r") as f:
         for key in _index_roles(cfg, topo):
@@ -555,15 +563,12 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
         wire.barrier()
         watchdog = Watchdog(topo.describe(rank), cfg.run.watchdog_s) if cfg.run.watchdog_s > 0 else None
         ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop or StopRequest(), watchdog)
-        summary = run_role(ctx, build_role(cfg, topo, rank, device, wire))
-        ctx.beat("the end of the run")
-        gathered = [None] * topo.world_size
-        torch.distributed.all_gather_object(gathered, summary)
+        run_role(ctx, build_role(cfg, topo, rank, device, wire))
         if watchdog is not None:  # no peer is waited for from here on; an evaluation may take hours
             watchdog.stop()
-        if rank == 0:
+        if rank == 0:  # every role wrote its summary into its part file before run_role's last barrier
             _log_losses(cfg, topo)
-            print_summary(cfg, dict(enumerate(gathered)), topo, time.perf_counter() - t0)
+            print_summary(cfg, _summaries(cfg, topo), topo, time.perf_counter() - t0)
             _evaluate_at_end(cfg)
     finally:
         if lock is not None:

@@ -1,6 +1,12 @@
-"""Rank discovery from launcher environments."""
+"""Rank discovery from launcher environments, and the rendezvous store's socket."""
+
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
+from conftest import spawn_ranks, tiny_config, wait_for_rounds, write_config
 
 from collafuse_hpc.launch import _first_slurm_host, discover, threads_per_rank
 
@@ -60,3 +66,43 @@ def test_no_launcher_is_a_single_process_and_threads_split_the_cores():
     launch = discover({})
     assert (launch.rank, launch.world_size, launch.source) == (0, 1, "single")
     assert threads_per_rank(launch, 3) == 3 and threads_per_rank(launch, 0) >= 1
+
+
+def _listening(port: int) -> set[str]:
+    """IPv4/IPv6 addresses listening on ``port`` (from /proc/net/tcp*, state 0A)."""
+    found = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, p = local.split(":")
+                if state == "0A" and int(p, 16) == port:
+                    found.add(addr)
+    return found
+
+
+def test_the_rendezvous_store_listens_on_master_addr_only(tmp_path, shards):
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=400))
+    procs = spawn_ranks(3, ["train", cfg], tmp_path / "logs")  # MASTER_ADDR=127.0.0.1
+    try:
+        wait_for_rounds(tmp_path / "out/parts/server_0.h5", 1)  # the store is up
+        environ = dict(v.split("=", 1) for v in open(f"/proc/{procs[0].pid}/environ").read().split("\0") if "=" in v)
+        assert _listening(int(environ["MASTER_PORT"])) == {"0100007F"}  # 127.0.0.1, not 0.0.0.0 or ::
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_master_port_in_use_is_named(tmp_path, shards):
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.5], timeout_s=3))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1"}
+        env["MASTER_PORT"] = str(busy.getsockname()[1])
+        done = subprocess.run(
+            [sys.executable, "-m", "collafuse_hpc", "train", cfg], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"port {env['MASTER_PORT']} is in use (another job?): set MASTER_PORT" in done.stderr
