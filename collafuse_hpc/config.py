@@ -112,7 +112,10 @@ class RunConfig:
     samples_per_client: int = 64  # images each client synthesizes at the end
     sample_batch: int = 256  # max images per server sampling batch
     threads: int = 0  # torch threads per rank; 0 = cores available / ranks on node
-    timeout_s: float = 300.0  # bound on every wait for a peer, seconds
+    timeout_s: float = 300.0  # bound on every wait for a peer's message, seconds
+    # bound on waits for work a peer is known to be doing (the first round, checkpoint writes, sampling),
+    # seconds; a dead peer is still seen at once (its connection closes), a hung one by its watchdog
+    work_timeout_s: float = 86400.0
     stop_check_every: int = 1  # rounds between the collective that agrees on a preemption signal
     watchdog_s: float = 1800.0  # end a rank that makes no progress this long (hangs below the wire); 0 = off
     profile_rounds: int = 0  # trace this many rounds (after 2 warm-up rounds) with torch.profiler; 0 = off
@@ -286,8 +289,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             raise ValueError(f"config key 'eval.{name}' must be >= 2, got {getattr(cfg.eval, name)}")
     if cfg.run.profile_rounds < 0:
         raise ValueError(f"config key 'run.profile_rounds' must be >= 0, got {cfg.run.profile_rounds}")
-    if cfg.run.timeout_s <= 0:
-        raise ValueError(f"config key 'run.timeout_s' must be > 0 seconds, got {cfg.run.timeout_s}")
+    for name in ("timeout_s", "work_timeout_s"):
+        if getattr(cfg.run, name) <= 0:
+            raise ValueError(f"config key 'run.{name}' must be > 0 seconds, got {getattr(cfg.run, name)}")
     if not cfg.clients:
         raise ValueError("config key 'clients' is empty; list at least one client")
     ids = [c.id for c in cfg.clients]
@@ -341,6 +345,7 @@ RESUMABLE = (
     "run.sample_batch",
     "run.threads",
     "run.timeout_s",
+    "run.work_timeout_s",
     "run.stop_check_every",
     "run.watchdog_s",
     "run.profile_rounds",

@@ -208,7 +208,7 @@ def _end_of_round(ctx: Context, results: RoleResults, state: dict, r: int) -> No
     if last or stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
         ctx.beat(f"the checkpoint set of round {done}")
         checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml)
-        ctx.wire.barrier()
+        ctx.wire.barrier(run.work_timeout_s)  # large checkpoints take a while on a slow file system
         if ctx.rank == 0:
             checkpoint.mark_complete(ctx.output_dir, done, run.keep_checkpoints)
         ctx.wire.barrier()
@@ -279,7 +279,8 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     profiler = _profiler(ctx, "server", server.device)
     for r in _rounds(ctx):
         t0 = time.perf_counter()
-        msgs = {k: wire.recv(ranks[k], Kind.TRAIN, r) for k in server.clients}
+        bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models (compile, ...)
+        msgs = {k: wire.recv(ranks[k], Kind.TRAIN, r, bound) for k in server.clients}
         t1 = time.perf_counter()
         losses: list[float] = []
 
@@ -346,7 +347,8 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
         t2 = time.perf_counter()
         loss_server = math.nan
         if msg is not None:
-            loss_server = wire.recv(server_rank, Kind.TRAIN_REPLY, r).payload.item()
+            bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models
+            loss_server = wire.recv(server_rank, Kind.TRAIN_REPLY, r, bound).payload.item()
             wire.flush()
         t3 = time.perf_counter()
         row = {
@@ -371,7 +373,7 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
     x_h = None
     if request is not None:
         wire.send(server_rank, request)
-        x_h = wire.recv(server_rank, Kind.SAMPLE_REPLY, run.rounds).payload
+        x_h = wire.recv(server_rank, Kind.SAMPLE_REPLY, run.rounds, run.work_timeout_s).payload  # the server samples
         wire.flush()
     t1 = time.perf_counter()
     samples = to_uint8(client.finish_samples(n, x_h))
@@ -436,7 +438,7 @@ def run_role(ctx: Context, role: Server | Client) -> dict:
             summary = client_loop(ctx, role, results)
         results.flush()
         results.write_attrs("summary", summary)
-        ctx.wire.barrier()  # every role has written its part
+        ctx.wire.barrier(ctx.cfg.run.work_timeout_s)  # every role has written its part (clients sample at their pace)
         return summary
     except Preempted:
         raise

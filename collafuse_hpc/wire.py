@@ -86,15 +86,17 @@ class Wire:
         """Wait until every posted send has completed (bounded by ``timeout_s`` or the wire's)."""
         raise NotImplementedError
 
-    def recv(self, src: int, kind: Kind, round_: int) -> Message:
+    def recv(self, src: int, kind: Kind, round_: int, timeout_s: float | None = None) -> Message:
         """Next message from ``src``; it must be ``kind`` for ``round_``.
 
-        Raises PeerFailure when the peer sent ERROR, died or timed out.
+        ``timeout_s`` replaces the wire's bound, for waits on work the peer is known
+        to be doing (its sampling). Raises PeerFailure when the peer sent ERROR,
+        died or timed out.
         """
         raise NotImplementedError
 
-    def barrier(self) -> None:
-        """All ranks meet (bounded); names the ranks that did not arrive."""
+    def barrier(self, timeout_s: float | None = None) -> None:
+        """All ranks meet (bounded by ``timeout_s`` or the wire's); names the ranks that did not arrive."""
         raise NotImplementedError
 
     def allreduce_servers(self, tensor: torch.Tensor) -> None:
@@ -204,15 +206,15 @@ class DistWire(Wire):
                 f"(bound {bound.total_seconds():.0f} s): {str(e).splitlines()[0][:200]}"
             ) from None
 
-    def _recv_tensor(self, t: torch.Tensor, src: int, what: str) -> torch.Tensor:
+    def _recv_tensor(self, t: torch.Tensor, src: int, what: str, timeout_s: float | None = None) -> torch.Tensor:
         group = self.nccl_group if self._via_nccl(src) else None
         t = t.to(self.device) if group is not None else t
-        self._wait(lambda: dist.irecv(t, src, group=group), src, what)
+        self._wait(lambda: dist.irecv(t, src, group=group), src, what, timeout_s)
         return t
 
-    def recv(self, src: int, kind: Kind, round_: int) -> Message:
+    def recv(self, src: int, kind: Kind, round_: int, timeout_s: float | None = None) -> Message:
         what = f"{kind.name} of round {round_}"
-        header = self._recv_tensor(torch.empty(HEADER_LEN, dtype=torch.int64), src, what).cpu()
+        header = self._recv_tensor(torch.empty(HEADER_LEN, dtype=torch.int64), src, what, timeout_s).cpu()
         magic, k, rnd, count, c, h, w, dtype, t_c, sender, has_labels = header.tolist()
         if magic != MAGIC or sender != src or k not in Kind._value2member_map_:
             raise PeerFailure(f"{self.describe(self.rank)} got a malformed header from {self.describe(src)}")
@@ -228,16 +230,17 @@ class DistWire(Wire):
             labels = self._recv_tensor(torch.empty(count, dtype=torch.int64), src, what).to(self.device)
         return self._check(src, Message(Kind(k), rnd, t_c, count, payload, labels), kind, round_)
 
-    def barrier(self) -> None:
+    def barrier(self, timeout_s: float | None = None) -> None:
+        bound = self.timeout if timeout_s is None else timedelta(seconds=timeout_s)
         try:
-            dist.monitored_barrier(timeout=self.timeout, wait_all_ranks=True)
+            dist.monitored_barrier(timeout=bound, wait_all_ranks=True)
         except RuntimeError as e:
             found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
             missing = [int(r) for r in found.group(1).replace(",", " ").split()] if found else []
             if missing:
                 raise PeerFailure(
                     f"{self.describe(self.rank)}: {', '.join(map(self.describe, missing))} did not reach the "
-                    f"barrier within {self.timeout.total_seconds():.0f} s (dead or stuck)"
+                    f"barrier within {bound.total_seconds():.0f} s (dead or stuck)"
                 ) from None
             raise PeerFailure(f"{self.describe(self.rank)}: barrier failed: {str(e)[:300]}", unnamed=True) from None
 
@@ -320,20 +323,21 @@ class LocalWire(Wire):
     def flush(self, timeout_s: float | None = None) -> None:
         pass
 
-    def recv(self, src: int, kind: Kind, round_: int) -> Message:
+    def recv(self, src: int, kind: Kind, round_: int, timeout_s: float | None = None) -> Message:
+        bound = self.hub.timeout_s if timeout_s is None else timeout_s
         try:
-            msg = self.hub.queue(src, self.rank).get(timeout=self.hub.timeout_s)
+            msg = self.hub.queue(src, self.rank).get(timeout=bound)
         except queue.Empty:
             raise PeerFailure(
                 f"{self.describe(self.rank)} timed out waiting for {kind.name} of round {round_} "
-                f"from {self.describe(src)} (bound {self.hub.timeout_s:.0f} s)"
+                f"from {self.describe(src)} (bound {bound:.0f} s)"
             ) from None
         payload, labels = (None if t is None else t.to(self.device) for t in (msg.payload, msg.labels))
         return self._check(src, Message(msg.kind, msg.round, msg.t_c, msg.count, payload, labels), kind, round_)
 
-    def barrier(self) -> None:
+    def barrier(self, timeout_s: float | None = None) -> None:
         try:
-            self.hub.barrier.wait(self.hub.timeout_s)
+            self.hub.barrier.wait(self.hub.timeout_s if timeout_s is None else timeout_s)
         except threading.BrokenBarrierError:
             raise PeerFailure(f"{self.describe(self.rank)}: barrier failed (a role did not arrive)") from None
 

@@ -1,6 +1,8 @@
 """Whole runs with every role in one process: privacy invariant, failures,
 aggregation modes, resume."""
 
+import time
+
 import h5py
 import numpy as np
 import pytest
@@ -161,3 +163,13 @@ def test_two_server_replicas_equal_one_server_with_all_batches(tmp_path, shards)
         np.testing.assert_allclose(
             _losses(tmp_path / "one", key)["loss_server"], _losses(tmp_path / "two", key)["loss_server"], rtol=1e-4
         )
+
+
+def test_waits_for_a_peers_sampling_are_not_bounded_by_the_message_timeout(tmp_path, shards):
+    # the server samples 2 x 1500 images: longer than run.timeout_s, which bounds waits for messages only
+    raw = tiny_config(shards, tmp_path, [0.25, 0.5], rounds=2, timeout_s=1, samples_per_client=1500)
+    t0 = time.perf_counter()
+    summaries = run_in_process(from_dict(raw), resume=False)
+    assert time.perf_counter() - t0 > 1 and summaries[0]["time_sampling_s"] > 1
+    with h5py.File(tmp_path / "results.h5") as f:
+        assert f["clients/c1/samples/images"].shape == (1500, 1, 8, 8)
