@@ -71,9 +71,13 @@ def _role(g: h5py.Group) -> dict:
     for group in ("summary", "audit"):
         if group in g:
             out[group] = {k: _plain(v) for k, v in g[group].attrs.items()}
-    if "audit" in out:
-        kinds = g["audit/kind"][()] if "kind" in g["audit"] else np.zeros(0)
-        out["audit"]["training_messages"] = int((kinds == Kind.TRAIN).sum())
+    if "audit" in out:  # totals from the rows: a run that did not finish has no total attributes yet
+        a = g["audit"]
+        column = {name: a[name][()] if name in a else np.zeros(0, np.int64) for name in ("kind", "images", "nbytes")}
+        out["audit"]["training_messages"] = int((column["kind"] == Kind.TRAIN).sum())
+        out["audit"].setdefault("images_sent", int(column["images"].sum()))
+        out["audit"].setdefault("bytes_sent", int(column["nbytes"].sum()))
+        out["audit"].setdefault("t_c", g.attrs.get("t_c"))
     if "samples/images" in g:
         out["samples"] = list(g["samples/images"].shape)
     return out
@@ -96,7 +100,9 @@ def summarize(path: str) -> dict:
             role = _role(g)
             out["roles"][key] = role
             if "summary" not in role:
-                out["missing"].append(f"{key}: summary (the run did not finish; last round {role.get('last_round')})")
+                last = role.get("last_round")
+                done = f"last round logged {last}" if last is not None else "no round logged"
+                out["missing"].append(f"{key}: summary (the run did not finish; {done})")
             if key.startswith("clients/") and "samples" not in role:
                 out["missing"].append(f"{key}: samples")
         if "metrics" in f:

@@ -331,6 +331,13 @@ def test_inspect_export_and_compare_on_real_runs_and_a_crashed_one(tmp_path, sha
     assert main(["inspect", paths[1]]) == 1
     assert "missing: clients/c1: part file parts/client_c1.h5" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "nothing.h5")]) == 2
+    crashed = tiny_config(shards, tmp_path / "c", [0.25, 0.5], rounds=6, fault={"rank": 0, "round": 3})
+    assert main(["train", write_config(tmp_path / "c.yaml", crashed), "--in-process"]) == 1
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "c/results.h5")]) == 0
+    text = capsys.readouterr().out
+    assert "summary (the run did not finish; last round logged" in text and "None" not in text and "?" not in text
+    assert re.search(r"audit: \d+ images in \d+ training messages, \d+ bytes sent, t_c=5", text)
     (tmp_path / "b/parts/client_c0.h5").unlink()  # no samples left, not evaluated: nothing to export
     assert main(["export", paths[1], "--out", str(tmp_path / "empty")]) == 1
     assert "nothing to export" in capsys.readouterr().err and not (tmp_path / "empty").exists()
