@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 
 import h5py
 import numpy as np
@@ -125,11 +126,14 @@ def _generated(cfg: Config, server: Server | None, client: Client, n: int) -> di
     return out
 
 
-def _image_sets(cfg: Config, server: Server | None, client: Client, x_c: torch.Tensor) -> dict:
-    """The five sets for one client (``eval.images`` generated, ``eval.batch`` at a time);
-    a set the client's cut does not have is left out."""
+def _image_sets(
+    cfg: Config, server: Server | None, client: Client, x_c: torch.Tensor, check: Callable[[], None]
+) -> dict:
+    """The five sets for one client (``eval.images`` generated, ``eval.batch`` at a time,
+    ``check`` called before each batch); a set the client's cut does not have is left out."""
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, cfg.eval.images, cfg.eval.batch):
+        check()
         for name, images in _generated(cfg, server, client, min(cfg.eval.batch, cfg.eval.images - start)).items():
             parts.setdefault(name, []).append(images)
     sets = {name: torch.cat(parts[name]) for name in SETS if name in parts}
@@ -178,9 +182,12 @@ def _quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
     return {"fid": metrics.fid(real, fake), "kid_mean": k_mean, "kid_std": k_std}
 
 
-def evaluate(cfg: Config) -> dict:
+def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
     """Evaluate the newest complete checkpoint set of ``cfg.run.output_dir``; write
-    ``/metrics`` into its results.h5 and return the same numbers as a dict."""
+    ``/metrics`` into its results.h5 and return the same numbers as a dict.
+
+    ``check`` runs before every batch of generated images: it raises to stop (a
+    preemption signal); then nothing is written."""
     device = _device(cfg.eval.device)
     extract, identity = load_extractor(cfg.eval.extractor, cfg.eval.inception_path, device)
     rounds = checkpoint.complete_rounds(cfg.run.output_dir)
@@ -211,7 +218,7 @@ def evaluate(cfg: Config) -> dict:
         real = cached_real_features(_cache_dir(cfg), key, lambda images=real_u8: feats(images))
         server = servers[topo.server_of(client.index)] if client.cut.uses_server else None
         x_c = _as_sent(client, x0)
-        sets = _image_sets(cfg, server, client, x_c)
+        sets = _image_sets(cfg, server, client, x_c, check)
         entry = {}
         for name, images in sets.items():
             scored = to_uint8(images)  # what is stored and exported is what is scored

@@ -20,10 +20,10 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped cleanly, run again to continue
 class Preempted(Exception):
     """Every rank stopped at a round boundary after a signal; a checkpoint set exists."""
 
-    def __init__(self, round_: int, signal_name: str):
+    def __init__(self, round_: int, signal_name: str, during: str = ""):
+        what = during or f"after round {round_}: checkpoint set written"
         super().__init__(
-            f"stopped by {signal_name} after round {round_}: checkpoint set written; "
-            f"exit {EXIT_REQUEUE} so the job is requeued (continue with --resume)"
+            f"stopped by {signal_name} {what}; exit {EXIT_REQUEUE} so the job is requeued (continue with --resume)"
         )
         self.round = round_
 

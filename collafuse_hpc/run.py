@@ -571,7 +571,7 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
         if rank == 0:  # every role wrote its summary into its part file before run_role's last barrier
             _log_losses(cfg, topo)
             print_summary(cfg, _summaries(cfg, topo), topo, time.perf_counter() - t0)
-            _evaluate_at_end(cfg)
+            _evaluate_at_end(cfg, ctx.stop)
     finally:
         if lock is not None:
             lock.release()
@@ -623,14 +623,25 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
         raise order[0]
     _log_losses(cfg, topo)
     print_summary(cfg, summaries, topo, time.perf_counter() - t0)
-    _evaluate_at_end(cfg)
+    _evaluate_at_end(cfg, stop)
     return summaries
 
 
-def _evaluate_at_end(cfg: Config) -> None:
-    """With ``eval.at_end``: evaluate the final checkpoint set in this process (rank 0)."""
-    if cfg.eval.at_end:
-        from .evaluate import evaluate, print_report
+def _evaluate_at_end(cfg: Config, stop: StopRequest) -> None:
+    """With ``eval.at_end``: evaluate the final checkpoint set in this process (rank 0).
+    A stop signal ends it between batches (exit 75): the requeued run evaluates again."""
+    if not cfg.eval.at_end:
+        return
+    from .evaluate import evaluate, print_report
 
-        torch.set_num_threads(len(os.sched_getaffinity(0)))  # the other ranks are done
-        print_report(evaluate(cfg))
+    def check() -> None:
+        if stop.requested:
+            raise Preempted(
+                cfg.run.rounds,
+                stop.signal_name,
+                "during the evaluation at the end; training and samples are complete and nothing of the "
+                "evaluation was written: the requeued run (--resume=auto) evaluates again",
+            )
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the other ranks are done
+    print_report(evaluate(cfg, check))

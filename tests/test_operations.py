@@ -254,3 +254,61 @@ def test_a_signal_mid_training_keeps_a_complete_checkpoint_set_to_continue_from(
     if launcher == "mpirun":  # continue from it to the end
         done = run_mpi(3, ["train", cfg, "--resume"])
         assert done.returncode == 0 and f"resuming from the checkpoint set of round {sets[-1]}" in done.stderr
+
+
+def _until(condition, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _has(path, key: str) -> bool:
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return key in f
+    except (OSError, KeyError):
+        return False
+
+
+# moment -> (config changes, when to send SIGTERM, expected exit): a stop request during the
+# final sampling lets it finish (the run is complete); during the evaluation at the end it
+# stops the evaluation, and the requeued run evaluates again
+MOMENTS = {
+    "start": ({}, lambda out: (out / "results.h5").exists(), EXIT_REQUEUE),
+    "checkpoint write": ({"checkpoint_every": 1}, lambda out: checkpoint.complete_rounds(str(out)), EXIT_REQUEUE),
+    "sampling": (
+        {"rounds": 3, "samples_per_client": 1500},
+        lambda out: checkpoint.complete_rounds(str(out)) == [3],
+        0,
+    ),
+    "evaluation": (
+        {"rounds": 3, "eval": {"at_end": True, "images": 24}},
+        lambda out: _has(out / "parts/client_c1.h5", "summary"),
+        EXIT_REQUEUE,
+    ),
+}
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_sigterm_at_every_moment_of_a_run_keeps_what_is_done(tmp_path, shards, moment):
+    changes, ready, expected = MOMENTS[moment]
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=200, log_every=1, checkpoint_every=0)
+    raw["eval"].update(changes.pop("eval", {}))
+    raw["run"].update(changes)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    cmd = [sys.executable, "-m", "collafuse_hpc", "train", cfg, "--in-process"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _until(lambda: ready(tmp_path / "out"))
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=90)[1]
+    assert proc.returncode == expected, err[-2000:]
+    sets = checkpoint.complete_rounds(str(tmp_path / "out"))
+    for rank in range(3):
+        checkpoint.load_rank(str(tmp_path / "out"), sets[-1], rank)
+    if moment == "sampling":
+        assert _has(tmp_path / "out/parts/client_c1.h5", "samples/images")
+    if moment == "evaluation":
+        assert "during the evaluation at the end" in err and not _has(tmp_path / "out/results.h5", "metrics")
+        done = subprocess.run([*cmd, "--resume=auto"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and _has(tmp_path / "out/results.h5", "metrics"), done.stderr[-2000:]
