@@ -167,6 +167,21 @@ class DistWire(Wire):
         return self.rank in self.nccl_ranks and peer in self.nccl_ranks
 
     def send(self, dst: int, msg: Message) -> None:
+        self._post(dst, msg, self.nccl_group if self._via_nccl(dst) else None)
+
+    def send_error(self, peers: list[int], round_: int, text: str) -> None:
+        """ERROR goes to a NCCL peer over gloo as well: a pending receive of that peer sees
+        the NCCL copy, and after a failed collective :meth:`probe` listens on gloo."""
+        for p in peers:
+            if self._via_nccl(p):
+                try:
+                    self._post(p, error_message(round_, text), None)
+                except RuntimeError:
+                    pass
+        super().send_error(peers, round_, text)
+
+    def _post(self, dst: int, msg: Message, group) -> None:
+        """Post the header, payload and labels of ``msg`` to ``dst`` on ``group`` (None: gloo)."""
         payload = msg.payload
         shape = (0, 0, 0) if payload is None or payload.ndim < 4 else tuple(payload.shape[1:])
         dtype = 0 if payload is None else DTYPE_CODES[payload.dtype]
@@ -174,7 +189,6 @@ class DistWire(Wire):
             [MAGIC, int(msg.kind), msg.round, msg.count, *shape, dtype, msg.t_c, self.rank, msg.labels is not None],
             dtype=torch.int64,
         )
-        group = self.nccl_group if self._via_nccl(dst) else None
         tensors = [header] + [t.contiguous() for t in (payload, msg.labels) if t is not None]
         for t in tensors:
             t = t.to(self.device) if group is not None else t.cpu()

@@ -12,6 +12,8 @@ import h5py
 import pytest
 from conftest import tiny_config, wait_for_rounds, write_config
 
+from collafuse_hpc import checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 CI_NODES = ["--partition=ci", "--gres=none", "--cpus-per-task=1"]  # override the GPU cluster lines
 
@@ -53,6 +55,12 @@ def _config(tmp_path, shards, rounds, **run):
 
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+
+def _wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def _submit_train(tmp_path: Path, cfg: str, out: Path) -> str:
@@ -174,3 +182,51 @@ def test_heterogeneous_job_server_component_and_client_component(tmp_path, shard
     assert "launch: slurm, 6 ranks (1 servers, 5 clients)" in log
     with h5py.File(out / "results.h5") as f:
         assert f["server"].attrs["rank"] == 0 and f["clients/c4"].attrs["rank"] == 5
+
+
+def test_scancel_without_a_signal_leaves_a_checkpoint_set_to_continue_from(tmp_path, shards):
+    """scancel sends SIGTERM to every step's tasks (then SIGKILL after KillWait): the ranks
+    stop at a round boundary with a complete checkpoint set; the job ends CANCELLED."""
+    rounds = 400
+    cfg = _config(tmp_path, shards, rounds=rounds, log_every=1, checkpoint_every=0)
+    out = tmp_path / "out"
+    jid = _submit_train(tmp_path, cfg, out)
+    _wait(jid, {"RUNNING"}, timeout=60)
+    wait_for_rounds(out / "parts/server_0.h5", 5)
+    _run("scancel", jid)
+    info = _wait(jid, FINAL, timeout=120)
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "CANCELLED", log[-3000:]
+    _wait_until(lambda: checkpoint.complete_rounds(str(out)), timeout=30)  # the tasks outlive the batch shell
+    (stopped,) = checkpoint.complete_rounds(str(out))
+    assert 5 <= stopped < rounds, log[-3000:]
+    for rank in range(3):
+        checkpoint.load_rank(str(out), stopped, rank)
+
+
+def test_time_limit_with_signal_usr1_to_the_tasks_checkpoints_and_requeues(tmp_path, shards):
+    """--signal=USR1@N without B: sends USR1 to the job's steps before the time limit; the
+    tasks stop with exit 75 and the batch script requeues the job."""
+    cfg = _config(tmp_path, shards, rounds=100_000, log_every=10, checkpoint_every=0)  # outlasts the limit
+    out = tmp_path / "out"
+    jid = _run(
+        "sbatch",
+        "--parsable",
+        *CI_NODES,
+        "--nodes=1",
+        "--ntasks=3",
+        "--time=2",
+        "--signal=USR1@75",  # due 45 s after the start; SLURM checks time limits coarsely and may send it earlier
+        f"--output={tmp_path}/job.out",
+        f"--export=ALL,OUTPUT_DIR={out}",
+        "jobs/train.sbatch",
+        cfg,
+    ).strip()
+    deadline = time.monotonic() + 180
+    while _job(jid).get("Restarts") != "1" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = (tmp_path / "job.out").read_text()
+    assert _job(jid)["Restarts"] == "1", log[-3000:]
+    stopped = int(re.search(r"stopped by SIGUSR1 after round (\d+)", log).group(1))
+    assert checkpoint.complete_rounds(str(out))[-1] == stopped and "requeueing job" in log
+    _run("scancel", jid)  # the requeued job would meet the same time limit: what matters is the requeue
