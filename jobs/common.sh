@@ -6,7 +6,8 @@
 #     job finds its results there and continues with --resume;
 #   - USR1 (from --signal=B:USR1@120) is forwarded to every rank, which stop at
 #     the next round boundary with a checkpoint set and exit 75; the job is then
-#     requeued with scontrol.
+#     requeued with scontrol. TERM to the script is forwarded the same way, without
+#     the requeue (scancel without --signal reaches the ranks directly).
 # SRUN_ARGS (an array, optional) adds options to srun, e.g. (--het-group=0,1).
 
 # The rendezvous store is unauthenticated: keep it on the cluster's internal
@@ -27,16 +28,23 @@ collafuse_run() {
   srun --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" "$VENV/bin/python" -m collafuse_hpc train "$config" \
     --set "run.output_dir=$out" "${resume[@]}" "$@" &
   local step=$!
+  local requeue=1
   trap 'echo "collafuse: USR1, ranks stop at the next round boundary"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+  # TERM to this script alone (scancel --batch, a job killed from outside): stop the ranks
+  # the same way, so they write a checkpoint set, but do not requeue
+  trap 'echo "collafuse: TERM, ranks stop at the next round boundary"; requeue=0
+        scancel --signal=TERM "$SLURM_JOB_ID"' TERM
   local rc=0
   wait "$step" || rc=$?
-  while kill -0 "$step" 2>/dev/null; do  # wait returns early when the trap runs
+  while kill -0 "$step" 2>/dev/null; do  # wait returns early when a trap runs
     rc=0
     wait "$step" || rc=$?
   done
-  if [ "$rc" -eq 75 ]; then
+  if [ "$rc" -eq 75 ] && [ "$requeue" -eq 1 ]; then
     echo "collafuse: checkpoint written, requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
+  elif [ "$rc" -eq 75 ]; then
+    echo "collafuse: checkpoint written; not requeued (stopped by TERM): submit again to continue"
   fi
   return "$rc"
 }

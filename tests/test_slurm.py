@@ -230,3 +230,17 @@ def test_time_limit_with_signal_usr1_to_the_tasks_checkpoints_and_requeues(tmp_p
     stopped = int(re.search(r"stopped by SIGUSR1 after round (\d+)", log).group(1))
     assert checkpoint.complete_rounds(str(out))[-1] == stopped and "requeueing job" in log
     _run("scancel", jid)  # the requeued job would meet the same time limit: what matters is the requeue
+
+
+def test_sigterm_to_the_batch_script_stops_the_ranks_with_a_checkpoint_set(tmp_path, shards):
+    cfg = _config(tmp_path, shards, rounds=400, log_every=1, checkpoint_every=0)
+    out = tmp_path / "out"
+    jid = _submit_train(tmp_path, cfg, out)
+    _wait(jid, {"RUNNING"}, timeout=60)
+    wait_for_rounds(out / "parts/server_0.h5", 5)
+    _run("scancel", "--batch", "--signal=TERM", jid)
+    info = _wait(jid, FINAL, timeout=120)
+    log = (tmp_path / "job.out").read_text()
+    assert info["ExitCode"] == "75:0" and "not requeued (stopped by TERM)" in log, log[-3000:]
+    (stopped,) = checkpoint.complete_rounds(str(out))
+    assert re.search(rf"stopped by SIGTERM after round {stopped}", log)
