@@ -27,9 +27,11 @@ def open_results(path: str) -> h5py.File:
     (not HDF5, a client shard, another HDF5 file)."""
     hint = "pass the results.h5 in a run's output_dir"
     try:
-        f = h5py.File(path, "r", locking=False)
+        f = h5py.File(path, "r", locking=False)  # never in the way of a live run's writers
     except OSError as e:
-        raise ValueError(f"{path!r} is not a readable HDF5 file ({e}); {hint}") from None
+        if "locking flag values don't match" not in str(e):
+            raise ValueError(f"{path!r} is not a readable HDF5 file ({e}); {hint}") from None
+        f = h5py.File(path, "r")  # this process already has it open with HDF5's lock
     schema = f.attrs.get("schema")
     if schema != SCHEMA:
         f.close()

@@ -196,6 +196,11 @@ def _store(launch: Launch, timeout: timedelta) -> dist.TCPStore:
     )
 
 
+def store_client(launch: Launch, timeout_s: float) -> dist.TCPStore:
+    """A new connection to the rendezvous store (for a thread of its own)."""
+    return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, False, timedelta(seconds=timeout_s))
+
+
 def init_process_groups(
     launch: Launch, device: torch.device, num_servers: int, timeout_s: float
 ) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup]:

@@ -27,7 +27,7 @@ from .client import Client
 from .config import Config, cut_step, dump, resume_differences, to_dict
 from .data import ShardReader, inspect_shard, to_uint8
 from .features import inception_path
-from .launch import Launch, discover, init_process_groups, resolve_device, threads_per_rank
+from .launch import Launch, discover, init_process_groups, resolve_device, store_client, threads_per_rank
 from .lock import RunLock
 from .lock import check as check_lock
 from .preemption import Preempted, StopRequest
@@ -36,7 +36,7 @@ from .results import RoleResults, create_index, part_name, record_config, save_g
 from .server import Server
 from .topology import Topology
 from .unet import UNet
-from .watchdog import Watchdog
+from .watchdog import Heartbeat, Watchdog
 from .wire import DistWire, Kind, LocalHub, LocalWire, Message, PeerFailure, Wire
 
 log = logging.getLogger("collafuse_hpc")
@@ -320,7 +320,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     profiler.close()
     t0 = time.perf_counter()
     requests = {k: wire.recv(ranks[k], Kind.SAMPLE_REQUEST, run.rounds) for k in server.clients}
-    for k, reply_msg in server.sample(requests).items():
+    for k, reply_msg in server.sample(requests, lambda: wire.check_alive(list(ranks.values()))).items():
         wire.send(ranks[k], reply_msg)
     wire.flush()
     totals["time_sampling_s"] = time.perf_counter() - t0
@@ -556,7 +556,8 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
             torch.get_num_threads(),
         )
     nccl, server_group = init_process_groups(launch, device, topo.num_servers, cfg.run.timeout_s)
-    wire = DistWire(rank, topo.describe, device, nccl, server_group, cfg.run.timeout_s)
+    heartbeat = Heartbeat(lambda: store_client(launch, cfg.run.timeout_s), rank)
+    wire = DistWire(rank, topo.describe, device, nccl, server_group, cfg.run.timeout_s, heartbeat)
     t0 = time.perf_counter()
     lock = RunLock(cfg.run.output_dir, _job_key(launch)) if rank == 0 else None
     try:

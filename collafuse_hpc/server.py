@@ -124,11 +124,12 @@ class Server:
             else:  # sum / N over all replicas' images, then summed across replicas: the global mean
                 self.net.step(None if losses is None else losses.sum() / self.images_per_step, self.reduce)
 
-    def sample(self, requests: dict[int, Message]) -> dict[int, Message]:
+    def sample(self, requests: dict[int, Message], check: Callable[[], None] = lambda: None) -> dict[int, Message]:
         """Serve ``{client index: SAMPLE_REQUEST}``: run T..h with the EMA model.
 
         Requests with the same cut are batched together (up to ``run.sample_batch``
-        images per forward pass); returns x_h [n, C, H, W] per client.
+        images per forward pass); returns x_h [n, C, H, W] per client. ``check`` runs
+        before every step (it raises when a client died meanwhile).
         """
         by_cut: dict[int, list[int]] = defaultdict(list)
         for k in sorted(requests):
@@ -150,7 +151,7 @@ class Server:
                 n = min(self.cfg.run.sample_batch, total - start)
                 x = x_T[start : start + n]
                 y = None if y_all is None else y_all[start : start + n]
-                eps = self.eps_model(True, torch.tensor([t_c], device=self.device), y)
+                eps = _checked(self.eps_model(True, torch.tensor([t_c], device=self.device), y), check)
                 out.append(
                     self.diffusion.p_sample_loop(
                         eps, x, grid, a=cut.server_anchor, clip=False, generator=self.streams[ks[0]]
@@ -174,3 +175,13 @@ class Server:
         for k, g in self.streams.items():
             g.set_state(state["streams"][str(k)])
         torch.set_rng_state(state["torch_rng"])
+
+
+def _checked(eps: Callable, check: Callable[[], None]) -> Callable:
+    """``eps`` that calls ``check`` first (once per reverse step)."""
+
+    def wrapped(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        check()
+        return eps(x, t)
+
+    return wrapped

@@ -27,6 +27,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .watchdog import Heartbeat
+
 MAGIC = 0x43465553  # "CFUS"
 HEADER_LEN = 11
 DTYPES = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.uint8}
@@ -99,6 +101,11 @@ class Wire:
         """All ranks meet (bounded by ``timeout_s`` or the wire's); names the ranks that did not arrive."""
         raise NotImplementedError
 
+    def check_alive(self, peers: list[int]) -> None:
+        """Raise PeerFailure naming a peer that died while no message is expected from it
+        (cheap; call it often during long work for those peers)."""
+        raise NotImplementedError
+
     def allreduce_servers(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place over the server ranks (servers only, all of them)."""
         raise NotImplementedError
@@ -156,12 +163,36 @@ class DistWire(Wire):
         timeout_s: bound on every wait, seconds.
     """
 
-    def __init__(self, rank, describe, device: torch.device, nccl_group, server_group, timeout_s: float):
-        self.rank, self.describe, self.device = rank, describe, device
+    def __init__(
+        self,
+        rank,
+        describe,
+        device: torch.device,
+        nccl_group,
+        server_group,
+        timeout_s: float,
+        heartbeat: Heartbeat | None = None,
+    ):
+        self.rank, self.describe, self.device, self.heartbeat = rank, describe, device, heartbeat
         self.timeout = timedelta(seconds=timeout_s)
         self.nccl_group, self.server_group = nccl_group, server_group
         self.nccl_ranks = set(dist.get_process_group_ranks(nccl_group)) if nccl_group else set()
         self._pending: list[tuple[dist.Work, torch.Tensor, int]] = []
+
+    def check_alive(self, peers: list[int]) -> None:
+        if self.heartbeat is None:
+            return
+        try:
+            silent = self.heartbeat.silent(peers)
+        except RuntimeError as e:
+            raise PeerFailure(
+                f"{self.describe(self.rank)} lost the rendezvous store (rank 0 gone?): {str(e).splitlines()[0][:160]}"
+            ) from None
+        if silent:
+            raise PeerFailure(
+                f"{self.describe(self.rank)}: {', '.join(map(self.describe, silent))} stopped its heartbeat "
+                f"{self.heartbeat.limit_s:.0f} s ago (dead or stopped) while this rank worked for it"
+            )
 
     def _via_nccl(self, peer: int) -> bool:
         return self.rank in self.nccl_ranks and peer in self.nccl_ranks
@@ -349,6 +380,10 @@ class LocalWire(Wire):
         payload, labels = (None if t is None else t.to(self.device) for t in (msg.payload, msg.labels))
         return self._check(src, Message(msg.kind, msg.round, msg.t_c, msg.count, payload, labels), kind, round_)
 
+    def check_alive(self, peers: list[int]) -> None:
+        if self.hub.failed.is_set():
+            raise PeerFailure(f"{self.describe(self.rank)}: another role failed")
+
     def barrier(self, timeout_s: float | None = None) -> None:
         try:
             self.hub.barrier.wait(self.hub.timeout_s if timeout_s is None else timeout_s)
@@ -401,6 +436,7 @@ class LocalHub:
 
     def __init__(self, world_size: int, num_servers: int, timeout_s: float):
         self.timeout_s = timeout_s
+        self.failed = threading.Event()  # set by abort(): a role failed
         self.barrier = threading.Barrier(world_size)
         self._queues: dict[tuple[int, int], queue.Queue] = {}
         self._lock = threading.Lock()
@@ -409,6 +445,7 @@ class LocalHub:
 
     def abort(self) -> None:
         """Wake every role waiting at a barrier (a role failed)."""
+        self.failed.set()
         for b in (self.barrier, *(r.added for r in (self.server_sum, self.world_max))):
             b.abort()
         for b in (self.server_sum.read, self.world_max.read):

@@ -87,10 +87,13 @@ def _finish(img: Image.Image, recipe: Recipe, box: np.ndarray | None) -> tuple[n
 
 
 def _worker_init() -> None:
-    """Pool workers take default signal handling (a parent may have installed its
-    own SIGTERM handler, which would make Pool.terminate wait forever)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    """Pool workers take default SIGTERM/SIGUSR1 handling (a parent may have installed
+    its own SIGTERM handler, which would make Pool.terminate wait forever) and ignore
+    SIGINT: on Ctrl-C the parent stops and terminates them (a worker that died of the
+    SIGINT could hang the pool's shutdown)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def decode_file(job: tuple[int, str, np.ndarray | None, Recipe]) -> tuple[int, np.ndarray | None, int, str]:
