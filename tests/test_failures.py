@@ -86,3 +86,24 @@ def test_kill_9_under_mpirun_ends_the_job_and_a_restart_resumes(tmp_path, shards
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with h5py.File(tmp_path / "out/results.h5") as f:
         assert list(f["server/rounds/round"][()]) == list(range(ROUNDS))
+
+
+def test_a_client_killed_while_the_server_samples_for_it_is_seen_within_seconds(tmp_path, shards):
+    """The server is computing, not waiting for a message: it sees the dead client by its
+    heartbeat, long before the sampling (about 30 s here) would have ended."""
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2, samples_per_client=12000)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    procs = spawn_ranks(3, ["train", cfg], tmp_path / "logs")
+    deadline = time.monotonic() + 90
+    while checkpoint.complete_rounds(str(tmp_path / "out")) != [2]:  # training is over: sampling has begun
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1)
+    procs[2].kill()
+    t0 = time.monotonic()
+    codes = [p.wait(timeout=90) for p in procs]
+    elapsed = time.monotonic() - t0
+    assert codes == [1, 1, -signal.SIGKILL] and elapsed < 20, (codes, elapsed)
+    error = (tmp_path / "logs/rank0.err").read_text()
+    assert "rank 2 (client 'c1') stopped its heartbeat" in error, error[-2000:]
+    print(f"\nclient killed while the server sampled: every rank ended {elapsed:.1f} s later")
