@@ -9,8 +9,10 @@ returns extra command-line arguments (or a replacement config path as ``str``).
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import struct
+import subprocess
 
 import h5py
 import numpy as np
@@ -163,6 +165,19 @@ def _folder(*extra: str, unreadable_class: int | None = None):
     return build
 
 
+def _out_read_only(tmp_path):
+    """--out inside a file system mounted read-only (root cannot be kept out otherwise)."""
+    (tmp_path / "ro").mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(tmp_path / "ro")], capture_output=True
+    )
+    if done.returncode:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a read-only tmpfs (CI runs as root): {done.stderr.decode()}")
+        pytest.skip("mounting a tmpfs needs root")
+    return ["digits", "--out", str(tmp_path / "ro/shards")]
+
+
 def _out_is_a_file(tmp_path):
     (tmp_path / "out").write_text("")
     return ["digits", "--out", str(tmp_path / "out")]
@@ -172,6 +187,7 @@ PREPARE_CORPUS = [
     ("truncated gzip IDX", _mnist(_truncate_gzip), 2, "is truncated or damaged (EOFError"),
     ("IDX with only a header", _mnist(_header_only), 2, "is truncated or damaged (error"),
     ("--out is a file", _out_is_a_file, 2, "is a file; give a folder for the shards"),
+    ("--out on a read-only file system", _out_read_only, 2, "(no permission, or a read-only file system)"),
     ("--alpha nan", _folder("--partition", "dirichlet", "--alpha", "nan"), 2, "must be a positive number, got nan"),
     ("--size 0", _folder("--size", "0"), 2, "--size must be >= 1"),
     ("--bbox-margin without boxes", _folder("--bbox-margin", "0.1"), 2, "--bbox-margin needs bounding boxes (CUB)"),
@@ -193,3 +209,5 @@ def test_bad_prepare_input_gives_one_clear_line_and_writes_no_shard(tmp_path, ca
     assert fragment in err, err
     assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1, err
     assert not list(tmp_path.glob("out/client_*.h5"))
+    if (tmp_path / "ro").is_dir():
+        subprocess.run(["umount", "-l", str(tmp_path / "ro")], check=False)

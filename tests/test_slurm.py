@@ -232,6 +232,23 @@ def test_time_limit_with_signal_usr1_to_the_tasks_checkpoints_and_requeues(tmp_p
     _run("scancel", jid)  # the requeued job would meet the same time limit: what matters is the requeue
 
 
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_a_signal_to_the_job_steps_checkpoints_and_requeues(tmp_path, shards, sig):
+    """scancel --signal=TERM|INT (no --batch) reaches srun and the tasks: the ranks stop at a
+    round boundary with exit 75 and the batch script requeues the job."""
+    cfg = _config(tmp_path, shards, rounds=100_000, log_every=10, checkpoint_every=0)
+    out = tmp_path / "out"
+    jid = _submit_train(tmp_path, cfg, out)
+    _wait(jid, {"RUNNING"}, timeout=60)
+    wait_for_rounds(out / "parts/server_0.h5", 5)
+    _run("scancel", f"--signal={sig}", jid)
+    _wait_until(lambda: _job(jid).get("Restarts") == "1", timeout=120)
+    log = (tmp_path / "job.out").read_text()
+    _run("scancel", jid)  # what matters is the stop and the requeue
+    stopped = int(re.search(rf"stopped by SIG{sig} after round (\d+)", log).group(1))
+    assert checkpoint.complete_rounds(str(out))[-1] == stopped and "requeueing job" in log, log[-3000:]
+
+
 def test_sigterm_to_the_batch_script_stops_the_ranks_with_a_checkpoint_set(tmp_path, shards):
     cfg = _config(tmp_path, shards, rounds=400, log_every=1, checkpoint_every=0)
     out = tmp_path / "out"

@@ -351,4 +351,4 @@ def _check_out(out: str) -> None:
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out!r}: cannot write in {parent!r} (permissions); choose another folder")
+        raise ValueError(f"--out {out!r}: cannot write in {parent!r} (no permission, or a read-only file system)")
