@@ -79,6 +79,15 @@ def _submit_train(tmp_path: Path, cfg: str, out: Path) -> str:
     ).strip()
 
 
+def _train_running(tmp_path: Path, shards, rounds: int, **run) -> tuple[str, Path]:
+    """jobs/train.sbatch submitted and past its 5th round; returns (job id, output folder)."""
+    out = tmp_path / "out"
+    jid = _submit_train(tmp_path, _config(tmp_path, shards, rounds=rounds, **run), out)
+    _wait(jid, {"RUNNING"}, timeout=60)
+    wait_for_rounds(out / "parts/server_0.h5", 5)
+    return jid, out
+
+
 def test_two_node_train_job(tmp_path, shards):
     cfg = _config(tmp_path, shards, rounds=6)
     out = tmp_path / "out"
@@ -125,15 +134,9 @@ def test_sweep_job_array_and_dependent_report(tmp_path, shards):
 
 def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(tmp_path, shards):
     rounds = 200
-    cfg = _config(tmp_path, shards, rounds=rounds, log_every=1, checkpoint_every=0)
-    out = tmp_path / "out"
-    jid = _submit_train(tmp_path, cfg, out)
-    _wait(jid, {"RUNNING"}, timeout=60)
-    wait_for_rounds(out / "parts/server_0.h5", 5)
+    jid, out = _train_running(tmp_path, shards, rounds, log_every=1, checkpoint_every=0)
     _run("scancel", "--batch", "--signal=USR1", jid)  # what --signal=B:USR1@120 does before the time limit
-    deadline = time.monotonic() + 120
-    while _job(jid).get("Restarts") != "1" and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait_until(lambda: _job(jid).get("Restarts") == "1", timeout=120)
     assert _job(jid)["Restarts"] == "1", (tmp_path / "job.out").read_text()[-3000:]
     _wait(jid, {"PENDING"}, timeout=60)
     # Skip SLURM's 2-minute requeue hold-off, but not within the same second as the
@@ -188,11 +191,7 @@ def test_scancel_without_a_signal_leaves_a_checkpoint_set_to_continue_from(tmp_p
     """scancel sends SIGTERM to every step's tasks (then SIGKILL after KillWait): the ranks
     stop at a round boundary with a complete checkpoint set; the job ends CANCELLED."""
     rounds = 400
-    cfg = _config(tmp_path, shards, rounds=rounds, log_every=1, checkpoint_every=0)
-    out = tmp_path / "out"
-    jid = _submit_train(tmp_path, cfg, out)
-    _wait(jid, {"RUNNING"}, timeout=60)
-    wait_for_rounds(out / "parts/server_0.h5", 5)
+    jid, out = _train_running(tmp_path, shards, rounds, log_every=1, checkpoint_every=0)
     _run("scancel", jid)
     info = _wait(jid, FINAL, timeout=120)
     log = (tmp_path / "job.out").read_text()
@@ -222,9 +221,7 @@ def test_time_limit_with_signal_usr1_to_the_tasks_checkpoints_and_requeues(tmp_p
         "jobs/train.sbatch",
         cfg,
     ).strip()
-    deadline = time.monotonic() + 180
-    while _job(jid).get("Restarts") != "1" and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait_until(lambda: _job(jid).get("Restarts") == "1", timeout=180)
     log = (tmp_path / "job.out").read_text()
     assert _job(jid)["Restarts"] == "1", log[-3000:]
     stopped = int(re.search(r"stopped by SIGUSR1 after round (\d+)", log).group(1))
@@ -236,11 +233,7 @@ def test_time_limit_with_signal_usr1_to_the_tasks_checkpoints_and_requeues(tmp_p
 def test_a_signal_to_the_job_steps_checkpoints_and_requeues(tmp_path, shards, sig):
     """scancel --signal=TERM|INT (no --batch) reaches srun and the tasks: the ranks stop at a
     round boundary with exit 75 and the batch script requeues the job."""
-    cfg = _config(tmp_path, shards, rounds=100_000, log_every=10, checkpoint_every=0)
-    out = tmp_path / "out"
-    jid = _submit_train(tmp_path, cfg, out)
-    _wait(jid, {"RUNNING"}, timeout=60)
-    wait_for_rounds(out / "parts/server_0.h5", 5)
+    jid, out = _train_running(tmp_path, shards, 100_000, log_every=10, checkpoint_every=0)
     _run("scancel", f"--signal={sig}", jid)
     _wait_until(lambda: _job(jid).get("Restarts") == "1", timeout=120)
     log = (tmp_path / "job.out").read_text()
@@ -250,11 +243,7 @@ def test_a_signal_to_the_job_steps_checkpoints_and_requeues(tmp_path, shards, si
 
 
 def test_sigterm_to_the_batch_script_stops_the_ranks_with_a_checkpoint_set(tmp_path, shards):
-    cfg = _config(tmp_path, shards, rounds=400, log_every=1, checkpoint_every=0)
-    out = tmp_path / "out"
-    jid = _submit_train(tmp_path, cfg, out)
-    _wait(jid, {"RUNNING"}, timeout=60)
-    wait_for_rounds(out / "parts/server_0.h5", 5)
+    jid, out = _train_running(tmp_path, shards, 400, log_every=1, checkpoint_every=0)
     _run("scancel", "--batch", "--signal=TERM", jid)
     info = _wait(jid, FINAL, timeout=120)
     log = (tmp_path / "job.out").read_text()
