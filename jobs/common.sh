@@ -30,10 +30,10 @@ collafuse_run() {
   local step=$!
   local requeue=1
   trap 'echo "collafuse: USR1, ranks stop at the next round boundary"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
-  # TERM to this script alone (scancel --batch, a job killed from outside): stop the ranks
-  # the same way, so they write a checkpoint set, but do not requeue
+  # TERM or INT to this script alone (scancel --batch, a job killed from outside): stop the
+  # ranks the same way, so they write a checkpoint set, but do not requeue
   trap 'echo "collafuse: TERM, ranks stop at the next round boundary"; requeue=0
-        scancel --signal=TERM "$SLURM_JOB_ID"' TERM
+        scancel --signal=TERM "$SLURM_JOB_ID"' TERM INT
   local rc=0
   wait "$step" || rc=$?
   while kill -0 "$step" 2>/dev/null; do  # wait returns early when a trap runs
@@ -44,7 +44,7 @@ collafuse_run() {
     echo "collafuse: checkpoint written, requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
   elif [ "$rc" -eq 75 ]; then
-    echo "collafuse: checkpoint written; not requeued (stopped by TERM): submit again to continue"
+    echo "collafuse: checkpoint written; not requeued (stopped by TERM/INT): submit again to continue"
   fi
   return "$rc"
 }

@@ -242,11 +242,12 @@ def test_a_signal_to_the_job_steps_checkpoints_and_requeues(tmp_path, shards, si
     assert checkpoint.complete_rounds(str(out))[-1] == stopped and "requeueing job" in log, log[-3000:]
 
 
-def test_sigterm_to_the_batch_script_stops_the_ranks_with_a_checkpoint_set(tmp_path, shards):
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_a_signal_to_the_batch_script_stops_the_ranks_with_a_checkpoint_set(tmp_path, shards, sig):
     jid, out = _train_running(tmp_path, shards, 400, log_every=1, checkpoint_every=0)
-    _run("scancel", "--batch", "--signal=TERM", jid)
+    _run("scancel", "--batch", f"--signal={sig}", jid)
     info = _wait(jid, FINAL, timeout=120)
     log = (tmp_path / "job.out").read_text()
-    assert info["ExitCode"] == "75:0" and "not requeued (stopped by TERM)" in log, log[-3000:]
+    assert info["ExitCode"] == "75:0" and "not requeued (stopped by TERM/INT)" in log, log[-3000:]
     (stopped,) = checkpoint.complete_rounds(str(out))
     assert re.search(rf"stopped by SIGTERM after round {stopped}", log)
