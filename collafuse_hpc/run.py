@@ -121,15 +121,15 @@ def _check_models(cfg: Config) -> None:
     one forward pass, so sizes that cannot work fail now, naming their key."""
     size, channels = cfg.data.image_size, cfg.data.channels
     shared = any(c.share_labels for c in cfg.clients)
-    specs = {("server.model", repr(cfg.server.model), cfg.data.num_classes + 1 if shared else 0, True)}
+    # (model, classes, cut conditioning) -> the first key that asks for it, and its ModelConfig
+    specs = {
+        (repr(cfg.server.model), cfg.data.num_classes + 1 if shared else 0, True): ("server.model", cfg.server.model)
+    }
     for i, c in enumerate(cfg.clients):
-        specs.add((f"clients.{i}.model", repr(c.model), cfg.data.num_classes if c.labels else 0, False))
-    seen = set()
-    for key, model, classes, cut in sorted(specs):
-        if (model, classes, cut) in seen:
-            continue
-        seen.add((model, classes, cut))
-        m = cfg.server.model if key == "server.model" else cfg.clients[int(key.split(".")[1])].model
+        specs.setdefault(
+            (repr(c.model), cfg.data.num_classes if c.labels else 0, False), (f"clients.{i}.model", c.model)
+        )
+    for (model, classes, cut), (key, m) in specs.items():
         try:
             with torch.device("meta"):
                 t = torch.zeros(1, dtype=torch.long)
