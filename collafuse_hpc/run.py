@@ -567,7 +567,8 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
         watchdog = Watchdog(topo.describe(rank), cfg.run.watchdog_s) if cfg.run.watchdog_s > 0 else None
         ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop or StopRequest(), watchdog)
         run_role(ctx, build_role(cfg, topo, rank, device, wire))
-        if watchdog is not None:  # no peer is waited for from here on; an evaluation may take hours
+        heartbeat.stop()  # no peer is waited for or worked for from here on; an evaluation may take hours
+        if watchdog is not None:
             watchdog.stop()
         if rank == 0:  # every role wrote its summary into its part file before run_role's last barrier
             _log_losses(cfg, topo)
