@@ -45,11 +45,7 @@ def save_atomic(path: str, obj: dict) -> None:
             os.unlink(tmp)
         need, free = _serialized_size(obj), shutil.disk_usage(os.path.dirname(path)).free
         if getattr(e, "errno", None) == errno.ENOSPC or free < need:
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left for checkpoint {path!r}: it needs {need} bytes, {free} are free. Free space (or "
-                "point run.output_dir elsewhere), then continue with --resume: the newest complete set is kept",
-            ) from None
+            raise OSError(errno.ENOSPC, f"no space left for {path!r}: it needs {need} bytes, {free} are free") from None
         raise
     dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
@@ -86,27 +82,29 @@ def save_rank(output_dir: str, round_: int, rank: int, state: dict, config_yaml:
             {"format": FORMAT, "round": round_, "rank": rank, "config": config_yaml, "state": state},
         )
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            shutil.rmtree(set_dir(output_dir, round_), ignore_errors=True)
-        raise
+        if e.errno != errno.ENOSPC:
+            raise
+        shutil.rmtree(set_dir(output_dir, round_), ignore_errors=True)
+        raise OSError(
+            errno.ENOSPC,
+            f"checkpoint set of round {round_}: {e.strerror}. Free space (or point run.output_dir elsewhere), "
+            "then continue with --resume: the newest complete set is kept",
+        ) from None
 
 
 def mark_complete(output_dir: str, round_: int, keep: int) -> None:
-    """Rank 0, after all ranks saved: mark the set complete, drop all but ``keep``
-    complete sets and every incomplete set older than this one (a set a crash or a
-    full disk left half-written can never be resumed from)."""
+    """Rank 0, after all ranks saved: mark the set complete, drop all but ``keep`` sets."""
     with open(os.path.join(set_dir(output_dir, round_), MARKER), "w") as f:
         f.write(f"{round_}\n")
     for r in complete_rounds(output_dir)[:-keep]:
         shutil.rmtree(set_dir(output_dir, r), ignore_errors=True)
-    remove_incomplete(output_dir, before=round_)
 
 
-def remove_incomplete(output_dir: str, before: int | None = None) -> None:
-    """Delete set folders without a COMPLETE marker (all, or those older than ``before``):
-    a crash, a kill or a full disk left them half-written, and no resume uses them."""
+def remove_incomplete(output_dir: str) -> None:
+    """Delete set folders without a COMPLETE marker (rank 0, when a run resumes): a crash,
+    a kill or a full disk left them half-written, and no resume uses them."""
     for r in _set_rounds(output_dir):
-        if (before is None or r < before) and not os.path.exists(os.path.join(set_dir(output_dir, r), MARKER)):
+        if not os.path.exists(os.path.join(set_dir(output_dir, r), MARKER)):
             shutil.rmtree(set_dir(output_dir, r), ignore_errors=True)
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import save_atomic
 from .inception import FIDInceptionV3, convert_torchscript, fid_input
 
 ENV_VAR = "COLLAFUSE_INCEPTION"
@@ -92,8 +93,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def _torchscript_extractor(path: str, device: torch.device) -> Extractor:
+    return _calling_convention(load_torchscript(path, device), path)
+
+
+def _calling_convention(scripted: torch.jit.ScriptModule, path: str) -> Extractor:
     """The file's calling convention, read from its forward schema."""
-    scripted = load_torchscript(path, device)
     names = [a.name for a in scripted.forward.schema.arguments[1:]]  # [0] is self
     required = [a.name for a in scripted.forward.schema.arguments[1:] if a.default_value is None]
     if "return_features" in names:
@@ -205,9 +209,10 @@ def convert_inception(source: str, target: str) -> float:
         raise ValueError(f"{source!r} not found; {STAGE_HINT}")
     if not is_torchscript(source):
         raise ValueError(f"{source!r} is not a TorchScript file; {CONVENTIONS}")
-    reference = _torchscript_extractor(source, torch.device("cpu"))
+    scripted = load_torchscript(source)
+    reference = _calling_convention(scripted, source)
     try:
-        state = convert_torchscript(load_torchscript(source).state_dict())
+        state = convert_torchscript(scripted.state_dict())
     except ValueError as e:
         raise ValueError(f"{source!r}: {e}") from None
     model = FIDInceptionV3().eval()
@@ -221,12 +226,8 @@ def convert_inception(source: str, target: str) -> float:
     folder = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {target!r}: folder {folder!r} does not exist")
-    tmp = f"{target}.tmp{os.getpid()}"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, target)
+        save_atomic(target, state)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise ValueError(f"cannot write {target!r}: {e.strerror}") from None
     return error

@@ -51,7 +51,7 @@ def test_a_checkpoint_that_does_not_fit_leaves_nothing_and_says_what_it_needs(sm
     with pytest.raises(OSError) as e:
         checkpoint.save_rank(out, 4, 0, state, "config: {}")
     assert e.value.errno == errno.ENOSPC
-    assert f"no space left for checkpoint '{out}/checkpoints/round_00000004/rank0.pt': it needs 12" in str(e.value)
+    assert f"round 4: no space left for '{out}/checkpoints/round_00000004/rank0.pt': it needs 12" in str(e.value)
     assert checkpoint.complete_rounds(out) == [2] and not os.path.exists(checkpoint.set_dir(out, 4))
     assert [p.name for p in (small_disk / "out").rglob("*tmp*")] == []
 

@@ -294,16 +294,21 @@ def prepare(
     for note in catalog.notes:
         print(f"note: {note}")
 
-    def subset(idx: np.ndarray) -> Split:
-        idx = np.array([i for i in idx if ok[where[int(i)]]], dtype=np.int64)
+    def kept(idx: np.ndarray) -> np.ndarray:
+        """Positions in ``needed`` of the catalog images ``idx`` that decoded."""
+        return np.array([where[int(i)] for i in idx if ok[where[int(i)]]], dtype=np.int64)
+
+    def subset(pos: np.ndarray) -> Split:
+        idx = needed[pos]
         return Split(
-            images=images[[where[int(i)] for i in idx]].reshape(len(idx), *images.shape[1:]),
+            images=images[pos],
             labels=None if catalog.labels is None else catalog.labels[idx],
             attributes=None if catalog.attributes is None else catalog.attributes[idx],
             ids=[catalog.ids[i] for i in idx],
         )
 
-    shards = [{"train": subset(train), "test": subset(test)} for train, test in splits]
+    positions = [(kept(train), kept(test)) for train, test in splits]
+    shards = [{"train": subset(train), "test": subset(test)} for train, test in positions]
     for k, shard in enumerate(shards):  # after decoding: unreadable images may have emptied a client
         if min(len(shard["train"].images), len(shard["test"].images)) == 0:
             raise ValueError(
@@ -325,7 +330,7 @@ def prepare(
             attribute_names=catalog.attribute_names,
             dataset=catalog.dataset,
             source=catalog.source,
-            recipe=recipe.describe(sides[[where[int(i)] for i in np.concatenate(splits[k]) if ok[where[int(i)]]]]),
+            recipe=recipe.describe(sides[np.concatenate(positions[k])]),
             client_id=f"client_{k}",
             partition=partition,
             split="train+test" + (" (official)" if catalog.split is not None else f" (test_fraction={test_fraction})"),
