@@ -1,3 +1,3 @@
-from .cli import main
+from collafuse_hpc.cli import main
 
 raise SystemExit(main())

@@ -1,5 +1,5 @@
-"""Command line: ``collafuse-hpc train|sample|evaluate|prepare|inspect|export|compare|convert-inception``
-(also ``python -m collafuse_hpc``).
+"""Command line: ``collafuse-hpc train|sample|evaluate|config|prepare|inspect|export|bundle|compare|
+convert-inception`` (also ``python -m collafuse_hpc``; ``--version``, ``--log-level``).
 
 Launch lines::
 
@@ -15,6 +15,8 @@ Launch lines::
     collafuse-hpc train configs/quickstart.yaml --set clients.0.cut_ratio=0.4 --set run.rounds=50
     # FID/KID, disclosure and client compute of the newest checkpoint set, into results.h5
     collafuse-hpc evaluate configs/quickstart.yaml
+    # the resolved config, the rank map and the cuts, without starting anything
+    collafuse-hpc config configs/quickstart.yaml      # or: train ... --dry-run
 
 Exit status: 0 done, 1 a rank failed (the message names it), 2 bad input,
 75 stopped by SIGUSR1/SIGTERM/SIGINT at a round boundary with a checkpoint set (requeue
@@ -25,27 +27,32 @@ checkpoint set is kept).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from .config import load
+from collafuse_hpc import logs
+from collafuse_hpc.config import Config, dump, load
+from collafuse_hpc.version import __version__
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="collafuse-hpc", description="Collaborative split-diffusion.")
+    p.add_argument("--version", action="version", version=f"collafuse-hpc {__version__}")
+    p.add_argument("--log-level", choices=logs.LEVELS, default="INFO", help="least severe log lines shown")
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (
         ("train", "train collaboratively, then sample (resumable with --resume)"),
         ("sample", "sample again from the latest complete checkpoint set"),
         ("evaluate", "FID/KID, disclosure and client compute of the latest checkpoint set (one process)"),
+        ("config", "print the resolved config, the rank map and each client's cut; start nothing"),
     ):
         s = sub.add_parser(name, help=text)
         s.add_argument("config", help="YAML run file (configs/)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
-        if name == "evaluate":
+        if name in ("evaluate", "config"):
             continue
         s.add_argument("--in-process", action="store_true", help="run every role in this one process")
+        s.add_argument("--dry-run", action="store_true", help="print what 'config' prints and stop")
         if name == "train":
             s.add_argument(
                 "--resume",
@@ -64,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("results", help="results.h5 of a run")
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--npy", action="store_true", help="also write the uint8 arrays as .npy")
+    bun = sub.add_parser("bundle", help="copy a results.h5 and its part files into one self-contained HDF5 file")
+    bun.add_argument("results", help="results.h5 of a run")
+    bun.add_argument("out", help="the file to write")
     cmp_ = sub.add_parser("compare", help="headline numbers of several results.h5 side by side")
     cmp_.add_argument("results", nargs="+", help="results.h5 files")
     cmp_.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -110,12 +120,34 @@ def _resume_mode(text: str) -> str:
     return text
 
 
-def _setup_logging() -> None:
-    rank = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("SLURM_PROCID")
-    prefix = f"[rank {rank}] " if rank is not None else ""
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
+def _load(args: argparse.Namespace) -> Config:
+    """The run's config: YAML, ``--set`` overrides, then the environment's defaults."""
+    from collafuse_hpc.runtime.launch import apply_env_defaults
+
+    cfg = load(args.config, args.set)
+    apply_env_defaults(cfg)
+    return cfg
+
+
+def _describe(cfg: Config) -> str:
+    """The resolved config as YAML, then the rank map and each client's cut."""
+    from collafuse_hpc.diffusion.split import cuts
+    from collafuse_hpc.runtime.topology import Topology
+    from collafuse_hpc.tables import format_table
+
+    topo, every = Topology.from_config(cfg), cuts(cfg)
+    rows = []
+    for rank in range(topo.world_size):
+        if topo.is_server(rank):
+            rows.append([rank, "server", "-", "-", "-", "-"])
+            continue
+        k = topo.client_index(rank)
+        cut = every[k]
+        server_grid, client_grid = cut.sampling_grids()
+        steps = f"{max(0, len(server_grid) - 1)} + {max(0, len(client_grid) - 1)}"
+        rows.append([rank, f"client {cfg.clients[k].id}", cut.t_c, cut.handover, topo.server_of(k), steps])
+    table = format_table(["rank", "role", "t_c", "hand-over", "server", "sampling steps (server + client)"], rows)
+    return f"{dump(cfg)}\n# {topo.world_size} ranks (launch with mpirun -np {topo.world_size})\n{table}"
 
 
 def _die(code: int, text: str, hard: bool, label: str = "error") -> int:
@@ -127,8 +159,8 @@ def _die(code: int, text: str, hard: bool, label: str = "error") -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from .data.prepare import prepare
-    from .data.sources import SOURCES, read_digits
+    from collafuse_hpc.data.prepare import prepare
+    from collafuse_hpc.data.sources import SOURCES, read_digits
 
     try:
         if args.dataset == "digits":
@@ -168,8 +200,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _read_results(args: argparse.Namespace) -> int:
-    """inspect / export / compare; exit 1 when a file cannot be read or a part is missing."""
-    from . import inspection
+    """inspect / export / bundle / compare; exit 1 when a file cannot be read or a part is missing."""
+    from collafuse_hpc.results import inspection
 
     files = args.results if isinstance(args.results, list) else [args.results]
     for path in files:
@@ -189,6 +221,12 @@ def _read_results(args: argparse.Namespace) -> int:
                     1, f"nothing to export: {args.results!r} holds no samples and no evaluated images", hard=False
                 )
             return 0
+        if args.command == "bundle":
+            from collafuse_hpc.results.writer import bundle
+
+            missing = bundle(args.results, args.out)
+            print(f"wrote {args.out}" + (f" without {', '.join(missing)} (part files missing)" if missing else ""))
+            return 1 if missing else 0
         paths, rows = inspection.compare(args.results)
         print(
             inspection.to_json({"files": paths, "rows": rows}) if args.json else inspection.format_compare(paths, rows)
@@ -201,7 +239,7 @@ def _read_results(args: argparse.Namespace) -> int:
 
 
 def _convert_inception(args: argparse.Namespace) -> int:
-    from .features import convert_inception
+    from collafuse_hpc.evaluation.features import convert_inception
 
     try:
         error = convert_inception(args.source, args.target)
@@ -212,34 +250,38 @@ def _convert_inception(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, print_report
+    from collafuse_hpc.evaluation.evaluate import evaluate, print_report
 
     try:
-        cfg = load(args.config, args.set)
-        print_report(evaluate(cfg))
+        print_report(evaluate(_load(args)))
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=False)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from collafuse_hpc.runtime.launch import env_rank
+
     args = _parser().parse_args(argv)
-    _setup_logging()
+    logs.setup(env_rank(), args.log_level)
     if args.command == "prepare":
         return _prepare(args)
     if args.command == "convert-inception":
         return _convert_inception(args)
 
-    from . import checkpoint
-    from .preemption import EXIT_REQUEUE, Preempted, StopRequest
-    from .run import run_distributed, run_in_process
+    from collafuse_hpc.runtime import checkpoint
+    from collafuse_hpc.runtime.preemption import EXIT_REQUEUE, Preempted, StopRequest
+    from collafuse_hpc.runtime.run import run_distributed, run_in_process
 
     if args.command == "evaluate":
         return _evaluate(args)
-    if args.command in ("inspect", "export", "compare"):
+    if args.command in ("inspect", "export", "bundle", "compare"):
         return _read_results(args)
     try:
-        cfg = load(args.config, args.set)
+        cfg = _load(args)
+        if args.command == "config" or args.dry_run:
+            print(_describe(cfg))
+            return 0
         resume = True if args.command == "sample" else args.resume
         if args.command == "sample":
             rounds = checkpoint.complete_rounds(cfg.run.output_dir)

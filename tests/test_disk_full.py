@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import tiny_config, wait_for_rounds, write_config
 
-from collafuse_hpc import checkpoint
+from collafuse_hpc.runtime import checkpoint
 
 
 @pytest.fixture

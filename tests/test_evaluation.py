@@ -18,17 +18,18 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from conftest import MPIRUN_ENV, run_mpi, tiny_config, write_config
+from conftest import harness, run_mpi, tiny_config, write_config
 
-from collafuse_hpc import metrics
 from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
 from collafuse_hpc.data import ShardReader
-from collafuse_hpc.diffusion import beta_schedule
-from collafuse_hpc.evaluate import SETS, evaluate
-from collafuse_hpc.features import ENV_VAR, features, load_extractor
-from collafuse_hpc.inception import FIDInceptionV3, fid_input, resize_tf1
-from collafuse_hpc.run import run_in_process
+from collafuse_hpc.diffusion.gaussian import beta_schedule
+from collafuse_hpc.evaluation import metrics
+from collafuse_hpc.evaluation.evaluate import evaluate
+from collafuse_hpc.evaluation.features import features, load_extractor
+from collafuse_hpc.evaluation.inception import FIDInceptionV3, fid_input, resize_tf1
+from collafuse_hpc.results.schema import SETS
+from collafuse_hpc.runtime.run import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,8 +110,7 @@ def test_inception_state_dict_and_both_torchscript_conventions_load(tmp_path, mo
 
     u8 = torch.from_numpy(images)
     torch.jit.save(torch.jit.script(StyleGAN()), tmp_path / "inception.pt")
-    monkeypatch.setenv(ENV_VAR, str(tmp_path / "inception.pt"))
-    extract, _ = load_extractor("inception", "", torch.device("cpu"))
+    extract, _ = load_extractor("inception", str(tmp_path / "inception.pt"), torch.device("cpu"))
     assert torch.allclose(extract(u8), u8.float().expand(-1, 3, -1, -1).mean((2, 3)))
     torch.jit.save(torch.jit.script(Plain()), tmp_path / "default_1.pt")
     extract, _ = load_extractor("inception", str(tmp_path / "default_1.pt"), torch.device("cpu"))
@@ -396,7 +396,7 @@ def test_report_writes_the_table_figure_and_grids(tmp_path, shards):
 def test_local_sweep_trains_evaluates_and_reports(tmp_path, shards):
     raw = tiny_config(shards, tmp_path / "unused", [0.5, 0.5], rounds=2)
     cfg = write_config(tmp_path / "run.yaml", raw)
-    env = {**os.environ, **MPIRUN_ENV, "CUTS": "0.25 1.0", "SWEEP_DIR": str(tmp_path / "sweep")}
+    env = harness.mpi_env(CUTS="0.25 1.0", SWEEP_DIR=str(tmp_path / "sweep"))
     done = subprocess.run(
         ["bash", "jobs/sweep_local.sh", cfg], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )

@@ -5,14 +5,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import h5py
 import pytest
-from conftest import MPIRUN_ENV, mpirun, spawn_ranks, tiny_config, wait_for_rounds, write_config
+from conftest import harness, mpirun, run_mpi, spawn_ranks, tiny_config, wait_for_rounds, write_config
 
-from collafuse_hpc import checkpoint
+from collafuse_hpc.runtime import checkpoint
 
 pytestmark = pytest.mark.mpi
 ROUNDS = 40
@@ -73,16 +72,17 @@ def test_kill_9_under_mpirun_ends_the_job_and_a_restart_resumes(tmp_path, shards
     raw = tiny_config(shards, tmp_path / "out", cuts, rounds=ROUNDS, log_every=1, checkpoint_every=2)
     raw["server"]["count"] = servers
     cfg = write_config(tmp_path / "run.yaml", raw)
-    env = {**os.environ, **MPIRUN_ENV}
-    cmd = [mpirun(), "-np", str(servers + len(cuts)), sys.executable, "-m", "collafuse_hpc", "train", cfg]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mpirun()
+    proc = harness.start_mpi(
+        servers + len(cuts), ["train", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     os.kill(wait_for_rounds(tmp_path / "out/parts" / part, 4), signal.SIGKILL)
     t0 = time.monotonic()
     proc.communicate(timeout=90)
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0 and elapsed < raw["run"]["timeout_s"]
     print(f"\nkill -9 of {part[:-3]} under mpirun: job ended (exit {proc.returncode}) {elapsed:.2f} s later")
-    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240)
+    resumed = run_mpi(servers + len(cuts), ["train", cfg, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with h5py.File(tmp_path / "out/results.h5") as f:
         assert list(f["server/rounds/round"][()]) == list(range(ROUNDS))

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_config
 
 from collafuse_hpc.config import from_dict
-from collafuse_hpc.run import run_in_process
+from collafuse_hpc.runtime.run import run_in_process
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,7 +39,7 @@ def test_compiled_server_matches_eager(tmp_path, shards):
 
 
 def test_evaluate_on_gpu_a_run_trained_on_cpu(tmp_path, shards):
-    from collafuse_hpc.evaluate import evaluate
+    from collafuse_hpc.evaluation.evaluate import evaluate
 
     raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2)
     run_in_process(from_dict(raw), resume=False)
@@ -49,8 +49,8 @@ def test_evaluate_on_gpu_a_run_trained_on_cpu(tmp_path, shards):
 
 
 def test_fid_inception_features_on_gpu_match_cpu_for_both_file_forms(tmp_path):
-    from collafuse_hpc.features import features, load_extractor
-    from collafuse_hpc.inception import SIZE, FIDInceptionV3
+    from collafuse_hpc.evaluation.features import features, load_extractor
+    from collafuse_hpc.evaluation.inception import SIZE, FIDInceptionV3
 
     torch.manual_seed(0)
     net = FIDInceptionV3().eval()

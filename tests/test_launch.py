@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import spawn_ranks, tiny_config, wait_for_rounds, write_config
 
-from collafuse_hpc.launch import _first_slurm_host, discover, threads_per_rank
+from collafuse_hpc.runtime.launch import _first_slurm_host, discover, threads_per_rank
 
 
 def test_torchrun_variables_come_first():

@@ -1,20 +1,16 @@
 """Multi-rank runs under mpirun, and under torchrun-style environment variables."""
 
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_mpi, tiny_config, write_config
+from conftest import run_mpi, spawn_ranks, tiny_config, write_config
 
-from collafuse_hpc.checkpoint import load_rank
 from collafuse_hpc.config import from_dict
-from collafuse_hpc.run import run_in_process
+from collafuse_hpc.runtime.checkpoint import load_rank
+from collafuse_hpc.runtime.run import run_in_process
 
 pytestmark = pytest.mark.mpi
 
@@ -83,38 +79,12 @@ def test_a_raising_rank_ends_the_job_with_its_name(tmp_path, shards, rank, name)
         assert list(f["server/rounds/round"][()]) == [0, 1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_without_a_launcher_that_kills_peers_survivors_exit_and_name_the_dead_rank(tmp_path, shards):
     """torchrun-style ranks: client c0 dies without a word at round 2; the server
     notices the lost connection, tells c1, and every rank exits non-zero promptly."""
     raw = tiny_config(shards, tmp_path / "out", [0.2, 0.2], rounds=50, fault={"rank": 1, "round": 2, "mode": "exit"})
     cfg = write_config(tmp_path / "run.yaml", raw)
-    port = _free_port()
-    procs = []
-    for rank in range(3):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": "3",
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": "3",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "collafuse_hpc", "train", cfg],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+    procs = spawn_ranks(3, ["train", cfg])
     t0 = time.monotonic()
     outputs = [p.communicate(timeout=90) for p in procs]
     elapsed = time.monotonic() - t0

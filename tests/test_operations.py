@@ -7,20 +7,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import MPIRUN_ENV, mpirun, run_mpi, spawn_ranks, tiny_config, wait_for_rounds, write_config
+from conftest import harness, mpirun, run_mpi, spawn_ranks, tiny_config, until, wait_for_rounds, write_config
 
-from collafuse_hpc import checkpoint
 from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
-from collafuse_hpc.preemption import EXIT_REQUEUE, Preempted, StopRequest
-from collafuse_hpc.run import run_in_process
-from collafuse_hpc.watchdog import Watchdog
+from collafuse_hpc.runtime import checkpoint
+from collafuse_hpc.runtime.preemption import EXIT_REQUEUE, Preempted, StopRequest
+from collafuse_hpc.runtime.run import run_in_process
+from collafuse_hpc.runtime.watchdog import Watchdog
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,19 +73,9 @@ def test_a_live_lock_of_another_job_refuses_the_folder_and_a_dead_one_is_taken_o
 def test_sigusr1_to_mpirun_stops_checkpoints_exits_for_requeue_and_resumes(tmp_path, shards):
     raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=40, log_every=1, checkpoint_every=0)
     cfg = write_config(tmp_path / "run.yaml", raw)
-    env = {**os.environ, **MPIRUN_ENV}
-    cmd = [mpirun(), "-np", "3", sys.executable, "-m", "collafuse_hpc", "train", cfg]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    part = tmp_path / "out/parts/server_0.h5"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with h5py.File(part) as f:
-                if "rounds/round" in f and len(f["rounds/round"]) >= 3:
-                    break
-        except (OSError, KeyError):
-            pass
-        time.sleep(0.2)
+    mpirun()
+    proc = harness.start_mpi(3, ["train", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rounds(tmp_path / "out/parts/server_0.h5", 3)
     proc.send_signal(signal.SIGUSR1)
     t0 = time.monotonic()
     out, err = proc.communicate(timeout=90)
@@ -93,7 +84,7 @@ def test_sigusr1_to_mpirun_stops_checkpoints_exits_for_requeue_and_resumes(tmp_p
     assert "stopped by SIGUSR1 after round" in err
     (stopped,) = checkpoint.complete_rounds(str(tmp_path / "out"))
     assert 3 <= stopped < 40
-    proc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240)
+    proc = run_mpi(3, ["train", cfg, "--resume"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming from the checkpoint set of round {stopped}" in proc.stderr
     with h5py.File(tmp_path / "out/results.h5") as f:
@@ -117,7 +108,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_set(tmp_path, shards,
 
 
 def test_gpu_ranks_beyond_the_node_gpus_are_refused(monkeypatch):
-    from collafuse_hpc.launch import Launch, resolve_device
+    from collafuse_hpc.runtime.launch import Launch, resolve_device
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
@@ -129,21 +120,23 @@ def test_gpu_ranks_beyond_the_node_gpus_are_refused(monkeypatch):
 
 
 def test_watchdog_fires_only_without_progress():
-    fired = []
-    dog = Watchdog("rank 1 (client 'c0')", limit_s=0.4, on_stall=fired.append)
-    for _ in range(6):
-        time.sleep(0.1)
-        dog.beat("round 3")
-    assert not fired
-    time.sleep(1.2)
+    dog = Watchdog("rank 1 (client 'c0')", limit_s=100, on_stall=lambda report: None)
+    dog.beat("round 3")
+    beat = time.monotonic()
+    assert dog.stalled(beat + 99) is None  # progress within the limit: nothing
+    assert dog.stalled(beat + 101) == "rank 1 (client 'c0'): no progress for 101 s during round 3; aborting this rank"
+    dog.beat("round 4")
+    assert dog.stalled(time.monotonic() + 99) is None  # a later beat restarts the clock
     dog.stop()
-    assert fired and "rank 1 (client 'c0'): no progress for" in fired[0] and "during round 3" in fired[0]
+    fired = threading.Event()  # and its thread acts on a stall: no beat at all, a short limit
+    Watchdog("rank 2", limit_s=0.2, on_stall=lambda report: fired.set())
+    assert fired.wait(30)
 
 
 def test_a_reader_of_a_live_run_never_blocks_the_writer(tmp_path):
     """h5dump, tools/ or a notebook holding a part file open (with HDF5's lock)
     must not make a training rank fail on its next flush."""
-    from collafuse_hpc.results import RoleResults
+    from collafuse_hpc.results.writer import RoleResults
 
     path = tmp_path / "parts/server_0.h5"
     results = RoleResults(str(path), {"role": "server"})
@@ -209,13 +202,13 @@ def test_resume_mistakes_are_refused_before_anything_is_written(tmp_path, shards
 
 def _launch(launcher: str, cfg: str, tmp_path) -> list[subprocess.Popen]:
     """The run's processes: the launcher first (local.sh, mpirun) or every rank (torchrun-style)."""
-    env = {**os.environ, **MPIRUN_ENV, "MPIRUN": mpirun(), "VENV": str(Path(sys.executable).parent.parent)}
     if launcher == "ranks":
         return spawn_ranks(3, ["train", cfg], tmp_path / "logs")
-    cmd = ["bash", str(ROOT / "jobs/local.sh"), "3"] if launcher == "local.sh" else [mpirun(), "-np", "3"]
     if launcher == "mpirun":
-        cmd += [sys.executable, "-m", "collafuse_hpc"]
-    return [subprocess.Popen([*cmd, "train", cfg], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
+        return [harness.start_mpi(3, ["train", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
+    env = harness.mpi_env(MPIRUN=mpirun(), VENV=str(Path(sys.executable).parent.parent))
+    cmd = ["bash", str(ROOT / "jobs/local.sh"), "3", "train", cfg]
+    return [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
 
 
 # (launcher, signal, who gets it, exit status): the ways a run is stopped by a person, a
@@ -256,13 +249,6 @@ def test_a_signal_mid_training_keeps_a_complete_checkpoint_set_to_continue_from(
         assert done.returncode == 0 and f"resuming from the checkpoint set of round {sets[-1]}" in done.stderr
 
 
-def _until(condition, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def _has(path, key: str) -> bool:
     try:
         with h5py.File(path, "r", locking=False) as f:
@@ -299,7 +285,7 @@ def test_sigterm_at_every_moment_of_a_run_keeps_what_is_done(tmp_path, shards, m
     cfg = write_config(tmp_path / "run.yaml", raw)
     cmd = [sys.executable, "-m", "collafuse_hpc", "train", cfg, "--in-process"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _until(lambda: ready(tmp_path / "out"))
+    until(lambda: ready(tmp_path / "out"), what=f"the run reaching {moment}")
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=90)[1]
     assert proc.returncode == expected, err[-2000:]

@@ -7,17 +7,18 @@ import subprocess
 import sys
 
 import h5py
+import measure
 import numpy as np
 import pytest
 import torch
-from conftest import MPIRUN_ENV, run_mpi, tiny_config, write_config
+from conftest import harness, run_mpi, tiny_config, write_config
 
-from collafuse_hpc import benchmark
-from collafuse_hpc.client import Client
-from collafuse_hpc.compute import client_compute
 from collafuse_hpc.config import from_dict
-from collafuse_hpc.run import run_in_process
-from collafuse_hpc.wire import HEADER_LEN, Kind, LocalWire
+from collafuse_hpc.evaluation.compute import client_compute
+from collafuse_hpc.roles.client import Client
+from collafuse_hpc.runtime.local_wire import LocalWire
+from collafuse_hpc.runtime.run import run_in_process
+from collafuse_hpc.runtime.wire import HEADER_LEN, Kind
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +72,7 @@ def test_client_compute_share_of_sampling_follows_the_cut(tmp_path, shards):
     raw["diffusion"]["sampling_steps"] = 0
     client = Client(from_dict(raw), 0, torch.device("cpu"))
     before = {k: v.clone() for k, v in client.net.model.state_dict().items()}
-    m = client_compute(client, n=4, steps=20, repeats=1)
+    m = client_compute(client, n=4, repeats=1)
     assert (m["sampling_steps_client"], m["sampling_steps_full"]) == (5, 20)
     assert m["sampling_ideal_ratio"] == 0.25
     assert m["sampling_flops_client"] / m["sampling_flops_full"] == pytest.approx(0.25)
@@ -84,24 +85,27 @@ def test_client_compute_share_of_sampling_follows_the_cut(tmp_path, shards):
 
 
 def test_read_run_and_baselines_on_a_real_distributed_run(tmp_path):
-    shards = benchmark.synthetic_shards(str(tmp_path / "shards"), 2, 8, 1, train=32, test=8)
+    shards = harness.synthetic_shards(str(tmp_path / "shards"), 2, 8, 1, train=32, test=8)
     model = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
-    raw = benchmark.bench_config(
+    raw = harness.bench_config(
         shards, str(tmp_path / "run"), model, model, **{"run.rounds": 6, "clients.batch_size": 4}
     )
-    os.environ.update(MPIRUN_ENV)
-    benchmark.launch(raw, timeout_s=240)
-    t = benchmark.read_run(raw["run"]["output_dir"], skip=2)
-    assert t.bytes_per_image == pytest.approx(benchmark.x_c_bytes(raw) + HEADER_LEN * 8 / 4)
-    assert 0 <= t.server_wire_fraction < 1 and 0 <= t.client_wait_fraction < 1
-    assert t.server_images_per_s > 0 and t.run_images_per_s > 0 and t.gpu_peak_memory_bytes == 0
+    environ = dict(os.environ)
+    harness.launch(raw, timeout_s=240)
+    assert dict(os.environ) == environ  # the launcher's MPI settings stay in its child
+    t = measure.read_run(raw["run"]["output_dir"], skip=2)
+    # 4 rounds kept, 2 clients x 4 images each, every x_c message: 4 images + one header
+    assert t.bytes_per_image == pytest.approx(measure.x_c_bytes(raw) + HEADER_LEN * 8 / 4)
+    assert t.server_images_per_s * t.server_round_s * 4 == pytest.approx(4 * 8)
+    assert t.server_compute_s_per_image * 4 * 8 == pytest.approx(t.server_round_s * 4 * (1 - t.server_wire_fraction))
+    assert 0 < t.client_wait_fraction < 1 and t.run_images_per_s > 0 and t.gpu_peak_memory_bytes == 0
     cpu = torch.device("cpu")
-    assert benchmark.server_alone(raw, 2, 1, cpu) > 0 and benchmark.plain_ddpm(raw, 2, 1, cpu) > 0
+    assert measure.server_alone(raw, 2, 1, cpu) > 0 and measure.plain_ddpm(raw, 2, 1, cpu) > 0
 
 
 @pytest.mark.mpi
 def test_gpu_check_runs_on_cpu_and_says_so(tmp_path):
-    env = {**os.environ, **MPIRUN_ENV}
+    env = harness.mpi_env()
     cmd = [sys.executable, os.path.join(ROOT, "tools/gpu_check.py"), "--clients", "2", "--rounds", "8"]
     done = subprocess.run([*cmd, "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -9,13 +9,15 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from collafuse_hpc.checkpoint import load_rank
 from collafuse_hpc.config import from_dict
 from collafuse_hpc.data import EpochSampler, ShardReader, to_model_range
-from collafuse_hpc.diffusion import beta_schedule
-from collafuse_hpc.run import run_in_process
-from collafuse_hpc.topology import role_seed
-from collafuse_hpc.wire import Kind, LocalWire, PeerFailure
+from collafuse_hpc.diffusion.gaussian import beta_schedule
+from collafuse_hpc.runtime.checkpoint import load_rank
+from collafuse_hpc.runtime.local_wire import LocalHub, LocalWire
+from collafuse_hpc.runtime.loops import RankFailure
+from collafuse_hpc.runtime.run import run_in_process
+from collafuse_hpc.runtime.topology import Topology, role_seed
+from collafuse_hpc.runtime.wire import Kind, PeerFailure
 
 
 def _losses(out, key):
@@ -93,8 +95,10 @@ def test_labels_cross_only_for_the_client_that_opts_in(tmp_path, shards, monkeyp
 
 def test_a_failing_client_ends_every_role_with_its_name(tmp_path, shards):
     cfg = from_dict(tiny_config(shards, tmp_path, [0.2, 0.2], fault={"rank": 2, "round": 1}))
-    with pytest.raises(RuntimeError, match="injected fault at round 1"):
-        run_in_process(cfg, resume=False)
+    with pytest.raises(RankFailure, match=r"^rank 2 \(client 'c1'\): RuntimeError: injected fault at round 1$"):
+        run_in_process(cfg, resume=False)  # returns: the server and c0 ended too
+    with h5py.File(tmp_path / "results.h5") as f:  # no role finished: none wrote a summary
+        assert [key for key in ("server", "clients/c0", "clients/c1") if "summary" in f[key]] == []
 
 
 def test_sequential_aggregation_and_reference_split(tmp_path, shards):
@@ -135,11 +139,21 @@ def test_fresh_run_refuses_to_overwrite_results(tmp_path, shards):
         run_in_process(from_dict(cfg), resume=False)
 
 
-def test_peer_failure_is_the_type_a_survivor_sees(tmp_path, shards):
+def test_the_cause_is_raised_not_a_survivors_echo_of_it(tmp_path, shards):
     cfg = from_dict(tiny_config(shards, tmp_path, [0.2, 0.2], fault={"rank": 0, "round": 2}))
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RankFailure, match=r"^rank 0 \(server 0\): RuntimeError: injected fault at round 2$"):
         run_in_process(cfg, resume=False)
-    assert not isinstance(info.value, PeerFailure) and "injected fault at round 2" in str(info.value)
+
+
+def test_a_survivor_sees_peer_failure_naming_the_failed_rank():
+    topo = Topology(1, ("c0",))
+    hub = LocalHub(topo.world_size, 1, timeout_s=30)
+    server, client = (LocalWire(rank, topo.describe, hub, torch.device("cpu")) for rank in (0, 1))
+    client.send_error([0], 3, "rank 1 (client 'c0'): RuntimeError: disk on fire")
+    with pytest.raises(PeerFailure, match=r"^rank 1 \(client 'c0'\): RuntimeError: disk on fire$"):
+        server.recv(1, Kind.TRAIN, 3)
+    with pytest.raises(PeerFailure, match=r"rank 0 \(server 0\) timed out waiting for TRAIN of round 4 from rank 1"):
+        server.recv(1, Kind.TRAIN, 4, timeout_s=0.05)
 
 
 def _server_weights(out, rounds, rank):

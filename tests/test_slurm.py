@@ -10,9 +10,9 @@ from pathlib import Path
 
 import h5py
 import pytest
-from conftest import tiny_config, wait_for_rounds, write_config
+from conftest import tiny_config, until, wait_for_rounds, write_config
 
-from collafuse_hpc import checkpoint
+from collafuse_hpc.runtime import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_NODES = ["--partition=ci", "--gres=none", "--cpus-per-task=1"]  # override the GPU cluster lines
@@ -30,8 +30,11 @@ def slurm():
         pytest.skip(reason)
 
 
-def _run(*args: str) -> str:
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True, timeout=60).stdout
+def _run(*args: str, **env: str) -> str:
+    """stdout of a command run from the checkout (``env``: extra variables)."""
+    return subprocess.run(
+        args, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True, timeout=60
+    ).stdout
 
 
 def _job(jid: str) -> dict[str, str]:
@@ -55,12 +58,6 @@ def _config(tmp_path, shards, rounds, **run):
 
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
-
-
-def _wait_until(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.5)
 
 
 def _submit_train(tmp_path: Path, cfg: str, out: Path) -> str:
@@ -102,16 +99,9 @@ def test_two_node_train_job(tmp_path, shards):
 
 def test_sweep_job_array_and_dependent_report(tmp_path, shards):
     cfg = _config(tmp_path, shards, rounds=3)
-    env = {**os.environ, "CUTS": "0.2 0.6 1.0"}
-    text = subprocess.run(
-        ["bash", "jobs/sweep.sh", cfg, *CI_NODES, "--nodes=1", "--ntasks=3", "--ntasks-per-node=3"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
+    text = _run(
+        "bash", "jobs/sweep.sh", cfg, *CI_NODES, "--nodes=1", "--ntasks=3", "--ntasks-per-node=3", CUTS="0.2 0.6 1.0"
+    )
     array, report = re.search(r"array job (\d+) .* report job (\d+)", text).groups()
     try:
         info = _wait(report, FINAL, timeout=300)
@@ -136,7 +126,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(tmp_path, shard
     rounds = 200
     jid, out = _train_running(tmp_path, shards, rounds, log_every=1, checkpoint_every=0)
     _run("scancel", "--batch", "--signal=USR1", jid)  # what --signal=B:USR1@120 does before the time limit
-    _wait_until(lambda: _job(jid).get("Restarts") == "1", timeout=120)
+    until(lambda: _job(jid).get("Restarts") == "1", 120)
     assert _job(jid)["Restarts"] == "1", (tmp_path / "job.out").read_text()[-3000:]
     _wait(jid, {"PENDING"}, timeout=60)
     # Skip SLURM's 2-minute requeue hold-off, but not within the same second as the
@@ -158,27 +148,9 @@ def test_heterogeneous_job_server_component_and_client_component(tmp_path, shard
     raw = tiny_config([shards[k % 4] for k in range(5)], tmp_path / "unused", [0.2, 0.4, 0.6, 0.8, 1.0], rounds=3)
     cfg = write_config(tmp_path / "run.yaml", raw)
     out = tmp_path / "out"
-    env = {**os.environ, "SBATCH_PARTITION": "ci", "SBATCH_GRES": "none"}  # both components
-    jid = (
-        subprocess.run(
-            [
-                "sbatch",
-                "--parsable",
-                f"--output={tmp_path}/job.out",
-                f"--export=ALL,OUTPUT_DIR={out}",
-                "jobs/hetero.sbatch",
-                cfg,
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
-        .stdout.strip()
-        .split("+")[0]
-    )
+    both = {"SBATCH_PARTITION": "ci", "SBATCH_GRES": "none"}  # for both components
+    args = ("--parsable", f"--output={tmp_path}/job.out", f"--export=ALL,OUTPUT_DIR={out}", "jobs/hetero.sbatch", cfg)
+    jid = _run("sbatch", *args, **both).strip().split("+")[0]
     info = _wait(jid, FINAL)
     log = (tmp_path / "job.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
@@ -196,7 +168,7 @@ def test_scancel_without_a_signal_leaves_a_checkpoint_set_to_continue_from(tmp_p
     info = _wait(jid, FINAL, timeout=120)
     log = (tmp_path / "job.out").read_text()
     assert info["JobState"] == "CANCELLED", log[-3000:]
-    _wait_until(lambda: checkpoint.complete_rounds(str(out)), timeout=30)  # the tasks outlive the batch shell
+    until(lambda: checkpoint.complete_rounds(str(out)), 30)  # the tasks outlive the batch shell
     (stopped,) = checkpoint.complete_rounds(str(out))
     assert 5 <= stopped < rounds, log[-3000:]
     for rank in range(3):
@@ -221,7 +193,7 @@ def test_time_limit_with_signal_usr1_to_the_tasks_checkpoints_and_requeues(tmp_p
         "jobs/train.sbatch",
         cfg,
     ).strip()
-    _wait_until(lambda: _job(jid).get("Restarts") == "1", timeout=180)
+    until(lambda: _job(jid).get("Restarts") == "1", 180)
     log = (tmp_path / "job.out").read_text()
     assert _job(jid)["Restarts"] == "1", log[-3000:]
     stopped = int(re.search(r"stopped by SIGUSR1 after round (\d+)", log).group(1))
@@ -235,7 +207,7 @@ def test_a_signal_to_the_job_steps_checkpoints_and_requeues(tmp_path, shards, si
     round boundary with exit 75 and the batch script requeues the job."""
     jid, out = _train_running(tmp_path, shards, 100_000, log_every=10, checkpoint_every=0)
     _run("scancel", f"--signal={sig}", jid)
-    _wait_until(lambda: _job(jid).get("Restarts") == "1", timeout=120)
+    until(lambda: _job(jid).get("Restarts") == "1", 120)
     log = (tmp_path / "job.out").read_text()
     _run("scancel", jid)  # what matters is the stop and the requeue
     stopped = int(re.search(rf"stopped by SIG{sig} after round (\d+)", log).group(1))

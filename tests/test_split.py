@@ -2,7 +2,7 @@
 
 import pytest
 
-from collafuse_hpc.split import Cut
+from collafuse_hpc.diffusion.split import Cut
 
 
 def test_full_grid_visits_every_step_and_meets_at_the_cut():

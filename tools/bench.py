@@ -35,10 +35,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from collafuse_hpc import benchmark as B  # noqa: E402
-from collafuse_hpc.client import Client  # noqa: E402
-from collafuse_hpc.compute import client_compute  # noqa: E402
+import harness  # noqa: E402
+import measure  # noqa: E402
+
 from collafuse_hpc.config import from_dict  # noqa: E402
+from collafuse_hpc.evaluation.compute import client_compute  # noqa: E402
+from collafuse_hpc.roles.client import Client  # noqa: E402
+from collafuse_hpc.tables import format_table  # noqa: E402
 
 SERVER_MODEL = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8]}
 CLIENT_MODEL = {"base_channels": 8, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": []}
@@ -46,54 +49,47 @@ ROUNDS, SKIP = 40, 10  # rounds per distributed run; warm-up rounds left out of 
 
 
 def _table(title: str, header: list[str], rows: list[list]) -> None:
-    print(f"\n{title}")
-    widths = [max(len(str(h)), *(len(_fmt(r[i])) for r in rows)) for i, h in enumerate(header)]
-    print("  " + "  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print("  " + "  ".join(_fmt(v).rjust(w) for v, w in zip(r, widths)))
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    print(f"\n{title}\n{format_table(header, rows, indent='  ')}")
 
 
 def reference(tmp: str, device: str) -> dict:
     """The shared run: 1 server + 2 clients, plus its single-process baselines."""
-    shards = B.synthetic_shards(os.path.join(tmp, "shards2"), 2, 16, 1)
-    raw = B.bench_config(
+    shards = harness.synthetic_shards(os.path.join(tmp, "shards2"), 2, 16, 1)
+    raw = harness.bench_config(
         shards, os.path.join(tmp, "ref"), SERVER_MODEL, CLIENT_MODEL, **{"run.rounds": ROUNDS, "server.device": device}
     )
     dev = torch.device(device)
-    alone_before = B.server_alone(raw, ROUNDS - SKIP, 3, dev)
-    wall = B.launch(raw)
-    alone_after = B.server_alone(raw, ROUNDS - SKIP, 3, dev)
-    plain = B.plain_ddpm(raw, ROUNDS - SKIP, 3, dev)
-    times = B.read_run(raw["run"]["output_dir"], SKIP)
+    alone_before = measure.server_alone(raw, ROUNDS - SKIP, 3, dev)
+    wall = harness.launch(raw)
+    alone_after = measure.server_alone(raw, ROUNDS - SKIP, 3, dev)
+    plain = measure.plain_ddpm(raw, ROUNDS - SKIP, 3, dev)
+    times = measure.read_run(raw["run"]["output_dir"], SKIP)
     return {"raw": raw, "wall_s": wall, "alone": (alone_before + alone_after) / 2, "plain": plain, "times": times}
 
 
+def _ratio(title: str, names: tuple[str, str], a: float, b: float) -> dict:
+    """Print and return two rates measured side by side and their ratio a / b."""
+    header = [f"{name.replace('_', ' ')} images/s" for name in names]
+    _table(title, [*header, "ratio"], [[a, b, a / b]])
+    return {f"{names[0]}_images_per_s": a, f"{names[1]}_images_per_s": b, "ratio": a / b}
+
+
 def bench_server(ref: dict) -> dict:
-    t = ref["times"]
-    ratio = t.server_images_per_s / ref["alone"]
-    _table(
-        "1. server efficiency (target >= 0.95)",
-        ["distributed images/s", "one process images/s", "ratio"],
-        [[t.server_images_per_s, ref["alone"], ratio]],
-    )
-    return {"distributed_images_per_s": t.server_images_per_s, "alone_images_per_s": ref["alone"], "ratio": ratio}
+    title = "1. server efficiency (target >= 0.95)"
+    return _ratio(title, ("distributed", "alone"), ref["times"].server_images_per_s, ref["alone"])
 
 
 def bench_wire(ref: dict, tmp: str) -> dict:
     raw = dict(ref["raw"], run={**ref["raw"]["run"], "output_dir": os.path.join(tmp, "bf16")})
     raw["clients"] = [{**c, "wire_dtype": "bfloat16"} for c in raw["clients"]]
-    B.launch(raw)
-    half = B.read_run(raw["run"]["output_dir"], SKIP)
-    one = B.x_c_bytes(ref["raw"])
+    harness.launch(raw)
+    half = measure.read_run(raw["run"]["output_dir"], SKIP)
+    one = measure.x_c_bytes(ref["raw"])
     batch = ref["raw"]["clients"][0]["batch_size"]
     rows, out = [], {}
     for name, t, ideal in (("float32", ref["times"], 1.0), ("bfloat16", half, 0.5)):
         ratio = t.bytes_per_image / one
-        with_header = ideal + B.HEADER_BYTES / batch / one
+        with_header = ideal + measure.HEADER_BYTES / batch / one
         rows.append([name, t.bytes_per_image, ratio, with_header, t.server_wire_fraction, t.client_wait_fraction])
         out[name] = {
             "bytes_per_image": t.bytes_per_image,
@@ -103,7 +99,7 @@ def bench_wire(ref: dict, tmp: str) -> dict:
             "client_wait_fraction": t.client_wait_fraction,
         }
     _table(
-        f"2. wire cost (one float32 x_c = {one:.0f} bytes; header {B.HEADER_BYTES} bytes per message of {batch})",
+        f"2. wire cost (one float32 x_c = {one:.0f} bytes; header {measure.HEADER_BYTES} bytes per message of {batch})",
         ["wire", "bytes/image", "ratio", "ideal", "server recv+send share", "client wait share"],
         rows,
     )
@@ -111,15 +107,15 @@ def bench_wire(ref: dict, tmp: str) -> dict:
 
 
 def bench_client(tmp: str) -> dict:
-    shards = B.synthetic_shards(os.path.join(tmp, "shards1"), 1, 16, 1)
+    shards = harness.synthetic_shards(os.path.join(tmp, "shards1"), 1, 16, 1)
     rows, out = [], {}
     for c in (0.2, 0.5, 0.8):
-        raw = B.bench_config(
+        raw = harness.bench_config(
             shards, os.path.join(tmp, "client"), SERVER_MODEL, SERVER_MODEL, **{"clients.cut_ratio": c}
         )
         raw["diffusion"]["sampling_steps"] = 0
         client = Client(from_dict(raw), 0, torch.device("cpu"))
-        m = client_compute(client, n=16, steps=raw["diffusion"]["timesteps"], repeats=5)
+        m = client_compute(client, n=16, repeats=5)
         share = m["sampling_time_ratio"] / c
         rows.append([c, m["sampling_time_client_s"], m["sampling_time_full_s"], m["sampling_time_ratio"], share])
         out[str(c)] = {**m, "ratio_over_c": share}
@@ -135,19 +131,19 @@ def bench_scaling(tmp: str, device: str) -> dict:
     """Per number of clients K: the server's compute per image in the distributed run,
     and the same model alone on the same total batch measured right after it (the
     side-by-side ratio holds when the machine's speed drifts between runs)."""
-    shards = B.synthetic_shards(os.path.join(tmp, "shards8"), 8, 16, 1)
+    shards = harness.synthetic_shards(os.path.join(tmp, "shards8"), 8, 16, 1)
     rows, out, base = [], {}, None
     for k in (1, 2, 4, 8):
-        raw = B.bench_config(
+        raw = harness.bench_config(
             shards[:k],
             os.path.join(tmp, f"scale{k}"),
             SERVER_MODEL,
             CLIENT_MODEL,
             **{"run.rounds": ROUNDS, "server.device": device, "clients.batch_size": 16},
         )
-        B.launch(raw)
-        t = B.read_run(raw["run"]["output_dir"], SKIP)
-        alone_s = 1 / B.server_alone(raw, ROUNDS - SKIP, 3, torch.device(device))
+        harness.launch(raw)
+        t = measure.read_run(raw["run"]["output_dir"], SKIP)
+        alone_s = 1 / measure.server_alone(raw, ROUNDS - SKIP, 3, torch.device(device))
         base = base or t.server_compute_s_per_image
         row = {
             "server_compute_ms_per_image": 1e3 * t.server_compute_s_per_image,
@@ -176,18 +172,8 @@ def bench_data(out_dir: str) -> dict:
 
 
 def bench_e2e(ref: dict) -> dict:
-    t = ref["times"]
-    ratio = t.run_images_per_s / ref["plain"]
-    _table(
-        "6. end to end (collaborative run vs one process training one DDPM, same total batch)",
-        ["collaborative images/s", "single-process images/s", "ratio"],
-        [[t.run_images_per_s, ref["plain"], ratio]],
-    )
-    return {
-        "collaborative_images_per_s": t.run_images_per_s,
-        "single_process_images_per_s": ref["plain"],
-        "ratio": ratio,
-    }
+    title = "6. end to end (collaborative run vs one process training one DDPM, same total batch)"
+    return _ratio(title, ("collaborative", "single_process"), ref["times"].run_images_per_s, ref["plain"])
 
 
 NAMES = ("server", "wire", "client", "scaling", "data", "e2e")

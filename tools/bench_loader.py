@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+import h5py
 import numpy as np
 import torch
 from PIL import Image
@@ -30,8 +31,9 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from collafuse_hpc.data import ShardReader, to_model_range  # noqa: E402
-from collafuse_hpc.data.prepare import Recipe, _finish, prepare  # noqa: E402
+from collafuse_hpc.data.prepare import Recipe, decode_file, prepare  # noqa: E402
 from collafuse_hpc.data.sources import read_folder  # noqa: E402
+from collafuse_hpc.tables import format_table  # noqa: E402
 
 
 def make_jpegs(folder: str, n: int) -> None:
@@ -74,21 +76,18 @@ def main() -> int:
         recipe = Recipe(args.size, 3, crop=140)
 
         def jpeg(idx: np.ndarray) -> torch.Tensor:
-            batch = []
-            for i in idx:
-                with Image.open(catalog.files[i]) as img:
-                    batch.append(_finish(img, recipe, None)[0])
+            batch = [decode_file((int(i), catalog.files[i], None, recipe))[1] for i in idx]
             return to_model_range(np.stack(batch), "cpu")
 
         def shard(idx: np.ndarray) -> torch.Tensor:
             return to_model_range(reader.read(idx)[0], "cpu")
 
+        images = h5py.File(path, "r")["train/images"]  # the same dataset, read in other ways
+
         def shard_fancy(idx: np.ndarray) -> torch.Tensor:
-            images = reader._group()["images"]
             return to_model_range(images[np.sort(idx)], "cpu")
 
         def shard_read_direct(idx: np.ndarray) -> torch.Tensor:
-            images = reader._group()["images"]
             out = np.empty((len(idx), *images.shape[1:]), np.uint8)
             for k, i in enumerate(idx):
                 images.read_direct(out, np.s_[int(i)], np.s_[k])
@@ -97,11 +96,9 @@ def main() -> int:
         modes = {"jpeg": jpeg, "shard": shard, "shard-fancy": shard_fancy, "shard-read_direct": shard_read_direct}
         results = {name: rate(fn, n, args.batch, args.seconds) for name, fn in modes.items()}
     print(
-        f"{'reader':<18}{'images/s':>12}   ({args.images} CelebA-sized JPEGs -> {args.size}x{args.size}, "
-        f"random batches of {args.batch}, 1 thread)"
+        f"{args.images} CelebA-sized JPEGs -> {args.size}x{args.size}, random batches of {args.batch}, 1 thread\n"
+        + format_table(["reader", "images/s"], [[name, round(value)] for name, value in results.items()])
     )
-    for name, value in results.items():
-        print(f"{name:<18}{value:>12.0f}")
     ratio = results["shard"] / results["jpeg"]
     print(
         f"ratio shard/jpeg: {ratio:.1f}x (target >= 20x); shard/shard-fancy: "

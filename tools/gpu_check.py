@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from collafuse_hpc import benchmark as B  # noqa: E402
+import harness  # noqa: E402
+import measure  # noqa: E402
 
 GPU_SERVER = {"base_channels": 64, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attention_resolutions": [16]}
 CPU_SERVER = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
@@ -58,7 +59,7 @@ def main() -> int:
         "compile": args.compile,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        shards = B.synthetic_shards(os.path.join(tmp, "shards"), args.clients, size, 3, train=4 * batch, test=16)
+        shards = harness.synthetic_shards(os.path.join(tmp, "shards"), args.clients, size, 3, train=4 * batch, test=16)
         common = {
             "run.rounds": rounds,
             "run.threads": threads,
@@ -68,7 +69,7 @@ def main() -> int:
             "server.compile": args.compile,
         }
         for name, cut in (("A_clients_idle", 0.0), ("B_clients_training", 0.2)):
-            raw = B.bench_config(
+            raw = harness.bench_config(
                 shards,
                 os.path.join(tmp, name),
                 server_model,
@@ -76,12 +77,12 @@ def main() -> int:
                 **common,
                 **{"clients.cut_ratio": cut, "clients.allow_centralized": cut == 0},
             )
-            wall = B.launch(raw)
-            t = B.read_run(raw["run"]["output_dir"], skip)
+            wall = harness.launch(raw)
+            t = measure.read_run(raw["run"]["output_dir"], skip)
             results[name] = {"cut_ratio": cut, "wall_s": wall, **vars(t)}
             if cut == 0:
                 torch.set_num_threads(threads)
-                alone = B.server_alone(raw, rounds - skip, 3, torch.device(device))
+                alone = measure.server_alone(raw, rounds - skip, 3, torch.device(device))
                 results[name]["alone_images_per_s"] = alone
                 results[name]["efficiency"] = t.server_images_per_s / alone
     a, b = results["A_clients_idle"], results["B_clients_training"]

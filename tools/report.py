@@ -27,8 +27,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from collafuse_hpc.evaluate import SETS  # noqa: E402
-from collafuse_hpc.inspection import export, summarize  # noqa: E402
+from collafuse_hpc.results.inspection import export, summarize  # noqa: E402
+from collafuse_hpc.results.schema import SETS  # noqa: E402
 
 NAN = float("nan")
 # csv key -> markdown header (with units); FID and KID are in squared units of the features named in

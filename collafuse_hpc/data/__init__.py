@@ -2,7 +2,7 @@
 (sources.py), partition rules (partition.py) and the preparation pipeline
 (prepare.py)."""
 
-from .shard import (
+from collafuse_hpc.data.shard import (
     EpochSampler,
     ShardInfo,
     ShardReader,

@@ -24,16 +24,16 @@ import os
 import re
 import signal
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import h5py
 import numpy as np
 from PIL import Image
 
-from . import partition as part
-from .shard import Split, write_shard
-from .sources import Catalog
+from collafuse_hpc.data import partition as part
+from collafuse_hpc.data.shard import Split, write_shard
+from collafuse_hpc.data.sources import Catalog
+from collafuse_hpc.logs import Progress
 
 CHUNK = 256  # images decoded between cache flushes
 PENDING, DONE, FAILED = 0, 1, 2
@@ -115,28 +115,6 @@ def _stamp(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-class Progress:
-    """One self-updating line on stderr: done/total, rate, ETA."""
-
-    def __init__(self, total: int, what: str):
-        self.total, self.what, self.t0, self.last = total, what, time.monotonic(), 0.0
-
-    def update(self, done: int, failed: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self.last < 0.5:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate else float("inf")
-        sys.stderr.write(
-            f"\r{self.what}: {done}/{self.total} ({100 * done / max(self.total, 1):.1f}%) "
-            f"{rate:.0f} images/s, ETA {eta:.0f} s, {failed} unreadable"
-        )
-        if final:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def _cache_path(out: str, catalog: Catalog, recipe: Recipe) -> str:
     key = json.dumps([catalog.dataset, catalog.source, len(catalog), asdict(recipe)])
     return os.path.join(out, ".cache", f"{catalog.dataset}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.h5")
@@ -181,7 +159,7 @@ def _decode_into_cache(
         now = {int(i): _stamp(catalog.files[i]) for i in needed}
         # decode what is new, what failed before (it may have been fixed) and what changed since
         todo = [int(i) for i in needed if state[i] != DONE or tuple(stamps[i]) != now[int(i)]]
-        progress = Progress(len(todo), f"decoding {catalog.dataset}")
+        progress = Progress(f"decoding {catalog.dataset}", len(todo))
         boxes = catalog.boxes if recipe.bbox_margin >= 0 else None
         jobs = ((i, catalog.files[i], None if boxes is None else boxes[i], recipe) for i in todo)
         done = failed = 0
@@ -203,8 +181,7 @@ def _decode_into_cache(
                 batch = []
                 cache["state"][...], cache["side"][...], cache["stamp"][...] = state, sides, stamps
                 cache.flush()
-            progress.update(done, failed)
-        progress.update(done, failed, final=True)
+            progress.update(1, f"{failed} unreadable")
         cache["state"][...], cache["side"][...], cache["stamp"][...] = state, sides, stamps
         ok = state[needed] == DONE
         if errors or (~ok).any():

@@ -19,13 +19,14 @@ maps them to float in [-1, 1] on the device.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 import torch
+
+from collafuse_hpc.atomic import atomic_path
 
 SCHEMA = "collafuse-shard"
 SCHEMA_VERSION = 2
@@ -87,11 +88,9 @@ def write_shard(path: str, splits: dict[str, Split], attribute_names: list[str] 
         attribute_names: names of the attribute columns, if any split has attributes.
         attrs: file attributes (dataset, source, recipe, client_id, partition, ...).
     """
-    tmp = f"{path}.tmp{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tree = {name: _datasets(split) for name, split in splits.items()}
     content_hash = _content_hash(tree)
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for name, datasets in tree.items():
             images = datasets["images"]
             assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[2] == images.shape[3]
@@ -116,7 +115,6 @@ def write_shard(path: str, splits: dict[str, Split], attribute_names: list[str] 
         )
         if attribute_names is not None:
             f.attrs["attribute_names"] = np.array(attribute_names, dtype=h5py.string_dtype())
-    os.replace(tmp, path)
     return content_hash
 
 

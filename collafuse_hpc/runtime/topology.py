@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Config
+from collafuse_hpc.config import Config
 
 
 @dataclass(frozen=True)

@@ -14,105 +14,22 @@ tree, so it holds on a noisy shared machine:
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 import torch
-import yaml
 
-from .config import Config, from_dict, validate
-from .data import ShardReader, Split, to_model_range, write_shard
-from .diffusion import GaussianDiffusion, beta_schedule
-from .server import Server
-from .trainable import Trainable
-from .unet import UNet
-from .wire import HEADER_LEN, WIRE_DTYPES, Kind, Message
-
-MPI_ENV = {  # Open MPI as root, more ranks than cores, no stale shared-memory segments
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_btl": "self,tcp",
-    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-    "OMP_NUM_THREADS": "1",
-}
-
-
-def synthetic_shards(out: str, clients: int, size: int, channels: int, train: int = 256, test: int = 64) -> list[str]:
-    """Write ``clients`` shards of smooth random images (uint8 [N, C, size, size]).
-
-    Speed does not depend on content; these need no dataset on disk."""
-    rng = np.random.default_rng(0)
-    paths = []
-    for k in range(clients):
-        splits = {}
-        for name, n in (("train", train), ("test", test)):
-            coarse = rng.integers(0, 256, (n, channels, 4, 4)).astype(np.float32)
-            up = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(size, size), mode="bilinear")
-            splits[name] = Split(up.clamp(0, 255).to(torch.uint8).numpy(), labels=rng.integers(0, 10, n))
-        path = os.path.join(out, f"client_{k}.h5")
-        write_shard(path, splits, dataset="synthetic", client_id=k)
-        paths.append(path)
-    return paths
-
-
-def bench_config(shards: list[str], out: str, server_model: dict, client_model: dict, **overrides) -> dict:
-    """A run config dict for a benchmark: ``overrides`` are ``section.key`` -> value."""
-    with h5py.File(shards[0], "r") as f:
-        channels, size = int(f.attrs["channels"]), int(f.attrs["image_size"])
-    raw = {
-        "run": {"output_dir": out, "rounds": 40, "log_every": 10, "samples_per_client": 4, "threads": 1},
-        "data": {"image_size": size, "channels": channels, "num_classes": 10},
-        "diffusion": {"timesteps": 200, "schedule": "linear", "sampling_steps": 20},
-        "server": {"device": "cpu", "model": server_model},
-        "clients": [
-            {"id": f"c{k}", "shard": p, "cut_ratio": 0.2, "batch_size": 32, "model": client_model}
-            for k, p in enumerate(shards)
-        ],
-    }
-    for key, value in overrides.items():
-        section, name = key.split(".", 1)
-        if section == "clients":
-            for c in raw["clients"]:
-                c[name] = value
-        else:
-            raw.setdefault(section, {})[name] = value
-    validate(from_dict(raw))
-    return raw
-
-
-def launcher_command(ranks: int) -> list[str]:
-    """mpirun (next to this Python, $MPIEXEC or on PATH) for ``ranks`` ranks, else
-    torchrun, which ships with torch (GPU machines often have no MPI)."""
-    local = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    found = os.environ.get("MPIEXEC") or (local if os.path.exists(local) else shutil.which("mpirun"))
-    if found:
-        return [found, "-np", str(ranks), sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-
-
-def launch(raw: dict, timeout_s: float = 600) -> float:
-    """Train ``raw`` with one process per role; returns the wall seconds.
-
-    Raises RuntimeError with the end of the ranks' output when the run fails."""
-    os.makedirs(raw["run"]["output_dir"], exist_ok=True)
-    path = os.path.join(raw["run"]["output_dir"], "bench.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(raw, f)
-    ranks = raw["server"].get("count", 1) + len(raw["clients"])
-    cmd = [*launcher_command(ranks), "-m", "collafuse_hpc", "train", path]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, **MPI_ENV, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    if done.returncode:
-        raise RuntimeError(f"benchmark run failed ({' '.join(cmd)}):\n{(done.stdout + done.stderr)[-3000:]}")
-    return time.perf_counter() - t0
+from collafuse_hpc.config import Config, from_dict
+from collafuse_hpc.data import ShardReader, to_model_range
+from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
+from collafuse_hpc.diffusion.split import Cut
+from collafuse_hpc.diffusion.trainable import Trainable
+from collafuse_hpc.diffusion.unet import UNet
+from collafuse_hpc.results.schema import AUDIT, CLIENTS, ROUND, ROUNDS, SERVER, SUMMARY, index_path
+from collafuse_hpc.roles.server import Server
+from collafuse_hpc.runtime.wire import HEADER_LEN, WIRE_DTYPES, Kind, Message
 
 
 @dataclass
@@ -131,22 +48,23 @@ class RunTimes:
 
 def read_run(output_dir: str, skip: int) -> RunTimes:
     """Steady-state figures from a finished run's results.h5 (every client uses the server)."""
-    with h5py.File(os.path.join(output_dir, "results.h5"), "r") as f:
-        s = f["server/rounds"]
-        keep = s["round"][()] >= skip
+    with h5py.File(index_path(output_dir), "r") as f:
+        s = f[f"{SERVER}/{ROUNDS}"]
+        keep = s[ROUND][()] >= skip
         recv, compute, send = (s[k][()][keep] for k in ("time_recv_s", "time_compute_s", "time_send_s"))
         wall = recv + compute + send
         images = float((s["images_per_s"][()][keep] * wall).sum())  # images_per_s = n / round wall
         waits, client_wall, sent, sent_images = [], [], 0, 0
-        for g in f["clients"].values():
-            keep_c = g["rounds/round"][()] >= skip
-            round_s = g["rounds/time_round_s"][()][keep_c].sum()
-            waits.append(g["rounds/time_wait_s"][()][keep_c].sum() / round_s)
+        for g in f[CLIENTS].values():
+            rows, audit = g[ROUNDS], g[AUDIT]
+            keep_c = rows[ROUND][()] >= skip
+            round_s = rows["time_round_s"][()][keep_c].sum()
+            waits.append(rows["time_wait_s"][()][keep_c].sum() / round_s)
             client_wall.append(round_s)
-            train = g["audit/kind"][()] == Kind.TRAIN
-            sent += int(g["audit/nbytes"][()][train].sum())
-            sent_images += int(g["audit/images"][()][train].sum())
-        peak = int(f["server/summary"].attrs.get("gpu_peak_memory_bytes", 0))
+            train = audit["kind"][()] == Kind.TRAIN
+            sent += int(audit["nbytes"][()][train].sum())
+            sent_images += int(audit["images"][()][train].sum())
+        peak = int(f[f"{SERVER}/{SUMMARY}"].attrs.get("gpu_peak_memory_bytes", 0))
     return RunTimes(
         server_images_per_s=images / wall.sum(),
         server_compute_s_per_image=compute.sum() / images,
@@ -165,8 +83,7 @@ def _x_c_messages(cfg: Config, device: torch.device) -> dict[int, Message]:
     for k, c in enumerate(cfg.clients):
         shape = (c.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         x_c = torch.randn(shape, device=device).to(WIRE_DTYPES[c.wire_dtype])
-        t_c = int(round(c.cut_ratio * cfg.diffusion.timesteps))
-        msgs[k] = Message(Kind.TRAIN, 0, t_c, c.batch_size, x_c)
+        msgs[k] = Message(Kind.TRAIN, 0, Cut.for_client(cfg, k).t_c, c.batch_size, x_c)
     return msgs
 
 

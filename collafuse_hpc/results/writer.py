@@ -1,28 +1,6 @@
-"""The results file: ``results.h5`` plus one part file per role.
-
-Each rank writes only its own part (``parts/server_<rank>.h5`` or
-``parts/client_<id>.h5``), opening it just long enough to append, so a crash
-of any rank leaves every file readable. ``results.h5`` is written once by
-rank 0 at start and links the parts with HDF5 external links, so plain h5py
-(``f["clients/c0/rounds/loss_local"]``) and h5dump read it without this package.
-
-Layout::
-
-    results.h5            attrs: schema="collafuse-results", schema_version, config (YAML),
-                          package_version, torch_version, seed, roles (YAML), created
-      /server             -> parts/server_0.h5
-      /clients/<id>       -> parts/client_<id>.h5
-    part file             attrs: role, rank, host, pid, (client_id, t_c, cut_ratio)
-      /rounds/<metric>    float64 [R], one row per logged round; attr ``unit``
-                          (round: the round index; loss_*: mean squared error;
-                          time_*: seconds; images_per_s: images per second)
-      /samples/images     uint8 [n, C, H, W] final collaborative samples (clients)
-      /samples/x_handover float32 [n, C, H, W] what the server returned at the cut
-      /audit/<field>      int64 [M] one row per message that left the client, over
-                          all runs of this output folder: round, kind (wire.Kind
-                          value), images, t_c, nbytes; attrs hold the totals
-      /summary            attrs: totals and rates of the run for this role
-"""
+"""Writing results: ``results.h5`` (rank 0, once), each role's part file
+(append-only, by that role's rank), and the self-contained bundle of a run.
+The layout is :mod:`.schema`'s."""
 
 from __future__ import annotations
 
@@ -38,23 +16,10 @@ import torch
 import yaml
 from PIL import Image
 
-from . import __version__
-
-SCHEMA = "collafuse-results"
-SCHEMA_VERSION = 1
-UNITS = {
-    "round": "index",
-    "loss": "mean squared error",
-    "time": "s",
-    "images_per_s": "images/s",
-    "nbytes": "bytes",
-    "images": "count",
-}
-
-
-def part_name(role: str, name: str) -> str:
-    """File name of a role's part, e.g. ``client_c0.h5``."""
-    return f"{role}_{name}.h5"
+from collafuse_hpc.atomic import atomic_path
+from collafuse_hpc.results.schema import METRICS, ROUND, ROUNDS, SCHEMA, SCHEMA_VERSION, open_results, units
+from collafuse_hpc.results.tensorboard import ScalarSink
+from collafuse_hpc.version import __version__
 
 
 def create_index(path: str, config_yaml: str, seed: int, roles: dict[str, str]) -> None:
@@ -63,8 +28,7 @@ def create_index(path: str, config_yaml: str, seed: int, roles: dict[str, str]) 
     Args:
         roles: {"server": "parts/server_0.h5", "clients/<id>": "parts/client_<id>.h5", ...}
     """
-    tmp = path + ".tmp"
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(
             schema=SCHEMA,
             schema_version=SCHEMA_VERSION,
@@ -77,7 +41,6 @@ def create_index(path: str, config_yaml: str, seed: int, roles: dict[str, str]) 
         )
         for key, part in roles.items():
             f[key] = h5py.ExternalLink(part, "/")
-    os.replace(tmp, path)
 
 
 def record_config(path: str, config_yaml: str) -> None:
@@ -127,12 +90,19 @@ class RoleResults:
     Args:
         path: the part file.
         attrs: written on the root group.
+        mirror: also gets every ``rounds`` row (TensorBoard), when given.
         resume_round: when resuming, rows of every group whose ``round`` is at
             or after this round are dropped (those rounds will run again).
     """
 
-    def __init__(self, path: str, attrs: dict, resume_round: int | None = None):
-        self.path = path
+    def __init__(
+        self,
+        path: str,
+        attrs: dict,
+        resume_round: int | None = None,
+        mirror: ScalarSink | None = None,
+    ):
+        self.path, self.mirror = path, mirror
         self._rows: dict[str, list[dict[str, float]]] = {}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with _writing(path, "a" if resume_round is not None else "w") as f:
@@ -146,8 +116,12 @@ class RoleResults:
     def log(self, row: dict[str, float], group: str = "rounds") -> None:
         """Buffer one row (column name -> value) of ``group``; :meth:`flush` writes it."""
         self._rows.setdefault(group, []).append(row)
+        if group == ROUNDS and self.mirror is not None:
+            self.mirror(row)
 
     def flush(self) -> None:
+        if self.mirror is not None:
+            self.mirror.flush()
         pending, self._rows = self._rows, {}
         if not pending:
             return
@@ -158,11 +132,18 @@ class RoleResults:
                     values = np.array([r[name] for r in rows])
                     values = values.astype(np.int64 if values.dtype.kind in "iub" else np.float64)
                     if name not in g:
-                        g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=values.dtype, chunks=(1024,))
-                        g[name].attrs["unit"] = UNITS.get(name.split("_")[0], UNITS.get(name, ""))
+                        self._create_column(g, name, values.dtype)
                     ds = g[name]
                     ds.resize((ds.shape[0] + len(values),))
                     ds[-len(values) :] = values
+
+    @staticmethod
+    def _create_column(g: h5py.Group, name: str, dtype) -> None:
+        """An extendable column with its ``units``, on the group's round axis."""
+        ds = g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+        ds.attrs["units"] = units(name)
+        if ROUND in g:
+            _attach_round_scale(g)
 
     def column(self, group: str, name: str) -> np.ndarray:
         """All values written so far of ``group/name`` (empty if none)."""
@@ -180,6 +161,49 @@ class RoleResults:
     def write_attrs(self, group: str, attrs: dict) -> None:
         with _writing(self.path) as f:
             f.require_group(group).attrs.update(attrs)
+
+
+_SCALE_ATTRS = ("DIMENSION_LIST", "REFERENCE_LIST", "CLASS", "NAME")  # HDF5's dimension scale bookkeeping
+
+
+def _attach_round_scale(g: h5py.Group) -> None:
+    """Make the ``round`` column of a row group its dimension scale and attach every
+    other column to it (xarray and HDFView read it as the rows' coordinate)."""
+    scale = g[ROUND]
+    if not scale.is_scale:
+        scale.make_scale(ROUND)
+    for name, ds in g.items():
+        if name != ROUND and not ds.dims[0]:
+            ds.dims[0].attach_scale(scale)
+
+
+def bundle(index: str, target: str) -> list[str]:
+    """Copy a run's results.h5 with every linked part file into one self-contained
+    HDF5 file at ``target`` (to send to a colleague: generic tools do not follow
+    external links). Written atomically; returns the role keys whose part file is
+    missing (also stored in the ``missing_parts`` attribute). ValueError when
+    ``index`` is not a results file."""
+    missing = []
+    with open_results(index) as src, atomic_path(target) as tmp, h5py.File(tmp, "w") as dst:
+        dst.attrs.update(src.attrs)
+        dst.attrs["bundled_from"] = os.path.abspath(index)
+        for key in yaml.safe_load(src.attrs.get("roles", "{}")) or {}:
+            try:
+                dst.copy(src[key], key)  # the external link resolves: the part's content is copied
+            except KeyError:
+                missing.append(key)
+                continue
+            for group in dst[key].values():  # scales point into the part file: attach them anew
+                if isinstance(group, h5py.Group) and ROUND in group:
+                    for ds in group.values():
+                        for name in _SCALE_ATTRS:
+                            if name in ds.attrs:
+                                del ds.attrs[name]
+                    _attach_round_scale(group)
+        if METRICS in src:
+            dst.copy(src[METRICS], METRICS)
+        dst.attrs["missing_parts"] = yaml.safe_dump(missing)
+    return missing
 
 
 def save_grid(images: np.ndarray, path: str, columns: int = 8) -> None:

@@ -8,13 +8,14 @@ from collections.abc import Callable
 
 import torch
 
-from .config import Config, cut_step
-from .diffusion import GaussianDiffusion, beta_schedule
-from .split import Cut
-from .topology import role_seed
-from .trainable import Trainable
-from .unet import UNet
-from .wire import WIRE_DTYPES, Kind, Message, PeerFailure
+from collafuse_hpc.config import Config
+from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
+from collafuse_hpc.diffusion.split import Cut, cuts
+from collafuse_hpc.diffusion.trainable import Trainable
+from collafuse_hpc.diffusion.unet import UNet
+from collafuse_hpc.logs import Progress
+from collafuse_hpc.runtime.topology import role_seed
+from collafuse_hpc.runtime.wire import WIRE_DTYPES, Kind, Message, PeerFailure
 
 
 class Server:
@@ -38,17 +39,16 @@ class Server:
         reduce: Callable[[torch.Tensor], None] | None = None,
     ):
         self.cfg, self.device = cfg, device
-        T = cfg.diffusion.timesteps
-        self.timesteps = T
-        self.cuts = {k: Cut(cut_step(cfg.clients[k], T), T, cfg.diffusion.split) for k in clients}
+        every = cuts(cfg)
+        self.cuts: dict[int, Cut] = {k: every[k] for k in clients}
         self.clients = [k for k in clients if self.cuts[k].uses_server]  # c = 1 never calls
-        self.diffusion = GaussianDiffusion(beta_schedule(cfg.diffusion.schedule, T))
+        self.diffusion = GaussianDiffusion(beta_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps))
         self.streams = {
             k: torch.Generator(device).manual_seed(role_seed(cfg.run.seed, "stream", k)) for k in self.clients
         }
         self.reduce = reduce
         # Images per step over all replicas: the loss is a mean over all of them.
-        self.images_per_step = sum(c.batch_size for c in cfg.clients if cut_step(c, T) < T)
+        self.images_per_step = sum(c.batch_size for c, cut in zip(cfg.clients, every) if cut.uses_server)
         # Clients that opt in send labels; the others get the extra "unknown" class.
         self.null_class = cfg.data.num_classes
         shared = any(c.share_labels for c in cfg.clients)
@@ -87,15 +87,19 @@ class Server:
 
     def _losses(self, msgs: list[tuple[int, Message]]) -> torch.Tensor:
         """Per-example server loss [N] on the concatenated x_c of ``[(client, msg)]``."""
-        T = self.timesteps
+
+        def per_image(value) -> torch.Tensor:
+            return torch.cat([torch.full((m.count,), value(k), device=self.device) for k, m in msgs])
+
         x_c = torch.cat([m.payload.float() for _, m in msgs])  # (N, C, H, W)
-        t_c = torch.cat([torch.full((m.count,), m.t_c, device=self.device) for _, m in msgs])
+        t_c = per_image(lambda k: self.cuts[k].t_c)
+        low, high = per_image(lambda k: self.cuts[k].server_train_steps[0]), per_image(lambda k: self.cuts[k].timesteps)
         u = torch.cat([torch.rand(m.count, generator=self.streams[k], device=self.device) for k, m in msgs])
         noise = torch.cat(
             [torch.randn(m.payload.shape, generator=self.streams[k], device=self.device) for k, m in msgs]
         )
-        t = t_c + 1 + (u * (T - t_c)).long().clamp(max=T - 1 - t_c)  # U{t_c+1..T}
-        anchor = t_c if self.cfg.diffusion.split == "markov" else 0
+        t = low + (u * (high - low + 1)).long().clamp(max=high - low)  # U{t_c+1..T}
+        anchor = per_image(lambda k: self.cuts[k].server_anchor)
         y = self.labels([m for _, m in msgs])
         return self.diffusion.training_losses(self.eps_model(False, t_c, y), x_c, t, noise, anchor)
 
@@ -136,11 +140,11 @@ class Server:
             self._check(k, requests[k])
             by_cut[requests[k].t_c].append(k)
         C, S = self.cfg.data.channels, self.cfg.data.image_size
-        steps = self.cfg.diffusion.sampling_steps or self.timesteps
         replies = {}
+        progress = Progress(f"server sampling for {len(requests)} client(s)", sum(m.count for m in requests.values()))
         for t_c, ks in sorted(by_cut.items()):
             cut = self.cuts[ks[0]]
-            grid, _ = cut.sampling_grids(steps)
+            grid, _ = cut.sampling_grids()
             total = sum(requests[k].count for k in ks)
             y_all = self.labels([requests[k] for k in ks])
             x_T = torch.cat(
@@ -157,11 +161,25 @@ class Server:
                         eps, x, grid, a=cut.server_anchor, clip=False, generator=self.streams[ks[0]]
                     )
                 )
+                progress.update(n)
             parts = torch.cat(out).split([requests[k].count for k in ks])
             for k, x_h in zip(ks, parts):
                 x_h = x_h.to(WIRE_DTYPES[self.cfg.clients[k].wire_dtype]).contiguous()
                 replies[k] = Message(Kind.SAMPLE_REPLY, requests[k].round, t_c, len(x_h), x_h)
         return replies
+
+    def continue_alone(
+        self, client: int, request: Message, x_h: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """What a curious server could make of its part alone: its own model continuing
+        client ``client``'s grid from x_h [n, C, H, W] (its reply to ``request``) down to
+        t = 0, as if x_h were a clean chain (anchor 0, clipped). Returns float32 [n, C, H, W]."""
+        cut = self.cuts[client]
+        _, grid = cut.sampling_grids()
+        if not grid:  # c = 0: x_h is already x_0
+            return x_h.float().clamp(-1, 1)
+        eps = self.eps_model(True, torch.tensor([cut.t_c], device=self.device), self.labels([request]))
+        return self.diffusion.p_sample_loop(eps, x_h.float(), grid, a=0, clip=True, generator=generator)
 
     def state_dict(self) -> dict:
         return {

@@ -1,5 +1,5 @@
-"""Rank discovery and process-group set-up. The only module that reads the
-environment.
+"""Rank discovery, devices and threads per rank. The only module that reads the
+environment (process groups are started by the wire, :mod:`.dist_wire`).
 
 Discovery order:
 1. torchrun: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT.
@@ -26,10 +26,10 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
+
+from collafuse_hpc.config import Config
 
 log = logging.getLogger("collafuse_hpc")
 
@@ -81,7 +81,7 @@ def _from_mpi(env: dict[str, str]) -> Launch:
         addr = env.get("MASTER_ADDR") or (
             "127.0.0.1" if local_size == size else socket.gethostbyname(socket.gethostname())
         )
-        port = _listen(addr, 0).getsockname()[1]  # kept open for the store: no race for the port
+        port = listen(addr, 0).getsockname()[1]  # kept open for the store: no race for the port
     addr, port = comm.bcast((addr, port), root=0)
     return Launch(
         rank,
@@ -127,6 +127,26 @@ def discover(env: dict[str, str] | None = None) -> Launch:
     return Launch(0, 1, 0, 1, "127.0.0.1", 0, "single")
 
 
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "PMI_RANK", "PMIX_RANK")
+# config keys whose empty value is taken from the environment (a site sets them once for all runs)
+ENV_DEFAULTS = {"inception_path": "COLLAFUSE_INCEPTION", "cache_dir": "COLLAFUSE_CACHE"}
+
+
+def env_rank(env: dict[str, str] | None = None) -> int | None:
+    """This process's rank as its launcher set it, without starting MPI (for log lines
+    before discovery); None outside a launched job."""
+    env = os.environ if env is None else env
+    return next((int(env[v]) for v in RANK_VARIABLES if env.get(v, "").isdigit()), None)
+
+
+def apply_env_defaults(cfg: Config, env: dict[str, str] | None = None) -> None:
+    """Fill the ``eval`` keys left empty from $COLLAFUSE_INCEPTION and $COLLAFUSE_CACHE."""
+    env = os.environ if env is None else env
+    for key, variable in ENV_DEFAULTS.items():
+        if not getattr(cfg.eval, key) and env.get(variable):
+            setattr(cfg.eval, key, env[variable])
+
+
 def threads_per_rank(launch: Launch, configured: int) -> int:
     """Torch threads for this rank: the configured number, else the cores this
     process may use divided by the ranks on its node (at least 1)."""
@@ -158,9 +178,12 @@ def resolve_device(choice: str, launch: Launch) -> torch.device:
 _listeners: dict[tuple[str, int], socket.socket] = {}  # (MASTER_ADDR, port) -> listening socket of rank 0
 
 
-def _listen(addr: str, port: int) -> socket.socket:
-    """A socket listening on ``addr``'s interface only, at ``port`` (0: a free one);
-    ValueError naming the address and port when it cannot be had."""
+def listen(addr: str, port: int) -> socket.socket:
+    """A socket listening on ``addr``'s interface only, at ``port`` (0: a free one),
+    kept open for the rendezvous store; the one discovery reserved, if any. ValueError
+    naming the address and port when it cannot be had."""
+    if (addr, port) in _listeners:
+        return _listeners[(addr, port)]
     try:
         host = socket.gethostbyname(addr)
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -175,64 +198,3 @@ def _listen(addr: str, port: int) -> socket.socket:
         ) from None
     _listeners[(addr, s.getsockname()[1])] = s
     return s
-
-
-def _store(launch: Launch, timeout: timedelta) -> dist.TCPStore:
-    """The rendezvous store: rank 0 serves it on its MASTER_ADDR socket, the others connect."""
-    if launch.rank != 0:
-        return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, False, timeout)
-    # the socket stays in _listeners, open for as long as the store serves on it
-    listener = _listeners.get((launch.master_addr, launch.master_port)) or _listen(
-        launch.master_addr, launch.master_port
-    )
-    return dist.TCPStore(
-        launch.master_addr,
-        launch.master_port,
-        launch.world_size,
-        True,
-        timeout,
-        wait_for_workers=False,
-        master_listen_fd=listener.fileno(),
-    )
-
-
-def store_client(launch: Launch, timeout_s: float) -> dist.TCPStore:
-    """A new connection to the rendezvous store (for a thread of its own)."""
-    return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, False, timedelta(seconds=timeout_s))
-
-
-def init_process_groups(
-    launch: Launch, device: torch.device, num_servers: int, timeout_s: float
-) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup]:
-    """Start the gloo world group; return (NCCL group of the CUDA ranks if two or
-    more, else None; the server group of ranks 0..num_servers-1).
-
-    gloo carries CPU tensors between any two ranks (a GPU server with CPU
-    clients stages through host memory); NCCL carries CUDA tensors directly
-    between GPU ranks. The server group all-reduces the replicas' gradients,
-    over NCCL when every server is on a GPU.
-    """
-    try:
-        dist.init_process_group(
-            "gloo",
-            store=_store(launch, timedelta(seconds=timeout_s)),
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
-    except RuntimeError as e:
-        raise RuntimeError(
-            f"rank {launch.rank}: could not reach the rendezvous at "
-            f"{launch.master_addr}:{launch.master_port} ({launch.source}) within {timeout_s:.0f} s; "
-            f"check MASTER_ADDR/MASTER_PORT and that the port is open: {e}"
-        ) from None
-    on_cuda = [torch.zeros(1, dtype=torch.int64) for _ in range(launch.world_size)]  # tensors, not pickles
-    dist.all_gather(on_cuda, torch.tensor([int(device.type == "cuda")]))
-    kinds = ["cuda" if t.item() else "cpu" for t in on_cuda]
-    cuda_ranks = [r for r, k in enumerate(kinds) if k == "cuda"]
-    timeout = timedelta(seconds=timeout_s)
-    nccl = dist.is_nccl_available() and len(cuda_ranks) >= 2
-    servers = list(range(num_servers))
-    server_backend = "nccl" if nccl and all(kinds[r] == "cuda" for r in servers) else "gloo"
-    server_group = dist.new_group(servers, backend=server_backend, timeout=timeout)
-    return (dist.new_group(cuda_ranks, backend="nccl", timeout=timeout) if nccl else None), server_group

@@ -16,6 +16,8 @@ import socket
 import threading
 import time
 
+from collafuse_hpc.atomic import atomic_path
+
 HEARTBEAT_S = 10.0  # how often the owner touches the lock
 STALE_S = 60.0  # a lock untouched this long is abandoned
 
@@ -60,10 +62,8 @@ class RunLock:
         os.makedirs(output_dir, exist_ok=True)
         self.path = _path(output_dir)
         info = {"job": job, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        tmp = f"{self.path}.{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w") as f:
             json.dump(info, f)
-        os.replace(tmp, self.path)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
         self._thread.start()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import OptimConfig
+from collafuse_hpc.config import OptimConfig
 
 
 class Trainable:

@@ -11,22 +11,54 @@ A thin layer over diffusion.py. For a client with cut step t_c:
   at the heuristic step t_c + t_c (1 - c) instead of t_c.
 - sampling: the server runs the grid from T down to the hand-over step h
   without clipping; the client runs h down to 0 with clipping.
+
+:meth:`Cut.for_client` is the one place a client's config becomes its cut (the
+rounding rule, the split mode, the default step count); every role, the
+evaluation and the benchmarks take their cut from it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from collafuse_hpc.config import ClientConfig, Config
 
 
 @dataclass(frozen=True)
 class Cut:
-    """One client's cut. ``t_c`` in [0, T]; ``mode`` is ``markov`` or ``reference``."""
+    """One client's cut. ``t_c`` in [0, T]; ``mode`` is ``markov`` or ``reference``;
+    ``steps``: reverse steps of a whole sampling run (0: T, every step)."""
 
     t_c: int
     timesteps: int
     mode: str = "markov"
+    steps: int = 0
+
+    @classmethod
+    def for_client(cls, cfg: Config, index: int) -> Cut:
+        """Client ``index``'s cut under ``cfg``; ValueError naming the key for a cut of 0
+        without ``allow_centralized`` or a sampling grid that cannot be built."""
+        c, d = cfg.clients[index], cfg.diffusion
+        cut = cls(cut_step(c, d.timesteps), d.timesteps, d.split, d.sampling_steps)
+        if cut.t_c == 0 and not c.allow_centralized:
+            raise ValueError(
+                f"client {c.id!r} ('clients.{index}') has cut 0: the server would see raw images. "
+                f"Set 'clients.{index}.allow_centralized: true' to opt in to this centralized baseline"
+            )
+        try:
+            cut.sampling_grids()
+        except ValueError as e:
+            raise ValueError(f"config key 'diffusion.sampling_steps' for client {c.id!r}: {e}") from None
+        return cut
+
+    def full_chain(self) -> Cut:
+        """The whole chain on the client (c = 1) with the same step count: what the
+        client's model does alone, the baseline of client compute and quality."""
+        return replace(self, t_c=self.timesteps)
 
     @property
     def ratio(self) -> float:
@@ -50,14 +82,26 @@ class Cut:
             return self.t_c
         return min(self.timesteps, int(round(self.t_c + self.t_c * (1 - self.ratio))))
 
-    def sampling_grids(self, steps: int) -> tuple[list[int], list[int]]:
-        """Strictly decreasing timestep grids (server, client) for ``steps`` reverse steps.
+    @property
+    def client_train_steps(self) -> tuple[int, int]:
+        """Inclusive range of t the client trains on: 1..t_c (empty when t_c = 0)."""
+        return 1, self.t_c
+
+    @property
+    def server_train_steps(self) -> tuple[int, int]:
+        """Inclusive range of t the server trains on for this client: t_c+1..T."""
+        return self.t_c + 1, self.timesteps
+
+    def sampling_grids(self, steps: int | None = None) -> tuple[list[int], list[int]]:
+        """Strictly decreasing timestep grids (server, client) for ``steps`` reverse
+        steps (default: the cut's own ``steps``, 0 meaning T).
 
         The server grid runs T..h, the client grid h..0; h is on both, and each
         side gets a share of the steps about in proportion to its part of the
         chain (every step when ``steps == T``). A side with no part gets [].
         """
         T, h = self.timesteps, self.handover
+        steps = (self.steps if steps is None else steps) or T
         both = 0 < h < T
         if not (2 if both else 1) <= steps <= T:
             low = 2 if both else 1
@@ -69,6 +113,18 @@ class Cut:
         server = _grid(T, h, n_server) if n_server else []
         client = _grid(h, 0, n_client) if n_client else []
         return server, client
+
+
+def cuts(cfg: Config) -> list[Cut]:
+    """Every client's cut, in config order (checks them all: see :meth:`Cut.for_client`)."""
+    return [Cut.for_client(cfg, k) for k in range(len(cfg.clients))]
+
+
+def cut_step(client: ClientConfig, timesteps: int) -> int:
+    """t_c = round(c * T), or the configured cut_step: the rounding rule."""
+    if client.cut_step is not None:
+        return client.cut_step
+    return int(round(client.cut_ratio * timesteps))
 
 
 def _grid(start: int, stop: int, n: int) -> list[int]:

@@ -11,14 +11,12 @@ torch.utils.flop_counter (multiply-adds count 2).
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .client import Client
-from .split import Cut
+from collafuse_hpc.roles.client import Client
 
 
 def _flops(fn) -> int:
@@ -51,12 +49,12 @@ def _timed_pair(a, b, repeats: int) -> tuple[float, float, float]:
     return a_total / repeats, b_total / repeats, a_total / b_total
 
 
-def client_compute(client: Client, n: int, steps: int, repeats: int = 4) -> dict[str, float]:
-    """Measure ``client``'s share against local-only work with its own model.
+def client_compute(client: Client, n: int, repeats: int = 4) -> dict[str, float]:
+    """Measure ``client``'s share against local-only work with its own model, on the
+    grids of its cut (same step count for both).
 
     Args:
         n: images per sampling batch.
-        steps: reverse steps of the full grid (diffusion.sampling_steps or T).
     Returns (FLOPs as counts, times in seconds, ratios dimensionless):
         sampling_steps_client / _full, sampling_flops_client / _full (per image),
         sampling_time_client_s / _full_s (per image), sampling_time_ratio,
@@ -71,8 +69,8 @@ def client_compute(client: Client, n: int, steps: int, repeats: int = 4) -> dict
         labels = torch.from_numpy(client.train_labels).to(device)
         y = labels[torch.arange(n, device=device) % len(labels)]
     eps = client.eps_model(True, y)
-    _, share = client.cut.sampling_grids(steps)
-    _, full = Cut(client.cut.timesteps, client.cut.timesteps).sampling_grids(steps)
+    _, share = client.cut.sampling_grids()
+    _, full = client.cut.full_chain().sampling_grids()
     x = torch.randn(shape, device=device)
     t = torch.full((n,), max(1, client.cut.t_c), device=device, dtype=torch.long)
     with torch.inference_mode():
@@ -97,38 +95,21 @@ def client_compute(client: Client, n: int, steps: int, repeats: int = 4) -> dict
 
 
 def _train_compute(client: Client, repeats: int) -> dict[str, float]:
-    """One round's client work (draw x_c + local step) against one full-chain local step.
-
-    Runs on a copy of the optimizer state: the client's weights are restored after."""
-    state = copy.deepcopy(client.net.state_dict())  # state_dict() holds the live tensors
-    sampler, gen, rng = client.sampler.state_dict(), client.generator.get_state(), torch.get_rng_state()
-    t_c = client.cut.t_c
+    """One round's client work (draw x_c + local step) against one full-chain local step;
+    measured in :meth:`Client.scratch`, so the client is as before afterwards."""
 
     def round_client() -> None:
         client.begin_round(0)
-        if t_c:
-            client.local_step()
+        client.local_step()
 
     def round_full() -> None:
         client.begin_round(0)
-        client.cut = Cut(client.cut.timesteps, client.cut.timesteps, client.cut.mode)
-        try:
-            client.local_step()
-        finally:
-            client.cut = cut
+        client.local_step(t_max=client.cut.timesteps)
 
-    cut = client.cut
-    audit = len(client.audit)
-    try:
+    with client.scratch():
         flops_client = _flops(round_client)
         flops_full = _flops(round_full)
         time_client, time_full, ratio = _timed_pair(round_client, round_full, repeats)
-    finally:
-        client.net.load_state_dict(state)
-        client.sampler.load_state_dict(sampler)
-        client.generator.set_state(gen)
-        torch.set_rng_state(rng)
-        del client.audit[audit:]  # measurement rounds sent nothing
     b = client.batch_size
     return {
         "train_flops_client": flops_client / b,

@@ -13,18 +13,9 @@ compares five image sets with the client's held-out real test images:
 
 Every set is quantized to uint8 before feature extraction (noised sets clipped
 to [-1, 1] first), as reference FID tools score image files: the stored and
-exported images give the stored scores. It also reports the disclosure of what crossed the wire
-(metrics.py) and the client's compute (compute.py), and writes everything to
-``results.h5`` under ``/metrics``::
-
-    /metrics                  attrs: extractor, checkpoint_round, created, units
-      /<client id>|pooled/<set>   attrs: fid, kid_mean, kid_std (NaN: every KID subset was the
-                                  whole of both sets), images, real_images
-                                  dataset images: uint8 [<=64, C, H, W], the first scored
-                                  images (all of them when eval.images <= 64)
-      /<client id>/disclosure     attrs: t_c, snr, mse, psnr_db, ssim, dims, mu_per_release,
-                                  releases, mu_composed, reading, images
-      /<client id>/compute        attrs: compute.client_compute's fields
+exported images give the stored scores. It also reports the disclosure of what
+crossed the wire (metrics.py) and the client's compute (compute.py), and writes
+everything to ``results.h5`` under ``/metrics`` (layout: results/schema.py).
 """
 
 from __future__ import annotations
@@ -39,26 +30,22 @@ import h5py
 import numpy as np
 import torch
 
-from . import checkpoint, metrics
-from .client import Client
-from .compute import client_compute
-from .config import Config
-from .data import ShardReader, inspect_shard, to_model_range, to_uint8
-from .features import FEATURES_VERSION, cached_real_features, features, load_extractor
-from .server import Server
-from .split import Cut
-from .topology import Topology
-from .wire import Kind
+from collafuse_hpc.config import Config
+from collafuse_hpc.data import ShardReader, inspect_shard, to_model_range, to_uint8
+from collafuse_hpc.evaluation import metrics
+from collafuse_hpc.evaluation.compute import client_compute
+from collafuse_hpc.evaluation.features import FEATURES_VERSION, cached_real_features, features, load_extractor
+from collafuse_hpc.logs import Progress
+from collafuse_hpc.results.schema import METRIC_UNITS, METRICS, SETS, index_path
+from collafuse_hpc.roles.client import Client
+from collafuse_hpc.roles.server import Server
+from collafuse_hpc.runtime import checkpoint
+from collafuse_hpc.runtime.topology import Topology
+from collafuse_hpc.tables import format_table
 
 log = logging.getLogger("collafuse_hpc")
 
-SETS = ("collaborative", "cut", "server_at_cut", "server_alone", "client_alone")
 GRID_IMAGES = 64  # images kept per set for sample grids
-UNITS = (
-    "fid: squared feature distance; kid_mean/kid_std: MMD^2 (unbiased, cubic kernel); mse: per pixel in [-1, 1]; "
-    "psnr_db: dB for data range 2; ssim: mean SSIM in [-1, 1]; snr: abar/(1-abar); mu_*: Gaussian DP mu; "
-    "*_flops: floating-point operations per image; *_s: seconds"
-)
 
 
 def _device(choice: str) -> torch.device:
@@ -70,8 +57,7 @@ def _device(choice: str) -> torch.device:
 
 
 def _cache_dir(cfg: Config) -> str:
-    default = os.path.join(os.path.expanduser("~"), ".cache", "collafuse_hpc")
-    return cfg.eval.cache_dir or os.environ.get("COLLAFUSE_CACHE", default)
+    return cfg.eval.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "collafuse_hpc")
 
 
 def _load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int, Server], list[Client]]:
@@ -86,43 +72,25 @@ def _load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[in
     clients = []
     for k in range(len(cfg.clients)):
         client = Client(cfg, k, device)
-        client.net.load_state_dict(checkpoint.load_rank(out, round_, topo.client_rank(k))["state"]["net"])
+        state = checkpoint.load_rank(out, round_, topo.client_rank(k))["state"]
+        client.net.load_state_dict(state["net"])
+        client.released = state["released"]
         clients.append(client)
     return servers, clients
-
-
-def _as_sent(client: Client, x0: torch.Tensor) -> torch.Tensor:
-    """x_c of ``x0`` at the client's cut, through its wire dtype (what the server receives)."""
-    t = torch.full((len(x0),), client.cut.t_c, device=x0.device)
-    noise = torch.randn(x0.shape, generator=client.generator, device=x0.device)
-    return client.diffusion.q_sample(x0, t, noise).to(client.wire_dtype).float()
 
 
 def _generated(cfg: Config, server: Server | None, client: Client, n: int) -> dict[str, torch.Tensor]:
     """One batch of the generated sets for one client, each float [n, C, H, W]
     (the server's sets only when the client uses the server)."""
-    steps = cfg.diffusion.sampling_steps or cfg.diffusion.timesteps
-    cut = client.cut
     request = client.sample_request(0, n)
     client.drain_audit()  # evaluation sends nothing anywhere
     out, x_h = {}, None
     if request is not None and server is not None:
         x_h = server.sample({client.index: request})[client.index].payload.float()
-        _, client_grid = cut.sampling_grids(steps)
         out["server_at_cut"] = x_h
-        if client_grid:
-            t_c = torch.tensor([cut.t_c], device=server.device)
-            eps = server.eps_model(True, t_c, server.labels([request]))
-            out["server_alone"] = server.diffusion.p_sample_loop(
-                eps, x_h, client_grid, a=0, clip=True, generator=client.generator
-            )
-        else:
-            out["server_alone"] = x_h.clamp(-1, 1)
+        out["server_alone"] = server.continue_alone(client.index, request, x_h, client.generator)
     out["collaborative"] = client.finish_samples(n, x_h)
-    _, full = Cut(cut.timesteps, cut.timesteps).sampling_grids(steps)
-    eps = client.eps_model(True, client._sample_y if client.condition else None)
-    noise = torch.randn(out["collaborative"].shape, generator=client.generator, device=client.device)
-    out["client_alone"] = client.diffusion.p_sample_loop(eps, noise, full, a=0, clip=True, generator=client.generator)
+    out["client_alone"] = client.sample_alone(n)
     return out
 
 
@@ -132,20 +100,24 @@ def _image_sets(
     """The five sets for one client (``eval.images`` generated, ``eval.batch`` at a time,
     ``check`` called before each batch); a set the client's cut does not have is left out."""
     parts: dict[str, list[torch.Tensor]] = {}
+    progress = Progress(f"evaluating client {client.id}", cfg.eval.images)
     for start in range(0, cfg.eval.images, cfg.eval.batch):
         check()
-        for name, images in _generated(cfg, server, client, min(cfg.eval.batch, cfg.eval.images - start)).items():
+        n = min(cfg.eval.batch, cfg.eval.images - start)
+        for name, images in _generated(cfg, server, client, n).items():
             parts.setdefault(name, []).append(images)
+        progress.update(n)
     sets = {name: torch.cat(parts[name]) for name in SETS if name in parts}
     if client.cut.uses_server:
         sets["cut"] = x_c
     return {name: sets[name] for name in SETS if name in sets}
 
 
-def _disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor, released: int) -> dict:
-    """Disclosure of x_c (as sent) about the real test images x0; ``released``: training
-    images the client sent, so each image was released ceil(released / train size) times."""
-    t_c = client.cut.t_c
+def _disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor) -> dict:
+    """Disclosure of x_c (as sent) about the real test images x0. The client sent
+    ``released["images_sent"]`` training images, so each was released
+    ceil(sent / train size) times."""
+    t_c, released = client.cut.t_c, client.released["images_sent"]
     abar = float(client.diffusion.alphas_cumprod[t_c])
     dims = int(np.prod(x0.shape[1:]))
     releases = math.ceil(released / len(client.reader)) if released else 0
@@ -166,17 +138,6 @@ def _disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor, released: i
     }
 
 
-def _released(cfg: Config, client_id: str) -> int:
-    """Images this client sent for training, from the run's audit (0 if it has none)."""
-    path = os.path.join(cfg.run.output_dir, "results.h5")
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            audit = f[f"clients/{client_id}/audit"]
-            return int(audit["images"][()][audit["kind"][()] == Kind.TRAIN].sum())
-    except (OSError, KeyError):
-        return 0
-
-
 def _quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
     k_mean, k_std = metrics.kid(real, fake, cfg.eval.kid_subsets, cfg.eval.kid_subset_size, cfg.run.seed)
     return {"fid": metrics.fid(real, fake), "kid_mean": k_mean, "kid_std": k_std}
@@ -193,7 +154,7 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
     rounds = checkpoint.complete_rounds(cfg.run.output_dir)
     if not rounds:
         raise ValueError(f"no complete checkpoint set under {cfg.run.output_dir!r}; train first")
-    index = os.path.join(cfg.run.output_dir, "results.h5")
+    index = index_path(cfg.run.output_dir)
     if not os.path.exists(index):
         raise ValueError(f"{index!r} not found: evaluate needs the run's results file")
     t0 = time.perf_counter()
@@ -217,7 +178,7 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
         key = f"{inspect_shard(reader.path).content_hash[:16]}-test{len(x0)}-{identity}-v{FEATURES_VERSION}"
         real = cached_real_features(_cache_dir(cfg), key, lambda images=real_u8: feats(images))
         server = servers[topo.server_of(client.index)] if client.cut.uses_server else None
-        x_c = _as_sent(client, x0)
+        x_c = client.noised_to_cut(x0).float()
         sets = _image_sets(cfg, server, client, x_c, check)
         entry = {}
         for name, images in sets.items():
@@ -227,9 +188,8 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
             pooled[name][1].append(fake)
             entry[name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
             grids[(client.id, name)] = scored[:GRID_IMAGES]
-        entry["disclosure"] = _disclosure(client, x0, x_c, _released(cfg, client.id))
-        steps = cfg.diffusion.sampling_steps or cfg.diffusion.timesteps
-        entry["compute"] = client_compute(client, min(n, 16), steps)
+        entry["disclosure"] = _disclosure(client, x0, x_c)
+        entry["compute"] = client_compute(client, min(n, 16))
         report[client.id] = entry
         log.info("evaluated client %s: %s", client.id, _line(entry))
     report["pooled"] = {}
@@ -244,11 +204,11 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
 
 def print_report(report: dict) -> None:
     """FID / KID per client and image set, then disclosure and client compute."""
-    print(f"\n{'':<14}" + "".join(f"{s:>22}" for s in SETS))
-    for who, entry in report.items():
-        cells = [f"{entry[s]['fid']:9.2f} / {entry[s]['kid_mean']:9.4f}" if s in entry else "-" for s in SETS]
-        print(f"{who:<14}" + "".join(f"{c:>22}" for c in cells))
-    print("(FID / KID mean per cell)")
+    rows = [
+        [who, *(f"{entry[s]['fid']:.2f} / {entry[s]['kid_mean']:.4f}" if s in entry else None for s in SETS)]
+        for who, entry in report.items()
+    ]
+    print(f"\n{format_table(['FID / KID mean', *SETS], rows)}")
     for who, entry in report.items():
         if "disclosure" in entry:
             d, c = entry["disclosure"], entry["compute"]
@@ -266,14 +226,14 @@ def _line(entry: dict) -> str:
 
 def _write(index: str, report: dict, grids: dict, identity: str, round_: int) -> None:
     with h5py.File(index, "a", locking=False) as f:
-        if "metrics" in f:
-            del f["metrics"]
-        g = f.create_group("metrics")
+        if METRICS in f:
+            del f[METRICS]
+        g = f.create_group(METRICS)
         g.attrs.update(
             extractor=identity,
             checkpoint_round=round_,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            units=UNITS,
+            units=METRIC_UNITS,
         )
         for who, entry in report.items():
             for name, values in entry.items():

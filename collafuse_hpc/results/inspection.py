@@ -8,40 +8,28 @@ missing (a role's part file, its summary, samples, metrics) is listed under
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import h5py
 import numpy as np
 import yaml
 
-from .checkpoint import complete_rounds
-from .data.shard import SCHEMA as SHARD_SCHEMA
-from .evaluate import SETS
-from .results import SCHEMA, save_grid
-from .wire import Kind
-
-
-def open_results(path: str) -> h5py.File:
-    """Open a results file for reading; ValueError saying what the file is otherwise
-    (not HDF5, a client shard, another HDF5 file)."""
-    hint = "pass the results.h5 in a run's output_dir"
-    try:
-        f = h5py.File(path, "r", locking=False)  # never in the way of a live run's writers
-    except OSError as e:
-        if "locking flag values don't match" not in str(e):
-            raise ValueError(f"{path!r} is not a readable HDF5 file ({e}); {hint}") from None
-        f = h5py.File(path, "r")  # this process already has it open with HDF5's lock
-    schema = f.attrs.get("schema")
-    if schema != SCHEMA:
-        f.close()
-        what = (
-            "a client shard (made by collafuse-hpc prepare)"
-            if schema == SHARD_SCHEMA
-            else f"an HDF5 file with schema {schema!r}"
-        )
-        raise ValueError(f"{path!r} is {what}, not a collafuse-hpc results file; {hint}")
-    return f
+from collafuse_hpc.results.schema import (
+    AUDIT,
+    CLIENTS,
+    METRICS,
+    ROUND,
+    ROUNDS,
+    SAMPLES,
+    SERVER,
+    SETS,
+    SUMMARY,
+    open_results,
+)
+from collafuse_hpc.results.writer import save_grid
+from collafuse_hpc.runtime.checkpoint import complete_rounds
+from collafuse_hpc.runtime.wire import Kind
+from collafuse_hpc.tables import cell, format_table
 
 
 def _tail(values: np.ndarray) -> float | None:
@@ -63,25 +51,25 @@ def _plain(value):
 
 def _role(g: h5py.Group) -> dict:
     out: dict = {"attrs": {k: _plain(v) for k, v in g.attrs.items()}}
-    rounds = g.get("rounds")
-    if rounds is not None and "round" in rounds:
-        out["rounds_logged"] = len(rounds["round"])
-        out["last_round"] = int(rounds["round"][-1]) if len(rounds["round"]) else None
+    rounds = g.get(ROUNDS)
+    if rounds is not None and ROUND in rounds:
+        out["rounds_logged"] = len(rounds[ROUND])
+        out["last_round"] = int(rounds[ROUND][-1]) if len(rounds[ROUND]) else None
         for name in rounds:
-            if name != "round":
+            if name != ROUND:
                 out.setdefault("tail_means", {})[name] = _tail(rounds[name][()])
-    for group in ("summary", "audit"):
+    for group in (SUMMARY, AUDIT):
         if group in g:
             out[group] = {k: _plain(v) for k, v in g[group].attrs.items()}
-    if "audit" in out:  # totals from the rows: a run that did not finish has no total attributes yet
-        a = g["audit"]
+    if AUDIT in out:  # totals from the rows: a run that did not finish has no total attributes yet
+        a = g[AUDIT]
         column = {name: a[name][()] if name in a else np.zeros(0, np.int64) for name in ("kind", "images", "nbytes")}
-        out["audit"]["training_messages"] = int((column["kind"] == Kind.TRAIN).sum())
-        out["audit"].setdefault("images_sent", int(column["images"].sum()))
-        out["audit"].setdefault("bytes_sent", int(column["nbytes"].sum()))
-        out["audit"].setdefault("t_c", g.attrs.get("t_c"))
-    if "samples/images" in g:
-        out["samples"] = list(g["samples/images"].shape)
+        out[AUDIT]["training_messages"] = int((column["kind"] == Kind.TRAIN).sum())
+        out[AUDIT].setdefault("images_sent", int(column["images"].sum()))
+        out[AUDIT].setdefault("bytes_sent", int(column["nbytes"].sum()))
+        out[AUDIT].setdefault("t_c", g.attrs.get("t_c"))
+    if SAMPLES in g:
+        out["samples"] = list(g[SAMPLES].shape)
     return out
 
 
@@ -101,31 +89,21 @@ def summarize(path: str) -> dict:
                 continue
             role = _role(g)
             out["roles"][key] = role
-            if "summary" not in role:
+            if SUMMARY not in role:
                 last = role.get("last_round")
                 done = f"last round logged {last}" if last is not None else "no round logged"
                 out["missing"].append(f"{key}: summary (the run did not finish; {done})")
-            if key.startswith("clients/") and "samples" not in role:
+            if key.startswith(f"{CLIENTS}/") and "samples" not in role:
                 out["missing"].append(f"{key}: samples")
-        if "metrics" in f:
-            out["metrics"] = {"attrs": {k: _plain(v) for k, v in f["metrics"].attrs.items()}}
-            for who, g in f["metrics"].items():
+        if METRICS in f:
+            out["metrics"] = {"attrs": {k: _plain(v) for k, v in f[METRICS].attrs.items()}}
+            for who, g in f[METRICS].items():
                 order = sorted(g, key=lambda n: SETS.index(n) if n in SETS else len(SETS))
                 out["metrics"][who] = {name: {k: _plain(v) for k, v in g[name].attrs.items()} for name in order}
         else:
             out["missing"].append("metrics (not evaluated: collafuse-hpc evaluate CONFIG)")
     out["checkpoints"] = complete_rounds(os.path.dirname(os.path.abspath(path)))
     return out
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and math.isnan(v):
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 def format_summary(s: dict) -> str:
@@ -142,7 +120,7 @@ def format_summary(s: dict) -> str:
     for key, r in s["roles"].items():
         at = r["attrs"]
         cut = f" t_c={at['t_c']} (c={at['cut_ratio']:.2f})" if "t_c" in at else ""
-        losses = ", ".join(f"{k} {_fmt(v)}" for k, v in r.get("tail_means", {}).items() if k.startswith("loss"))
+        losses = ", ".join(f"{k} {cell(v)}" for k, v in r.get("tail_means", {}).items() if k.startswith("loss"))
         lines.append(
             f"  {key}{cut}: rank {at.get('rank')} on {at.get('host')}, {r.get('rounds_logged', 0)} rounds logged"
         )
@@ -151,7 +129,7 @@ def format_summary(s: dict) -> str:
         summ = r.get("summary", {})
         times = ", ".join(f"{k[5:]} {v:.1f} s" for k, v in summ.items() if k.startswith("time_"))
         if summ:
-            lines.append(f"    {summ.get('images')} images, {_fmt(summ.get('images_per_s'))} images/s; {times}")
+            lines.append(f"    {summ.get('images')} images, {cell(summ.get('images_per_s'))} images/s; {times}")
         if "audit" in r:
             au = r["audit"]
             lines.append(
@@ -171,21 +149,21 @@ def format_summary(s: dict) -> str:
             for name, v in sets.items():
                 if "fid" in v:
                     lines.append(
-                        f"    {who:<10} {name:<14} FID {_fmt(v['fid'])}  KID {_fmt(v['kid_mean'])} "
-                        f"+- {_fmt(v['kid_std'])}  ({v['images']} vs {v['real_images']} real)"
+                        f"    {who:<10} {name:<14} FID {cell(v['fid'])}  KID {cell(v['kid_mean'])} "
+                        f"+- {cell(v['kid_std'])}  ({v['images']} vs {v['real_images']} real)"
                     )
             if "disclosure" in sets:
                 d = sets["disclosure"]
                 lines.append(
-                    f"    {who:<10} disclosure: SNR {_fmt(d['snr'])}, PSNR {_fmt(d['psnr_db'])} dB, SSIM "
-                    f"{_fmt(d['ssim'])}, mu {_fmt(d['mu_per_release'])} x sqrt({d['releases']}) = "
-                    f"{_fmt(d['mu_composed'])}: {d['reading']}"
+                    f"    {who:<10} disclosure: SNR {cell(d['snr'])}, PSNR {cell(d['psnr_db'])} dB, SSIM "
+                    f"{cell(d['ssim'])}, mu {cell(d['mu_per_release'])} x sqrt({d['releases']}) = "
+                    f"{cell(d['mu_composed'])}: {d['reading']}"
                 )
             if "compute" in sets:
                 c = sets["compute"]
                 lines.append(
-                    f"    {who:<10} client compute: sampling {_fmt(c['sampling_time_ratio'])} of local-only time "
-                    f"(ideal {_fmt(c['sampling_ideal_ratio'])}), training step {_fmt(c['train_time_ratio'])}"
+                    f"    {who:<10} client compute: sampling {cell(c['sampling_time_ratio'])} of local-only time "
+                    f"(ideal {cell(c['sampling_ideal_ratio'])}), training step {cell(c['train_time_ratio'])}"
                 )
     for item in s["missing"]:
         lines.append(f"  missing: {item}")
@@ -198,14 +176,14 @@ def export(path: str, out_dir: str, arrays: bool = False) -> list[str]:
     (none, and no folder made, when the file holds no images)."""
     images = {}
     with open_results(path) as f:
-        for cid in f.get("clients", {}):
+        for cid in f.get(CLIENTS, {}):
             try:
-                g = f[f"clients/{cid}"]
+                g = f[f"{CLIENTS}/{cid}"]
             except KeyError:  # a part file that is missing
                 continue
-            if "samples/images" in g:
-                images[f"samples_{cid}"] = g["samples/images"][()]
-        for who, g in f.get("metrics", {}).items():
+            if SAMPLES in g:
+                images[f"samples_{cid}"] = g[SAMPLES][()]
+        for who, g in f.get(METRICS, {}).items():
             for name, s in g.items():
                 if "images" in s:
                     images[f"{who}_{name}"] = s["images"][()]
@@ -226,8 +204,8 @@ COMPARE_ROWS = (
     ("extractor (FID/KID features)", lambda s: s["metrics"]["attrs"]["extractor"]),
     ("rounds", lambda s: s["config"]["run"]["rounds"]),
     ("cut ratio(s)", lambda s: sorted({c.get("cut_ratio") for c in s["config"]["clients"]}, key=str)),
-    ("server images/s", lambda s: s["roles"].get("server", {}).get("summary", {}).get("images_per_s")),
-    ("server loss", lambda s: s["roles"].get("server", {}).get("tail_means", {}).get("loss_server")),
+    ("server images/s", lambda s: s["roles"].get(SERVER, {}).get("summary", {}).get("images_per_s")),
+    ("server loss", lambda s: s["roles"].get(SERVER, {}).get("tail_means", {}).get("loss_server")),
     ("bytes sent", lambda s: sum(r.get("audit", {}).get("bytes_sent", 0) for r in s["roles"].values())),
 )
 
@@ -255,7 +233,7 @@ def compare(paths: list[str]) -> tuple[list[str], list[list]]:
 def _kid(quality: dict) -> str | None:
     if "kid_mean" not in quality:
         return None
-    return f"{_fmt(quality['kid_mean'])} +- {_fmt(quality['kid_std'])}"
+    return f"{cell(quality['kid_mean'])} +- {cell(quality['kid_std'])}"
 
 
 def _safe(get, s):
@@ -270,12 +248,7 @@ def _metric(s: dict, who: str, group: str, key: str):
 
 
 def format_compare(paths: list[str], rows: list[list]) -> str:
-    header = ["", *paths]
-    cells = [header] + [[str(r[0])] + [_fmt(v) for v in r[1:]] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells
-    )
+    return format_table(["", *paths], rows)
 
 
 def to_json(obj) -> str:

@@ -1,0 +1,46 @@
+"""All-or-nothing file writes: the one place files are replaced.
+
+Every file a reader may open while it is being (re)written (checkpoints,
+results.h5, shards, feature caches, the run lock) is written to a temporary
+file beside its target and renamed over it, so a reader or a crash sees the
+old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
+    """Yield a temporary path to write ``path``'s new content to; rename it over
+    ``path`` when the block ends, or remove it when the block raises.
+
+    Args:
+        durable: fsync the file and its folder, so the rename survives a power loss
+            (checkpoints: the newest complete set must really be on disk).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        if durable:
+            _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        _fsync(folder)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

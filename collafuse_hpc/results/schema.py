@@ -1,0 +1,112 @@
+"""The results file's layout: every group and dataset name, unit and path, in one
+place that the writers (runtime, evaluation) and the readers (inspection,
+tools/report.py, the benchmarks) share.
+
+``results.h5`` plus one part file per role. Each rank writes only its own part,
+opening it just long enough to append, so a crash of any rank leaves every file
+readable. ``results.h5`` is written once by rank 0 and links the parts with HDF5
+external links, so plain h5py (``f["clients/c0/rounds/loss_local"]``) and h5dump
+read it; ``collafuse-hpc bundle`` copies it into one self-contained file::
+
+    results.h5            attrs: schema="collafuse-results", schema_version, config (YAML),
+                          package_version, torch_version, seed, roles (YAML), created
+      /server             -> parts/server_0.h5
+      /clients/<id>       -> parts/client_<id>.h5
+      /metrics            written by evaluate (below)
+    part file             attrs: role, rank, host, pid, (client_id, t_c, cut_ratio)
+      /rounds/round       int64 [R], the round index: the dimension scale of every column
+      /rounds/<metric>    float64 [R], one row per logged round; attr ``units``
+      /samples/images     uint8 [n, C, H, W] final collaborative samples (clients)
+      /samples/x_handover float32 [n, C, H, W] what the server returned at the cut; attr t
+      /audit/<field>      int64 [M] one row per message that left the client, over all
+                          runs of this output folder: round, kind (wire.Kind value),
+                          images, t_c, nbytes; attrs hold the totals
+      /summary            attrs: totals and rates of the run for this role
+    /metrics              attrs: extractor, checkpoint_round, created, units
+      /<client id>|pooled/<set>   attrs: fid, kid_mean, kid_std (NaN: every KID subset was the
+                                  whole of both sets), images, real_images
+                                  dataset images: uint8 [<=64, C, H, W], the first scored images
+      /<client id>/disclosure     attrs: t_c, snr, mse, psnr_db, ssim, dims, mu_per_release,
+                                  releases, mu_composed, reading, images
+      /<client id>/compute        attrs: evaluation.compute.client_compute's fields
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+
+from collafuse_hpc.data.shard import SCHEMA as SHARD_SCHEMA
+
+SCHEMA = "collafuse-results"
+SCHEMA_VERSION = 2  # 2: ``units`` attributes, the round dimension scale
+INDEX = "results.h5"
+PARTS = "parts"
+SERVER, CLIENTS = "server", "clients"
+ROUNDS, AUDIT, SUMMARY, METRICS = "rounds", "audit", "summary", "metrics"
+SAMPLES, HANDOVER = "samples/images", "samples/x_handover"
+ROUND = "round"  # the column every row group is indexed by
+
+# the image sets evaluate scores, in report order (evaluation/evaluate.py says what each is)
+SETS = ("collaborative", "cut", "server_at_cut", "server_alone", "client_alone")
+
+COLUMN_UNITS = {  # by column name, or by its first word (loss_local -> loss)
+    "round": "index",
+    "loss": "mean squared error",
+    "time": "s",
+    "images_per_s": "images/s",
+    "nbytes": "bytes",
+    "bytes": "bytes",
+    "images": "count",
+    "kind": "wire.Kind value",
+    "t_c": "step",
+}
+METRIC_UNITS = (
+    "fid: squared feature distance; kid_mean/kid_std: MMD^2 (unbiased, cubic kernel); mse: per pixel in [-1, 1]; "
+    "psnr_db: dB for data range 2; ssim: mean SSIM in [-1, 1]; snr: abar/(1-abar); mu_*: Gaussian DP mu; "
+    "*_flops: floating-point operations per image; *_s: seconds"
+)
+
+
+def units(column: str) -> str:
+    """The ``units`` attribute of a row column."""
+    return COLUMN_UNITS.get(column, COLUMN_UNITS.get(column.split("_")[0], ""))
+
+
+def index_path(output_dir: str) -> str:
+    return os.path.join(output_dir, INDEX)
+
+
+def role_key(client_id: str | None) -> str:
+    """Where a role's part is linked in results.h5: ``server`` or ``clients/<id>``."""
+    return SERVER if client_id is None else f"{CLIENTS}/{client_id}"
+
+
+def part_path(output_dir: str, client_id: str | None, server_rank: int = 0) -> str:
+    """A role's part file: ``parts/server_<rank>.h5`` or ``parts/client_<id>.h5``."""
+    name = f"server_{server_rank}.h5" if client_id is None else f"client_{client_id}.h5"
+    return os.path.join(output_dir, PARTS, name)
+
+
+def open_results(path: str) -> h5py.File:
+    """Open a results file for reading, without HDF5's file lock (a reader must never
+    make a training rank fail); ValueError saying what the file is otherwise (not
+    HDF5, a client shard, another HDF5 file)."""
+    hint = "pass the results.h5 in a run's output_dir"
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as e:
+        if "locking flag values don't match" not in str(e):
+            raise ValueError(f"{path!r} is not a readable HDF5 file ({e}); {hint}") from None
+        f = h5py.File(path, "r")  # this process already has it open with HDF5's lock
+    schema = f.attrs.get("schema")
+    if schema != SCHEMA:
+        f.close()
+        what = (
+            "a client shard (made by collafuse-hpc prepare)"
+            if schema == SHARD_SCHEMA
+            else f"an HDF5 file with schema {schema!r}"
+        )
+        raise ValueError(f"{path!r} is {what}, not a collafuse-hpc results file; {hint}")
+    return f

@@ -1,0 +1,354 @@
+"""The role loops: what a server and a client do each round, flat and top to
+bottom, plus what surrounds them (restore, checkpoint and stop agreement at the
+end of a round, fault injection, the failure protocol). The same loops run
+over either transport (runtime/run.py picks one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from collafuse_hpc.config import Config
+from collafuse_hpc.data import to_uint8
+from collafuse_hpc.results.schema import AUDIT, HANDOVER, SAMPLES, SUMMARY, part_path
+from collafuse_hpc.results.tensorboard import ScalarSink
+from collafuse_hpc.results.writer import RoleResults, save_grid
+from collafuse_hpc.roles.client import Client
+from collafuse_hpc.roles.server import Server
+from collafuse_hpc.runtime import checkpoint
+from collafuse_hpc.runtime.preemption import Preempted, StopRequest
+from collafuse_hpc.runtime.profiling import RoundProfiler
+from collafuse_hpc.runtime.topology import Topology
+from collafuse_hpc.runtime.watchdog import Watchdog
+from collafuse_hpc.runtime.wire import Kind, Message, PeerFailure, Wire
+
+log = logging.getLogger("collafuse_hpc")
+
+
+class RankFailure(RuntimeError):
+    """This rank failed; the message names the rank, its role and the cause."""
+
+
+@dataclass
+class Context:
+    """What one role's loop needs besides its role object."""
+
+    cfg: Config
+    topo: Topology
+    rank: int
+    wire: Wire
+    start_round: int
+    config_yaml: str
+    stop: StopRequest
+    watchdog: Watchdog | None = None  # distributed runs only
+    round: int = 0  # current round, for error reports
+    pending_stop: Callable[[], bool] | None = None  # the stop agreement posted at the last check
+    may_profile: bool = True  # in-process runs profile from one thread (the profiler is per process)
+
+    @property
+    def output_dir(self) -> str:
+        return self.cfg.run.output_dir
+
+    def beat(self, what: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(what)
+
+
+def _fault(ctx: Context, round_: int) -> None:
+    f = ctx.cfg.fault
+    if f.rank == ctx.rank and f.round == round_:
+        if f.mode == "exit":
+            os._exit(13)
+        raise RuntimeError(f"injected fault at round {round_}")
+
+
+def _end_of_round(ctx: Context, results: RoleResults, state: dict, r: int) -> None:
+    """After round ``r``: agree on a stop request, flush results and write a
+    checkpoint set when due; raise Preempted (on every rank) after a stop.
+
+    The agreement is posted at one check and read at the next, so it never
+    holds a round up: a signal stops the run one check interval after it came.
+    """
+    run = ctx.cfg.run
+    done = r + 1
+    last = done == run.rounds
+    check = done % run.stop_check_every == 0
+    stop = False
+    if (check or last) and ctx.pending_stop is not None:
+        stop, ctx.pending_stop = ctx.pending_stop() and not last, None
+    if check and not last and not stop:
+        ctx.pending_stop = ctx.wire.any_rank_later(ctx.stop.requested)
+    if done % run.log_every == 0 or last or stop:
+        results.flush()
+    if last or stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
+        ctx.beat(f"the checkpoint set of round {done}")
+        checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml)
+        ctx.wire.barrier(run.work_timeout_s)  # large checkpoints take a while on a slow file system
+        if ctx.rank == 0:
+            checkpoint.mark_complete(ctx.output_dir, done, run.keep_checkpoints)
+        ctx.wire.barrier()
+    if stop:
+        raise Preempted(done, ctx.stop.signal_name or "a signal on another rank")
+
+
+def _rounds(ctx: Context):
+    """The rounds still to run; keeps ``ctx.round`` current and injects faults."""
+    for r in range(ctx.start_round, ctx.cfg.run.rounds):
+        ctx.round = r
+        ctx.beat(f"round {r}")
+        _fault(ctx, r)
+        yield r
+    ctx.round = ctx.cfg.run.rounds
+    ctx.beat("sampling")
+
+
+def _add_totals(totals: dict, row: dict, recent: list[dict], window: int) -> None:
+    """Sum a round's timers and byte counts into the run's totals; keep the mean of
+    each loss over the last ``window`` rounds (``recent`` holds those rows)."""
+    for key, value in row.items():
+        if key.startswith(("time_", "bytes_")):
+            totals[key] = totals.get(key, 0) + value
+    recent.append(row)
+    del recent[:-window]
+    totals["rounds_run"] = totals.get("rounds_run", 0) + 1
+    totals["loss_window"] = len(recent)
+    for key in row:
+        if key.startswith("loss_"):
+            values = [r[key] for r in recent if not math.isnan(r[key])]
+            totals[f"{key}_recent"] = float(np.mean(values)) if values else math.nan
+
+
+def _role_name(ctx: Context) -> str:
+    """``server`` (``server_<rank>`` with replicas) or ``client_<id>``: names the
+    role's profile trace and TensorBoard folder."""
+    if not ctx.topo.is_server(ctx.rank):
+        return f"client_{ctx.topo.client_ids[ctx.topo.client_index(ctx.rank)]}"
+    return f"server_{ctx.rank}" if ctx.topo.num_servers > 1 else "server"
+
+
+def _profiler(ctx: Context, device: torch.device) -> RoundProfiler:
+    path = os.path.join(ctx.output_dir, "profile", f"{_role_name(ctx)}.json")
+    return RoundProfiler(path, ctx.cfg.run.profile_rounds if ctx.may_profile else 0, device.type == "cuda")
+
+
+def _restore(ctx: Context, role: Server | Client) -> None:
+    """Load the newest checkpoint set every rank can read (a truncated or foreign
+    file falls back to the previous set) and set ``ctx.start_round`` to it."""
+    if not ctx.start_round:
+        return
+    state, mine = None, 0
+    for r in reversed([r for r in checkpoint.complete_rounds(ctx.output_dir) if r <= ctx.start_round]):
+        try:
+            state, mine = checkpoint.load_rank(ctx.output_dir, r, ctx.rank)["state"], r
+            break
+        except ValueError as e:
+            log.warning("%s; trying the previous checkpoint set", e)
+    agreed = -ctx.wire.max_over_ranks(-mine)  # the newest set that loads on every rank
+    if agreed != mine:
+        state = checkpoint.load_rank(ctx.output_dir, agreed, ctx.rank)["state"] if agreed else None
+    if state is not None:
+        try:
+            role.load_state_dict(state)
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(
+                f"the checkpoint set of round {agreed} in {ctx.output_dir!r} does not fit this config "
+                f"(model sizes or clients changed?): {str(e).splitlines()[0][:300]}"
+            ) from None
+    ctx.start_round = agreed
+    if ctx.rank == 0 and agreed:
+        log.info("resuming from the checkpoint set of round %d", agreed)
+    elif ctx.rank == 0:
+        log.warning("no readable checkpoint set: starting again from round 0")
+
+
+def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
+    """Receive every client's x_c, reply with the loss after the forward pass, step;
+    then serve the sampling requests."""
+    ranks = {k: ctx.topo.client_rank(k) for k in server.clients}
+    wire, run = ctx.wire, ctx.cfg.run
+    totals = {"images": 0, "bytes_received": 0, "time_recv_s": 0.0, "time_compute_s": 0.0, "time_send_s": 0.0}
+    recent: list[dict] = []
+    profiler = _profiler(ctx, server.device)
+    for r in _rounds(ctx):
+        t0 = time.perf_counter()
+        bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models (compile, ...)
+        msgs = {k: wire.recv(ranks[k], Kind.TRAIN, r, bound) for k in server.clients}
+        t1 = time.perf_counter()
+        losses: list[float] = []
+
+        def reply(k: int, msg: Message, losses=losses) -> None:
+            losses.append(msg.payload.item())
+            wire.send(ranks[k], msg)
+
+        if msgs or ctx.topo.num_servers > 1:  # an idle replica still joins the gradient all-reduce
+            server.train_round(msgs, reply)
+        t2 = time.perf_counter()
+        wire.flush()
+        t3 = time.perf_counter()
+        n = sum(m.count for m in msgs.values())
+        row = {
+            "round": r,
+            "loss_server": float(np.mean(losses)) if losses else math.nan,
+            "bytes_received": sum(m.nbytes for m in msgs.values()),
+            "time_recv_s": t1 - t0,
+            "time_compute_s": t2 - t1,
+            "time_send_s": t3 - t2,
+            "images_per_s": n / (t3 - t0),
+        }
+        results.log(row)
+        _add_totals(totals, row, recent, run.log_every)
+        totals["images"] += n
+        if (r + 1) % run.log_every == 0:
+            log.info(
+                "server %d round %d/%d loss/server %.4f images/s %.1f",
+                ctx.rank,
+                r + 1,
+                run.rounds,
+                row["loss_server"],
+                row["images_per_s"],
+            )
+        profiler.step()
+        _end_of_round(ctx, results, server.state_dict(), r)
+    profiler.close()
+    t0 = time.perf_counter()
+    requests = {k: wire.recv(ranks[k], Kind.SAMPLE_REQUEST, run.rounds) for k in server.clients}
+    for k, reply_msg in server.sample(requests, lambda: wire.check_alive(list(ranks.values()))).items():
+        wire.send(ranks[k], reply_msg)
+    wire.flush()
+    totals["time_sampling_s"] = time.perf_counter() - t0
+    busy = totals["time_recv_s"] + totals["time_compute_s"] + totals["time_send_s"]
+    totals["images_per_s"] = totals["images"] / busy if busy else 0.0
+    if server.device.type == "cuda":
+        totals["gpu_peak_memory_bytes"] = torch.cuda.max_memory_allocated(server.device)
+    return totals
+
+
+def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
+    """Send x_c, step locally while the server works, take the reply; then sample."""
+    server_rank = ctx.topo.server_of(client.index)
+    wire, run = ctx.wire, ctx.cfg.run
+    totals = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
+    recent: list[dict] = []
+    profiler = _profiler(ctx, client.device)
+    for r in _rounds(ctx):
+        t0 = time.perf_counter()
+        msg = client.begin_round(r)
+        if msg is not None:
+            wire.send(server_rank, msg)
+        t1 = time.perf_counter()
+        loss_local = client.local_step()
+        t2 = time.perf_counter()
+        loss_server = math.nan
+        if msg is not None:
+            bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models
+            loss_server = wire.recv(server_rank, Kind.TRAIN_REPLY, r, bound).payload.item()
+            wire.flush()
+        t3 = time.perf_counter()
+        row = {
+            "round": r,
+            "loss_local": math.nan if loss_local is None else loss_local,
+            "loss_server": loss_server,
+            "time_local_s": t2 - t1,
+            "time_wait_s": t3 - t2,
+            "time_round_s": t3 - t0,
+            "images_per_s": client.batch_size / (t3 - t0),
+        }
+        results.log(row)
+        _log_audit(results, client)
+        _add_totals(totals, row, recent, run.log_every)
+        totals["images"] += client.batch_size
+        profiler.step()
+        _end_of_round(ctx, results, client.state_dict(), r)
+    profiler.close()
+    n = run.samples_per_client
+    t0 = time.perf_counter()
+    request = client.sample_request(run.rounds, n)
+    x_h = None
+    if request is not None:
+        wire.send(server_rank, request)
+        x_h = wire.recv(server_rank, Kind.SAMPLE_REPLY, run.rounds, run.work_timeout_s).payload  # the server samples
+        wire.flush()
+    t1 = time.perf_counter()
+    samples = to_uint8(client.finish_samples(n, x_h))
+    totals["time_sampling_wait_s"] = t1 - t0
+    totals["time_sampling_local_s"] = time.perf_counter() - t1
+    results.write(SAMPLES, samples, units="uint8 pixels 0..255")
+    if x_h is not None:
+        results.write(HANDOVER, x_h.float().cpu().numpy(), t=client.cut.handover, units="model range [-1, 1]")
+    grid = os.path.join(ctx.output_dir, "samples", f"{client.id}.png")
+    os.makedirs(os.path.dirname(grid), exist_ok=True)
+    save_grid(samples, grid)
+    totals["images_per_s"] = totals["images"] / totals["time_round_s"] if totals["time_round_s"] else 0.0
+    _log_audit(results, client)
+    results.flush()
+    audit = {**client.released, "t_c": client.cut.t_c}  # over every run of this output folder
+    results.write_attrs(AUDIT, audit)
+    totals.update(audit, grid=grid)
+    return totals
+
+
+def _log_audit(results: RoleResults, client: Client) -> None:
+    for entry in client.drain_audit():
+        results.log(dataclasses.asdict(entry), AUDIT)
+
+
+def build_role(cfg: Config, topo: Topology, rank: int, device: torch.device, wire: Wire) -> Server | Client:
+    if topo.is_server(rank):
+        reduce = wire.allreduce_servers if topo.num_servers > 1 else None
+        return Server(cfg, topo.clients_of(rank), device, reduce)
+    return Client(cfg, topo.client_index(rank), device)
+
+
+def run_role(ctx: Context, role: Server | Client) -> dict:
+    """Run one role to the end. On failure tell the peers (ERROR) and re-raise."""
+    cfg, topo, rank = ctx.cfg, ctx.topo, ctx.rank
+    if isinstance(role, Server):  # the other replicas first: after a failed collective they are probed first
+        peers = [r for r in range(topo.num_servers) if r != rank] + [topo.client_rank(k) for k in role.clients]
+        attrs = {"role": "server"}
+    else:
+        peers = [topo.server_of(role.index)] if role.cut.uses_server else []
+        attrs = {"role": "client", "client_id": role.id, "t_c": role.cut.t_c, "cut_ratio": role.cut.ratio}
+    attrs.update(rank=rank, host=socket.gethostname(), pid=os.getpid())  # which process wrote this part
+    try:
+        _restore(ctx, role)
+        mirror = ScalarSink(ctx.output_dir, _role_name(ctx)) if cfg.run.tensorboard else None
+        results = RoleResults(part_file(cfg, topo, rank), attrs, ctx.start_round if ctx.start_round else None, mirror)
+        if isinstance(role, Server):
+            summary = server_loop(ctx, role, results)
+        else:
+            summary = client_loop(ctx, role, results)
+        results.flush()
+        results.write_attrs(SUMMARY, summary)
+        ctx.wire.barrier(ctx.cfg.run.work_timeout_s)  # every role has written its part (clients sample at their pace)
+        return summary
+    except Preempted:
+        raise
+    except PeerFailure as e:
+        if e.unnamed:  # a collective failed without saying who: ask the peers
+            known = (ctx.wire.probe(p, timeout_s=5.0) for p in peers)
+            text = next((t for t in known if t), None)
+            if text:
+                e = PeerFailure(text)
+        ctx.wire.send_error(peers, ctx.round, str(e))
+        raise e from None
+    except Exception as e:
+        text = f"{topo.describe(rank)}: {type(e).__name__}: {e}"
+        ctx.wire.send_error(peers, ctx.round, text)
+        raise RankFailure(text) from e
+
+
+def part_file(cfg: Config, topo: Topology, rank: int) -> str:
+    """The part file ``rank`` writes."""
+    if topo.is_server(rank):
+        return part_path(cfg.run.output_dir, None, rank)
+    return part_path(cfg.run.output_dir, topo.client_ids[topo.client_index(rank)])

@@ -1,0 +1,129 @@
+"""Checks every rank makes before any collective and before any file is written:
+shards against the config, models that can be built, cuts, and whether
+``--resume`` may continue the output folder. A refused run changes nothing on disk."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from collafuse_hpc.config import Config, resume_differences, to_dict
+from collafuse_hpc.data import ShardReader, inspect_shard
+from collafuse_hpc.diffusion.split import cuts
+from collafuse_hpc.diffusion.unet import UNet
+from collafuse_hpc.evaluation.features import inception_path
+from collafuse_hpc.results.schema import index_path
+from collafuse_hpc.results.tensorboard import check_available
+from collafuse_hpc.runtime import checkpoint
+
+
+def preflight(cfg: Config, resume: bool | str) -> int:
+    """Checks every rank makes before any collective and before any file is written;
+    returns the round to start at.
+
+    Args:
+        resume: False (a new run), True (continue the newest complete checkpoint set;
+            refused without one) or "auto" (continue one if there is one, else start).
+    """
+    for i, c in enumerate(cfg.clients):
+        info = inspect_shard(c.shard)
+        want = (cfg.data.channels, cfg.data.image_size)
+        if (info.channels, info.image_size) != want:
+            raise ValueError(
+                f"shard {c.shard!r} (clients.{i}) holds {info.channels}x{info.image_size}x"
+                f"{info.image_size} images, but 'data' asks for {want[0]}x{want[1]}x{want[1]}"
+            )
+        if (c.labels or c.share_labels) and not info.has_labels:
+            raise ValueError(f"clients.{i} uses labels, but shard {c.shard!r} has no labels")
+        if c.labels or c.share_labels:
+            labels = ShardReader(c.shard, "train").labels()
+            if labels.min() < 0 or labels.max() >= cfg.data.num_classes:
+                raise ValueError(
+                    f"clients.{i} uses labels, but shard {c.shard!r} has labels {labels.min()}..{labels.max()}, "
+                    f"outside [0, data.num_classes = {cfg.data.num_classes}): set data.num_classes to at least "
+                    f"{labels.max() + 1}"
+                )
+        if c.batch_size > info.counts["train"]:
+            raise ValueError(
+                f"config key 'clients.{i}.batch_size' is {c.batch_size}, but shard {c.shard!r} holds only "
+                f"{info.counts['train']} train images"
+            )
+    cuts(cfg)  # a cut of 0 without opt-in, a sampling grid that cannot be built
+    _check_models(cfg)
+    if cfg.run.tensorboard:
+        check_available()
+    if cfg.eval.at_end and cfg.eval.extractor == "inception":
+        inception_path(cfg.eval.inception_path)  # a missing file fails now, not after training
+    index = index_path(cfg.run.output_dir)
+    if not resume:
+        if os.path.exists(index):
+            raise ValueError(
+                f"{index!r} holds results of an earlier run; pass --resume to continue it or set "
+                "run.output_dir to a new folder"
+            )
+        return 0
+    return _resume_round(cfg, auto=resume == "auto")
+
+
+def _check_models(cfg: Config) -> None:
+    """Build every distinct model on the meta device (no memory, no arithmetic) and run
+    one forward pass, so sizes that cannot work fail now, naming their key."""
+    size, channels = cfg.data.image_size, cfg.data.channels
+    shared = any(c.share_labels for c in cfg.clients)
+    # (model, classes, cut conditioning) -> the first key that asks for it, and its ModelConfig
+    specs = {
+        (repr(cfg.server.model), cfg.data.num_classes + 1 if shared else 0, True): ("server.model", cfg.server.model)
+    }
+    for i, c in enumerate(cfg.clients):
+        specs.setdefault(
+            (repr(c.model), cfg.data.num_classes if c.labels else 0, False), (f"clients.{i}.model", c.model)
+        )
+    for (model, classes, cut), (key, m) in specs.items():
+        try:
+            with torch.device("meta"):
+                t = torch.zeros(1, dtype=torch.long)
+                net = UNet(m, channels, size, num_classes=classes, cut_conditioning=cut)
+                net(torch.zeros(1, channels, size, size), t, t if cut else None, t if classes else None)
+        except (ValueError, RuntimeError, AssertionError) as e:
+            raise ValueError(
+                f"config key '{key}' ({model}) does not give a working UNet for {channels}x{size}x{size} images: "
+                f"{(str(e).splitlines() or [type(e).__name__])[0]} (channel counts base_channels x channel_mult "
+                "should be multiples of 4, or of 32 from 128 on; image_size divisible by 2^(levels - 1))"
+            ) from None
+
+
+def _resume_round(cfg: Config, auto: bool) -> int:
+    """The newest complete set's round, after checking that this config may continue it."""
+    out = cfg.run.output_dir
+    rounds = checkpoint.complete_rounds(out)
+    if not rounds:
+        if auto:
+            return 0
+        raise ValueError(
+            f"--resume: {checkpoint.describe(out)}, so there is nothing to continue. Start without --resume "
+            "(a new run.output_dir), or pass --resume=auto to continue when a set exists and start otherwise"
+        )
+    saved, errors = None, []
+    for r in reversed(rounds):  # the newest set whose config reads (a damaged file falls back, as on restore)
+        try:
+            saved = checkpoint.saved_config(out, r)
+            break
+        except ValueError as e:
+            errors.append(str(e))
+    if saved is None:
+        raise ValueError(f"--resume: no checkpoint set in {out!r} can be read: {'; '.join(errors)}")
+    differences = resume_differences(saved, to_dict(cfg))
+    if differences:
+        raise ValueError(
+            f"--resume: this config differs from the run in {out!r} in keys that change what it trains: "
+            f"{'; '.join(differences)}. Resume with the run's config (only rounds, logging, checkpointing, "
+            "timeouts, devices, shard paths, sampling steps and eval settings may change), or start a new "
+            "run.output_dir"
+        )
+    if cfg.run.rounds < rounds[-1]:
+        raise ValueError(
+            f"--resume: the run in {out!r} has finished {rounds[-1]} rounds, but run.rounds is {cfg.run.rounds}; "
+            "rounds are never undone: raise run.rounds to train on, or use 'collafuse-hpc sample' to sample again"
+        )
+    return rounds[-1]

@@ -1,0 +1,224 @@
+"""Running a job: every rank of a launched job (:func:`run_distributed`), or every
+role in a thread of one process (:func:`run_in_process`, for debugging and the
+equivalence tests). Both start the results file, build the roles, run the
+loops of runtime/loops.py and summarize.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+import time
+
+import h5py
+import torch
+
+from collafuse_hpc.config import Config, dump
+from collafuse_hpc.results.schema import SUMMARY, index_path, role_key
+from collafuse_hpc.results.writer import create_index, record_config
+from collafuse_hpc.runtime import checkpoint
+from collafuse_hpc.runtime.dist_wire import connect
+from collafuse_hpc.runtime.launch import Launch, discover, resolve_device, threads_per_rank
+from collafuse_hpc.runtime.local_wire import LocalHub, LocalWire
+from collafuse_hpc.runtime.lock import RunLock
+from collafuse_hpc.runtime.lock import check as check_lock
+from collafuse_hpc.runtime.loops import Context, build_role, part_file, run_role
+from collafuse_hpc.runtime.preemption import Preempted, StopRequest
+from collafuse_hpc.runtime.preflight import preflight
+from collafuse_hpc.runtime.topology import Topology
+from collafuse_hpc.runtime.watchdog import Watchdog
+from collafuse_hpc.runtime.wire import PeerFailure
+
+log = logging.getLogger("collafuse_hpc")
+
+
+def _index_roles(cfg: Config, topo: Topology) -> dict[str, str]:
+    """{role key in results.h5: its part file relative to the output folder}."""
+    roles = {}
+    for rank in range(topo.world_size):
+        client_id = None if topo.is_server(rank) else topo.client_ids[topo.client_index(rank)]
+        roles[role_key(client_id)] = os.path.relpath(part_file(cfg, topo, rank), cfg.run.output_dir)
+    return roles
+
+
+def print_summary(cfg: Config, summaries: dict[int, dict], topo: Topology, wall_s: float) -> None:
+    """Each role's losses (logged) and rates (printed) at the end of a run."""
+    for rank in sorted(summaries):
+        s = summaries[rank]
+        client_id = None if topo.is_server(rank) else topo.client_ids[topo.client_index(rank)]
+        losses = [
+            f"{k[:-7]} {s[k]:.4f}"
+            for k in ("loss_local_recent", "loss_server_recent")
+            if not math.isnan(s.get(k, math.nan))
+        ]
+        log.info(
+            "%s: mean of the last %d of %d rounds: %s",
+            role_key(client_id),
+            s.get("loss_window", 0),
+            s.get("rounds_run", 0),
+            ", ".join(losses) or "no loss",
+        )
+    out = sys.stdout
+    out.write(f"\ncollafuse-hpc: {cfg.run.rounds} rounds in {wall_s:.1f} s wall\n")
+    for rank in sorted(summaries):
+        s = summaries[rank]
+        if topo.is_server(rank):
+            out.write(
+                f"  server {rank}: {s['images']} images trained, {s['images_per_s']:.1f} images/s while "
+                f"busy; recv wait {s['time_recv_s']:.1f} s, compute {s['time_compute_s']:.1f} s, "
+                f"sampling {s['time_sampling_s']:.1f} s\n"
+            )
+        else:
+            cid = topo.client_ids[topo.client_index(rank)]
+            out.write(
+                f"  client {cid!r} (t_c={s['t_c']}): {s['images_per_s']:.1f} "
+                f"images/s; local {s['time_local_s']:.1f} s, waiting {s['time_wait_s']:.1f} s; sent "
+                f"{s['images_sent']} x_c images ({s['bytes_sent'] / 1e6:.2f} MB); samples {s['grid']}\n"
+            )
+    out.write(f"  results: {index_path(cfg.run.output_dir)}\n")
+    out.flush()
+
+
+def _summaries(cfg: Config, topo: Topology) -> dict[int, dict]:
+    """Each rank's summary, read from its part file (nothing is unpickled from peers)."""
+    out = {}
+    for rank in range(topo.world_size):
+        with h5py.File(part_file(cfg, topo, rank), "r", locking=False) as f:
+            out[rank] = {k: v.item() if hasattr(v, "item") else v for k, v in f[SUMMARY].attrs.items()}
+    return out
+
+
+def _start(cfg: Config, topo: Topology) -> None:
+    """Rank 0 at the start: write results.h5 (once per output folder)."""
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    index = index_path(cfg.run.output_dir)
+    if not os.path.exists(index):
+        create_index(index, dump(cfg), cfg.run.seed, _index_roles(cfg, topo))
+    else:  # resumed: record the config it runs on (only RESUMABLE keys can differ)
+        record_config(index, dump(cfg))
+        checkpoint.remove_incomplete(cfg.run.output_dir)  # left by the run that stopped: free their space
+
+
+def _job_key(launch: Launch) -> str:
+    """Shared by every rank of one job (the rendezvous address), different across jobs."""
+    return f"{launch.source}:{launch.master_addr}:{launch.master_port}"
+
+
+def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) -> None:
+    """One rank of a launched job (mpirun, srun or torchrun). Raises on failure,
+    Preempted after an agreed stop.
+
+    The process groups stay initialized; the command line ends the process
+    right after (tearing gloo down while peers exit can abort in C++).
+    """
+    launch = discover()
+    topo = Topology.from_config(cfg, launch.world_size)
+    start_round = preflight(cfg, resume)
+    check_lock(cfg.run.output_dir, _job_key(launch))
+    rank = launch.rank
+    torch.set_num_threads(threads_per_rank(launch, cfg.run.threads))
+    role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.client_index(rank)]
+    device = resolve_device(role_cfg.device, launch)
+    if rank == 0:
+        log.info(
+            "launch: %s, %d ranks (%d servers, %d clients), master %s:%d, %d threads per rank",
+            launch.source,
+            launch.world_size,
+            topo.num_servers,
+            len(topo.client_ids),
+            launch.master_addr,
+            launch.master_port,
+            torch.get_num_threads(),
+        )
+    wire = connect(launch, device, topo.num_servers, topo.describe, cfg.run.timeout_s)
+    t0 = time.perf_counter()
+    lock = RunLock(cfg.run.output_dir, _job_key(launch)) if rank == 0 else None
+    try:
+        if rank == 0:
+            _start(cfg, topo)
+        wire.barrier()
+        watchdog = Watchdog(topo.describe(rank), cfg.run.watchdog_s) if cfg.run.watchdog_s > 0 else None
+        ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop or StopRequest(), watchdog)
+        run_role(ctx, build_role(cfg, topo, rank, device, wire))
+        wire.heartbeat.stop()  # no peer is waited for or worked for from here on; an evaluation may take hours
+        if watchdog is not None:
+            watchdog.stop()
+        if rank == 0:  # every role wrote its summary into its part file before run_role's last barrier
+            print_summary(cfg, _summaries(cfg, topo), topo, time.perf_counter() - t0)
+            _evaluate_at_end(cfg, ctx.stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_in_process(cfg: Config, resume: bool, stop: StopRequest | None = None) -> dict[int, dict]:
+    """Every role in a thread of this process; returns each rank's summary.
+    Raises on failure, Preempted after a stop request."""
+    topo = Topology.from_config(cfg)
+    start_round = preflight(cfg, resume)
+    lock = RunLock(cfg.run.output_dir, f"in-process:{socket.gethostname()}:{os.getpid()}")
+    try:
+        return _run_threads(cfg, topo, start_round, stop or StopRequest())
+    finally:
+        lock.release()
+
+
+def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopRequest) -> dict[int, dict]:
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    single = discover({})
+    hub = LocalHub(topo.world_size, topo.num_servers, cfg.run.timeout_s)
+    t0 = time.perf_counter()
+    _start(cfg, topo)
+    wires, roles = [], []
+    for rank in range(topo.world_size):
+        role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.client_index(rank)]
+        device = resolve_device(role_cfg.device, single)
+        wires.append(LocalWire(rank, topo.describe, hub, device))
+        roles.append(build_role(cfg, topo, rank, device, wires[rank]))
+    summaries: dict[int, dict] = {}
+    errors: dict[int, BaseException] = {}
+
+    def target(rank: int) -> None:
+        ctx = Context(cfg, topo, rank, wires[rank], start_round, dump(cfg), stop, may_profile=rank == 0)
+        try:
+            summaries[rank] = run_role(ctx, roles[rank])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors[rank] = e
+            hub.abort()
+
+    threads = [threading.Thread(target=target, args=(r,), name=f"rank{r}") for r in range(topo.world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        order = sorted(errors.values(), key=lambda e: isinstance(e, PeerFailure))  # the cause before its echoes
+        raise order[0]
+    print_summary(cfg, summaries, topo, time.perf_counter() - t0)
+    _evaluate_at_end(cfg, stop)
+    return summaries
+
+
+def _evaluate_at_end(cfg: Config, stop: StopRequest) -> None:
+    """With ``eval.at_end``: evaluate the final checkpoint set in this process (rank 0).
+    A stop signal ends it between batches (exit 75): the requeued run evaluates again."""
+    if not cfg.eval.at_end:
+        return
+    from collafuse_hpc.evaluation.evaluate import evaluate, print_report  # the models of FID: only when asked
+
+    def check() -> None:
+        if stop.requested:
+            raise Preempted(
+                cfg.run.rounds,
+                stop.signal_name,
+                "during the evaluation at the end; training and samples are complete and nothing of the "
+                "evaluation was written: the requeued run (--resume=auto) evaluates again",
+            )
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the other ranks are done
+    print_report(evaluate(cfg, check))
