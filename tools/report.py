@@ -28,7 +28,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from collafuse_hpc.results.inspection import export, summarize  # noqa: E402
-from collafuse_hpc.results.schema import SETS  # noqa: E402
+from collafuse_hpc.results.schema import SETS, SUMMARY, role_key  # noqa: E402
 
 NAN = float("nan")
 # csv key -> markdown header (with units); FID and KID are in squared units of the features named in
@@ -80,7 +80,7 @@ def _client_columns(m: dict, roles: dict, who: str) -> dict:
         "sampling_ideal_ratio": c["sampling_ideal_ratio"],
         "train_flops_ratio": _ratio(c["train_flops_client"], c["train_flops_full"]),
         "train_time_ratio": c["train_time_ratio"],
-        "client_images_per_s": roles.get(f"clients/{who}", {}).get("summary", {}).get("images_per_s", NAN),
+        "client_images_per_s": roles.get(role_key(who), {}).get(SUMMARY, {}).get("images_per_s", NAN),
     }
 
 
@@ -93,7 +93,7 @@ def rows(summary: dict) -> list[dict]:
         "c": cuts.pop() if len(cuts) == 1 else "mixed",
         "rounds": summary["config"]["run"]["rounds"],
         "features": m["attrs"]["extractor"],
-        "server_images_per_s": roles.get("server", {}).get("summary", {}).get("images_per_s", NAN),
+        "server_images_per_s": roles.get(role_key(None), {}).get(SUMMARY, {}).get("images_per_s", NAN),
     }
     per_client = {who: _client_columns(m, roles, who) for who in clients}
     out = []
