@@ -42,6 +42,8 @@ class DiffusionConfig:
     schedule: str = "linear"  # linear (1e-4..0.02) | cosine
     sampling_steps: int = 0  # reverse steps when sampling; 0 means T (no striding)
     split: str = "markov"  # markov (exact sub-chain) | reference (authors' code)
+    sampler: str = "ddpm"  # ddpm (ancestral steps) | ddim (eta 0: deterministic); both keep t_c on the grid
+    eta: float = 0.0  # ddim only: 0 deterministic .. 1 the DDPM posterior's variance
 
 
 @dataclass
@@ -128,6 +130,7 @@ class EvalConfig:
     extractor: str = "inception"  # inception (FID's Inception-v3, local file) | pixels (no weights; a proxy)
     inception_path: str = ""  # weights file; empty: $COLLAFUSE_INCEPTION (features.py lists the accepted forms)
     images: int = 1000  # generated images per set and client (and at most this many real test images)
+    max_image_steps: int = 0  # budget: model evaluations (images x reverse steps) of all sampling; 0 = none
     kid_subsets: int = 100  # random subsets for KID's mean and std
     kid_subset_size: int = 1000  # images per KID subset (capped at the set sizes)
     batch: int = 250  # images per sampling and feature batch
@@ -160,6 +163,7 @@ CLIENT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 CHOICES = {
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.split": ("markov", "reference"),
+    "diffusion.sampler": ("ddpm", "ddim"),
     "server.device": ("auto", "cpu", "cuda"),
     "server.aggregate": ("concat", "sequential"),
     "clients.device": ("auto", "cpu", "cuda"),
@@ -251,6 +255,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     T = cfg.diffusion.timesteps
     if T < 1:
         raise ValueError(f"config key 'diffusion.timesteps' must be >= 1, got {T}")
+    if not 0 <= cfg.diffusion.eta <= 1:
+        raise ValueError(f"config key 'diffusion.eta' must be in [0, 1], got {cfg.diffusion.eta}")
     if not 0 <= cfg.diffusion.sampling_steps <= T:
         raise ValueError(
             f"config key 'diffusion.sampling_steps' must be in [0, {T}] (0 means T), got {cfg.diffusion.sampling_steps}"
@@ -334,6 +340,8 @@ RESUMABLE = (
     "run.profile_rounds",
     "run.tensorboard",
     "diffusion.sampling_steps",
+    "diffusion.sampler",
+    "diffusion.eta",
     "server.device",
     "server.compile",
     "clients.*.device",

@@ -132,3 +132,65 @@ def test_training_losses_are_per_example(diffusion):
     noise = torch.ones_like(x)
     losses = diffusion.training_losses(lambda x_t, t: torch.zeros_like(x_t), x, torch.full((5,), 10), noise)
     assert losses.shape == (5,) and torch.allclose(losses, torch.ones(5))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("a,s,t", [(0, 30, 60), (20, 21, 90), (20, 40, 41)])
+def test_ddim_step_preserves_the_marginal(diffusion, a, s, t, eta):
+    """x_t ~ q(x_t|x_a), one DDIM step with the true x_a: x_s ~ q(x_s|x_a) for every eta."""
+    g = torch.Generator().manual_seed(4)
+    x_a = torch.linspace(-1, 1, 16).reshape(1, 16).double()
+
+    def draw():
+        x_t = diffusion.q_sample(x_a, torch.tensor([t]), torch.randn(x_a.shape, generator=g, dtype=x_a.dtype), a)
+        noise = torch.randn(x_a.shape, generator=g, dtype=x_a.dtype)
+        return diffusion.ddim_step(x_t, x_a, torch.tensor([t]), torch.tensor([s]), a, eta, noise)
+
+    mean, var = _stats(diffusion, x_a, draw)
+    abar = diffusion.alphas_cumprod[s] / diffusion.alphas_cumprod[a]
+    assert torch.allclose(mean, np.sqrt(abar) * x_a, atol=0.05)
+    assert torch.allclose(var, torch.full_like(var, 1 - abar), atol=0.05)
+
+
+def test_ddim_with_eta_one_has_the_ddpm_posterior():
+    diffusion = GaussianDiffusion(beta_schedule("linear", 100))
+    x_a, x_t = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    t, s = torch.full((3,), 70), torch.full((3,), 45)
+    mean, var = diffusion.q_posterior(x_a, x_t, t, s, a=20)
+    assert torch.allclose(diffusion.ddim_step(x_t, x_a, t, s, 20, 1.0, None), mean)
+    noise = torch.randn_like(x_t)
+    assert torch.allclose(diffusion.ddim_step(x_t, x_a, t, s, 20, 1.0, noise), mean + var.sqrt() * noise)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_with_an_oracle_recovers_x_c_on_the_server_and_x_0_on_the_client(diffusion, eta):
+    """The split chain with DDIM steps: T..t_c (anchor t_c) lands on x_c, t_c..0 (anchor 0) on x_0."""
+    t_c, T = 25, diffusion.num_timesteps
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(2, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    x_c = diffusion.q_sample(x0, torch.full((2,), t_c), torch.randn(x0.shape, generator=g, dtype=x0.dtype))
+
+    def oracle(anchor, x_anchor):
+        def eps(x_t, t):
+            abar = diffusion._bcast(diffusion.abar(t, anchor), x_t)
+            return (x_t - abar.sqrt() * x_anchor) / (1 - abar).sqrt()
+
+        return eps
+
+    x_T = diffusion.q_sample(x_c, torch.full((2,), T), torch.randn(x0.shape, generator=g, dtype=x0.dtype), a=t_c)
+    got_c = diffusion.p_sample_loop(
+        oracle(t_c, x_c), x_T, [T, 80, 51, 26, t_c], a=t_c, clip=False, generator=g, eta=eta
+    )
+    assert torch.allclose(got_c, x_c, atol=1e-9)
+    got_0 = diffusion.p_sample_loop(oracle(0, x0), got_c, [t_c, 17, 9, 0], a=0, clip=True, generator=g, eta=eta)
+    assert torch.allclose(got_0, x0, atol=1e-9)
+
+
+def test_ddim_eta_zero_is_deterministic_and_draws_no_noise():
+    diffusion = GaussianDiffusion(beta_schedule("cosine", 50))
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(6)
+    state = g.get_state()
+    a = diffusion.p_sample_loop(lambda x_, t: 0.1 * x_, x, [50, 30, 10, 0], generator=g, eta=0.0)
+    assert torch.equal(g.get_state(), state)
+    assert torch.equal(a, diffusion.p_sample_loop(lambda x_, t: 0.1 * x_, x, [50, 30, 10, 0], eta=0.0))

@@ -23,8 +23,8 @@ from conftest import harness, run_mpi, tiny_config, write_config
 from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
 from collafuse_hpc.data import ShardReader
-from collafuse_hpc.diffusion.gaussian import beta_schedule
-from collafuse_hpc.evaluation import metrics
+from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
+from collafuse_hpc.evaluation import attacks, metrics
 from collafuse_hpc.evaluation.evaluate import evaluate
 from collafuse_hpc.evaluation.features import features, load_extractor
 from collafuse_hpc.evaluation.inception import FIDInceptionV3, fid_input, resize_tf1
@@ -253,8 +253,19 @@ def test_evaluate_writes_metrics_for_every_set_and_reuses_cached_real_features(t
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     report = evaluate(cfg)
-    assert set(report["c0"]) == {*SETS, "disclosure", "compute"}
-    assert set(report["c1"]) == {"collaborative", "client_alone", "disclosure", "compute"}  # c = 1 sends nothing
+    assert set(report["c0"]) == {*SETS, "disclosure", "attack", "compute"}
+    assert set(report["c1"]) == {
+        "collaborative",
+        "client_alone",
+        "disclosure",
+        "attack",
+        "compute",
+    }  # c = 1 sends nothing
+    a = report["c0"]["attack"]
+    assert a["public_model"] == "client c1" and a["link_candidates"] == 8 and a["chance_top1"] == 1 / 8
+    assert a["chance_top5"] == 5 / 8 and 0 <= a["link_pixel_top1"] <= a["link_pixel_top5"] <= 1
+    assert all(math.isfinite(a[f"recon_{m}_{k}"]) for m in ("public", "own") for k in ("psnr_db", "ssim", "fid"))
+    assert report["c1"]["attack"]["reading"] == "nothing sent"
     d = report["c0"]["disclosure"]
     abar = np.cumprod(1 - beta_schedule("linear", 20))[5 - 1]
     assert d["t_c"] == 5 and d["snr"] == pytest.approx(abar / (1 - abar))
@@ -266,6 +277,7 @@ def test_evaluate_writes_metrics_for_every_set_and_reuses_cached_real_features(t
     with h5py.File(tmp_path / "out/results.h5") as f:
         m = f["metrics"]
         assert m.attrs["extractor"] == "pixels" and m.attrs["checkpoint_round"] == 6
+        assert m["c0/attack"].attrs["link_pixel_top1"] == a["link_pixel_top1"]
         assert m["c0/cut"].attrs["images"] == 8 and m["pooled/collaborative"].attrs["images"] == 16
         assert m["c0/collaborative/images"].dtype == np.uint8 and m["c0/collaborative/images"].shape == (8, 1, 8, 8)
     # what is stored and exported is what was scored: FID recomputed from the exported files is the stored one
@@ -413,3 +425,36 @@ def test_at_end_evaluation_under_mpirun_outlasts_the_watchdog(tmp_path, shards):
     assert done.returncode == 0, done.stderr[-3000:]
     with h5py.File(tmp_path / "out/results.h5") as f:
         assert f["metrics/pooled/collaborative"].attrs["images"] == 96
+
+
+def test_reconstruction_with_the_true_noise_is_exact_and_linkage_ranks_by_likelihood():
+    diffusion = GaussianDiffusion(beta_schedule("linear", 100))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+    x_c = diffusion.q_sample(x0, torch.full((6,), 30), noise)
+    assert torch.allclose(attacks.reconstruct(diffusion, lambda x, t: noise, x_c, 30), x0)
+    assert torch.equal(attacks.reconstruct(diffusion, lambda x, t: noise, x0, 0), x0)  # c = 0: x_c is x_0
+    sources = torch.arange(6)
+    assert attacks.top_k_rates(attacks.pixel_distances(x0, x0, 1.0), sources) == {1: 1.0, 5: 1.0}
+    hidden = diffusion.q_sample(x0, torch.full((6,), 100), noise)  # almost pure noise: the ranking is a guess
+    rates = attacks.top_k_rates(attacks.pixel_distances(hidden, x0, float(diffusion.alphas_cumprod[100])), sources)
+    assert rates[5] >= rates[1] and rates[5] <= 1
+    # ties count against the attacker: with every distance equal, only k >= N finds the source
+    assert attacks.top_k_rates(torch.zeros(4, 4), torch.arange(4), (1, 3, 4)) == {1: 0.0, 3: 0.0, 4: 1.0}
+
+
+def test_evaluate_fits_its_budget_and_says_its_plan(tmp_path, shards, caplog):
+    caplog.set_level("INFO", logger="collafuse_hpc")
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 1.0], rounds=2)
+    raw["eval"].update(images=16, max_image_steps=600)
+    cfg = from_dict(raw)
+    run_in_process(cfg, resume=False)
+    report = evaluate(cfg)
+    # c0: server 15 + client 5 + server alone 5 + client alone 20; c1: client 20 + alone 20 = 85 per image
+    assert "2 clients x 16 images, 85 model evaluations per image over all clients = 1360 image-steps" in caplog.text
+    assert "within eval.max_image_steps = 600: 7 images per set and client" in caplog.text
+    assert report["c0"]["collaborative"]["images"] == 7
+    raw["eval"]["max_image_steps"] = 100
+    with pytest.raises(ValueError, match="allows 1 images per set; at least 2 are needed"):
+        evaluate(from_dict(raw))

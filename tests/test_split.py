@@ -1,7 +1,12 @@
 """The cut: hand-over steps and sampling grids."""
 
+import h5py
+import numpy as np
 import pytest
+from conftest import tiny_config, write_config
 
+from collafuse_hpc.cli import main
+from collafuse_hpc.config import from_dict
 from collafuse_hpc.diffusion.split import Cut
 
 
@@ -40,3 +45,20 @@ def test_reference_split_hands_over_at_the_authors_heuristic():
 def test_impossible_step_count_is_a_clear_error():
     with pytest.raises(ValueError, match=r"sampling steps must be in \[2, 100\] for hand-over step 20, got 1"):
         Cut(20, 100).sampling_grids(1)
+
+
+def test_the_sampler_comes_with_the_cut_and_can_change_when_sampling_again(tmp_path, shards):
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 1.0], rounds=2)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    assert Cut.for_client(from_dict(raw), 0).eta is None  # DDPM steps
+    raw["diffusion"].update(sampler="ddim", eta=0.3)
+    assert Cut.for_client(from_dict(raw), 0) == Cut(5, 20, "markov", 0, 0.3)
+    assert main(["train", cfg, "--in-process"]) == 0
+    with h5py.File(tmp_path / "out/results.h5") as f:
+        ddpm = f["clients/c0/samples/images"][()]
+    fast = ["--set", "diffusion.sampler=ddim", "--set", "diffusion.sampling_steps=6"]
+    assert main(["sample", cfg, "--in-process", *fast]) == 0
+    with h5py.File(tmp_path / "out/results.h5") as f:
+        ddim = f["clients/c0/samples/images"][()]
+        assert f["clients/c0/samples/x_handover"].attrs["t"] == 5
+    assert ddim.shape == ddpm.shape and not np.array_equal(ddim, ddpm)

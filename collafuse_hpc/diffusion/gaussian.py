@@ -10,7 +10,11 @@ are x_a. Because the forward process is Markov,
 part); anchor t_c is the server's sub-chain of the Markov-consistent split
 (split.py). Strided sampling is just a sparser list of timesteps: the posterior
 between any two grid points t > s uses the exact effective beta
-``1 - abar_t / abar_s``.
+``1 - abar_t / abar_s``. Two reverse steps share that math: DDPM's ancestral
+step (the posterior q(x_s | x_t, x_a_hat)) and DDIM's family
+(:meth:`GaussianDiffusion.ddim_step`; eta 0 deterministic, eta 1 the posterior's
+variance), both anchor-aware, so the server's sub-chain and the client's part
+use either.
 
 No I/O, no torch.distributed; the model is passed in.
 """
@@ -111,6 +115,34 @@ class GaussianDiffusion:
         var = (1 - abar_s) / (1 - abar_t) * beta
         return mean, self._bcast(var, x_t)
 
+    def ddim_step(
+        self,
+        x_t: torch.Tensor,
+        x_a_hat: torch.Tensor,
+        t: torch.Tensor,
+        s: torch.Tensor,
+        a: torch.Tensor | int,
+        eta: float,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """DDIM's step t -> s (a <= s < t) given the anchor estimate x_a_hat:
+
+        eps_hat = (x_t - sqrt(abar_{t|a}) x_a_hat) / sqrt(1 - abar_{t|a}),
+        sigma^2 = eta^2 (1 - abar_{s|a}) / (1 - abar_{t|a}) (1 - abar_{t|a} / abar_{s|a}),
+        x_s = sqrt(abar_{s|a}) x_a_hat + sqrt(1 - abar_{s|a} - sigma^2) eps_hat + sigma noise.
+
+        Every eta keeps q(x_s | x_a) when x_a_hat is exact; eta = 0 is deterministic
+        (``noise`` may be None), eta = 1 has the DDPM posterior's variance. At s = a
+        it returns x_a_hat.
+        """
+        abar_t, abar_s = self.abar(t, a), self.abar(s, a)
+        eps = (x_t - self._bcast(abar_t.sqrt(), x_t) * x_a_hat) / self._bcast((1 - abar_t).sqrt(), x_t)
+        var = eta**2 * (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)
+        x_s = self._bcast(abar_s.sqrt(), x_t) * x_a_hat + self._bcast((1 - abar_s - var).clamp(min=0).sqrt(), x_t) * eps
+        if noise is not None:
+            x_s = x_s + self._bcast(var.sqrt(), x_t) * noise
+        return x_s
+
     def training_losses(
         self,
         eps_model: EpsModel,
@@ -132,6 +164,7 @@ class GaussianDiffusion:
         a: int = 0,
         clip: bool = True,
         generator: torch.Generator | None = None,
+        eta: float | None = None,
     ) -> torch.Tensor:
         """Run the reverse chain from ``timesteps[0]`` down to ``timesteps[-1]``.
 
@@ -140,6 +173,7 @@ class GaussianDiffusion:
             timesteps: strictly decreasing grid; its last entry must be >= ``a``.
             a: anchor; ``x_a_hat`` is clipped to [-1, 1] only when ``clip``
                (an image at a = 0, never a noised x_c).
+            eta: None for DDPM's ancestral steps; a number for DDIM's (0: deterministic).
         Returns:
             x at ``timesteps[-1]``; when that is ``a`` the last step is
             deterministic and returns x_a_hat.
@@ -152,6 +186,13 @@ class GaussianDiffusion:
             x_a = self.predict_anchor(x, t, eps_model(x, t).to(x.dtype), a)
             if clip:
                 x_a = x_a.clamp(-1, 1)
+            if eta is not None:
+                stochastic = eta > 0 and s_i != a
+                noise = (
+                    torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if stochastic else None
+                )
+                x = self.ddim_step(x, x_a, t, s, a, eta, noise)
+                continue
             mean, var = self.q_posterior(x_a, x, t, s, a)
             if s_i == a:
                 x = mean

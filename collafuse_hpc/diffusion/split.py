@@ -31,19 +31,22 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Cut:
     """One client's cut. ``t_c`` in [0, T]; ``mode`` is ``markov`` or ``reference``;
-    ``steps``: reverse steps of a whole sampling run (0: T, every step)."""
+    ``steps``: reverse steps of a whole sampling run (0: T, every step); ``eta``:
+    None for DDPM steps, else DDIM's eta (both sides sample the same way)."""
 
     t_c: int
     timesteps: int
     mode: str = "markov"
     steps: int = 0
+    eta: float | None = None
 
     @classmethod
     def for_client(cls, cfg: Config, index: int) -> Cut:
         """Client ``index``'s cut under ``cfg``; ValueError naming the key for a cut of 0
         without ``allow_centralized`` or a sampling grid that cannot be built."""
         c, d = cfg.clients[index], cfg.diffusion
-        cut = cls(cut_step(c, d.timesteps), d.timesteps, d.split, d.sampling_steps)
+        eta = d.eta if d.sampler == "ddim" else None
+        cut = cls(cut_step(c, d.timesteps), d.timesteps, d.split, d.sampling_steps, eta)
         if cut.t_c == 0 and not c.allow_centralized:
             raise ValueError(
                 f"client {c.id!r} ('clients.{index}') has cut 0: the server would see raw images. "

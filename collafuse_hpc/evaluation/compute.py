@@ -77,7 +77,7 @@ def client_compute(client: Client, n: int, repeats: int = 4) -> dict[str, float]
         step_flops = _flops(lambda: eps(x, t))
 
     def sample(grid: list[int]):
-        return lambda: diffusion.p_sample_loop(eps, x, grid, a=0, clip=True) if grid else None  # [] at c = 0
+        return lambda: diffusion.p_sample_loop(eps, x, grid, a=0, clip=True, eta=client.cut.eta) if grid else None
 
     time_share, time_full, ratio = _timed_pair(sample(share), sample(full), repeats)
     out = {

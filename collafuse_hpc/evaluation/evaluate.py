@@ -32,7 +32,8 @@ import torch
 
 from collafuse_hpc.config import Config
 from collafuse_hpc.data import ShardReader, inspect_shard, to_model_range, to_uint8
-from collafuse_hpc.evaluation import metrics
+from collafuse_hpc.diffusion.split import Cut
+from collafuse_hpc.evaluation import attacks, metrics
 from collafuse_hpc.evaluation.compute import client_compute
 from collafuse_hpc.evaluation.features import FEATURES_VERSION, cached_real_features, features, load_extractor
 from collafuse_hpc.logs import Progress
@@ -94,16 +95,47 @@ def _generated(cfg: Config, server: Server | None, client: Client, n: int) -> di
     return out
 
 
+def image_steps(cut: Cut) -> int:
+    """Model evaluations per generated image of one client's sets: the collaborative
+    chain (server and client grids), the server continuing alone, the client alone."""
+    server, client = (max(0, len(grid) - 1) for grid in cut.sampling_grids())
+    full = len(cut.full_chain().sampling_grids()[1]) - 1
+    return server + client + (client if cut.uses_server else 0) + full
+
+
+def planned_images(cfg: Config, cuts: list[Cut]) -> int:
+    """Images per set and client: ``eval.images``, or fewer to fit ``eval.max_image_steps``.
+    Logs the plan (images x steps) either way."""
+    per_image = sum(image_steps(cut) for cut in cuts)
+    n, budget = cfg.eval.images, cfg.eval.max_image_steps
+    log.info(
+        "evaluate: %d clients x %d images, %d model evaluations per image over all clients = %d image-steps",
+        len(cuts),
+        n,
+        per_image,
+        n * per_image,
+    )
+    if budget and n * per_image > budget:
+        n = budget // per_image
+        if n < 2:
+            raise ValueError(
+                f"eval.max_image_steps = {budget} allows {n} images per set; at least 2 are needed "
+                f"({2 * per_image} image-steps): raise it, or lower diffusion.sampling_steps"
+            )
+        log.info("evaluate: within eval.max_image_steps = %d: %d images per set and client", budget, n)
+    return n
+
+
 def _image_sets(
-    cfg: Config, server: Server | None, client: Client, x_c: torch.Tensor, check: Callable[[], None]
+    cfg: Config, server: Server | None, client: Client, x_c: torch.Tensor, total: int, check: Callable[[], None]
 ) -> dict:
-    """The five sets for one client (``eval.images`` generated, ``eval.batch`` at a time,
+    """The five sets for one client (``total`` generated, ``eval.batch`` at a time,
     ``check`` called before each batch); a set the client's cut does not have is left out."""
     parts: dict[str, list[torch.Tensor]] = {}
-    progress = Progress(f"evaluating client {client.id}", cfg.eval.images)
-    for start in range(0, cfg.eval.images, cfg.eval.batch):
+    progress = Progress(f"evaluating client {client.id}", total)
+    for start in range(0, total, cfg.eval.batch):
         check()
-        n = min(cfg.eval.batch, cfg.eval.images - start)
+        n = min(cfg.eval.batch, total - start)
         for name, images in _generated(cfg, server, client, n).items():
             parts.setdefault(name, []).append(images)
         progress.update(n)
@@ -138,6 +170,70 @@ def _disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor) -> dict:
     }
 
 
+def _attack(
+    client: Client,
+    clients: list[Client],
+    x0: torch.Tensor,
+    x_c: torch.Tensor,
+    y: torch.Tensor | None,
+    real: np.ndarray,
+    feats: Callable[[np.ndarray], np.ndarray],
+    n: int,
+) -> dict:
+    """Reconstruction and linkage attacks on this client's x_c (attacks.py). ``x0``, ``x_c``:
+    its test images and their x_c as sent; ``y``: their labels when the client's model
+    uses labels; ``real``: the test images' features; ``n``: at most this many linkage
+    candidates."""
+    cut, nan = client.cut, math.nan
+    out: dict = {"t_c": cut.t_c, "public_model": "none"}
+    if not cut.uses_server:
+        return {**out, "reading": "nothing sent"}
+    # the adversary's public denoiser: another client's model trained at t_c (and without labels)
+    public = next((o for o in clients if o is not client and o.cut.t_c >= cut.t_c and not o.condition), None)
+    models = {"own": client.eps_model(True, y)}
+    if public is not None:
+        models["public"] = public.eps_model(True, None)
+        out["public_model"] = f"client {public.id}"
+    recon = {}
+    for name in ("public", "own"):
+        if name not in models:
+            out.update({f"recon_{name}_{k}": nan for k in ("psnr_db", "ssim", "fid")})
+            continue
+        recon[name] = attacks.reconstruct(client.diffusion, models[name], x_c, cut.t_c)
+        out[f"recon_{name}_psnr_db"] = metrics.psnr(recon[name], x0)
+        out[f"recon_{name}_ssim"] = metrics.ssim(recon[name], x0)
+        out[f"recon_{name}_fid"] = metrics.fid(real, feats(to_uint8(recon[name])))
+    # linkage: each of N training images released once; is its source the nearest candidate?
+    train = client.reader
+    m = min(n, len(train))
+    images, labels = train.read(np.arange(m))
+    candidates = to_model_range(images, x0.device)
+    probes = client.noised_to_cut(candidates).float()
+    sources = torch.arange(m)
+    abar = float(client.diffusion.alphas_cumprod[cut.t_c])
+    pixel = attacks.top_k_rates(attacks.pixel_distances(probes, candidates, abar), sources)
+    best = "public" if public is not None else "own"
+    if public is not None:
+        denoiser = models["public"]
+    else:
+        denoiser = client.eps_model(True, torch.from_numpy(labels).to(x0.device) if client.condition else None)
+    guess = attacks.reconstruct(client.diffusion, denoiser, probes, cut.t_c)
+    feature = attacks.top_k_rates(
+        attacks.feature_distances(feats(to_uint8(guess)), feats(to_uint8(candidates))), sources
+    )
+    out.update(
+        link_candidates=m,
+        link_pixel_top1=pixel[1],
+        link_pixel_top5=pixel[5],
+        link_feature_top1=feature[1],
+        link_feature_top5=feature[5],
+        link_feature_model=best,
+        chance_top1=1 / m,
+        chance_top5=min(1.0, 5 / m),
+    )
+    return out
+
+
 def _quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
     k_mean, k_std = metrics.kid(real, fake, cfg.eval.kid_subsets, cfg.eval.kid_subset_size, cfg.run.seed)
     return {"fid": metrics.fid(real, fake), "kid_mean": k_mean, "kid_std": k_std}
@@ -161,7 +257,7 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
     torch.manual_seed(cfg.run.seed)
     servers, clients = _load_roles(cfg, rounds[-1], device)
     topo = Topology.from_config(cfg)
-    n = cfg.eval.images
+    n = planned_images(cfg, [c.cut for c in clients])
     report: dict = {}
     pooled = {s: ([], []) for s in SETS}  # set -> (real features, generated features) of the clients that have it
     grids = {}
@@ -173,13 +269,13 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
         reader = ShardReader(cfg.clients[client.index].shard, "test")
         if len(reader) < 2:
             raise ValueError(f"shard {cfg.clients[client.index].shard!r} has {len(reader)} test images; need >= 2")
-        real_u8 = reader.read(np.arange(min(n, len(reader))))[0]
+        real_u8, labels = reader.read(np.arange(min(n, len(reader))))
         x0 = to_model_range(real_u8, device)
         key = f"{inspect_shard(reader.path).content_hash[:16]}-test{len(x0)}-{identity}-v{FEATURES_VERSION}"
         real = cached_real_features(_cache_dir(cfg), key, lambda images=real_u8: feats(images))
         server = servers[topo.server_of(client.index)] if client.cut.uses_server else None
         x_c = client.noised_to_cut(x0).float()
-        sets = _image_sets(cfg, server, client, x_c, check)
+        sets = _image_sets(cfg, server, client, x_c, n, check)
         entry = {}
         for name, images in sets.items():
             scored = to_uint8(images)  # what is stored and exported is what is scored
@@ -189,6 +285,8 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
             entry[name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
             grids[(client.id, name)] = scored[:GRID_IMAGES]
         entry["disclosure"] = _disclosure(client, x0, x_c)
+        y = torch.from_numpy(labels).to(device) if client.condition else None
+        entry["attack"] = _attack(client, clients, x0, x_c, y, real, feats, n)
         entry["compute"] = client_compute(client, min(n, 16))
         report[client.id] = entry
         log.info("evaluated client %s: %s", client.id, _line(entry))
@@ -218,6 +316,7 @@ def print_report(report: dict) -> None:
                 f"({d['reading']}); client sampling time {c['sampling_time_ratio']:.3f} of local-only "
                 f"(ideal {c['sampling_ideal_ratio']:.3f})"
             )
+            print(f"{who}: attack: {attacks.describe(entry['attack'])}")
 
 
 def _line(entry: dict) -> str:

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import yaml
 
+from collafuse_hpc.evaluation.attacks import describe as describe_attack
 from collafuse_hpc.results.schema import (
     AUDIT,
     CLIENTS,
@@ -159,6 +160,8 @@ def format_summary(s: dict) -> str:
                     f"{cell(d['ssim'])}, mu {cell(d['mu_per_release'])} x sqrt({d['releases']}) = "
                     f"{cell(d['mu_composed'])}: {d['reading']}"
                 )
+            if "attack" in sets:
+                lines.append(f"    {who:<10} attack: {describe_attack(sets['attack'])}")
             if "compute" in sets:
                 c = sets["compute"]
                 lines.append(

@@ -28,6 +28,9 @@ read it; ``collafuse-hpc bundle`` copies it into one self-contained file::
                                   dataset images: uint8 [<=64, C, H, W], the first scored images
       /<client id>/disclosure     attrs: t_c, snr, mse, psnr_db, ssim, dims, mu_per_release,
                                   releases, mu_composed, reading, images
+      /<client id>/attack         attrs: recon_{public,own}_{psnr_db,ssim,fid}, public_model,
+                                  link_{pixel,feature}_top{1,5}, link_candidates, chance_top{1,5}
+                                  (evaluation/attacks.py)
       /<client id>/compute        attrs: evaluation.compute.client_compute's fields
 """
 
@@ -65,7 +68,8 @@ COLUMN_UNITS = {  # by column name, or by its first word (loss_local -> loss)
 METRIC_UNITS = (
     "fid: squared feature distance; kid_mean/kid_std: MMD^2 (unbiased, cubic kernel); mse: per pixel in [-1, 1]; "
     "psnr_db: dB for data range 2; ssim: mean SSIM in [-1, 1]; snr: abar/(1-abar); mu_*: Gaussian DP mu; "
-    "*_flops: floating-point operations per image; *_s: seconds"
+    "*_flops: floating-point operations per image; *_s: seconds; recon_*: reconstructions from x_c against the "
+    "originals; link_*_top*: fraction of released x_c whose source is among the k nearest training images"
 )
 
 

@@ -146,7 +146,9 @@ class Client:
         if not grid:  # c = 0: the server produced x_0 itself
             return x_h.float().clamp(-1, 1)
         eps = self.eps_model(True, self.sample_labels if self.condition else None)
-        return self.diffusion.p_sample_loop(eps, x_h.float(), grid, a=0, clip=True, generator=self.generator)
+        return self.diffusion.p_sample_loop(
+            eps, x_h.float(), grid, a=0, clip=True, generator=self.generator, eta=self.cut.eta
+        )
 
     def sample_alone(self, n: int) -> torch.Tensor:
         """n samples of the client's model on the whole chain T..0 from pure noise (with
@@ -155,7 +157,7 @@ class Client:
         _, grid = self.cut.full_chain().sampling_grids()
         eps = self.eps_model(True, self.sample_labels if self.condition else None)
         x_T = self._randn(self._image_shape(n))
-        return self.diffusion.p_sample_loop(eps, x_T, grid, a=0, clip=True, generator=self.generator)
+        return self.diffusion.p_sample_loop(eps, x_T, grid, a=0, clip=True, generator=self.generator, eta=self.cut.eta)
 
     def _image_shape(self, n: int) -> tuple[int, int, int, int]:
         return n, self.cfg.data.channels, self.cfg.data.image_size, self.cfg.data.image_size

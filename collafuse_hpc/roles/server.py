@@ -158,7 +158,7 @@ class Server:
                 eps = _checked(self.eps_model(True, torch.tensor([t_c], device=self.device), y), check)
                 out.append(
                     self.diffusion.p_sample_loop(
-                        eps, x, grid, a=cut.server_anchor, clip=False, generator=self.streams[ks[0]]
+                        eps, x, grid, a=cut.server_anchor, clip=False, generator=self.streams[ks[0]], eta=cut.eta
                     )
                 )
                 progress.update(n)
@@ -179,7 +179,7 @@ class Server:
         if not grid:  # c = 0: x_h is already x_0
             return x_h.float().clamp(-1, 1)
         eps = self.eps_model(True, torch.tensor([cut.t_c], device=self.device), self.labels([request]))
-        return self.diffusion.p_sample_loop(eps, x_h.float(), grid, a=0, clip=True, generator=generator)
+        return self.diffusion.p_sample_loop(eps, x_h.float(), grid, a=0, clip=True, generator=generator, eta=cut.eta)
 
     def state_dict(self) -> dict:
         return {
