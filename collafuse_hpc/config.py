@@ -131,6 +131,9 @@ class EvalConfig:
     inception_path: str = ""  # weights file; empty: $COLLAFUSE_INCEPTION (features.py lists the accepted forms)
     images: int = 1000  # generated images per set and client (and at most this many real test images)
     max_image_steps: int = 0  # budget: model evaluations (images x reverse steps) of all sampling; 0 = none
+    sets: list[str] = field(  # which image sets to generate and score (results/schema.py SETS)
+        default_factory=lambda: ["collaborative", "cut", "server_at_cut", "server_alone", "client_alone"]
+    )
     kid_subsets: int = 100  # random subsets for KID's mean and std
     kid_subset_size: int = 1000  # images per KID subset (capped at the set sizes)
     batch: int = 250  # images per sampling and feature batch

@@ -4,7 +4,8 @@
 #
 #   CUTS="0.2 0.4 0.6 0.8 1.0" bash jobs/sweep.sh CONFIG [sbatch options ...] [-- --set key=value ...]
 #
-# Prints the array job id and the report job id; results land in runs/sweep-<array id>/c<c>/,
+# Prints the array job id and the report job id; results land in runs/sweep-<array id>/c<c>/
+# (jobs/points.sh),
 # the report (table.csv, table.md, tradeoff.png, grids/) in runs/sweep-<array id>/report/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ opts=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
 [ "${1:-}" = -- ] && shift
 read -r -a cuts <<< "${CUTS:-0.2 0.4 0.6 0.8 1.0}"
-export CUTS="${cuts[*]}"
+export POINTS="${cuts[*]/#/c}"
 mkdir -p runs
 array=$(sbatch --parsable --array=0-$((${#cuts[@]} - 1)) "${opts[@]}" jobs/sweep.sbatch "$config" "$@")
 array=${array%%;*}

@@ -18,7 +18,8 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from conftest import harness, run_mpi, tiny_config, write_config
+import yaml
+from conftest import run_mpi, tiny_config, write_config
 
 from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
@@ -290,8 +291,9 @@ def test_evaluate_writes_metrics_for_every_set_and_reuses_cached_real_features(t
         assert metrics.fid(real, fake) == pytest.approx(report["c0"][name]["fid"], rel=1e-12)
     assert math.isnan(report["c0"]["collaborative"]["kid_std"])  # subsets of 8 of 8 images: all the same
     # real-image features come from the cache on the next evaluation
-    caches = sorted((tmp_path / "feature_cache").glob("*.npy"))
+    caches = sorted((tmp_path / "feature_cache").glob("*-test8-*.npy"))
     assert len(caches) == 2  # one per client shard
+    assert len(list((tmp_path / "feature_cache").glob("*-train8-*.npy"))) == 1  # linkage candidates of c0
     for path in caches:
         np.save(path, np.load(path) + 5.0)  # shift: every FID against real images must grow
     again = evaluate(cfg)
@@ -389,6 +391,8 @@ def test_report_writes_the_table_figure_and_grids(tmp_path, shards):
     with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["c"], r["who"]) for r in rows] == [(c, who) for c in ("0.25", "0.75") for who in ("pooled", "c0", "c1")]
+    assert {(r["split"], r["seeds"]) for r in rows} == {("markov", "1")} and rows[0]["fid_cut_seed_std"] == "nan"
+    assert 0 <= float(rows[1]["link_pixel_top1"]) <= 1 and float(rows[1]["chance_top1"]) == 1 / 8
     assert {r["features"] for r in rows} == {"pixels"} and rows[0]["kid_std_cut"] != "nan"
     assert rows[1]["kid_std_cut"] == "nan"  # per client: KID subsets of 8 of 8 images, no spread
     for r in rows:  # exact FLOP ratios beside the measured times: the client runs its share of the grid
@@ -401,20 +405,41 @@ def test_report_writes_the_table_figure_and_grids(tmp_path, shards):
     assert "| 0.25 | c0 |" in md and "PSNR x_c vs x_0 (dB)" in md and "sampling FLOPs client/local" in md
     assert "Features for FID/KID: pixels" in md and " ± n/a" in md
     assert (out / "tradeoff.png").stat().st_size > 10_000
-    assert (out / "grids/c0.25/c0_server_alone.png").exists()
+    assert (out / "grids/c0.25/c0_server_alone.png").exists()  # grids/<run folder>/
+    assert "### Disclosure of x_c and by attack" in md and "linkage top-1, pixels" in md
 
 
-@pytest.mark.mpi
-def test_local_sweep_trains_evaluates_and_reports(tmp_path, shards):
+def test_local_study_trains_evaluates_and_reports_over_seeds_and_splits(tmp_path, shards):
     raw = tiny_config(shards, tmp_path / "unused", [0.5, 0.5], rounds=2)
     cfg = write_config(tmp_path / "run.yaml", raw)
-    env = harness.mpi_env(CUTS="0.25 1.0", SWEEP_DIR=str(tmp_path / "sweep"))
+    study = {"SEEDS": "0 1", "SPLITS": "markov reference", "CUTS": "0.25 1", "STUDY_DIR": str(tmp_path / "study")}
+    env = {**os.environ, **study, "LAUNCH": "in-process"}  # jobs/local.sh's mpirun path: test_operations
     done = subprocess.run(
-        ["bash", "jobs/sweep_local.sh", cfg], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        ["bash", "jobs/study.sh", cfg, "--set", "eval.images=4"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = (tmp_path / "sweep/report/table.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:] if r.split(",")[1] == "pooled"] == ["0.25", "1.0"]
+    # c = 1 runs once per seed, under the first split mode
+    points = sorted(p.name for p in (tmp_path / "study").iterdir() if p.name != "report")
+    assert points == ["c0.25-markov-s0", "c0.25-markov-s1", "c0.25-reference-s0", "c0.25-reference-s1"] + [
+        "c1-markov-s0",
+        "c1-markov-s1",
+    ]
+    with h5py.File(tmp_path / "study/c0.25-reference-s1/results.h5") as f:
+        config = yaml.safe_load(f.attrs["config"])
+        assert config["diffusion"]["split"] == "reference" and config["run"]["seed"] == 1
+    with open(tmp_path / "study/report/table.csv") as f:
+        pooled = [r for r in csv.DictReader(f) if r["who"] == "pooled"]
+    assert [(r["split"], r["c"], r["seeds"]) for r in pooled] == [
+        ("markov", "0.25", "2"),
+        ("markov", "1.0", "2"),
+        ("reference", "0.25", "2"),
+        ("reference", "1.0", "2"),  # the local-only runs, shown for both splits
+    ]
 
 
 @pytest.mark.mpi
@@ -458,3 +483,16 @@ def test_evaluate_fits_its_budget_and_says_its_plan(tmp_path, shards, caplog):
     raw["eval"]["max_image_steps"] = 100
     with pytest.raises(ValueError, match="allows 1 images per set; at least 2 are needed"):
         evaluate(from_dict(raw))
+
+
+def test_evaluate_scores_only_the_sets_asked_for(tmp_path, shards, capsys):
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 1.0], rounds=2)
+    raw["eval"]["sets"] = ["collaborative", "client_alone"]
+    cfg = from_dict(raw)
+    run_in_process(cfg, resume=False)
+    report = evaluate(cfg)
+    assert set(report["c0"]) == {"collaborative", "client_alone", "disclosure", "attack", "compute"}
+    assert set(report["pooled"]) == {"collaborative", "client_alone"}
+    config = write_config(tmp_path / "run.yaml", raw)
+    assert main(["evaluate", config, "--set", "eval.sets=[collaborative, fancy]"]) == 2
+    assert "config key 'eval.sets' is ['collaborative', 'fancy']; give one or more of" in capsys.readouterr().err

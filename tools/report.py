@@ -1,20 +1,23 @@
 #!/usr/bin/env python3
-"""Sweep report: tables and the trade-off figure from several results files.
+"""Sweep and study report: tables and the trade-off figure from several results files.
 
-    python tools/report.py runs/sweep-*/c*/results.h5 --out runs/sweep-x/report
+    python tools/report.py runs/study-*/*/results.h5 --out runs/study-x/report
 
 Writes into --out:
-  table.csv     one row per run and client, plus a ``pooled`` row per run (sorted by
-                cut ratio c); the column names carry their units (see COLUMNS):
-                FID and KID (mean, std) per image set, disclosure of x_c, client
-                compute as exact FLOP ratios and measured time ratios, images/s
-  table.md      the same as two readable tables: quality, then disclosure and compute
-  tradeoff.png  quality vs disclosure vs client compute over c, pooled rows (needs
-                matplotlib: pip install 'collafuse-hpc[report]'; skipped with a note otherwise)
+  table.csv     one row per split mode, cut ratio c and client, plus a ``pooled`` row;
+                numbers are means over the runs' seeds (``seeds`` counts them) and
+                ``<column>_seed_std`` their standard deviation; column names carry their
+                units (see COLUMNS): FID and KID per image set, disclosure of x_c and by
+                attack, client compute as exact FLOP ratios and measured time ratios
+  table.md      the same as three readable tables: quality, disclosure, compute
+  tradeoff.png  quality vs disclosure vs client compute over c, one line per split mode,
+                error bars over seeds (needs matplotlib: pip install 'collafuse-hpc[report]';
+                skipped with a note otherwise)
   grids/        sample grids per run, client and image set (PNG)
-The pooled row's FID/KID compare all clients' images with all their real images;
-its disclosure and compute columns are means over the clients. Runs without
-metrics (not evaluated) are listed and left out.
+The pooled row's FID/KID compare all clients' images with all their real images; its
+disclosure and compute columns are means over the clients. Runs at c = 0 and c = 1 do
+not depend on the split mode: they are shown under every split mode of the report.
+Runs without metrics (not evaluated) are listed and left out.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ NAN = float("nan")
 # csv key -> markdown header (with units); FID and KID are in squared units of the features named in
 # the ``features`` column (Inception pool_3 for published numbers, pixels in [-1, 1] for the proxy)
 COLUMNS = {
+    "split": "split",
     "c": "c (client share of steps)",
     "who": "client",
+    "seeds": "seeds",
     "rounds": "rounds",
     "features": "features (FID/KID)",
     **{f"fid_{s}": f"FID {s}" for s in SETS},
@@ -46,6 +51,14 @@ COLUMNS = {
     "psnr_x_c_db": "PSNR x_c vs x_0 (dB)",
     "ssim_x_c": "SSIM x_c vs x_0",
     "mu_gdp_composed": "mu-GDP, all releases",
+    "recon_public_psnr_db": "reconstruction PSNR, public model (dB)",
+    "recon_public_ssim": "reconstruction SSIM, public model",
+    "recon_public_fid": "reconstruction FID, public model",
+    "recon_own_psnr_db": "reconstruction PSNR, own model (dB)",
+    "link_pixel_top1": "linkage top-1, pixels",
+    "link_pixel_top5": "linkage top-5, pixels",
+    "link_feature_top1": "linkage top-1, features",
+    "chance_top1": "linkage top-1, chance",
     "sampling_flops_ratio": "sampling FLOPs client/local",
     "sampling_time_ratio": "sampling time client/local",
     "sampling_ideal_ratio": "ideal sampling ratio (share of grid)",
@@ -54,13 +67,14 @@ COLUMNS = {
     "client_images_per_s": "client images/s",
     "server_images_per_s": "server images/s",
 }
-QUALITY = ["c", "who", *(f"fid_{s}" for s in SETS), *(f"kid_mean_{s}" for s in SETS)]
-DISCLOSURE = ["c", "who", *list(COLUMNS)[list(COLUMNS).index("t_c") :]]
-
-
-def _mean(values: list) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else NAN
+ATTACK = [key for key in COLUMNS if key.startswith(("recon_", "link_", "chance_"))]
+KEYS = ["split", "c", "who", "seeds"]
+QUALITY = [*KEYS, *(f"fid_{s}" for s in SETS), *(f"kid_mean_{s}" for s in SETS)]
+_ORDER = list(COLUMNS)
+DISCLOSURE = [*KEYS, *_ORDER[_ORDER.index("t_c") : _ORDER.index("sampling_flops_ratio")]]
+COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") :]]
+TEXT = {"split", "c", "who", "seeds", "features"}  # not averaged over seeds
+NUMBERS = [key for key in COLUMNS if key not in TEXT]
 
 
 def _ratio(a: float | None, b: float | None) -> float:
@@ -68,13 +82,14 @@ def _ratio(a: float | None, b: float | None) -> float:
 
 
 def _client_columns(m: dict, roles: dict, who: str) -> dict:
-    d, c = m[who]["disclosure"], m[who]["compute"]
+    d, c, a = m[who]["disclosure"], m[who]["compute"], m[who].get("attack", {})
     return {
         "t_c": d["t_c"],
         "snr": d["snr"],
         "psnr_x_c_db": d["psnr_db"],
         "ssim_x_c": d["ssim"],
         "mu_gdp_composed": d["mu_composed"],
+        **{key: a.get(key, NAN) for key in ATTACK},
         "sampling_flops_ratio": _ratio(c["sampling_flops_client"], c["sampling_flops_full"]),
         "sampling_time_ratio": c["sampling_time_ratio"],
         "sampling_ideal_ratio": c["sampling_ideal_ratio"],
@@ -84,14 +99,21 @@ def _client_columns(m: dict, roles: dict, who: str) -> dict:
     }
 
 
+def _mean(values: list) -> float:
+    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return sum(values) / len(values) if values else NAN
+
+
 def rows(summary: dict) -> list[dict]:
     """The rows of one evaluated run: ``pooled`` first, then one per client."""
-    m, roles = summary["metrics"], summary["roles"]
+    m, roles, config = summary["metrics"], summary["roles"], summary["config"]
     clients = [who for who in m if who not in ("attrs", "pooled")]
-    cuts = {c.get("cut_ratio") for c in summary["config"]["clients"]}
+    cuts = {c.get("cut_ratio") for c in config["clients"]}
     run = {
+        "split": config["diffusion"]["split"],
         "c": cuts.pop() if len(cuts) == 1 else "mixed",
-        "rounds": summary["config"]["run"]["rounds"],
+        "seed": config["run"]["seed"],
+        "rounds": config["run"]["rounds"],
         "features": m["attrs"]["extractor"],
         "server_images_per_s": roles.get(role_key(None), {}).get(SUMMARY, {}).get("images_per_s", NAN),
     }
@@ -112,8 +134,36 @@ def rows(summary: dict) -> list[dict]:
     return out
 
 
+def _std(values: list[float], mean: float) -> float:
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else NAN
+
+
+def aggregate(table: list[dict]) -> list[dict]:
+    """One row per (split, c, client): numbers averaged over the seeds, ``<key>_seed_std``
+    their spread. Runs at c = 0 or 1 (the same under every split) count for each split."""
+    splits = sorted({r["split"] for r in table})
+    groups: dict[tuple, list[dict]] = {}
+    for r in table:
+        for split in splits if r["c"] in (0, 1) else [r["split"]]:
+            groups.setdefault((split, r["c"], r["who"]), []).append(r)
+    out = []
+    for (split, c, who), runs in groups.items():
+        row = {"split": split, "c": c, "who": who, "seeds": len({r["seed"] for r in runs})}
+        row["features"] = ", ".join(sorted({r["features"] for r in runs}))
+        for key in NUMBERS:
+            values = [r[key] for r in runs if isinstance(r[key], (int, float)) and not math.isnan(r[key])]
+            row[key] = sum(values) / len(values) if values else NAN
+            row[f"{key}_seed_std"] = _std(values, row[key])
+        out.append(row)
+    out.sort(key=lambda r: (r["split"], isinstance(r["c"], str), r["c"], r["who"] != "pooled", r["who"]))
+    return out
+
+
 def _cell(row: dict, key: str) -> str:
-    if key.startswith("kid_mean_"):
+    spread = row.get(f"{key}_seed_std", NAN)
+    if row["seeds"] > 1 and not math.isnan(spread):
+        return f"{_num(row[key])} ± {_num(spread)}"
+    if key.startswith("kid_mean_"):  # one seed: KID's spread over subsets
         std = row[key.replace("mean", "std")]
         return f"{_num(row[key])} ± {_num(std)}" if not math.isnan(row[key]) else "-"
     return _num(row[key])
@@ -128,12 +178,20 @@ def _num(v) -> str:
 def write_tables(table: list[dict], out: str) -> str:
     """table.csv and table.md; returns the markdown."""
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, list(COLUMNS))
+        w = csv.DictWriter(f, [*COLUMNS, *(f"{key}_seed_std" for key in NUMBERS)])
         w.writeheader()
         w.writerows(table)
     features = sorted({r["features"] for r in table})
-    lines = [f"Features for FID/KID: {', '.join(features)}. KID: mean ± std over subsets (n/a: one subset).", ""]
-    for title, keys in (("Quality", QUALITY), ("Disclosure of x_c and client compute", DISCLOSURE)):
+    lines = [
+        f"Features for FID/KID: {', '.join(features)}. With several seeds: mean ± std over seeds; with one, "
+        "KID shows mean ± std over subsets (n/a: one subset).",
+        "",
+    ]
+    for title, keys in (
+        ("Quality", QUALITY),
+        ("Disclosure of x_c and by attack", DISCLOSURE),
+        ("Client compute", COMPUTE),
+    ):
         lines += [f"### {title}", "", "| " + " | ".join(COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_cell(r, k) for k in keys) + " |" for r in table]
         lines.append("")
@@ -143,8 +201,16 @@ def write_tables(table: list[dict], out: str) -> str:
     return text
 
 
+def _errorbar(axis, runs: list[dict], key: str, label: str, **style) -> None:
+    """``key`` over c with its spread over seeds (none with one seed)."""
+    spread = [0 if math.isnan(r[f"{key}_seed_std"]) else r[f"{key}_seed_std"] for r in runs]
+    axis.errorbar([r["c"] for r in runs], [r[key] for r in runs], yerr=spread, capsize=3, label=label, **style)
+
+
 def figure(pooled: list[dict], path: str) -> bool:
-    """Three panels over c: FID per image set, disclosure of x_c, client compute."""
+    """Three panels over c, one line per split mode with error bars over seeds: quality
+    (collaborative against client-alone FID), disclosure (x_c and reconstructions, linkage),
+    client compute."""
     try:
         import matplotlib
 
@@ -153,29 +219,36 @@ def figure(pooled: list[dict], path: str) -> bool:
     except ImportError:
         print("report: matplotlib is not installed, no figure (pip install 'collafuse-hpc[report]')")
         return False
-    cs = [r["c"] for r in pooled]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name in SETS:
-        ax[0].plot(cs, [r[f"fid_{name}"] for r in pooled], marker="o", label=name)
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
+    twin = ax[1].twinx()
+    splits = sorted({r["split"] for r in pooled})
+    for i, split in enumerate(splits):
+        runs = [r for r in pooled if r["split"] == split and not isinstance(r["c"], str)]
+        cs, color = [r["c"] for r in runs], f"C{i}"
+        _errorbar(ax[0], runs, "fid_collaborative", f"collaborative ({split})", color=color, marker="o")
+        _errorbar(ax[0], runs, "fid_client_alone", f"client alone ({split})", color=color, marker="x", linestyle="--")
+        _errorbar(
+            ax[1], runs, "recon_public_psnr_db", f"reconstruction, public model ({split})", color=color, marker="o"
+        )
+        _errorbar(twin, runs, "link_pixel_top1", f"linkage top-1 ({split})", color=color, marker="s", linestyle=":")
+        if i == 0:  # x_c, its disclosure and the client's compute do not depend on the split mode
+            _errorbar(ax[1], runs, "psnr_x_c_db", "x_c as sent", color="grey", marker=".")
+            twin.plot(cs, [r["chance_top1"] for r in runs], color="black", linewidth=0.8, label="linkage chance")
+            ax[2].plot(cs, [r["sampling_flops_ratio"] for r in runs], marker="o", label="sampling FLOPs (exact)")
+            ax[2].plot(cs, [r["sampling_time_ratio"] for r in runs], marker="x", linestyle=":", label="sampling time")
+            ax[2].plot(cs, [r["sampling_ideal_ratio"] for r in runs], linestyle="--", label="sampling, ideal (c)")
+            ax[2].plot(cs, [r["train_flops_ratio"] for r in runs], marker="^", label="training FLOPs (exact)")
+            ax[2].plot(cs, [r["train_time_ratio"] for r in runs], marker="v", linestyle=":", label="training time")
     ax[0].set(xlabel="cut ratio c (share of steps on the client)", ylabel=f"FID ({pooled[0]['features']})")
     ax[0].set_title("quality, pooled over clients (lower is better)")
-    ax[0].legend(fontsize=8)
-    ax[1].plot(cs, [r["psnr_x_c_db"] for r in pooled], marker="o", color="tab:red", label="PSNR(x_c, x_0) dB")
-    ax[1].set(xlabel="cut ratio c", ylabel="PSNR of x_c against x_0 (dB)")
-    twin = ax[1].twinx()
-    mus = [max(r["mu_gdp_composed"], 1e-3) for r in pooled]
-    twin.semilogy(cs, mus, marker="s", color="tab:purple", label="mu-GDP")
-    twin.set_ylabel("composed mu-GDP (log)")
-    ax[1].legend(handles=ax[1].lines + twin.lines, fontsize=8)
-    ax[1].set_title("disclosure of what crosses the wire")
-    ax[2].plot(cs, [r["sampling_flops_ratio"] for r in pooled], marker="o", label="sampling FLOPs (exact)")
-    ax[2].plot(cs, [r["sampling_time_ratio"] for r in pooled], marker="x", linestyle=":", label="sampling time")
-    ax[2].plot(cs, [r["sampling_ideal_ratio"] for r in pooled], linestyle="--", label="sampling, ideal (c)")
-    ax[2].plot(cs, [r["train_flops_ratio"] for r in pooled], marker="^", label="training FLOPs (exact)")
-    ax[2].plot(cs, [r["train_time_ratio"] for r in pooled], marker="v", linestyle=":", label="training time")
+    ax[0].legend(fontsize=7)
+    ax[1].set(xlabel="cut ratio c", ylabel="PSNR against x_0 (dB)")
+    twin.set(ylabel="linkage top-1 rate", ylim=(0, 1.05))
+    ax[1].legend(handles=ax[1].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0], fontsize=7)
+    ax[1].set_title("disclosure: what an adversary holding x_c recovers")
     ax[2].set(xlabel="cut ratio c", ylabel="client / local-only")
     ax[2].set_title("client compute, mean over clients")
-    ax[2].legend(fontsize=8)
+    ax[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -199,11 +272,11 @@ def main() -> int:
             continue
         run = rows(s)
         table += run
-        export(path, os.path.join(args.out, "grids", f"c{run[0]['c']}"))
+        export(path, os.path.join(args.out, "grids", os.path.basename(os.path.dirname(os.path.abspath(path)))))
     if not table:
         print("report: no evaluated runs")
         return 1
-    table.sort(key=lambda r: (isinstance(r["c"], str), r["c"], r["who"] != "pooled"))
+    table = aggregate(table)
     os.makedirs(args.out, exist_ok=True)
     print(write_tables(table, args.out))
     drew = figure([r for r in table if r["who"] == "pooled"], os.path.join(args.out, "tradeoff.png"))

@@ -35,7 +35,13 @@ from collafuse_hpc.data import ShardReader, inspect_shard, to_model_range, to_ui
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.evaluation import attacks, metrics
 from collafuse_hpc.evaluation.compute import client_compute
-from collafuse_hpc.evaluation.features import FEATURES_VERSION, cached_real_features, features, load_extractor
+from collafuse_hpc.evaluation.features import (
+    FEATURES_VERSION,
+    cached_real_features,
+    features,
+    inception_path,
+    load_extractor,
+)
 from collafuse_hpc.logs import Progress
 from collafuse_hpc.results.schema import METRIC_UNITS, METRICS, SETS, index_path
 from collafuse_hpc.roles.client import Client
@@ -61,7 +67,7 @@ def _cache_dir(cfg: Config) -> str:
     return cfg.eval.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "collafuse_hpc")
 
 
-def _load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int, Server], list[Client]]:
+def load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int, Server], list[Client]]:
     """Servers by rank and clients by index with the weights of the set of ``round_``
     (weights only: random streams are the evaluation's own)."""
     topo = Topology.from_config(cfg)
@@ -80,33 +86,49 @@ def _load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[in
     return servers, clients
 
 
-def _generated(cfg: Config, server: Server | None, client: Client, n: int) -> dict[str, torch.Tensor]:
-    """One batch of the generated sets for one client, each float [n, C, H, W]
-    (the server's sets only when the client uses the server)."""
+def generate(server: Server | None, client: Client, n: int, sets: tuple[str, ...] = SETS) -> dict[str, torch.Tensor]:
+    """One batch of n images of each generated set in ``sets`` for one client, float
+    [n, C, H, W] (the server's sets only when the client uses the server)."""
     request = client.sample_request(0, n)
     client.drain_audit()  # evaluation sends nothing anywhere
     out, x_h = {}, None
-    if request is not None and server is not None:
+    if request is not None and server is not None and {"collaborative", "server_at_cut", "server_alone"} & set(sets):
         x_h = server.sample({client.index: request})[client.index].payload.float()
         out["server_at_cut"] = x_h
-        out["server_alone"] = server.continue_alone(client.index, request, x_h, client.generator)
-    out["collaborative"] = client.finish_samples(n, x_h)
-    out["client_alone"] = client.sample_alone(n)
-    return out
+        if "server_alone" in sets:
+            out["server_alone"] = server.continue_alone(client.index, request, x_h, client.generator)
+    if "collaborative" in sets:
+        out["collaborative"] = client.finish_samples(n, x_h)
+    if "client_alone" in sets:
+        out["client_alone"] = client.sample_alone(n)
+    return {name: images for name, images in out.items() if name in sets}
 
 
-def image_steps(cut: Cut) -> int:
-    """Model evaluations per generated image of one client's sets: the collaborative
-    chain (server and client grids), the server continuing alone, the client alone."""
+def check_config(cfg: Config) -> None:
+    """What evaluate needs, checked before training with ``eval.at_end`` (ValueError)."""
+    unknown = [name for name in cfg.eval.sets if name not in SETS]
+    if unknown or not cfg.eval.sets:
+        raise ValueError(f"config key 'eval.sets' is {cfg.eval.sets}; give one or more of {list(SETS)}")
+    if cfg.eval.extractor == "inception":
+        inception_path(cfg.eval.inception_path)  # a missing file fails now, not after hours of sampling
+
+
+def image_steps(cut: Cut, sets: list[str]) -> int:
+    """Model evaluations per generated image of one client's ``sets``: the server's grid
+    (collaborative, server_at_cut, server_alone), the client's grid (collaborative), the
+    server continuing alone, the client alone (its whole grid)."""
     server, client = (max(0, len(grid) - 1) for grid in cut.sampling_grids())
     full = len(cut.full_chain().sampling_grids()[1]) - 1
-    return server + client + (client if cut.uses_server else 0) + full
+    steps = server if {"collaborative", "server_at_cut", "server_alone"} & set(sets) else 0
+    steps += client if "collaborative" in sets else 0
+    steps += client if "server_alone" in sets and cut.uses_server else 0
+    return steps + (full if "client_alone" in sets else 0)
 
 
 def planned_images(cfg: Config, cuts: list[Cut]) -> int:
     """Images per set and client: ``eval.images``, or fewer to fit ``eval.max_image_steps``.
     Logs the plan (images x steps) either way."""
-    per_image = sum(image_steps(cut) for cut in cuts)
+    per_image = sum(image_steps(cut, cfg.eval.sets) for cut in cuts)
     n, budget = cfg.eval.images, cfg.eval.max_image_steps
     log.info(
         "evaluate: %d clients x %d images, %d model evaluations per image over all clients = %d image-steps",
@@ -136,11 +158,11 @@ def _image_sets(
     for start in range(0, total, cfg.eval.batch):
         check()
         n = min(cfg.eval.batch, total - start)
-        for name, images in _generated(cfg, server, client, n).items():
+        for name, images in generate(server, client, n, tuple(cfg.eval.sets)).items():
             parts.setdefault(name, []).append(images)
         progress.update(n)
     sets = {name: torch.cat(parts[name]) for name in SETS if name in parts}
-    if client.cut.uses_server:
+    if client.cut.uses_server and "cut" in cfg.eval.sets:
         sets["cut"] = x_c
     return {name: sets[name] for name in SETS if name in sets}
 
@@ -178,12 +200,14 @@ def _attack(
     y: torch.Tensor | None,
     real: np.ndarray,
     feats: Callable[[np.ndarray], np.ndarray],
+    cached: Callable[[str, np.ndarray], np.ndarray],
     n: int,
 ) -> dict:
     """Reconstruction and linkage attacks on this client's x_c (attacks.py). ``x0``, ``x_c``:
     its test images and their x_c as sent; ``y``: their labels when the client's model
-    uses labels; ``real``: the test images' features; ``n``: at most this many linkage
-    candidates."""
+    uses labels; ``real``: the test images' features; ``cached(split, images)``: features
+    of real images of the client's shard, from the cache; ``n``: at most this many
+    linkage candidates."""
     cut, nan = client.cut, math.nan
     out: dict = {"t_c": cut.t_c, "public_model": "none"}
     if not cut.uses_server:
@@ -218,9 +242,7 @@ def _attack(
     else:
         denoiser = client.eps_model(True, torch.from_numpy(labels).to(x0.device) if client.condition else None)
     guess = attacks.reconstruct(client.diffusion, denoiser, probes, cut.t_c)
-    feature = attacks.top_k_rates(
-        attacks.feature_distances(feats(to_uint8(guess)), feats(to_uint8(candidates))), sources
-    )
+    feature = attacks.top_k_rates(attacks.feature_distances(feats(to_uint8(guess)), cached("train", images)), sources)
     out.update(
         link_candidates=m,
         link_pixel_top1=pixel[1],
@@ -245,6 +267,7 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
 
     ``check`` runs before every batch of generated images: it raises to stop (a
     preemption signal); then nothing is written."""
+    check_config(cfg)
     device = _device(cfg.eval.device)
     extract, identity = load_extractor(cfg.eval.extractor, cfg.eval.inception_path, device)
     rounds = checkpoint.complete_rounds(cfg.run.output_dir)
@@ -255,7 +278,7 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
         raise ValueError(f"{index!r} not found: evaluate needs the run's results file")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.run.seed)
-    servers, clients = _load_roles(cfg, rounds[-1], device)
+    servers, clients = load_roles(cfg, rounds[-1], device)
     topo = Topology.from_config(cfg)
     n = planned_images(cfg, [c.cut for c in clients])
     report: dict = {}
@@ -271,8 +294,13 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
             raise ValueError(f"shard {cfg.clients[client.index].shard!r} has {len(reader)} test images; need >= 2")
         real_u8, labels = reader.read(np.arange(min(n, len(reader))))
         x0 = to_model_range(real_u8, device)
-        key = f"{inspect_shard(reader.path).content_hash[:16]}-test{len(x0)}-{identity}-v{FEATURES_VERSION}"
-        real = cached_real_features(_cache_dir(cfg), key, lambda images=real_u8: feats(images))
+
+        def cached(split: str, images: np.ndarray, shard: str = reader.path) -> np.ndarray:
+            """Features of the first len(images) real images of ``split``, from the cache."""
+            key = f"{inspect_shard(shard).content_hash[:16]}-{split}{len(images)}-{identity}-v{FEATURES_VERSION}"
+            return cached_real_features(_cache_dir(cfg), key, lambda: feats(images))
+
+        real = cached("test", real_u8)
         server = servers[topo.server_of(client.index)] if client.cut.uses_server else None
         x_c = client.noised_to_cut(x0).float()
         sets = _image_sets(cfg, server, client, x_c, n, check)
@@ -286,7 +314,7 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
             grids[(client.id, name)] = scored[:GRID_IMAGES]
         entry["disclosure"] = _disclosure(client, x0, x_c)
         y = torch.from_numpy(labels).to(device) if client.condition else None
-        entry["attack"] = _attack(client, clients, x0, x_c, y, real, feats, n)
+        entry["attack"] = _attack(client, clients, x0, x_c, y, real, feats, cached, n)
         entry["compute"] = client_compute(client, min(n, 16))
         report[client.id] = entry
         log.info("evaluated client %s: %s", client.id, _line(entry))

