@@ -51,7 +51,7 @@ if [ "${1:-}" = --slurm ]; then
   study=${STUDY_DIR:-runs/study-$array}
   report=$(sbatch --parsable "${opts[@]}" --dependency=afterany:"$array" --nodes=1 --ntasks=1 \
     --ntasks-per-node=1 --job-name=collafuse-report --output="$study/report.out" --gres=none \
-    --wrap "$VENV/bin/python tools/report.py $study/*/results.h5 --out $study/report")
+    --wrap "$VENV/bin/python tools/report.py $study/c*/results.h5 --out $study/report")
   echo "study: array job $array (${#points[@]} points), report job $report -> $study/report.out"
   exit 0
 fi
