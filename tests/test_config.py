@@ -73,7 +73,7 @@ def test_world_size_must_match_roles(cfg_file):
         Topology.from_config(cfg, 4)
 
 
-@pytest.mark.parametrize("name", ["quickstart", "celeba64", "cub64"])
+@pytest.mark.parametrize("name", ["quickstart", "study_digits", "celeba64", "cub64"])
 def test_shipped_configs_are_valid(name):
     cfg = load(str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"), check_files=False)
     assert Topology.from_config(cfg).world_size == 1 + len(cfg.clients)

@@ -224,12 +224,15 @@ def compare(paths: list[str]) -> tuple[list[str], list[list]]:
         pooled = [s.get("metrics", {}).get("pooled", {}).get(name, {}) for s in summaries]
         rows.append([f"FID pooled {name}"] + [p.get("fid") for p in pooled])
         rows.append([f"KID pooled {name} (mean +- std)"] + [_kid(p) for p in pooled])
-    for s in summaries:
-        for who, sets_ in s.get("metrics", {}).items():
-            if isinstance(sets_, dict) and "disclosure" in sets_:
-                label = f"PSNR x_c {who} (dB)"
-                if all(label != r[0] for r in rows):
-                    rows.append([label] + [_metric(t, who, "disclosure", "psnr_db") for t in summaries])
+    per_client = (  # label, group, key
+        ("PSNR x_c {} (dB)", "disclosure", "psnr_db"),
+        ("reconstruction PSNR {} (dB, public model)", "attack", "recon_public_psnr_db"),
+        ("linkage top-1 {} (pixels)", "attack", "link_pixel_top1"),
+    )
+    clients = {who for s in summaries for who, g in s.get("metrics", {}).items() if "disclosure" in g}
+    for who in sorted(clients):
+        for label, group, key in per_client:
+            rows.append([label.format(who)] + [_metric(s, who, group, key) for s in summaries])
     return paths, rows
 
 
