@@ -266,3 +266,11 @@ def test_random_hflip_mirrors_about_half_and_only_left_right():
     flipped = (out != x).flatten(1).any(1)
     assert torch.equal(out[flipped], x[flipped].flip(-1)) and torch.equal(out[~flipped], x[~flipped])
     assert 70 < int(flipped.sum()) < 130
+
+
+def test_reading_outside_a_split_names_the_shard(shards):
+    reader = ShardReader(shards[0], "test")
+    with pytest.raises(IndexError, match=rf"shard '.*client_0.h5': index {len(reader)} is outside its 'test' split"):
+        reader.read(np.arange(len(reader) + 1))
+    with pytest.raises(IndexError, match="index -1 is outside"):
+        reader.read(np.array([-1]))

@@ -80,7 +80,8 @@ def main() -> int:
     train_s = time.perf_counter() - t0
     device = torch.device("cpu")
     extract, identity = load_extractor(cfg.eval.extractor, cfg.eval.inception_path, device)
-    real = np.concatenate([ShardReader(c.shard, "test").read(np.arange(args.images))[0] for c in cfg.clients])
+    readers = [ShardReader(c.shard, "test") for c in cfg.clients]
+    real = np.concatenate([r.read(np.arange(min(args.images, len(r))))[0] for r in readers])
     real_features = features(extract, real, 100, device)
     variants = samplers(cfg.diffusion.timesteps)
     times: dict[tuple[str, int], list[float]] = {v: [] for v in variants}

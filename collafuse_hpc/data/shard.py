@@ -231,7 +231,14 @@ class ShardReader:
         return self._file[self.split]
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Images uint8 [B, C, H, W] and labels int64 [B] (or None), in ``indices`` order."""
+        """Images uint8 [B, C, H, W] and labels int64 [B] (or None), in ``indices`` order;
+        IndexError naming the shard when an index is outside the split."""
+        indices = np.asarray(indices)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(
+                f"shard {self.path!r}: index {int(indices.max() if indices.max() >= len(self) else indices.min())} "
+                f"is outside its {self.split!r} split of {len(self)} images"
+            )
         g = self._group()
         images = g["images"]
         out = np.empty((len(indices), *images.shape[1:]), dtype=np.uint8)

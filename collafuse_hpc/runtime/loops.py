@@ -1,7 +1,7 @@
 """The role loops: what a server and a client do each round, flat and top to
-bottom, plus what surrounds them (restore, checkpoint and stop agreement at the
-end of a round, fault injection, the failure protocol). The same loops run
-over either transport (runtime/run.py picks one).
+bottom, and the failure protocol around them (runtime/rounds.py holds what
+surrounds every round). The same loops run over either transport (runtime/run.py
+picks one).
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,11 +23,10 @@ from collafuse_hpc.results.tensorboard import ScalarSink
 from collafuse_hpc.results.writer import RoleResults, save_grid
 from collafuse_hpc.roles.client import Client
 from collafuse_hpc.roles.server import Server
-from collafuse_hpc.runtime import checkpoint
-from collafuse_hpc.runtime.preemption import Preempted, StopRequest
+from collafuse_hpc.runtime.preemption import Preempted
 from collafuse_hpc.runtime.profiling import RoundProfiler
+from collafuse_hpc.runtime.rounds import Context, end_of_round, restore, rounds
 from collafuse_hpc.runtime.topology import Topology
-from collafuse_hpc.runtime.watchdog import Watchdog
 from collafuse_hpc.runtime.wire import Kind, Message, PeerFailure, Wire
 
 log = logging.getLogger("collafuse_hpc")
@@ -37,79 +34,6 @@ log = logging.getLogger("collafuse_hpc")
 
 class RankFailure(RuntimeError):
     """This rank failed; the message names the rank, its role and the cause."""
-
-
-@dataclass
-class Context:
-    """What one role's loop needs besides its role object."""
-
-    cfg: Config
-    topo: Topology
-    rank: int
-    wire: Wire
-    start_round: int
-    config_yaml: str
-    stop: StopRequest
-    watchdog: Watchdog | None = None  # distributed runs only
-    round: int = 0  # current round, for error reports
-    pending_stop: Callable[[], bool] | None = None  # the stop agreement posted at the last check
-    may_profile: bool = True  # in-process runs profile from one thread (the profiler is per process)
-
-    @property
-    def output_dir(self) -> str:
-        return self.cfg.run.output_dir
-
-    def beat(self, what: str) -> None:
-        if self.watchdog is not None:
-            self.watchdog.beat(what)
-
-
-def _fault(ctx: Context, round_: int) -> None:
-    f = ctx.cfg.fault
-    if f.rank == ctx.rank and f.round == round_:
-        if f.mode == "exit":
-            os._exit(13)
-        raise RuntimeError(f"injected fault at round {round_}")
-
-
-def _end_of_round(ctx: Context, results: RoleResults, state: dict, r: int) -> None:
-    """After round ``r``: agree on a stop request, flush results and write a
-    checkpoint set when due; raise Preempted (on every rank) after a stop.
-
-    The agreement is posted at one check and read at the next, so it never
-    holds a round up: a signal stops the run one check interval after it came.
-    """
-    run = ctx.cfg.run
-    done = r + 1
-    last = done == run.rounds
-    check = done % run.stop_check_every == 0
-    stop = False
-    if (check or last) and ctx.pending_stop is not None:
-        stop, ctx.pending_stop = ctx.pending_stop() and not last, None
-    if check and not last and not stop:
-        ctx.pending_stop = ctx.wire.any_rank_later(ctx.stop.requested)
-    if done % run.log_every == 0 or last or stop:
-        results.flush()
-    if last or stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
-        ctx.beat(f"the checkpoint set of round {done}")
-        checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml)
-        ctx.wire.barrier(run.work_timeout_s)  # large checkpoints take a while on a slow file system
-        if ctx.rank == 0:
-            checkpoint.mark_complete(ctx.output_dir, done, run.keep_checkpoints)
-        ctx.wire.barrier()
-    if stop:
-        raise Preempted(done, ctx.stop.signal_name or "a signal on another rank")
-
-
-def _rounds(ctx: Context):
-    """The rounds still to run; keeps ``ctx.round`` current and injects faults."""
-    for r in range(ctx.start_round, ctx.cfg.run.rounds):
-        ctx.round = r
-        ctx.beat(f"round {r}")
-        _fault(ctx, r)
-        yield r
-    ctx.round = ctx.cfg.run.rounds
-    ctx.beat("sampling")
 
 
 def _add_totals(totals: dict, row: dict, recent: list[dict], window: int) -> None:
@@ -141,36 +65,6 @@ def _profiler(ctx: Context, device: torch.device) -> RoundProfiler:
     return RoundProfiler(path, ctx.cfg.run.profile_rounds if ctx.may_profile else 0, device.type == "cuda")
 
 
-def _restore(ctx: Context, role: Server | Client) -> None:
-    """Load the newest checkpoint set every rank can read (a truncated or foreign
-    file falls back to the previous set) and set ``ctx.start_round`` to it."""
-    if not ctx.start_round:
-        return
-    state, mine = None, 0
-    for r in reversed([r for r in checkpoint.complete_rounds(ctx.output_dir) if r <= ctx.start_round]):
-        try:
-            state, mine = checkpoint.load_rank(ctx.output_dir, r, ctx.rank)["state"], r
-            break
-        except ValueError as e:
-            log.warning("%s; trying the previous checkpoint set", e)
-    agreed = -ctx.wire.max_over_ranks(-mine)  # the newest set that loads on every rank
-    if agreed != mine:
-        state = checkpoint.load_rank(ctx.output_dir, agreed, ctx.rank)["state"] if agreed else None
-    if state is not None:
-        try:
-            role.load_state_dict(state)
-        except (RuntimeError, KeyError) as e:
-            raise ValueError(
-                f"the checkpoint set of round {agreed} in {ctx.output_dir!r} does not fit this config "
-                f"(model sizes or clients changed?): {str(e).splitlines()[0][:300]}"
-            ) from None
-    ctx.start_round = agreed
-    if ctx.rank == 0 and agreed:
-        log.info("resuming from the checkpoint set of round %d", agreed)
-    elif ctx.rank == 0:
-        log.warning("no readable checkpoint set: starting again from round 0")
-
-
 def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     """Receive every client's x_c, reply with the loss after the forward pass, step;
     then serve the sampling requests."""
@@ -179,7 +73,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     totals = {"images": 0, "bytes_received": 0, "time_recv_s": 0.0, "time_compute_s": 0.0, "time_send_s": 0.0}
     recent: list[dict] = []
     profiler = _profiler(ctx, server.device)
-    for r in _rounds(ctx):
+    for r in rounds(ctx):
         t0 = time.perf_counter()
         bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models (compile, ...)
         msgs = {k: wire.recv(ranks[k], Kind.TRAIN, r, bound) for k in server.clients}
@@ -218,7 +112,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
                 row["images_per_s"],
             )
         profiler.step()
-        _end_of_round(ctx, results, server.state_dict(), r)
+        end_of_round(ctx, results, server.state_dict(), r)
     profiler.close()
     t0 = time.perf_counter()
     requests = {k: wire.recv(ranks[k], Kind.SAMPLE_REQUEST, run.rounds) for k in server.clients}
@@ -240,7 +134,7 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
     totals = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
     recent: list[dict] = []
     profiler = _profiler(ctx, client.device)
-    for r in _rounds(ctx):
+    for r in rounds(ctx):
         t0 = time.perf_counter()
         msg = client.begin_round(r)
         if msg is not None:
@@ -268,7 +162,7 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
         _add_totals(totals, row, recent, run.log_every)
         totals["images"] += client.batch_size
         profiler.step()
-        _end_of_round(ctx, results, client.state_dict(), r)
+        end_of_round(ctx, results, client.state_dict(), r)
     profiler.close()
     n = run.samples_per_client
     t0 = time.perf_counter()
@@ -320,7 +214,7 @@ def run_role(ctx: Context, role: Server | Client) -> dict:
         attrs = {"role": "client", "client_id": role.id, "t_c": role.cut.t_c, "cut_ratio": role.cut.ratio}
     attrs.update(rank=rank, host=socket.gethostname(), pid=os.getpid())  # which process wrote this part
     try:
-        _restore(ctx, role)
+        restore(ctx, role)
         mirror = ScalarSink(ctx.output_dir, _role_name(ctx)) if cfg.run.tensorboard else None
         results = RoleResults(part_file(cfg, topo, rank), attrs, ctx.start_round if ctx.start_round else None, mirror)
         if isinstance(role, Server):

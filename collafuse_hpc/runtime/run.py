@@ -26,9 +26,10 @@ from collafuse_hpc.runtime.launch import Launch, discover, resolve_device, threa
 from collafuse_hpc.runtime.local_wire import LocalHub, LocalWire
 from collafuse_hpc.runtime.lock import RunLock
 from collafuse_hpc.runtime.lock import check as check_lock
-from collafuse_hpc.runtime.loops import Context, build_role, part_file, run_role
+from collafuse_hpc.runtime.loops import build_role, part_file, run_role
 from collafuse_hpc.runtime.preemption import Preempted, StopRequest
 from collafuse_hpc.runtime.preflight import preflight
+from collafuse_hpc.runtime.rounds import Context
 from collafuse_hpc.runtime.topology import Topology
 from collafuse_hpc.runtime.watchdog import Watchdog
 from collafuse_hpc.runtime.wire import PeerFailure

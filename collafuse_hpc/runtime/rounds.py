@@ -1,0 +1,126 @@
+"""What surrounds every round of a role: its context, the round iteration (with
+fault injection and the watchdog's beat), the end of a round (the stop agreement,
+flushing results, checkpoint sets) and the restore from the newest complete set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from collafuse_hpc.config import Config
+from collafuse_hpc.results.writer import RoleResults
+from collafuse_hpc.roles.client import Client
+from collafuse_hpc.roles.server import Server
+from collafuse_hpc.runtime import checkpoint
+from collafuse_hpc.runtime.preemption import Preempted, StopRequest
+from collafuse_hpc.runtime.topology import Topology
+from collafuse_hpc.runtime.watchdog import Watchdog
+from collafuse_hpc.runtime.wire import Wire
+
+log = logging.getLogger("collafuse_hpc")
+
+
+@dataclass
+class Context:
+    """What one role's loop needs besides its role object."""
+
+    cfg: Config
+    topo: Topology
+    rank: int
+    wire: Wire
+    start_round: int
+    config_yaml: str
+    stop: StopRequest
+    watchdog: Watchdog | None = None  # distributed runs only
+    round: int = 0  # current round, for error reports
+    pending_stop: Callable[[], bool] | None = None  # the stop agreement posted at the last check
+    may_profile: bool = True  # in-process runs profile from one thread (the profiler is per process)
+
+    @property
+    def output_dir(self) -> str:
+        return self.cfg.run.output_dir
+
+    def beat(self, what: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(what)
+
+
+def _fault(ctx: Context, round_: int) -> None:
+    f = ctx.cfg.fault
+    if f.rank == ctx.rank and f.round == round_:
+        if f.mode == "exit":
+            os._exit(13)
+        raise RuntimeError(f"injected fault at round {round_}")
+
+
+def end_of_round(ctx: Context, results: RoleResults, state: dict, r: int) -> None:
+    """After round ``r``: agree on a stop request, flush results and write a
+    checkpoint set when due; raise Preempted (on every rank) after a stop.
+
+    The agreement is posted at one check and read at the next, so it never
+    holds a round up: a signal stops the run one check interval after it came.
+    """
+    run = ctx.cfg.run
+    done = r + 1
+    last = done == run.rounds
+    check = done % run.stop_check_every == 0
+    stop = False
+    if (check or last) and ctx.pending_stop is not None:
+        stop, ctx.pending_stop = ctx.pending_stop() and not last, None
+    if check and not last and not stop:
+        ctx.pending_stop = ctx.wire.any_rank_later(ctx.stop.requested)
+    if done % run.log_every == 0 or last or stop:
+        results.flush()
+    if last or stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
+        ctx.beat(f"the checkpoint set of round {done}")
+        checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml)
+        ctx.wire.barrier(run.work_timeout_s)  # large checkpoints take a while on a slow file system
+        if ctx.rank == 0:
+            checkpoint.mark_complete(ctx.output_dir, done, run.keep_checkpoints)
+        ctx.wire.barrier()
+    if stop:
+        raise Preempted(done, ctx.stop.signal_name or "a signal on another rank")
+
+
+def rounds(ctx: Context):
+    """The rounds still to run; keeps ``ctx.round`` current and injects faults."""
+    for r in range(ctx.start_round, ctx.cfg.run.rounds):
+        ctx.round = r
+        ctx.beat(f"round {r}")
+        _fault(ctx, r)
+        yield r
+    ctx.round = ctx.cfg.run.rounds
+    ctx.beat("sampling")
+
+
+def restore(ctx: Context, role: Server | Client) -> None:
+    """Load the newest checkpoint set every rank can read (a truncated or foreign
+    file falls back to the previous set) and set ``ctx.start_round`` to it."""
+    if not ctx.start_round:
+        return
+    state, mine = None, 0
+    for r in reversed([r for r in checkpoint.complete_rounds(ctx.output_dir) if r <= ctx.start_round]):
+        try:
+            state, mine = checkpoint.load_rank(ctx.output_dir, r, ctx.rank)["state"], r
+            break
+        except ValueError as e:
+            log.warning("%s; trying the previous checkpoint set", e)
+    agreed = -ctx.wire.max_over_ranks(-mine)  # the newest set that loads on every rank
+    if agreed != mine:
+        state = checkpoint.load_rank(ctx.output_dir, agreed, ctx.rank)["state"] if agreed else None
+    if state is not None:
+        try:
+            role.load_state_dict(state)
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(
+                f"the checkpoint set of round {agreed} in {ctx.output_dir!r} does not fit this config "
+                f"(model sizes or clients changed?): {str(e).splitlines()[0][:300]}"
+            ) from None
+    ctx.start_round = agreed
+    if ctx.rank == 0 and agreed:
+        log.info("resuming from the checkpoint set of round %d", agreed)
+    elif ctx.rank == 0:
+        log.warning("no readable checkpoint set: starting again from round 0")
