@@ -35,6 +35,7 @@ from collafuse_hpc.config import from_dict  # noqa: E402
 from collafuse_hpc.evaluation import metrics  # noqa: E402
 from collafuse_hpc.evaluation.evaluate import evaluate  # noqa: E402
 from collafuse_hpc.runtime.run import run_in_process  # noqa: E402
+from collafuse_hpc.tables import format_table  # noqa: E402
 
 
 def sqrtm_fid(real: np.ndarray, fake: np.ndarray) -> float:
@@ -88,8 +89,7 @@ def main() -> int:
         "sqrtm_share_of_evaluate": (old - new) / old,
         "max_relative_fid_difference": float(np.max(np.abs(fids["package"] - fids["sqrtm"]) / fids["sqrtm"])),
     }
-    for key, value in result.items():
-        print(f"  {key:<28} {value:.4g}" if isinstance(value, float) else f"  {key:<28} {value}")
+    print(format_table(["figure", "value"], [list(item) for item in result.items()], indent="  "))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

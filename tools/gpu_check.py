@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import harness  # noqa: E402
 import measure  # noqa: E402
 
+from collafuse_hpc.tables import format_table  # noqa: E402
+
 GPU_SERVER = {"base_channels": 64, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attention_resolutions": [16]}
 CPU_SERVER = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
 CLIENT = {"base_channels": 8, "channel_mult": [1, 1, 1], "num_res_blocks": 1, "attention_resolutions": []}
@@ -98,8 +100,7 @@ def main() -> int:
         ("client wait fraction (B)", f"{b['client_wait_fraction']:.4f}"),
         ("bytes per image / one x_c", f"{b['bytes_per_image'] / (3 * size * size * 4):.4f}"),
     ]
-    for label, value in rows:
-        print(f"  {label:<40}{value:>14}")
+    print(format_table(["figure", "value"], [list(r) for r in rows], indent="  "))
     path = os.path.join(args.out, "gpu_check.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2, default=float)

@@ -109,6 +109,12 @@ def _job_key(launch: Launch) -> str:
     return f"{launch.source}:{launch.master_addr}:{launch.master_port}"
 
 
+def _device(cfg: Config, topo: Topology, rank: int, launch: Launch) -> torch.device:
+    """The device the config asks for ``rank``'s role (``auto``: the GPU of its local rank)."""
+    role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.client_index(rank)]
+    return resolve_device(role_cfg.device, launch)
+
+
 def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) -> None:
     """One rank of a launched job (mpirun, srun or torchrun). Raises on failure,
     Preempted after an agreed stop.
@@ -122,8 +128,7 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
     check_lock(cfg.run.output_dir, _job_key(launch))
     rank = launch.rank
     torch.set_num_threads(threads_per_rank(launch, cfg.run.threads))
-    role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.client_index(rank)]
-    device = resolve_device(role_cfg.device, launch)
+    device = _device(cfg, topo, rank, launch)
     if rank == 0:
         log.info(
             "launch: %s, %d ranks (%d servers, %d clients), master %s:%d, %d threads per rank",
@@ -177,8 +182,7 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
     _start(cfg, topo)
     wires, roles = [], []
     for rank in range(topo.world_size):
-        role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.client_index(rank)]
-        device = resolve_device(role_cfg.device, single)
+        device = _device(cfg, topo, rank, single)
         wires.append(LocalWire(rank, topo.describe, hub, device))
         roles.append(build_role(cfg, topo, rank, device, wires[rank]))
     summaries: dict[int, dict] = {}
