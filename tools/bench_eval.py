@@ -53,12 +53,9 @@ def fid_values(report: dict) -> np.ndarray:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--inception", default="", help="FID Inception weights file")
-    p.add_argument("--pixels", action="store_true", help="pixel features instead of Inception")
+    harness.scoring_options(p)
     p.add_argument("--images", type=int, default=0, help="eval.images (default: the quickstart's)")
     p.add_argument("--rounds", type=int, default=20, help="training rounds before evaluating")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="collafuse-bench-eval-")
     inception = None if args.pixels else harness.inception_weights(args.inception, tmp)

@@ -63,12 +63,9 @@ def draw(raw: dict, sampler: str, steps: int, images: int, device: torch.device)
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--inception", default="", help="FID Inception weights file")
-    p.add_argument("--pixels", action="store_true", help="pixel features instead of Inception")
+    harness.scoring_options(p)
     p.add_argument("--rounds", type=int, default=400, help="training rounds (the quickstart's 400)")
     p.add_argument("--images", type=int, default=180, help="samples per client and sampler")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     tmp = tempfile.mkdtemp(prefix="collafuse-bench-sampler-")

@@ -237,3 +237,11 @@ def inception_weights(given: str, tmp: str) -> str:
     converted = os.path.join(tmp, "fid_inception.pth")
     convert_inception(os.path.join(spec.submodule_search_locations[0], "default_1.pt"), converted)
     return converted
+
+
+def scoring_options(parser) -> None:
+    """The options of the benchmarks that score images: --inception, --pixels, --repeats, --json."""
+    parser.add_argument("--inception", default="", help="FID Inception weights file")
+    parser.add_argument("--pixels", action="store_true", help="pixel features instead of Inception")
+    parser.add_argument("--repeats", type=int, default=2, help="side-by-side repeats, in alternating order")
+    parser.add_argument("--json", help="write the figures here")
