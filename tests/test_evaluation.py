@@ -425,6 +425,7 @@ def test_local_study_trains_evaluates_and_reports_over_seeds_and_splits(tmp_path
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     # c = 1 runs once per seed, under the first split mode
     points = sorted(p.name for p in (tmp_path / "study").iterdir() if p.name != "report")
+    assert not (tmp_path / "study/fid_inception.pth").exists()  # pixel features: no FID network staged
     assert points == ["c0.25-markov-s0", "c0.25-markov-s1", "c0.25-reference-s0", "c0.25-reference-s1"] + [
         "c1-markov-s0",
         "c1-markov-s1",

@@ -1,6 +1,7 @@
 """The project's own jobs/ scripts submitted with sbatch to a real SLURM
 (tests/slurm/start_cluster.sh starts a two-node one on this host; CI does)."""
 
+import csv
 import os
 import re
 import shutil
@@ -109,8 +110,11 @@ def test_sweep_job_array_and_dependent_report(tmp_path, shards):
         assert info["JobState"] == "COMPLETED", (sweep / "report.out").read_text()[-2000:]
         for task in range(3):
             assert _job(f"{array}_{task}")["JobState"] == "COMPLETED"
-        table = (sweep / "report/table.csv").read_text().splitlines()
-        assert [line.split(",")[0] for line in table[1:] if line.split(",")[1] == "pooled"] == ["0.2", "0.6", "1.0"]
+        with open(sweep / "report/table.csv") as f:
+            pooled = [row for row in csv.DictReader(f) if row["who"] == "pooled"]
+        assert [(row["split"], row["c"], row["seeds"]) for row in pooled] == [
+            ("markov", c, "1") for c in ("0.2", "0.6", "1.0")
+        ]
         assert (sweep / "report/tradeoff.png").stat().st_size > 0
         for c, t_c in (("0.2", 4), ("0.6", 12), ("1.0", 20)):
             with h5py.File(sweep / f"c{c}/results.h5") as f:
