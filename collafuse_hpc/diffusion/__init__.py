@@ -1,0 +1,2 @@
+"""The science, with no I/O and no communication: the DDPM math (gaussian.py), the
+split at the cut (split.py), the models (unet.py, trainable.py)."""
