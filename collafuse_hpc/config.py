@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from collafuse_hpc import client_templates
+
 
 @dataclass
 class DataConfig:
@@ -403,7 +405,7 @@ def load(path: str | None, overrides: list[str] = (), check_files: bool = True) 
             raise ValueError(f"config file {path!r} must hold a mapping at the top level")
     for assignment in overrides:
         apply_override(raw, assignment)
-    cfg = _build(Config, raw)
+    cfg = from_dict(raw)
     validate(cfg, check_files=check_files)
     return cfg
 
@@ -418,4 +420,5 @@ def dump(cfg: Config) -> str:
 
 
 def from_dict(raw: dict) -> Config:
-    return _build(Config, raw)
+    """The config of a raw YAML tree, client templates expanded (not validated)."""
+    return _build(Config, client_templates.expand(raw))

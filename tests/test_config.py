@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import tiny_config, write_config
 
@@ -82,3 +83,60 @@ def test_shipped_configs_are_valid(name):
 def test_star_override_sets_every_client(cfg_file):
     cfg = load(cfg_file(), ["clients.*.cut_ratio=0.6", "clients.*.batch_size=3"])
     assert [c.cut_ratio for c in cfg.clients] == [0.6, 0.6] and [c.batch_size for c in cfg.clients] == [3, 3]
+
+
+def _template_config(tmp_path, shards, template: dict, extra: list | None = None) -> dict:
+    raw = tiny_config(shards, tmp_path / "out", [0.5], rounds=2)
+    folder = Path(shards[0]).parent
+    raw["clients"] = [*(extra or []), {"template": {"id": "t{k}", "shard": str(folder / "client_{k}.h5"), **template}}]
+    return raw
+
+
+def test_a_client_template_expands_into_validated_clients(tmp_path, shards):
+    model = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
+    template = {
+        "count": 4,
+        "cut_ratio": {"choice": [0.25, 0.5, 1.0], "seed": 3},
+        "batch_size": {"each": [2, 3, 4, 5]},
+        "model": model,
+    }
+    hand = {"id": "solo", "shard": shards[0], "cut_ratio": 0.5, "batch_size": 6, "model": model}
+    path = write_config(tmp_path / "run.yaml", _template_config(tmp_path, shards, template, [hand]))
+    cfg = load(path)
+    assert [c.id for c in cfg.clients] == ["solo", "t0", "t1", "t2", "t3"]
+    assert [c.shard for c in cfg.clients[1:]] == shards
+    assert [c.batch_size for c in cfg.clients[1:]] == [2, 3, 4, 5]
+    assert all(c.model.channel_mult == [1, 2] for c in cfg.clients)
+    drawn = [[0.25, 0.5, 1.0][p] for p in np.random.default_rng(3).integers(3, size=4)]  # the seeded rule
+    assert [c.cut_ratio for c in cfg.clients[1:]] == drawn
+    assert Topology.from_config(cfg).world_size == 6
+
+
+@pytest.mark.parametrize(
+    "template,message",
+    [
+        ({"count": 0}, r"'clients.0.template.count' must be an integer >= 1, got 0"),
+        (
+            {"count": 2, "batch_size": {"each": [1]}},
+            r"'clients.0.template.batch_size.each' must be a list of count = 2",
+        ),
+        ({"count": 2, "cut_ratio": {"choice": []}}, r"'clients.0.template.cut_ratio': a seeded rule is"),
+        ({"count": 2, "id": "same"}, r"'clients.0.template.id' must contain \{k\}"),
+        ({"count": 5}, r"'clients.4.shard': file '.*client_4.h5' not found"),  # validated like hand-written clients
+        ({"count": 2, "cut_ratio": 1.5}, r"'clients.0.cut_ratio' must be in \[0, 1\], got 1.5"),
+    ],
+)
+def test_a_bad_client_template_names_the_key(tmp_path, shards, template, message):
+    raw = _template_config(tmp_path, shards, {"cut_ratio": 0.5, **template})
+    with pytest.raises(ValueError, match=message):
+        load(write_config(tmp_path / "run.yaml", raw))
+
+
+def test_a_run_from_a_client_template(tmp_path, shards):
+    from collafuse_hpc.runtime.run import run_in_process
+
+    model = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
+    template = {"count": 3, "cut_ratio": {"each": [0.25, 0.5, 1.0]}, "batch_size": 4, "model": model}
+    cfg = load(write_config(tmp_path / "run.yaml", _template_config(tmp_path, shards, template)))
+    summaries = run_in_process(cfg, resume=False)
+    assert [summaries[r]["t_c"] for r in (1, 2, 3)] == [5, 10, 20]
