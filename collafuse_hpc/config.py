@@ -112,6 +112,7 @@ class RunConfig:
     checkpoint_every: int = 0  # rounds between checkpoints; 0 only at the end
     keep_checkpoints: int = 2  # checkpoint sets kept on disk
     samples_per_client: int = 64  # images each client synthesizes at the end
+    clients_per_round: int = 0  # clients taking part in each round, a seeded draw (0: every client)
     sample_batch: int = 256  # max images per server sampling batch
     threads: int = 0  # torch threads per rank; 0 = cores available / ranks on node
     timeout_s: float = 300.0  # bound on every wait for a peer's message, seconds
@@ -290,6 +291,11 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     for name in ("images", "kid_subsets", "kid_subset_size", "batch"):
         if getattr(cfg.eval, name) < 2:
             raise ValueError(f"config key 'eval.{name}' must be >= 2, got {getattr(cfg.eval, name)}")
+    if not 0 <= cfg.run.clients_per_round <= len(cfg.clients):
+        raise ValueError(
+            f"config key 'run.clients_per_round' must be in [0, number of clients = {len(cfg.clients)}] "
+            f"(0: every client), got {cfg.run.clients_per_round}"
+        )
     if cfg.run.profile_rounds < 0:
         raise ValueError(f"config key 'run.profile_rounds' must be >= 0, got {cfg.run.profile_rounds}")
     for name in ("timeout_s", "work_timeout_s"):

@@ -16,7 +16,7 @@ from collafuse_hpc.runtime.checkpoint import load_rank
 from collafuse_hpc.runtime.local_wire import LocalHub, LocalWire
 from collafuse_hpc.runtime.loops import RankFailure
 from collafuse_hpc.runtime.run import run_in_process
-from collafuse_hpc.runtime.topology import Topology, role_seed
+from collafuse_hpc.runtime.topology import Topology, participants, role_seed
 from collafuse_hpc.runtime.wire import Kind, PeerFailure
 
 
@@ -160,12 +160,16 @@ def _server_weights(out, rounds, rank):
     return load_rank(str(out), rounds, rank)["state"]["net"]["model"]
 
 
-def test_two_server_replicas_equal_one_server_with_all_batches(tmp_path, shards):
-    """2 servers x 2 clients (gradient all-reduce) == 1 server with the 4 batches concatenated."""
+@pytest.mark.parametrize("per_round", [0, 2], ids=["every-client", "two-per-round"])
+def test_two_server_replicas_equal_one_server_with_all_batches(tmp_path, shards, per_round):
+    """2 servers x 2 clients (gradient all-reduce) == 1 server with the 4 batches concatenated,
+    also when only some clients take part (a replica may have none of them)."""
     one = tiny_config(shards, tmp_path / "one", [0.2, 0.4, 0.2, 0.6], rounds=3, checkpoint_every=0)
+    one["run"]["clients_per_round"] = per_round
     run_in_process(from_dict(one), resume=False)
     two = tiny_config(shards, tmp_path / "two", [0.2, 0.4, 0.2, 0.6], rounds=3, checkpoint_every=0)
     two["server"]["count"] = 2
+    two["run"]["clients_per_round"] = per_round
     run_in_process(from_dict(two), resume=False)
     reference = _server_weights(tmp_path / "one", 3, 0)
     for rank in (0, 1):
@@ -187,3 +191,28 @@ def test_waits_for_a_peers_sampling_are_not_bounded_by_the_message_timeout(tmp_p
     assert time.perf_counter() - t0 > 1 and summaries[0]["time_sampling_s"] > 1
     with h5py.File(tmp_path / "results.h5") as f:
         assert f["clients/c1/samples/images"].shape == (1500, 1, 8, 8)
+
+
+def test_partial_participation_draws_clients_per_round_and_records_who_took_part(tmp_path, shards):
+    raw = tiny_config(shards, tmp_path / "full", [0.25, 0.5, 0.25, 1.0], rounds=6, checkpoint_every=3)
+    raw["run"]["clients_per_round"] = 2
+    cfg = from_dict(raw)
+    drawn = [participants(cfg, r) for r in range(6)]
+    assert all(len(d) == 2 for d in drawn) and len(set(drawn)) > 1  # a new draw each round
+    assert drawn == [participants(from_dict(raw), r) for r in range(6)]  # seeded: the same on every rank
+    run_in_process(cfg, resume=False)
+    with h5py.File(tmp_path / "full/results.h5") as f:
+        for k, cid in enumerate(["c0", "c1", "c2", "c3"]):
+            took = f[f"clients/{cid}/rounds/took_part"][()].tolist()
+            assert took == [int(k in d) for d in drawn], cid
+            assert f[f"clients/{cid}/audit"].attrs["images_sent"] == (6 * sum(took) if k != 3 else 0)
+        servers = [sum(1 for k in d if k != 3) for d in drawn]  # c3 (c = 1) never calls the server
+        assert f["server/rounds/clients"][()].tolist() == servers
+    # resumed half-way, the same draws and the same losses
+    part = tiny_config(shards, tmp_path / "part", [0.25, 0.5, 0.25, 1.0], rounds=3, checkpoint_every=3)
+    part["run"]["clients_per_round"] = 2
+    run_in_process(from_dict(part), resume=False)
+    part["run"]["rounds"] = 6
+    run_in_process(from_dict(part), resume=True)
+    a, b = _losses(tmp_path / "full", "server"), _losses(tmp_path / "part", "server")
+    assert np.allclose(a["loss_server"], b["loss_server"], equal_nan=True)

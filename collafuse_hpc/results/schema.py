@@ -15,7 +15,8 @@ read it; ``collafuse-hpc bundle`` copies it into one self-contained file::
       /metrics            written by evaluate (below)
     part file             attrs: role, rank, host, pid, (client_id, t_c, cut_ratio)
       /rounds/round       int64 [R], the round index: the dimension scale of every column
-      /rounds/<metric>    float64 [R], one row per logged round; attr ``units``
+      /rounds/<metric>    float64 [R], one row per logged round; attr ``units``; clients:
+                          took_part (run.clients_per_round), servers: clients (how many sent)
       /samples/images     uint8 [n, C, H, W] final collaborative samples (clients)
       /samples/x_handover float32 [n, C, H, W] what the server returned at the cut; attr t
       /audit/<field>      int64 [M] one row per message that left the client, over all
@@ -64,6 +65,8 @@ COLUMN_UNITS = {  # by column name, or by its first word (loss_local -> loss)
     "images": "count",
     "kind": "wire.Kind value",
     "t_c": "step",
+    "took_part": "1 if the client was drawn for the round, else 0",
+    "clients": "count",
 }
 METRIC_UNITS = (
     "fid: squared feature distance; kid_mean/kid_std: MMD^2 (unbiased, cubic kernel); mse: per pixel in [-1, 1]; "

@@ -47,8 +47,9 @@ class Server:
             k: torch.Generator(device).manual_seed(role_seed(cfg.run.seed, "stream", k)) for k in self.clients
         }
         self.reduce = reduce
-        # Images per step over all replicas: the loss is a mean over all of them.
-        self.images_per_step = sum(c.batch_size for c, cut in zip(cfg.clients, every) if cut.uses_server)
+        # batch of every client that calls a server (on any replica): the loss is a mean over all
+        # the images of a round, summed across replicas
+        self.batch_sizes = {k: c.batch_size for k, (c, cut) in enumerate(zip(cfg.clients, every)) if cut.uses_server}
         # Clients that opt in send labels; the others get the extra "unknown" class.
         self.null_class = cfg.data.num_classes
         shared = any(c.share_labels for c in cfg.clients)
@@ -103,8 +104,14 @@ class Server:
         y = self.labels([m for _, m in msgs])
         return self.diffusion.training_losses(self.eps_model(False, t_c, y), x_c, t, noise, anchor)
 
-    def train_round(self, msgs: dict[int, Message], reply: Callable[[int, Message], None]) -> None:
-        """One round on ``{client index: TRAIN message}``.
+    def train_round(
+        self,
+        msgs: dict[int, Message],
+        reply: Callable[[int, Message], None],
+        taking_part: frozenset[int] | None = None,
+    ) -> None:
+        """One round on ``{client index: TRAIN message}``; ``taking_part``: the clients of
+        this round on every replica (None: all), whose images the loss is averaged over.
 
         ``reply(client, TRAIN_REPLY)`` is called as soon as the forward pass has
         the losses, before backward and the optimizer step, so a client can start
@@ -126,7 +133,8 @@ class Server:
             if self.reduce is None:
                 self.net.step(None if losses is None else losses.mean())
             else:  # sum / N over all replicas' images, then summed across replicas: the global mean
-                self.net.step(None if losses is None else losses.sum() / self.images_per_step, self.reduce)
+                images = sum(b for k, b in self.batch_sizes.items() if taking_part is None or k in taking_part)
+                self.net.step(None if losses is None else losses.sum() / images, self.reduce)
 
     def sample(self, requests: dict[int, Message], check: Callable[[], None] = lambda: None) -> dict[int, Message]:
         """Serve ``{client index: SAMPLE_REQUEST}``: run T..h with the EMA model.

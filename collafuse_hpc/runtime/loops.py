@@ -26,7 +26,7 @@ from collafuse_hpc.roles.server import Server
 from collafuse_hpc.runtime.preemption import Preempted
 from collafuse_hpc.runtime.profiling import RoundProfiler
 from collafuse_hpc.runtime.rounds import Context, end_of_round, restore, rounds
-from collafuse_hpc.runtime.topology import Topology
+from collafuse_hpc.runtime.topology import Topology, participants
 from collafuse_hpc.runtime.wire import Kind, Message, PeerFailure, Wire
 
 log = logging.getLogger("collafuse_hpc")
@@ -76,7 +76,8 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     for r in rounds(ctx):
         t0 = time.perf_counter()
         bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models (compile, ...)
-        msgs = {k: wire.recv(ranks[k], Kind.TRAIN, r, bound) for k in server.clients}
+        taking_part = participants(ctx.cfg, r)
+        msgs = {k: wire.recv(ranks[k], Kind.TRAIN, r, bound) for k in server.clients if k in taking_part}
         t1 = time.perf_counter()
         losses: list[float] = []
 
@@ -85,7 +86,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
             wire.send(ranks[k], msg)
 
         if msgs or ctx.topo.num_servers > 1:  # an idle replica still joins the gradient all-reduce
-            server.train_round(msgs, reply)
+            server.train_round(msgs, reply, taking_part)
         t2 = time.perf_counter()
         wire.flush()
         t3 = time.perf_counter()
@@ -93,6 +94,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
         row = {
             "round": r,
             "loss_server": float(np.mean(losses)) if losses else math.nan,
+            "clients": len(msgs),
             "bytes_received": sum(m.nbytes for m in msgs.values()),
             "time_recv_s": t1 - t0,
             "time_compute_s": t2 - t1,
@@ -135,6 +137,12 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
     recent: list[dict] = []
     profiler = _profiler(ctx, client.device)
     for r in rounds(ctx):
+        if client.index not in participants(ctx.cfg, r):  # not drawn for this round: nothing to do
+            idle = {"time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0, "images_per_s": 0.0}
+            results.log({"round": r, "took_part": 0, "loss_local": math.nan, "loss_server": math.nan, **idle})
+            profiler.step()
+            end_of_round(ctx, results, client.state_dict(), r)
+            continue
         t0 = time.perf_counter()
         msg = client.begin_round(r)
         if msg is not None:
@@ -150,6 +158,7 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
         t3 = time.perf_counter()
         row = {
             "round": r,
+            "took_part": 1,
             "loss_local": math.nan if loss_local is None else loss_local,
             "loss_server": loss_server,
             "time_local_s": t2 - t1,

@@ -61,6 +61,18 @@ class Topology:
         return f"rank {rank} (client {self.client_ids[self.client_index(rank)]!r})"
 
 
+def participants(cfg: Config, round_: int) -> frozenset[int]:
+    """Indices of the clients that take part in round ``round_``: all of them, or
+    ``run.clients_per_round`` drawn without replacement, as federated frameworks sample
+    clients per round. Seeded by the run's seed and the round: the same on every rank,
+    whatever the placement and however often the run was resumed."""
+    n, k = len(cfg.clients), cfg.run.clients_per_round
+    if not k or k >= n:
+        return frozenset(range(n))
+    rng = np.random.default_rng([cfg.run.seed, round_, 0x70A7])  # a stream of its own
+    return frozenset(rng.choice(n, size=k, replace=False).tolist())
+
+
 def role_seed(base: int, rank_kind: str, index: int) -> int:
     """Seed of one role's private random stream, independent of the process layout
     (the same role draws the same numbers in a distributed and an in-process run)."""
