@@ -18,7 +18,6 @@ difference between the two methods' FIDs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -87,9 +86,7 @@ def main() -> int:
         "max_relative_fid_difference": float(np.max(np.abs(fids["package"] - fids["sqrtm"]) / fids["sqrtm"])),
     }
     print(format_table(["figure", "value"], [list(item) for item in result.items()], indent="  "))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    harness.save_json(args.json, result)
     return 0
 
 

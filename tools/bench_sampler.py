@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -106,9 +105,7 @@ def main() -> int:
     print(
         f"\n{format_table(header, rows)}\n({identity}; {2 * args.images} samples per sampler, {args.repeats} repeats)"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    harness.save_json(args.json, result)
     return 0
 
 

@@ -18,6 +18,7 @@ Tests import it through tests/conftest.py; tools/ scripts import it directly.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -245,3 +246,10 @@ def scoring_options(parser) -> None:
     parser.add_argument("--pixels", action="store_true", help="pixel features instead of Inception")
     parser.add_argument("--repeats", type=int, default=2, help="side-by-side repeats, in alternating order")
     parser.add_argument("--json", help="write the figures here")
+
+
+def save_json(path: str | None, figures: dict) -> None:
+    """Write a benchmark's figures to ``path`` (--json), when one is given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=2, default=float)
