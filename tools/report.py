@@ -231,14 +231,31 @@ def figure(pooled: list[dict], path: str) -> bool:
             ax[1], runs, "recon_public_psnr_db", f"reconstruction, public model ({split})", color=color, marker="o"
         )
         _errorbar(twin, runs, "link_pixel_top1", f"linkage top-1 ({split})", color=color, marker="s", linestyle=":")
-        if i == 0:  # x_c, its disclosure and the client's compute do not depend on the split mode
-            _errorbar(ax[1], runs, "psnr_x_c_db", "x_c as sent", color="grey", marker=".")
+        # the client's share of sampling depends on the split (the reference split hands over later)
+        ax[2].plot(
+            cs, [r["sampling_flops_ratio"] for r in runs], color=color, marker="o", label=f"sampling FLOPs ({split})"
+        )
+        ax[2].plot(
+            cs,
+            [r["sampling_time_ratio"] for r in runs],
+            color=color,
+            marker="x",
+            linestyle=":",
+            label=f"sampling time ({split})",
+        )
+        if i == 0:  # x_c, what it discloses and the client's training do not depend on the split mode
+            sent = [r for r in runs if r["c"] < 1]  # at c = 1 nothing is sent
+            _errorbar(ax[1], sent, "psnr_x_c_db", "x_c as sent", color="grey", marker=".")
             twin.plot(cs, [r["chance_top1"] for r in runs], color="black", linewidth=0.8, label="linkage chance")
-            ax[2].plot(cs, [r["sampling_flops_ratio"] for r in runs], marker="o", label="sampling FLOPs (exact)")
-            ax[2].plot(cs, [r["sampling_time_ratio"] for r in runs], marker="x", linestyle=":", label="sampling time")
-            ax[2].plot(cs, [r["sampling_ideal_ratio"] for r in runs], linestyle="--", label="sampling, ideal (c)")
-            ax[2].plot(cs, [r["train_flops_ratio"] for r in runs], marker="^", label="training FLOPs (exact)")
-            ax[2].plot(cs, [r["train_time_ratio"] for r in runs], marker="v", linestyle=":", label="training time")
+            ax[2].plot(
+                cs, [r["sampling_ideal_ratio"] for r in runs], color="grey", linestyle="--", label="sampling, ideal (c)"
+            )
+            ax[2].plot(
+                cs, [r["train_flops_ratio"] for r in runs], color="C3", marker="^", label="training FLOPs (exact)"
+            )
+            ax[2].plot(
+                cs, [r["train_time_ratio"] for r in runs], color="C3", marker="v", linestyle=":", label="training time"
+            )
     ax[0].set(xlabel="cut ratio c (share of steps on the client)", ylabel=f"FID ({pooled[0]['features']})")
     ax[0].set_title("quality, pooled over clients (lower is better)")
     ax[0].legend(fontsize=7)
