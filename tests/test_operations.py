@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import harness, mpirun, run_mpi, spawn_ranks, tiny_config, until, wait_for_rounds, write_config
 
 from collafuse_hpc.cli import main
@@ -298,3 +299,21 @@ def test_sigterm_at_every_moment_of_a_run_keeps_what_is_done(tmp_path, shards, m
         assert "during the evaluation at the end" in err and not _has(tmp_path / "out/results.h5", "metrics")
         done = subprocess.run([*cmd, "--resume=auto"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and _has(tmp_path / "out/results.h5", "metrics"), done.stderr[-2000:]
+
+
+def test_a_checkpoint_of_the_earlier_format_is_refused_with_what_to_do(tmp_path, shards, capsys):
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2)
+    config = write_config(tmp_path / "run.yaml", raw)
+    assert main(["train", config, "--in-process"]) == 0
+    for path in (tmp_path / "out/checkpoints").glob("round_*/rank*.pt"):  # as version 1 wrote them
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["format"] = "collafuse-checkpoint-v1"
+        ckpt["state"].pop("released", None)
+        torch.save(ckpt, path)
+    capsys.readouterr()
+    before = _tree(tmp_path / "out")
+    assert main(["train", config, "--in-process", "--resume", "--set", "run.rounds=4"]) == 2
+    assert main(["evaluate", config]) == 2
+    err = capsys.readouterr().err
+    assert err.count("was written by an earlier collafuse-hpc (format v1") == 2, err
+    assert _tree(tmp_path / "out") == before  # refused: nothing written

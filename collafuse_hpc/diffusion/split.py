@@ -1,6 +1,6 @@
 """The split at the cut: which part of the chain each side owns.
 
-A thin layer over diffusion.py. For a client with cut step t_c:
+A thin layer over gaussian.py. For a client with cut step t_c:
 
 - the client trains on t in 1..t_c (anchor 0) and sends
   x_c = q_sample(x_0, t_c) to the server;

@@ -20,7 +20,7 @@ import yaml
 
 from collafuse_hpc.atomic import atomic_path
 
-FORMAT = "collafuse-checkpoint-v1"
+FORMAT = "collafuse-checkpoint-v2"  # v2: a client's state holds its audit totals ("released")
 MARKER = "COMPLETE"
 
 
@@ -128,9 +128,21 @@ def saved_config(output_dir: str, round_: int) -> dict:
     path = os.path.join(set_dir(output_dir, round_), "rank0.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
-        return yaml.safe_load(ckpt["config"])
     except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways inside torch
         raise ValueError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e})") from None
+    _check_format(ckpt, path, 0)
+    return yaml.safe_load(ckpt["config"])
+
+
+def _check_format(ckpt: object, path: str, rank: int) -> None:
+    """ValueError unless ``ckpt`` is this version's checkpoint of ``rank``."""
+    if isinstance(ckpt, dict) and ckpt.get("format") == "collafuse-checkpoint-v1":
+        raise ValueError(
+            f"checkpoint {path!r} was written by an earlier collafuse-hpc (format v1, without the clients' "
+            "audit totals): continue or evaluate that run with the version that wrote it, or start a new run"
+        )
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("rank") != rank:
+        raise ValueError(f"checkpoint {path!r} is not a {FORMAT} file for rank {rank}")
 
 
 def load_rank(output_dir: str, round_: int, rank: int) -> dict:
@@ -142,6 +154,5 @@ def load_rank(output_dir: str, round_: int, rank: int) -> dict:
         raise ValueError(f"checkpoint {path!r} is missing from a set marked complete") from None
     except Exception as e:  # truncated or foreign files fail in many ways inside torch
         raise ValueError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("rank") != rank:
-        raise ValueError(f"checkpoint {path!r} is not a {FORMAT} file for rank {rank}")
+    _check_format(ckpt, path, rank)
     return ckpt
