@@ -90,11 +90,6 @@ class Cut:
         """Inclusive range of t the client trains on: 1..t_c (empty when t_c = 0)."""
         return 1, self.t_c
 
-    @property
-    def server_train_steps(self) -> tuple[int, int]:
-        """Inclusive range of t the server trains on for this client: t_c+1..T."""
-        return self.t_c + 1, self.timesteps
-
     def sampling_grids(self, steps: int | None = None) -> tuple[list[int], list[int]]:
         """Strictly decreasing timestep grids (server, client) for ``steps`` reverse
         steps (default: the cut's own ``steps``, 0 meaning T).

@@ -53,6 +53,7 @@ from collafuse_hpc.tables import format_table
 log = logging.getLogger("collafuse_hpc")
 
 GRID_IMAGES = 64  # images kept per set for sample grids
+FROM_SERVER = {"collaborative", "server_at_cut", "server_alone"}  # sets that start from the server's x_h
 
 
 def _device(choice: str) -> torch.device:
@@ -92,7 +93,7 @@ def generate(server: Server | None, client: Client, n: int, sets: tuple[str, ...
     request = client.sample_request(0, n)
     client.drain_audit()  # evaluation sends nothing anywhere
     out, x_h = {}, None
-    if request is not None and server is not None and {"collaborative", "server_at_cut", "server_alone"} & set(sets):
+    if request is not None and server is not None and FROM_SERVER & set(sets):
         x_h = server.sample({client.index: request})[client.index].payload.float()
         out["server_at_cut"] = x_h
         if "server_alone" in sets:
@@ -119,7 +120,7 @@ def image_steps(cut: Cut, sets: list[str]) -> int:
     server continuing alone, the client alone (its whole grid)."""
     server, client = (max(0, len(grid) - 1) for grid in cut.sampling_grids())
     full = len(cut.full_chain().sampling_grids()[1]) - 1
-    steps = server if {"collaborative", "server_at_cut", "server_alone"} & set(sets) else 0
+    steps = server if FROM_SERVER & set(sets) else 0
     steps += client if "collaborative" in sets else 0
     steps += client if "server_alone" in sets and cut.uses_server else 0
     return steps + (full if "client_alone" in sets else 0)

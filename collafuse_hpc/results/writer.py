@@ -145,11 +145,6 @@ class RoleResults:
         if ROUND in g:
             _attach_round_scale(g)
 
-    def column(self, group: str, name: str) -> np.ndarray:
-        """All values written so far of ``group/name`` (empty if none)."""
-        with _open(self.path, "r") as f:
-            return f[group][name][()] if group in f and name in f[group] else np.zeros(0)
-
     def write(self, name: str, data: np.ndarray, **attrs) -> None:
         """Write (or replace) dataset ``name`` with optional attributes."""
         with _writing(self.path) as f:

@@ -93,13 +93,12 @@ class Server:
             return torch.cat([torch.full((m.count,), value(k), device=self.device) for k, m in msgs])
 
         x_c = torch.cat([m.payload.float() for _, m in msgs])  # (N, C, H, W)
-        t_c = per_image(lambda k: self.cuts[k].t_c)
-        low, high = per_image(lambda k: self.cuts[k].server_train_steps[0]), per_image(lambda k: self.cuts[k].timesteps)
+        t_c, T = per_image(lambda k: self.cuts[k].t_c), self.diffusion.num_timesteps
         u = torch.cat([torch.rand(m.count, generator=self.streams[k], device=self.device) for k, m in msgs])
         noise = torch.cat(
             [torch.randn(m.payload.shape, generator=self.streams[k], device=self.device) for k, m in msgs]
         )
-        t = low + (u * (high - low + 1)).long().clamp(max=high - low)  # U{t_c+1..T}
+        t = t_c + 1 + (u * (T - t_c)).long().clamp(max=T - 1 - t_c)  # U{t_c+1..T}, the server's part
         anchor = per_image(lambda k: self.cuts[k].server_anchor)
         y = self.labels([m for _, m in msgs])
         return self.diffusion.training_losses(self.eps_model(False, t_c, y), x_c, t, noise, anchor)

@@ -12,6 +12,7 @@ import math
 import os
 import socket
 import time
+from collections import deque
 
 import numpy as np
 import torch
@@ -36,17 +37,20 @@ class RankFailure(RuntimeError):
     """This rank failed; the message names the rank, its role and the cause."""
 
 
-def _add_totals(totals: dict, row: dict, recent: list[dict], window: int) -> None:
-    """Sum a round's timers and byte counts into the run's totals; keep the mean of
-    each loss over the last ``window`` rounds (``recent`` holds those rows)."""
+def _add_totals(totals: dict, row: dict, recent: deque) -> None:
+    """Sum a round's timers and byte counts into the run's totals; ``recent`` keeps the
+    rows of the last logged window."""
     for key, value in row.items():
         if key.startswith(("time_", "bytes_")):
             totals[key] = totals.get(key, 0) + value
-    recent.append(row)
-    del recent[:-window]
     totals["rounds_run"] = totals.get("rounds_run", 0) + 1
+    recent.append(row)
+
+
+def _loss_tails(totals: dict, recent: deque) -> None:
+    """At the end: each loss averaged over the last logged window (``<loss>_recent``)."""
     totals["loss_window"] = len(recent)
-    for key in row:
+    for key in recent[0] if recent else ():
         if key.startswith("loss_"):
             values = [r[key] for r in recent if not math.isnan(r[key])]
             totals[f"{key}_recent"] = float(np.mean(values)) if values else math.nan
@@ -71,7 +75,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     ranks = {k: ctx.topo.client_rank(k) for k in server.clients}
     wire, run = ctx.wire, ctx.cfg.run
     totals = {"images": 0, "bytes_received": 0, "time_recv_s": 0.0, "time_compute_s": 0.0, "time_send_s": 0.0}
-    recent: list[dict] = []
+    recent: deque = deque(maxlen=run.log_every)
     profiler = _profiler(ctx, server.device)
     for r in rounds(ctx):
         t0 = time.perf_counter()
@@ -102,7 +106,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
             "images_per_s": n / (t3 - t0),
         }
         results.log(row)
-        _add_totals(totals, row, recent, run.log_every)
+        _add_totals(totals, row, recent)
         totals["images"] += n
         if (r + 1) % run.log_every == 0:
             log.info(
@@ -116,6 +120,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
         profiler.step()
         end_of_round(ctx, results, server.state_dict(), r)
     profiler.close()
+    _loss_tails(totals, recent)
     t0 = time.perf_counter()
     requests = {k: wire.recv(ranks[k], Kind.SAMPLE_REQUEST, run.rounds) for k in server.clients}
     for k, reply_msg in server.sample(requests, lambda: wire.check_alive(list(ranks.values()))).items():
@@ -134,7 +139,7 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
     server_rank = ctx.topo.server_of(client.index)
     wire, run = ctx.wire, ctx.cfg.run
     totals = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
-    recent: list[dict] = []
+    recent: deque = deque(maxlen=run.log_every)
     profiler = _profiler(ctx, client.device)
     for r in rounds(ctx):
         if client.index not in participants(ctx.cfg, r):  # not drawn for this round: nothing to do
@@ -168,11 +173,12 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
         }
         results.log(row)
         _log_audit(results, client)
-        _add_totals(totals, row, recent, run.log_every)
+        _add_totals(totals, row, recent)
         totals["images"] += client.batch_size
         profiler.step()
         end_of_round(ctx, results, client.state_dict(), r)
     profiler.close()
+    _loss_tails(totals, recent)
     n = run.samples_per_client
     t0 = time.perf_counter()
     request = client.sample_request(run.rounds, n)
