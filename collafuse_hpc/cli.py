@@ -141,11 +141,11 @@ def _describe(cfg: Config) -> str:
         if topo.is_server(rank):
             rows.append([rank, "server", "-", "-", "-", "-"])
             continue
-        k = topo.client_index(rank)
-        cut = every[k]
-        server_grid, client_grid = cut.sampling_grids()
-        steps = f"{max(0, len(server_grid) - 1)} + {max(0, len(client_grid) - 1)}"
-        rows.append([rank, f"client {cfg.clients[k].id}", cut.t_c, cut.handover, topo.server_of(k), steps])
+        for k in topo.clients_on(rank):
+            cut = every[k]
+            server_grid, client_grid = cut.sampling_grids()
+            steps = f"{max(0, len(server_grid) - 1)} + {max(0, len(client_grid) - 1)}"
+            rows.append([rank, f"client {cfg.clients[k].id}", cut.t_c, cut.handover, topo.server_of(k), steps])
     table = format_table(["rank", "role", "t_c", "hand-over", "server", "sampling steps (server + client)"], rows)
     return f"{dump(cfg)}\n# {topo.world_size} ranks (launch with mpirun -np {topo.world_size})\n{table}"
 

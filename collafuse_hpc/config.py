@@ -113,6 +113,7 @@ class RunConfig:
     keep_checkpoints: int = 2  # checkpoint sets kept on disk
     samples_per_client: int = 64  # images each client synthesizes at the end
     clients_per_round: int = 0  # clients taking part in each round, a seeded draw (0: every client)
+    clients_per_rank: int = 1  # clients hosted by one client rank, in config order (topology.py); may change on resume
     sample_batch: int = 256  # max images per server sampling batch
     threads: int = 0  # torch threads per rank; 0 = cores available / ranks on node
     timeout_s: float = 300.0  # bound on every wait for a peer's message, seconds
@@ -296,6 +297,20 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             f"config key 'run.clients_per_round' must be in [0, number of clients = {len(cfg.clients)}] "
             f"(0: every client), got {cfg.run.clients_per_round}"
         )
+    if cfg.run.clients_per_rank < 1:
+        raise ValueError(
+            f"config key 'run.clients_per_rank' must be >= 1 (clients hosted by one client rank), "
+            f"got {cfg.run.clients_per_rank}"
+        )
+    per = cfg.run.clients_per_rank
+    for first in range(0, len(cfg.clients), per):
+        hosted = cfg.clients[first : first + per]
+        if len({c.device for c in hosted}) > 1:
+            raise ValueError(
+                f"clients {hosted[0].id!r}..{hosted[-1].id!r} share a rank (run.clients_per_rank = {per}) but ask "
+                f"for different devices {sorted({c.device for c in hosted})}: give them one 'device', or host "
+                "fewer clients per rank"
+            )
     if cfg.run.profile_rounds < 0:
         raise ValueError(f"config key 'run.profile_rounds' must be >= 0, got {cfg.run.profile_rounds}")
     for name in ("timeout_s", "work_timeout_s"):
@@ -337,6 +352,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
 # Shards may move (data staged elsewhere) but must hold the same images.
 RESUMABLE = (
     "run.output_dir",
+    "run.clients_per_rank",
     "run.rounds",
     "run.log_every",
     "run.checkpoint_every",

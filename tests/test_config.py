@@ -68,10 +68,33 @@ def test_missing_config_file_is_named():
 def test_world_size_must_match_roles(cfg_file):
     cfg = load(cfg_file())
     topo = Topology.from_config(cfg, 3)
-    assert topo.is_server(0) and topo.client_index(2) == 1 and topo.server_of(1) == 0
+    assert topo.is_server(0) and topo.clients_on(2) == [1] and topo.server_of(1) == 0
     assert topo.describe(1) == "rank 1 (client 'c0')"
     with pytest.raises(ValueError, match=r"world size 4 does not match.*mpirun -np 3"):
         Topology.from_config(cfg, 4)
+
+
+def test_clients_per_rank_places_clients_in_blocks(tmp_path, shards):
+    from collafuse_hpc.config import from_dict, validate
+
+    """7 clients, 3 per rank, 2 servers: client ranks 2, 3, 4 host [0 1 2] [3 4 5] [6];
+    each client keeps its server (k mod 2) whichever rank hosts it."""
+    raw = tiny_config(shards, tmp_path, [0.5] * 4, clients_per_rank=3)
+    raw["clients"] = [dict(raw["clients"][k % 4], id=f"c{k}") for k in range(7)]
+    raw["server"]["count"] = 2
+    topo = Topology.from_config(from_dict(raw), 5)
+    assert [topo.clients_on(r) for r in (2, 3, 4)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [topo.rank_of(k) for k in range(7)] == [2, 2, 2, 3, 3, 3, 4]
+    assert [topo.server_of(k) for k in range(7)] == [0, 1, 0, 1, 0, 1, 0]
+    assert topo.describe(2) == "rank 2 (clients 'c0'..'c2')" and topo.describe(4) == "rank 4 (client 'c6')"
+    with pytest.raises(ValueError, match=r"2 server rank\(s\) \+ 3 client rank\(s\) \(7 clients, 3 per rank\)"):
+        Topology.from_config(from_dict(raw), 9)
+    raw["clients"][4]["device"] = "cuda"
+    with pytest.raises(ValueError, match=r"clients 'c3'..'c5' share a rank .* different devices"):
+        validate(from_dict(raw))
+    raw["run"]["clients_per_rank"] = 0
+    with pytest.raises(ValueError, match="run.clients_per_rank' must be >= 1"):
+        validate(from_dict(raw))
 
 
 @pytest.mark.parametrize("name", ["quickstart", "study_digits", "celeba64", "cub64"])
@@ -139,4 +162,11 @@ def test_a_run_from_a_client_template(tmp_path, shards):
     template = {"count": 3, "cut_ratio": {"each": [0.25, 0.5, 1.0]}, "batch_size": 4, "model": model}
     cfg = load(write_config(tmp_path / "run.yaml", _template_config(tmp_path, shards, template)))
     summaries = run_in_process(cfg, resume=False)
-    assert [summaries[r]["t_c"] for r in (1, 2, 3)] == [5, 10, 20]
+    assert [summaries[f"client_{c.id}"]["t_c"] for c in cfg.clients] == [5, 10, 20]
+
+
+def test_the_shipped_many_clients_config_places_64_clients_on_3_ranks():
+    cfg = load(str(Path(__file__).parents[1] / "configs/many_digits.yaml"), check_files=False)
+    topo = Topology.from_config(cfg, 3)
+    assert len(cfg.clients) == 64 and topo.clients_on(2) == list(range(32, 64))
+    assert {c.cut_ratio for c in cfg.clients} == {0.2, 0.4} and cfg.run.clients_per_round == 16

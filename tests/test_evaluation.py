@@ -325,7 +325,7 @@ def test_inspect_export_and_compare_on_real_runs_and_a_crashed_one(tmp_path, sha
         raw["eval"]["at_end"] = name == "a"
         assert main(["train", write_config(tmp_path / f"{name}.yaml", raw), "--in-process"]) == 0
         paths.append(str(tmp_path / name / "results.h5"))
-    assert "server: mean of the last 2 of 2 rounds: loss_server" in caplog.text  # not "the last 50"
+    assert "server_0: mean of the last 2 of 2 rounds: loss_server" in caplog.text  # not "the last 50"
     capsys.readouterr()
     assert main(["inspect", paths[0]]) == 0
     text = capsys.readouterr().out

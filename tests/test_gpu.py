@@ -25,7 +25,22 @@ def test_gpu_server_with_cpu_clients_trains_and_samples(tmp_path, shards):
     summaries = run_in_process(from_dict(raw), resume=False)
     losses, samples = _server_losses(tmp_path)
     assert np.isfinite(losses).all() and samples.shape == (4, 1, 8, 8)
-    assert summaries[0]["gpu_peak_memory_bytes"] > 0
+    assert summaries["server_0"]["gpu_peak_memory_bytes"] > 0
+
+
+def test_clients_hosted_on_the_gpu_match_them_on_the_cpu(tmp_path, shards):
+    """Three clients of one rank as members of one model on the GPU (grouped convolutions,
+    channels_last weights, bf16 autocast) train and sample like the same run on CPU."""
+    out = {}
+    for device in ("cpu", "cuda"):
+        raw = tiny_config(shards, tmp_path / device, [0.25, 0.5, 1.0], rounds=3, checkpoint_every=0, clients_per_rank=3)
+        for c in raw["clients"]:
+            c["device"] = device
+        run_in_process(from_dict(raw), resume=False)
+        with h5py.File(tmp_path / device / "results.h5") as f:
+            out[device] = np.array([f[f"clients/c{k}/rounds/loss_local"][()] for k in range(3)])
+            assert f["clients/c2/samples/images"].shape == (4, 1, 8, 8)
+    np.testing.assert_allclose(out["cuda"], out["cpu"], rtol=0.05)
 
 
 def test_compiled_server_matches_eager(tmp_path, shards):

@@ -18,7 +18,7 @@ from collafuse_hpc.evaluation.compute import client_compute
 from collafuse_hpc.roles.client import Client
 from collafuse_hpc.runtime.local_wire import LocalWire
 from collafuse_hpc.runtime.run import run_in_process
-from collafuse_hpc.runtime.wire import HEADER_LEN, Kind
+from collafuse_hpc.runtime.wire import HEADER_LEN, PART_LEN, Kind
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,8 @@ def test_bfloat16_wire_halves_the_bytes_and_the_audit_counts_what_was_sent(tmp_p
     assert {d for r, dst, _, d in payloads if 2 in (r, dst)} == {torch.float32}
     with h5py.File(tmp_path / "results.h5") as f:
         train = [f[f"clients/{c}/audit/nbytes"][0] for c in ("c0", "c1")]
-        assert train[0] == HEADER_LEN * 8 + 6 * 64 * 2 and train[1] == HEADER_LEN * 8 + 6 * 64 * 4
+        header = (HEADER_LEN + PART_LEN) * 8  # with the client's row of the parts table
+        assert train[0] == header + 6 * 64 * 2 and train[1] == header + 6 * 64 * 4
         assert np.isfinite(f["clients/c0/samples/x_handover"][()]).all()
         server = f["server/rounds"]
         assert server["bytes_received"][0] == train[0] + train[1]
@@ -94,8 +95,8 @@ def test_read_run_and_baselines_on_a_real_distributed_run(tmp_path):
     harness.launch(raw, timeout_s=240)
     assert dict(os.environ) == environ  # the launcher's MPI settings stay in its child
     t = measure.read_run(raw["run"]["output_dir"], skip=2)
-    # 4 rounds kept, 2 clients x 4 images each, every x_c message: 4 images + one header
-    assert t.bytes_per_image == pytest.approx(measure.x_c_bytes(raw) + HEADER_LEN * 8 / 4)
+    # 4 rounds kept, 2 clients x 4 images each, every x_c message: 4 images, one header, one row of the parts table
+    assert t.bytes_per_image == pytest.approx(measure.x_c_bytes(raw) + (HEADER_LEN + PART_LEN) * 8 / 4)
     assert t.server_images_per_s * t.server_round_s * 4 == pytest.approx(4 * 8)
     assert t.server_compute_s_per_image * 4 * 8 == pytest.approx(t.server_round_s * 4 * (1 - t.server_wire_fraction))
     assert 0 < t.client_wait_fraction < 1 and t.run_images_per_s > 0 and t.gpu_peak_memory_bytes == 0
@@ -113,6 +114,8 @@ def test_gpu_check_runs_on_cpu_and_says_so(tmp_path):
     with open(tmp_path / "gpu_check.json") as f:
         result = json.load(f)
     assert result["device"] == "cpu" and 0 < result["A_clients_idle"]["efficiency"] < 2
+    many = result["C_many_clients"]  # 8 clients hosted by one rank, in one process with the server
+    assert many["clients"] == 8 and many["server_images_per_s"] > 0 and many["run_images_per_s"] > 0
 
 
 def test_bench_rejects_an_unknown_benchmark_by_name():

@@ -56,7 +56,7 @@ def draw(raw: dict, sampler: str, steps: int, images: int, device: torch.device)
     out = []
     t0 = time.perf_counter()
     for client in clients:
-        out.append(generate(servers[0], client, images, ("collaborative",))["collaborative"])
+        out.append(generate({client.index: servers[0]}, [client], images, ("collaborative",))[0]["collaborative"])
     seconds = time.perf_counter() - t0
     return to_uint8(torch.cat(out)), seconds / (images * len(clients))
 

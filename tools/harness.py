@@ -38,6 +38,7 @@ from collafuse_hpc.data.prepare import prepare
 from collafuse_hpc.data.sources import read_digits
 from collafuse_hpc.evaluation.features import convert_inception
 from collafuse_hpc.results.schema import ROUND, ROUNDS
+from collafuse_hpc.runtime.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 MPI_ENV = {
@@ -202,7 +203,7 @@ def launch(raw: dict, timeout_s: float = 600) -> float:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(raw, f)
-    ranks = raw["server"].get("count", 1) + len(raw["clients"])
+    ranks = Topology.from_config(from_dict(raw)).world_size
     cmd = [*launcher_command(ranks), *PACKAGE[1:], "train", path]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=mpi_env(), capture_output=True, text=True, timeout=timeout_s)

@@ -27,9 +27,9 @@ from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.diffusion.trainable import Trainable
 from collafuse_hpc.diffusion.unet import UNet
-from collafuse_hpc.results.schema import AUDIT, CLIENTS, ROUND, ROUNDS, SERVER, SUMMARY, index_path
+from collafuse_hpc.results.schema import CLIENTS, ROUND, ROUNDS, SERVER, SUMMARY, index_path
 from collafuse_hpc.roles.server import Server
-from collafuse_hpc.runtime.wire import HEADER_LEN, WIRE_DTYPES, Kind, Message
+from collafuse_hpc.runtime.wire import HEADER_LEN, PART_LEN, WIRE_DTYPES, Kind, Message, one_client
 
 
 @dataclass
@@ -42,7 +42,7 @@ class RunTimes:
     server_wire_fraction: float  # (receive wait + send) / round wall
     client_wait_fraction: float  # mean over clients: waiting for the server / round wall
     run_images_per_s: float  # all clients' images / client round wall time (end to end)
-    bytes_per_image: float  # what clients sent per x_c image, headers included
+    bytes_per_image: float  # what the server received per x_c image, headers and parts tables included
     gpu_peak_memory_bytes: int  # server rank, 0 on CPU
 
 
@@ -54,16 +54,14 @@ def read_run(output_dir: str, skip: int) -> RunTimes:
         recv, compute, send = (s[k][()][keep] for k in ("time_recv_s", "time_compute_s", "time_send_s"))
         wall = recv + compute + send
         images = float((s["images_per_s"][()][keep] * wall).sum())  # images_per_s = n / round wall
-        waits, client_wall, sent, sent_images = [], [], 0, 0
+        received = float(s["bytes_received"][()][keep].sum())  # what crossed the wire, headers included
+        waits, client_wall = [], []
         for g in f[CLIENTS].values():
-            rows, audit = g[ROUNDS], g[AUDIT]
+            rows = g[ROUNDS]
             keep_c = rows[ROUND][()] >= skip
             round_s = rows["time_round_s"][()][keep_c].sum()
             waits.append(rows["time_wait_s"][()][keep_c].sum() / round_s)
             client_wall.append(round_s)
-            train = audit["kind"][()] == Kind.TRAIN
-            sent += int(audit["nbytes"][()][train].sum())
-            sent_images += int(audit["images"][()][train].sum())
         peak = int(f[f"{SERVER}/{SUMMARY}"].attrs.get("gpu_peak_memory_bytes", 0))
     return RunTimes(
         server_images_per_s=images / wall.sum(),
@@ -72,7 +70,7 @@ def read_run(output_dir: str, skip: int) -> RunTimes:
         server_wire_fraction=float((recv.sum() + send.sum()) / wall.sum()),
         client_wait_fraction=float(np.mean(waits)),
         run_images_per_s=images / max(client_wall),
-        bytes_per_image=sent / sent_images,
+        bytes_per_image=received / images,
         gpu_peak_memory_bytes=peak,
     )
 
@@ -83,7 +81,7 @@ def _x_c_messages(cfg: Config, device: torch.device) -> dict[int, Message]:
     for k, c in enumerate(cfg.clients):
         shape = (c.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         x_c = torch.randn(shape, device=device).to(WIRE_DTYPES[c.wire_dtype])
-        msgs[k] = Message(Kind.TRAIN, 0, Cut.for_client(cfg, k).t_c, c.batch_size, x_c)
+        msgs[k] = one_client(Kind.TRAIN, 0, k, Cut.for_client(cfg, k).t_c, c.batch_size, x_c)
     return msgs
 
 
@@ -144,4 +142,4 @@ def x_c_bytes(raw: dict) -> float:
     return raw["data"]["channels"] * raw["data"]["image_size"] ** 2 * 4
 
 
-HEADER_BYTES = HEADER_LEN * 8
+HEADER_BYTES = (HEADER_LEN + PART_LEN) * 8  # a one-client message: the header and its row of the parts table

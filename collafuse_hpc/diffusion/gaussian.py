@@ -163,7 +163,7 @@ class GaussianDiffusion:
         timesteps: Sequence[int],
         a: int = 0,
         clip: bool = True,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         eta: float | None = None,
     ) -> torch.Tensor:
         """Run the reverse chain from ``timesteps[0]`` down to ``timesteps[-1]``.
@@ -174,6 +174,8 @@ class GaussianDiffusion:
             a: anchor; ``x_a_hat`` is clipped to [-1, 1] only when ``clip``
                (an image at a = 0, never a noised x_c).
             eta: None for DDPM's ancestral steps; a number for DDIM's (0: deterministic).
+            generator: the noise's stream; a list of G streams draws the noise of
+               x's G equal chunks (G models sampled together), one from each.
         Returns:
             x at ``timesteps[-1]``; when that is ``a`` the last step is
             deterministic and returns x_a_hat.
@@ -188,15 +190,23 @@ class GaussianDiffusion:
                 x_a = x_a.clamp(-1, 1)
             if eta is not None:
                 stochastic = eta > 0 and s_i != a
-                noise = (
-                    torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if stochastic else None
-                )
+                noise = _randn_like(x, generator) if stochastic else None
                 x = self.ddim_step(x, x_a, t, s, a, eta, noise)
                 continue
             mean, var = self.q_posterior(x_a, x, t, s, a)
             if s_i == a:
                 x = mean
             else:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = mean + var.sqrt() * noise
+                x = mean + var.sqrt() * _randn_like(x, generator)
         return x
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped like x [N, ...]: from one stream, or chunk by chunk
+    from a list of streams (the same numbers as sampling each chunk alone)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    chunks = x.split(len(x) // len(generator))
+    return torch.cat(
+        [torch.randn(c.shape, generator=g, device=x.device, dtype=x.dtype) for c, g in zip(chunks, generator)]
+    )

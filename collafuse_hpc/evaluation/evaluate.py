@@ -44,7 +44,8 @@ from collafuse_hpc.evaluation.features import (
 )
 from collafuse_hpc.logs import Progress
 from collafuse_hpc.results.schema import METRIC_UNITS, METRICS, SETS, index_path
-from collafuse_hpc.roles.client import Client
+from collafuse_hpc.roles.client import Client, client_nets, finish_samples, sample_alone
+from collafuse_hpc.roles.host import batches, sampling_key
 from collafuse_hpc.roles.server import Server
 from collafuse_hpc.runtime import checkpoint
 from collafuse_hpc.runtime.topology import Topology
@@ -76,33 +77,45 @@ def load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int
     servers = {}
     for rank in range(topo.num_servers):
         servers[rank] = Server(cfg, topo.clients_of(rank), device)
-        servers[rank].net.load_state_dict(checkpoint.load_rank(out, round_, rank)["state"]["net"])
+        servers[rank].net.load_member_state(0, checkpoint.load_rank(out, round_, rank)["state"]["net"])
+    indices = list(range(len(cfg.clients)))
+    nets = client_nets(cfg, indices, device)  # clients of one model shape sample together
+    states = checkpoint.load_clients(out, round_, [c.id for c in cfg.clients])
     clients = []
-    for k in range(len(cfg.clients)):
-        client = Client(cfg, k, device)
-        state = checkpoint.load_rank(out, round_, topo.client_rank(k))["state"]
-        client.net.load_state_dict(state["net"])
-        client.released = state["released"]
+    for k in indices:
+        client = Client(cfg, k, device, nets[k])
+        client.load_weights(states[client.id])
         clients.append(client)
     return servers, clients
 
 
-def generate(server: Server | None, client: Client, n: int, sets: tuple[str, ...] = SETS) -> dict[str, torch.Tensor]:
-    """One batch of n images of each generated set in ``sets`` for one client, float
-    [n, C, H, W] (the server's sets only when the client uses the server)."""
-    request = client.sample_request(0, n)
-    client.drain_audit()  # evaluation sends nothing anywhere
-    out, x_h = {}, None
-    if request is not None and server is not None and FROM_SERVER & set(sets):
-        x_h = server.sample({client.index: request})[client.index].payload.float()
-        out["server_at_cut"] = x_h
+def generate(
+    servers: dict[int, Server | None], clients: list[Client], n: int, sets: tuple[str, ...] = SETS
+) -> list[dict[str, torch.Tensor]]:
+    """One batch of n images of each generated set in ``sets`` for each of ``clients``
+    (members of one Trainable with one sampling grid, host.batches), float
+    [n, C, H, W]; the clients sample together. ``servers``: each client's server by
+    client index (None when it does not use one); the server's sets only then."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in clients]
+    requests = {c.index: c.sample_request(0, n) for c in clients}
+    x_h: list[torch.Tensor | None] = [None] * len(clients)
+    for c in clients:
+        c.drain_audit()  # evaluation sends nothing anywhere
+    for i, c in enumerate(clients):
+        server, request = servers[c.index], requests[c.index]
+        if request is None or server is None or not FROM_SERVER & set(sets):
+            continue
+        x_h[i] = server.sample({c.index: request})[c.index].payload.float()
+        out[i]["server_at_cut"] = x_h[i]
         if "server_alone" in sets:
-            out["server_alone"] = server.continue_alone(client.index, request, x_h, client.generator)
+            out[i]["server_alone"] = server.continue_alone(c.index, request, x_h[i], c.generator)
     if "collaborative" in sets:
-        out["collaborative"] = client.finish_samples(n, x_h)
+        for i, images in enumerate(finish_samples(clients, n, x_h)):
+            out[i]["collaborative"] = images
     if "client_alone" in sets:
-        out["client_alone"] = client.sample_alone(n)
-    return {name: images for name, images in out.items() if name in sets}
+        for i, images in enumerate(sample_alone(clients, n)):
+            out[i]["client_alone"] = images
+    return [{name: images for name, images in o.items() if name in sets} for o in out]
 
 
 def check_config(cfg: Config) -> None:
@@ -150,22 +163,44 @@ def planned_images(cfg: Config, cuts: list[Cut]) -> int:
 
 
 def _image_sets(
-    cfg: Config, server: Server | None, client: Client, x_c: torch.Tensor, total: int, check: Callable[[], None]
-) -> dict:
-    """The five sets for one client (``total`` generated, ``eval.batch`` at a time,
-    ``check`` called before each batch); a set the client's cut does not have is left out."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    progress = Progress(f"evaluating client {client.id}", total)
-    for start in range(0, total, cfg.eval.batch):
+    cfg: Config,
+    servers: dict[int, Server | None],
+    clients: list[Client],
+    x_c: dict[int, torch.Tensor],
+    total: int,
+    check: Callable[[], None],
+) -> dict[int, dict[str, torch.Tensor]]:
+    """The five sets of each of ``clients`` (one batch of host.batches): ``total`` images
+    each, generated together in passes of at most ``eval.batch`` images, ``check``
+    called before each; a set a client's cut does not have is left out."""
+    parts: dict[int, dict[str, list[torch.Tensor]]] = {c.index: {} for c in clients}
+    per = max(1, cfg.eval.batch // len(clients))
+    names = ", ".join(c.id for c in clients[:3]) + (f" and {len(clients) - 3} more" if len(clients) > 3 else "")
+    progress = Progress(f"evaluating client(s) {names}", total * len(clients))
+    for start in range(0, total, per):
         check()
-        n = min(cfg.eval.batch, total - start)
-        for name, images in generate(server, client, n, tuple(cfg.eval.sets)).items():
-            parts.setdefault(name, []).append(images)
-        progress.update(n)
-    sets = {name: torch.cat(parts[name]) for name in SETS if name in parts}
-    if client.cut.uses_server and "cut" in cfg.eval.sets:
-        sets["cut"] = x_c
-    return {name: sets[name] for name in SETS if name in sets}
+        n = min(per, total - start)
+        for c, made in zip(clients, generate(servers, clients, n, tuple(cfg.eval.sets))):
+            for name, images in made.items():
+                parts[c.index].setdefault(name, []).append(images)
+        progress.update(n * len(clients))
+    out = {}
+    for c in clients:
+        sets = {name: torch.cat(images) for name, images in parts[c.index].items()}
+        if c.cut.uses_server and "cut" in cfg.eval.sets:
+            sets["cut"] = x_c[c.index]
+        out[c.index] = {name: sets[name] for name in SETS if name in sets}
+    return out
+
+
+def _sampling_batches(clients: list[Client], images: int, batch: int) -> list[list[Client]]:
+    """Clients that generate together (one model, one grid), at most ``batch // images``
+    at a time so that the sets of a batch stay about ``batch`` images per pass."""
+    size = max(1, batch // max(1, images))
+    out = []
+    for group in batches(clients, sampling_key):
+        out += [group[i : i + size] for i in range(0, len(group), size)]
+    return out
 
 
 def _disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor) -> dict:
@@ -289,36 +324,40 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
     def feats(images: np.ndarray) -> np.ndarray:
         return features(extract, images, cfg.eval.batch, device)
 
-    for client in clients:
-        reader = ShardReader(cfg.clients[client.index].shard, "test")
-        if len(reader) < 2:
-            raise ValueError(f"shard {cfg.clients[client.index].shard!r} has {len(reader)} test images; need >= 2")
-        real_u8, labels = reader.read(np.arange(min(n, len(reader))))
-        x0 = to_model_range(real_u8, device)
+    servers_of = {c.index: servers[topo.server_of(c.index)] if c.cut.uses_server else None for c in clients}
+    for group in _sampling_batches(clients, n, cfg.eval.batch):
+        real_u8, labels, x0, x_c = {}, {}, {}, {}
+        for client in group:
+            reader = ShardReader(cfg.clients[client.index].shard, "test")
+            if len(reader) < 2:
+                raise ValueError(f"shard {cfg.clients[client.index].shard!r} has {len(reader)} test images; need >= 2")
+            real_u8[client.index], labels[client.index] = reader.read(np.arange(min(n, len(reader))))
+            x0[client.index] = to_model_range(real_u8[client.index], device)
+            x_c[client.index] = client.noised_to_cut(x0[client.index]).float()
+        generated = _image_sets(cfg, servers_of, group, x_c, n, check)
+        for client in group:
+            k = client.index
 
-        def cached(split: str, images: np.ndarray, shard: str = reader.path) -> np.ndarray:
-            """Features of the first len(images) real images of ``split``, from the cache."""
-            key = f"{inspect_shard(shard).content_hash[:16]}-{split}{len(images)}-{identity}-v{FEATURES_VERSION}"
-            return cached_real_features(_cache_dir(cfg), key, lambda: feats(images))
+            def cached(split: str, images: np.ndarray, shard: str = cfg.clients[k].shard) -> np.ndarray:
+                """Features of the first len(images) real images of ``split``, from the cache."""
+                key = f"{inspect_shard(shard).content_hash[:16]}-{split}{len(images)}-{identity}-v{FEATURES_VERSION}"
+                return cached_real_features(_cache_dir(cfg), key, lambda: feats(images))
 
-        real = cached("test", real_u8)
-        server = servers[topo.server_of(client.index)] if client.cut.uses_server else None
-        x_c = client.noised_to_cut(x0).float()
-        sets = _image_sets(cfg, server, client, x_c, n, check)
-        entry = {}
-        for name, images in sets.items():
-            scored = to_uint8(images)  # what is stored and exported is what is scored
-            fake = feats(scored)
-            pooled[name][0].append(real)
-            pooled[name][1].append(fake)
-            entry[name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
-            grids[(client.id, name)] = scored[:GRID_IMAGES]
-        entry["disclosure"] = _disclosure(client, x0, x_c)
-        y = torch.from_numpy(labels).to(device) if client.condition else None
-        entry["attack"] = _attack(client, clients, x0, x_c, y, real, feats, cached, n)
-        entry["compute"] = client_compute(client, min(n, 16))
-        report[client.id] = entry
-        log.info("evaluated client %s: %s", client.id, _line(entry))
+            real = cached("test", real_u8[k])
+            entry = {}
+            for name, images in generated[k].items():
+                scored = to_uint8(images)  # what is stored and exported is what is scored
+                fake = feats(scored)
+                pooled[name][0].append(real)
+                pooled[name][1].append(fake)
+                entry[name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
+                grids[(client.id, name)] = scored[:GRID_IMAGES]
+            entry["disclosure"] = _disclosure(client, x0[k], x_c[k])
+            y = torch.from_numpy(labels[k]).to(device) if client.condition else None
+            entry["attack"] = _attack(client, clients, x0[k], x_c[k], y, real, feats, cached, n)
+            entry["compute"] = client_compute(client, min(n, 16))
+            report[client.id] = entry
+            log.info("evaluated client %s: %s", client.id, _line(entry))
     report["pooled"] = {}
     for name, (reals, fakes) in pooled.items():
         if fakes:

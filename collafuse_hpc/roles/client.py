@@ -3,13 +3,18 @@
 What leaves a client is only what :meth:`Client.begin_round` and
 :meth:`Client.sample_request` return, and each of those is recorded in the
 audit first.
+
+Clients of one model shape on one rank are members of one :class:`Trainable`
+(unet.py): :func:`local_steps`, :func:`finish_samples` and :func:`sample_alone`
+run many of them in one batched pass, each with its own weights, optimizer
+state, data and random stream. A client's methods are those functions for one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +24,9 @@ from collafuse_hpc.data import EpochSampler, ShardReader, random_hflip, to_model
 from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.diffusion.trainable import Trainable
-from collafuse_hpc.diffusion.unet import UNet
+from collafuse_hpc.diffusion.unet import UNet, members_first, members_side_by_side
 from collafuse_hpc.runtime.topology import role_seed
-from collafuse_hpc.runtime.wire import WIRE_DTYPES, Kind, Message
+from collafuse_hpc.runtime.wire import WIRE_DTYPES, Kind, Message, one_client
 
 
 @dataclass
@@ -35,8 +40,42 @@ class AuditEntry:
     nbytes: int  # header + payload
 
 
+def _model_key(cfg: Config, index: int) -> str:
+    """Clients with equal keys can be members of one Trainable."""
+    c = cfg.clients[index]
+    return repr((c.model, c.labels, c.optim, c.compile))
+
+
+def client_nets(cfg: Config, indices: list[int], device: torch.device) -> dict[int, tuple[Trainable, int]]:
+    """{client index: (its Trainable, its member slot)}: one Trainable per model shape.
+
+    Each member starts from the weights client k would have alone (seeded by k),
+    so a client's run does not depend on which clients share its rank."""
+    groups: dict[str, list[int]] = {}
+    for k in indices:
+        groups.setdefault(_model_key(cfg, k), []).append(k)
+    nets = {}
+    for ks in groups.values():
+        c = cfg.clients[ks[0]]
+        shape = (c.model, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes if c.labels else 0)
+        with torch.device("meta"):
+            model = UNet(*shape, members=len(ks))
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for slot, k in enumerate(ks):
+                torch.manual_seed(role_seed(cfg.run.seed, "client", k))
+                for w, w1 in zip(model.parameters(), UNet(*shape).parameters()):
+                    w[slot].copy_(w1[0])
+        net = Trainable(model, c.optim, device, c.compile)
+        nets.update({k: (net, slot) for slot, k in enumerate(ks)})
+    return nets
+
+
 class Client:
-    def __init__(self, cfg: Config, index: int, device: torch.device):
+    """One client. ``net``: its Trainable and member slot (client_nets); None builds
+    one of its own."""
+
+    def __init__(self, cfg: Config, index: int, device: torch.device, net: tuple[Trainable, int] | None = None):
         c = cfg.clients[index]
         self.cfg, self.index, self.id, self.device = cfg, index, c.id, device
         self.cut = Cut.for_client(cfg, index)
@@ -49,14 +88,7 @@ class Client:
         self.generator = torch.Generator(device).manual_seed(seed)
         self.condition, self.share_labels = c.labels, c.share_labels
         self.train_labels = self.reader.labels() if c.labels or c.share_labels else None
-        torch.manual_seed(seed)  # model init
-        model = UNet(
-            c.model,
-            cfg.data.channels,
-            cfg.data.image_size,
-            num_classes=cfg.data.num_classes if c.labels else 0,
-        )
-        self.net = Trainable(model, c.optim, device, c.compile)
+        self.net, self.slot = net or client_nets(cfg, [index], device)[index]
         self.audit: list[AuditEntry] = []
         # what left this client over the whole run (checkpointed, so a resumed run counts on)
         self.released = {"images_sent": 0, "messages_sent": 0, "bytes_sent": 0}
@@ -66,11 +98,7 @@ class Client:
 
     def eps_model(self, ema: bool, y: torch.Tensor | None):
         """eps(x, t) of the training (``ema`` False) or sampling copy, labels y [N] or None."""
-
-        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.net.forward(x, t, ema, y=y)
-
-        return eps
+        return _eps([self], ema, y)
 
     def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, device=self.device)
@@ -101,22 +129,12 @@ class Client:
             return None
         x_c = self.noised_to_cut(self._x0)
         shared = self._y if self.share_labels else None
-        return self._record(Message(Kind.TRAIN, round_, self.cut.t_c, len(x_c), x_c, shared))
+        return self._record(one_client(Kind.TRAIN, round_, self.index, self.cut.t_c, len(x_c), x_c, shared))
 
     def local_step(self, t_max: int | None = None) -> float | None:
         """One optimizer step on this round's batch at t ~ U{1..t_max} (default t_c, the
         client's part; T measures the whole chain); None when that range is empty."""
-        low, high = self.cut.client_train_steps
-        high = high if t_max is None else t_max
-        if high < low:
-            return None
-        x0, n = self._x0, len(self._x0)
-        t = torch.randint(low, high + 1, (n,), generator=self.generator, device=self.device)
-        noise = self._randn(x0.shape)
-        y = self._y if self.condition else None
-        loss = self.diffusion.training_losses(self.eps_model(False, y), x0, t, noise).mean()
-        self.net.step(loss)
-        return loss.item()
+        return local_steps([self], t_max)[0]
 
     def sample_request(self, round_: int, n: int) -> Message | None:
         """Draw the labels of n samples (from the client's own label frequencies, when
@@ -128,36 +146,15 @@ class Client:
         if not self.cut.uses_server:
             return None
         shared = self.sample_labels if self.share_labels else None
-        return self._record(Message(Kind.SAMPLE_REQUEST, round_, self.cut.t_c, n, None, shared))
+        return self._record(one_client(Kind.SAMPLE_REQUEST, round_, self.index, self.cut.t_c, n, None, shared))
 
     def finish_samples(self, n: int, x_h: torch.Tensor | None) -> torch.Tensor:
-        """Run the client's part of the reverse chain with the EMA model (after
-        :meth:`sample_request`).
-
-        Args:
-            x_h: the server's output at the hand-over step [n, C, H, W], or None
-                 when c = 1 (start from pure noise at T).
-        Returns:
-            samples in [-1, 1], float32 [n, C, H, W].
-        """
-        _, grid = self.cut.sampling_grids()
-        if x_h is None:
-            x_h = self._randn(self._image_shape(n))
-        if not grid:  # c = 0: the server produced x_0 itself
-            return x_h.float().clamp(-1, 1)
-        eps = self.eps_model(True, self.sample_labels if self.condition else None)
-        return self.diffusion.p_sample_loop(
-            eps, x_h.float(), grid, a=0, clip=True, generator=self.generator, eta=self.cut.eta
-        )
+        """:func:`finish_samples` of this client alone."""
+        return finish_samples([self], n, [x_h])[0]
 
     def sample_alone(self, n: int) -> torch.Tensor:
-        """n samples of the client's model on the whole chain T..0 from pure noise (with
-        the labels of the last request): what the client could make without the server.
-        Returns float32 [n, C, H, W] in [-1, 1]."""
-        _, grid = self.cut.full_chain().sampling_grids()
-        eps = self.eps_model(True, self.sample_labels if self.condition else None)
-        x_T = self._randn(self._image_shape(n))
-        return self.diffusion.p_sample_loop(eps, x_T, grid, a=0, clip=True, generator=self.generator, eta=self.cut.eta)
+        """:func:`sample_alone` of this client alone."""
+        return sample_alone([self], n)[0]
 
     def _image_shape(self, n: int) -> tuple[int, int, int, int]:
         return n, self.cfg.data.channels, self.cfg.data.image_size, self.cfg.data.image_size
@@ -166,13 +163,14 @@ class Client:
     def scratch(self) -> Iterator[None]:
         """Work inside the block leaves no trace: weights, optimizer, data order, random
         streams and the audit are restored after (measurements of client compute)."""
-        state = copy.deepcopy(self.state_dict())  # state_dict() holds the live tensors
-        audit = list(self.audit)
+        state = copy.deepcopy(self.state_dict())
+        audit, torch_rng = list(self.audit), torch.get_rng_state()
         try:
             yield
         finally:
             self.load_state_dict(state)
             self.audit = audit
+            torch.set_rng_state(torch_rng)
 
     def drain_audit(self) -> list[AuditEntry]:
         """Entries recorded since the last call (the loop stores them in results)."""
@@ -180,17 +178,102 @@ class Client:
         return entries
 
     def state_dict(self) -> dict:
+        """The client's own state, whichever rank hosts it (a checkpoint may be
+        resumed with another placement)."""
         return {
-            "net": self.net.state_dict(),
+            "net": self.net.member_state(self.slot),
             "sampler": self.sampler.state_dict(),
             "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
             "released": dict(self.released),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.net.load_state_dict(state["net"])
-        self.released = dict(state["released"])
+        self.load_weights(state)
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+
+    def load_weights(self, state: dict) -> None:
+        """Weights, optimizer state and audit totals of a :meth:`state_dict` (not the
+        data order and random stream: an evaluation draws its own)."""
+        self.net.load_member_state(self.slot, state["net"])
+        self.released = dict(state["released"])
+
+
+def _eps(clients: list[Client], ema: bool, y: torch.Tensor | None) -> Callable:
+    """eps(x, t) of ``clients`` (members of one Trainable) together: x [K*n, C, H, W]
+    holds client j's n images at j*n.., t and y (or None) are [K*n]."""
+    net, slots, K = clients[0].net, [c.slot for c in clients], len(clients)
+    assert all(c.net is net for c in clients)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond = {} if y is None else {"y": y.view(K, -1).T}  # (n, K)
+        out = net.forward(members_side_by_side(x, K), t.view(K, -1).T, ema, members=slots, **cond)
+        return members_first(out, K)
+
+    return eps
+
+
+def local_steps(clients: list[Client], t_max: int | None = None) -> list[float | None]:
+    """One optimizer step for each of ``clients`` (members of one Trainable, one batch
+    size) on its round's batch at t ~ U{1..t_max} (default its t_c; T measures the
+    whole chain), in one batched pass. Returns each client's loss, None where that
+    range is empty (it does not step)."""
+    ranges = [(c.cut.client_train_steps[0], c.cut.client_train_steps[1] if t_max is None else t_max) for c in clients]
+    active = [i for i, (low, high) in enumerate(ranges) if high >= low]
+    out: list[float | None] = [None] * len(clients)
+    if not active:
+        return out
+    cs = [clients[i] for i in active]
+    # each client's draws in the order it made them alone: its t, then its noise
+    t = torch.cat(
+        [
+            torch.randint(low, high + 1, (len(c._x0),), generator=c.generator, device=c.device)
+            for c, (low, high) in zip(cs, [ranges[i] for i in active])
+        ]
+    )
+    noise = torch.cat([c._randn(c._x0.shape) for c in cs])
+    x0 = torch.cat([c._x0 for c in cs])  # (K*B, C, H, W)
+    y = torch.cat([c._y for c in cs]) if cs[0].condition else None
+    losses = cs[0].diffusion.training_losses(_eps(cs, False, y), x0, t, noise).view(len(cs), -1).mean(1)
+    cs[0].net.step(losses.sum(), members=[c.slot for c in cs])
+    for i, loss in zip(active, losses.tolist()):
+        out[i] = loss
+    return out
+
+
+def _sampling_labels(clients: list[Client]) -> torch.Tensor | None:
+    return torch.cat([c.sample_labels for c in clients]) if clients[0].condition else None
+
+
+def finish_samples(clients: list[Client], n: int, x_h: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Run the clients' part of the reverse chain with their EMA models, together
+    (after each one's :meth:`Client.sample_request`; members of one Trainable with
+    one sampling grid).
+
+    Args:
+        x_h: per client, the server's output at the hand-over step [n, C, H, W], or
+             None when c = 1 (start from pure noise at T).
+    Returns:
+        per client, samples in [-1, 1], float32 [n, C, H, W].
+    """
+    c0 = clients[0]
+    _, grid = c0.cut.sampling_grids()
+    x = torch.cat([c._randn(c._image_shape(n)) if x is None else x.float() for c, x in zip(clients, x_h)])
+    if not grid:  # c = 0: the server produced x_0 itself
+        return list(x.clamp(-1, 1).split(n))
+    eps = _eps(clients, True, _sampling_labels(clients))
+    gens = [c.generator for c in clients]
+    out = c0.diffusion.p_sample_loop(eps, x, grid, a=0, clip=True, generator=gens, eta=c0.cut.eta)
+    return list(out.split(n))
+
+
+def sample_alone(clients: list[Client], n: int) -> list[torch.Tensor]:
+    """n samples of each client's model on the whole chain T..0 from pure noise (with
+    the labels of its last request), together: what each could make without the
+    server. Returns per client float32 [n, C, H, W] in [-1, 1]."""
+    c0 = clients[0]
+    _, grid = c0.cut.full_chain().sampling_grids()
+    x_T = torch.cat([c._randn(c._image_shape(n)) for c in clients])
+    eps = _eps(clients, True, _sampling_labels(clients))
+    gens = [c.generator for c in clients]
+    return list(c0.diffusion.p_sample_loop(eps, x_T, grid, a=0, clip=True, generator=gens, eta=c0.cut.eta).split(n))

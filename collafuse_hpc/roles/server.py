@@ -15,7 +15,7 @@ from collafuse_hpc.diffusion.trainable import Trainable
 from collafuse_hpc.diffusion.unet import UNet
 from collafuse_hpc.logs import Progress
 from collafuse_hpc.runtime.topology import role_seed
-from collafuse_hpc.runtime.wire import WIRE_DTYPES, Kind, Message, PeerFailure
+from collafuse_hpc.runtime.wire import WIRE_DTYPES, Kind, Message, PeerFailure, one_client
 
 
 class Server:
@@ -128,12 +128,12 @@ class Server:
             if losses is not None:
                 parts = losses.detach().cpu().split([msgs[k].count for k in group])
                 for k, part in zip(group, parts):
-                    reply(k, Message(Kind.TRAIN_REPLY, msgs[k].round, msgs[k].t_c, 1, part.mean().reshape(1)))
+                    reply(k, one_client(Kind.TRAIN_REPLY, msgs[k].round, k, msgs[k].t_c, 1, part.mean().reshape(1)))
             if self.reduce is None:
                 self.net.step(None if losses is None else losses.mean())
             else:  # sum / N over all replicas' images, then summed across replicas: the global mean
                 images = sum(b for k, b in self.batch_sizes.items() if taking_part is None or k in taking_part)
-                self.net.step(None if losses is None else losses.sum() / images, self.reduce)
+                self.net.step(None if losses is None else losses.sum() / images, reduce=self.reduce)
 
     def sample(self, requests: dict[int, Message], check: Callable[[], None] = lambda: None) -> dict[int, Message]:
         """Serve ``{client index: SAMPLE_REQUEST}``: run T..h with the EMA model.
@@ -172,7 +172,7 @@ class Server:
             parts = torch.cat(out).split([requests[k].count for k in ks])
             for k, x_h in zip(ks, parts):
                 x_h = x_h.to(WIRE_DTYPES[self.cfg.clients[k].wire_dtype]).contiguous()
-                replies[k] = Message(Kind.SAMPLE_REPLY, requests[k].round, t_c, len(x_h), x_h)
+                replies[k] = one_client(Kind.SAMPLE_REPLY, requests[k].round, k, t_c, len(x_h), x_h)
         return replies
 
     def continue_alone(
@@ -190,13 +190,13 @@ class Server:
 
     def state_dict(self) -> dict:
         return {
-            "net": self.net.state_dict(),
+            "net": self.net.member_state(0),
             "streams": {str(k): g.get_state() for k, g in self.streams.items()},
             "torch_rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.net.load_state_dict(state["net"])
+        self.net.load_member_state(0, state["net"])
         for k, g in self.streams.items():
             g.set_state(state["streams"][str(k)])
         torch.set_rng_state(state["torch_rng"])

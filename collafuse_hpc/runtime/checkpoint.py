@@ -1,5 +1,10 @@
 """Checkpoint sets: one file per rank per round, complete only when all are there.
 
+A server's file holds its state; a client rank's file holds the states of the
+clients it hosts, by client id, and a client's state does not depend on where
+it ran: :func:`load_clients` finds each client in whichever file of the set
+holds it, so a run may resume with another ``run.clients_per_rank``.
+
 Layout: ``<output_dir>/checkpoints/round_<R>/rank<r>.pt`` plus a ``COMPLETE``
 marker that rank 0 writes after every rank has saved (a barrier), so a resume
 never mixes rounds. R is the number of finished rounds (the round to resume
@@ -20,7 +25,12 @@ import yaml
 
 from collafuse_hpc.atomic import atomic_path
 
-FORMAT = "collafuse-checkpoint-v2"  # v2: a client's state holds its audit totals ("released")
+# v2: a client's state holds its audit totals ("released"); v3: members (trainable.py), clients by id
+FORMAT = "collafuse-checkpoint-v3"
+OLDER = {
+    "collafuse-checkpoint-v1": "format v1, without the clients' audit totals",
+    "collafuse-checkpoint-v2": "format v2, one client per rank and torch's optimizer state",
+}
 MARKER = "COMPLETE"
 
 
@@ -136,23 +146,45 @@ def saved_config(output_dir: str, round_: int) -> dict:
 
 def _check_format(ckpt: object, path: str, rank: int) -> None:
     """ValueError unless ``ckpt`` is this version's checkpoint of ``rank``."""
-    if isinstance(ckpt, dict) and ckpt.get("format") == "collafuse-checkpoint-v1":
+    if isinstance(ckpt, dict) and ckpt.get("format") in OLDER:
         raise ValueError(
-            f"checkpoint {path!r} was written by an earlier collafuse-hpc (format v1, without the clients' "
-            "audit totals): continue or evaluate that run with the version that wrote it, or start a new run"
+            f"checkpoint {path!r} was written by an earlier collafuse-hpc ({OLDER[ckpt['format']]}): "
+            "continue or evaluate that run with the version that wrote it, or start a new run"
         )
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("rank") != rank:
         raise ValueError(f"checkpoint {path!r} is not a {FORMAT} file for rank {rank}")
 
 
-def load_rank(output_dir: str, round_: int, rank: int) -> dict:
-    """This rank's state from the set of ``round_``; ValueError naming the file if unusable."""
+def load_rank(output_dir: str, round_: int, rank: int, mmap: bool = False) -> dict:
+    """This rank's state from the set of ``round_``; ValueError naming the file if unusable.
+    ``mmap``: tensors stay on disk until used."""
     path = os.path.join(set_dir(output_dir, round_), f"rank{rank}.pt")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise ValueError(f"checkpoint {path!r} is missing from a set marked complete") from None
     except Exception as e:  # truncated or foreign files fail in many ways inside torch
         raise ValueError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e})") from None
     _check_format(ckpt, path, rank)
     return ckpt
+
+
+def load_clients(output_dir: str, round_: int, ids: list[str]) -> dict[str, dict]:
+    """{client id: its state} from the set of ``round_``, whichever rank saved each
+    (the placement may have changed since). ValueError naming the file that cannot
+    be read, or the clients the set does not hold."""
+    names = os.listdir(set_dir(output_dir, round_))
+    ranks = sorted(int(m.group(1)) for m in map(re.compile(r"rank(\d+)\.pt").fullmatch, names) if m)
+    wanted, found = set(ids), {}
+    for rank in ranks:
+        held = load_rank(output_dir, round_, rank, mmap=True)["state"].get("clients", {})
+        found.update({cid: state for cid, state in held.items() if cid in wanted})
+        if len(found) == len(wanted):
+            break
+    missing = [cid for cid in ids if cid not in found]
+    if missing:
+        raise ValueError(
+            f"the checkpoint set of round {round_} in {output_dir!r} holds no state for client(s) "
+            f"{missing[:5]}: the clients changed since it was written"
+        )
+    return found

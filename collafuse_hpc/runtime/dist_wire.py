@@ -22,12 +22,15 @@ import torch.distributed as dist
 from collafuse_hpc.runtime.launch import Launch, listen
 from collafuse_hpc.runtime.wire import (
     HEADER_LEN,
+    PART_LEN,
     Kind,
     Message,
     PeerFailure,
     Wire,
     decode_header,
+    decode_parts,
     encode_header,
+    encode_parts,
     error_message,
 )
 
@@ -161,7 +164,9 @@ class DistWire(Wire):
 
     def _post(self, dst: int, msg: Message, group) -> None:
         """Post the header, payload and labels of ``msg`` to ``dst`` on ``group`` (None: gloo)."""
-        tensors = [encode_header(msg, self.rank)] + [t.contiguous() for t in (msg.payload, msg.labels) if t is not None]
+        table = encode_parts(msg) if msg.parts else None
+        tensors = [encode_header(msg, self.rank)]
+        tensors += [t.contiguous() for t in (table, msg.payload, msg.labels) if t is not None]
         for t in tensors:
             t = t.to(self.device) if group is not None else t.cpu()
             try:
@@ -205,6 +210,9 @@ class DistWire(Wire):
         )
         if header is None:
             raise PeerFailure(f"{self.describe(self.rank)} got a malformed header from {self.describe(src)}")
+        parts = ()
+        if header.parts:
+            parts = decode_parts(self._recv_tensor(torch.empty((header.parts, PART_LEN), dtype=torch.int64), src, what))
         payload = None
         if header.payload_shape is not None:
             # pinned host memory lets the copy to a GPU overlap with what follows
@@ -213,8 +221,9 @@ class DistWire(Wire):
             payload = self._recv_tensor(buffer, src, what).to(self.device, non_blocking=True)
         labels = None
         if header.has_labels:
-            labels = self._recv_tensor(torch.empty(header.count, dtype=torch.int64), src, what).to(self.device)
-        msg = Message(header.kind, header.round, header.t_c, header.count, payload, labels)
+            labelled = sum(p.count for p in parts if p.labels)
+            labels = self._recv_tensor(torch.empty(labelled, dtype=torch.int64), src, what).to(self.device)
+        msg = Message(header.kind, header.round, parts, header.count, payload, labels)
         return self._check(src, msg, kind, round_)
 
     def barrier(self, timeout_s: float | None = None) -> None:

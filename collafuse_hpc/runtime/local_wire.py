@@ -25,7 +25,7 @@ class LocalWire(Wire):
 
     def send(self, dst: int, msg: Message) -> None:
         payload, labels = (None if t is None else t.detach().clone() for t in (msg.payload, msg.labels))
-        self.hub.queue(self.rank, dst).put(Message(msg.kind, msg.round, msg.t_c, msg.count, payload, labels))
+        self.hub.queue(self.rank, dst).put(Message(msg.kind, msg.round, msg.parts, msg.count, payload, labels))
 
     def flush(self, timeout_s: float | None = None) -> None:
         pass
@@ -40,7 +40,7 @@ class LocalWire(Wire):
                 f"from {self.describe(src)} (bound {bound:.0f} s)"
             ) from None
         payload, labels = (None if t is None else t.to(self.device) for t in (msg.payload, msg.labels))
-        return self._check(src, Message(msg.kind, msg.round, msg.t_c, msg.count, payload, labels), kind, round_)
+        return self._check(src, Message(msg.kind, msg.round, msg.parts, msg.count, payload, labels), kind, round_)
 
     def check_alive(self, peers: list[int]) -> None:
         if self.hub.failed.is_set():

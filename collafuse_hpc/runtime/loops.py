@@ -23,12 +23,13 @@ from collafuse_hpc.results.schema import AUDIT, HANDOVER, SAMPLES, SUMMARY, part
 from collafuse_hpc.results.tensorboard import ScalarSink
 from collafuse_hpc.results.writer import RoleResults, save_grid
 from collafuse_hpc.roles.client import Client
+from collafuse_hpc.roles.host import ClientHost
 from collafuse_hpc.roles.server import Server
 from collafuse_hpc.runtime.preemption import Preempted
 from collafuse_hpc.runtime.profiling import RoundProfiler
 from collafuse_hpc.runtime.rounds import Context, end_of_round, restore, rounds
 from collafuse_hpc.runtime.topology import Topology, participants
-from collafuse_hpc.runtime.wire import Kind, Message, PeerFailure, Wire
+from collafuse_hpc.runtime.wire import Kind, Message, PeerFailure, Wire, pack
 
 log = logging.getLogger("collafuse_hpc")
 
@@ -57,11 +58,12 @@ def _loss_tails(totals: dict, recent: deque) -> None:
 
 
 def _role_name(ctx: Context) -> str:
-    """``server`` (``server_<rank>`` with replicas) or ``client_<id>``: names the
-    role's profile trace and TensorBoard folder."""
-    if not ctx.topo.is_server(ctx.rank):
-        return f"client_{ctx.topo.client_ids[ctx.topo.client_index(ctx.rank)]}"
-    return f"server_{ctx.rank}" if ctx.topo.num_servers > 1 else "server"
+    """``server`` (``server_<rank>`` with replicas), ``client_<id>`` or, for a rank hosting
+    several clients, ``clients_rank<rank>``: names the rank's profile trace."""
+    if ctx.topo.is_server(ctx.rank):
+        return f"server_{ctx.rank}" if ctx.topo.num_servers > 1 else "server"
+    hosted = ctx.topo.clients_on(ctx.rank)
+    return f"client_{ctx.topo.client_ids[hosted[0]]}" if len(hosted) == 1 else f"clients_rank{ctx.rank}"
 
 
 def _profiler(ctx: Context, device: torch.device) -> RoundProfiler:
@@ -69,10 +71,32 @@ def _profiler(ctx: Context, device: torch.device) -> RoundProfiler:
     return RoundProfiler(path, ctx.cfg.run.profile_rounds if ctx.may_profile else 0, device.type == "cuda")
 
 
+def _hosts(topo: Topology, clients: list[int]) -> dict[int, list[int]]:
+    """``clients`` by the rank that hosts them: {client rank: [client index, ...]}."""
+    out: dict[int, list[int]] = {}
+    for k in clients:
+        out.setdefault(topo.rank_of(k), []).append(k)
+    return out
+
+
+def _send_packed(wire: Wire, msgs: dict[int, Message], dst_of: dict[int, int]) -> None:
+    """Send one-client messages ``{client: msg}`` packed: one message per destination rank."""
+    for dst, ks in sorted(_group(msgs, dst_of).items()):
+        wire.send(dst, pack([msgs[k] for k in ks]))
+
+
+def _group(msgs: dict[int, Message], dst_of: dict[int, int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for k in sorted(msgs):
+        out.setdefault(dst_of[k], []).append(k)
+    return out
+
+
 def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
-    """Receive every client's x_c, reply with the loss after the forward pass, step;
-    then serve the sampling requests."""
-    ranks = {k: ctx.topo.client_rank(k) for k in server.clients}
+    """Receive every client rank's x_c, reply with the losses after the forward pass,
+    step; then serve the sampling requests."""
+    hosts = _hosts(ctx.topo, server.clients)
+    rank_of = {k: ctx.topo.rank_of(k) for k in server.clients}
     wire, run = ctx.wire, ctx.cfg.run
     totals = {"images": 0, "bytes_received": 0, "time_recv_s": 0.0, "time_compute_s": 0.0, "time_send_s": 0.0}
     recent: deque = deque(maxlen=run.log_every)
@@ -81,13 +105,24 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
         t0 = time.perf_counter()
         bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models (compile, ...)
         taking_part = participants(ctx.cfg, r)
-        msgs = {k: wire.recv(ranks[k], Kind.TRAIN, r, bound) for k in server.clients if k in taking_part}
+        msgs, nbytes = {}, 0
+        for src, ks in hosts.items():
+            expected = [k for k in ks if k in taking_part]
+            if expected:
+                packed = wire.recv(src, Kind.TRAIN, r, bound)
+                msgs.update(wire.split(src, packed, expected))
+                nbytes += packed.nbytes
         t1 = time.perf_counter()
         losses: list[float] = []
+        pending: dict[int, dict[int, Message]] = {src: {} for src in hosts}
+        expecting = {src: sum(1 for k in ks if k in msgs) for src, ks in hosts.items()}
 
-        def reply(k: int, msg: Message, losses=losses) -> None:
+        def reply(k: int, msg: Message, losses=losses, pending=pending, expecting=expecting) -> None:
             losses.append(msg.payload.item())
-            wire.send(ranks[k], msg)
+            waiting = pending[rank_of[k]]
+            waiting[k] = msg
+            if len(waiting) == expecting[rank_of[k]]:  # that rank's last reply: send them together
+                wire.send(rank_of[k], pack([waiting[j] for j in sorted(waiting)]))
 
         if msgs or ctx.topo.num_servers > 1:  # an idle replica still joins the gradient all-reduce
             server.train_round(msgs, reply, taking_part)
@@ -99,7 +134,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
             "round": r,
             "loss_server": float(np.mean(losses)) if losses else math.nan,
             "clients": len(msgs),
-            "bytes_received": sum(m.nbytes for m in msgs.values()),
+            "bytes_received": nbytes,
             "time_recv_s": t1 - t0,
             "time_compute_s": t2 - t1,
             "time_send_s": t3 - t2,
@@ -118,13 +153,15 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
                 row["images_per_s"],
             )
         profiler.step()
-        end_of_round(ctx, results, server.state_dict(), r)
+        end_of_round(ctx, [results], server.state_dict(), r)
     profiler.close()
     _loss_tails(totals, recent)
     t0 = time.perf_counter()
-    requests = {k: wire.recv(ranks[k], Kind.SAMPLE_REQUEST, run.rounds) for k in server.clients}
-    for k, reply_msg in server.sample(requests, lambda: wire.check_alive(list(ranks.values()))).items():
-        wire.send(ranks[k], reply_msg)
+    requests = {}
+    for src, ks in hosts.items():
+        requests.update(wire.split(src, wire.recv(src, Kind.SAMPLE_REQUEST, run.rounds), ks))
+    replies = server.sample(requests, lambda: wire.check_alive(list(hosts)))
+    _send_packed(wire, replies, rank_of)
     wire.flush()
     totals["time_sampling_s"] = time.perf_counter() - t0
     busy = totals["time_recv_s"] + totals["time_compute_s"] + totals["time_send_s"]
@@ -134,63 +171,81 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     return totals
 
 
-def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
-    """Send x_c, step locally while the server works, take the reply; then sample."""
-    server_rank = ctx.topo.server_of(client.index)
-    wire, run = ctx.wire, ctx.cfg.run
-    totals = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
-    recent: deque = deque(maxlen=run.log_every)
-    profiler = _profiler(ctx, client.device)
+def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults]) -> dict[int, dict]:
+    """For this round's clients of the rank: send their x_c (one message per server),
+    step them locally in one batched pass while the servers work, take the replies;
+    then sample for every client. Returns each client's summary by index."""
+    wire, run, topo = ctx.wire, ctx.cfg.run, ctx.topo
+    server_of = {c.index: topo.server_of(c.index) for c in host.clients}
+    zero = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
+    totals = {c.index: dict(zero) for c in host.clients}
+    recent = {c.index: deque(maxlen=run.log_every) for c in host.clients}
+    profiler = _profiler(ctx, host.device)
     for r in rounds(ctx):
-        if client.index not in participants(ctx.cfg, r):  # not drawn for this round: nothing to do
-            idle = {"time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0, "images_per_s": 0.0}
-            results.log({"round": r, "took_part": 0, "loss_local": math.nan, "loss_server": math.nan, **idle})
-            profiler.step()
-            end_of_round(ctx, results, client.state_dict(), r)
-            continue
+        drawn = participants(ctx.cfg, r)
+        taking = [c for c in host.clients if c.index in drawn]
         t0 = time.perf_counter()
-        msg = client.begin_round(r)
-        if msg is not None:
-            wire.send(server_rank, msg)
+        sent = {c.index: c.begin_round(r) for c in taking}
+        sent = {k: m for k, m in sent.items() if m is not None}
+        _send_packed(wire, sent, server_of)
         t1 = time.perf_counter()
-        loss_local = client.local_step()
+        loss_local = host.local_steps(taking)
         t2 = time.perf_counter()
-        loss_server = math.nan
-        if msg is not None:
-            bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models
-            loss_server = wire.recv(server_rank, Kind.TRAIN_REPLY, r, bound).payload.item()
-            wire.flush()
+        loss_server: dict[int, float] = {}
+        bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models
+        for src, ks in _group(sent, server_of).items():
+            replies = wire.split(src, wire.recv(src, Kind.TRAIN_REPLY, r, bound), ks)
+            loss_server.update({k: m.payload.item() for k, m in replies.items()})
+        wire.flush()
         t3 = time.perf_counter()
-        row = {
-            "round": r,
-            "took_part": 1,
-            "loss_local": math.nan if loss_local is None else loss_local,
-            "loss_server": loss_server,
-            "time_local_s": t2 - t1,
-            "time_wait_s": t3 - t2,
-            "time_round_s": t3 - t0,
-            "images_per_s": client.batch_size / (t3 - t0),
-        }
-        results.log(row)
-        _log_audit(results, client)
-        _add_totals(totals, row, recent)
-        totals["images"] += client.batch_size
+        for c in host.clients:
+            if c.index not in drawn:  # not drawn for this round: nothing to do
+                idle = {"time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0, "images_per_s": 0.0}
+                losses = {"loss_local": math.nan, "loss_server": math.nan}
+                results[c.index].log({"round": r, "took_part": 0, **losses, **idle})
+                continue
+            local = loss_local[c.index]
+            row = {
+                "round": r,
+                "took_part": 1,
+                "loss_local": math.nan if local is None else local,
+                "loss_server": loss_server.get(c.index, math.nan),
+                "time_local_s": t2 - t1,  # the rank's batched step, shared by its clients of the round
+                "time_wait_s": t3 - t2,
+                "time_round_s": t3 - t0,
+                "images_per_s": c.batch_size / (t3 - t0),
+            }
+            results[c.index].log(row)
+            _log_audit(results[c.index], c)
+            _add_totals(totals[c.index], row, recent[c.index])
+            totals[c.index]["images"] += c.batch_size
         profiler.step()
-        end_of_round(ctx, results, client.state_dict(), r)
+        end_of_round(ctx, list(results.values()), host.state_dict(), r)
     profiler.close()
-    _loss_tails(totals, recent)
     n = run.samples_per_client
     t0 = time.perf_counter()
-    request = client.sample_request(run.rounds, n)
-    x_h = None
-    if request is not None:
-        wire.send(server_rank, request)
-        x_h = wire.recv(server_rank, Kind.SAMPLE_REPLY, run.rounds, run.work_timeout_s).payload  # the server samples
-        wire.flush()
+    requests = {c.index: c.sample_request(run.rounds, n) for c in host.clients}
+    requests = {k: m for k, m in requests.items() if m is not None}
+    _send_packed(wire, requests, server_of)
+    x_h: dict[int, torch.Tensor | None] = {c.index: None for c in host.clients}
+    for src, ks in _group(requests, server_of).items():  # the servers sample
+        replies = wire.split(src, wire.recv(src, Kind.SAMPLE_REPLY, run.rounds, run.work_timeout_s), ks)
+        x_h.update({k: m.payload for k, m in replies.items()})
+    wire.flush()
     t1 = time.perf_counter()
-    samples = to_uint8(client.finish_samples(n, x_h))
-    totals["time_sampling_wait_s"] = t1 - t0
-    totals["time_sampling_local_s"] = time.perf_counter() - t1
+    samples = host.finish_samples(n, x_h)
+    t2 = time.perf_counter()
+    for c in host.clients:
+        _loss_tails(totals[c.index], recent[c.index])
+        _finish(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), x_h[c.index])
+        totals[c.index].update(time_sampling_wait_s=t1 - t0, time_sampling_local_s=t2 - t1)
+    return totals
+
+
+def _finish(
+    ctx: Context, client: Client, results: RoleResults, totals: dict, samples: np.ndarray, x_h: torch.Tensor | None
+) -> None:
+    """Write a client's samples, grid, audit and totals at the end of its run."""
     results.write(SAMPLES, samples, units="uint8 pixels 0..255")
     if x_h is not None:
         results.write(HANDOVER, x_h.float().cpu().numpy(), t=client.cut.handover, units="model range [-1, 1]")
@@ -203,7 +258,6 @@ def client_loop(ctx: Context, client: Client, results: RoleResults) -> dict:
     audit = {**client.released, "t_c": client.cut.t_c}  # over every run of this output folder
     results.write_attrs(AUDIT, audit)
     totals.update(audit, grid=grid)
-    return totals
 
 
 def _log_audit(results: RoleResults, client: Client) -> None:
@@ -211,35 +265,48 @@ def _log_audit(results: RoleResults, client: Client) -> None:
         results.log(dataclasses.asdict(entry), AUDIT)
 
 
-def build_role(cfg: Config, topo: Topology, rank: int, device: torch.device, wire: Wire) -> Server | Client:
+def build_role(cfg: Config, topo: Topology, rank: int, device: torch.device, wire: Wire) -> Server | ClientHost:
     if topo.is_server(rank):
         reduce = wire.allreduce_servers if topo.num_servers > 1 else None
         return Server(cfg, topo.clients_of(rank), device, reduce)
-    return Client(cfg, topo.client_index(rank), device)
+    return ClientHost(cfg, topo.clients_on(rank), device)
 
 
-def run_role(ctx: Context, role: Server | Client) -> dict:
-    """Run one role to the end. On failure tell the peers (ERROR) and re-raise."""
+def summary_key(cfg: Config, topo: Topology, rank: int, client: int | None = None) -> str:
+    """A role's name in the summaries of a run: its part file's name, ``server_<rank>`` or
+    ``client_<id>``."""
+    return os.path.splitext(os.path.basename(part_file(cfg, topo, rank, client)))[0]
+
+
+def run_role(ctx: Context, role: Server | ClientHost) -> dict[str, dict]:
+    """Run one rank's role to the end; returns each role's summary by
+    :func:`summary_key`. On failure tell the peers (ERROR) and re-raise."""
     cfg, topo, rank = ctx.cfg, ctx.topo, ctx.rank
+    where = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}  # which process wrote a part
+    resume = ctx.start_round if ctx.start_round else None
     if isinstance(role, Server):  # the other replicas first: after a failed collective they are probed first
-        peers = [r for r in range(topo.num_servers) if r != rank] + [topo.client_rank(k) for k in role.clients]
-        attrs = {"role": "server"}
+        peers = [r for r in range(topo.num_servers) if r != rank] + sorted(_hosts(topo, role.clients))
     else:
-        peers = [topo.server_of(role.index)] if role.cut.uses_server else []
-        attrs = {"role": "client", "client_id": role.id, "t_c": role.cut.t_c, "cut_ratio": role.cut.ratio}
-    attrs.update(rank=rank, host=socket.gethostname(), pid=os.getpid())  # which process wrote this part
+        peers = sorted({topo.server_of(c.index) for c in role.clients if c.cut.uses_server})
     try:
         restore(ctx, role)
-        mirror = ScalarSink(ctx.output_dir, _role_name(ctx)) if cfg.run.tensorboard else None
-        results = RoleResults(part_file(cfg, topo, rank), attrs, ctx.start_round if ctx.start_round else None, mirror)
+        resume = ctx.start_round if ctx.start_round else None
         if isinstance(role, Server):
-            summary = server_loop(ctx, role, results)
+            mirror = ScalarSink(ctx.output_dir, _role_name(ctx)) if cfg.run.tensorboard else None
+            results = {None: RoleResults(part_file(cfg, topo, rank), {"role": "server", **where}, resume, mirror)}
+            summaries = {None: server_loop(ctx, role, results[None])}
         else:
-            summary = client_loop(ctx, role, results)
-        results.flush()
-        results.write_attrs(SUMMARY, summary)
+            results = {}
+            for c in role.clients:
+                mirror = ScalarSink(ctx.output_dir, f"client_{c.id}") if cfg.run.tensorboard else None
+                attrs = {"role": "client", "client_id": c.id, "t_c": c.cut.t_c, "cut_ratio": c.cut.ratio, **where}
+                results[c.index] = RoleResults(part_file(cfg, topo, rank, c.index), attrs, resume, mirror)
+            summaries = client_loop(ctx, role, results)
+        for k, part in results.items():
+            part.flush()
+            part.write_attrs(SUMMARY, summaries[k])
         ctx.wire.barrier(ctx.cfg.run.work_timeout_s)  # every role has written its part (clients sample at their pace)
-        return summary
+        return {summary_key(cfg, topo, rank, k): summary for k, summary in summaries.items()}
     except Preempted:
         raise
     except PeerFailure as e:
@@ -256,8 +323,8 @@ def run_role(ctx: Context, role: Server | Client) -> dict:
         raise RankFailure(text) from e
 
 
-def part_file(cfg: Config, topo: Topology, rank: int) -> str:
-    """The part file ``rank`` writes."""
+def part_file(cfg: Config, topo: Topology, rank: int, client: int | None = None) -> str:
+    """The part file of server ``rank`` or of client index ``client``."""
     if topo.is_server(rank):
         return part_path(cfg.run.output_dir, None, rank)
-    return part_path(cfg.run.output_dir, topo.client_ids[topo.client_index(rank)])
+    return part_path(cfg.run.output_dir, topo.client_ids[client])

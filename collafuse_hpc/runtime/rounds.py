@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from collafuse_hpc.config import Config
 from collafuse_hpc.results.writer import RoleResults
-from collafuse_hpc.roles.client import Client
+from collafuse_hpc.roles.host import ClientHost
 from collafuse_hpc.roles.server import Server
 from collafuse_hpc.runtime import checkpoint
 from collafuse_hpc.runtime.preemption import Preempted, StopRequest
@@ -56,7 +56,7 @@ def _fault(ctx: Context, round_: int) -> None:
         raise RuntimeError(f"injected fault at round {round_}")
 
 
-def end_of_round(ctx: Context, results: RoleResults, state: dict, r: int) -> None:
+def end_of_round(ctx: Context, results: list[RoleResults], state: dict, r: int) -> None:
     """After round ``r``: agree on a stop request, flush results and write a
     checkpoint set when due; raise Preempted (on every rank) after a stop.
 
@@ -73,7 +73,8 @@ def end_of_round(ctx: Context, results: RoleResults, state: dict, r: int) -> Non
     if check and not last and not stop:
         ctx.pending_stop = ctx.wire.any_rank_later(ctx.stop.requested)
     if done % run.log_every == 0 or last or stop:
-        results.flush()
+        for part in results:
+            part.flush()
     if last or stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
         ctx.beat(f"the checkpoint set of round {done}")
         checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml)
@@ -96,7 +97,15 @@ def rounds(ctx: Context):
     ctx.beat("sampling")
 
 
-def restore(ctx: Context, role: Server | Client) -> None:
+def _saved_state(ctx: Context, role: Server | ClientHost, round_: int) -> dict:
+    """``role``'s state in the set of ``round_`` (a client rank's: its clients', from
+    whichever files hold them); ValueError when unusable."""
+    if isinstance(role, ClientHost):
+        return {"clients": checkpoint.load_clients(ctx.output_dir, round_, [c.id for c in role.clients])}
+    return checkpoint.load_rank(ctx.output_dir, round_, ctx.rank)["state"]
+
+
+def restore(ctx: Context, role: Server | ClientHost) -> None:
     """Load the newest checkpoint set every rank can read (a truncated or foreign
     file falls back to the previous set) and set ``ctx.start_round`` to it."""
     if not ctx.start_round:
@@ -104,13 +113,13 @@ def restore(ctx: Context, role: Server | Client) -> None:
     state, mine = None, 0
     for r in reversed([r for r in checkpoint.complete_rounds(ctx.output_dir) if r <= ctx.start_round]):
         try:
-            state, mine = checkpoint.load_rank(ctx.output_dir, r, ctx.rank)["state"], r
+            state, mine = _saved_state(ctx, role, r), r
             break
         except ValueError as e:
             log.warning("%s; trying the previous checkpoint set", e)
     agreed = -ctx.wire.max_over_ranks(-mine)  # the newest set that loads on every rank
     if agreed != mine:
-        state = checkpoint.load_rank(ctx.output_dir, agreed, ctx.rank)["state"] if agreed else None
+        state = _saved_state(ctx, role, agreed) if agreed else None
     if state is not None:
         try:
             role.load_state_dict(state)

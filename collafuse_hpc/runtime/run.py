@@ -26,7 +26,7 @@ from collafuse_hpc.runtime.launch import Launch, discover, resolve_device, threa
 from collafuse_hpc.runtime.local_wire import LocalHub, LocalWire
 from collafuse_hpc.runtime.lock import RunLock
 from collafuse_hpc.runtime.lock import check as check_lock
-from collafuse_hpc.runtime.loops import build_role, part_file, run_role
+from collafuse_hpc.runtime.loops import build_role, part_file, run_role, summary_key
 from collafuse_hpc.runtime.preemption import Preempted, StopRequest
 from collafuse_hpc.runtime.preflight import preflight
 from collafuse_hpc.runtime.rounds import Context
@@ -35,22 +35,33 @@ from collafuse_hpc.runtime.watchdog import Watchdog
 from collafuse_hpc.runtime.wire import PeerFailure
 
 log = logging.getLogger("collafuse_hpc")
+MAX_CLIENT_LINES = 16  # clients listed in the summary at the end of a run
+
+
+def _roles(topo: Topology) -> list[tuple[int, int | None]]:
+    """Every role of a run as (rank, client index or None for a server), in rank order."""
+    return [(rank, None) for rank in range(topo.num_servers)] + [
+        (rank, k) for rank in range(topo.num_servers, topo.world_size) for k in topo.clients_on(rank)
+    ]
+
+
+def _summary_order(cfg: Config, topo: Topology) -> list[str]:
+    return [summary_key(cfg, topo, rank, k) for rank, k in _roles(topo)]
 
 
 def _index_roles(cfg: Config, topo: Topology) -> dict[str, str]:
     """{role key in results.h5: its part file relative to the output folder}."""
     roles = {}
-    for rank in range(topo.world_size):
-        client_id = None if topo.is_server(rank) else topo.client_ids[topo.client_index(rank)]
-        roles[role_key(client_id)] = os.path.relpath(part_file(cfg, topo, rank), cfg.run.output_dir)
+    for rank, k in _roles(topo):
+        key = role_key(None if k is None else topo.client_ids[k])
+        roles[key] = os.path.relpath(part_file(cfg, topo, rank, k), cfg.run.output_dir)
     return roles
 
 
-def print_summary(cfg: Config, summaries: dict[int, dict], topo: Topology, wall_s: float) -> None:
-    """Each role's losses (logged) and rates (printed) at the end of a run."""
-    for rank in sorted(summaries):
-        s = summaries[rank]
-        client_id = None if topo.is_server(rank) else topo.client_ids[topo.client_index(rank)]
+def print_summary(cfg: Config, summaries: dict[str, dict], wall_s: float) -> None:
+    """Each role's losses (logged) and rates (printed) at the end of a run; ``summaries``
+    by loops.summary_key."""
+    for name, s in summaries.items():
         losses = [
             f"{k[:-7]} {s[k]:.4f}"
             for k in ("loss_local_recent", "loss_server_recent")
@@ -58,38 +69,41 @@ def print_summary(cfg: Config, summaries: dict[int, dict], topo: Topology, wall_
         ]
         log.info(
             "%s: mean of the last %d of %d rounds: %s",
-            role_key(client_id),
+            name,
             s.get("loss_window", 0),
             s.get("rounds_run", 0),
             ", ".join(losses) or "no loss",
         )
     out = sys.stdout
     out.write(f"\ncollafuse-hpc: {cfg.run.rounds} rounds in {wall_s:.1f} s wall\n")
-    for rank in sorted(summaries):
-        s = summaries[rank]
-        if topo.is_server(rank):
+    shown, clients = 0, [name for name in summaries if name.startswith("client_")]
+    for name, s in summaries.items():
+        if name.startswith("server_"):
             out.write(
-                f"  server {rank}: {s['images']} images trained, {s['images_per_s']:.1f} images/s while "
+                f"  {name.replace('_', ' ')}: {s['images']} images trained, {s['images_per_s']:.1f} images/s while "
                 f"busy; recv wait {s['time_recv_s']:.1f} s, compute {s['time_compute_s']:.1f} s, "
                 f"sampling {s['time_sampling_s']:.1f} s\n"
             )
-        else:
-            cid = topo.client_ids[topo.client_index(rank)]
+        elif shown < MAX_CLIENT_LINES:
+            shown += 1
             out.write(
-                f"  client {cid!r} (t_c={s['t_c']}): {s['images_per_s']:.1f} "
+                f"  client {name[len('client_') :]!r} (t_c={s['t_c']}): {s['images_per_s']:.1f} "
                 f"images/s; local {s['time_local_s']:.1f} s, waiting {s['time_wait_s']:.1f} s; sent "
                 f"{s['images_sent']} x_c images ({s['bytes_sent'] / 1e6:.2f} MB); samples {s['grid']}\n"
             )
+    if len(clients) > shown:
+        out.write(f"  ... and {len(clients) - shown} more clients (collafuse-hpc inspect shows them all)\n")
     out.write(f"  results: {index_path(cfg.run.output_dir)}\n")
     out.flush()
 
 
-def _summaries(cfg: Config, topo: Topology) -> dict[int, dict]:
-    """Each rank's summary, read from its part file (nothing is unpickled from peers)."""
+def _summaries(cfg: Config, topo: Topology) -> dict[str, dict]:
+    """Each role's summary, read from its part file (nothing is unpickled from peers)."""
     out = {}
-    for rank in range(topo.world_size):
-        with h5py.File(part_file(cfg, topo, rank), "r", locking=False) as f:
-            out[rank] = {k: v.item() if hasattr(v, "item") else v for k, v in f[SUMMARY].attrs.items()}
+    for rank, k in _roles(topo):
+        with h5py.File(part_file(cfg, topo, rank, k), "r", locking=False) as f:
+            attrs = f[SUMMARY].attrs.items()
+            out[summary_key(cfg, topo, rank, k)] = {a: v.item() if hasattr(v, "item") else v for a, v in attrs}
     return out
 
 
@@ -111,7 +125,7 @@ def _job_key(launch: Launch) -> str:
 
 def _device(cfg: Config, topo: Topology, rank: int, launch: Launch) -> torch.device:
     """The device the config asks for ``rank``'s role (``auto``: the GPU of its local rank)."""
-    role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.client_index(rank)]
+    role_cfg = cfg.server if topo.is_server(rank) else cfg.clients[topo.clients_on(rank)[0]]  # one device per rank
     return resolve_device(role_cfg.device, launch)
 
 
@@ -154,15 +168,16 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
         if watchdog is not None:
             watchdog.stop()
         if rank == 0:  # every role wrote its summary into its part file before run_role's last barrier
-            print_summary(cfg, _summaries(cfg, topo), topo, time.perf_counter() - t0)
+            print_summary(cfg, _summaries(cfg, topo), time.perf_counter() - t0)
             _evaluate_at_end(cfg, ctx.stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def run_in_process(cfg: Config, resume: bool, stop: StopRequest | None = None) -> dict[int, dict]:
-    """Every role in a thread of this process; returns each rank's summary.
+def run_in_process(cfg: Config, resume: bool, stop: StopRequest | None = None) -> dict[str, dict]:
+    """Every role in a thread of this process; returns each role's summary by its
+    part file's name (``server_0``, ``client_<id>``).
     Raises on failure, Preempted after a stop request."""
     topo = Topology.from_config(cfg)
     start_round = preflight(cfg, resume)
@@ -173,7 +188,7 @@ def run_in_process(cfg: Config, resume: bool, stop: StopRequest | None = None) -
         lock.release()
 
 
-def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopRequest) -> dict[int, dict]:
+def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopRequest) -> dict[str, dict]:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     single = discover({})
@@ -185,13 +200,13 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
         device = _device(cfg, topo, rank, single)
         wires.append(LocalWire(rank, topo.describe, hub, device))
         roles.append(build_role(cfg, topo, rank, device, wires[rank]))
-    summaries: dict[int, dict] = {}
+    summaries: dict[str, dict] = {}
     errors: dict[int, BaseException] = {}
 
     def target(rank: int) -> None:
         ctx = Context(cfg, topo, rank, wires[rank], start_round, dump(cfg), stop, may_profile=rank == 0)
         try:
-            summaries[rank] = run_role(ctx, roles[rank])
+            summaries.update(run_role(ctx, roles[rank]))
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors[rank] = e
             hub.abort()
@@ -204,7 +219,8 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
     if errors:
         order = sorted(errors.values(), key=lambda e: isinstance(e, PeerFailure))  # the cause before its echoes
         raise order[0]
-    print_summary(cfg, summaries, topo, time.perf_counter() - t0)
+    summaries = {key: summaries[key] for key in _summary_order(cfg, topo)}
+    print_summary(cfg, summaries, time.perf_counter() - t0)
     _evaluate_at_end(cfg, stop)
     return summaries
 
