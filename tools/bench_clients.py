@@ -13,8 +13,9 @@ images, 16 base channels):
    torch.func.functional_call + vmap over stacked weights, each against one model
    with K*b images.
 2. scaling in clients: 1 server + 2 client ranks under mpirun, 8 and then 64
-   clients (clients_per_rank 4 and 32) at a fixed total of images per round, train
-   and sample: the client ranks' median time per round, 64 against 8. Target <= 1.3.
+   clients (clients_per_rank 4 and 32) at a fixed total of images per round (and
+   of samples at the end), train and sample: the client ranks' median time per
+   round, 64 against 8. Target <= 1.3.
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ def scaling(tmp: str, rounds: int) -> dict:
     rows, out = [], {}
     for n in (8, 64):
         run_dir = os.path.join(tmp, f"scale{n}")
-        raw = _config(shards, run_dir, n, TOTAL_IMAGES // n, clients_per_rank=n // 2, rounds=rounds, log_every=rounds)
+        per = TOTAL_IMAGES // n  # per client, in training and in sampling at the end
+        raw = _config(shards, run_dir, n, per, clients_per_rank=n // 2, rounds=rounds, log_every=rounds)
+        raw["run"]["samples_per_client"] = per
         wall = harness.launch(raw)
         t_round, t_local, t_sample = _client_round_times(run_dir, [c["id"] for c in raw["clients"]], 2)
         out[str(n)] = {"wall_s": wall, "client_round_s": t_round, "client_local_s": t_local, "sampling_s": t_sample}

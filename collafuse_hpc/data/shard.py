@@ -183,9 +183,12 @@ class EpochSampler:
     def __init__(self, n: int, batch_size: int, seed: int):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.epoch, self.pos = 0, 0
+        self._cached: tuple[int, np.ndarray] | None = None  # (epoch, its order): drawn once per epoch
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.n))
+        return self._cached[1]
 
     def next(self) -> np.ndarray:
         """The next ``batch_size`` indices (int64), continuing into the next epoch."""
@@ -220,6 +223,8 @@ class ShardReader:
         self.info = inspect_shard(path)
         self.path, self.split = path, split
         self._file: h5py.File | None = None
+        self._images: h5py.Dataset | None = None
+        self._has_labels = False
         self._labels: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -228,6 +233,8 @@ class ShardReader:
     def _group(self) -> h5py.Group:
         if self._file is None:
             self._file = h5py.File(self.path, "r")
+            group = self._file[self.split]  # looked up once: a rank hosting many clients reads often
+            self._images, self._has_labels = group["images"], "labels" in group
         return self._file[self.split]
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -239,8 +246,8 @@ class ShardReader:
                 f"shard {self.path!r}: index {int(indices.max() if indices.max() >= len(self) else indices.min())} "
                 f"is outside its {self.split!r} split of {len(self)} images"
             )
-        g = self._group()
-        images = g["images"]
+        self._group()
+        images = self._images
         out = np.empty((len(indices), *images.shape[1:]), dtype=np.uint8)
         if images.chunks == (1, *images.shape[1:]) and not images.compression:
             # One uncompressed chunk per image: fetch its raw bytes, no selection machinery.
@@ -250,7 +257,7 @@ class ShardReader:
         else:
             for k, i in enumerate(indices):
                 images.read_direct(out, np.s_[int(i)], np.s_[k])
-        labels = self.labels()[indices] if "labels" in g else None
+        labels = self.labels()[indices] if self._has_labels else None
         return out, labels
 
     def labels(self) -> np.ndarray:

@@ -2,16 +2,18 @@
 role trains, samples with and checkpoints (the server is K = 1; a client rank
 holds one per model shape of the clients it hosts).
 
-Every weight has a leading member axis (unet.py). The optimizer is AdamW written
-out per member, so members step independently: a round that trains only some of
-them (partial participation) leaves the others' weights, moments, step counts
-and EMA exactly as they were, and gradient clipping takes each member's own norm.
+Every weight has a leading member axis (unet.py). The optimizer is torch's fused
+AdamW kernel applied to each member's slices with that member's step count, so
+members step independently: a round that trains only some of them (partial
+participation) leaves the others' weights, moments, step counts and EMA exactly
+as they were, and gradient clipping takes each member's own norm.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,13 +23,15 @@ from torch.func import functional_call
 from collafuse_hpc.config import OptimConfig
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # AdamW's (torch's defaults)
+# The gradients are deliberately views of one (K, P) buffer, strided like the weights they belong to.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
 class Trainable:
     """Owns ``model`` (K members, moved to ``device``), per-member AdamW moments and
-    step counts and an EMA copy of the weights. On CUDA the weights and inputs are
-    channels_last and the forward runs under bf16 autocast; ``compile`` wraps
-    both copies in torch.compile (runs of all members).
+    step counts and an EMA copy of the weights. On CUDA the inputs are channels_last
+    and the forward runs under bf16 autocast; ``compile`` wraps both copies in
+    torch.compile (runs of all members).
 
     Args:
         members: K, the length of every weight's leading axis.
@@ -38,16 +42,15 @@ class Trainable:
         self.device = device
         self.cuda = device.type == "cuda"
         self.model = model.to(device)
-        if self.cuda:  # convolution weights [K, Cout, Cin, k, k] laid out so that [K*Cout, ...] is channels_last
-            for p in self.model.parameters():
-                if p.dim() == 5:
-                    p.data = p.data.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        self.weights = _flatten(self.model)  # (K, P): member j's weights are row j
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.ema_weights = _flatten(self.ema)
+        self.members = len(self.weights)
         self.params = dict(self.model.named_parameters())
-        self.members = next(iter(self.params.values())).shape[0]
-        self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.steps = torch.zeros(self.members, dtype=torch.int64)  # optimizer steps per member
+        self.grad, self.exp_avg, self.exp_avg_sq = (torch.zeros_like(self.weights) for _ in range(3))
+        self._grads = _views(self.grad, self.params)  # each weight's .grad during step: autograd adds into them
+        # optimizer steps per member, float32 scalars on the device as the fused kernel reads them
+        self.steps = [torch.zeros((), device=device) for _ in range(self.members)]
         self._run_model = torch.compile(self.model) if compile else self.model
         self._run_ema = torch.compile(self.ema) if compile else self.ema
 
@@ -87,62 +90,50 @@ class Trainable:
         server group); ``loss`` may then be None for a replica with no data this
         round, which contributes zeros and still steps with the others.
         """
-        for p in self.params.values():
-            p.grad = None
+        self.grad.zero_()
+        for p, g in zip(self.params.values(), self._grads.values()):
+            p.grad = g
         if loss is not None:
             loss.backward()
-        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items()}
-        for p in self.params.values():
-            p.grad = None
         if reduce is not None:
-            flat = torch.cat([g.reshape(-1) for g in grads.values()])
-            reduce(flat)
-            grads = dict(zip(grads, flat.split([g.numel() for g in grads.values()])))
-            grads = {n: g.view_as(self.params[n]) for n, g in grads.items()}
-        rows = None if self._all(members) else torch.tensor(list(members), device=self.device)
+            reduce(self.grad.view(-1))
         with torch.no_grad():
-            self._update(grads, rows)
+            self._update(list(range(self.members)) if members is None else list(members))
 
-    def _update(self, grads: dict[str, torch.Tensor], rows: torch.Tensor | None) -> None:
-        """Clip, AdamW and EMA on the members ``rows`` (None: all), as torch's
-        clip_grad_norm_ and AdamW compute them for each member on its own."""
-
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            return t if rows is None else t.index_select(0, rows)
-
-        def put(target: torch.Tensor, value: torch.Tensor) -> None:
-            if rows is not None:
-                target.index_copy_(0, rows, value)
-
+    def _update(self, members: list[int]) -> None:
+        """Clip, AdamW and EMA of ``members``, as torch's clip_grad_norm_ and AdamW
+        compute them for each member on its own (one row of the flat buffers each)."""
         cfg = self.cfg
-        g = {n: pick(grads[n]) for n in self.params}
-        k = len(next(iter(g.values())))
-        steps_cpu = self.steps if rows is None else self.steps.index_select(0, rows.cpu())
-        steps_cpu = steps_cpu + 1
-        if rows is None:
-            self.steps.copy_(steps_cpu)
-        else:
-            self.steps.index_copy_(0, rows.cpu(), steps_cpu)
-        steps = steps_cpu.to(self.device, torch.float64)
-        if cfg.grad_clip > 0:
-            norm = torch.stack([x.reshape(k, -1).float().pow(2).sum(1) for x in g.values()]).sum(0).sqrt()
-            coef = (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            g = {n: x * coef.view(k, *([1] * (x.ndim - 1))).to(x.dtype) for n, x in g.items()}
+        if cfg.grad_clip > 0:  # members not stepping have zero gradients: their factor does not matter
+            coef = (cfg.grad_clip / (torch.linalg.vector_norm(self.grad, dim=1) + 1e-6)).clamp(max=1.0)
+            self.grad.mul_(coef[:, None])
+        rows = [self.steps[j] for j in members]
+        torch._foreach_add_(rows, 1)
         b1, b2 = BETAS
-        step_size = cfg.lr / (1 - b1**steps)  # [k]
-        bias2_sqrt = (1 - b2**steps).sqrt()
-        decay = torch.minimum(torch.full_like(steps, cfg.ema_decay), (1 + steps) / (10 + steps))
-        for n, p in self.params.items():
-            shape = (k, *([1] * (p.ndim - 1)))
-            w, m, v, e = pick(p.data), pick(self.exp_avg[n]), pick(self.exp_avg_sq[n]), pick(self.ema_params[n])
-            w.mul_(1 - cfg.lr * cfg.weight_decay)
-            m.lerp_(g[n], 1 - b1)
-            v.mul_(b2).addcmul_(g[n], g[n], value=1 - b2)
-            denom = (v.sqrt() / bias2_sqrt.view(shape).to(v.dtype)).add_(EPS)
-            w.sub_(step_size.view(shape).to(w.dtype) * m / denom)
-            e.lerp_(w, (1 - decay).view(shape).to(e.dtype))
-            for target, value in ((p.data, w), (self.exp_avg[n], m), (self.exp_avg_sq[n], v), (self.ema_params[n], e)):
-                put(target, value)
+        torch._fused_adamw_(
+            [self.weights[j] for j in members],
+            [self.grad[j] for j in members],
+            [self.exp_avg[j] for j in members],
+            [self.exp_avg_sq[j] for j in members],
+            [],
+            rows,
+            lr=cfg.lr,
+            beta1=b1,
+            beta2=b2,
+            weight_decay=cfg.weight_decay,
+            eps=EPS,
+            amsgrad=False,
+            maximize=False,
+        )
+        by_decay: dict[float, list[int]] = {}  # EMA with warm-up: members at one step count share a decay
+        for j in members:
+            n = float(self.steps[j])
+            by_decay.setdefault(min(cfg.ema_decay, (1 + n) / (10 + n)), []).append(j)
+        for decay, group in by_decay.items():
+            if len(group) == self.members:
+                self.ema_weights.lerp_(self.weights, 1 - decay)
+            else:
+                torch._foreach_lerp_([self.ema_weights[j] for j in group], [self.weights[j] for j in group], 1 - decay)
 
     @property
     def ema_params(self) -> dict[str, torch.Tensor]:
@@ -159,8 +150,8 @@ class Trainable:
         return {
             "model": one(self.params),
             "ema": one(ema),
-            "exp_avg": one(self.exp_avg),
-            "exp_avg_sq": one(self.exp_avg_sq),
+            "exp_avg": one(_views(self.exp_avg, self.params)),
+            "exp_avg_sq": one(_views(self.exp_avg_sq, self.params)),
             "steps": int(self.steps[j]),
         }
 
@@ -172,8 +163,8 @@ class Trainable:
             for key, target in (
                 ("model", self.params),
                 ("ema", ema),
-                ("exp_avg", self.exp_avg),
-                ("exp_avg_sq", self.exp_avg_sq),
+                ("exp_avg", _views(self.exp_avg, self.params)),
+                ("exp_avg_sq", _views(self.exp_avg_sq, self.params)),
             ):
                 saved = state[key]
                 if set(saved) != set(target):
@@ -185,4 +176,26 @@ class Trainable:
                             f"size mismatch for {n}: saved {tuple(saved[n].shape)}, model {tuple(t.shape[1:])}"
                         )
                     t[j].copy_(saved[n])
-        self.steps[j] = int(state["steps"])
+        self.steps[j].fill_(int(state["steps"]))
+
+
+def _views(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views of a (K, P) buffer shaped like the weights ``like``, in order."""
+    out, offset = {}, 0
+    for name, p in like.items():
+        size = p[0].numel()
+        out[name] = flat[:, offset : offset + size].view(p.shape)
+        offset += size
+    return out
+
+
+def _flatten(module: nn.Module) -> torch.Tensor:
+    """Move ``module``'s weights into one (K, P) buffer, member j's in row j, and make
+    each weight a view of it: the optimizer then runs on K rows, not on every weight
+    of every member."""
+    params = dict(module.named_parameters())
+    K = next(iter(params.values())).shape[0]
+    flat = torch.cat([p.detach().reshape(K, -1) for p in params.values()], dim=1)
+    for p, view in zip(params.values(), _views(flat, params).values()):
+        p.data = view
+    return flat

@@ -98,17 +98,20 @@ def generate(
     client index (None when it does not use one); the server's sets only then."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in clients]
     requests = {c.index: c.sample_request(0, n) for c in clients}
-    x_h: list[torch.Tensor | None] = [None] * len(clients)
     for c in clients:
         c.drain_audit()  # evaluation sends nothing anywhere
+    asked = {k: m for k, m in requests.items() if m is not None and servers[k] is not None and FROM_SERVER & set(sets)}
+    replies: dict[int, torch.Tensor] = {}
+    for server in {id(servers[k]): servers[k] for k in asked}.values():  # each server once, for all its clients
+        mine = {k: m for k, m in asked.items() if servers[k] is server}
+        replies.update({k: reply.payload.float() for k, reply in server.sample(mine).items()})
+    x_h: list[torch.Tensor | None] = [replies.get(c.index) for c in clients]
     for i, c in enumerate(clients):
-        server, request = servers[c.index], requests[c.index]
-        if request is None or server is None or not FROM_SERVER & set(sets):
+        if x_h[i] is None:
             continue
-        x_h[i] = server.sample({c.index: request})[c.index].payload.float()
         out[i]["server_at_cut"] = x_h[i]
         if "server_alone" in sets:
-            out[i]["server_alone"] = server.continue_alone(c.index, request, x_h[i], c.generator)
+            out[i]["server_alone"] = servers[c.index].continue_alone(c.index, requests[c.index], x_h[i], c.generator)
     if "collaborative" in sets:
         for i, images in enumerate(finish_samples(clients, n, x_h)):
             out[i]["collaborative"] = images
