@@ -305,12 +305,13 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     per = cfg.run.clients_per_rank
     for first in range(0, len(cfg.clients), per):
         hosted = cfg.clients[first : first + per]
-        if len({c.device for c in hosted}) > 1:
-            raise ValueError(
-                f"clients {hosted[0].id!r}..{hosted[-1].id!r} share a rank (run.clients_per_rank = {per}) but ask "
-                f"for different devices {sorted({c.device for c in hosted})}: give them one 'device', or host "
-                "fewer clients per rank"
-            )
+        for key in ("device", "wire_dtype"):  # one rank's clients run on one device and share messages
+            values = sorted({getattr(c, key) for c in hosted})
+            if len(values) > 1:
+                raise ValueError(
+                    f"clients {hosted[0].id!r}..{hosted[-1].id!r} share a rank (run.clients_per_rank = {per}) but "
+                    f"ask for different {key} values {values}: give them one '{key}', or host fewer clients per rank"
+                )
     if cfg.run.profile_rounds < 0:
         raise ValueError(f"config key 'run.profile_rounds' must be >= 0, got {cfg.run.profile_rounds}")
     for name in ("timeout_s", "work_timeout_s"):

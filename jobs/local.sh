@@ -3,7 +3,8 @@
 #
 #   jobs/local.sh NP train configs/quickstart.yaml [--set key=value ...]
 #
-# NP must equal server.count + number of clients. Works as root and with more
+# NP must equal server.count + the client ranks (number of clients / run.clients_per_rank,
+# rounded up; `collafuse-hpc config CONFIG` prints it). Works as root and with more
 # ranks than cores (Open MPI from PyPI needs flags for both; MPICH needs none).
 #
 # SIGTERM or SIGINT (Ctrl-C) to this script stops the run at the next round

