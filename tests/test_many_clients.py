@@ -89,9 +89,10 @@ def test_a_checkpoint_resumes_with_another_placement(tmp_path, shards):
 
 
 def test_a_rank_sends_one_message_per_server_and_round(tmp_path, shards, monkeypatch):
-    """Four clients on two ranks, two servers: each client rank sends each server one
-    TRAIN per round carrying its clients' x_c; labels only of the client that opts in."""
-    raw = tiny_config(shards, tmp_path, [0.25, 0.5, 0.25, 0.5], rounds=2, checkpoint_every=0, clients_per_rank=2)
+    """Four clients on one rank, two servers: the rank sends each server one TRAIN per
+    round carrying the x_c of every client that server serves; labels only of the
+    client that opts in, and a reply per server carrying each client's loss."""
+    raw = tiny_config(shards, tmp_path, [0.25, 0.5, 0.25, 0.5], rounds=2, checkpoint_every=0, clients_per_rank=4)
     raw["server"]["count"] = 2
     raw["clients"][1].update(labels=True, share_labels=True)
     sent = []
@@ -103,17 +104,15 @@ def test_a_rank_sends_one_message_per_server_and_round(tmp_path, shards, monkeyp
 
     monkeypatch.setattr(LocalWire, "send", recording_send)
     run_in_process(from_dict(raw), resume=False)
-    train = [(src, dst, m) for src, dst, m in sent if m.kind == Kind.TRAIN]
-    # ranks 2 and 3 host clients [0, 1] and [2, 3]; client k is served by server k mod 2
-    assert sorted((src, dst, [p.client for p in m.parts]) for src, dst, m in train if m.round == 0) == [
-        (2, 0, [0]),
-        (2, 1, [1]),
-        (3, 0, [2]),
-        (3, 1, [3]),
-    ]
-    for _, _, m in train:
-        assert (m.labels is not None) == (m.parts[0].client == 1)
-        assert m.payload.shape == (6, 1, 8, 8)
+    # rank 2 hosts clients 0..3; client k is served by server k mod 2
+    train = {(src, dst, m.round): m for src, dst, m in sent if m.kind == Kind.TRAIN}
+    assert sorted(train) == [(2, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1)]
+    for (_, dst, _), m in train.items():
+        assert [p.client for p in m.parts] == [dst, dst + 2] and m.payload.shape == (12, 1, 8, 8)
+        assert [p.labels for p in m.parts] == [dst == 1, False]
+        assert (m.labels is None) == (dst == 0) and (m.labels is None or m.labels.shape == (6,))
+    replies = [m for src, dst, m in sent if m.kind == Kind.TRAIN_REPLY]
+    assert len(replies) == 4 and all(m.payload.shape == (2,) and len(m.parts) == 2 for m in replies)
 
 
 def test_pack_and_unpack_keep_each_clients_share():

@@ -2,8 +2,9 @@
 role trains, samples with and checkpoints (the server is K = 1; a client rank
 holds one per model shape of the clients it hosts).
 
-Every weight has a leading member axis (unet.py). The optimizer is torch's fused
-AdamW kernel applied to each member's slices with that member's step count, so
+Every weight has a leading member axis (unet.py), and every weight is a view of
+one (K, P) buffer whose row j holds member j's weights. The optimizer is torch's
+fused AdamW kernel applied to each member's row with that member's step count, so
 members step independently: a round that trains only some of them (partial
 participation) leaves the others' weights, moments, step counts and EMA exactly
 as they were, and gradient clipping takes each member's own norm.
@@ -31,10 +32,7 @@ class Trainable:
     """Owns ``model`` (K members, moved to ``device``), per-member AdamW moments and
     step counts and an EMA copy of the weights. On CUDA the inputs are channels_last
     and the forward runs under bf16 autocast; ``compile`` wraps both copies in
-    torch.compile (runs of all members).
-
-    Args:
-        members: K, the length of every weight's leading axis.
+    torch.compile (runs of all members). K is the leading axis of ``model``'s weights.
     """
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, device: torch.device, compile: bool = False):

@@ -44,8 +44,8 @@ from collafuse_hpc.evaluation.features import (
 )
 from collafuse_hpc.logs import Progress
 from collafuse_hpc.results.schema import METRIC_UNITS, METRICS, SETS, index_path
-from collafuse_hpc.roles.client import Client, client_nets, finish_samples, sample_alone
-from collafuse_hpc.roles.host import batches, sampling_key
+from collafuse_hpc.roles.client import Client, finish_samples, sample_alone
+from collafuse_hpc.roles.host import ClientHost, batches, sampling_key
 from collafuse_hpc.roles.server import Server
 from collafuse_hpc.runtime import checkpoint
 from collafuse_hpc.runtime.topology import Topology
@@ -78,14 +78,10 @@ def load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int
     for rank in range(topo.num_servers):
         servers[rank] = Server(cfg, topo.clients_of(rank), device)
         servers[rank].net.load_member_state(0, checkpoint.load_rank(out, round_, rank)["state"]["net"])
-    indices = list(range(len(cfg.clients)))
-    nets = client_nets(cfg, indices, device)  # clients of one model shape sample together
+    clients = ClientHost(cfg, list(range(len(cfg.clients))), device).clients  # one model per shape: sampled together
     states = checkpoint.load_clients(out, round_, [c.id for c in cfg.clients])
-    clients = []
-    for k in indices:
-        client = Client(cfg, k, device, nets[k])
+    for client in clients:
         client.load_weights(states[client.id])
-        clients.append(client)
     return servers, clients
 
 

@@ -37,7 +37,7 @@ class AuditEntry:
     kind: int  # wire.Kind value
     images: int  # images in the payload
     t_c: int
-    nbytes: int  # header + payload
+    nbytes: int  # this client's message sent alone: header, its parts-table row, payload, labels
 
 
 def _model_key(cfg: Config, index: int) -> str:
