@@ -276,11 +276,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", help="results.h5 files of evaluated runs")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--record", type=int, help="the evaluation record to report in every file (default: the newest)")
     args = p.parse_args()
     table = []
     for path in args.results:
         try:
-            s = summarize(path)
+            s = summarize(path, args.record)
         except (OSError, ValueError) as e:
             print(f"report: error: {e}", file=sys.stderr)
             return 2
@@ -289,7 +290,8 @@ def main() -> int:
             continue
         run = rows(s)
         table += run
-        export(path, os.path.join(args.out, "grids", os.path.basename(os.path.dirname(os.path.abspath(path)))))
+        folder = os.path.join(args.out, "grids", os.path.basename(os.path.dirname(os.path.abspath(path))))
+        export(path, folder, record=args.record)
     if not table:
         print("report: no evaluated runs")
         return 1

@@ -26,6 +26,8 @@ from collafuse_hpc.results.schema import (
     SETS,
     SUMMARY,
     open_results,
+    record_key,
+    record_numbers,
 )
 from collafuse_hpc.results.writer import save_grid
 from collafuse_hpc.runtime.checkpoint import complete_rounds
@@ -50,7 +52,8 @@ def _plain(value):
     return value
 
 
-def _role(g: h5py.Group) -> dict:
+def _role(g: h5py.Group, record: int | None = None) -> dict:
+    """A role's part as a dict; its samples are those of ``record`` (default: the newest)."""
     out: dict = {"attrs": {k: _plain(v) for k, v in g.attrs.items()}}
     rounds = g.get(ROUNDS)
     if rounds is not None and ROUND in rounds:
@@ -69,15 +72,52 @@ def _role(g: h5py.Group) -> dict:
         out[AUDIT].setdefault("images_sent", int(column["images"].sum()))
         out[AUDIT].setdefault("bytes_sent", int(column["nbytes"].sum()))
         out[AUDIT].setdefault("t_c", g.attrs.get("t_c"))
-    if SAMPLES in g:
-        out["samples"] = list(g[SAMPLES].shape)
+    samples = SAMPLES if record is None else f"{record_key(record, 'samples')}/images"
+    if samples in g:
+        out["samples"] = list(g[samples].shape)
+        out["sampled_with"] = {k: _plain(v) for k, v in g[samples].parent.attrs.items()}
     return out
 
 
-def summarize(path: str) -> dict:
-    """Everything a person asks of a results file, as a dict (``inspect --json`` prints it)."""
+def history(f: h5py.File) -> list[dict]:
+    """Every record of a results file, oldest first ([] for schema v2, which kept none)."""
+    out = []
+    for n in record_numbers(f):
+        a = f[record_key(n)].attrs
+        out.append(
+            {
+                "record": n,
+                **{k: _plain(a[k]) for k in ("command", "argv", "started", "finished", "checkpoint_round") if k in a},
+                "settings": yaml.safe_load(a.get("settings", "")) or {},
+                "totals": yaml.safe_load(a.get("totals", "")) or {},
+                "has_metrics": METRICS in f[record_key(n)],
+            }
+        )
+    return out
+
+
+def _metrics_group(f: h5py.File, record: int | None, path: str) -> h5py.Group | None:
+    """/metrics (the newest evaluation), or record ``record``'s; ValueError naming the
+    records that hold metrics when that one holds none."""
+    if record is None:
+        return f.get(METRICS)
+    key = record_key(record, METRICS)
+    if key not in f:
+        evaluated = [h["record"] for h in history(f) if h["has_metrics"]]
+        raise ValueError(
+            f"{path!r}: record {record} holds no metrics; the records of evaluations are {evaluated or 'none'} "
+            "(collafuse-hpc inspect lists them)"
+        )
+    return f[key]
+
+
+def summarize(path: str, record: int | None = None) -> dict:
+    """Everything a person asks of a results file, as a dict (``inspect --json`` prints it).
+    Samples and metrics are the newest, or those of ``record``."""
     out: dict = {"file": path, "missing": []}
     with open_results(path) as f:
+        out["history"] = history(f)
+        metrics_group = _metrics_group(f, record, path)
         out["attrs"] = {k: _plain(v) for k, v in f.attrs.items() if k not in ("config", "roles")}
         out["config"] = yaml.safe_load(f.attrs.get("config", "{}"))
         roles = yaml.safe_load(f.attrs.get("roles", "{}")) or {}
@@ -88,7 +128,7 @@ def summarize(path: str) -> dict:
             except KeyError:
                 out["missing"].append(f"{key}: part file {part} (the rank never started or its file was lost)")
                 continue
-            role = _role(g)
+            role = _role(g, record)
             out["roles"][key] = role
             if SUMMARY not in role:
                 last = role.get("last_round")
@@ -96,9 +136,9 @@ def summarize(path: str) -> dict:
                 out["missing"].append(f"{key}: summary (the run did not finish; {done})")
             if key.startswith(f"{CLIENTS}/") and "samples" not in role:
                 out["missing"].append(f"{key}: samples")
-        if METRICS in f:
-            out["metrics"] = {"attrs": {k: _plain(v) for k, v in f[METRICS].attrs.items()}}
-            for who, g in f[METRICS].items():
+        if metrics_group is not None:
+            out["metrics"] = {"attrs": {k: _plain(v) for k, v in metrics_group.attrs.items()}}
+            for who, g in metrics_group.items():
                 order = sorted(g, key=lambda n: SETS.index(n) if n in SETS else len(SETS))
                 out["metrics"][who] = {name: {k: _plain(v) for k, v in g[name].attrs.items()} for name in order}
         else:
@@ -118,6 +158,15 @@ def format_summary(s: dict) -> str:
         f"{cfg.get('server', {}).get('count', 1)} server(s), {len(cfg.get('clients', []))} client(s)",
         f"  checkpoint sets: {s['checkpoints'] or 'none'}",
     ]
+    if s["history"]:
+        lines.append("  history (one record per command that wrote into the run):")
+    for h in s["history"]:
+        done = h.get("finished") or "did not finish"
+        changed = ", ".join(f"{k}={v}" for k, v in h["settings"].items())
+        totals = ", ".join(f"{k} {v}" for k, v in h["totals"].items())
+        line = f"    {h['record']}: {h.get('command')} at {h.get('started')} (finished: {done}), checkpoint round "
+        line += f"{h.get('checkpoint_round')}" + (f"; {totals}" if totals else "")
+        lines.append(line + (f"; with {changed}" if changed else ""))
     for key, r in s["roles"].items():
         at = r["attrs"]
         cut = f" t_c={at['t_c']} (c={at['cut_ratio']:.2f})" if "t_c" in at else ""
@@ -138,11 +187,16 @@ def format_summary(s: dict) -> str:
                 f"{au.get('bytes_sent', '?')} bytes sent, t_c={au.get('t_c', '?')}"
             )
         if "samples" in r:
-            lines.append(f"    samples: {r['samples']} uint8")
+            how = r.get("sampled_with", {})
+            made = ""
+            if "record" in how:
+                made = f" ({how['sampler']}, {how['sampling_steps']} steps, eta {how['eta']}, record {how['record']})"
+            lines.append(f"    samples: {r['samples']} uint8{made}")
     m = s.get("metrics")
     if m:
         lines.append(
-            f"  metrics ({m['attrs'].get('extractor')}, checkpoint round {m['attrs'].get('checkpoint_round')}):"
+            f"  metrics ({m['attrs'].get('extractor')}, checkpoint round {m['attrs'].get('checkpoint_round')}, "
+            f"record {m['attrs'].get('record', '-')}):"
         )
         for who, sets in m.items():
             if who == "attrs":
@@ -173,20 +227,23 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def export(path: str, out_dir: str, arrays: bool = False) -> list[str]:
+def export(path: str, out_dir: str, arrays: bool = False, record: int | None = None) -> list[str]:
     """Write each client's samples and each evaluated image set as PNG grids (and
     ``.npy`` arrays with ``arrays``) into ``out_dir``; returns the files written
-    (none, and no folder made, when the file holds no images)."""
+    (none, and no folder made, when the file holds no images). The newest samples and
+    metrics, or those of ``record``."""
     images = {}
+    samples = SAMPLES if record is None else f"{record_key(record, 'samples')}/images"
     with open_results(path) as f:
+        metrics_group = f.get(METRICS) if record is None else f.get(record_key(record, METRICS))
         for cid in f.get(CLIENTS, {}):
             try:
                 g = f[f"{CLIENTS}/{cid}"]
             except KeyError:  # a part file that is missing
                 continue
-            if SAMPLES in g:
-                images[f"samples_{cid}"] = g[SAMPLES][()]
-        for who, g in f.get(METRICS, {}).items():
+            if samples in g:
+                images[f"samples_{cid}"] = g[samples][()]
+        for who, g in (metrics_group or {}).items():
             for name, s in g.items():
                 if "images" in s:
                     images[f"{who}_{name}"] = s["images"][()]
@@ -213,9 +270,10 @@ COMPARE_ROWS = (
 )
 
 
-def compare(paths: list[str]) -> tuple[list[str], list[list]]:
-    """Side-by-side rows (name, value per file) of the headline numbers of ``paths``."""
-    summaries = [summarize(p) for p in paths]
+def compare(paths: list[str], record: int | None = None) -> tuple[list[str], list[list]]:
+    """Side-by-side rows (name, value per file) of the headline numbers of ``paths``
+    (metrics of the newest evaluation, or of ``record``)."""
+    summaries = [summarize(p, record) for p in paths]
     rows = []
     for name, get in COMPARE_ROWS:
         rows.append([name] + [_safe(get, s) for s in summaries])

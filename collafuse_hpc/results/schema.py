@@ -12,17 +12,31 @@ read it; ``collafuse-hpc bundle`` copies it into one self-contained file::
                           package_version, torch_version, seed, roles (YAML), created
       /server             -> parts/server_0.h5
       /clients/<id>       -> parts/client_<id>.h5
-      /metrics            written by evaluate (below)
+      /records/<n>        one per invocation that wrote into the run, n = 0, 1, ... in order:
+                          attrs command (train | resume | sample | evaluate), argv, started,
+                          finished ("" while it runs or if it stopped), checkpoint_round (the
+                          set it started from or used), settings (YAML: the keys that differ
+                          from the training config), totals (YAML)
+      /records/<n>/metrics  an evaluate record's metrics (layout of /metrics below)
+      /metrics            soft link (relative) to the newest evaluation's records/<n>/metrics
     part file             attrs: role, rank, host, pid, (client_id, t_c, cut_ratio)
       /rounds/round       int64 [R], the round index: the dimension scale of every column
       /rounds/<metric>    float64 [R], one row per logged round; attr ``units``; clients:
                           took_part (run.clients_per_round), servers: clients (how many sent)
-      /samples/images     uint8 [n, C, H, W] final collaborative samples (clients)
-      /samples/x_handover float32 [n, C, H, W] what the server returned at the cut; attr t
+      /records/<n>/samples/images      uint8 [n, C, H, W] the collaborative samples of
+                                       train/resume/sample record n (clients); attrs say how
+      /records/<n>/samples/x_handover  float32 [n, C, H, W] what the server returned at the cut
+      /records/<n>/summary             attrs: that invocation's totals and rates
+      /samples            soft link (relative) to the newest records/<n>/samples (images, x_handover)
       /audit/<field>      int64 [M] one row per message that left the client, over all
                           runs of this output folder: round, kind (wire.Kind value),
                           images, t_c, nbytes; attrs hold the totals
-      /summary            attrs: totals and rates of the run for this role
+      /summary            attrs: training totals and rates of this role, summed over the
+                          training invocations (train and each resume; ``invocations``);
+                          sample and evaluate never change it
+
+Schema version 2 (before records) kept /samples, /summary and /metrics as plain groups,
+written over by each invocation; the readers take both layouts (no history in v2).
     /metrics              attrs: extractor, checkpoint_round, created, units
       /<client id>|pooled/<set>   attrs: fid, kid_mean, kid_std (NaN: every KID subset was the
                                   whole of both sets), images, real_images
@@ -44,12 +58,12 @@ import h5py
 from collafuse_hpc.data.shard import SCHEMA as SHARD_SCHEMA
 
 SCHEMA = "collafuse-results"
-SCHEMA_VERSION = 2  # 2: ``units`` attributes, the round dimension scale
+SCHEMA_VERSION = 3  # 2: ``units`` attributes, the round dimension scale; 3: records
 INDEX = "results.h5"
 PARTS = "parts"
 SERVER, CLIENTS = "server", "clients"
-ROUNDS, AUDIT, SUMMARY, METRICS = "rounds", "audit", "summary", "metrics"
-SAMPLES, HANDOVER = "samples/images", "samples/x_handover"
+ROUNDS, AUDIT, SUMMARY, METRICS, RECORDS = "rounds", "audit", "summary", "metrics", "records"
+SAMPLES, HANDOVER = "samples/images", "samples/x_handover"  # the newest, through the /samples link
 ROUND = "round"  # the column every row group is indexed by
 
 # the image sets evaluate scores, in report order (evaluation/evaluate.py says what each is)
@@ -79,6 +93,16 @@ METRIC_UNITS = (
 def units(column: str) -> str:
     """The ``units`` attribute of a row column."""
     return COLUMN_UNITS.get(column, COLUMN_UNITS.get(column.split("_")[0], ""))
+
+
+def record_key(n: int, group: str = "") -> str:
+    """``records/<n>`` or, with ``group``, ``records/<n>/<group>``."""
+    return f"{RECORDS}/{n}" + (f"/{group}" if group else "")
+
+
+def record_numbers(f: h5py.Group) -> list[int]:
+    """The record numbers of a results or part file, in order ([] for schema v2)."""
+    return sorted(int(n) for n in f.get(RECORDS, {}) if n.isdigit())  # not records/v2
 
 
 def index_path(output_dir: str) -> str:

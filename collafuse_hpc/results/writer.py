@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shlex
 import shutil
+import sys
 import time
 
 import h5py
@@ -17,7 +19,19 @@ import yaml
 from PIL import Image
 
 from collafuse_hpc.atomic import atomic_path
-from collafuse_hpc.results.schema import METRICS, ROUND, ROUNDS, SCHEMA, SCHEMA_VERSION, open_results, units
+from collafuse_hpc.results.schema import (
+    METRICS,
+    RECORDS,
+    ROUND,
+    ROUNDS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SUMMARY,
+    open_results,
+    record_key,
+    record_numbers,
+    units,
+)
 from collafuse_hpc.results.tensorboard import ScalarSink
 from collafuse_hpc.version import __version__
 
@@ -48,6 +62,64 @@ def record_config(path: str, config_yaml: str) -> None:
     keys that may change on resume: rounds, logging, devices, ...)."""
     with _writing(path) as f:
         f.attrs["config"] = config_yaml
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def begin_record(index: str, command: str, checkpoint_round: int, settings: dict) -> int:
+    """Append the record of one invocation that writes into the run (rank 0 of train,
+    resume or sample; evaluate); returns its number. ``settings``: the keys that differ
+    from the training config (config.changed_keys)."""
+    with _writing(index) as f:
+        n = len(record_numbers(f))
+        f.create_group(record_key(n)).attrs.update(
+            command=command,
+            argv=shlex.join(sys.argv),
+            started=_now(),
+            finished="",
+            checkpoint_round=checkpoint_round,
+            settings=yaml.safe_dump(settings, sort_keys=True),
+            totals="",
+        )
+    return n
+
+
+def finish_record(index: str, n: int, totals: dict) -> None:
+    """Mark record ``n`` finished, with what it did (YAML totals)."""
+    with _writing(index) as f:
+        f[record_key(n)].attrs.update(finished=_now(), totals=yaml.safe_dump(totals, sort_keys=True))
+
+
+def point_newest(f: h5py.File, name: str, target: str) -> None:
+    """Make the root's ``name`` a soft link to ``target`` (relative to the root, so it
+    still resolves where the file is copied into a bundle), the newest of several sets:
+    readers of the fixed path keep working. A schema v2 group there is moved to records/v2."""
+    link = f.get(name, getlink=True)
+    if isinstance(link, h5py.HardLink):
+        f.move(name, f"{RECORDS}/v2/{name}")
+    elif link is not None:
+        del f[name]
+    f[name] = h5py.SoftLink(target)
+
+
+SUMMED = ("images", "rounds_run", "bytes_received")  # besides time_*: what adds up over training invocations
+
+
+def combine_summaries(parts: list[dict]) -> dict:
+    """One role's training summary over several invocations (oldest first): times, images,
+    rounds and bytes received add up, rates are recomputed, the rest is the newest's."""
+    out = dict(parts[-1])
+    for key in out:
+        if key in SUMMED or key.startswith("time_"):
+            out[key] = sum(p.get(key, 0) for p in parts)
+    if "gpu_peak_memory_bytes" in out:
+        out["gpu_peak_memory_bytes"] = max(p.get("gpu_peak_memory_bytes", 0) for p in parts)
+    busy = out.get("time_round_s", sum(out.get(k, 0.0) for k in ("time_recv_s", "time_compute_s", "time_send_s")))
+    out["images_per_s"] = out.get("images", 0) / busy if busy else 0.0
+    out["invocations"] = len(parts)
+    return out
 
 
 def _open(path: str, mode: str) -> h5py.File:
@@ -157,6 +229,41 @@ class RoleResults:
         with _writing(self.path) as f:
             f.require_group(group).attrs.update(attrs)
 
+    def write_set(self, record: int, group: str, datasets: dict[str, tuple[np.ndarray, dict]], attrs: dict) -> None:
+        """Write ``{name: (data, attrs)}`` under records/<record>/<group> (``attrs`` on
+        the group) and point /<group> at it: the newest set."""
+        target = record_key(record, group)
+        with _writing(self.path) as f:
+            if target in f:
+                del f[target]
+            g = f.create_group(target)
+            g.attrs.update(attrs)
+            for name, (data, ds_attrs) in datasets.items():
+                g.create_dataset(name, data=data).attrs.update(ds_attrs)
+            point_newest(f, group, target)
+
+    def write_summary(self, record: int, summary: dict, trained: bool) -> None:
+        """This invocation's totals under records/<record>/summary; after training, the
+        role's /summary becomes the sum over its training invocations (a run of schema
+        v2 counts its earlier /summary as one)."""
+        with _writing(self.path) as f:
+            g = f.require_group(record_key(record, SUMMARY))
+            g.attrs.update(summary)
+            f[record_key(record)].attrs["trained"] = trained
+            if not trained:
+                return
+            trainings = [n for n in record_numbers(f) if f[record_key(n)].attrs.get("trained", False)]
+            parts = [_attrs(f[record_key(n, SUMMARY)]) for n in trainings]
+            if SUMMARY in f and len(trainings) == 1 and "invocations" not in f[SUMMARY].attrs:
+                parts.insert(0, _attrs(f[SUMMARY]))  # schema v2: the summary of the run before
+            if SUMMARY in f:
+                del f[SUMMARY]
+            f.create_group(SUMMARY).attrs.update(combine_summaries(parts))
+
+
+def _attrs(g: h5py.Group) -> dict:
+    return {k: v.item() if hasattr(v, "item") else v for k, v in g.attrs.items()}
+
 
 _SCALE_ATTRS = ("DIMENSION_LIST", "REFERENCE_LIST", "CLASS", "NAME")  # HDF5's dimension scale bookkeeping
 
@@ -195,8 +302,10 @@ def bundle(index: str, target: str) -> list[str]:
                             if name in ds.attrs:
                                 del ds.attrs[name]
                     _attach_round_scale(group)
+        if RECORDS in src:
+            dst.copy(src[RECORDS], RECORDS)  # the history, with each evaluation's metrics
         if METRICS in src:
-            dst.copy(src[METRICS], METRICS)
+            dst.copy(src[METRICS], METRICS)  # the newest evaluation's, resolved
         dst.attrs["missing_parts"] = yaml.safe_dump(missing)
     return missing
 
