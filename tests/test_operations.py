@@ -103,7 +103,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_set(tmp_path, shards,
     victim.write_bytes(victim.read_bytes()[:100])  # truncated, as by a full disk
     raw["run"]["rounds"] = 6
     run_in_process(from_dict(raw), resume=True)
-    assert "rank1.pt' cannot be read" in caplog.text and "trying the previous checkpoint set" in caplog.text
+    assert "rank1.pt' is damaged" in caplog.text and "rounds 3..4 are trained again" in caplog.text
     assert "resuming from the checkpoint set of round 2" in caplog.text
     _assert_same_losses(_losses(tmp_path / "full"), _losses(tmp_path / "cut"))
 
@@ -318,3 +318,82 @@ def test_a_checkpoint_of_the_earlier_format_is_refused_with_what_to_do(tmp_path,
     err = capsys.readouterr().err
     assert err.count("was written by an earlier collafuse-hpc (format v1") == 2, err
     assert _tree(tmp_path / "out") == before  # refused: nothing written
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_while_the_command_starts_stops_it_cleanly(tmp_path, shards, sig):
+    """0.2 s after start the command is still loading: the stop handler is already in
+    place (exit 75, said on stderr), never a death by the signal."""
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=400))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "collafuse_hpc", "train", cfg, "--in-process"], stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_REQUEUE, (proc.returncode, err[-2000:])
+    assert f"stopped by {sig.name} before training started" in err
+
+
+def test_a_rank_waiting_on_a_failed_peer_ends_soon_after_a_signal(tmp_path, shards):
+    """Client c0 freezes (SIGSTOP: alive, silent); a SIGTERM to the other ranks
+    cannot reach the agreed stop, so they end stop_grace_s after it, exit 75, and the
+    newest complete checkpoint set is kept."""
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=400, checkpoint_every=2, timeout_s=120)
+    procs = spawn_ranks(3, ["train", write_config(tmp_path / "run.yaml", raw)])
+    try:
+        until(lambda: checkpoint.complete_rounds(str(tmp_path / "out")), what="a complete checkpoint set")
+        procs[1].send_signal(signal.SIGSTOP)
+        kept = checkpoint.complete_rounds(str(tmp_path / "out"))[-1]
+        time.sleep(1.0)
+        sent = time.monotonic()
+        for p in (procs[0], procs[2]):
+            p.send_signal(signal.SIGTERM)
+        for p in (procs[0], procs[2]):
+            _, err = p.communicate(timeout=30)
+            assert p.returncode == EXIT_REQUEUE, err[-2000:]
+            assert "no progress for 5 s after the signal" in err
+        assert time.monotonic() - sent < 15
+        assert checkpoint.complete_rounds(str(tmp_path / "out"))[-1] >= kept
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+
+
+def test_a_damaged_set_is_skipped_naming_the_rounds_and_an_io_error_fails_keeping_everything(
+    tmp_path, shards, capsys, caplog, monkeypatch
+):
+    """An I/O error reading the newest set fails the command (exit 1, the path) and
+    changes nothing; a damaged newest set is skipped with the rounds it costs named."""
+    import errno
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, out, [0.2, 0.5], rounds=4, checkpoint_every=2))
+    assert main(["train", cfg, "--in-process"]) == 0
+    assert checkpoint.complete_rounds(str(out)) == [2, 4]
+    real = checkpoint._torch_load
+
+    def eio(path, mmap):
+        if "round_00000004" in path:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, mmap)
+
+    monkeypatch.setattr(checkpoint, "_torch_load", eio)
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(["train", cfg, "--in-process", "--resume", "--set", "run.rounds=6"]) == 1
+    err = capsys.readouterr().err
+    assert "round_00000004/rank0.pt' could not be read (Input/output error): an I/O error" in err
+    assert _tree(out) == before
+    assert main(["evaluate", cfg]) == 1
+    assert "an I/O error, not a damaged file" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    newest = out / "checkpoints/round_00000004/rank0.pt"
+    newest.write_bytes(newest.read_bytes()[:200])
+    caplog.set_level(logging.WARNING, logger="collafuse_hpc")
+    assert main(["train", cfg, "--in-process", "--resume", "--set", "run.rounds=6"]) == 0
+    assert "the checkpoint set of round 4 cannot be used" in caplog.text and "is damaged" in caplog.text
+    assert "Continuing from the set of round 2: rounds 3..4 are trained again" in caplog.text
+    assert checkpoint.complete_rounds(str(out))[-1] == 6

@@ -29,8 +29,9 @@ from collections.abc import Callable
 import h5py
 import numpy as np
 import torch
+import yaml
 
-from collafuse_hpc.config import Config
+from collafuse_hpc.config import Config, changed_keys, to_dict
 from collafuse_hpc.data import ShardReader, inspect_shard, to_model_range, to_uint8
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.evaluation import attacks, metrics
@@ -43,7 +44,8 @@ from collafuse_hpc.evaluation.features import (
     load_extractor,
 )
 from collafuse_hpc.logs import Progress
-from collafuse_hpc.results.schema import METRIC_UNITS, METRICS, SETS, index_path
+from collafuse_hpc.results.schema import METRIC_UNITS, METRICS, SETS, index_path, record_key
+from collafuse_hpc.results.writer import begin_record, finish_record, point_newest
 from collafuse_hpc.roles.client import Client, finish_samples, sample_alone
 from collafuse_hpc.roles.host import ClientHost, batches, sampling_key
 from collafuse_hpc.roles.server import Server
@@ -311,8 +313,7 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
     index = index_path(cfg.run.output_dir)
     if not os.path.exists(index):
         raise ValueError(f"{index!r} not found: evaluate needs the run's results file")
-    t0 = time.perf_counter()
-    torch.manual_seed(cfg.run.seed)
+    t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     servers, clients = load_roles(cfg, rounds[-1], device)
     topo = Topology.from_config(cfg)
     n = planned_images(cfg, [c.cut for c in clients])
@@ -347,8 +348,8 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
             for name, images in generated[k].items():
                 scored = to_uint8(images)  # what is stored and exported is what is scored
                 fake = feats(scored)
-                pooled[name][0].append(real)
-                pooled[name][1].append(fake)
+                pooled[name][0].append(real)  # each client weighs the same on both sides of the pooled
+                pooled[name][1].append(fake[: len(real)])  # score: min(n, its test split) images each
                 entry[name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
                 grids[(client.id, name)] = scored[:GRID_IMAGES]
             entry["disclosure"] = _disclosure(client, x0[k], x_c[k])
@@ -362,7 +363,7 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
         if fakes:
             real, fake = np.concatenate(reals), np.concatenate(fakes)
             report["pooled"][name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
-    _write(index, report, grids, identity, rounds[-1])
+    _write(index, cfg, report, grids, identity, rounds[-1], started)
     log.info("evaluation of round %d written to %s (%.1f s)", rounds[-1], index, time.perf_counter() - t0)
     return report
 
@@ -390,16 +391,22 @@ def _line(entry: dict) -> str:
     return ", ".join(f"{s} FID {entry[s]['fid']:.2f}" for s in SETS if s in entry)
 
 
-def _write(index: str, report: dict, grids: dict, identity: str, round_: int) -> None:
+def _write(index: str, cfg: Config, report: dict, grids: dict, identity: str, round_: int, started: str) -> None:
+    """A new evaluate record holding the metrics; /metrics then points at them. The
+    metrics of earlier evaluations stay in their records."""
+    with h5py.File(index, "r", locking=False) as f:
+        trained_with = yaml.safe_load(f.attrs["config"])
+    n = begin_record(index, "evaluate", round_, changed_keys(trained_with, to_dict(cfg)))
     with h5py.File(index, "a", locking=False) as f:
-        if METRICS in f:
-            del f[METRICS]
-        g = f.create_group(METRICS)
+        target = record_key(n, METRICS)
+        f[record_key(n)].attrs["started"] = started
+        g = f.create_group(target)
         g.attrs.update(
             extractor=identity,
             checkpoint_round=round_,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             units=METRIC_UNITS,
+            record=n,
         )
         for who, entry in report.items():
             for name, values in entry.items():
@@ -407,3 +414,6 @@ def _write(index: str, report: dict, grids: dict, identity: str, round_: int) ->
                 sub.attrs.update(values)
                 if (who, name) in grids:
                     sub.create_dataset("images", data=grids[(who, name)])
+        point_newest(f, METRICS, target)
+    scored = sum(entry[s]["images"] for who, entry in report.items() if who != "pooled" for s in SETS if s in entry)
+    finish_record(index, n, {"extractor": identity, "images_scored": scored, "clients": len(report) - 1})

@@ -10,6 +10,7 @@ message is expected from it.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -34,6 +35,8 @@ from collafuse_hpc.runtime.wire import (
     error_message,
 )
 
+log = logging.getLogger("collafuse_hpc")
+
 
 def connect(
     launch: Launch, device: torch.device, num_servers: int, describe: Callable[[int], str], timeout_s: float
@@ -44,10 +47,11 @@ def connect(
     return DistWire(launch.rank, describe, device, nccl, server_group, timeout_s, heartbeat)
 
 
-def _store(launch: Launch, timeout: timedelta) -> dist.TCPStore:
-    """The rendezvous store: rank 0 serves it on its MASTER_ADDR socket, the others connect."""
-    if launch.rank != 0:
-        return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, False, timeout)
+def _store(launch: Launch, timeout: timedelta) -> dist.Store:
+    """The rendezvous store: rank 0 serves it on its MASTER_ADDR socket and the others
+    connect, unless torchrun's agent serves it already (then every rank connects)."""
+    if launch.rank != 0 or launch.agent_store:
+        return _store_client(launch, timeout.total_seconds())
     # the socket stays open (launch keeps it) for as long as the store serves on it
     listener = listen(launch.master_addr, launch.master_port)
     return dist.TCPStore(
@@ -61,9 +65,13 @@ def _store(launch: Launch, timeout: timedelta) -> dist.TCPStore:
     )
 
 
-def _store_client(launch: Launch, timeout_s: float) -> dist.TCPStore:
-    """A new connection to the rendezvous store (for a thread of its own)."""
-    return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, False, timedelta(seconds=timeout_s))
+def _store_client(launch: Launch, timeout_s: float) -> dist.Store:
+    """A new connection to the rendezvous store (for a thread of its own). The agent's
+    store outlives a restart of its workers: each attempt keeps its keys apart."""
+    store = dist.TCPStore(
+        launch.master_addr, launch.master_port, launch.world_size, False, timedelta(seconds=timeout_s)
+    )
+    return dist.PrefixStore(f"collafuse/attempt_{launch.restart}", store) if launch.agent_store else store
 
 
 def _init_process_groups(
@@ -158,8 +166,8 @@ class DistWire(Wire):
             if self._via_nccl(p):
                 try:
                     self._post(p, error_message(round_, text), None)
-                except RuntimeError:
-                    pass
+                except RuntimeError as e:  # the NCCL copy below may still reach it
+                    log.warning("could not tell %s of this failure over gloo: %s", self.describe(p), str(e)[:200])
         super().send_error(peers, round_, text)
 
     def _post(self, dst: int, msg: Message, group) -> None:

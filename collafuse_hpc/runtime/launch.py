@@ -2,7 +2,10 @@
 environment (process groups are started by the wire, :mod:`.dist_wire`).
 
 Discovery order:
-1. torchrun: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT.
+1. torchrun: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT. Its
+   agent already serves the rendezvous store there (TORCHELASTIC_USE_AGENT_STORE):
+   every rank connects to it as a client. TORCHELASTIC_RESTART_COUNT > 0 marks a
+   worker restarted by ``--max-restarts``: it resumes like ``--resume=auto``.
 2. Open MPI's mpirun (OMPI_COMM_WORLD_SIZE). Checked before SLURM because an
    mpirun inside an sbatch allocation inherits the batch step's SLURM_PROCID=0.
 3. srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, master = first host of
@@ -12,10 +15,11 @@ Discovery order:
 5. Otherwise a single process.
 MASTER_ADDR / MASTER_PORT in the environment override the derived address.
 
-The rendezvous store is unauthenticated. Rank 0 listens on MASTER_ADDR's
-interface only (127.0.0.1 stays on this machine; a cluster's internal address
-stays on that network), on a socket it keeps from choosing the port to handing
-it to the store, so no other process can take the port in between.
+The rendezvous store is unauthenticated. Unless torchrun's agent serves it, rank 0
+listens on MASTER_ADDR's interface only (127.0.0.1 stays on this machine; a
+cluster's internal address stays on that network), on a socket it keeps from
+choosing the port to handing it to the store, so no other process can take the
+port in between.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from collafuse_hpc.config import Config
+
+if TYPE_CHECKING:  # torch loads when a device is resolved: the command line's signal handlers come first
+    import torch
 
 log = logging.getLogger("collafuse_hpc")
 
@@ -43,6 +49,8 @@ class Launch:
     master_addr: str
     master_port: int
     source: str  # torchrun | slurm | mpi | single
+    agent_store: bool = False  # torchrun's agent serves the store at MASTER_ADDR:MASTER_PORT
+    restart: int = 0  # torchrun's restart count: > 0 after a worker failed and the agent restarted all
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -106,6 +114,8 @@ def discover(env: dict[str, str] | None = None) -> Launch:
             env.get("MASTER_ADDR", "127.0.0.1"),
             int(env.get("MASTER_PORT", 29500)),
             "torchrun",
+            env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+            int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
         )
     if "OMPI_COMM_WORLD_SIZE" in env:
         return _from_mpi(env)
@@ -160,6 +170,8 @@ def resolve_device(choice: str, launch: Launch) -> torch.device:
 
     Calls ``torch.cuda.set_device`` before any NCCL communicator exists.
     """
+    import torch
+
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -19,7 +19,7 @@ import torch
 
 from collafuse_hpc.config import Config
 from collafuse_hpc.data import to_uint8
-from collafuse_hpc.results.schema import AUDIT, HANDOVER, SAMPLES, SUMMARY, part_path
+from collafuse_hpc.results.schema import AUDIT, part_path
 from collafuse_hpc.results.tensorboard import ScalarSink
 from collafuse_hpc.results.writer import RoleResults, save_grid
 from collafuse_hpc.roles.client import Client
@@ -237,7 +237,8 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
     t2 = time.perf_counter()
     for c in host.clients:
         _loss_tails(totals[c.index], recent[c.index])
-        _finish(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), x_h[c.index])
+        with ctx.stop.writing():
+            _finish(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), x_h[c.index])
         totals[c.index].update(time_sampling_wait_s=t1 - t0, time_sampling_local_s=t2 - t1)
     return totals
 
@@ -246,12 +247,17 @@ def _finish(
     ctx: Context, client: Client, results: RoleResults, totals: dict, samples: np.ndarray, x_h: torch.Tensor | None
 ) -> None:
     """Write a client's samples, grid, audit and totals at the end of its run."""
-    results.write(SAMPLES, samples, units="uint8 pixels 0..255")
+    d, run = ctx.cfg.diffusion, ctx.cfg.run
+    made = {"images": (samples, {"units": "uint8 pixels 0..255"})}
     if x_h is not None:
-        results.write(HANDOVER, x_h.float().cpu().numpy(), t=client.cut.handover, units="model range [-1, 1]")
-    grid = os.path.join(ctx.output_dir, "samples", f"{client.id}.png")
-    os.makedirs(os.path.dirname(grid), exist_ok=True)
-    save_grid(samples, grid)
+        handover = {"t": client.cut.handover, "units": "model range [-1, 1]"}
+        made["x_handover"] = (x_h.float().cpu().numpy(), handover)
+    how = {"sampler": d.sampler, "sampling_steps": d.sampling_steps, "eta": d.eta, "seed": run.seed}
+    results.write_set(ctx.record, "samples", made, {"record": ctx.record, "checkpoint_round": run.rounds, **how})
+    grid = os.path.join(ctx.output_dir, "samples", f"{client.id}.png")  # the newest; each record's in its folder
+    for path in (os.path.join(ctx.output_dir, "samples", f"record{ctx.record}", f"{client.id}.png"), grid):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_grid(samples, path)
     totals["images_per_s"] = totals["images"] / totals["time_round_s"] if totals["time_round_s"] else 0.0
     _log_audit(results, client)
     results.flush()
@@ -268,7 +274,7 @@ def _log_audit(results: RoleResults, client: Client) -> None:
 def build_role(cfg: Config, topo: Topology, rank: int, device: torch.device, wire: Wire) -> Server | ClientHost:
     if topo.is_server(rank):
         reduce = wire.allreduce_servers if topo.num_servers > 1 else None
-        return Server(cfg, topo.clients_of(rank), device, reduce)
+        return Server(cfg, topo.clients_of(rank), device, reduce, rank)
     return ClientHost(cfg, topo.clients_on(rank), device)
 
 
@@ -302,9 +308,10 @@ def run_role(ctx: Context, role: Server | ClientHost) -> dict[str, dict]:
                 attrs = {"role": "client", "client_id": c.id, "t_c": c.cut.t_c, "cut_ratio": c.cut.ratio, **where}
                 results[c.index] = RoleResults(part_file(cfg, topo, rank, c.index), attrs, resume, mirror)
             summaries = client_loop(ctx, role, results)
-        for k, part in results.items():
-            part.flush()
-            part.write_attrs(SUMMARY, summaries[k])
+        with ctx.stop.writing():
+            for k, part in results.items():
+                part.flush()
+                part.write_summary(ctx.record, summaries[k], ctx.trains)
         ctx.wire.barrier(ctx.cfg.run.work_timeout_s)  # every role has written its part (clients sample at their pace)
         return {summary_key(cfg, topo, rank, k): summary for k, summary in summaries.items()}
     except Preempted:

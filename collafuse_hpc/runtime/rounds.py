@@ -38,19 +38,23 @@ class Context:
     round: int = 0  # current round, for error reports
     pending_stop: Callable[[], bool] | None = None  # the stop agreement posted at the last check
     may_profile: bool = True  # in-process runs profile from one thread (the profiler is per process)
+    attempt: int = 0  # torchrun's restart count (0 for other launchers)
+    record: int = 0  # this invocation's record in results.h5 (results/schema.py)
+    trains: bool = True  # False for ``sample``: the training summary stays as it was
 
     @property
     def output_dir(self) -> str:
         return self.cfg.run.output_dir
 
     def beat(self, what: str) -> None:
+        self.stop.progress()
         if self.watchdog is not None:
             self.watchdog.beat(what)
 
 
 def _fault(ctx: Context, round_: int) -> None:
     f = ctx.cfg.fault
-    if f.rank == ctx.rank and f.round == round_:
+    if f.rank == ctx.rank and f.round == round_ and f.attempt in (-1, ctx.attempt):
         if f.mode == "exit":
             os._exit(13)
         raise RuntimeError(f"injected fault at round {round_}")
@@ -73,14 +77,17 @@ def end_of_round(ctx: Context, results: list[RoleResults], state: dict, r: int) 
     if check and not last and not stop:
         ctx.pending_stop = ctx.wire.any_rank_later(ctx.stop.requested)
     if done % run.log_every == 0 or last or stop:
-        for part in results:
-            part.flush()
+        with ctx.stop.writing():
+            for part in results:
+                part.flush()
     if last or stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
         ctx.beat(f"the checkpoint set of round {done}")
-        checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml)
+        with ctx.stop.writing():
+            checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml)
         ctx.wire.barrier(run.work_timeout_s)  # large checkpoints take a while on a slow file system
         if ctx.rank == 0:
-            checkpoint.mark_complete(ctx.output_dir, done, run.keep_checkpoints)
+            with ctx.stop.writing():
+                checkpoint.mark_complete(ctx.output_dir, done, run.keep_checkpoints)
         ctx.wire.barrier()
     if stop:
         raise Preempted(done, ctx.stop.signal_name or "a signal on another rank")
@@ -95,6 +102,7 @@ def rounds(ctx: Context):
         yield r
     ctx.round = ctx.cfg.run.rounds
     ctx.beat("sampling")
+    ctx.stop.phase = "finishing"  # the final sampling runs to its end whatever the signal
 
 
 def _saved_state(ctx: Context, role: Server | ClientHost, round_: int) -> dict:
@@ -110,13 +118,23 @@ def restore(ctx: Context, role: Server | ClientHost) -> None:
     file falls back to the previous set) and set ``ctx.start_round`` to it."""
     if not ctx.start_round:
         return
-    state, mine = None, 0
+    state, mine, damaged = None, 0, []
     for r in reversed([r for r in checkpoint.complete_rounds(ctx.output_dir) if r <= ctx.start_round]):
-        try:
+        try:  # a damaged set is skipped; an I/O error (CheckpointReadError) fails the rank
             state, mine = _saved_state(ctx, role, r), r
             break
         except ValueError as e:
-            log.warning("%s; trying the previous checkpoint set", e)
+            damaged.append((r, str(e)))
+    for r, why in damaged:
+        log.warning(
+            "the checkpoint set of round %d cannot be used: %s. Continuing from the set of round %d: rounds %d..%d "
+            "are trained again",
+            r,
+            why,
+            mine,
+            mine + 1,
+            r,
+        )
     agreed = -ctx.wire.max_over_ranks(-mine)  # the newest set that loads on every rank
     if agreed != mine:
         state = _saved_state(ctx, role, agreed) if agreed else None

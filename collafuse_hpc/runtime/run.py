@@ -16,10 +16,11 @@ import time
 
 import h5py
 import torch
+import yaml
 
-from collafuse_hpc.config import Config, dump
-from collafuse_hpc.results.schema import SUMMARY, index_path, role_key
-from collafuse_hpc.results.writer import create_index, record_config
+from collafuse_hpc.config import Config, changed_keys, dump, to_dict
+from collafuse_hpc.results.schema import SUMMARY, index_path, open_results, record_key, role_key
+from collafuse_hpc.results.writer import begin_record, create_index, finish_record, record_config
 from collafuse_hpc.runtime import checkpoint
 from collafuse_hpc.runtime.dist_wire import connect
 from collafuse_hpc.runtime.launch import Launch, discover, resolve_device, threads_per_rank
@@ -67,15 +68,21 @@ def print_summary(cfg: Config, summaries: dict[str, dict], wall_s: float) -> Non
             for k in ("loss_local_recent", "loss_server_recent")
             if not math.isnan(s.get(k, math.nan))
         ]
+        if not s.get("rounds_run", 0):
+            log.info("%s: no rounds trained in this invocation (sampling only)", name)
+            continue
         log.info(
-            "%s: mean of the last %d of %d rounds: %s",
+            "%s: mean over the last %d of the %d rounds this invocation trained: %s",
             name,
             s.get("loss_window", 0),
             s.get("rounds_run", 0),
             ", ".join(losses) or "no loss",
         )
     out = sys.stdout
-    out.write(f"\ncollafuse-hpc: {cfg.run.rounds} rounds in {wall_s:.1f} s wall\n")
+    if any(s.get("rounds_run", 0) for s in summaries.values()):
+        out.write(f"\ncollafuse-hpc: {cfg.run.rounds} rounds in {wall_s:.1f} s wall\n")
+    else:
+        out.write(f"\ncollafuse-hpc: sampled from the set of round {cfg.run.rounds} in {wall_s:.1f} s wall\n")
     shown, clients = 0, [name for name in summaries if name.startswith("client_")]
     for name, s in summaries.items():
         if name.startswith("server_"):
@@ -97,25 +104,43 @@ def print_summary(cfg: Config, summaries: dict[str, dict], wall_s: float) -> Non
     out.flush()
 
 
-def _summaries(cfg: Config, topo: Topology) -> dict[str, dict]:
-    """Each role's summary, read from its part file (nothing is unpickled from peers)."""
+def _summaries(cfg: Config, topo: Topology, record: int) -> dict[str, dict]:
+    """Each role's summary of this invocation, read from its part file (nothing is
+    unpickled from peers)."""
     out = {}
     for rank, k in _roles(topo):
         with h5py.File(part_file(cfg, topo, rank, k), "r", locking=False) as f:
-            attrs = f[SUMMARY].attrs.items()
+            attrs = f[record_key(record, SUMMARY)].attrs.items()
             out[summary_key(cfg, topo, rank, k)] = {a: v.item() if hasattr(v, "item") else v for a, v in attrs}
     return out
 
 
-def _start(cfg: Config, topo: Topology) -> None:
-    """Rank 0 at the start: write results.h5 (once per output folder)."""
+def _start(cfg: Config, topo: Topology, command: str, start_round: int) -> int:
+    """Rank 0 at the start: write results.h5 (once per output folder) and append this
+    invocation's record (train, resume or sample); returns its number."""
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     index = index_path(cfg.run.output_dir)
     if not os.path.exists(index):
         create_index(index, dump(cfg), cfg.run.seed, _index_roles(cfg, topo))
-    else:  # resumed: record the config it runs on (only RESUMABLE keys can differ)
+        return begin_record(index, command, start_round, {})
+    with open_results(index) as f:
+        trained_with = yaml.safe_load(f.attrs["config"])
+    n = begin_record(index, command, start_round, changed_keys(trained_with, to_dict(cfg)))
+    if command == "resume":  # record the config it trains on (only RESUMABLE keys can differ)
         record_config(index, dump(cfg))
         checkpoint.remove_incomplete(cfg.run.output_dir)  # left by the run that stopped: free their space
+    return n
+
+
+def _command(resume: bool | str, sample: bool) -> str:
+    return "sample" if sample else ("resume" if resume else "train")
+
+
+def _finish(cfg: Config, record: int, start_round: int, wall_s: float) -> None:
+    """Rank 0 at the end: what this invocation did, into its record."""
+    totals = {"rounds_run": cfg.run.rounds - start_round, "wall_s": round(wall_s, 3)}
+    totals["samples_per_client"] = cfg.run.samples_per_client
+    finish_record(index_path(cfg.run.output_dir), record, totals)
 
 
 def _job_key(launch: Launch) -> str:
@@ -129,14 +154,23 @@ def _device(cfg: Config, topo: Topology, rank: int, launch: Launch) -> torch.dev
     return resolve_device(role_cfg.device, launch)
 
 
-def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) -> None:
+def run_distributed(cfg: Config, resume: bool | str, stop: StopRequest | None = None, sample: bool = False) -> None:
     """One rank of a launched job (mpirun, srun or torchrun). Raises on failure,
-    Preempted after an agreed stop.
+    Preempted after an agreed stop. ``sample``: only sample again from the newest set
+    (``cfg.run.rounds`` is its round); the training summary stays as it was. A worker
+    that torchrun restarted (``--max-restarts``) continues from the newest complete
+    checkpoint set, as ``--resume=auto`` does.
 
     The process groups stay initialized; the command line ends the process
     right after (tearing gloo down while peers exit can abort in C++).
     """
     launch = discover()
+    stop = stop or StopRequest()
+    stop.grace_s = cfg.run.stop_grace_s
+    if launch.restart and not resume:
+        resume = "auto"
+        if launch.rank == 0:
+            log.info("torchrun restart %d: continuing from the newest complete checkpoint set", launch.restart)
     topo = Topology.from_config(cfg, launch.world_size)
     start_round = preflight(cfg, resume)
     check_lock(cfg.run.output_dir, _job_key(launch))
@@ -155,46 +189,59 @@ def run_distributed(cfg: Config, resume: bool, stop: StopRequest | None = None) 
             torch.get_num_threads(),
         )
     wire = connect(launch, device, topo.num_servers, topo.describe, cfg.run.timeout_s)
+    stop.phase = "rounds"  # every rank is here: from now on a signal stops all at an agreed round
     t0 = time.perf_counter()
     lock = RunLock(cfg.run.output_dir, _job_key(launch)) if rank == 0 else None
     try:
+        record = 0
         if rank == 0:
-            _start(cfg, topo)
-        wire.barrier()
+            with stop.writing():
+                record = _start(cfg, topo, _command(resume, sample), start_round)
+        record = wire.max_over_ranks(record)  # every rank writes its samples and totals under it
         watchdog = Watchdog(topo.describe(rank), cfg.run.watchdog_s) if cfg.run.watchdog_s > 0 else None
-        ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop or StopRequest(), watchdog)
+        ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop, watchdog, attempt=launch.restart)
+        ctx.record, ctx.trains = record, not sample
         run_role(ctx, build_role(cfg, topo, rank, device, wire))
         wire.heartbeat.stop()  # no peer is waited for or worked for from here on; an evaluation may take hours
         if watchdog is not None:
             watchdog.stop()
         if rank == 0:  # every role wrote its summary into its part file before run_role's last barrier
-            print_summary(cfg, _summaries(cfg, topo), time.perf_counter() - t0)
+            print_summary(cfg, _summaries(cfg, topo, record), time.perf_counter() - t0)
+            _finish(cfg, record, ctx.start_round, time.perf_counter() - t0)
             _evaluate_at_end(cfg, ctx.stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def run_in_process(cfg: Config, resume: bool, stop: StopRequest | None = None) -> dict[str, dict]:
-    """Every role in a thread of this process; returns each role's summary by its
-    part file's name (``server_0``, ``client_<id>``).
-    Raises on failure, Preempted after a stop request."""
+def run_in_process(
+    cfg: Config, resume: bool | str, stop: StopRequest | None = None, sample: bool = False
+) -> dict[str, dict]:
+    """Every role in a thread of this process; returns each role's summary of this
+    invocation by its part file's name (``server_0``, ``client_<id>``).
+    Raises on failure, Preempted after a stop request. ``sample`` as in run_distributed."""
     topo = Topology.from_config(cfg)
     start_round = preflight(cfg, resume)
+    stop = stop or StopRequest()
+    stop.grace_s = cfg.run.stop_grace_s
     lock = RunLock(cfg.run.output_dir, f"in-process:{socket.gethostname()}:{os.getpid()}")
+    threads = torch.get_num_threads()  # the caller's, put back after
     try:
-        return _run_threads(cfg, topo, start_round, stop or StopRequest())
+        return _run_threads(cfg, topo, start_round, stop, _command(resume, sample))
     finally:
+        torch.set_num_threads(threads)
         lock.release()
 
 
-def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopRequest) -> dict[str, dict]:
+def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopRequest, command: str) -> dict[str, dict]:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     single = discover({})
     hub = LocalHub(topo.world_size, topo.num_servers, cfg.run.timeout_s)
     t0 = time.perf_counter()
-    _start(cfg, topo)
+    stop.phase = "rounds"
+    with stop.writing():
+        record = _start(cfg, topo, command, start_round)
     wires, roles = [], []
     for rank in range(topo.world_size):
         device = _device(cfg, topo, rank, single)
@@ -205,6 +252,7 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
 
     def target(rank: int) -> None:
         ctx = Context(cfg, topo, rank, wires[rank], start_round, dump(cfg), stop, may_profile=rank == 0)
+        ctx.record, ctx.trains = record, command != "sample"
         try:
             summaries.update(run_role(ctx, roles[rank]))
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
@@ -221,6 +269,7 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
         raise order[0]
     summaries = {key: summaries[key] for key in _summary_order(cfg, topo)}
     print_summary(cfg, summaries, time.perf_counter() - t0)
+    _finish(cfg, record, start_round, time.perf_counter() - t0)
     _evaluate_at_end(cfg, stop)
     return summaries
 

@@ -1,0 +1,121 @@
+"""Every launch line of the README and docs/ runs as written, with only paths and
+counts changed: the output folder, the shards, run.rounds and run.samples_per_client.
+(The SLURM lines run in tests/test_slurm.py, on a real SLURM.)"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import free_port
+
+pytestmark = pytest.mark.mpi
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHERS = ("jobs/local.sh", "torchrun", "mpirun", "srun", "sbatch", "collafuse-hpc")
+PLACEHOLDER = "runs/quickstart-..."  # the README's name for "the run you trained"
+
+
+def shell_lines(path: Path) -> list[str]:
+    """The commands of ``path``'s bash blocks: comments dropped, continued lines joined."""
+    lines, block, pending = [], False, ""
+    for raw in path.read_text().splitlines():
+        if raw.startswith("```"):
+            block = raw.strip() == "```bash"
+            continue
+        if not block:
+            continue
+        text = pending + raw.split(" #")[0].strip()
+        if text.startswith("#") or not text:
+            continue
+        if text.endswith("\\"):
+            pending = text[:-1] + " "
+            continue
+        lines.append(text)
+        pending = ""
+    return lines
+
+
+def doc_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+
+
+def launch_lines() -> list[str]:
+    """Lines that start a training or sampling run."""
+    found = []
+    for path in doc_files():
+        for line in shell_lines(path):
+            words = shlex.split(line)
+            if words[0] in LAUNCHERS and ("train" in words or "sample" in words or words[0] == "sbatch"):
+                found.append(line)
+    return list(dict.fromkeys(found))
+
+
+@pytest.fixture(scope="module")
+def quickstart_shards(tmp_path_factory) -> Path:
+    """The quickstart's shards, made by its documented prepare line (only --out changed)."""
+    documented = (line for p in doc_files() for line in shell_lines(p))
+    prepare = next(line for line in documented if line.startswith("collafuse-hpc prepare digits"))
+    out = tmp_path_factory.mktemp("quickstart") / "data"
+    words = shlex.split(prepare)
+    words[words.index("--out") + 1] = str(out)
+    done = subprocess.run(words, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _env() -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)  # collafuse-hpc and torchrun of this venv
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PET_MASTER_PORT": str(free_port())}
+
+
+def _run(words: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(words, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _as_run(line: str, out: Path, shards: Path, rounds: int) -> list[str]:
+    words = shlex.split(line.replace(PLACEHOLDER, str(out)))
+    assert "configs/quickstart.yaml" in words, f"a launch line of another config: add it to this test: {line}"
+    if "run.output_dir" not in line:
+        words += ["--set", f"run.output_dir={out}"]
+    words += ["--set", f"run.rounds={rounds}", "--set", "run.samples_per_client=4"]
+    words += ["--set", f"clients.0.shard={shards}/client_0.h5", "--set", f"clients.1.shard={shards}/client_1.h5"]
+    return words
+
+
+def test_the_docs_show_the_launchers_users_need():
+    lines = launch_lines()
+    starts = {shlex.split(line)[0] for line in lines}
+    assert {"jobs/local.sh", "torchrun", "collafuse-hpc", "sbatch"} <= starts, lines
+    assert any("--resume" in line for line in lines) and any(" sample " in line for line in lines)
+
+
+def test_the_slurm_launch_lines_run_in_the_slurm_suite():
+    suite = (ROOT / "tests/test_slurm.py").read_text()
+    for line in launch_lines():
+        words = shlex.split(line)
+        if words[0] in ("sbatch", "srun"):
+            script = next(w for w in words if w.startswith("jobs/"))
+            assert script in suite, f"{line}: tests/test_slurm.py does not run {script}"
+
+
+def test_every_local_launch_line_runs_as_written(tmp_path, quickstart_shards):
+    """Training lines first, each into its own folder; then the lines that continue
+    'the run you trained' (--resume) or sample it again: the first training line
+    that overrides no key, since a resume must train what that run trained."""
+    lines = [line for line in launch_lines() if shlex.split(line)[0] not in ("sbatch", "srun")]
+    trains = [line for line in lines if PLACEHOLDER not in line]
+    later = [line for line in lines if PLACEHOLDER in line]
+    trained = tmp_path / f"run{next(i for i, line in enumerate(trains) if '--set' not in line)}"
+    for i, line in enumerate(trains):
+        out = tmp_path / f"run{i}"
+        done = _run(_as_run(line, out, quickstart_shards, 2))
+        assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
+        assert (out / "samples/c0.png").exists(), line
+    for line in later:
+        done = _run(_as_run(line, trained, quickstart_shards, 3))
+        assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
+        assert re.search(r"collafuse-hpc: (\d+ rounds|sampled from the set of round \d+) in", done.stdout), line

@@ -1,0 +1,120 @@
+"""A run's record is append-only: training, each resume, each ``sample`` and each
+``evaluate`` adds its own record, and none overwrites another's samples, metrics or
+training summary (results/schema.py: /records)."""
+
+import h5py
+import numpy as np
+import torch
+from conftest import tiny_config, write_config
+
+from collafuse_hpc.cli import main
+from collafuse_hpc.evaluation.inception import FIDInceptionV3
+
+
+def _attrs(g) -> dict:
+    return {k: v.item() if hasattr(v, "item") else v for k, v in g.attrs.items()}
+
+
+def _inception_file(path) -> str:
+    """A randomly initialised FID Inception state dict: a second extractor, no download."""
+    torch.manual_seed(0)
+    state = {k: v for k, v in FIDInceptionV3().state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, path)
+    return str(path)
+
+
+def test_sampling_and_evaluating_again_add_records_and_keep_every_other(tmp_path, shards, capsys, caplog):
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=4)
+    raw["eval"].update(sets=["collaborative"], images=4, kid_subset_size=4)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    out = tmp_path / "out"
+    assert main(["train", cfg, "--in-process"]) == 0
+    with h5py.File(out / "results.h5", "r", locking=False) as f:
+        trained = {cid: _attrs(f[f"clients/{cid}/summary"]) for cid in ("c0", "c1")}
+        server = _attrs(f["server/summary"])
+        first_samples = f["clients/c0/samples/images"][()]
+    ddim = ["--set", "diffusion.sampler=ddim", "--set", "diffusion.sampling_steps=5"]
+    assert main(["sample", cfg, "--in-process", *ddim]) == 0
+    assert main(["sample", cfg, "--in-process", "--set", "diffusion.sampling_steps=10"]) == 0
+    assert main(["evaluate", cfg]) == 0
+    inception = _inception_file(tmp_path / "inception.pth")
+    second = ["--set", "eval.extractor=inception", "--set", f"eval.inception_path={inception}"]
+    assert main(["evaluate", cfg, *second]) == 0
+    capsys.readouterr()
+    assert "mean over the last" in caplog.text and "no rounds trained in this invocation (sampling only)" in caplog.text
+    assert "last 0 of" not in caplog.text
+
+    with h5py.File(out / "results.h5", "r", locking=False) as f:
+        records = [_attrs(f[f"records/{n}"]) for n in range(5)]
+        assert "records/5" not in f
+        assert [r["command"] for r in records] == ["train", "sample", "sample", "evaluate", "evaluate"]
+        assert all(r["finished"] for r in records)
+        assert "diffusion.sampler: ddim" in records[1]["settings"] and "sampling_steps: 5" in records[1]["settings"]
+        assert "sampler" not in records[2]["settings"] and "sampling_steps: 10" in records[2]["settings"]
+        assert "eval.extractor: inception" in records[4]["settings"]
+        assert records[1]["checkpoint_round"] == 4
+        for cid in ("c0", "c1"):  # the training summary is the training's
+            assert _attrs(f[f"clients/{cid}/summary"]) == trained[cid]
+            assert trained[cid]["images"] == 4 * 6 and trained[cid]["images_per_s"] > 0
+        assert _attrs(f["server/summary"]) == server
+        sets = {n: f[f"clients/c0/records/{n}/samples"] for n in (0, 1, 2)}
+        how = {n: (g.attrs["sampler"], int(g.attrs["sampling_steps"])) for n, g in sets.items()}
+        assert how == {0: ("ddpm", 0), 1: ("ddim", 5), 2: ("ddpm", 10)}
+        np.testing.assert_array_equal(sets[0]["images"][()], first_samples)  # the training's samples are kept
+        assert not np.array_equal(sets[1]["images"][()], sets[0]["images"][()])
+        np.testing.assert_array_equal(f["clients/c0/samples/images"][()], sets[2]["images"][()])  # the newest
+        assert f["metrics"].attrs["extractor"].startswith("inception-") and f["metrics"].attrs["record"] == 4
+        assert f["records/3/metrics"].attrs["extractor"] == "pixels"
+        assert "fid" in f["records/3/metrics/pooled/collaborative"].attrs
+    assert (out / "samples/record1/c0.png").exists() and (out / "samples/record0/c0.png").exists()
+
+    assert main(["inspect", str(out / "results.h5")]) == 0
+    text = capsys.readouterr().out
+    history = [line for line in text.splitlines() if line.startswith("    ") and ": " in line and " at 20" in line]
+    assert [line.split(": ")[1].split()[0] for line in history] == ["train", "sample", "sample", "evaluate", "evaluate"]
+    assert main(["compare", str(out / "results.h5"), "--record", "3"]) == 0
+    assert "pixels" in capsys.readouterr().out
+    assert main(["compare", str(out / "results.h5"), "--record", "1"]) == 2
+    assert "record 1 holds no metrics; the records of evaluations are [3, 4]" in capsys.readouterr().err
+
+
+def test_a_resumed_runs_training_summary_sums_its_invocations(tmp_path, shards):
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=3, checkpoint_every=3)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    assert main(["train", cfg, "--in-process"]) == 0
+    assert main(["train", cfg, "--in-process", "--resume", "--set", "run.rounds=6"]) == 0
+    with h5py.File(tmp_path / "out/results.h5", "r", locking=False) as f:
+        assert [f[f"records/{n}"].attrs["command"] for n in (0, 1)] == ["train", "resume"]
+        for key in ("server", "clients/c0"):
+            first, second = (_attrs(f[f"{key}/records/{n}/summary"]) for n in (0, 1))
+            total = _attrs(f[f"{key}/summary"])
+            assert total["invocations"] == 2 and total["rounds_run"] == 6
+            assert total["images"] == first["images"] + second["images"] > 0
+            times = [k for k in total if k.startswith("time_")]
+            assert times and all(np.isclose(total[k], first[k] + second[k]) for k in times)
+
+
+def test_a_run_of_the_schema_before_records_is_read_and_continued(tmp_path, shards, capsys):
+    """Schema v2 kept /samples, /summary and /metrics as plain groups: inspect reads it
+    (no history), and sampling again moves the old samples aside instead of losing them."""
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=2)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    assert main(["train", cfg, "--in-process"]) == 0
+    for part in (tmp_path / "out/parts").glob("*.h5"):  # rewrite as version 2 wrote it
+        with h5py.File(part, "a") as f:
+            if "samples" in f:
+                images = f["samples/images"][()]
+                del f["samples"]
+                f["samples/images"] = images
+            del f["records"]
+    with h5py.File(tmp_path / "out/results.h5", "a") as f:
+        del f["records"]
+        f.attrs["schema_version"] = 2
+        old = f["clients/c0/samples/images"][()]
+    assert main(["inspect", str(tmp_path / "out/results.h5")]) == 0
+    assert "samples: [4, 1, 8, 8] uint8" in capsys.readouterr().out
+    assert main(["sample", cfg, "--in-process", "--set", "diffusion.sampling_steps=5"]) == 0
+    with h5py.File(tmp_path / "out/results.h5", "r", locking=False) as f:
+        np.testing.assert_array_equal(f["clients/c0/records/v2/samples/images"][()], old)
+        assert f["clients/c0/samples"].attrs["sampling_steps"] == 5
+        assert int(f["records/0"].attrs["checkpoint_round"]) == 2
