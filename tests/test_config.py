@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_config, write_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collafuse_hpc.config import load
 from collafuse_hpc.diffusion.split import cuts
@@ -176,3 +178,39 @@ def test_the_shipped_many_clients_config_places_64_clients_on_3_ranks():
     topo = Topology.from_config(cfg, 3)
     assert len(cfg.clients) == 64 and topo.clients_on(2) == list(range(32, 64))
     assert {c.cut_ratio for c in cfg.clients} == {0.2, 0.4} and cfg.run.clients_per_round == 16
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    before=st.integers(0, 3),
+    count=st.integers(1, 40),
+    after=st.integers(0, 3),
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.lists(st.integers(1, 64), min_size=1, max_size=1),
+)
+def test_a_template_expands_to_count_clients_in_place_with_their_values(before, count, after, seed, batch):
+    """For any count and position among hand-written clients: count clients in the
+    template's place, ids and shards formatted with k, each-values in order, a seeded
+    choice that is the same on every expansion and within its options."""
+    from collafuse_hpc.client_templates import expand
+
+    hand = [{"id": f"h{i}", "shard": "x.h5"} for i in range(before + after)]
+    template = {
+        "count": count,
+        "id": "c{k}",
+        "shard": "data/client_{k:03d}.h5",
+        "cut_ratio": {"choice": [0.2, 0.5, 0.8], "seed": seed},
+        "batch_size": {"each": [batch[0] + k for k in range(count)]},
+        "model": {"base_channels": 16},
+    }
+    raw = {"clients": [*hand[:before], {"template": template}, *hand[before:]]}
+    clients = expand(raw)["clients"]
+    assert len(clients) == before + count + after
+    assert clients[:before] == hand[:before] and clients[before + count :] == hand[before:]
+    made = clients[before : before + count]
+    assert [c["id"] for c in made] == [f"c{k}" for k in range(count)]
+    assert [c["shard"] for c in made] == [f"data/client_{k:03d}.h5" for k in range(count)]
+    assert [c["batch_size"] for c in made] == [batch[0] + k for k in range(count)]
+    assert all(c["cut_ratio"] in (0.2, 0.5, 0.8) and c["model"] == {"base_channels": 16} for c in made)
+    assert [c["cut_ratio"] for c in expand(raw)["clients"][before : before + count]] == [c["cut_ratio"] for c in made]
+    assert raw["clients"][before] == {"template": template}  # the input is not changed

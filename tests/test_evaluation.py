@@ -71,6 +71,24 @@ def test_kid_is_unbiased_and_matches_the_closed_form_mmd():
     assert abs(same) < 0.05 * want  # unbiased: about 0 for equal distributions
 
 
+def test_ssim_equals_scikit_images_for_a_fixed_pair():
+    """The reference SSIM (Gaussian window, sigma 1.5, population covariance) of a fixed
+    noisy pair, data range 2 for images in [-1, 1]: a wrong data_range or window fails."""
+    skimage_metrics = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    b = (a + 0.3 * torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    options = {"data_range": 2.0, "channel_axis": 0, "gaussian_weights": True, "sigma": 1.5}
+    want = np.mean(
+        [
+            skimage_metrics.structural_similarity(x.numpy(), y.numpy(), use_sample_covariance=False, **options)
+            for x, y in zip(a, b)
+        ]
+    )
+    assert metrics.ssim(a, b) == pytest.approx(want, rel=1e-9)
+    assert 0.3 < want < 0.9  # neither identical nor unrelated: the constants matter here
+
+
 def test_pixel_similarity_and_disclosure_numbers():
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     assert metrics.ssim(x, x) == pytest.approx(1.0)
@@ -325,7 +343,7 @@ def test_inspect_export_and_compare_on_real_runs_and_a_crashed_one(tmp_path, sha
         raw["eval"]["at_end"] = name == "a"
         assert main(["train", write_config(tmp_path / f"{name}.yaml", raw), "--in-process"]) == 0
         paths.append(str(tmp_path / name / "results.h5"))
-    assert "server_0: mean of the last 2 of 2 rounds: loss_server" in caplog.text  # not "the last 50"
+    assert "server_0: mean over the last 2 of the 2 rounds this invocation trained: loss_server" in caplog.text
     capsys.readouterr()
     assert main(["inspect", paths[0]]) == 0
     text = capsys.readouterr().out
@@ -466,6 +484,11 @@ def test_reconstruction_with_the_true_noise_is_exact_and_linkage_ranks_by_likeli
     hidden = diffusion.q_sample(x0, torch.full((6,), 100), noise)  # almost pure noise: the ranking is a guess
     rates = attacks.top_k_rates(attacks.pixel_distances(hidden, x0, float(diffusion.alphas_cumprod[100])), sources)
     assert rates[5] >= rates[1] and rates[5] <= 1
+    # at a real step the distance is to the candidate scaled by sqrt(abar), as x_c's mean is
+    abar = float(diffusion.alphas_cumprod[30])
+    want = torch.tensor([[float(((a - abar**0.5 * b) ** 2).sum()) for b in x0] for a in x_c], dtype=torch.float64)
+    torch.testing.assert_close(attacks.pixel_distances(x_c, x0, abar), want)
+    assert not torch.allclose(attacks.pixel_distances(x_c, x0, 1.0), want)  # abar matters here
     # ties count against the attacker: with every distance equal, only k >= N finds the source
     assert attacks.top_k_rates(torch.zeros(4, 4), torch.arange(4), (1, 3, 4)) == {1: 0.0, 3: 0.0, 4: 1.0}
 
@@ -497,3 +520,19 @@ def test_evaluate_scores_only_the_sets_asked_for(tmp_path, shards, capsys):
     config = write_config(tmp_path / "run.yaml", raw)
     assert main(["evaluate", config, "--set", "eval.sets=[collaborative, fancy]"]) == 2
     assert "config key 'eval.sets' is ['collaborative', 'fancy']; give one or more of" in capsys.readouterr().err
+
+
+def test_pooled_scores_weigh_each_client_the_same_on_both_sides(tmp_path):
+    """Test splits of 3 images and eval.images 8: each client adds 3 real and 3 generated
+    images to the pooled score (the generated side took all 8 of each before)."""
+    from collafuse_hpc.data.prepare import prepare
+    from collafuse_hpc.data.sources import read_digits
+
+    small = prepare(read_digits(), str(tmp_path / "shards"), 2, "class", size=8, seed=0, test_size=3)
+    raw = tiny_config(small, tmp_path / "out", [0.25, 0.5], rounds=1)
+    raw["eval"].update(sets=["collaborative"], images=8, kid_subset_size=3)
+    run_in_process(from_dict(raw), resume=False)
+    report = evaluate(from_dict(raw))
+    assert report["c0"]["collaborative"]["images"] == 8 and report["c0"]["collaborative"]["real_images"] == 3
+    pooled = report["pooled"]["collaborative"]
+    assert pooled["real_images"] == 6 and pooled["images"] == 6

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_mpi, tiny_config, write_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from collafuse_hpc.config import from_dict
+from collafuse_hpc.config import ModelConfig, from_dict
 from collafuse_hpc.diffusion.trainable import Trainable
 from collafuse_hpc.diffusion.unet import UNet
 from collafuse_hpc.runtime.local_wire import LocalWire
@@ -19,12 +21,14 @@ IDS = ["c0", "c1", "c2", "c3", "c4"]
 
 def _mixed(shards, out, **run) -> dict:
     """Five clients of two model shapes, four cuts (one local only), labels kept, shared
-    and unused, three drawn per round: every path through a hosting rank."""
+    and unused, three drawn per round, dropout 0.1: every path through a hosting rank."""
     raw = tiny_config(shards, out, [0.25, 0.5, 0.25, 1.0], rounds=4, checkpoint_every=2, clients_per_round=3, **run)
     raw["clients"].append(dict(raw["clients"][0], id="c4", cut_ratio=0.5))
     raw["clients"][0].update(labels=True, share_labels=True)
     raw["clients"][2].update(labels=True)
     raw["clients"][4]["model"] = dict(raw["clients"][4]["model"], base_channels=4)  # a second shape
+    for role in [raw["server"], *raw["clients"]]:  # each member's masks from its own stream, saved with it
+        role["model"] = dict(role["model"], dropout=0.1)
     return raw
 
 
@@ -198,9 +202,77 @@ def test_evaluation_generates_the_sets_of_clients_with_one_model_and_grid_togeth
 
     caplog.set_level("INFO", logger="collafuse_hpc")
     raw = tiny_config(shards, tmp_path, [0.25, 0.25, 0.25, 0.5], rounds=2, clients_per_rank=4)
+    raw["eval"]["sets"] = ["collaborative", "client_alone"]  # the server's and the clients' sampling
     run_in_process(from_dict(raw), resume=False)
     report = evaluate(from_dict(raw))  # eval.batch 16, 8 images each: two clients per pass
     assert "evaluating client(s) c0, c1: 16/16 images" in caplog.text
     assert "evaluating client(s) c2: 8/8 images" in caplog.text and "evaluating client(s) c3: 8/8" in caplog.text
     for cid in ("c0", "c1", "c2", "c3"):
         assert np.isfinite(report[cid]["collaborative"]["fid"]) and report[cid]["collaborative"]["images"] == 8
+    raw["eval"]["batch"] = 8  # one client per pass: each client's images and scores are the same
+    alone = evaluate(from_dict(raw))
+    assert "evaluating client(s) c1: 8/8 images" in caplog.text
+    with h5py.File(tmp_path / "results.h5") as f:
+        for cid in ("c0", "c1", "c2", "c3"):
+            for name in ("collaborative", "client_alone"):
+                together, apart = (f[f"records/{n}/metrics/{cid}/{name}/images"][()] for n in (1, 2))
+                assert np.array_equal(together, apart), (cid, name)
+                assert alone[cid][name]["fid"] == pytest.approx(report[cid][name]["fid"], rel=1e-6)
+
+
+def test_a_members_dropout_masks_do_not_depend_on_who_shares_its_call():
+    """Member 0 alone, and beside a second member, with the same stream: the same output
+    in train mode (the masks were one draw over [N, K*C, H, W] before: 0.40 apart)."""
+    cfg = ModelConfig(base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[], dropout=0.5)
+    torch.manual_seed(0)
+    pair = UNet(cfg, 1, 8, members=2).train()
+    alone = UNet(cfg, 1, 8, members=1).train()
+    with torch.no_grad():
+        for w, w1 in zip(pair.parameters(), alone.parameters()):
+            w1.copy_(w[:1])
+            w[0].add_(torch.randn_like(w[0]) * 0.1)  # non-zero everywhere, so dropout shows
+            w1.copy_(w[:1])
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 7, 9])
+    pair.streams[:] = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    alone.streams[:] = [torch.Generator().manual_seed(1)]
+    both = pair(torch.cat([x, torch.randn(3, 1, 8, 8)], 1), torch.stack([t, t], 1))
+    one = alone(x, t)
+    torch.testing.assert_close(both[:, :1], one)
+    alone.streams[:] = [torch.Generator().manual_seed(1)]
+    assert not torch.allclose(alone.eval()(x, t), one)  # dropout was on in train mode
+    with pytest.raises(RuntimeError, match="one random stream per member"):
+        alone.train().streams.clear() or alone(x, t)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 4), st.integers(0, 1000), st.booleans()),
+        min_size=1,
+        max_size=6,
+        unique_by=lambda p: p[1],
+    ),
+    st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    st.integers(0, 10_000),
+)
+def test_pack_then_the_wire_encoding_then_unpack_gives_every_clients_message_back(parts, dtype, round_):
+    """Any clients (count 0..4 images, any index, labels or not) in one message: its header
+    and parts table encode and decode, and unpack returns each client's message as sent."""
+    from collafuse_hpc.runtime.wire import decode_header, decode_parts, encode_header, encode_parts
+
+    g = torch.Generator().manual_seed(round_)
+    msgs = []
+    for count, client, labelled in parts:
+        payload = torch.randn(count, 1, 4, 4, generator=g).to(dtype)
+        labels = torch.randint(0, 10, (count,), generator=g) if labelled else None
+        msgs.append(one_client(Kind.TRAIN, round_, client, client % 7, count, payload, labels))
+    msg = pack(msgs)
+    header = decode_header(encode_header(msg, 3), 3)
+    assert (header.kind, header.round, header.count, header.payload_dtype) == (Kind.TRAIN, round_, msg.count, dtype)
+    if msg.parts:
+        assert decode_parts(encode_parts(msg)) == tuple(msg.parts)
+    back = unpack(msg) if len(msgs) > 1 else {msgs[0].parts[0].client: msgs[0]}
+    for m in msgs:
+        got = back[m.parts[0].client]
+        assert got.count == m.count and got.t_c == m.t_c and torch.equal(got.payload, m.payload)
+        assert (got.labels is None) == (m.labels is None) and (m.labels is None or torch.equal(got.labels, m.labels))

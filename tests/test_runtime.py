@@ -216,3 +216,42 @@ def test_partial_participation_draws_clients_per_round_and_records_who_took_part
     run_in_process(from_dict(part), resume=True)
     a, b = _losses(tmp_path / "full", "server"), _losses(tmp_path / "part", "server")
     assert np.allclose(a["loss_server"], b["loss_server"], equal_nan=True)
+
+
+def test_a_run_and_an_evaluation_leave_the_callers_global_state_as_it_was(tmp_path, shards):
+    """The library draws from its own streams: torch's global RNG, its thread count and
+    the warnings filters are the caller's before and after (constructors, a run, evaluate)."""
+    import subprocess
+    import sys
+    import warnings
+
+    from collafuse_hpc.evaluation.evaluate import evaluate
+
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.6], rounds=2)
+    raw["eval"].update(sets=["collaborative"], images=4, kid_subset_size=4)
+    raw["server"]["model"]["dropout"] = 0.1
+    torch.manual_seed(123)
+    torch.set_num_threads(2)
+    rng, filters = torch.get_rng_state(), list(warnings.filters)
+    run_in_process(from_dict(raw), resume=False)
+    evaluate(from_dict(raw))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.get_num_threads() == 2
+    ours = [f for f in warnings.filters if f[1] is not None and "layout contract" in f[1].pattern]
+    assert not ours and all(f in warnings.filters for f in filters)  # (torch's lazy imports may add their own)
+    code = "import warnings, collafuse_hpc.diffusion.trainable as m; print(sum(m.LAYOUT_WARNING in str(f) for f in "
+    code += "warnings.filters))"  # nothing installed at import
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "0"
+
+
+def test_a_failure_notice_that_cannot_be_sent_is_logged(caplog):
+    topo = Topology(1, ("c0",))
+    hub = LocalHub(topo.world_size, 1, timeout_s=5)
+    wire = LocalWire(1, topo.describe, hub, torch.device("cpu"))
+
+    def closed(dst, msg):
+        raise RuntimeError("Connection closed by peer")
+
+    wire.send = closed
+    wire.send_error([0], 3, "rank 1: boom")
+    assert "could not tell rank 0 (server 0) of this failure: Connection closed by peer" in caplog.text

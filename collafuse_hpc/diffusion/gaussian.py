@@ -29,6 +29,8 @@ import torch
 
 # eps_model(x_t [N, C, H, W], t [N] int64) -> predicted noise [N, C, H, W]
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# the noise streams of a sampling run: one, one per equal chunk, or (rows, stream) per chunk
+Streams = torch.Generator | Sequence[torch.Generator] | Sequence[tuple[int, torch.Generator]] | None
 
 
 def beta_schedule(name: str, timesteps: int) -> np.ndarray:
@@ -163,7 +165,7 @@ class GaussianDiffusion:
         timesteps: Sequence[int],
         a: int = 0,
         clip: bool = True,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        generator: Streams = None,
         eta: float | None = None,
     ) -> torch.Tensor:
         """Run the reverse chain from ``timesteps[0]`` down to ``timesteps[-1]``.
@@ -175,11 +177,16 @@ class GaussianDiffusion:
                (an image at a = 0, never a noised x_c).
             eta: None for DDPM's ancestral steps; a number for DDIM's (0: deterministic).
             generator: the noise's stream; a list of G streams draws the noise of
-               x's G equal chunks (G models sampled together), one from each.
+               x's G equal chunks (G models sampled together), one from each; a list
+               of (rows, stream) pairs, chunks of those sizes.
         Returns:
             x at ``timesteps[-1]``; when that is ``a`` the last step is
-            deterministic and returns x_a_hat.
+            deterministic and returns x_a_hat. A grid of fewer than two steps (a
+            side with no part of the chain, e.g. the server when the reference
+            split hands over at T) returns x as it is.
         """
+        if len(timesteps) < 2:
+            return x
         assert all(t > s for t, s in zip(timesteps, timesteps[1:])) and timesteps[-1] >= a
         n = x.shape[0]
         for t_i, s_i in zip(timesteps, timesteps[1:]):
@@ -201,12 +208,17 @@ class GaussianDiffusion:
         return x
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+def _randn_like(x: torch.Tensor, generator: Streams) -> torch.Tensor:
     """Standard normal noise shaped like x [N, ...]: from one stream, or chunk by chunk
-    from a list of streams (the same numbers as sampling each chunk alone)."""
+    from a list of streams (the same numbers as sampling each chunk alone): G streams
+    for G equal chunks, or (rows, stream) pairs for chunks of those sizes."""
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    chunks = x.split(len(x) // len(generator))
+    if isinstance(generator[0], tuple):
+        sizes, generator = [rows for rows, _ in generator], [g for _, g in generator]
+        chunks = x.split(sizes)
+    else:
+        chunks = x.split(len(x) // len(generator))
     return torch.cat(
         [torch.randn(c.shape, generator=g, device=x.device, dtype=x.dtype) for c, g in zip(chunks, generator)]
     )

@@ -9,8 +9,12 @@ A thin layer over gaussian.py. For a client with cut step t_c:
   marginal q(x_t | x_0). In the ``reference`` split (the authors' code) it
   re-noises x_c as if it were clean data (anchor 0), and sampling hands over
   at the heuristic step t_c + t_c (1 - c) instead of t_c.
-- sampling: the server runs the grid from T down to the hand-over step h
-  without clipping; the client runs h down to 0 with clipping.
+- sampling: the server runs the grid from T down to the hand-over step h; the
+  client runs h down to 0. One clipping rule for both sides: the estimate
+  x_a_hat is clipped to [-1, 1] exactly when it estimates the clean image x_0
+  (:attr:`Cut.server_clips`): always on the client, on the server only at c = 0
+  (otherwise its estimate is x_c, a noised image). When the reference split's
+  hand-over reaches T, the server has no step to run and returns x_T as it is.
 
 :meth:`Cut.for_client` is the one place a client's config becomes its cut (the
 rounding rule, the split mode, the default step count); every role, the
@@ -84,6 +88,11 @@ class Cut:
         if self.mode == "markov" or not self.uses_server:
             return self.t_c
         return min(self.timesteps, int(round(self.t_c + self.t_c * (1 - self.ratio))))
+
+    @property
+    def server_clips(self) -> bool:
+        """Whether the server's x_a_hat is clipped: only when it estimates x_0 (t_c = 0)."""
+        return self.t_c == 0
 
     @property
     def client_train_steps(self) -> tuple[int, int]:

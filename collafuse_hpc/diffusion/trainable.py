@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -25,7 +26,28 @@ from collafuse_hpc.config import OptimConfig
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # AdamW's (torch's defaults)
 # The gradients are deliberately views of one (K, P) buffer, strided like the weights they belong to.
-warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+LAYOUT_WARNING = "grad and param do not obey the gradient layout contract"
+_quiet_lock, _quiet = threading.Lock(), {"depth": 0, "entry": None}
+
+
+@contextlib.contextmanager
+def _no_layout_warning():
+    """Silence LAYOUT_WARNING while a backward runs, and only then. Roles of an
+    in-process run step in threads at once, and warnings.catch_warnings is not
+    thread-safe: the first one in installs the filter, the last one out removes it."""
+    with _quiet_lock:
+        if _quiet["depth"] == 0:
+            warnings.filterwarnings("ignore", message=LAYOUT_WARNING)
+            _quiet["entry"] = warnings.filters[0]
+        _quiet["depth"] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0 and _quiet["entry"] in warnings.filters:
+                warnings.filters.remove(_quiet["entry"])
+                warnings._filters_mutated()  # the interpreter caches filter lookups
 
 
 class Trainable:
@@ -49,6 +71,8 @@ class Trainable:
         self._grads = _views(self.grad, self.params)  # each weight's .grad during step: autograd adds into them
         # optimizer steps per member, float32 scalars on the device as the fused kernel reads them
         self.steps = [torch.zeros((), device=device) for _ in range(self.members)]
+        # each member's dropout stream, set by the member's owner (a client, the server)
+        self.dropout_streams: list[torch.Generator | None] = [None] * self.members
         self._run_model = torch.compile(self.model) if compile else self.model
         self._run_ema = torch.compile(self.ema) if compile else self.ema
 
@@ -64,6 +88,9 @@ class Trainable:
         if self.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         context = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        run = range(self.members) if members is None else members
+        streams = [self.dropout_streams[j] for j in run]
+        self.model.streams[:] = [] if None in streams else streams
         with context:
             if self._all(members):
                 eps = (self._run_ema if ema else self._run_model)(x, t, **cond)
@@ -92,7 +119,8 @@ class Trainable:
         for p, g in zip(self.params.values(), self._grads.values()):
             p.grad = g
         if loss is not None:
-            loss.backward()
+            with _no_layout_warning():
+                loss.backward()
         if reduce is not None:
             reduce(self.grad.view(-1))
         with torch.no_grad():

@@ -127,13 +127,33 @@ def members_side_by_side(x: torch.Tensor, K: int) -> torch.Tensor:
     return x.view(K, -1, C, H, W).transpose(0, 1).reshape(-1, K * C, H, W)
 
 
+class MemberDropout(nn.Module):
+    """Dropout whose mask for member k is drawn from ``streams[k]`` alone, so it does not
+    depend on which members share the call, nor on anyone else's draws. ``streams`` is
+    the model's list (UNet.streams), set by its owner for the members being run."""
+
+    def __init__(self, p: float, streams: list[torch.Generator]):
+        super().__init__()
+        self.p, self.streams = p, streams
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return h
+        N, KC, H, W = h.shape
+        if not self.streams or KC % len(self.streams):
+            raise RuntimeError("dropout needs one random stream per member run (Trainable.dropout_streams)")
+        C = KC // len(self.streams)
+        draws = [torch.rand((N, C, H, W), generator=g, device=h.device) for g in self.streams]
+        return h * (torch.cat(draws, dim=1) >= self.p).to(h.dtype) / (1 - self.p)
+
+
 class ResBlock(nn.Module):
-    def __init__(self, members: int, cin: int, cout: int, emb_dim: int, dropout: float):
+    def __init__(self, members: int, cin: int, cout: int, emb_dim: int, dropout: float, streams: list):
         super().__init__()
         self.norm1, self.conv1 = GroupNorm(members, cin), Conv2d(members, cin, cout, 3, padding=1)
         self.emb = Linear(members, emb_dim, cout)
         self.norm2, self.conv2 = GroupNorm(members, cout), Conv2d(members, cout, cout, 3, padding=1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = MemberDropout(dropout, streams)
         self.skip = Conv2d(members, cin, cout, 1) if cin != cout else nn.Identity()
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
@@ -186,6 +206,8 @@ class UNet(nn.Module):
         ch = cfg.base_channels
         emb_dim = 4 * ch
         self.base_channels = ch
+        self.dropout = cfg.dropout
+        self.streams: list[torch.Generator] = []  # dropout's, one per member of the next call (MemberDropout)
         K = members
 
         def mlp() -> nn.Sequential:
@@ -200,7 +222,7 @@ class UNet(nn.Module):
         skips, res, cur = [ch], image_size, ch
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                block = nn.ModuleList([ResBlock(K, cur, ch * mult, emb_dim, cfg.dropout)])
+                block = nn.ModuleList([ResBlock(K, cur, ch * mult, emb_dim, cfg.dropout, self.streams)])
                 cur = ch * mult
                 if res in cfg.attention_resolutions:
                     block.append(Attention(K, cur))
@@ -212,15 +234,16 @@ class UNet(nn.Module):
                 res //= 2
         self.mid = nn.ModuleList(
             [
-                ResBlock(K, cur, cur, emb_dim, cfg.dropout),
+                ResBlock(K, cur, cur, emb_dim, cfg.dropout, self.streams),
                 Attention(K, cur),
-                ResBlock(K, cur, cur, emb_dim, cfg.dropout),
+                ResBlock(K, cur, cur, emb_dim, cfg.dropout, self.streams),
             ]
         )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(K, cur + skips.pop(), ch * mult, emb_dim, cfg.dropout)])
+                cin = cur + skips.pop()
+                block = nn.ModuleList([ResBlock(K, cin, ch * mult, emb_dim, cfg.dropout, self.streams)])
                 cur = ch * mult
                 if res in cfg.attention_resolutions:
                     block.append(Attention(K, cur))

@@ -71,20 +71,22 @@ def client_compute(client: Client, n: int, repeats: int = 4) -> dict[str, float]
     eps = client.eps_model(True, y)
     _, share = client.cut.sampling_grids()
     _, full = client.cut.full_chain().sampling_grids()
-    x = torch.randn(shape, device=device)
-    t = torch.full((n,), max(1, client.cut.t_c), device=device, dtype=torch.long)
-    with torch.inference_mode():
-        step_flops = _flops(lambda: eps(x, t))
+    timing = torch.Generator(device).manual_seed(0)  # timing inputs: nobody's stream, not the global one
+    x = torch.randn(shape, device=device, generator=timing)
 
     def sample(grid: list[int]):
-        return lambda: diffusion.p_sample_loop(eps, x, grid, a=0, clip=True, eta=client.cut.eta) if grid else None
+        if not grid:
+            return lambda: None
+        return lambda: diffusion.p_sample_loop(eps, x, grid, a=0, clip=True, generator=timing, eta=client.cut.eta)
 
+    # the FLOPs of running each loop (what the loop does, not steps x one step's count)
+    flops_share, flops_full = _flops(sample(share)), _flops(sample(full))
     time_share, time_full, ratio = _timed_pair(sample(share), sample(full), repeats)
     out = {
         "sampling_steps_client": max(0, len(share) - 1),
         "sampling_steps_full": len(full) - 1,
-        "sampling_flops_client": step_flops * max(0, len(share) - 1) / n,
-        "sampling_flops_full": step_flops * (len(full) - 1) / n,
+        "sampling_flops_client": flops_share / n,
+        "sampling_flops_full": flops_full / n,
         "sampling_time_client_s": time_share / n,
         "sampling_time_full_s": time_full / n,
         "sampling_time_ratio": ratio,

@@ -61,7 +61,7 @@ def client_nets(cfg: Config, indices: list[int], device: torch.device) -> dict[i
         with torch.device("meta"):
             model = UNet(*shape, members=len(ks))
         model = model.to_empty(device="cpu")
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the caller's global stream stays as it was
             for slot, k in enumerate(ks):
                 torch.manual_seed(role_seed(cfg.run.seed, "client", k))
                 for w, w1 in zip(model.parameters(), UNet(*shape).parameters()):
@@ -89,6 +89,8 @@ class Client:
         self.condition, self.share_labels = c.labels, c.share_labels
         self.train_labels = self.reader.labels() if c.labels or c.share_labels else None
         self.net, self.slot = net or client_nets(cfg, [index], device)[index]
+        self.dropout_stream = torch.Generator(device).manual_seed(role_seed(cfg.run.seed, "dropout", index))
+        self.net.dropout_streams[self.slot] = self.dropout_stream
         self.audit: list[AuditEntry] = []
         # what left this client over the whole run (checkpointed, so a resumed run counts on)
         self.released = {"images_sent": 0, "messages_sent": 0, "bytes_sent": 0}
@@ -164,13 +166,12 @@ class Client:
         """Work inside the block leaves no trace: weights, optimizer, data order, random
         streams and the audit are restored after (measurements of client compute)."""
         state = copy.deepcopy(self.state_dict())
-        audit, torch_rng = list(self.audit), torch.get_rng_state()
+        audit = list(self.audit)
         try:
             yield
         finally:
             self.load_state_dict(state)
             self.audit = audit
-            torch.set_rng_state(torch_rng)
 
     def drain_audit(self) -> list[AuditEntry]:
         """Entries recorded since the last call (the loop stores them in results)."""
@@ -184,6 +185,7 @@ class Client:
             "net": self.net.member_state(self.slot),
             "sampler": self.sampler.state_dict(),
             "generator": self.generator.get_state(),
+            "dropout": self.dropout_stream.get_state(),
             "released": dict(self.released),
         }
 
@@ -191,6 +193,8 @@ class Client:
         self.load_weights(state)
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
+        if "dropout" in state:  # sets written before dropout had its own stream start it from the seed
+            self.dropout_stream.set_state(state["dropout"])
 
     def load_weights(self, state: dict) -> None:
         """Weights, optimizer state and audit totals of a :meth:`state_dict` (not the

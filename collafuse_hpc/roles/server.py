@@ -17,6 +17,23 @@ from collafuse_hpc.logs import Progress
 from collafuse_hpc.runtime.topology import role_seed
 from collafuse_hpc.runtime.wire import WIRE_DTYPES, Kind, Message, PeerFailure, one_client
 
+NOISE_BLOCK = 64  # images of a sampling request that share one noise stream
+
+
+def _blocks(count: int) -> list[int]:
+    """A request of ``count`` images as blocks of at most NOISE_BLOCK images."""
+    return [min(NOISE_BLOCK, count - start) for start in range(0, count, NOISE_BLOCK)]
+
+
+def _batches(blocks: list[tuple[int, torch.Generator]], size: int) -> list[list[tuple[int, torch.Generator]]]:
+    """Consecutive whole blocks (rows, stream) of up to ``size`` rows (one block at least)."""
+    out: list[list[tuple[int, torch.Generator]]] = [[]]
+    for block in blocks:
+        if out[-1] and sum(rows for rows, _ in out[-1]) + block[0] > size:
+            out.append([])
+        out[-1].append(block)
+    return [b for b in out if b]
+
 
 class Server:
     """One server replica.
@@ -29,6 +46,7 @@ class Server:
     Args:
         clients: indices (into ``cfg.clients``) of the clients this replica serves.
         reduce: sums a flat gradient tensor in place over the replicas (None for one).
+        rank: this replica's rank: seeds its dropout stream.
     """
 
     def __init__(
@@ -37,6 +55,7 @@ class Server:
         clients: list[int],
         device: torch.device,
         reduce: Callable[[torch.Tensor], None] | None = None,
+        rank: int = 0,
     ):
         self.cfg, self.device = cfg, device
         every = cuts(cfg)
@@ -53,16 +72,19 @@ class Server:
         # Clients that opt in send labels; the others get the extra "unknown" class.
         self.null_class = cfg.data.num_classes
         shared = any(c.share_labels for c in cfg.clients)
-        torch.manual_seed(role_seed(cfg.run.seed, "server", 0))  # the same init on every replica
-        model = UNet(
-            cfg.server.model,
-            cfg.data.channels,
-            cfg.data.image_size,
-            num_classes=self.null_class + 1 if shared else 0,
-            cut_conditioning=True,
-        )
+        with torch.random.fork_rng(devices=[]):  # the same init on every replica; the caller's stream is kept
+            torch.manual_seed(role_seed(cfg.run.seed, "server", 0))
+            model = UNet(
+                cfg.server.model,
+                cfg.data.channels,
+                cfg.data.image_size,
+                num_classes=self.null_class + 1 if shared else 0,
+                cut_conditioning=True,
+            )
         self.class_conditioned = shared
         self.net = Trainable(model, cfg.server.optim, device, cfg.server.compile)
+        self.dropout_stream = torch.Generator(device).manual_seed(role_seed(cfg.run.seed, "server_dropout", rank))
+        self.net.dropout_streams[0] = self.dropout_stream
 
     def eps_model(self, ema: bool, t_c: torch.Tensor, y: torch.Tensor | None):
         """eps(x, t) of the training (``ema`` False) or sampling copy at cut t_c [1], labels y [N] or None."""
@@ -139,8 +161,11 @@ class Server:
         """Serve ``{client index: SAMPLE_REQUEST}``: run T..h with the EMA model.
 
         Requests with the same cut are batched together (up to ``run.sample_batch``
-        images per forward pass); returns x_h [n, C, H, W] per client. ``check`` runs
-        before every step (it raises when a client died meanwhile).
+        images per forward pass); returns x_h [n, C, H, W] per client. Every block of
+        :data:`NOISE_BLOCK` images of a request draws its noise from a stream seeded by
+        that client's own stream, and batches hold whole blocks, so a client's samples
+        do not depend on the batch size or on which clients share a batch. ``check``
+        runs before every step (it raises when a client died meanwhile).
         """
         by_cut: dict[int, list[int]] = defaultdict(list)
         for k in sorted(requests):
@@ -152,28 +177,31 @@ class Server:
         for t_c, ks in sorted(by_cut.items()):
             cut = self.cuts[ks[0]]
             grid, _ = cut.sampling_grids()
-            total = sum(requests[k].count for k in ks)
             y_all = self.labels([requests[k] for k in ks])
-            x_T = torch.cat(
-                [torch.randn((requests[k].count, C, S, S), generator=self.streams[k], device=self.device) for k in ks]
-            )
-            out = []
-            for start in range(0, total, self.cfg.run.sample_batch):
-                n = min(self.cfg.run.sample_batch, total - start)
-                x = x_T[start : start + n]
+            blocks = [(n, self._block_stream(k)) for k in ks for n in _blocks(requests[k].count)]
+            out, start = [], 0
+            for batch in _batches(blocks, self.cfg.run.sample_batch):
+                n = sum(rows for rows, _ in batch)
+                x = torch.cat([torch.randn((rows, C, S, S), generator=g, device=self.device) for rows, g in batch])
                 y = None if y_all is None else y_all[start : start + n]
                 eps = _checked(self.eps_model(True, torch.tensor([t_c], device=self.device), y), check)
                 out.append(
                     self.diffusion.p_sample_loop(
-                        eps, x, grid, a=cut.server_anchor, clip=False, generator=self.streams[ks[0]], eta=cut.eta
+                        eps, x, grid, a=cut.server_anchor, clip=cut.server_clips, generator=batch, eta=cut.eta
                     )
                 )
+                start += n
                 progress.update(n)
             parts = torch.cat(out).split([requests[k].count for k in ks])
             for k, x_h in zip(ks, parts):
                 x_h = x_h.to(WIRE_DTYPES[self.cfg.clients[k].wire_dtype]).contiguous()
                 replies[k] = one_client(Kind.SAMPLE_REPLY, requests[k].round, k, t_c, len(x_h), x_h)
         return replies
+
+    def _block_stream(self, client: int) -> torch.Generator:
+        """A new stream for one block of ``client``'s request, seeded from its stream."""
+        seed = int(torch.randint(2**62, (1,), generator=self.streams[client], device=self.device))
+        return torch.Generator(self.device).manual_seed(seed)
 
     def continue_alone(
         self, client: int, request: Message, x_h: torch.Tensor, generator: torch.Generator
@@ -192,14 +220,15 @@ class Server:
         return {
             "net": self.net.member_state(0),
             "streams": {str(k): g.get_state() for k, g in self.streams.items()},
-            "torch_rng": torch.get_rng_state(),
+            "dropout": self.dropout_stream.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_member_state(0, state["net"])
         for k, g in self.streams.items():
             g.set_state(state["streams"][str(k)])
-        torch.set_rng_state(state["torch_rng"])
+        if "dropout" in state:  # sets written before dropout had its own stream start it from the seed
+            self.dropout_stream.set_state(state["dropout"])
 
 
 def _checked(eps: Callable, check: Callable[[], None]) -> Callable:

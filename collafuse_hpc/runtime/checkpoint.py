@@ -133,14 +133,39 @@ def describe(output_dir: str) -> str:
     return f"{root!r} holds complete sets of rounds {complete}"
 
 
+class CheckpointReadError(OSError):
+    """A checkpoint file could not be read for a reason outside the file (an I/O error,
+    permissions): the set may be fine, so nothing is skipped or deleted."""
+
+
+def _torch_load(path: str, mmap: bool) -> object:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _read(path: str, rank: int, mmap: bool) -> dict:
+    """The checkpoint at ``path``: ValueError when the file is missing, damaged or not
+    this version's (its set cannot be used), CheckpointReadError when reading it failed."""
+    try:
+        ckpt = _torch_load(path, mmap)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path!r} is missing from a set marked complete") from None
+    except IsADirectoryError:
+        raise ValueError(f"checkpoint {path!r} is a folder, not a file") from None
+    except OSError as e:
+        raise CheckpointReadError(
+            e.errno,
+            f"checkpoint {path!r} could not be read ({e.strerror or e}): an I/O error, not a damaged file, so "
+            "no set was skipped and nothing was deleted; run again when the file system answers",
+        ) from None
+    except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways inside torch
+        raise ValueError(f"checkpoint {path!r} is damaged ({type(e).__name__}: {str(e)[:200]})") from None
+    _check_format(ckpt, path, rank)
+    return ckpt
+
+
 def saved_config(output_dir: str, round_: int) -> dict:
     """The resolved config (as a dict) that the set of ``round_`` was written with."""
-    path = os.path.join(set_dir(output_dir, round_), "rank0.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
-    except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways inside torch
-        raise ValueError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e})") from None
-    _check_format(ckpt, path, 0)
+    ckpt = _read(os.path.join(set_dir(output_dir, round_), "rank0.pt"), 0, mmap=True)  # tensors stay on disk
     return yaml.safe_load(ckpt["config"])
 
 
@@ -156,17 +181,9 @@ def _check_format(ckpt: object, path: str, rank: int) -> None:
 
 
 def load_rank(output_dir: str, round_: int, rank: int, mmap: bool = False) -> dict:
-    """This rank's state from the set of ``round_``; ValueError naming the file if unusable.
-    ``mmap``: tensors stay on disk until used."""
-    path = os.path.join(set_dir(output_dir, round_), f"rank{rank}.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {path!r} is missing from a set marked complete") from None
-    except Exception as e:  # truncated or foreign files fail in many ways inside torch
-        raise ValueError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e})") from None
-    _check_format(ckpt, path, rank)
-    return ckpt
+    """This rank's state from the set of ``round_``; ValueError naming the file if it is
+    damaged, CheckpointReadError if reading failed. ``mmap``: tensors stay on disk until used."""
+    return _read(os.path.join(set_dir(output_dir, round_), f"rank{rank}.pt"), rank, mmap)
 
 
 def load_clients(output_dir: str, round_: int, ids: list[str]) -> dict[str, dict]:

@@ -83,7 +83,7 @@ def _check_models(cfg: Config) -> None:
         try:
             with torch.device("meta"):
                 t = torch.zeros(1, dtype=torch.long)
-                net = UNet(m, channels, size, num_classes=classes, cut_conditioning=cut)
+                net = UNet(m, channels, size, num_classes=classes, cut_conditioning=cut).eval()  # shapes only
                 net(torch.zeros(1, channels, size, size), t, t if cut else None, t if classes else None)
         except (ValueError, RuntimeError, AssertionError) as e:
             raise ValueError(

@@ -25,6 +25,7 @@ module that calls it) and :mod:`.local_wire` (threads of one process).
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ PART_LEN = 4
 DTYPES = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.uint8}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config names
+
+log = logging.getLogger("collafuse_hpc")
 
 
 class Kind(enum.IntEnum):
@@ -237,16 +240,18 @@ class Wire:
         raise NotImplementedError
 
     def send_error(self, peers: list[int], round_: int, text: str) -> None:
-        """Best effort: tell ``peers`` that this rank failed, waiting at most a few seconds."""
+        """Best effort: tell ``peers`` that this rank failed, waiting at most a few seconds.
+        A peer that cannot be told is gone already (it sees this rank's failure as a closed
+        connection); this rank is failing with ``text`` either way, so that is logged, not raised."""
         for p in peers:
             try:
                 self.send(p, error_message(round_, text))
-            except RuntimeError:
-                pass
+            except RuntimeError as e:
+                log.warning("could not tell %s of this failure: %s", self.describe(p), str(e).splitlines()[0][:200])
         try:
             self.flush(timeout_s=5.0)
-        except RuntimeError:
-            pass
+        except RuntimeError as e:
+            log.warning("the failure notices were not all delivered: %s", str(e).splitlines()[0][:200])
 
     def split(self, src: int, msg: Message, clients: list[int]) -> dict[int, Message]:
         """{client: its one-client message} of ``msg`` from ``src``, which must carry
