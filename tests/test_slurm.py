@@ -98,6 +98,7 @@ def test_two_node_train_job(tmp_path, shards):
         assert list(f["server/rounds/round"][()]) == list(range(6))
 
 
+@pytest.mark.timeout(720)  # three runs, each evaluated at the end, share 2 cores: 4 to 5 minutes here
 def test_sweep_job_array_and_dependent_report(tmp_path, shards):
     cfg = _config(tmp_path, shards, rounds=3)
     text = _run(
@@ -105,7 +106,7 @@ def test_sweep_job_array_and_dependent_report(tmp_path, shards):
     )
     array, report = re.search(r"array job (\d+) .* report job (\d+)", text).groups()
     try:
-        info = _wait(report, FINAL, timeout=300)
+        info = _wait(report, FINAL, timeout=660)
         sweep = ROOT / "runs" / f"sweep-{array}"
         assert info["JobState"] == "COMPLETED", (sweep / "report.out").read_text()[-2000:]
         for task in range(3):

@@ -74,19 +74,21 @@ def client_compute(client: Client, n: int, repeats: int = 4) -> dict[str, float]
     timing = torch.Generator(device).manual_seed(0)  # timing inputs: nobody's stream, not the global one
     x = torch.randn(shape, device=device, generator=timing)
 
-    def sample(grid: list[int]):
+    def sample(grid: list[int], images: torch.Tensor = x):
         if not grid:
             return lambda: None
-        return lambda: diffusion.p_sample_loop(eps, x, grid, a=0, clip=True, generator=timing, eta=client.cut.eta)
+        return lambda: diffusion.p_sample_loop(eps, images, grid, a=0, clip=True, generator=timing, eta=client.cut.eta)
 
-    # the FLOPs of running each loop (what the loop does, not steps x one step's count)
-    flops_share, flops_full = _flops(sample(share)), _flops(sample(full))
+    # the FLOPs of running each loop on one image (what the loop does, not steps x one step's
+    # count; one image, since counting is slow and FLOPs grow linearly with the batch)
+    one = x[:1]
+    flops_share, flops_full = _flops(sample(share, one)), _flops(sample(full, one))
     time_share, time_full, ratio = _timed_pair(sample(share), sample(full), repeats)
     out = {
         "sampling_steps_client": max(0, len(share) - 1),
         "sampling_steps_full": len(full) - 1,
-        "sampling_flops_client": flops_share / n,
-        "sampling_flops_full": flops_full / n,
+        "sampling_flops_client": flops_share,
+        "sampling_flops_full": flops_full,
         "sampling_time_client_s": time_share / n,
         "sampling_time_full_s": time_full / n,
         "sampling_time_ratio": ratio,
