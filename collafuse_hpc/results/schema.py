@@ -105,6 +105,11 @@ def record_numbers(f: h5py.Group) -> list[int]:
     return sorted(int(n) for n in f.get(RECORDS, {}) if n.isdigit())  # not records/v2
 
 
+def plain_attrs(g: h5py.Group | h5py.Dataset) -> dict:
+    """``g``'s attributes as plain Python values (numpy scalars unwrapped)."""
+    return {k: v.item() if hasattr(v, "item") else v for k, v in g.attrs.items()}
+
+
 def index_path(output_dir: str) -> str:
     return os.path.join(output_dir, INDEX)
 

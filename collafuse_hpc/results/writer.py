@@ -28,6 +28,7 @@ from collafuse_hpc.results.schema import (
     SCHEMA_VERSION,
     SUMMARY,
     open_results,
+    plain_attrs,
     record_key,
     record_numbers,
     units,
@@ -253,16 +254,12 @@ class RoleResults:
             if not trained:
                 return
             trainings = [n for n in record_numbers(f) if f[record_key(n)].attrs.get("trained", False)]
-            parts = [_attrs(f[record_key(n, SUMMARY)]) for n in trainings]
+            parts = [plain_attrs(f[record_key(n, SUMMARY)]) for n in trainings]
             if SUMMARY in f and len(trainings) == 1 and "invocations" not in f[SUMMARY].attrs:
-                parts.insert(0, _attrs(f[SUMMARY]))  # schema v2: the summary of the run before
+                parts.insert(0, plain_attrs(f[SUMMARY]))  # schema v2: the summary of the run before
             if SUMMARY in f:
                 del f[SUMMARY]
             f.create_group(SUMMARY).attrs.update(combine_summaries(parts))
-
-
-def _attrs(g: h5py.Group) -> dict:
-    return {k: v.item() if hasattr(v, "item") else v for k, v in g.attrs.items()}
 
 
 _SCALE_ATTRS = ("DIMENSION_LIST", "REFERENCE_LIST", "CLASS", "NAME")  # HDF5's dimension scale bookkeeping

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from collafuse_hpc.config import Config, changed_keys, dump, to_dict
-from collafuse_hpc.results.schema import SUMMARY, index_path, open_results, record_key, role_key
+from collafuse_hpc.results.schema import SUMMARY, index_path, open_results, plain_attrs, record_key, role_key
 from collafuse_hpc.results.writer import begin_record, create_index, finish_record, record_config
 from collafuse_hpc.runtime import checkpoint
 from collafuse_hpc.runtime.dist_wire import connect
@@ -110,8 +110,7 @@ def _summaries(cfg: Config, topo: Topology, record: int) -> dict[str, dict]:
     out = {}
     for rank, k in _roles(topo):
         with h5py.File(part_file(cfg, topo, rank, k), "r", locking=False) as f:
-            attrs = f[record_key(record, SUMMARY)].attrs.items()
-            out[summary_key(cfg, topo, rank, k)] = {a: v.item() if hasattr(v, "item") else v for a, v in attrs}
+            out[summary_key(cfg, topo, rank, k)] = plain_attrs(f[record_key(record, SUMMARY)])
     return out
 
 
@@ -136,10 +135,11 @@ def _command(resume: bool | str, sample: bool) -> str:
     return "sample" if sample else ("resume" if resume else "train")
 
 
-def _finish(cfg: Config, record: int, start_round: int, wall_s: float) -> None:
-    """Rank 0 at the end: what this invocation did, into its record."""
-    totals = {"rounds_run": cfg.run.rounds - start_round, "wall_s": round(wall_s, 3)}
-    totals["samples_per_client"] = cfg.run.samples_per_client
+def _finish(cfg: Config, record: int, summaries: dict[str, dict], wall_s: float) -> None:
+    """Rank 0 at the end: what this invocation did, into its record (the rounds its roles
+    ran: from the set they agreed on, which may be older than the newest)."""
+    rounds_run = max(s.get("rounds_run", 0) for s in summaries.values())
+    totals = {"rounds_run": rounds_run, "wall_s": round(wall_s, 3), "samples_per_client": cfg.run.samples_per_client}
     finish_record(index_path(cfg.run.output_dir), record, totals)
 
 
@@ -206,8 +206,9 @@ def run_distributed(cfg: Config, resume: bool | str, stop: StopRequest | None = 
         if watchdog is not None:
             watchdog.stop()
         if rank == 0:  # every role wrote its summary into its part file before run_role's last barrier
-            print_summary(cfg, _summaries(cfg, topo, record), time.perf_counter() - t0)
-            _finish(cfg, record, ctx.start_round, time.perf_counter() - t0)
+            summaries = _summaries(cfg, topo, record)
+            print_summary(cfg, summaries, time.perf_counter() - t0)
+            _finish(cfg, record, summaries, time.perf_counter() - t0)
             _evaluate_at_end(cfg, ctx.stop)
     finally:
         if lock is not None:
@@ -269,7 +270,7 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
         raise order[0]
     summaries = {key: summaries[key] for key in _summary_order(cfg, topo)}
     print_summary(cfg, summaries, time.perf_counter() - t0)
-    _finish(cfg, record, start_round, time.perf_counter() - t0)
+    _finish(cfg, record, summaries, time.perf_counter() - t0)
     _evaluate_at_end(cfg, stop)
     return summaries
 
