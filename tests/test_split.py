@@ -204,3 +204,17 @@ def test_aggregation_steps_in_client_order(tmp_path, shards, aggregate, expected
     msgs = {k: one_client(Kind.TRAIN, 0, k, t_c, 6, torch.randn(6, 1, 8, 8)) for k, t_c in ((1, 10), (0, 5))}
     server.train_round(msgs, lambda k, m: None)
     assert calls == expected
+
+
+def test_no_server_forward_pass_exceeds_sample_batch(tmp_path, shards):
+    """Noise blocks of 64 images keep a client's samples independent of the batch size;
+    the forward passes still take at most run.sample_batch images (a memory bound)."""
+    from collafuse_hpc.roles.server import Server
+    from collafuse_hpc.runtime.wire import Kind, one_client
+
+    cfg = from_dict(tiny_config(shards, tmp_path / "out", [0.5, 0.5], sample_batch=3))
+    server = Server(cfg, [0, 1], torch.device("cpu"))
+    sizes, forward = [], server.net.forward
+    server.net.forward = lambda x, t, *a, **kw: sizes.append(len(x)) or forward(x, t, *a, **kw)
+    server.sample({0: one_client(Kind.SAMPLE_REQUEST, 0, 0, 10, 70)})
+    assert sizes and max(sizes) == 3

@@ -160,7 +160,7 @@ class Server:
     def sample(self, requests: dict[int, Message], check: Callable[[], None] = lambda: None) -> dict[int, Message]:
         """Serve ``{client index: SAMPLE_REQUEST}``: run T..h with the EMA model.
 
-        Requests with the same cut are batched together (up to ``run.sample_batch``
+        Requests with the same cut are batched together (at most ``run.sample_batch``
         images per forward pass); returns x_h [n, C, H, W] per client. Every block of
         :data:`NOISE_BLOCK` images of a request draws its noise from a stream seeded by
         that client's own stream, and batches hold whole blocks, so a client's samples
@@ -184,7 +184,7 @@ class Server:
                 n = sum(rows for rows, _ in batch)
                 x = torch.cat([torch.randn((rows, C, S, S), generator=g, device=self.device) for rows, g in batch])
                 y = None if y_all is None else y_all[start : start + n]
-                eps = _checked(self.eps_model(True, torch.tensor([t_c], device=self.device), y), check)
+                eps = _checked(self._sampling_eps(t_c, y), check)
                 out.append(
                     self.diffusion.p_sample_loop(
                         eps, x, grid, a=cut.server_anchor, clip=cut.server_clips, generator=batch, eta=cut.eta
@@ -197,6 +197,20 @@ class Server:
                 x_h = x_h.to(WIRE_DTYPES[self.cfg.clients[k].wire_dtype]).contiguous()
                 replies[k] = one_client(Kind.SAMPLE_REPLY, requests[k].round, k, t_c, len(x_h), x_h)
         return replies
+
+    def _sampling_eps(self, t_c: int, y: torch.Tensor | None) -> Callable:
+        """eps(x, t) of the sampling copy, run ``run.sample_batch`` images at a time: a
+        batch of whole noise blocks may hold more images than one forward pass may."""
+        size, cut = self.cfg.run.sample_batch, torch.tensor([t_c], device=self.device)
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            parts = []
+            for i in range(0, len(x), size):
+                labels = None if y is None else y[i : i + size]
+                parts.append(self.eps_model(True, cut, labels)(x[i : i + size], t[i : i + size]))
+            return torch.cat(parts)
+
+        return eps
 
     def _block_stream(self, client: int) -> torch.Generator:
         """A new stream for one block of ``client``'s request, seeded from its stream."""
