@@ -255,3 +255,19 @@ def test_a_failure_notice_that_cannot_be_sent_is_logged(caplog):
     wire.send = closed
     wire.send_error([0], 3, "rank 1: boom")
     assert "could not tell rank 0 (server 0) of this failure: Connection closed by peer" in caplog.text
+
+
+def test_a_server_whose_clients_are_all_local_says_it_is_idle_and_writes_no_nan_rows(tmp_path, shards, caplog):
+    """c = 1 everywhere: the server logs 'idle' instead of 'loss/server nan images/s 0.0',
+    records no round rows, and the local-only clients have no server-loss column."""
+    cfg = from_dict(tiny_config(shards, tmp_path, [1.0, 1.0], rounds=4, checkpoint_every=0))
+    with caplog.at_level("INFO", logger="collafuse_hpc"):
+        run_in_process(cfg, resume=False)
+    assert "nan" not in caplog.text.lower()
+    assert "server 0 round 2/4 idle" in caplog.text and "server_0: idle in the 4 rounds" in caplog.text
+    with h5py.File(tmp_path / "results.h5") as f:
+        assert "rounds" not in f["server"]
+        for cid in ("c0", "c1"):
+            rounds = f[f"clients/{cid}/rounds"]
+            assert "loss_server" not in rounds and len(rounds["round"]) == 4
+            assert not np.isnan(rounds["loss_local"][()]).any()

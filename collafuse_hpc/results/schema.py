@@ -22,7 +22,9 @@ read it; ``collafuse-hpc bundle`` copies it into one self-contained file::
     part file             attrs: role, rank, host, pid, (client_id, t_c, cut_ratio)
       /rounds/round       int64 [R], the round index: the dimension scale of every column
       /rounds/<metric>    float64 [R], one row per logged round; attr ``units``; clients:
-                          took_part (run.clients_per_round), servers: clients (how many sent)
+                          took_part (run.clients_per_round), no loss_server when c = 1;
+                          servers: clients (how many sent), a row only for rounds some
+                          client sent to (an idle server, all its clients at c = 1, has none)
       /records/<n>/samples/images      uint8 [n, C, H, W] the collaborative samples of
                                        train/resume/sample record n (clients); attrs say how
       /records/<n>/samples/x_handover  float32 [n, C, H, W] what the server returned at the cut

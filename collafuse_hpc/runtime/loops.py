@@ -101,6 +101,9 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     totals = {"images": 0, "bytes_received": 0, "time_recv_s": 0.0, "time_compute_s": 0.0, "time_send_s": 0.0}
     recent: deque = deque(maxlen=run.log_every)
     profiler = _profiler(ctx, server.device)
+    if not hosts:
+        log.info("server %d: every client it serves is local-only (c = 1); it stays idle until sampling", ctx.rank)
+    trained_since_log, last_row = 0, {}
     for r in rounds(ctx):
         t0 = time.perf_counter()
         bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models (compile, ...)
@@ -140,18 +143,14 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
             "time_send_s": t3 - t2,
             "images_per_s": n / (t3 - t0),
         }
-        results.log(row)
+        if msgs:  # a round no client sent to has nothing to record: no NaN rows to filter
+            results.log(row)
+            trained_since_log, last_row = trained_since_log + 1, row
         _add_totals(totals, row, recent)
         totals["images"] += n
         if (r + 1) % run.log_every == 0:
-            log.info(
-                "server %d round %d/%d loss/server %.4f images/s %.1f",
-                ctx.rank,
-                r + 1,
-                run.rounds,
-                row["loss_server"],
-                row["images_per_s"],
-            )
+            _log_server_interval(ctx, r, last_row, trained_since_log)
+            trained_since_log = 0
         profiler.step()
         end_of_round(ctx, [results], server.state_dict(), r)
     profiler.close()
@@ -169,6 +168,22 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     if server.device.type == "cuda":
         totals["gpu_peak_memory_bytes"] = torch.cuda.max_memory_allocated(server.device)
     return totals
+
+
+def _log_server_interval(ctx: Context, r: int, row: dict, trained: int) -> None:
+    """The server's log line every ``run.log_every`` rounds (``row``: its newest recorded
+    round); an idle server says so."""
+    if not trained:
+        log.info("server %d round %d/%d idle: no client sent x_c in this interval", ctx.rank, r + 1, ctx.cfg.run.rounds)
+        return
+    log.info(
+        "server %d round %d/%d loss/server %.4f images/s %.1f",
+        ctx.rank,
+        r + 1,
+        ctx.cfg.run.rounds,
+        row["loss_server"],
+        row["images_per_s"],
+    )
 
 
 def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults]) -> dict[int, dict]:
@@ -202,7 +217,7 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
             if c.index not in drawn:  # not drawn for this round: nothing to do
                 idle = {"time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0, "images_per_s": 0.0}
                 losses = {"loss_local": math.nan, "loss_server": math.nan}
-                results[c.index].log({"round": r, "took_part": 0, **losses, **idle})
+                results[c.index].log(_columns(c, {"round": r, "took_part": 0, **losses, **idle}))
                 continue
             local = loss_local[c.index]
             row = {
@@ -215,7 +230,7 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
                 "time_round_s": t3 - t0,
                 "images_per_s": c.batch_size / (t3 - t0),
             }
-            results[c.index].log(row)
+            results[c.index].log(_columns(c, row))
             _log_audit(results[c.index], c)
             _add_totals(totals[c.index], row, recent[c.index])
             totals[c.index]["images"] += c.batch_size
@@ -241,6 +256,12 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
             _finish(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), x_h[c.index])
         totals[c.index].update(time_sampling_wait_s=t1 - t0, time_sampling_local_s=t2 - t1)
     return totals
+
+
+def _columns(client: Client, row: dict) -> dict:
+    """A client's row without the columns its cut never fills: a local-only client
+    (c = 1) has no server loss."""
+    return row if client.cut.uses_server else {k: v for k, v in row.items() if k != "loss_server"}
 
 
 def _finish(

@@ -71,6 +71,9 @@ def print_summary(cfg: Config, summaries: dict[str, dict], wall_s: float) -> Non
         if not s.get("rounds_run", 0):
             log.info("%s: no rounds trained in this invocation (sampling only)", name)
             continue
+        if name.startswith("server_") and not s.get("images", 0):
+            log.info("%s: idle in the %d rounds this invocation trained (no client sent x_c)", name, s["rounds_run"])
+            continue
         log.info(
             "%s: mean over the last %d of the %d rounds this invocation trained: %s",
             name,
@@ -85,7 +88,9 @@ def print_summary(cfg: Config, summaries: dict[str, dict], wall_s: float) -> Non
         out.write(f"\ncollafuse-hpc: sampled from the set of round {cfg.run.rounds} in {wall_s:.1f} s wall\n")
     shown, clients = 0, [name for name in summaries if name.startswith("client_")]
     for name, s in summaries.items():
-        if name.startswith("server_"):
+        if name.startswith("server_") and not s["images"]:
+            out.write(f"  {name.replace('_', ' ')}: idle (no client sent x_c); sampling {s['time_sampling_s']:.1f} s\n")
+        elif name.startswith("server_"):
             out.write(
                 f"  {name.replace('_', ' ')}: {s['images']} images trained, {s['images_per_s']:.1f} images/s while "
                 f"busy; recv wait {s['time_recv_s']:.1f} s, compute {s['time_compute_s']:.1f} s, "
