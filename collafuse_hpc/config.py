@@ -95,6 +95,7 @@ class ClientConfig:
     labels: bool = False  # condition the client model on its own labels (stay local)
     share_labels: bool = False  # opt-in: send labels with x_c; the server model becomes class-conditioned
     allow_centralized: bool = False  # required for c = 0: the server sees raw images
+    allow_new_shard: bool = False  # --resume: accept a shard holding other images than the run trained on
     wire_dtype: str = "float32"  # x_c and the returned x_h on the wire: float32 | bfloat16 | float16 (half the bytes)
     compile: bool = False  # torch.compile the UNet
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -381,6 +382,7 @@ RESUMABLE = (
     "clients.*.compile",
     "clients.*.shard",
     "clients.*.allow_centralized",
+    "clients.*.allow_new_shard",
     "eval.*",
     "fault.*",
 )

@@ -44,12 +44,12 @@ def _fill(folder, leave: int) -> None:
 def test_a_checkpoint_that_does_not_fit_leaves_nothing_and_says_what_it_needs(small_disk):
     out = str(small_disk / "out")
     state = {"w": torch.zeros(300_000)}  # 1.2 MB
-    checkpoint.save_rank(out, 2, 0, state, "config: {}")
+    checkpoint.save_rank(out, 2, 0, state, "config: {}", {})
     checkpoint.mark_complete(out, 2, keep=2)
-    checkpoint.save_rank(out, 4, 1, state, "config: {}")  # another rank's file of the next set
+    checkpoint.save_rank(out, 4, 1, state, "config: {}", {})  # another rank's file of the next set
     _fill(small_disk, 200_000)
     with pytest.raises(OSError) as e:
-        checkpoint.save_rank(out, 4, 0, state, "config: {}")
+        checkpoint.save_rank(out, 4, 0, state, "config: {}", {})
     assert e.value.errno == errno.ENOSPC
     assert f"round 4: no space left for '{out}/checkpoints/round_00000004/rank0.pt': it needs 12" in str(e.value)
     assert checkpoint.complete_rounds(out) == [2] and not os.path.exists(checkpoint.set_dir(out, 4))

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -181,18 +182,31 @@ def test_resume_mistakes_are_refused_before_anything_is_written(tmp_path, shards
         ("--set", "run.seed=1"): "run.seed: 0 -> 1",
         ("--set", "run.rounds=2"): "has finished 4 rounds, but run.rounds is 2; rounds are never undone",
         ("--set", "run.output_dir=" + str(tmp_path / "elsewhere")): "there is no checkpoints folder",
+        ("--set", f"clients.0.shard={shards[2]}"): f"client 'c0' trained on {shards[0]!r} (content_hash",
     }
     for args, message in mistakes.items():
         assert main(["train", config, "--in-process", "--resume", *args]) == 2, args
         assert message in capsys.readouterr().err, args
     assert _tree(tmp_path / "out") == before and not (tmp_path / "elsewhere").exists()
     # keys that do not change what the run trains may change; results.h5 then records them
-    more = ["--set", "run.rounds=6", "--set", "run.log_every=3", "--set", "eval.images=4"]
+    moved = shutil.copy(shards[0], tmp_path / "staged_c0.h5")  # the same images elsewhere: may move
+    more = [
+        "--set",
+        "run.rounds=6",
+        "--set",
+        "run.log_every=3",
+        "--set",
+        "eval.images=4",
+        "--set",
+        f"clients.0.shard={moved}",
+    ]
     (tmp_path / "out/checkpoints/round_00000003").mkdir()  # left half-written by a crash: never resumable
     assert main(["train", config, "--in-process", "--resume", *more]) == 0
     with h5py.File(tmp_path / "out/results.h5") as f:
         assert "rounds: 6" in f.attrs["config"] and len(f["server/rounds/round"]) == 6
     assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == ["round_00000004", "round_00000006"]
+    other = ["--set", "run.rounds=7", "--set", f"clients.0.shard={shards[2]}"]  # other images, on purpose
+    assert main(["train", config, "--in-process", "--resume", *other, "--set", "clients.0.allow_new_shard=true"]) == 0
     # --resume=auto starts a run that has no checkpoint yet, and continues one that has
     fresh = ["--set", "run.output_dir=" + str(tmp_path / "fresh")]
     caplog.clear()

@@ -24,6 +24,8 @@ import torch
 import yaml
 
 from collafuse_hpc.atomic import atomic_path
+from collafuse_hpc.config import Config
+from collafuse_hpc.data import inspect_shard
 
 # v2: a client's state holds its audit totals ("released"); v3: members (trainable.py), clients by id
 FORMAT = "collafuse-checkpoint-v3"
@@ -72,14 +74,21 @@ def _serialized_size(obj: dict) -> int:
     return counter.count
 
 
-def save_rank(output_dir: str, round_: int, rank: int, state: dict, config_yaml: str) -> None:
-    """Save this rank's state for the set of ``round_`` (call on every rank). On a full
-    disk the whole set is removed: it can never complete, and its files take space."""
+def shard_identities(cfg: Config) -> dict[str, dict[str, str]]:
+    """{client id: {"path", "content_hash"}}: which images each client trains on, saved with
+    every set so that a resume can tell a moved shard from one that holds other images."""
+    return {c.id: {"path": c.shard, "content_hash": inspect_shard(c.shard).content_hash} for c in cfg.clients}
+
+
+def save_rank(
+    output_dir: str, round_: int, rank: int, state: dict, config_yaml: str, shards: dict[str, dict[str, str]]
+) -> None:
+    """Save this rank's state for the set of ``round_`` (call on every rank), with the
+    config and the clients' :func:`shard_identities`. On a full disk the whole set is
+    removed: it can never complete, and its files take space."""
+    header = {"format": FORMAT, "round": round_, "rank": rank, "config": config_yaml, "shards": shards}
     try:
-        save_atomic(
-            os.path.join(set_dir(output_dir, round_), f"rank{rank}.pt"),
-            {"format": FORMAT, "round": round_, "rank": rank, "config": config_yaml, "state": state},
-        )
+        save_atomic(os.path.join(set_dir(output_dir, round_), f"rank{rank}.pt"), {**header, "state": state})
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
@@ -163,10 +172,11 @@ def _read(path: str, rank: int, mmap: bool) -> dict:
     return ckpt
 
 
-def saved_config(output_dir: str, round_: int) -> dict:
-    """The resolved config (as a dict) that the set of ``round_`` was written with."""
+def saved_run(output_dir: str, round_: int) -> tuple[dict, dict[str, dict[str, str]]]:
+    """The resolved config (as a dict) that the set of ``round_`` was written with, and its
+    clients' shard identities (empty for sets written before they were saved)."""
     ckpt = _read(os.path.join(set_dir(output_dir, round_), "rank0.pt"), 0, mmap=True)  # tensors stay on disk
-    return yaml.safe_load(ckpt["config"])
+    return yaml.safe_load(ckpt["config"]), ckpt.get("shards", {})
 
 
 def _check_format(ckpt: object, path: str, rank: int) -> None:

@@ -5,6 +5,7 @@ flushing results, checkpoint sets) and the restore from the newest complete set.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -46,6 +47,11 @@ class Context:
     def output_dir(self) -> str:
         return self.cfg.run.output_dir
 
+    @functools.cached_property
+    def shards(self) -> dict[str, dict[str, str]]:
+        """Each client's shard path and content hash, saved with every checkpoint set."""
+        return checkpoint.shard_identities(self.cfg)
+
     def beat(self, what: str) -> None:
         self.stop.progress()
         if self.watchdog is not None:
@@ -83,7 +89,7 @@ def end_of_round(ctx: Context, results: list[RoleResults], state: dict, r: int) 
     if last or stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
         ctx.beat(f"the checkpoint set of round {done}")
         with ctx.stop.writing():
-            checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml)
+            checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml, ctx.shards)
         ctx.wire.barrier(run.work_timeout_s)  # large checkpoints take a while on a slow file system
         if ctx.rank == 0:
             with ctx.stop.writing():
