@@ -17,6 +17,8 @@ Launch lines::
     collafuse-hpc evaluate configs/quickstart.yaml
     # the resolved config, the rank map and the cuts, without starting anything
     collafuse-hpc config configs/quickstart.yaml      # or: train ... --dry-run
+    # every config key: type, default, unit, allowed values, whether --resume may change it
+    collafuse-hpc config --reference
 
 Exit status: 0 done, 1 a rank failed (the message names it), 2 bad input,
 75 stopped by SIGUSR1/SIGTERM/SIGINT at a round boundary with a checkpoint set (requeue
@@ -51,8 +53,15 @@ def _parser() -> argparse.ArgumentParser:
         ("config", "print the resolved config, the rank map and each client's cut; start nothing"),
     ):
         s = sub.add_parser(name, help=text)
-        s.add_argument("config", help="YAML run file (configs/)")
+        s.add_argument("config", nargs="?" if name == "config" else None, help="YAML run file (configs/)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
+        if name == "config":
+            s.add_argument(
+                "--reference",
+                action="store_true",
+                help="print every key with its type, default, unit, allowed values and whether --resume may "
+                "change it (Markdown: docs/configuration.md)",
+            )
         if name in ("evaluate", "config"):
             continue
         s.add_argument("--in-process", action="store_true", help="run every role in this one process")
@@ -296,6 +305,15 @@ def _setup_logs(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> int:
+    if args.reference or args.config is None:
+        if args.config is not None or args.set:
+            return _die(2, "config --reference describes every key and takes no config file or --set", hard=False)
+        if not args.reference:
+            return _die(2, "config needs a config file (or --reference for the list of every key)", hard=False)
+        from collafuse_hpc.config_reference import reference
+
+        sys.stdout.write(reference())
+        return 0
     try:
         print(_describe(_load(args)))
     except (ValueError, TypeError) as e:

@@ -3,7 +3,12 @@
 Precedence is command line (``--set key.path=value``) > YAML file > defaults.
 Unknown keys and wrong types are errors that name the key and list the valid
 ones. :func:`load` validates everything that can be checked without starting
-torch.distributed, so every rank fails the same way before any collective.
+torch.distributed (config_rules.py), so every rank fails the same way before
+any collective.
+
+Each field's comment is its documentation: ``collafuse-hpc config --reference``
+(config_reference.py) prints them with types, defaults and the rules. A comment
+may start with the field's unit in brackets: ``# [s] ...``.
 
 Usage::
 
@@ -14,9 +19,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,57 +27,59 @@ from typing import Any
 import yaml
 
 from collafuse_hpc import client_templates
+from collafuse_hpc.config_rules import validate
 
 
 @dataclass
 class DataConfig:
     """Image geometry shared by all clients; every shard must match it."""
 
-    image_size: int = 16  # pixels, square images
-    channels: int = 1  # 1 grayscale, 3 RGB
+    image_size: int = 16  # [pixels] side of the square images
+    channels: int = 1  # [channels] 1 grayscale, 3 RGB
     num_classes: int = 10  # label range [0, num_classes) for label conditioning
 
 
 @dataclass
 class DiffusionConfig:
-    """The DDPM chain all roles share (see diffusion.py)."""
+    """The DDPM chain all roles share (diffusion/gaussian.py, diffusion/split.py)."""
 
-    timesteps: int = 1000  # T, number of forward noising steps
-    schedule: str = "linear"  # linear (1e-4..0.02) | cosine
-    sampling_steps: int = 0  # reverse steps when sampling; 0 means T (no striding)
-    split: str = "markov"  # markov (exact sub-chain) | reference (authors' code)
-    sampler: str = "ddpm"  # ddpm (ancestral steps) | ddim (eta 0: deterministic); both keep t_c on the grid
+    timesteps: int = 1000  # [steps] T, the number of forward noising steps
+    schedule: str = "linear"  # noise schedule: linear (betas 1e-4..0.02 scaled to T) or cosine
+    sampling_steps: int = 0  # [steps] reverse steps when sampling; 0 means T (no striding)
+    split: str = "markov"  # markov (the exact sub-chain) or reference (the authors' code)
+    sampler: str = "ddpm"  # ddpm (ancestral steps) or ddim (eta 0: deterministic); both keep t_c on the grid
     eta: float = 0.0  # ddim only: 0 deterministic .. 1 the DDPM posterior's variance
 
 
 @dataclass
 class ModelConfig:
-    """UNet size (unet.py)."""
+    """UNet size (diffusion/unet.py)."""
 
-    base_channels: int = 64  # channels at full resolution
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # per level
+    base_channels: int = 64  # [channels] width at full resolution
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # width multiplier per resolution level
     num_res_blocks: int = 2  # residual blocks per level
-    attention_resolutions: list[int] = field(default_factory=lambda: [16])  # pixels
-    dropout: float = 0.0
+    # [pixels] sides of the feature maps that get self-attention
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    dropout: float = 0.0  # dropout probability in the residual blocks (each member draws from its own stream)
 
 
 @dataclass
 class OptimConfig:
     """AdamW with gradient clipping and an EMA copy of the weights for sampling."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global L2 norm; 0 disables clipping
-    ema_decay: float = 0.999  # EMA of weights, with warm-up (1+n)/(10+n)
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # largest L2 norm of the gradient (per member); 0 disables clipping
+    ema_decay: float = 0.999  # EMA of the weights (sampling uses it), with warm-up (1+n)/(10+n)
 
 
 @dataclass
 class ServerConfig:
     """The shared server: runs the chain above each client's cut."""
 
-    count: int = 1  # server ranks (ranks 0..count-1), replicas kept identical by gradient all-reduce
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    aggregate: str = "concat"  # concat: one step on all clients' batches | sequential
+    count: int = 1  # [ranks] server ranks 0..count-1, replicas kept identical by a gradient all-reduce
+    device: str = "auto"  # auto (the GPU of LOCAL_RANK if CUDA is available), cpu or cuda
+    aggregate: str = "concat"  # concat: one step on all clients' batches; sequential: one step per client
     compile: bool = False  # torch.compile the UNet (pays off on GPUs; slow to start on CPU)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -85,19 +89,19 @@ class ServerConfig:
 class ClientConfig:
     """One client: private shard, its cut and its own model."""
 
-    id: str = ""  # unique name, used in logs and results
-    shard: str = ""  # HDF5 shard path (data.py); relative to the working directory
-    cut_ratio: float | None = None  # c in [0, 1]: fraction of steps done locally
-    cut_step: int | None = None  # t_c directly; give cut_ratio or cut_step, not both
-    batch_size: int = 50  # images per round
+    id: str = ""  # unique name, used in logs, results and file names
+    shard: str = ""  # HDF5 shard path (collafuse-hpc prepare); relative to the working directory
+    cut_ratio: float | None = None  # c: the fraction of the chain done locally (t_c = round(c T))
+    cut_step: int | None = None  # [steps] t_c directly; give cut_ratio or cut_step, not both
+    batch_size: int = 50  # [images] per client and round
     hflip: bool = False  # augment: mirror each training image left-right with probability 1/2
-    device: str = "cpu"  # auto | cpu | cuda
+    device: str = "cpu"  # auto, cpu or cuda (one device for the clients of one rank)
     labels: bool = False  # condition the client model on its own labels (stay local)
     share_labels: bool = False  # opt-in: send labels with x_c; the server model becomes class-conditioned
     allow_centralized: bool = False  # required for c = 0: the server sees raw images
     allow_new_shard: bool = False  # --resume: accept a shard holding other images than the run trained on
-    wire_dtype: str = "float32"  # x_c and the returned x_h on the wire: float32 | bfloat16 | float16 (half the bytes)
-    compile: bool = False  # torch.compile the UNet
+    wire_dtype: str = "float32"  # x_c and the returned x_h on the wire; bfloat16 and float16 halve the bytes
+    compile: bool = False  # torch.compile the client UNet
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -106,27 +110,27 @@ class ClientConfig:
 class RunConfig:
     """Loop, output and runtime settings."""
 
-    output_dir: str = "runs/default"  # results.h5, samples, checkpoints
-    rounds: int = 1000  # training rounds (one batch per client per round)
-    seed: int = 0  # base seed; each role derives its own stream
-    log_every: int = 50  # rounds between log lines and results flushes
-    checkpoint_every: int = 0  # rounds between checkpoints; 0 only at the end
-    keep_checkpoints: int = 2  # checkpoint sets kept on disk
-    samples_per_client: int = 64  # images each client synthesizes at the end
-    clients_per_round: int = 0  # clients taking part in each round, a seeded draw (0: every client)
-    clients_per_rank: int = 1  # clients hosted by one client rank, in config order (topology.py); may change on resume
-    sample_batch: int = 256  # max images per server sampling batch
-    threads: int = 0  # torch threads per rank; 0 = cores available / ranks on node
-    timeout_s: float = 300.0  # bound on every wait for a peer's message, seconds
-    # bound on waits for work a peer is known to be doing (the first round, checkpoint writes, sampling),
-    # seconds; a dead peer is still seen at once (its connection closes), a hung one by its watchdog
+    output_dir: str = "runs/default"  # folder of results.h5, samples and checkpoints, on a file system every rank sees
+    rounds: int = 1000  # [rounds] training rounds (one batch per client per round)
+    seed: int = 0  # base seed; each client, server and member derives its own streams
+    log_every: int = 50  # [rounds] between log lines and results flushes
+    checkpoint_every: int = 0  # [rounds] between checkpoint sets; 0: only at the end
+    keep_checkpoints: int = 2  # [sets] complete checkpoint sets kept on disk
+    samples_per_client: int = 64  # [images] each client synthesizes at the end
+    clients_per_round: int = 0  # [clients] taking part in each round, a seeded draw (0: every client)
+    clients_per_rank: int = 1  # [clients] hosted by one client rank, in config order (topology.py)
+    sample_batch: int = 256  # [images] largest batch of one sampling forward pass
+    threads: int = 0  # [threads] torch threads per rank; 0: the cores available / ranks on the node
+    timeout_s: float = 300.0  # [s] bound on every wait for a peer's message
+    # [s] bound on waits for work a peer is known to be doing (the first round, checkpoint writes, sampling);
+    # a dead peer is still seen at once (its connection closes), a hung one by its watchdog
     work_timeout_s: float = 86400.0
-    stop_check_every: int = 1  # rounds between the collective that agrees on a preemption signal
-    # after a stop signal, seconds without a round (or checkpoint, sampling) begun before a rank gives up on the
-    # agreed stop and exits 75 at once (a peer failed); raise it above the longest round
+    stop_check_every: int = 1  # [rounds] between the collectives that agree on a preemption signal
+    # [s] after a stop signal, time without a round (or checkpoint, sampling) begun before a rank gives up on
+    # the agreed stop and exits 75 at once (a peer failed); raise it above the longest round
     stop_grace_s: float = 5.0
-    watchdog_s: float = 1800.0  # end a rank that makes no progress this long (hangs below the wire); 0 = off
-    profile_rounds: int = 0  # trace this many rounds (after 2 warm-up rounds) with torch.profiler; 0 = off
+    watchdog_s: float = 1800.0  # [s] end a rank that makes no progress this long (hangs below the wire); 0: off
+    profile_rounds: int = 0  # [rounds] traced with torch.profiler after 2 warm-up rounds; 0: off
     tensorboard: bool = False  # also write each logged round's scalars to <output_dir>/tensorboard/<role> (extra)
 
 
@@ -135,17 +139,17 @@ class EvalConfig:
     """Evaluation (``collafuse-hpc evaluate``, or at the end of training with ``at_end``)."""
 
     at_end: bool = False  # evaluate right after training (rank 0, from the final checkpoint set)
-    extractor: str = "inception"  # inception (FID's Inception-v3, local file) | pixels (no weights; a proxy)
+    extractor: str = "inception"  # inception (FID's Inception-v3, a local file) or pixels (no weights; a proxy)
     inception_path: str = ""  # weights file; empty: $COLLAFUSE_INCEPTION (features.py lists the accepted forms)
-    images: int = 1000  # generated images per set and client (and at most this many real test images)
-    max_image_steps: int = 0  # budget: model evaluations (images x reverse steps) of all sampling; 0 = none
-    sets: list[str] = field(  # which image sets to generate and score (results/schema.py SETS)
+    images: int = 1000  # [images] generated per set and client (and at most this many real test images)
+    max_image_steps: int = 0  # [image-steps] budget: images x reverse steps of all sampling; 0: none
+    sets: list[str] = field(  # which image sets to generate and score
         default_factory=lambda: ["collaborative", "cut", "server_at_cut", "server_alone", "client_alone"]
     )
-    kid_subsets: int = 100  # random subsets for KID's mean and std
-    kid_subset_size: int = 1000  # images per KID subset (capped at the set sizes)
-    batch: int = 250  # images per sampling and feature batch
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    kid_subsets: int = 100  # [subsets] random subsets for KID's mean and std
+    kid_subset_size: int = 1000  # [images] per KID subset (capped at the set sizes)
+    batch: int = 250  # [images] per sampling and feature batch
+    device: str = "auto"  # auto (cuda if available), cpu or cuda
     cache_dir: str = ""  # real-image features per shard hash; empty: $COLLAFUSE_CACHE or ~/.cache/collafuse_hpc
 
 
@@ -155,12 +159,14 @@ class FaultConfig:
 
     rank: int = -1  # rank that fails; -1 disables
     round: int = 0  # round at which it fails
-    mode: str = "raise"  # raise (exception) | exit (dies without a word)
+    mode: str = "raise"  # raise (an exception) or exit (dies without a word)
     attempt: int = -1  # only in this torchrun attempt (TORCHELASTIC_RESTART_COUNT); -1: in every attempt
 
 
 @dataclass
 class Config:
+    """A whole run: one field per YAML section."""
+
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -168,22 +174,6 @@ class Config:
     clients: list[ClientConfig] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
-
-
-CLIENT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
-
-CHOICES = {
-    "diffusion.schedule": ("linear", "cosine"),
-    "diffusion.split": ("markov", "reference"),
-    "diffusion.sampler": ("ddpm", "ddim"),
-    "server.device": ("auto", "cpu", "cuda"),
-    "server.aggregate": ("concat", "sequential"),
-    "clients.device": ("auto", "cpu", "cuda"),
-    "clients.wire_dtype": ("float32", "bfloat16", "float16"),
-    "fault.mode": ("raise", "exit"),
-    "eval.extractor": ("inception", "pixels"),
-    "eval.device": ("auto", "cpu", "cuda"),
-}
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
@@ -254,173 +244,6 @@ def _assign(node: Any, keys: list[str], value: Any, path: str) -> None:
             node[key] = value
     else:
         raise ValueError(f"override '{path}': '{key}' is inside a value, not a section")
-
-
-def validate(cfg: Config, check_files: bool = True) -> None:
-    """Raise ValueError naming the key for anything inconsistent."""
-    for key, valid in CHOICES.items():
-        section, name = key.split(".")
-        objs = cfg.clients if section == "clients" else [getattr(cfg, section)]
-        for obj in objs:
-            if getattr(obj, name) not in valid:
-                raise ValueError(f"config key '{key}' is {getattr(obj, name)!r}; valid: {list(valid)}")
-    T = cfg.diffusion.timesteps
-    if T < 1:
-        raise ValueError(f"config key 'diffusion.timesteps' must be >= 1, got {T}")
-    if not 0 <= cfg.diffusion.eta <= 1:
-        raise ValueError(f"config key 'diffusion.eta' must be in [0, 1], got {cfg.diffusion.eta}")
-    if not 0 <= cfg.diffusion.sampling_steps <= T:
-        raise ValueError(
-            f"config key 'diffusion.sampling_steps' must be in [0, {T}] (0 means T), got {cfg.diffusion.sampling_steps}"
-        )
-    if not 1 <= cfg.server.count <= max(1, len(cfg.clients)):
-        raise ValueError(
-            f"config key 'server.count' is {cfg.server.count}; it must be in [1, number of clients "
-            f"= {len(cfg.clients)}] (each server rank serves its own clients)"
-        )
-    if cfg.server.count > 1 and cfg.server.aggregate != "concat":
-        raise ValueError(
-            "config key 'server.aggregate' is 'sequential', which needs server.count: 1 "
-            "(several server replicas step together on their concatenated batches)"
-        )
-    models = [("server.model", cfg.server.model)] + [(f"clients.{i}.model", c.model) for i, c in enumerate(cfg.clients)]
-    for key, m in models:
-        if m.base_channels < 1 or m.num_res_blocks < 1:
-            raise ValueError(f"config key '{key}': base_channels and num_res_blocks must be >= 1")
-        if not m.channel_mult or min(m.channel_mult) < 1:
-            raise ValueError(f"config key '{key}.channel_mult' is {m.channel_mult}; give one multiplier >= 1 per level")
-        if not 0 <= m.dropout < 1:
-            raise ValueError(f"config key '{key}.dropout' must be in [0, 1), got {m.dropout}")
-    for name in ("rounds", "log_every", "samples_per_client", "sample_batch", "keep_checkpoints", "stop_check_every"):
-        if getattr(cfg.run, name) < 1:
-            raise ValueError(f"config key 'run.{name}' must be >= 1, got {getattr(cfg.run, name)}")
-    for name in ("images", "kid_subsets", "kid_subset_size", "batch"):
-        if getattr(cfg.eval, name) < 2:
-            raise ValueError(f"config key 'eval.{name}' must be >= 2, got {getattr(cfg.eval, name)}")
-    if not 0 <= cfg.run.clients_per_round <= len(cfg.clients):
-        raise ValueError(
-            f"config key 'run.clients_per_round' must be in [0, number of clients = {len(cfg.clients)}] "
-            f"(0: every client), got {cfg.run.clients_per_round}"
-        )
-    if cfg.run.clients_per_rank < 1:
-        raise ValueError(
-            f"config key 'run.clients_per_rank' must be >= 1 (clients hosted by one client rank), "
-            f"got {cfg.run.clients_per_rank}"
-        )
-    per = cfg.run.clients_per_rank
-    for first in range(0, len(cfg.clients), per):
-        hosted = cfg.clients[first : first + per]
-        for key in ("device", "wire_dtype"):  # one rank's clients run on one device and share messages
-            values = sorted({getattr(c, key) for c in hosted})
-            if len(values) > 1:
-                raise ValueError(
-                    f"clients {hosted[0].id!r}..{hosted[-1].id!r} share a rank (run.clients_per_rank = {per}) but "
-                    f"ask for different {key} values {values}: give them one '{key}', or host fewer clients per rank"
-                )
-    if cfg.run.profile_rounds < 0:
-        raise ValueError(f"config key 'run.profile_rounds' must be >= 0, got {cfg.run.profile_rounds}")
-    for name in ("timeout_s", "work_timeout_s", "stop_grace_s"):
-        if getattr(cfg.run, name) <= 0:
-            raise ValueError(f"config key 'run.{name}' must be > 0 seconds, got {getattr(cfg.run, name)}")
-    if not cfg.clients:
-        raise ValueError("config key 'clients' is empty; list at least one client")
-    ids = [c.id for c in cfg.clients]
-    for i, c in enumerate(cfg.clients):
-        key = f"clients.{i}"
-        if not c.id:
-            raise ValueError(f"config key '{key}.id' is missing; give each client a unique name")
-        if not CLIENT_ID.fullmatch(c.id):
-            raise ValueError(
-                f"config key '{key}.id' is {c.id!r}; ids name files and HDF5 groups, so use letters, digits, "
-                "'_', '-' and '.', not starting with '.' (e.g. 'c0', 'hospital_a')"
-            )
-        if ids.count(c.id) > 1:
-            raise ValueError(f"config key '{key}.id': client id {c.id!r} is used twice")
-        if (c.cut_ratio is None) == (c.cut_step is None):
-            raise ValueError(f"client {c.id!r} ('{key}'): give exactly one of cut_ratio or cut_step")
-        if c.cut_ratio is not None and not 0.0 <= c.cut_ratio <= 1.0:
-            raise ValueError(f"config key '{key}.cut_ratio' must be in [0, 1], got {c.cut_ratio}")
-        if c.cut_step is not None and not 0 <= c.cut_step <= T:
-            raise ValueError(f"config key '{key}.cut_step' must be in [0, {T}], got {c.cut_step}")
-        if (c.labels or c.share_labels) and cfg.data.num_classes < 1:
-            raise ValueError(f"client {c.id!r} ('{key}') uses labels, but 'data.num_classes' is 0")
-        if c.batch_size < 1:
-            raise ValueError(f"config key '{key}.batch_size' must be >= 1, got {c.batch_size}")
-        if check_files and not os.path.isfile(c.shard):
-            raise ValueError(
-                f"config key '{key}.shard': file {c.shard!r} not found (relative paths are "
-                f"taken from the working directory {os.getcwd()!r}); prepare it with tools/"
-            )
-
-
-# Keys a resumed run may change: how long, how often, where and how fast it runs, and
-# how it is evaluated, but not what it trains (any other difference refuses --resume).
-# Shards may move (data staged elsewhere) but must hold the same images.
-RESUMABLE = (
-    "run.output_dir",
-    "run.clients_per_rank",
-    "run.rounds",
-    "run.log_every",
-    "run.checkpoint_every",
-    "run.keep_checkpoints",
-    "run.samples_per_client",
-    "run.sample_batch",
-    "run.threads",
-    "run.timeout_s",
-    "run.work_timeout_s",
-    "run.stop_check_every",
-    "run.stop_grace_s",
-    "run.watchdog_s",
-    "run.profile_rounds",
-    "run.tensorboard",
-    "diffusion.sampling_steps",
-    "diffusion.sampler",
-    "diffusion.eta",
-    "server.device",
-    "server.compile",
-    "clients.*.device",
-    "clients.*.compile",
-    "clients.*.shard",
-    "clients.*.allow_centralized",
-    "clients.*.allow_new_shard",
-    "eval.*",
-    "fault.*",
-)
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a.b.0.c": value}; lists of mappings are indexed, other lists are values."""
-    if isinstance(node, dict):
-        items = node.items()
-    elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
-        items = ((str(i), v) for i, v in enumerate(node))
-    else:
-        return {prefix: node}
-    out: dict[str, Any] = {}
-    for key, value in items:
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def resume_differences(saved: dict, current: dict) -> list[str]:
-    """``'key: old -> new'`` for each key outside :data:`RESUMABLE` that differs between
-    the config a run was started with (``saved``) and ``current`` (both as dicts)."""
-    old, new = _flatten(saved), _flatten(current)
-    if len(saved.get("clients", [])) != len(current.get("clients", [])):
-        return [f"clients: {len(saved.get('clients', []))} -> {len(current.get('clients', []))} clients"]
-    missing = object()
-    return [
-        f"{key}: {old.get(key, '(none)')!r} -> {new.get(key, '(none)')!r}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key, missing) != new.get(key, missing) and not any(fnmatch.fnmatch(key, p) for p in RESUMABLE)
-    ]
-
-
-def changed_keys(before: dict, after: dict) -> dict[str, Any]:
-    """``{key: new value}`` for every dotted key whose value differs between two configs
-    (as dicts): what an invocation changed relative to the run it writes into."""
-    old, new = _flatten(before), _flatten(after)
-    return {key: new.get(key) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
 
 
 def load(path: str | None, overrides: list[str] = (), check_files: bool = True) -> Config:

@@ -15,8 +15,8 @@
 #           points and resumes interrupted ones
 #   LAUNCH  here: mpirun (default; jobs/local.sh, one rank per role) or in-process
 #
-# On this 2-core machine: bash jobs/study.sh configs/study_digits.yaml (README, The study).
-# On a GPU cluster: bash jobs/study.sh configs/celeba64.yaml --slurm (sized in the README).
+# On this 2-core machine: bash jobs/study.sh configs/study_digits.yaml (docs/study.md).
+# On a GPU cluster: bash jobs/study.sh configs/celeba64.yaml --slurm (sized in docs/study.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source jobs/points.sh

@@ -1,5 +1,6 @@
 """Config loading: types, unknown keys, ranges, files, overrides, roles."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +78,11 @@ def test_world_size_must_match_roles(cfg_file):
 
 
 def test_clients_per_rank_places_clients_in_blocks(tmp_path, shards):
-    from collafuse_hpc.config import from_dict, validate
-
     """7 clients, 3 per rank, 2 servers: client ranks 2, 3, 4 host [0 1 2] [3 4 5] [6];
     each client keeps its server (k mod 2) whichever rank hosts it."""
+    from collafuse_hpc.config import from_dict
+    from collafuse_hpc.config_rules import validate
+
     raw = tiny_config(shards, tmp_path, [0.5] * 4, clients_per_rank=3)
     raw["clients"] = [dict(raw["clients"][k % 4], id=f"c{k}") for k in range(7)]
     raw["server"]["count"] = 2
@@ -214,3 +216,16 @@ def test_a_template_expands_to_count_clients_in_place_with_their_values(before, 
     assert all(c["cut_ratio"] in (0.2, 0.5, 0.8) and c["model"] == {"base_channels": 16} for c in made)
     assert [c["cut_ratio"] for c in expand(raw)["clients"][before : before + count]] == [c["cut_ratio"] for c in made]
     assert raw["clients"][before] == {"template": template}  # the input is not changed
+
+
+def test_every_range_of_the_reference_is_enforced(tmp_path, shards):
+    """For each rule of config_rules.RANGES, a value just outside it is refused by name:
+    the reference cannot list a bound that validate does not check."""
+    from collafuse_hpc.config_rules import RANGES
+
+    base = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path, [0.5, 0.5]))
+    for pattern, rng in RANGES.items():
+        key = pattern.replace("*.model", "server.model").replace("clients.*", "clients.0").replace(".*", ".0")
+        bad = rng.lo if rng.lo_open else rng.lo - 1
+        with pytest.raises(ValueError, match=re.escape(f"'{key}' must be {rng.describe({'diffusion.timesteps': 20})}")):
+            load(base, [f"{key}={bad}"])

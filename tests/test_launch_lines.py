@@ -10,37 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from doc_blocks import ROOT, doc_files, shell_lines
 from harness import free_port
 
 pytestmark = pytest.mark.mpi
 
-ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("jobs/local.sh", "torchrun", "mpirun", "srun", "sbatch", "collafuse-hpc")
 PLACEHOLDER = "runs/quickstart-..."  # the README's name for "the run you trained"
-
-
-def shell_lines(path: Path) -> list[str]:
-    """The commands of ``path``'s bash blocks: comments dropped, continued lines joined."""
-    lines, block, pending = [], False, ""
-    for raw in path.read_text().splitlines():
-        if raw.startswith("```"):
-            block = raw.strip() == "```bash"
-            continue
-        if not block:
-            continue
-        text = pending + raw.split(" #")[0].strip()
-        if text.startswith("#") or not text:
-            continue
-        if text.endswith("\\"):
-            pending = text[:-1] + " "
-            continue
-        lines.append(text)
-        pending = ""
-    return lines
-
-
-def doc_files() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 
 
 def launch_lines() -> list[str]:

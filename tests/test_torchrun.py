@@ -26,7 +26,7 @@ def torchrun_env() -> dict[str, str]:
 
 
 def start_torchrun(config: str, cwd: Path, options: tuple[str, ...] = ()) -> subprocess.Popen:
-    """``torchrun --nproc-per-node=3 [options] -m collafuse_hpc train CONFIG``, as the README has it."""
+    """``torchrun --nproc-per-node=3 [options] -m collafuse_hpc train CONFIG``, as docs/getting-started.md has it."""
     return subprocess.Popen(
         [TORCHRUN, "--nproc-per-node=3", *options, "-m", "collafuse_hpc", "train", config],
         cwd=cwd,
@@ -76,7 +76,7 @@ def _rounds_and_samples(out: Path) -> dict[str, np.ndarray]:
 def test_a_restarted_worker_resumes_and_the_run_equals_an_uninterrupted_one(tmp_path, shards):
     """A client rank raises at round 3 in the first attempt; --max-restarts 1 restarts
     every worker, which continue from the set of round 2 and finish all rounds. The
-    uninterrupted run uses the c10d rendezvous (the README's multi-node line)."""
+    uninterrupted run uses the c10d rendezvous (docs/slurm.md's multi-node line)."""
     raw = tiny_config(shards, tmp_path / "crashed", [0.2, 0.4], rounds=6, checkpoint_every=2)
     raw["fault"] = {"rank": 2, "round": 3, "attempt": 0}
     proc = start_torchrun(write_config(tmp_path / "crash.yaml", raw), tmp_path, ("--max-restarts", "1"))
@@ -88,7 +88,7 @@ def test_a_restarted_worker_resumes_and_the_run_equals_an_uninterrupted_one(tmp_
 
     raw["fault"] = {}
     raw["run"]["output_dir"] = str(tmp_path / "whole")
-    c10d = ("--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}")  # as the README's srun torchrun line
+    c10d = ("--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}")  # as docs/slurm.md's srun torchrun line
     proc = start_torchrun(write_config(tmp_path / "whole.yaml", raw), tmp_path, c10d)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Performance suite: ratios measured side by side in one run (see README, Performance).
+"""Performance suite: ratios measured side by side in one run (docs/performance.md).
 
     python tools/bench.py [all|server|wire|client|scaling|data|e2e ...] [--out runs/bench] [--device cpu|cuda]
 

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import yaml
 
-from collafuse_hpc.config import from_dict, validate
+from collafuse_hpc.config import from_dict
+from collafuse_hpc.config_rules import validate
 from collafuse_hpc.data import Split, write_shard
 from collafuse_hpc.data.prepare import prepare
 from collafuse_hpc.data.sources import read_digits

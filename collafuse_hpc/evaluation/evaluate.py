@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import yaml
 
-from collafuse_hpc.config import Config, changed_keys, to_dict
+from collafuse_hpc.config import Config, to_dict
+from collafuse_hpc.config_rules import changed_keys
 from collafuse_hpc.data import ShardReader, inspect_shard, to_model_range, to_uint8
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.evaluation import attacks, metrics

