@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -391,7 +392,10 @@ def test_inspect_export_and_compare_refuse_a_file_that_is_not_a_results_file(tmp
     assert not (tmp_path / "x").exists()
 
 
-def test_report_writes_the_table_figure_and_grids(tmp_path, shards):
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, shards) -> Path:
+    """tools/report.py's folder for two evaluated runs (c = 0.25 and 0.75)."""
+    tmp_path = tmp_path_factory.mktemp("report")
     paths = []
     for cut in (0.25, 0.75):
         raw = tiny_config(shards, tmp_path / f"c{cut}", [cut, cut], rounds=2)
@@ -406,6 +410,11 @@ def test_report_writes_the_table_figure_and_grids(tmp_path, shards):
         text=True,
     )
     assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_report_writes_the_table_figure_and_grids(report):
+    out = report
     with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["c"], r["who"]) for r in rows] == [(c, who) for c in ("0.25", "0.75") for who in ("pooled", "c0", "c1")]
@@ -425,6 +434,40 @@ def test_report_writes_the_table_figure_and_grids(tmp_path, shards):
     assert (out / "tradeoff.png").stat().st_size > 10_000
     assert (out / "grids/c0.25/c0_server_alone.png").exists()  # grids/<run folder>/
     assert "### Disclosure of x_c and by attack" in md and "linkage top-1, pixels" in md
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+def test_report_html_renders_its_tables_and_images_in_a_real_browser(report, tmp_path):
+    """report.html opened in headless Chromium, offline: every table is laid out with its
+    rows and every embedded image (the figure, each grid) decodes to a picture."""
+    page = (report / "report.html").read_text()
+    assert not re.search(r"(src|href)=\"(https?:)?//", page), "the report must not load anything from a network"
+    grids = sorted((report / "grids").rglob("*.png"))
+    probe = tmp_path / "probe.html"  # the page plus a script that writes what was rendered into the DOM
+    probe.write_text(
+        page.replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
+            "document.body.dataset.images = imgs.length; "
+            "document.body.dataset.decoded = imgs.filter(i => i.complete && i.naturalWidth > 0).length; "
+            "document.body.dataset.rows = [...document.querySelectorAll('table tr')]"
+            ".filter(r => r.offsetHeight > 0).length; "
+            "document.body.dataset.tables = document.querySelectorAll('table').length; });</script></body>",
+        )
+    )
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom",
+         probe.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = dict(re.findall(r'data-(\w+)="(\d+)"', done.stdout))
+    rows = 3 * (1 + 6)  # three tables: a header and pooled + two clients for each of the two runs
+    assert found == {"images": str(1 + len(grids)), "decoded": str(1 + len(grids)), "rows": str(rows), "tables": "3"}
+    assert len(grids) >= 10 and "<h2>Quality</h2>" in done.stdout and "linkage top-1, pixels" in done.stdout
 
 
 def test_local_study_trains_evaluates_and_reports_over_seeds_and_splits(tmp_path, shards):

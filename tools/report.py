@@ -14,6 +14,7 @@ Writes into --out:
                 error bars over seeds (needs matplotlib: pip install 'collafuse-hpc[report]';
                 skipped with a note otherwise)
   grids/        sample grids per run, client and image set (PNG)
+  report.html   all of the above in one self-contained page (images embedded, no network)
 The pooled row's FID/KID compare all clients' images with all their real images; its
 disclosure and compute columns are means over the clients. Runs at c = 0 and c = 1 do
 not depend on the split mode: they are shown under every split mode of the report.
@@ -23,7 +24,9 @@ Runs without metrics (not evaluated) are listed and left out.
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
+import html
 import math
 import os
 import sys
@@ -175,23 +178,24 @@ def _num(v) -> str:
     return str(v)
 
 
+SECTIONS = (("Quality", QUALITY), ("Disclosure of x_c and by attack", DISCLOSURE), ("Client compute", COMPUTE))
+
+
+def _features_note(table: list[dict]) -> str:
+    return (
+        f"Features for FID/KID: {', '.join(sorted({r['features'] for r in table}))}. With several seeds: mean ± std "
+        "over seeds; with one, KID shows mean ± std over subsets (n/a: one subset)."
+    )
+
+
 def write_tables(table: list[dict], out: str) -> str:
     """table.csv and table.md; returns the markdown."""
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, [*COLUMNS, *(f"{key}_seed_std" for key in NUMBERS)])
         w.writeheader()
         w.writerows(table)
-    features = sorted({r["features"] for r in table})
-    lines = [
-        f"Features for FID/KID: {', '.join(features)}. With several seeds: mean ± std over seeds; with one, "
-        "KID shows mean ± std over subsets (n/a: one subset).",
-        "",
-    ]
-    for title, keys in (
-        ("Quality", QUALITY),
-        ("Disclosure of x_c and by attack", DISCLOSURE),
-        ("Client compute", COMPUTE),
-    ):
+    lines = [_features_note(table), ""]
+    for title, keys in SECTIONS:
         lines += [f"### {title}", "", "| " + " | ".join(COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_cell(r, k) for k in keys) + " |" for r in table]
         lines.append("")
@@ -199,6 +203,48 @@ def write_tables(table: list[dict], out: str) -> str:
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text)
     return text
+
+
+def _png(path: str, alt: str) -> str:
+    """An <img> with the PNG embedded, so the page needs no other file and no network."""
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def write_html(table: list[dict], out: str, figure_path: str | None) -> str:
+    """report.html: one self-contained page (tables, the trade-off figure, every sample
+    grid under ``out``/grids, images embedded) to open in a browser or send by mail."""
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>collafuse-hpc report</title><style>',
+        "body{font-family:sans-serif;margin:2em;max-width:110em} table{border-collapse:collapse;margin:1em 0}",
+        "th,td{border:1px solid #bbb;padding:.25em .5em;text-align:right} th{background:#eee}",
+        "figure{display:inline-block;margin:.5em} img{image-rendering:pixelated;max-width:100%}",
+        "</style></head><body>",
+        "<h1>collafuse-hpc report</h1>",
+        f"<p>{esc(_features_note(table))}</p>",
+    ]
+    if figure_path:
+        parts += ["<h2>Trade-off over the cut ratio c</h2>", _png(figure_path, "trade-off figure")]
+    for title, keys in SECTIONS:
+        parts += [f"<h2>{esc(title)}</h2>", "<table>", "<tr>" + "".join(f"<th>{esc(COLUMNS[k])}</th>" for k in keys)]
+        parts += ["<tr>" + "".join(f"<td>{esc(_cell(r, k))}</td>" for k in keys) + "</tr>" for r in table]
+        parts.append("</table>")
+    grids = os.path.join(out, "grids")
+    parts.append("<h2>Samples</h2>")
+    for run in sorted(os.listdir(grids)) if os.path.isdir(grids) else []:
+        parts.append(f"<h3>{esc(run)}</h3>")
+        for name in sorted(n for n in os.listdir(os.path.join(grids, run)) if n.endswith(".png")):
+            caption = f"{run}: {name[:-4]}"
+            parts.append(f"<figure>{_png(os.path.join(grids, run, name), caption)}<figcaption>{esc(name[:-4])}")
+            parts.append("</figcaption></figure>")
+    parts.append("</body></html>")
+    path = os.path.join(out, "report.html")
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    return path
 
 
 def _errorbar(axis, runs: list[dict], key: str, label: str, **style) -> None:
@@ -299,7 +345,8 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     print(write_tables(table, args.out))
     drew = figure([r for r in table if r["who"] == "pooled"], os.path.join(args.out, "tradeoff.png"))
-    print(f"report: {args.out}/table.csv, table.md" + (", tradeoff.png" if drew else "") + ", grids/")
+    write_html(table, args.out, os.path.join(args.out, "tradeoff.png") if drew else None)
+    print(f"report: {args.out}/table.csv, table.md" + (", tradeoff.png" if drew else "") + ", grids/, report.html")
     return 0
 
 
