@@ -16,12 +16,12 @@ to [-1, 1] first), as reference FID tools score image files: the stored and
 exported images give the stored scores. It also reports the disclosure of what
 crossed the wire (metrics.py) and the client's compute (compute.py), and writes
 everything to ``results.h5`` under ``/metrics`` (layout: results/schema.py).
+What x_c discloses, by formula and by attack, is scored in disclosure.py.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -37,6 +37,7 @@ from collafuse_hpc.data import ShardReader, inspect_shard, to_model_range, to_ui
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.evaluation import attacks, metrics
 from collafuse_hpc.evaluation.compute import client_compute
+from collafuse_hpc.evaluation.disclosure import attack, disclosure
 from collafuse_hpc.evaluation.features import (
     FEATURES_VERSION,
     cached_real_features,
@@ -205,95 +206,6 @@ def _sampling_batches(clients: list[Client], images: int, batch: int) -> list[li
     return out
 
 
-def _disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor) -> dict:
-    """Disclosure of x_c (as sent) about the real test images x0. The client sent
-    ``released["images_sent"]`` training images, so each was released
-    ceil(sent / train size) times."""
-    t_c, released = client.cut.t_c, client.released["images_sent"]
-    abar = float(client.diffusion.alphas_cumprod[t_c])
-    dims = int(np.prod(x0.shape[1:]))
-    releases = math.ceil(released / len(client.reader)) if released else 0
-    mu = metrics.gdp_mu(dims, abar)
-    composed = mu * math.sqrt(releases) if releases else 0.0
-    return {
-        "t_c": t_c,
-        "snr": metrics.snr(abar),
-        "mse": metrics.mse(x_c, x0),
-        "psnr_db": metrics.psnr(x_c, x0),
-        "ssim": metrics.ssim(x_c, x0),
-        "dims": dims,
-        "mu_per_release": mu,
-        "releases": releases,
-        "mu_composed": composed,
-        "reading": metrics.gdp_reading(composed if releases else mu) if client.cut.uses_server else "nothing sent",
-        "images": len(x0),
-    }
-
-
-def _attack(
-    client: Client,
-    clients: list[Client],
-    x0: torch.Tensor,
-    x_c: torch.Tensor,
-    y: torch.Tensor | None,
-    real: np.ndarray,
-    feats: Callable[[np.ndarray], np.ndarray],
-    cached: Callable[[str, np.ndarray], np.ndarray],
-    n: int,
-) -> dict:
-    """Reconstruction and linkage attacks on this client's x_c (attacks.py). ``x0``, ``x_c``:
-    its test images and their x_c as sent; ``y``: their labels when the client's model
-    uses labels; ``real``: the test images' features; ``cached(split, images)``: features
-    of real images of the client's shard, from the cache; ``n``: at most this many
-    linkage candidates."""
-    cut, nan = client.cut, math.nan
-    out: dict = {"t_c": cut.t_c, "public_model": "none"}
-    if not cut.uses_server:
-        return {**out, "reading": "nothing sent"}
-    # the adversary's public denoiser: another client's model trained at t_c (and without labels)
-    public = next((o for o in clients if o is not client and o.cut.t_c >= cut.t_c and not o.condition), None)
-    models = {"own": client.eps_model(True, y)}
-    if public is not None:
-        models["public"] = public.eps_model(True, None)
-        out["public_model"] = f"client {public.id}"
-    recon = {}
-    for name in ("public", "own"):
-        if name not in models:
-            out.update({f"recon_{name}_{k}": nan for k in ("psnr_db", "ssim", "fid")})
-            continue
-        recon[name] = attacks.reconstruct(client.diffusion, models[name], x_c, cut.t_c)
-        out[f"recon_{name}_psnr_db"] = metrics.psnr(recon[name], x0)
-        out[f"recon_{name}_ssim"] = metrics.ssim(recon[name], x0)
-        out[f"recon_{name}_fid"] = metrics.fid(real, feats(to_uint8(recon[name])))
-    # linkage: each of N training images released once; is its source the nearest candidate?
-    train = client.reader
-    m = min(n, len(train))
-    images, labels = train.read(np.arange(m))
-    candidates = to_model_range(images, x0.device)
-    probes = client.noised_to_cut(candidates).float()
-    sources = torch.arange(m)
-    abar = float(client.diffusion.alphas_cumprod[cut.t_c])
-    pixel = attacks.top_k_rates(attacks.pixel_distances(probes, candidates, abar), sources)
-    best = "public" if public is not None else "own"
-    if public is not None:
-        denoiser = models["public"]
-    else:
-        denoiser = client.eps_model(True, torch.from_numpy(labels).to(x0.device) if client.condition else None)
-    guess = attacks.reconstruct(client.diffusion, denoiser, probes, cut.t_c)
-    feature = attacks.top_k_rates(attacks.feature_distances(feats(to_uint8(guess)), cached("train", images)), sources)
-    out.update(
-        link_candidates=m,
-        link_pixel_top1=pixel[1],
-        link_pixel_top5=pixel[5],
-        link_feature_top1=feature[1],
-        link_feature_top5=feature[5],
-        link_feature_model=best,
-        chance_top1=1 / m,
-        chance_top5=min(1.0, 5 / m),
-    )
-    return out
-
-
 def _quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
     k_mean, k_std = metrics.kid(real, fake, cfg.eval.kid_subsets, cfg.eval.kid_subset_size, cfg.run.seed)
     return {"fid": metrics.fid(real, fake), "kid_mean": k_mean, "kid_std": k_std}
@@ -353,9 +265,9 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
                 pooled[name][1].append(fake[: len(real)])  # score: min(n, its test split) images each
                 entry[name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
                 grids[(client.id, name)] = scored[:GRID_IMAGES]
-            entry["disclosure"] = _disclosure(client, x0[k], x_c[k])
+            entry["disclosure"] = disclosure(client, x0[k], x_c[k])
             y = torch.from_numpy(labels[k]).to(device) if client.condition else None
-            entry["attack"] = _attack(client, clients, x0[k], x_c[k], y, real, feats, cached, n)
+            entry["attack"] = attack(client, clients, x0[k], x_c[k], y, real, feats, cached, n)
             entry["compute"] = client_compute(client, min(n, 16))
             report[client.id] = entry
             log.info("evaluated client %s: %s", client.id, _line(entry))
