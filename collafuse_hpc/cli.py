@@ -1,5 +1,5 @@
 """Command line: ``collafuse-hpc train|sample|evaluate|config|prepare|inspect|export|bundle|compare|
-convert-inception`` (also ``python -m collafuse_hpc``; ``--version``, ``--log-level``).
+convert-inception|train-classifier`` (also ``python -m collafuse_hpc``; ``--version``, ``--log-level``).
 
 Launch lines::
 
@@ -99,6 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("source", help="the TorchScript file")
     conv.add_argument("target", help="the state dict to write (.pth)")
+    clf = sub.add_parser(
+        "train-classifier",
+        help="train the domain classifier that scores small images (eval.extractor: classifier) on the real "
+        "train images of shards; its test accuracy is saved with it",
+    )
+    clf.add_argument("shards", nargs="+", help="every client shard of the study (their train and test splits)")
+    clf.add_argument("--out", required=True, help="the classifier file to write (eval.classifier_path)")
+    clf.add_argument("--epochs", type=int, default=30, help="passes over the train images")
+    clf.add_argument("--seed", type=int, default=0)
     prep = sub.add_parser("prepare", help="build HDF5 client shards from a dataset on disk")
     prep.add_argument("dataset", choices=["celeba", "cub", "mnist", "folder", "digits"])
     prep.add_argument("--root", help="dataset folder in its official layout (not for digits)")
@@ -173,6 +182,24 @@ def _die(code: int, text: str, hard: bool, label: str = "error") -> int:
         sys.stdout.flush()
         os._exit(code)
     return code
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from collafuse_hpc.evaluation.classifier import train_classifier
+
+    if args.epochs < 1:
+        return _die(2, f"--epochs must be >= 1, got {args.epochs}", hard=False)
+    try:
+        meta = train_classifier(args.shards, args.out, epochs=args.epochs, seed=args.seed)
+    except ValueError as e:
+        return _die(2, str(e), hard=False)
+    except OSError as e:
+        return _die(1, f"{e.filename or args.out}: {e.strerror or e}", hard=False)
+    print(
+        f"classifier: {meta['train_images']} train images of {len(args.shards)} shards, {meta['num_classes']} "
+        f"classes; test accuracy {meta['accuracy']:.4f} on {meta['test_images']} test images; wrote {args.out}"
+    )
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -289,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logs(args)
     if args.command == "prepare":
         return _prepare(args)
+    if args.command == "train-classifier":
+        return _train_classifier(args)
     if args.command == "convert-inception":
         return _convert_inception(args)
     if args.command == "evaluate":

@@ -139,8 +139,12 @@ class EvalConfig:
     """Evaluation (``collafuse-hpc evaluate``, or at the end of training with ``at_end``)."""
 
     at_end: bool = False  # evaluate right after training (rank 0, from the final checkpoint set)
-    extractor: str = "inception"  # inception (FID's Inception-v3, a local file) or pixels (no weights; a proxy)
+    # inception (FID's Inception-v3, a local file), classifier (a domain classifier trained on the real images by
+    # collafuse-hpc train-classifier: also class fidelity, precision and recall) or pixels (no weights; a proxy)
+    extractor: str = "inception"
     inception_path: str = ""  # weights file; empty: $COLLAFUSE_INCEPTION (features.py lists the accepted forms)
+    classifier_path: str = ""  # extractor classifier: the file collafuse-hpc train-classifier wrote
+    bootstrap: int = 200  # [resamples] over images, for the 95% intervals of FID, fidelity, precision, recall; 0: none
     images: int = 1000  # [images] generated per set and client (and at most this many real test images)
     max_image_steps: int = 0  # [image-steps] budget: images x reverse steps of all sampling; 0: none
     sets: list[str] = field(  # which image sets to generate and score

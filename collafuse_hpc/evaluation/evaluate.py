@@ -21,6 +21,7 @@ What x_c discloses, by formula and by attack, is scored in disclosure.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ from collafuse_hpc.config_rules import changed_keys
 from collafuse_hpc.data import ShardReader, inspect_shard, to_model_range, to_uint8
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.evaluation import attacks, metrics
+from collafuse_hpc.evaluation.classifier import Classifier
 from collafuse_hpc.evaluation.compute import client_compute
 from collafuse_hpc.evaluation.disclosure import attack, disclosure
 from collafuse_hpc.evaluation.features import (
@@ -128,6 +130,8 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"config key 'eval.sets' is {cfg.eval.sets}; give one or more of {list(SETS)}")
     if cfg.eval.extractor == "inception":
         inception_path(cfg.eval.inception_path)  # a missing file fails now, not after hours of sampling
+    if cfg.eval.extractor == "classifier":  # a missing or foreign file, other images: now, not after sampling
+        Classifier(cfg.eval.classifier_path, torch.device("cpu")).check(cfg.data.channels, cfg.data.image_size)
 
 
 def image_steps(cut: Cut, sets: list[str]) -> int:
@@ -207,8 +211,35 @@ def _sampling_batches(clients: list[Client], images: int, batch: int) -> list[li
 
 
 def _quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
+    """FID and KID of ``fake`` against ``real`` features; with a classifier's features also
+    precision and recall, and 95% bootstrap intervals over images (``eval.bootstrap``)."""
     k_mean, k_std = metrics.kid(real, fake, cfg.eval.kid_subsets, cfg.eval.kid_subset_size, cfg.run.seed)
-    return {"fid": metrics.fid(real, fake), "kid_mean": k_mean, "kid_std": k_std}
+    out = {"fid": metrics.fid(real, fake), "kid_mean": k_mean, "kid_std": k_std}
+    if cfg.eval.extractor != "classifier":
+        return out
+    out["precision"], out["recall"] = metrics.precision_recall(real, fake)
+    if cfg.eval.bootstrap:
+        interval = functools.partial(metrics.bootstrap_interval, resamples=cfg.eval.bootstrap, seed=cfg.run.seed)
+        out["fid_low"], out["fid_high"] = interval(metrics.fid, (real, fake))
+        for i, name in enumerate(("precision", "recall")):
+            out[f"{name}_low"], out[f"{name}_high"] = interval(
+                lambda r, f, i=i: metrics.precision_recall(r, f)[i], (real, fake)
+            )
+    return out
+
+
+def _fidelity(scorer: Classifier, images: np.ndarray, held: set[int], cfg: Config) -> dict:
+    """Class fidelity of uint8 ``images`` for a client holding the classes ``held``, its
+    mean confidence, and the fidelity's bootstrap interval over images."""
+    probabilities = scorer.probabilities(images)
+    fidelity, confidence = metrics.class_fidelity(probabilities, held)
+    out = {"class_fidelity": fidelity, "confidence": confidence}
+    if cfg.eval.bootstrap:
+        low, high = metrics.bootstrap_interval(
+            lambda p: metrics.class_fidelity(p, held)[0], (probabilities,), cfg.eval.bootstrap, cfg.run.seed
+        )
+        out.update(class_fidelity_low=low, class_fidelity_high=high)
+    return out
 
 
 def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
@@ -219,7 +250,11 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
     preemption signal); then nothing is written."""
     check_config(cfg)
     device = _device(cfg.eval.device)
-    extract, identity = load_extractor(cfg.eval.extractor, cfg.eval.inception_path, device)
+    scorer = Classifier(cfg.eval.classifier_path, device) if cfg.eval.extractor == "classifier" else None
+    if scorer is not None:
+        extract, identity = scorer.features, scorer.identity
+    else:
+        extract, identity = load_extractor(cfg.eval.extractor, cfg.eval.inception_path, device)
     rounds = checkpoint.complete_rounds(cfg.run.output_dir)
     if not rounds:
         raise ValueError(f"no complete checkpoint set under {cfg.run.output_dir!r}; train first")
@@ -258,12 +293,19 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
 
             real = cached("test", real_u8[k])
             entry = {}
+            held = set(ShardReader(cfg.clients[k].shard, "train").labels().tolist()) if scorer else set()
+            if scorer is not None:  # the known answers: real test images against each other and the classes
+                half = len(real) // 2
+                entry["real"] = {"fid_real_halves": metrics.fid(real[:half], real[half:]), "images": len(real)}
+                entry["real"].update(_fidelity(scorer, real_u8[k], held, cfg))
             for name, images in generated[k].items():
                 scored = to_uint8(images)  # what is stored and exported is what is scored
                 fake = feats(scored)
                 pooled[name][0].append(real)  # each client weighs the same on both sides of the pooled
                 pooled[name][1].append(fake[: len(real)])  # score: min(n, its test split) images each
                 entry[name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
+                if scorer is not None:
+                    entry[name].update(_fidelity(scorer, scored, held, cfg))
                 grids[(client.id, name)] = scored[:GRID_IMAGES]
             entry["disclosure"] = disclosure(client, x0[k], x_c[k])
             y = torch.from_numpy(labels[k]).to(device) if client.condition else None

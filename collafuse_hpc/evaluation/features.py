@@ -164,10 +164,10 @@ def load_extractor(name: str, path: str, device: torch.device) -> tuple[Extracto
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the Inception file {path!r} returned {shape} for one image, not [1, D]; {CONVENTIONS}")
-    return (lambda images: extract(images).float()), f"inception-{_file_digest(path)}"
+    return (lambda images: extract(images).float()), f"inception-{file_digest(path)}"
 
 
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
     """Short sha256 of a file (read in 1 MiB blocks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -156,3 +156,49 @@ def gdp_reading(mu: float) -> str:
     if mu <= 3:
         return "weak: noticeable leakage"
     return "none in practice: the noise does not hide the image (mu > 3)"
+
+
+def knn_radii(x: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each row of x [N, D] to its k-th nearest other row [N]."""
+    d = np.sqrt(np.maximum(_sq_distances(x, x), 0))
+    return np.sort(d, axis=1)[:, k]  # column 0 is the row itself
+
+
+def _sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) in feature space.
+
+    Precision: the share of generated samples inside the real manifold (the union of
+    balls around each real sample reaching its k-th nearest real neighbour): "are the
+    samples like real ones?". Recall: the share of real samples inside the generated
+    manifold: "is every kind of real image generated?". Sharp samples of too few classes
+    score high precision and low recall; blurry but diverse ones the reverse."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    k = min(k, len(real) - 1, len(fake) - 1)
+    if k < 1:
+        raise ValueError("precision and recall need at least 2 images per set")
+    d = np.sqrt(np.maximum(_sq_distances(fake, real), 0))  # [M, N]
+    precision = float((d <= knn_radii(real, k)[None, :]).any(1).mean())
+    recall = float((d <= knn_radii(fake, k)[:, None]).any(0).mean())
+    return precision, recall
+
+
+def class_fidelity(probabilities: np.ndarray, held: set[int]) -> tuple[float, float]:
+    """(share of images whose predicted class is one the client holds, mean confidence
+    of the prediction) for class probabilities [N, classes]."""
+    predicted = probabilities.argmax(1)
+    return float(np.isin(predicted, sorted(held)).mean()), float(probabilities.max(1).mean())
+
+
+def bootstrap_interval(
+    statistic, arrays: tuple[np.ndarray, ...], resamples: int = 200, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of ``statistic(*arrays)`` over images: each array is resampled
+    with replacement (its own rows, independently), ``resamples`` times."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(*(a[rng.integers(0, len(a), len(a))] for a in arrays)) for _ in range(resamples)]
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))

@@ -1,0 +1,102 @@
+"""The domain classifier and the metrics it enables, first on cases with a known answer
+(real against real, known classes, disjoint sets), then inside ``evaluate``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from collafuse_hpc.cli import main
+from collafuse_hpc.config import from_dict
+from collafuse_hpc.data import ShardReader
+from collafuse_hpc.evaluation import metrics
+from collafuse_hpc.evaluation.classifier import Classifier, train_classifier
+from collafuse_hpc.evaluation.evaluate import evaluate
+from collafuse_hpc.evaluation.features import features
+from collafuse_hpc.runtime.run import run_in_process
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, shards) -> str:
+    path = str(tmp_path_factory.mktemp("classifier") / "digits.pt")
+    meta = train_classifier(shards, path, epochs=8, seed=0)
+    assert meta["accuracy"] > 0.85 and meta["num_classes"] == 10, meta
+    return path
+
+
+def _images(shard: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    reader = ShardReader(shard, split)
+    images, labels = reader.read(np.arange(len(reader)))
+    return images, labels
+
+
+def test_precision_and_recall_on_known_answers():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    precision, recall = metrics.precision_recall(a, b)
+    assert precision > 0.8 and recall > 0.8  # the same distribution
+    assert metrics.precision_recall(a, b + 50) == (0.0, 0.0)  # disjoint sets
+    two_modes = np.concatenate([a[:200], a[200:] + 20])
+    precision, recall = metrics.precision_recall(two_modes, b)  # all samples in one of the two real modes
+    assert precision > 0.8 and 0.4 < recall < 0.6
+
+
+def test_class_fidelity_and_bootstrap_on_known_answers():
+    probabilities = np.eye(4)[[0, 0, 1, 3]] * 0.9 + 0.025
+    assert metrics.class_fidelity(probabilities, {0, 1}) == (0.75, pytest.approx(0.925))
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=400)
+    low, high = metrics.bootstrap_interval(np.mean, (x,), resamples=300)
+    assert low < x.mean() < high and high - low == pytest.approx(2 * 1.96 / np.sqrt(400), rel=0.25)
+
+
+def test_the_classifier_sees_digits_where_real_and_real_agree_and_other_classes_do_not(classifier, shards):
+    """Known answers on real digits: c0's test images against its own train images are
+    close in the classifier's features and far from c1's; they fall in c0's classes."""
+    scorer = Classifier(classifier, torch.device("cpu"))
+    test0, labels0 = _images(shards[0], "test")
+    train0, _ = _images(shards[0], "train")
+    test1, _ = _images(shards[1], "test")
+    f_test0, f_train0, f_test1 = (features(scorer.features, x, 64, torch.device("cpu")) for x in (test0, train0, test1))
+    same, other = metrics.fid(f_train0, f_test0), metrics.fid(f_test1, f_test0)
+    assert other > 10 * same, (same, other)
+    held0 = set(labels0.tolist())
+    fidelity, confidence = metrics.class_fidelity(scorer.probabilities(test0), held0)
+    assert fidelity > 0.9 and confidence > 0.7
+    assert metrics.class_fidelity(scorer.probabilities(test1), held0)[0] < 0.15
+    precision, recall = metrics.precision_recall(f_train0, f_test0)
+    assert precision > 0.7 and recall > 0.7
+    assert max(metrics.precision_recall(f_test1, f_test0)) < 0.3
+
+
+def test_evaluate_with_the_classifier_reports_fidelity_precision_recall_and_intervals(tmp_path, shards, classifier):
+    raw = tiny_config(shards, tmp_path, [0.25, 1.0], rounds=2)
+    raw["eval"].update(
+        extractor="classifier", classifier_path=classifier, sets=["collaborative"], bootstrap=20, images=40
+    )
+    cfg = from_dict(raw)
+    run_in_process(cfg, resume=False)
+    report = evaluate(cfg)
+    for who in ("c0", "c1"):
+        got = report[who]["collaborative"]
+        for key in ("fid", "class_fidelity", "confidence", "precision", "recall"):
+            assert np.isfinite(got[key]), (who, key)
+        assert got["fid_low"] <= got["fid"] <= got["fid_high"]
+        assert got["class_fidelity_low"] <= got["class_fidelity"] <= got["class_fidelity_high"]
+        assert report[who]["real"]["class_fidelity"] > 0.75  # the known answer, beside every run's numbers
+    assert {"precision", "recall", "fid_low"} <= set(report["pooled"]["collaborative"])
+
+
+def test_a_missing_or_foreign_classifier_is_refused_before_sampling(tmp_path, shards, capsys):
+    raw = tiny_config(shards, tmp_path, [0.25, 0.5], rounds=2)
+    raw["eval"].update(extractor="classifier", classifier_path=str(tmp_path / "none.pt"))
+    from conftest import write_config
+
+    config = write_config(tmp_path / "run.yaml", raw)
+    assert main(["evaluate", config]) == 2
+    assert "classifier file" in capsys.readouterr().err
+    (tmp_path / "none.pt").write_bytes(b"not a classifier")
+    assert main(["evaluate", config]) == 2
+    assert "cannot be read" in capsys.readouterr().err
