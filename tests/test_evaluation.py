@@ -418,6 +418,7 @@ def test_report_writes_the_table_figure_and_grids(report):
     with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["c"], r["who"]) for r in rows] == [(c, who) for c in ("0.25", "0.75") for who in ("pooled", "c0", "c1")]
+    assert {(r["partition"], r["share"]) for r in rows} == {("class", "off")}
     assert {(r["split"], r["seeds"]) for r in rows} == {("markov", "1")} and rows[0]["fid_cut_seed_std"] == "nan"
     assert 0 <= float(rows[1]["link_pixel_top1"]) <= 1 and float(rows[1]["chance_top1"]) == 1 / 8
     assert {r["features"] for r in rows} == {"pixels"} and rows[0]["kid_std_cut"] != "nan"
@@ -466,7 +467,10 @@ def test_report_html_renders_its_tables_and_images_in_a_real_browser(report, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     found = dict(re.findall(r'data-(\w+)="(\d+)"', done.stdout))
     rows = 3 * (1 + 6)  # three tables: a header and pooled + two clients for each of the two runs
-    assert found == {"images": str(1 + len(grids)), "decoded": str(1 + len(grids)), "rows": str(rows), "tables": "3"}
+    figures = len(list(report.glob("*.png")))  # tradeoff.png and loss.png (no classifier here: no conditions.png)
+    assert figures == 2
+    images = str(figures + len(grids))
+    assert found == {"images": images, "decoded": images, "rows": str(rows), "tables": "3"}
     assert len(grids) >= 10 and "<h2>Quality</h2>" in done.stdout and "linkage top-1, pixels" in done.stdout
 
 

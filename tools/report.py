@@ -31,7 +31,12 @@ import math
 import os
 import sys
 
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import study_stats  # noqa: E402
 
 from collafuse_hpc.results.inspection import export, summarize  # noqa: E402
 from collafuse_hpc.results.schema import SETS, SUMMARY, role_key  # noqa: E402
@@ -41,6 +46,8 @@ NAN = float("nan")
 # the ``features`` column (Inception pool_3 for published numbers, pixels in [-1, 1] for the proxy)
 COLUMNS = {
     "split": "split",
+    "partition": "partition",
+    "share": "labels shared",
     "c": "c (client share of steps)",
     "who": "client",
     "seeds": "seeds",
@@ -49,6 +56,21 @@ COLUMNS = {
     **{f"fid_{s}": f"FID {s}" for s in SETS},
     **{f"kid_mean_{s}": f"KID {s}" for s in SETS},
     **{f"kid_std_{s}": f"KID std {s}" for s in SETS},
+    "fid_collaborative_low": "FD collaborative, 95% low (images)",
+    "fid_collaborative_high": "FD collaborative, 95% high (images)",
+    "fidelity": "class fidelity (share in the client's classes)",
+    "fidelity_low": "class fidelity, 95% low (images)",
+    "fidelity_high": "class fidelity, 95% high (images)",
+    "confidence": "classifier confidence",
+    "precision": "precision",
+    "precision_low": "precision, 95% low (images)",
+    "precision_high": "precision, 95% high (images)",
+    "recall": "recall",
+    "recall_low": "recall, 95% low (images)",
+    "recall_high": "recall, 95% high (images)",
+    "real_fid_halves": "known answer: FD real vs real (test halves)",
+    "real_fidelity": "known answer: class fidelity of real test images",
+    "loss_change": "loss still falling: last 10% of rounds' drop / whole drop (converged if < 0.02)",
     "t_c": "t_c (step)",
     "snr": "SNR(t_c) (ratio)",
     "psnr_x_c_db": "PSNR x_c vs x_0 (dB)",
@@ -71,12 +93,14 @@ COLUMNS = {
     "server_images_per_s": "server images/s",
 }
 ATTACK = [key for key in COLUMNS if key.startswith(("recon_", "link_", "chance_"))]
-KEYS = ["split", "c", "who", "seeds"]
-QUALITY = [*KEYS, *(f"fid_{s}" for s in SETS), *(f"kid_mean_{s}" for s in SETS)]
+KEYS = ["split", "partition", "share", "c", "who", "seeds"]
+FIDELITY = ["fidelity", "confidence", "precision", "recall", "real_fid_halves", "real_fidelity", "loss_change"]
+QUALITY = [*KEYS, *(f"fid_{s}" for s in SETS), *(f"kid_mean_{s}" for s in SETS), *FIDELITY]
 _ORDER = list(COLUMNS)
 DISCLOSURE = [*KEYS, *_ORDER[_ORDER.index("t_c") : _ORDER.index("sampling_flops_ratio")]]
+INTERVALS = [k for k in COLUMNS if k.endswith(("_low", "_high"))]  # per run, over images: not in the tables
 COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") :]]
-TEXT = {"split", "c", "who", "seeds", "features"}  # not averaged over seeds
+TEXT = {"split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
 NUMBERS = [key for key in COLUMNS if key not in TEXT]
 
 
@@ -107,13 +131,30 @@ def _mean(values: list) -> float:
     return sum(values) / len(values) if values else NAN
 
 
+def _quality_columns(m: dict, who: str) -> dict:
+    """The classifier's numbers of the collaborative set (NaN with other features)."""
+    q, real = m[who].get("collaborative", {}), m[who].get("real", {})
+    out = {key: q.get(key, NAN) for key in ("precision", "recall", "confidence")}
+    out["fidelity"] = q.get("class_fidelity", NAN)
+    for end in ("low", "high"):
+        out[f"fidelity_{end}"] = q.get(f"class_fidelity_{end}", NAN)
+        out[f"fid_collaborative_{end}"] = q.get(f"fid_{end}", NAN)
+        out |= {f"{key}_{end}": q.get(f"{key}_{end}", NAN) for key in ("precision", "recall")}
+    out["real_fid_halves"], out["real_fidelity"] = real.get("fid_real_halves", NAN), real.get("class_fidelity", NAN)
+    return out
+
+
 def rows(summary: dict) -> list[dict]:
     """The rows of one evaluated run: ``pooled`` first, then one per client."""
     m, roles, config = summary["metrics"], summary["roles"], summary["config"]
     clients = [who for who in m if who not in ("attrs", "pooled")]
     cuts = {c.get("cut_ratio") for c in config["clients"]}
+    curves = study_stats.loss_curves(summary["file"])
     run = {
         "split": config["diffusion"]["split"],
+        "partition": m["attrs"].get("partition", "-"),
+        "share": "on" if any(c.get("share_labels") for c in config["clients"]) else "off",
+        "loss_change": study_stats.loss_change(curves["clients"]),
         "c": cuts.pop() if len(cuts) == 1 else "mixed",
         "seed": config["run"]["seed"],
         "rounds": config["run"]["rounds"],
@@ -129,8 +170,11 @@ def rows(summary: dict) -> list[dict]:
             row[f"fid_{name}"] = q.get("fid", NAN)
             row[f"kid_mean_{name}"] = q.get("kid_mean", NAN)
             row[f"kid_std_{name}"] = q.get("kid_std", NAN)
-        if who == "pooled":
+        row |= _quality_columns(m, who)
+        if who == "pooled":  # class fidelity pooled: the mean over clients (each weighs the same)
             row |= {key: _mean([p[key] for p in per_client.values()]) for key in next(iter(per_client.values()))}
+            for key in ("fidelity", "fidelity_low", "fidelity_high", "real_fidelity", "real_fid_halves"):
+                row[key] = _mean([_quality_columns(m, c)[key] for c in clients])
         else:
             row |= per_client[who]
         out.append(row)
@@ -145,20 +189,33 @@ def aggregate(table: list[dict]) -> list[dict]:
     """One row per (split, c, client): numbers averaged over the seeds, ``<key>_seed_std``
     their spread. Runs at c = 0 or 1 (the same under every split) count for each split."""
     splits = sorted({r["split"] for r in table})
+    shares = sorted({r["share"] for r in table})
     groups: dict[tuple, list[dict]] = {}
     for r in table:
         for split in splits if r["c"] in (0, 1) else [r["split"]]:
-            groups.setdefault((split, r["c"], r["who"]), []).append(r)
+            for share in shares if r["c"] == 1 else [r["share"]]:  # c = 1 sends nothing, labels neither
+                groups.setdefault((split, r["partition"], share, r["c"], r["who"]), []).append(r)
     out = []
-    for (split, c, who), runs in groups.items():
-        row = {"split": split, "c": c, "who": who, "seeds": len({r["seed"] for r in runs})}
+    for (split, partition, share, c, who), runs in groups.items():
+        row = {"split": split, "partition": partition, "share": share, "c": c, "who": who}
+        row["seeds"] = len({r["seed"] for r in runs})
         row["features"] = ", ".join(sorted({r["features"] for r in runs}))
         for key in NUMBERS:
             values = [r[key] for r in runs if isinstance(r[key], (int, float)) and not math.isnan(r[key])]
             row[key] = sum(values) / len(values) if values else NAN
             row[f"{key}_seed_std"] = _std(values, row[key])
         out.append(row)
-    out.sort(key=lambda r: (r["split"], isinstance(r["c"], str), r["c"], r["who"] != "pooled", r["who"]))
+    out.sort(
+        key=lambda r: (
+            r["split"],
+            r["partition"],
+            r["share"],
+            isinstance(r["c"], str),
+            r["c"],
+            r["who"] != "pooled",
+            r["who"],
+        )
+    )
     return out
 
 
@@ -169,6 +226,9 @@ def _cell(row: dict, key: str) -> str:
     if key.startswith("kid_mean_"):  # one seed: KID's spread over subsets
         std = row[key.replace("mean", "std")]
         return f"{_num(row[key])} ± {_num(std)}" if not math.isnan(row[key]) else "-"
+    low, high = row.get(f"{key}_low", NAN), row.get(f"{key}_high", NAN)
+    if not (math.isnan(low) or math.isnan(high) or math.isnan(row[key])):  # one seed: the interval over images
+        return f"{_num(row[key])} [{_num(low)}, {_num(high)}]"
     return _num(row[key])
 
 
@@ -179,25 +239,42 @@ def _num(v) -> str:
 
 
 SECTIONS = (("Quality", QUALITY), ("Disclosure of x_c and by attack", DISCLOSURE), ("Client compute", COMPUTE))
+VERSUS = ("split", "partition", "share", "c", "who", "metric", "seeds", "delta", "low", "high", "interval", "verdict")
 
 
 def _features_note(table: list[dict]) -> str:
     return (
         f"Features for FID/KID: {', '.join(sorted({r['features'] for r in table}))}. With several seeds: mean ± std "
-        "over seeds; with one, KID shows mean ± std over subsets (n/a: one subset)."
+        "over seeds; with one seed, [a, b] is the 95% bootstrap interval over images and KID shows mean ± std over "
+        "subsets (n/a: one subset)."
     )
 
 
-def write_tables(table: list[dict], out: str) -> str:
-    """table.csv and table.md; returns the markdown."""
+def _sections(table: list[dict], versus: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows of cells) of every table of the report."""
+    out = [
+        (title, [COLUMNS[k] for k in keys], [[_cell(r, k) for k in keys] for r in table]) for title, keys in SECTIONS
+    ]
+    if versus:
+        title = "Against each client training alone (c = 1): difference and its 95% interval"
+        out.append((title, list(VERSUS), [[_num(v[k]) for k in VERSUS] for v in versus]))
+    return out
+
+
+def write_tables(table: list[dict], versus: list[dict], out: str) -> str:
+    """table.csv, versus_c1.csv and table.md; returns the markdown."""
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, [*COLUMNS, *(f"{key}_seed_std" for key in NUMBERS)])
         w.writeheader()
         w.writerows(table)
+    with open(os.path.join(out, "versus_c1.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, VERSUS)
+        w.writeheader()
+        w.writerows(versus)
     lines = [_features_note(table), ""]
-    for title, keys in SECTIONS:
-        lines += [f"### {title}", "", "| " + " | ".join(COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(_cell(r, k) for k in keys) + " |" for r in table]
+    for title, header, cells in _sections(table, versus):
+        lines += [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
         lines.append("")
     text = "\n".join(lines)
     with open(os.path.join(out, "table.md"), "w") as f:
@@ -212,9 +289,9 @@ def _png(path: str, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
-def write_html(table: list[dict], out: str, figure_path: str | None) -> str:
-    """report.html: one self-contained page (tables, the trade-off figure, every sample
-    grid under ``out``/grids, images embedded) to open in a browser or send by mail."""
+def write_html(table: list[dict], versus: list[dict], out: str, figures: list[tuple[str, str]]) -> str:
+    """report.html: one self-contained page (tables, the figures ``[(title, path)]``, every
+    sample grid under ``out``/grids, images embedded) to open in a browser or send by mail."""
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -226,11 +303,11 @@ def write_html(table: list[dict], out: str, figure_path: str | None) -> str:
         "<h1>collafuse-hpc report</h1>",
         f"<p>{esc(_features_note(table))}</p>",
     ]
-    if figure_path:
-        parts += ["<h2>Trade-off over the cut ratio c</h2>", _png(figure_path, "trade-off figure")]
-    for title, keys in SECTIONS:
-        parts += [f"<h2>{esc(title)}</h2>", "<table>", "<tr>" + "".join(f"<th>{esc(COLUMNS[k])}</th>" for k in keys)]
-        parts += ["<tr>" + "".join(f"<td>{esc(_cell(r, k))}</td>" for k in keys) + "</tr>" for r in table]
+    for title, path in figures:
+        parts += [f"<h2>{esc(title)}</h2>", _png(path, title)]
+    for title, header, cells in _sections(table, versus):
+        parts += [f"<h2>{esc(title)}</h2>", "<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header)]
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells]
         parts.append("</table>")
     grids = os.path.join(out, "grids")
     parts.append("<h2>Samples</h2>")
@@ -257,13 +334,8 @@ def figure(pooled: list[dict], path: str) -> bool:
     """Three panels over c, one line per split mode with error bars over seeds: quality
     (collaborative against client-alone FID), disclosure (x_c and reconstructions, linkage),
     client compute."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("report: matplotlib is not installed, no figure (pip install 'collafuse-hpc[report]')")
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
     twin = ax[1].twinx()
@@ -318,13 +390,94 @@ def figure(pooled: list[dict], path: str) -> bool:
     return True
 
 
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report: matplotlib is not installed, no figures (pip install 'collafuse-hpc[report]')")
+        return None
+    return plt
+
+
+def loss_figure(curves: dict[str, dict], path: str) -> bool:
+    """Every run's training loss over the rounds (EMA), clients' mean and server: the
+    reader sees whether a run stopped before its loss flattened."""
+    plt = _pyplot()
+    if plt is None or not curves:
+        return False
+    fig, ax = plt.subplots(1, 2, figsize=(14, 4.6))
+    for i, (name, c) in enumerate(sorted(curves.items())):
+        style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "label": name}
+        ax[0].plot(c["rounds"], study_stats.smooth(np.nan_to_num(c["clients"], nan=np.nanmean(c["clients"]))), **style)
+        if "server" in c:
+            ax[1].plot(c["server_rounds"], study_stats.smooth(c["server"]), **style)
+    ax[0].set(
+        xlabel="round", ylabel="loss (MSE), EMA 0.98", title="clients' local loss, mean over clients", yscale="log"
+    )
+    ax[1].set(xlabel="round", ylabel="loss (MSE), EMA 0.98", title="server loss", yscale="log")
+    ax[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def conditions_figure(pooled: list[dict], path: str) -> bool:
+    """The trade-off per condition (split, partition, labels shared): class fidelity and FD
+    over c, and class fidelity against disclosure (linkage) and client compute; error bars:
+    over seeds, or the 95% interval over images with one seed."""
+    plt = _pyplot()
+    rows = [r for r in pooled if not isinstance(r["c"], str) and not math.isnan(r["fidelity"])]
+    if plt is None or not rows:
+        return False
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.6))
+    conditions = sorted({(r["split"], r["partition"], r["share"]) for r in rows})
+    for i, cond in enumerate(conditions):
+        runs = sorted((r for r in rows if (r["split"], r["partition"], r["share"]) == cond), key=lambda r: r["c"])
+        label, color = f"{cond[0]}, {cond[1]}, labels shared {cond[2]}", f"C{i}"
+        for axis, key in ((ax[0], "fidelity"), (ax[1], "fid_collaborative")):
+            err = [_spread(r, key) for r in runs]
+            axis.errorbar([r["c"] for r in runs], [r[key] for r in runs], yerr=np.array(err).T, capsize=3,
+                          color=color, marker="o", label=label)  # fmt: skip
+        sent = [r for r in runs if r["c"] < 1]
+        ax[2].plot([r["link_pixel_top1"] for r in sent], [r["fidelity"] for r in sent], "o-", color=color, label=label)
+        ax[3].plot([r["sampling_flops_ratio"] for r in runs], [r["fidelity"] for r in runs], "o-", color=color)
+        for r in runs:
+            ax[3].annotate(f"c={r['c']:g}", (r["sampling_flops_ratio"], r["fidelity"]), fontsize=6)
+    ax[0].set(xlabel="cut ratio c", ylabel="class fidelity (higher is better)", title="personalization")
+    ax[1].set(
+        xlabel="cut ratio c", ylabel=f"FD ({rows[0]['features'][:24]}...)", title="quality, pooled (lower is better)"
+    )
+    ax[2].set(xlabel="linkage top-1 rate (disclosure)", ylabel="class fidelity", title="quality against disclosure")
+    ax[3].set(
+        xlabel="client sampling FLOPs / local-only", ylabel="class fidelity", title="quality against client compute"
+    )
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _spread(row: dict, key: str) -> tuple[float, float]:
+    """(below, above) for an error bar: the seed std, or the interval over images."""
+    std = row.get(f"{key}_seed_std", NAN)
+    if row["seeds"] > 1 and not math.isnan(std):
+        return std, std
+    low, high = row.get(f"{key}_low", NAN), row.get(f"{key}_high", NAN)
+    return (0.0, 0.0) if math.isnan(low) else (row[key] - low, high - row[key])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", help="results.h5 files of evaluated runs")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--record", type=int, help="the evaluation record to report in every file (default: the newest)")
     args = p.parse_args()
-    table = []
+    table, curves = [], {}
     for path in args.results:
         try:
             s = summarize(path, args.record)
@@ -334,19 +487,33 @@ def main() -> int:
         if "metrics" not in s:
             print(f"report: {path} has no metrics (run collafuse-hpc evaluate on it); left out")
             continue
-        run = rows(s)
-        table += run
-        folder = os.path.join(args.out, "grids", os.path.basename(os.path.dirname(os.path.abspath(path))))
-        export(path, folder, record=args.record)
+        table += rows(s)
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        curves[name] = study_stats.loss_curves(path)
+        export(path, os.path.join(args.out, "grids", name), record=args.record)
     if not table:
         print("report: no evaluated runs")
         return 1
+    versus = study_stats.versus_baseline(table)
     table = aggregate(table)
     os.makedirs(args.out, exist_ok=True)
-    print(write_tables(table, args.out))
-    drew = figure([r for r in table if r["who"] == "pooled"], os.path.join(args.out, "tradeoff.png"))
-    write_html(table, args.out, os.path.join(args.out, "tradeoff.png") if drew else None)
-    print(f"report: {args.out}/table.csv, table.md" + (", tradeoff.png" if drew else "") + ", grids/, report.html")
+    print(write_tables(table, versus, args.out))
+    pooled = [r for r in table if r["who"] == "pooled"]
+    figures = [
+        ("Class fidelity and quality per condition, against disclosure and client compute", "conditions.png",
+         conditions_figure),
+        ("Trade-off over the cut ratio c", "tradeoff.png", figure),
+    ]  # fmt: skip
+    drawn = [
+        (title, os.path.join(args.out, name))
+        for title, name, draw in figures
+        if draw(pooled, os.path.join(args.out, name))
+    ]
+    if loss_figure(curves, os.path.join(args.out, "loss.png")):
+        drawn.append(("Training loss of every run", os.path.join(args.out, "loss.png")))
+    write_html(table, versus, args.out, drawn)
+    made = ", ".join(os.path.basename(path) for _, path in drawn)
+    print(f"report: {args.out}/table.csv, versus_c1.csv, table.md, {made}, grids/, report.html")
     return 0
 
 

@@ -53,6 +53,7 @@ class ShardInfo:
     has_labels: bool
     attribute_names: tuple[str, ...]
     content_hash: str
+    partition: str = ""  # the rule that made it: iid, class, dirichlet, attributes ("" if not recorded)
 
 
 def _datasets(split: Split) -> dict[str, np.ndarray]:
@@ -170,7 +171,8 @@ def inspect_shard(path: str, verify_hash: bool = False) -> ShardInfo:
             tree = {split: {key: ds[()] for key, ds in f[split].items()} for split in f if split in SPLITS}
             if _content_hash(tree) != f.attrs["content_hash"]:
                 raise ValueError(f"shard {path!r}: content does not match its content_hash (corrupt or edited)")
-        return ShardInfo(path, geometry[0], geometry[1], counts, all(labels), names, str(f.attrs["content_hash"]))
+        rule = str(f.attrs.get("partition", "")).split(" ")[0]
+        return ShardInfo(path, geometry[0], geometry[1], counts, all(labels), names, str(f.attrs["content_hash"]), rule)
 
 
 class EpochSampler:

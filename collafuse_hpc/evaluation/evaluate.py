@@ -358,6 +358,7 @@ def _write(index: str, cfg: Config, report: dict, grids: dict, identity: str, ro
         g = f.create_group(target)
         g.attrs.update(
             extractor=identity,
+            partition=",".join(sorted({inspect_shard(c.shard).partition or "?" for c in cfg.clients})),
             checkpoint_round=round_,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             units=METRIC_UNITS,

@@ -1,0 +1,47 @@
+"""The study's statistics (tools/study_stats.py) on inputs with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+from study_stats import loss_change, versus_baseline
+
+
+def test_loss_change_tells_a_flat_tail_from_a_falling_one():
+    rounds = np.arange(1000)
+    assert loss_change(0.05 + np.exp(-rounds / 50)) < 0.001  # decayed long before the end
+    assert loss_change(1 - rounds / 1000) == pytest.approx(1 / 9, rel=1e-3)  # still falling at a constant rate
+    assert math.isnan(loss_change(np.ones(50)))
+
+
+def _run(c: float, seed: int, fidelity: float, fid: float, half: float = 0.01) -> dict:
+    row = {"split": "markov", "partition": "class", "share": "off", "c": c, "seed": seed, "who": "pooled"}
+    row |= {"fidelity": fidelity, "fidelity_low": fidelity - half, "fidelity_high": fidelity + half}
+    row |= {"fid_collaborative": fid, "fid_collaborative_low": fid - half, "fid_collaborative_high": fid + half}
+    return row | {key: math.nan for key in ("precision", "recall")}
+
+
+def test_versus_baseline_pairs_seeds_and_gives_t_intervals_and_verdicts():
+    table = [_run(1, s, 0.8, 5.0) for s in range(3)]
+    table += [_run(0.2, s, f, 9.0 + s) for s, f in enumerate((0.30, 0.35, 0.40))]  # worse fidelity, worse FD
+    table += [_run(0.6, s, f, 5.0 + d) for s, (f, d) in enumerate(((0.90, -1), (0.95, 1), (0.92, 0)))]
+    got = {(r["c"], r["metric"]): r for r in versus_baseline(table)}
+    low = got[(0.2, "class fidelity")]
+    half = stats.t.ppf(0.975, 2) * 0.05 / math.sqrt(3)  # sd of (-0.5, -0.45, -0.4) is 0.05
+    assert low["delta"] == pytest.approx(-0.45) and low["high"] == pytest.approx(-0.45 + half)
+    assert low["verdict"] == "loses" and low["interval"] == "seeds" and low["seeds"] == 3
+    assert got[(0.2, "FD (classifier features)")]["verdict"] == "loses"  # lower is better: +4 +- ...
+    assert got[(0.6, "class fidelity")]["verdict"] == "wins"
+    assert got[(0.6, "FD (classifier features)")]["verdict"] == "ties"  # -1, +1, 0 around 0
+    assert (0.6, "precision") not in got  # NaN: not scored, not compared
+
+
+def test_versus_baseline_with_one_seed_uses_the_intervals_over_images():
+    table = [_run(1, 0, 0.8, 5.0, half=0.03), _run(0.2, 0, 0.75, 5.0, half=0.04)]
+    got = {r["metric"]: r for r in versus_baseline(table)}
+    fidelity = got["class fidelity"]
+    assert fidelity["interval"] == "images" and fidelity["low"] == pytest.approx(-0.05 - 0.05)  # hypot(0.03, 0.04)
+    assert fidelity["verdict"] == "ties"

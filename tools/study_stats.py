@@ -1,0 +1,111 @@
+"""The study's statistics, for tools/report.py: each condition against its baseline,
+with intervals, and whether a run's training loss has stopped falling.
+
+Baseline (H1): every client training the whole chain alone on its own data, c = 1,
+the run a user would do instead of collaborating. Each point (condition, c, client or
+pooled) is compared with the c = 1 run of the same partition and seed:
+
+- with several seeds: the mean of the paired differences over seeds and its 95%
+  t-interval (``interval = "seeds"``);
+- with one seed: the difference of the two runs and a 95% interval from their
+  bootstrap intervals over images (half-widths added in quadrature;
+  ``interval = "images"``).
+
+A verdict says where collaboration wins (the whole interval on the better side),
+loses (on the worse side) or ties (the interval holds 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+from scipy import stats
+
+# metric -> (its column, +1 if higher is better, -1 if lower is better)
+COMPARED = {
+    "class fidelity": ("fidelity", +1),
+    "FD (classifier features)": ("fid_collaborative", -1),
+    "precision": ("precision", +1),
+    "recall": ("recall", +1),
+}
+WINDOW = 0.1  # the convergence check compares the mean loss over the last 10% of rounds with the 10% before
+CONVERGED = 0.02  # the share of the loss's whole fall still happening in the last window, below which it has converged
+
+
+def _interval_from_images(run: dict, base: dict, column: str) -> tuple[float, float]:
+    halves = []
+    for row in (run, base):
+        low, high = row.get(f"{column}_low", math.nan), row.get(f"{column}_high", math.nan)
+        halves.append((high - low) / 2)
+    half = math.hypot(*halves)
+    delta = run[column] - base[column]
+    return delta - half, delta + half
+
+
+def versus_baseline(table: list[dict]) -> list[dict]:
+    """One row per (split, partition, share, c, who, metric) of every c < 1: the difference
+    to c = 1, its 95% interval, what the interval is over, and the verdict."""
+    baseline = {(r["partition"], r["seed"], r["who"]): r for r in table if r["c"] == 1}
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r in table:
+        base = baseline.get((r["partition"], r["seed"], r["who"]))
+        if r["c"] == 1 or base is None or isinstance(r["c"], str):
+            continue
+        groups.setdefault((r["split"], r["partition"], r["share"], r["c"], r["who"]), []).append((r, base))
+    out = []
+    for (split, partition, share, c, who), pairs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        for metric, (column, sign) in COMPARED.items():
+            deltas = [run[column] - base[column] for run, base in pairs]
+            if any(math.isnan(d) for d in deltas):
+                continue
+            mean = float(np.mean(deltas))
+            if len(deltas) > 1:
+                half = stats.t.ppf(0.975, len(deltas) - 1) * np.std(deltas, ddof=1) / math.sqrt(len(deltas))
+                low, high, over = mean - half, mean + half, "seeds"
+            else:
+                (low, high), over = _interval_from_images(*pairs[0], column), "images"
+            better, worse = (low > 0, high < 0) if sign > 0 else (high < 0, low > 0)
+            verdict = "wins" if better else "loses" if worse else "ties"
+            out.append(
+                dict(split=split, partition=partition, share=share, c=c, who=who, metric=metric, seeds=len(deltas),
+                     delta=mean, low=float(low), high=float(high), interval=over, verdict=verdict)
+            )  # fmt: skip
+    return out
+
+
+def loss_curves(path: str) -> dict[str, np.ndarray]:
+    """{"rounds", "clients" (mean local loss over the clients, per round), "server"
+    (when it trained)} of one results file."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        local = [f[f"clients/{c}/rounds/loss_local"][()] for c in f["clients"]]
+        out["rounds"] = f[f"clients/{next(iter(f['clients']))}/rounds/round"][()]
+        out["clients"] = np.nanmean(np.stack(local), 0)
+        if "rounds" in f["server"]:
+            out["server"] = f["server/rounds/loss_server"][()]
+            out["server_rounds"] = f["server/rounds/round"][()]
+    return out
+
+
+def loss_change(losses: np.ndarray) -> float:
+    """How much the loss still falls at the end: the drop of the mean loss from the
+    second-to-last WINDOW of rounds to the last one, as a share of its whole drop from
+    the first WINDOW to the last (0: flat, 1: all of the fall is still happening). Below
+    CONVERGED the run counts as converged. NaN for fewer than 100 rounds."""
+    losses = losses[~np.isnan(losses)]
+    n = int(len(losses) * WINDOW)
+    if n < 10:
+        return math.nan
+    first, before, last = losses[:n].mean(), losses[-2 * n : -n].mean(), losses[-n:].mean()
+    return float((before - last) / (first - last))
+
+
+def smooth(values: np.ndarray, decay: float = 0.98) -> np.ndarray:
+    """Exponential moving average with bias correction (what the loss figure draws)."""
+    out, acc, weight = np.empty(len(values)), 0.0, 0.0
+    for i, v in enumerate(values):
+        acc, weight = decay * acc + (1 - decay) * v, decay * weight + (1 - decay)
+        out[i] = acc / weight
+    return out
