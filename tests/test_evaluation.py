@@ -508,6 +508,35 @@ def test_local_study_trains_evaluates_and_reports_over_seeds_and_splits(tmp_path
     ]
 
 
+@pytest.mark.timeout(600)
+def test_study_conditions_partition_and_shared_labels_against_c1(tmp_path, shards):
+    """PARTITIONS, STUDY_SHARDS and SHARE name the points and pick their shards and labels;
+    the report compares every point with the c = 1 run of its partition and seed."""
+    (tmp_path / "class").symlink_to(Path(shards[0]).parent)
+    raw = tiny_config(shards, tmp_path / "unused", [0.5, 0.5], rounds=2)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    shards_of = str(tmp_path / "{partition}/client_{k}.h5")
+    study = {"SEEDS": "0", "SPLITS": "markov", "CUTS": "0.25 1", "PARTITIONS": "class", "SHARE": "off on",
+             "STUDY_SHARDS": shards_of, "STUDY_DIR": str(tmp_path / "study")}  # fmt: skip
+    env = {**os.environ, **study, "LAUNCH": "in-process"}
+    done = subprocess.run(
+        ["bash", "jobs/study.sh", cfg, "--set", "eval.images=4"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    points = sorted(p.name for p in (tmp_path / "study").iterdir() if p.name != "report")
+    assert points == ["c0.25-markov-class-s0", "c0.25-markov-class-shared-s0", "c1-markov-class-s0"]
+    with h5py.File(tmp_path / "study/c0.25-markov-class-shared-s0/results.h5") as f:
+        config = yaml.safe_load(f.attrs["config"])
+        assert all(c["share_labels"] for c in config["clients"])
+        assert config["clients"][1]["shard"] == str(tmp_path / "class/client_1.h5")
+    with open(tmp_path / "study/report/versus_c1.csv") as f:
+        versus = [r for r in csv.DictReader(f) if r["who"] == "pooled" and r["metric"] == "FD"]
+    found = [(r["share"], r["c"], r["interval"]) for r in versus]
+    assert found == [("off", "0.25", "images"), ("on", "0.25", "images")]
+    assert all(r["verdict"] == "no interval" for r in versus)  # one seed, pixel features: no interval to judge by
+
+
 @pytest.mark.mpi
 def test_at_end_evaluation_under_mpirun_outlasts_the_watchdog(tmp_path, shards):
     raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2, watchdog_s=4)

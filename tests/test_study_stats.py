@@ -33,9 +33,9 @@ def test_versus_baseline_pairs_seeds_and_gives_t_intervals_and_verdicts():
     half = stats.t.ppf(0.975, 2) * 0.05 / math.sqrt(3)  # sd of (-0.5, -0.45, -0.4) is 0.05
     assert low["delta"] == pytest.approx(-0.45) and low["high"] == pytest.approx(-0.45 + half)
     assert low["verdict"] == "loses" and low["interval"] == "seeds" and low["seeds"] == 3
-    assert got[(0.2, "FD (classifier features)")]["verdict"] == "loses"  # lower is better: +4 +- ...
+    assert got[(0.2, "FD")]["verdict"] == "loses"  # lower is better: +4 +- ...
     assert got[(0.6, "class fidelity")]["verdict"] == "wins"
-    assert got[(0.6, "FD (classifier features)")]["verdict"] == "ties"  # -1, +1, 0 around 0
+    assert got[(0.6, "FD")]["verdict"] == "ties"  # -1, +1, 0 around 0
     assert (0.6, "precision") not in got  # NaN: not scored, not compared
 
 

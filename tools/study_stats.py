@@ -12,7 +12,8 @@ pooled) is compared with the c = 1 run of the same partition and seed:
   ``interval = "images"``).
 
 A verdict says where collaboration wins (the whole interval on the better side),
-loses (on the worse side) or ties (the interval holds 0).
+loses (on the worse side) or ties (the interval holds 0); "no interval" with one seed
+and no intervals over images.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from scipy import stats
 # metric -> (its column, +1 if higher is better, -1 if lower is better)
 COMPARED = {
     "class fidelity": ("fidelity", +1),
-    "FD (classifier features)": ("fid_collaborative", -1),
+    "FD": ("fid_collaborative", -1),
     "precision": ("precision", +1),
     "recall": ("recall", +1),
 }
@@ -68,6 +69,8 @@ def versus_baseline(table: list[dict]) -> list[dict]:
                 (low, high), over = _interval_from_images(*pairs[0], column), "images"
             better, worse = (low > 0, high < 0) if sign > 0 else (high < 0, low > 0)
             verdict = "wins" if better else "loses" if worse else "ties"
+            if math.isnan(low) or math.isnan(high):
+                verdict = "no interval"  # one seed and no intervals over images (features other than a classifier)
             out.append(
                 dict(split=split, partition=partition, share=share, c=c, who=who, metric=metric, seeds=len(deltas),
                      delta=mean, low=float(low), high=float(high), interval=over, verdict=verdict)
