@@ -9,7 +9,10 @@ compares five image sets with the client's held-out real test images:
 - ``server_at_cut``: the server's output x_h at the hand-over step;
 - ``server_alone``: the server continuing from x_h to t = 0 with its own model
   (anchor 0, clipped), what a curious server could make of its part alone;
-- ``client_alone``: the client's model on the whole chain T..0 from pure noise.
+- ``client_alone``: the client's cut model (trained only on t <= t_c) run over the whole
+  chain T..0 from pure noise: a diagnostic of what the cut model knows, not a baseline
+  anyone would deploy. The baseline for "should a client collaborate?" is the run at
+  c = 1, where each client trains the whole chain alone (docs/study.md).
 
 Every set is quantized to uint8 before feature extraction (noised sets clipped
 to [-1, 1] first), as reference FID tools score image files: the stored and
