@@ -173,7 +173,7 @@ def rows(summary: dict) -> list[dict]:
         row |= _quality_columns(m, who)
         if who == "pooled":  # class fidelity pooled: the mean over clients (each weighs the same)
             row |= {key: _mean([p[key] for p in per_client.values()]) for key in next(iter(per_client.values()))}
-            for key in ("fidelity", "fidelity_low", "fidelity_high", "real_fidelity", "real_fid_halves"):
+            for key in ("fidelity", "fidelity_low", "fidelity_high", "confidence", "real_fidelity", "real_fid_halves"):
                 row[key] = _mean([_quality_columns(m, c)[key] for c in clients])
         else:
             row |= per_client[who]

@@ -226,7 +226,7 @@ def _quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
         out["fid_low"], out["fid_high"] = interval(metrics.fid, (real, fake))
         for i, name in enumerate(("precision", "recall")):
             out[f"{name}_low"], out[f"{name}_high"] = interval(
-                lambda r, f, i=i: metrics.precision_recall(r, f)[i], (real, fake)
+                lambda r, f, i=i: metrics.precision_recall(r, f)[i], (real, fake), bounds=(0.0, 1.0)
             )
     return out
 
@@ -239,7 +239,7 @@ def _fidelity(scorer: Classifier, images: np.ndarray, held: set[int], cfg: Confi
     out = {"class_fidelity": fidelity, "confidence": confidence}
     if cfg.eval.bootstrap:
         low, high = metrics.bootstrap_interval(
-            lambda p: metrics.class_fidelity(p, held)[0], (probabilities,), cfg.eval.bootstrap, cfg.run.seed
+            lambda p: metrics.class_fidelity(p, held)[0], (probabilities,), cfg.eval.bootstrap, cfg.run.seed, (0.0, 1.0)
         )
         out.update(class_fidelity_low=low, class_fidelity_high=high)
     return out

@@ -197,14 +197,15 @@ def class_fidelity(probabilities: np.ndarray, held: set[int]) -> tuple[float, fl
 
 
 def bootstrap_interval(
-    statistic, arrays: tuple[np.ndarray, ...], resamples: int = 200, seed: int = 0
+    statistic, arrays: tuple[np.ndarray, ...], resamples: int = 200, seed: int = 0, bounds=(-np.inf, np.inf)
 ) -> tuple[float, float]:
     """95% interval of ``statistic(*arrays)`` over images: the estimate +- 1.96 bootstrap
     standard errors, each array resampled with replacement (its own rows, independently)
     ``resamples`` times. Centred on the estimate rather than the resamples' percentiles:
     resampling biases FD upwards (repeated rows shrink the spread of a set), which shifts
-    percentile intervals off the estimate."""
+    percentile intervals off the estimate. The interval is clipped to ``bounds``, the
+    statistic's range (a share stays in [0, 1])."""
     rng = np.random.default_rng(seed)
     values = [statistic(*(a[rng.integers(0, len(a), len(a))] for a in arrays)) for _ in range(resamples)]
     estimate, error = statistic(*arrays), float(np.std(values, ddof=1))
-    return float(estimate - 1.96 * error), float(estimate + 1.96 * error)
+    return float(max(bounds[0], estimate - 1.96 * error)), float(min(bounds[1], estimate + 1.96 * error))
