@@ -154,7 +154,7 @@ def rows(summary: dict) -> list[dict]:
         "split": config["diffusion"]["split"],
         "partition": m["attrs"].get("partition", "-"),
         "share": "on" if any(c.get("share_labels") for c in config["clients"]) else "off",
-        "loss_change": study_stats.loss_change(curves["clients"]),
+        "loss_change": max(study_stats.loss_change(curves[role]) for role in ("clients", "server") if role in curves),
         "c": cuts.pop() if len(cuts) == 1 else "mixed",
         "seed": config["run"]["seed"],
         "rounds": config["run"]["rounds"],

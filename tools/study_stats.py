@@ -31,7 +31,9 @@ COMPARED = {
     "precision": ("precision", +1),
     "recall": ("recall", +1),
 }
-WINDOW = 0.1  # the convergence check compares the mean loss over the last 10% of rounds with the 10% before
+# the convergence check compares the mean loss over the last 10% of rounds with the 10% before (for the clients'
+# mean loss and for the server's; the report takes the larger)
+WINDOW = 0.1
 CONVERGED = 0.02  # the share of the loss's whole fall still happening in the last window, below which it has converged
 
 
