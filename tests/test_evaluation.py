@@ -392,6 +392,19 @@ def test_inspect_export_and_compare_refuse_a_file_that_is_not_a_results_file(tmp
     assert not (tmp_path / "x").exists()
 
 
+def test_client_compute_is_measured_once_per_model_and_cut(tmp_path, shards, monkeypatch):
+    from collafuse_hpc.evaluation import evaluate as module
+
+    calls = []
+    measure = module.client_compute
+    monkeypatch.setattr(module, "client_compute", lambda client, n: calls.append(client.id) or measure(client, n))
+    cfg = from_dict(tiny_config(shards, tmp_path, [0.25, 0.25, 0.5], rounds=2))
+    run_in_process(cfg, resume=False)
+    report = evaluate(cfg)
+    assert calls == ["c0", "c2"]  # c1 has c0's model and cut
+    assert report["c1"]["compute"] == report["c0"]["compute"] != report["c2"]["compute"]
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, shards) -> Path:
     """tools/report.py's folder for two evaluated runs (c = 0.25 and 0.75)."""
