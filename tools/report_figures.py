@@ -1,0 +1,160 @@
+"""The report's figures (tools/report.py): the trade-off over c, the conditions
+against the baseline, disclosure and client compute, and every run's loss curve.
+Each takes the report's aggregated rows and writes one PNG; all need matplotlib
+(``pip install 'collafuse-hpc[report]'``) and return False without it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import study_stats
+
+NAN = float("nan")
+
+
+def _errorbar(axis, runs: list[dict], key: str, label: str, **style) -> None:
+    """``key`` over c with its spread over seeds (none with one seed)."""
+    spread = [0 if math.isnan(r[f"{key}_seed_std"]) else r[f"{key}_seed_std"] for r in runs]
+    axis.errorbar([r["c"] for r in runs], [r[key] for r in runs], yerr=spread, capsize=3, label=label, **style)
+
+
+def tradeoff_figure(pooled: list[dict], path: str) -> bool:
+    """Three panels over c, one line per split mode with error bars over seeds: quality
+    (collaborative against client-alone FID), disclosure (x_c and reconstructions, linkage),
+    client compute."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
+    twin = ax[1].twinx()
+    splits = sorted({r["split"] for r in pooled})
+    for i, split in enumerate(splits):
+        runs = [r for r in pooled if r["split"] == split and not isinstance(r["c"], str)]
+        cs, color = [r["c"] for r in runs], f"C{i}"
+        _errorbar(ax[0], runs, "fid_collaborative", f"collaborative ({split})", color=color, marker="o")
+        _errorbar(ax[0], runs, "fid_client_alone", f"client alone ({split})", color=color, marker="x", linestyle="--")
+        _errorbar(
+            ax[1], runs, "recon_public_psnr_db", f"reconstruction, public model ({split})", color=color, marker="o"
+        )
+        _errorbar(twin, runs, "link_pixel_top1", f"linkage top-1 ({split})", color=color, marker="s", linestyle=":")
+        # the client's share of sampling depends on the split (the reference split hands over later)
+        ax[2].plot(
+            cs, [r["sampling_flops_ratio"] for r in runs], color=color, marker="o", label=f"sampling FLOPs ({split})"
+        )
+        ax[2].plot(
+            cs,
+            [r["sampling_time_ratio"] for r in runs],
+            color=color,
+            marker="x",
+            linestyle=":",
+            label=f"sampling time ({split})",
+        )
+        if i == 0:  # x_c, what it discloses and the client's training do not depend on the split mode
+            sent = [r for r in runs if r["c"] < 1]  # at c = 1 nothing is sent
+            _errorbar(ax[1], sent, "psnr_x_c_db", "x_c as sent", color="grey", marker=".")
+            twin.plot(cs, [r["chance_top1"] for r in runs], color="black", linewidth=0.8, label="linkage chance")
+            ax[2].plot(
+                cs, [r["sampling_ideal_ratio"] for r in runs], color="grey", linestyle="--", label="sampling, ideal (c)"
+            )
+            ax[2].plot(
+                cs, [r["train_flops_ratio"] for r in runs], color="C3", marker="^", label="training FLOPs (exact)"
+            )
+            ax[2].plot(
+                cs, [r["train_time_ratio"] for r in runs], color="C3", marker="v", linestyle=":", label="training time"
+            )
+    ax[0].set(xlabel="cut ratio c (share of steps on the client)", ylabel=f"FID ({pooled[0]['features']})")
+    ax[0].set_title("quality, pooled over clients (lower is better)")
+    ax[0].legend(fontsize=7)
+    ax[1].set(xlabel="cut ratio c", ylabel="PSNR against x_0 (dB)")
+    twin.set(ylabel="linkage top-1 rate", ylim=(0, 1.05))
+    ax[1].legend(handles=ax[1].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0], fontsize=7)
+    ax[1].set_title("disclosure: what an adversary holding x_c recovers")
+    ax[2].set(xlabel="cut ratio c", ylabel="client / local-only")
+    ax[2].set_title("client compute, mean over clients")
+    ax[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report: matplotlib is not installed, no figures (pip install 'collafuse-hpc[report]')")
+        return None
+    return plt
+
+
+def loss_figure(curves: dict[str, dict], path: str) -> bool:
+    """Every run's training loss over the rounds (EMA), clients' mean and server: the
+    reader sees whether a run stopped before its loss flattened."""
+    plt = _pyplot()
+    if plt is None or not curves:
+        return False
+    fig, ax = plt.subplots(1, 2, figsize=(14, 4.6))
+    for i, (name, c) in enumerate(sorted(curves.items())):
+        style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "label": name}
+        ax[0].plot(c["rounds"], study_stats.smooth(np.nan_to_num(c["clients"], nan=np.nanmean(c["clients"]))), **style)
+        if "server" in c:
+            ax[1].plot(c["server_rounds"], study_stats.smooth(c["server"]), **style)
+    ax[0].set(
+        xlabel="round", ylabel="loss (MSE), EMA 0.98", title="clients' local loss, mean over clients", yscale="log"
+    )
+    ax[1].set(xlabel="round", ylabel="loss (MSE), EMA 0.98", title="server loss", yscale="log")
+    ax[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def conditions_figure(pooled: list[dict], path: str) -> bool:
+    """The trade-off per condition (split, partition, labels shared): class fidelity and FD
+    over c, and class fidelity against disclosure (linkage) and client compute; error bars:
+    over seeds, or the 95% interval over images with one seed."""
+    plt = _pyplot()
+    rows = [r for r in pooled if not isinstance(r["c"], str) and not math.isnan(r["fidelity"])]
+    if plt is None or not rows:
+        return False
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.6))
+    conditions = sorted({(r["split"], r["partition"], r["share"]) for r in rows})
+    for i, cond in enumerate(conditions):
+        runs = sorted((r for r in rows if (r["split"], r["partition"], r["share"]) == cond), key=lambda r: r["c"])
+        label, color = f"{cond[0]}, {cond[1]}, labels shared {cond[2]}", f"C{i}"
+        for axis, key in ((ax[0], "fidelity"), (ax[1], "fid_collaborative")):
+            err = [_spread(r, key) for r in runs]
+            axis.errorbar([r["c"] for r in runs], [r[key] for r in runs], yerr=np.array(err).T, capsize=3,
+                          color=color, marker="o", label=label)  # fmt: skip
+        sent = [r for r in runs if r["c"] < 1]
+        ax[2].plot([r["link_pixel_top1"] for r in sent], [r["fidelity"] for r in sent], "o-", color=color, label=label)
+        ax[3].plot([r["sampling_flops_ratio"] for r in runs], [r["fidelity"] for r in runs], "o-", color=color)
+        for r in runs:
+            ax[3].annotate(f"c={r['c']:g}", (r["sampling_flops_ratio"], r["fidelity"]), fontsize=6)
+    ax[0].set(xlabel="cut ratio c", ylabel="class fidelity (higher is better)", title="personalization")
+    ax[1].set(
+        xlabel="cut ratio c", ylabel=f"FD ({rows[0]['features'][:24]}...)", title="quality, pooled (lower is better)"
+    )
+    ax[2].set(xlabel="linkage top-1 rate (disclosure)", ylabel="class fidelity", title="quality against disclosure")
+    ax[3].set(
+        xlabel="client sampling FLOPs / local-only", ylabel="class fidelity", title="quality against client compute"
+    )
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _spread(row: dict, key: str) -> tuple[float, float]:
+    """(below, above) for an error bar: the seed std, or the interval over images."""
+    std = row.get(f"{key}_seed_std", NAN)
+    if row["seeds"] > 1 and not math.isnan(std):
+        return std, std
+    low, high = row.get(f"{key}_low", NAN), row.get(f"{key}_high", NAN)
+    return (0.0, 0.0) if math.isnan(low) else (row[key] - low, high - row[key])
