@@ -353,13 +353,11 @@ def main() -> int:
     pooled = [r for r in table if r["who"] == "pooled"]
     figures = [
         ("Class fidelity and quality per condition, against disclosure and client compute", "conditions.png",
-         conditions_figure),
-        ("Trade-off over the cut ratio c", "tradeoff.png", tradeoff_figure),
+         lambda path: conditions_figure(table, path)),
+        ("Trade-off over the cut ratio c", "tradeoff.png", lambda path: tradeoff_figure(pooled, path)),
     ]  # fmt: skip
     drawn = [
-        (title, os.path.join(args.out, name))
-        for title, name, draw in figures
-        if draw(pooled, os.path.join(args.out, name))
+        (title, os.path.join(args.out, name)) for title, name, draw in figures if draw(os.path.join(args.out, name))
     ]
     if loss_figure(curves, os.path.join(args.out, "loss.png")):
         drawn.append(("Training loss of every run", os.path.join(args.out, "loss.png")))

@@ -114,12 +114,13 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
     return True
 
 
-def conditions_figure(pooled: list[dict], path: str) -> bool:
+def conditions_figure(table: list[dict], path: str) -> bool:
     """The trade-off per condition (split, partition, labels shared): class fidelity and FD
-    over c, and class fidelity against disclosure (linkage) and client compute; error bars:
-    over seeds, or the 95% interval over images with one seed."""
+    (pooled, and the mean over clients of each client's own) over c, and class fidelity
+    against disclosure (linkage) and client compute; error bars: over seeds, or the 95%
+    interval over images with one seed."""
     plt = _pyplot()
-    rows = [r for r in pooled if not isinstance(r["c"], str) and not math.isnan(r["fidelity"])]
+    rows = [r for r in table if r["who"] == "pooled" and not isinstance(r["c"], str) and not math.isnan(r["fidelity"])]
     if plt is None or not rows:
         return False
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.6))
@@ -131,6 +132,8 @@ def conditions_figure(pooled: list[dict], path: str) -> bool:
             err = [_spread(r, key) for r in runs]
             axis.errorbar([r["c"] for r in runs], [r[key] for r in runs], yerr=np.array(err).T, capsize=3,
                           color=color, marker="o", label=label)  # fmt: skip
+        own = [np.mean([t["fid_collaborative"] for t in table if t["who"] != "pooled" and _same(t, r)]) for r in runs]
+        ax[1].plot([r["c"] for r in runs], own, color=color, marker="x", linestyle="--", label=f"{label}: per client")
         sent = [r for r in runs if r["c"] < 1]
         ax[2].plot([r["link_pixel_top1"] for r in sent], [r["fidelity"] for r in sent], "o-", color=color, label=label)
         ax[3].plot([r["sampling_flops_ratio"] for r in runs], [r["fidelity"] for r in runs], "o-", color=color)
@@ -138,7 +141,9 @@ def conditions_figure(pooled: list[dict], path: str) -> bool:
             ax[3].annotate(f"c={r['c']:g}", (r["sampling_flops_ratio"], r["fidelity"]), fontsize=6)
     ax[0].set(xlabel="cut ratio c", ylabel="class fidelity (higher is better)", title="personalization")
     ax[1].set(
-        xlabel="cut ratio c", ylabel=f"FD ({rows[0]['features'][:24]}...)", title="quality, pooled (lower is better)"
+        xlabel="cut ratio c",
+        ylabel=f"FD ({rows[0]['features'][:24]}...)",
+        title="FD: pooled (o), clients' own (x); lower: better",
     )
     ax[2].set(xlabel="linkage top-1 rate (disclosure)", ylabel="class fidelity", title="quality against disclosure")
     ax[3].set(
@@ -158,3 +163,7 @@ def _spread(row: dict, key: str) -> tuple[float, float]:
         return std, std
     low, high = row.get(f"{key}_low", NAN), row.get(f"{key}_high", NAN)
     return (0.0, 0.0) if math.isnan(low) else (row[key] - low, high - row[key])
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(a[k] == b[k] for k in ("split", "partition", "share", "c"))
