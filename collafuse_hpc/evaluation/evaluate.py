@@ -231,6 +231,17 @@ def _quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
     return out
 
 
+def _held_classes(client: Client) -> set[int]:
+    """The classes in a client's train split (ValueError for a shard without labels)."""
+    labels = client.reader.labels()
+    if labels is None:
+        raise ValueError(
+            f"client {client.id!r}: its shard has no labels, so class fidelity cannot be scored; "
+            "use eval.extractor inception or pixels for unlabelled data"
+        )
+    return set(labels.tolist())
+
+
 def _fidelity(scorer: Classifier, images: np.ndarray, held: set[int], cfg: Config) -> dict:
     """Class fidelity of uint8 ``images`` for a client holding the classes ``held``, its
     mean confidence, and the fidelity's bootstrap interval over images."""
@@ -297,8 +308,8 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
 
             real = cached("test", real_u8[k])
             entry = {}
-            held = set(ShardReader(cfg.clients[k].shard, "train").labels().tolist()) if scorer else set()
             if scorer is not None:  # the known answers: real test images against each other and the classes
+                held = _held_classes(client)
                 half = len(real) // 2
                 entry["real"] = {"fid_real_halves": metrics.fid(real[:half], real[half:]), "images": len(real)}
                 entry["real"].update(_fidelity(scorer, real_u8[k], held, cfg))
