@@ -234,9 +234,10 @@ def test_a_run_and_an_evaluation_leave_the_callers_global_state_as_it_was(tmp_pa
     torch.set_num_threads(2)
     rng, filters = torch.get_rng_state(), list(warnings.filters)
     run_in_process(from_dict(raw), resume=False)
-    evaluate(from_dict(raw))
+    inside: list[int] = []  # evaluate works with run.threads (1), then gives the caller its 2 back
+    evaluate(from_dict(raw), lambda: inside.append(torch.get_num_threads()))
     assert torch.equal(torch.get_rng_state(), rng)
-    assert torch.get_num_threads() == 2
+    assert inside and set(inside) == {1} and torch.get_num_threads() == 2
     ours = [f for f in warnings.filters if f[1] is not None and "layout contract" in f[1].pattern]
     assert not ours and all(f in warnings.filters for f in filters)  # (torch's lazy imports may add their own)
     code = "import warnings, collafuse_hpc.diffusion.trainable as m; print(sum(m.LAYOUT_WARNING in str(f) for f in "

@@ -57,6 +57,7 @@ from collafuse_hpc.roles.client import Client, finish_samples, sample_alone
 from collafuse_hpc.roles.host import ClientHost, batches, sampling_key
 from collafuse_hpc.roles.server import Server
 from collafuse_hpc.runtime import checkpoint
+from collafuse_hpc.runtime.launch import torch_threads
 from collafuse_hpc.runtime.topology import Topology
 from collafuse_hpc.tables import format_table
 
@@ -261,7 +262,13 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
     ``/metrics`` into its results.h5 and return the same numbers as a dict.
 
     ``check`` runs before every batch of generated images: it raises to stop (a
-    preemption signal); then nothing is written."""
+    preemption signal); then nothing is written. Runs with ``run.threads`` torch threads
+    when set."""
+    with torch_threads(cfg.run.threads):
+        return _evaluate(cfg, check)
+
+
+def _evaluate(cfg: Config, check: Callable[[], None]) -> dict:
     check_config(cfg)
     device = _device(cfg.eval.device)
     scorer = Classifier(cfg.eval.classifier_path, device) if cfg.eval.extractor == "classifier" else None

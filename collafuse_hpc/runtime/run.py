@@ -24,7 +24,7 @@ from collafuse_hpc.results.schema import SUMMARY, index_path, open_results, plai
 from collafuse_hpc.results.writer import begin_record, create_index, finish_record, record_config
 from collafuse_hpc.runtime import checkpoint
 from collafuse_hpc.runtime.dist_wire import connect
-from collafuse_hpc.runtime.launch import Launch, discover, resolve_device, threads_per_rank
+from collafuse_hpc.runtime.launch import Launch, discover, resolve_device, threads_per_rank, torch_threads
 from collafuse_hpc.runtime.local_wire import LocalHub, LocalWire
 from collafuse_hpc.runtime.lock import RunLock
 from collafuse_hpc.runtime.lock import check as check_lock
@@ -232,17 +232,14 @@ def run_in_process(
     stop = stop or StopRequest()
     stop.grace_s = cfg.run.stop_grace_s
     lock = RunLock(cfg.run.output_dir, f"in-process:{socket.gethostname()}:{os.getpid()}")
-    threads = torch.get_num_threads()  # the caller's, put back after
     try:
-        return _run_threads(cfg, topo, start_round, stop, _command(resume, sample))
+        with torch_threads(cfg.run.threads):
+            return _run_threads(cfg, topo, start_round, stop, _command(resume, sample))
     finally:
-        torch.set_num_threads(threads)
         lock.release()
 
 
 def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopRequest, command: str) -> dict[str, dict]:
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     single = discover({})
     hub = LocalHub(topo.world_size, topo.num_servers, cfg.run.timeout_s)
     t0 = time.perf_counter()
