@@ -45,3 +45,17 @@ def test_versus_baseline_with_one_seed_uses_the_intervals_over_images():
     fidelity = got["class fidelity"]
     assert fidelity["interval"] == "images" and fidelity["low"] == pytest.approx(-0.05 - 0.05)  # hypot(0.03, 0.04)
     assert fidelity["verdict"] == "ties"
+
+
+def test_versus_baseline_over_few_seeds_is_never_narrower_than_the_images_allow():
+    """Two seeds whose differences happen to agree give a zero-width t-interval; each
+    difference still carries its images' sampling noise, which then sets the width."""
+    table = [_run(1, s, 0.8, 5.0, half=0.03) for s in range(2)]
+    table += [_run(0.2, s, 0.75, 5.0 + s, half=0.04) for s in range(2)]
+    got = {r["metric"]: r for r in versus_baseline(table)}
+    fidelity = got["class fidelity"]  # -0.05 in both seeds
+    floor = math.sqrt(2 * 0.05**2) / 2  # two differences of half-width hypot(0.03, 0.04) = 0.05, averaged
+    assert fidelity["interval"] == "seeds (images floor)"
+    assert fidelity["low"] == pytest.approx(-0.05 - floor) and fidelity["high"] == pytest.approx(-0.05 + floor)
+    fd = got["FD"]  # +0 and +1: the spread over seeds is the wider
+    assert fd["interval"] == "seeds" and fd["high"] - fd["delta"] == pytest.approx(stats.t.ppf(0.975, 1) * 0.5)

@@ -255,7 +255,10 @@ def _sections(table: list[dict], versus: list[dict]) -> list[tuple[str, list[str
         (title, [COLUMNS[k] for k in keys], [[_cell(r, k) for k in keys] for r in table]) for title, keys in SECTIONS
     ]
     if versus:
-        title = "Against each client training alone (c = 1): difference and its 95% interval"
+        title = (
+            "Against each client training alone (c = 1): difference and its 95% interval (over paired seeds, "
+            "at least as wide as the images' sampling noise; with one seed over images)"
+        )
         out.append((title, list(VERSUS), [[_num(v[k]) for k in VERSUS] for v in versus]))
     return out
 

@@ -37,14 +37,11 @@ WINDOW = 0.1
 CONVERGED = 0.02  # the share of the loss's whole fall still happening in the last window, below which it has converged
 
 
-def _interval_from_images(run: dict, base: dict, column: str) -> tuple[float, float]:
-    halves = []
-    for row in (run, base):
-        low, high = row.get(f"{column}_low", math.nan), row.get(f"{column}_high", math.nan)
-        halves.append((high - low) / 2)
-    half = math.hypot(*halves)
-    delta = run[column] - base[column]
-    return delta - half, delta + half
+def _image_half(run: dict, base: dict, column: str) -> float:
+    """Half-width of the 95% interval over images of one difference run - base: the two
+    runs' own intervals in quadrature (NaN when a run has none)."""
+    halves = [(row.get(f"{column}_high", math.nan) - row.get(f"{column}_low", math.nan)) / 2 for row in (run, base)]
+    return math.hypot(*halves)
 
 
 def versus_baseline(table: list[dict]) -> list[dict]:
@@ -64,11 +61,18 @@ def versus_baseline(table: list[dict]) -> list[dict]:
             if any(math.isnan(d) for d in deltas):
                 continue
             mean = float(np.mean(deltas))
+            # over images, the mean of n independent differences: sqrt(sum of halves^2) / n
+            images = math.sqrt(sum(_image_half(run, base, column) ** 2 for run, base in pairs)) / len(pairs)
+            over = "images"
+            half = images
             if len(deltas) > 1:
-                half = stats.t.ppf(0.975, len(deltas) - 1) * np.std(deltas, ddof=1) / math.sqrt(len(deltas))
-                low, high, over = mean - half, mean + half, "seeds"
-            else:
-                (low, high), over = _interval_from_images(*pairs[0], column), "images"
+                seeds = stats.t.ppf(0.975, len(deltas) - 1) * np.std(deltas, ddof=1) / math.sqrt(len(deltas))
+                # Each seed's difference carries the images' sampling noise, so the spread over
+                # few seeds cannot honestly be narrower than that (two seeds that happen to agree
+                # would give a zero-width interval): the wider of the two.
+                over = "seeds" if math.isnan(images) or seeds >= images else "seeds (images floor)"
+                half = seeds if over == "seeds" else images
+            low, high = mean - half, mean + half
             better, worse = (low > 0, high < 0) if sign > 0 else (high < 0, low > 0)
             verdict = "wins" if better else "loses" if worse else "ties"
             if math.isnan(low) or math.isnan(high):
