@@ -114,7 +114,7 @@ def test_a_shard_says_how_its_pixels_were_made_and_fewer_clients_leave_no_stale_
 
 def test_ctrl_c_during_prepare_says_what_was_kept_and_exits_130(tmp_path):
     root = tmp_path / "folder"
-    make_folder(str(root), classes=2, per_class=300)
+    make_folder(str(root), classes=2, per_class=2000)  # seconds of decoding: the signal lands mid-way, busy or not
     cmd = [sys.executable, "-m", "collafuse_hpc", "prepare", "folder", "--root", str(root), "--workers", "1"]
     proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
     seen = ""
