@@ -153,7 +153,7 @@ for point in "${points[@]}"; do
   mapfile -t args < <(point_args "$point")
   [ -f "$out/results.h5" ] && args+=(--resume=auto)  # an interrupted run continues
   echo "study: $point -> $out ($(( $(date +%s) - start )) s so far)"
-  run=(train "$config" --set "run.output_dir=$out" --set eval.at_end=true "${args[@]}" "$@")
+  run=(train "$config" --set "run.output_dir=$out" --set eval.at_end=true "$@" "${args[@]}")  # the point's own keys last: they win
   if [ "${LAUNCH:-mpirun}" = in-process ]; then
     "$VENV/bin/python" -m collafuse_hpc "${run[@]}" --in-process
   else

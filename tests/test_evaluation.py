@@ -529,15 +529,16 @@ def test_study_conditions_partition_and_shared_labels_against_c1(tmp_path, shard
     the c = 1 run of its partition and seed."""
     (tmp_path / "class").symlink_to(Path(shards[0]).parent)
     raw = tiny_config(shards, tmp_path / "unused", [0.5, 0.5], rounds=2)
-    raw["eval"].update(extractor="classifier", classifier_path=str(tmp_path / "judge.pt"), images=8)
+    raw["eval"].update(extractor="classifier", images=8)
     cfg = write_config(tmp_path / "run.yaml", raw)
+    judge = ["--set", f"eval.classifier_path={tmp_path / 'judge.pt'}"]  # the command line's: each point's wins
     train_classifier(shards, str(tmp_path / "judge_class.pt"), epochs=1, seed=0)  # the class partition's own
     shards_of = str(tmp_path / "{partition}/client_{k}.h5")
     study = {"SEEDS": "0", "SPLITS": "markov", "CUTS": "0.25 1", "PARTITIONS": "class", "SHARE": "off on",
              "STUDY_SHARDS": shards_of, "STUDY_DIR": str(tmp_path / "study")}  # fmt: skip
     env = {**os.environ, **study, "LAUNCH": "in-process"}
     done = subprocess.run(
-        ["bash", "jobs/study.sh", cfg], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        ["bash", "jobs/study.sh", cfg, *judge], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     points = sorted(p.name for p in (tmp_path / "study").iterdir() if p.name != "report")
