@@ -257,14 +257,14 @@ def _fidelity(scorer: Classifier, images: np.ndarray, held: set[int], cfg: Confi
     return out
 
 
-def evaluate(cfg: Config, check: Callable[[], None] = lambda: None) -> dict:
+def evaluate(cfg: Config, check: Callable[[], None] = lambda: None, threads: int | None = None) -> dict:
     """Evaluate the newest complete checkpoint set of ``cfg.run.output_dir``; write
     ``/metrics`` into its results.h5 and return the same numbers as a dict.
 
     ``check`` runs before every batch of generated images: it raises to stop (a
-    preemption signal); then nothing is written. Runs with ``run.threads`` torch threads
-    when set."""
-    with torch_threads(cfg.run.threads):
+    preemption signal); then nothing is written. Runs with ``threads`` torch threads
+    (default ``run.threads``; 0: the caller's), and gives the caller its own back."""
+    with torch_threads(cfg.run.threads if threads is None else threads):
         return _evaluate(cfg, check)
 
 

@@ -172,7 +172,7 @@ def torch_threads(configured: int) -> Iterator[None]:
     """Run the body with ``configured`` torch threads (0: leave them as they are), and
     give the caller its own number back after. A library must not change it for good;
     and on cores shared with other work, more threads than asked for make torch's CPU
-    kernels spin-wait (measured: evaluate 18x slower with 2 threads on 2 busy cores)."""
+    kernels spin-wait (measured: evaluate 17x slower with 2 threads on 2 busy cores)."""
     import torch
 
     before = torch.get_num_threads()

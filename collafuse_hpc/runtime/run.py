@@ -294,5 +294,4 @@ def _evaluate_at_end(cfg: Config, stop: StopRequest) -> None:
                 "evaluation was written: the requeued run (--resume=auto) evaluates again",
             )
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the other ranks are done
-    print_report(evaluate(cfg, check))
+    print_report(evaluate(cfg, check, threads=len(os.sched_getaffinity(0))))  # the other ranks are done: every core
