@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -18,6 +19,13 @@ from harness import spawn_ranks, until, wait_for_rounds  # noqa: E402, F401 (re-
 
 from collafuse_hpc.data.prepare import prepare  # noqa: E402
 from collafuse_hpc.data.sources import read_digits  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> None:
+    """Roles built in this process compute at one thread, as a rank does (run.threads):
+    torch's default of every core spin-waits when the cores are shared (7x slower)."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

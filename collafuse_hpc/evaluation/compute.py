@@ -16,6 +16,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from collafuse_hpc.diffusion.gaussian import EpsModel, GaussianDiffusion
 from collafuse_hpc.roles.client import Client
 
 
@@ -23,6 +24,31 @@ def _flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def _loop_flops(diffusion: GaussianDiffusion, eps: EpsModel, x: torch.Tensor, grid: list[int], **kw) -> int:
+    """FLOPs of running the sampling loop over ``grid`` from ``x``: every model call the
+    loop makes, each counted at its input shapes (a call's FLOPs depend on nothing else,
+    and counting is slow, so each shape is counted once). The loop's own arithmetic is
+    elementwise, which FLOP counters leave out."""
+    per_shape: dict[tuple, int] = {}
+    total = 0
+
+    def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        shapes = (tuple(x.shape), tuple(t.shape))
+        if shapes not in per_shape:
+            with FlopCounterMode(display=False) as counter:
+                out = eps(x, t)
+            per_shape[shapes] = int(counter.get_total_flops())
+        else:
+            out = eps(x, t)
+        total += per_shape[shapes]
+        return out
+
+    if grid:
+        diffusion.p_sample_loop(counted, x, grid, **kw)
+    return total
 
 
 def _seconds(fn) -> float:
@@ -74,15 +100,16 @@ def client_compute(client: Client, n: int, repeats: int = 4) -> dict[str, float]
     timing = torch.Generator(device).manual_seed(0)  # timing inputs: nobody's stream, not the global one
     x = torch.randn(shape, device=device, generator=timing)
 
-    def sample(grid: list[int], images: torch.Tensor = x):
+    loop = {"a": 0, "clip": True, "generator": timing, "eta": client.cut.eta}
+
+    def sample(grid: list[int]):
         if not grid:
             return lambda: None
-        return lambda: diffusion.p_sample_loop(eps, images, grid, a=0, clip=True, generator=timing, eta=client.cut.eta)
+        return lambda: diffusion.p_sample_loop(eps, x, grid, **loop)
 
     # the FLOPs of running each loop on one image (what the loop does, not steps x one step's
-    # count; one image, since counting is slow and FLOPs grow linearly with the batch)
-    one = x[:1]
-    flops_share, flops_full = _flops(sample(share, one)), _flops(sample(full, one))
+    # count; one image: FLOPs grow linearly with the batch)
+    flops_share, flops_full = (_loop_flops(diffusion, eps, x[:1], grid, **loop) for grid in (share, full))
     time_share, time_full, ratio = _timed_pair(sample(share), sample(full), repeats)
     out = {
         "sampling_steps_client": max(0, len(share) - 1),
