@@ -85,6 +85,19 @@ def test_client_compute_share_of_sampling_follows_the_cut(tmp_path, shards):
     assert client.audit == []
 
 
+def test_a_sampling_loops_flops_are_those_of_every_model_call_it_makes(tmp_path, shards):
+    """Counting each input shape once gives FlopCounterMode's count over the whole loop,
+    and the count follows the steps the loop runs (not steps x one step)."""
+    from collafuse_hpc.evaluation.compute import _flops, _loop_flops
+
+    client = Client(from_dict(tiny_config(shards, tmp_path, [0.5])), 0, torch.device("cpu"))
+    eps, diffusion, x = client.eps_model(True, None), client.diffusion, torch.zeros(2, 1, 8, 8)
+    grid = client.cut.full_chain().sampling_grids()[1]
+    whole = _flops(lambda: diffusion.p_sample_loop(eps, x, grid))
+    assert _loop_flops(diffusion, eps, x, grid) == whole > 0
+    assert _loop_flops(diffusion, eps, x, grid[:5]) * (len(grid) - 1) == whole * 4
+
+
 def test_read_run_and_baselines_on_a_real_distributed_run(tmp_path):
     shards = harness.synthetic_shards(str(tmp_path / "shards"), 2, 8, 1, train=32, test=8)
     model = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
