@@ -27,7 +27,6 @@ from collafuse_hpc.config import from_dict
 from collafuse_hpc.data import ShardReader
 from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
 from collafuse_hpc.evaluation import attacks, metrics
-from collafuse_hpc.evaluation.classifier import train_classifier
 from collafuse_hpc.evaluation.evaluate import evaluate
 from collafuse_hpc.evaluation.features import features, load_extractor
 from collafuse_hpc.evaluation.inception import FIDInceptionV3, fid_input, resize_tf1
@@ -525,14 +524,13 @@ def test_local_study_trains_evaluates_and_reports_over_seeds_and_splits(tmp_path
 @pytest.mark.timeout(600)
 def test_study_conditions_partition_and_shared_labels_against_c1(tmp_path, shards):
     """PARTITIONS, STUDY_SHARDS and SHARE name the points and pick their shards and labels;
-    each partition is scored by its own classifier; the report compares every point with
+    each partition is scored by its own classifier, which study.sh trains first; the report compares every point with
     the c = 1 run of its partition and seed."""
     (tmp_path / "class").symlink_to(Path(shards[0]).parent)
     raw = tiny_config(shards, tmp_path / "unused", [0.5, 0.5], rounds=2)
     raw["eval"].update(extractor="classifier", images=8)
     cfg = write_config(tmp_path / "run.yaml", raw)
     judge = ["--set", f"eval.classifier_path={tmp_path / 'judge.pt'}"]  # the command line's: each point's wins
-    train_classifier(shards, str(tmp_path / "judge_class.pt"), epochs=1, seed=0)  # the class partition's own
     shards_of = str(tmp_path / "{partition}/client_{k}.h5")
     study = {"SEEDS": "0", "SPLITS": "markov", "CUTS": "0.25 1", "PARTITIONS": "class", "SHARE": "off on",
              "STUDY_SHARDS": shards_of, "STUDY_DIR": str(tmp_path / "study")}  # fmt: skip
@@ -544,6 +542,9 @@ def test_study_conditions_partition_and_shared_labels_against_c1(tmp_path, shard
     points = sorted(p.name for p in (tmp_path / "study").iterdir() if p.name != "report")
     assert points == ["c0.25-markov-class-s0", "c0.25-markov-class-shared-s0", "c1-markov-class-s0"]
     assert not (tmp_path / "judge.pt").exists()  # the config's own file is not the partition's
+    trained = torch.load(tmp_path / "judge_class.pt", weights_only=True)["shards"]  # by study.sh, once
+    assert sorted(trained) == [str(tmp_path / f"class/client_{k}.h5") for k in range(2)]  # the config's 2 clients
+    assert (done.stdout + done.stderr).count("test accuracy") == 1
     for point in points:
         with h5py.File(tmp_path / f"study/{point}/results.h5") as f:
             config = yaml.safe_load(f.attrs["config"])
