@@ -46,6 +46,12 @@ def test_precision_and_recall_on_known_answers():
 def test_class_fidelity_and_bootstrap_on_known_answers():
     probabilities = np.eye(4)[[0, 0, 1, 3]] * 0.9 + 0.025
     assert metrics.class_fidelity(probabilities, {0, 1}) == (0.75, pytest.approx(0.925))
+    # class distance: predicted classes 0, 0, 1, 3 against a label mix
+    assert metrics.class_distance(probabilities, np.array([2, 1, 0, 1])) == 0  # the same proportions
+    assert metrics.class_distance(probabilities, np.array([0, 0, 7, 0])) == 1  # no class in common
+    assert metrics.class_distance(probabilities, np.array([1, 1, 0, 0])) == pytest.approx(0.25)  # 1/4 misplaced
+    uniform = np.eye(10)[np.arange(1000) % 10]  # all ten classes evenly, against a client of two
+    assert metrics.class_distance(uniform, np.array([50, 50] + [0] * 8)) == pytest.approx(0.8)
     rng = np.random.default_rng(1)
     x = rng.normal(size=400)
     low, high = metrics.bootstrap_interval(np.mean, (x,), resamples=300)
@@ -66,6 +72,9 @@ def test_the_classifier_sees_digits_where_real_and_real_agree_and_other_classes_
     fidelity, confidence = metrics.class_fidelity(scorer.probabilities(test0), held0)
     assert fidelity > 0.9 and confidence > 0.7
     assert metrics.class_fidelity(scorer.probabilities(test1), held0)[0] < 0.15
+    mix0 = np.bincount(_images(shards[0], "train")[1], minlength=10)
+    assert metrics.class_distance(scorer.probabilities(test0), mix0) < 0.15  # its own test images: its mix
+    assert metrics.class_distance(scorer.probabilities(test1), mix0) > 0.85  # another client's classes
     precision, recall = metrics.precision_recall(f_train0, f_test0)
     assert precision > 0.7 and recall > 0.7
     assert max(metrics.precision_recall(f_test1, f_test0)) < 0.3
@@ -81,11 +90,12 @@ def test_evaluate_with_the_classifier_reports_fidelity_precision_recall_and_inte
     report = evaluate(cfg)
     for who in ("c0", "c1"):
         got = report[who]["collaborative"]
-        for key in ("fid", "class_fidelity", "confidence", "precision", "recall"):
+        for key in ("fid", "class_fidelity", "class_distance", "confidence", "precision", "recall"):
             assert np.isfinite(got[key]), (who, key)
-        assert got["fid_low"] <= got["fid"] <= got["fid_high"]
-        assert got["class_fidelity_low"] <= got["class_fidelity"] <= got["class_fidelity_high"]
-        assert report[who]["real"]["class_fidelity"] > 0.75  # the known answer, beside every run's numbers
+        for key in ("fid", "class_fidelity", "class_distance"):
+            assert got[f"{key}_low"] <= got[key] <= got[f"{key}_high"], (who, key)
+        real = report[who]["real"]  # the known answers, beside every run's numbers
+        assert real["class_fidelity"] > 0.75 and real["class_distance"] < 0.25
     assert {"precision", "recall", "fid_low"} <= set(report["pooled"]["collaborative"])
 
 

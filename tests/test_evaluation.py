@@ -552,7 +552,9 @@ def test_study_conditions_partition_and_shared_labels_against_c1(tmp_path, shard
             assert config["clients"][1]["shard"] == str(tmp_path / "class/client_1.h5")
             assert all(c["share_labels"] for c in config["clients"]) == point.endswith("shared-s0")
     with open(tmp_path / "study/report/versus_c1.csv") as f:
-        versus = [r for r in csv.DictReader(f) if r["who"] == "pooled" and r["metric"] == "class fidelity"]
+        pooled = [r for r in csv.DictReader(f) if r["who"] == "pooled"]
+    assert {"class fidelity", "class distance", "FD", "precision", "recall"} <= {r["metric"] for r in pooled}
+    versus = [r for r in pooled if r["metric"] == "class fidelity"]
     found = [(r["share"], r["c"], r["interval"]) for r in versus]
     assert found == [("off", "0.25", "images"), ("on", "0.25", "images")]
     assert all(r["verdict"] in ("wins", "ties", "loses") for r in versus)  # one seed: intervals over images

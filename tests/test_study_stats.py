@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import h5py
 import numpy as np
 import pytest
 from scipy import stats
-from study_stats import loss_change, versus_baseline
+from study_stats import loss_change, loss_curves, versus_baseline
 
 
 def test_loss_change_tells_a_flat_tail_from_a_falling_one():
@@ -17,11 +19,27 @@ def test_loss_change_tells_a_flat_tail_from_a_falling_one():
     assert math.isnan(loss_change(np.ones(50)))
 
 
+def test_loss_curves_average_the_clients_that_trained_and_leave_out_a_c0_run_s(tmp_path):
+    """Partial participation: a round's mean is over the clients that trained in it. At
+    c = 0 no client trains: no clients' curve, and no warning of an empty mean."""
+    nan = math.nan
+    for name, c0, c1 in (("mixed", [1.0, nan, 3.0], [3.0, nan, nan]), ("c0", [nan] * 3, [nan] * 3)):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            for who, loss in (("c0", c0), ("c1", c1)):
+                f[f"clients/{who}/rounds/loss_local"], f[f"clients/{who}/rounds/round"] = loss, [1, 2, 3]
+            f["server/rounds/loss_server"], f["server/rounds/round"] = [0.5, 0.4, 0.3], [1, 2, 3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mixed, c0 = loss_curves(str(tmp_path / "mixed.h5")), loss_curves(str(tmp_path / "c0.h5"))
+    np.testing.assert_equal(mixed["clients"], [2.0, nan, 3.0])
+    assert "clients" not in c0 and list(c0["server"]) == [0.5, 0.4, 0.3]
+
+
 def _run(c: float, seed: int, fidelity: float, fid: float, half: float = 0.01) -> dict:
     row = {"split": "markov", "partition": "class", "share": "off", "c": c, "seed": seed, "who": "pooled"}
     row |= {"fidelity": fidelity, "fidelity_low": fidelity - half, "fidelity_high": fidelity + half}
     row |= {"fid_collaborative": fid, "fid_collaborative_low": fid - half, "fid_collaborative_high": fid + half}
-    return row | {key: math.nan for key in ("precision", "recall")}
+    return row | {key: math.nan for key in ("precision", "recall", "class_distance")}
 
 
 def test_versus_baseline_pairs_seeds_and_gives_t_intervals_and_verdicts():

@@ -60,6 +60,9 @@ COLUMNS = {
     "fidelity": "class fidelity (share in the client's classes)",
     "fidelity_low": "class fidelity, 95% low (images)",
     "fidelity_high": "class fidelity, 95% high (images)",
+    "class_distance": "class distance (total variation to the client's label mix; 0 best)",
+    "class_distance_low": "class distance, 95% low (images)",
+    "class_distance_high": "class distance, 95% high (images)",
     "confidence": "classifier confidence",
     "precision": "precision",
     "precision_low": "precision, 95% low (images)",
@@ -69,6 +72,7 @@ COLUMNS = {
     "recall_high": "recall, 95% high (images)",
     "real_fid_halves": "known answer: FD real vs real (test halves)",
     "real_fidelity": "known answer: class fidelity of real test images",
+    "real_class_distance": "known answer: class distance of real test images",
     "loss_change": "loss still falling: last 10% of rounds' drop / whole drop (converged if < 0.02)",
     "t_c": "t_c (step)",
     "snr": "SNR(t_c) (ratio)",
@@ -93,10 +97,14 @@ COLUMNS = {
 }
 ATTACK = [key for key in COLUMNS if key.startswith(("recon_", "link_", "chance_"))]
 KEYS = ["split", "partition", "share", "c", "who", "seeds"]
-FIDELITY = ["fidelity", "confidence", "precision", "recall", "real_fid_halves", "real_fidelity", "loss_change"]
+FIDELITY = ["fidelity", "class_distance", "confidence", "precision", "recall"]
+FIDELITY += ["real_fid_halves", "real_fidelity", "real_class_distance", "loss_change"]
 QUALITY = [*KEYS, *(f"fid_{s}" for s in SETS), *(f"kid_mean_{s}" for s in SETS), *FIDELITY]
 _ORDER = list(COLUMNS)
 DISCLOSURE = [*KEYS, *_ORDER[_ORDER.index("t_c") : _ORDER.index("sampling_flops_ratio")]]
+# the classes' numbers are each client's own (its label mix): pooled, they are the mean over clients
+POOLED_MEANS = [k for k in COLUMNS if k.startswith(("fidelity", "class_distance", "real_fidelity", "real_class"))]
+POOLED_MEANS += ["confidence", "real_fid_halves"]
 INTERVALS = [k for k in COLUMNS if k.endswith(("_low", "_high"))]  # per run, over images: not in the tables
 COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") :]]
 TEXT = {"split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
@@ -133,13 +141,14 @@ def _mean(values: list) -> float:
 def _quality_columns(m: dict, who: str) -> dict:
     """The classifier's numbers of the collaborative set (NaN with other features)."""
     q, real = m[who].get("collaborative", {}), m[who].get("real", {})
-    out = {key: q.get(key, NAN) for key in ("precision", "recall", "confidence")}
+    out = {key: q.get(key, NAN) for key in ("precision", "recall", "confidence", "class_distance")}
     out["fidelity"] = q.get("class_fidelity", NAN)
     for end in ("low", "high"):
         out[f"fidelity_{end}"] = q.get(f"class_fidelity_{end}", NAN)
         out[f"fid_collaborative_{end}"] = q.get(f"fid_{end}", NAN)
-        out |= {f"{key}_{end}": q.get(f"{key}_{end}", NAN) for key in ("precision", "recall")}
+        out |= {f"{key}_{end}": q.get(f"{key}_{end}", NAN) for key in ("precision", "recall", "class_distance")}
     out["real_fid_halves"], out["real_fidelity"] = real.get("fid_real_halves", NAN), real.get("class_fidelity", NAN)
+    out["real_class_distance"] = real.get("class_distance", NAN)
     return out
 
 
@@ -170,9 +179,9 @@ def rows(summary: dict) -> list[dict]:
             row[f"kid_mean_{name}"] = q.get("kid_mean", NAN)
             row[f"kid_std_{name}"] = q.get("kid_std", NAN)
         row |= _quality_columns(m, who)
-        if who == "pooled":  # class fidelity pooled: the mean over clients (each weighs the same)
+        if who == "pooled":  # class fidelity and distance pooled: the mean over clients (each weighs the same)
             row |= {key: _mean([p[key] for p in per_client.values()]) for key in next(iter(per_client.values()))}
-            for key in ("fidelity", "fidelity_low", "fidelity_high", "confidence", "real_fidelity", "real_fid_halves"):
+            for key in POOLED_MEANS:
                 row[key] = _mean([_quality_columns(m, c)[key] for c in clients])
         else:
             row |= per_client[who]

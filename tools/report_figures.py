@@ -100,7 +100,9 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
     fig, ax = plt.subplots(1, 2, figsize=(14, 4.6))
     for i, (name, c) in enumerate(sorted(curves.items())):
         style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "label": name}
-        ax[0].plot(c["rounds"], study_stats.smooth(np.nan_to_num(c["clients"], nan=np.nanmean(c["clients"]))), **style)
+        if "clients" in c:  # c = 0: no client trains; rounds where none took part take the mean
+            local = np.nan_to_num(c["clients"], nan=np.nanmean(c["clients"]))
+            ax[0].plot(c["rounds"], study_stats.smooth(local), **style)
         if "server" in c:
             ax[1].plot(c["server_rounds"], study_stats.smooth(c["server"]), **style)
     ax[0].set(

@@ -27,6 +27,7 @@ from scipy import stats
 # metric -> (its column, +1 if higher is better, -1 if lower is better)
 COMPARED = {
     "class fidelity": ("fidelity", +1),
+    "class distance": ("class_distance", -1),
     "FD": ("fid_collaborative", -1),
     "precision": ("precision", +1),
     "recall": ("recall", +1),
@@ -85,13 +86,15 @@ def versus_baseline(table: list[dict]) -> list[dict]:
 
 
 def loss_curves(path: str) -> dict[str, np.ndarray]:
-    """{"rounds", "clients" (mean local loss over the clients, per round), "server"
-    (when it trained)} of one results file."""
+    """{"rounds", "clients" (mean local loss over the clients that trained, per round;
+    absent when none did, as at c = 0), "server" (when it trained)} of one results file."""
     out = {}
     with h5py.File(path, "r") as f:
-        local = [f[f"clients/{c}/rounds/loss_local"][()] for c in f["clients"]]
+        local = np.stack([f[f"clients/{c}/rounds/loss_local"][()] for c in f["clients"]])
         out["rounds"] = f[f"clients/{next(iter(f['clients']))}/rounds/round"][()]
-        out["clients"] = np.nanmean(np.stack(local), 0)
+        trained = np.isfinite(local).sum(0)
+        if trained.any():
+            out["clients"] = np.where(trained > 0, np.nansum(local, 0) / np.maximum(trained, 1), np.nan)
         if "rounds" in f["server"]:
             out["server"] = f["server/rounds/loss_server"][()]
             out["server_rounds"] = f["server/rounds/round"][()]

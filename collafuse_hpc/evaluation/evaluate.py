@@ -232,28 +232,33 @@ def _quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
     return out
 
 
-def _held_classes(client: Client) -> set[int]:
-    """The classes in a client's train split (ValueError for a shard without labels)."""
+def _label_counts(client: Client, classes: int) -> np.ndarray:
+    """Images per class in a client's train split, [classes] (ValueError for a shard
+    without labels)."""
     labels = client.reader.labels()
     if labels is None:
         raise ValueError(
             f"client {client.id!r}: its shard has no labels, so class fidelity cannot be scored; "
             "use eval.extractor inception or pixels for unlabelled data"
         )
-    return set(labels.tolist())
+    return np.bincount(labels, minlength=classes)
 
 
-def _fidelity(scorer: Classifier, images: np.ndarray, held: set[int], cfg: Config) -> dict:
-    """Class fidelity of uint8 ``images`` for a client holding the classes ``held``, its
-    mean confidence, and the fidelity's bootstrap interval over images."""
+def _fidelity(scorer: Classifier, images: np.ndarray, own: np.ndarray, cfg: Config) -> dict:
+    """For uint8 ``images`` of a client whose train labels count ``own`` per class: class
+    fidelity (share in the classes it holds), class distance (total variation to its
+    label mix), each with its bootstrap interval over images, and mean confidence."""
     probabilities = scorer.probabilities(images)
-    fidelity, confidence = metrics.class_fidelity(probabilities, held)
-    out = {"class_fidelity": fidelity, "confidence": confidence}
-    if cfg.eval.bootstrap:
-        low, high = metrics.bootstrap_interval(
-            lambda p: metrics.class_fidelity(p, held)[0], (probabilities,), cfg.eval.bootstrap, cfg.run.seed, (0.0, 1.0)
-        )
-        out.update(class_fidelity_low=low, class_fidelity_high=high)
+    held = set(np.flatnonzero(own).tolist())
+    scores = {
+        "class_fidelity": lambda p: metrics.class_fidelity(p, held)[0],
+        "class_distance": lambda p: metrics.class_distance(p, own),
+    }
+    out = {name: score(probabilities) for name, score in scores.items()}
+    out["confidence"] = metrics.class_fidelity(probabilities, held)[1]
+    for name, score in scores.items() if cfg.eval.bootstrap else ():
+        low, high = metrics.bootstrap_interval(score, (probabilities,), cfg.eval.bootstrap, cfg.run.seed, (0.0, 1.0))
+        out.update({f"{name}_low": low, f"{name}_high": high})
     return out
 
 
@@ -316,10 +321,10 @@ def _evaluate(cfg: Config, check: Callable[[], None]) -> dict:
             real = cached("test", real_u8[k])
             entry = {}
             if scorer is not None:  # the known answers: real test images against each other and the classes
-                held = _held_classes(client)
+                own = _label_counts(client, scorer.meta["num_classes"])
                 half = len(real) // 2
                 entry["real"] = {"fid_real_halves": metrics.fid(real[:half], real[half:]), "images": len(real)}
-                entry["real"].update(_fidelity(scorer, real_u8[k], held, cfg))
+                entry["real"].update(_fidelity(scorer, real_u8[k], own, cfg))
             for name, images in generated[k].items():
                 scored = to_uint8(images)  # what is stored and exported is what is scored
                 fake = feats(scored)
@@ -327,7 +332,7 @@ def _evaluate(cfg: Config, check: Callable[[], None]) -> dict:
                 pooled[name][1].append(fake[: len(real)])  # score: min(n, its test split) images each
                 entry[name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
                 if scorer is not None:
-                    entry[name].update(_fidelity(scorer, scored, held, cfg))
+                    entry[name].update(_fidelity(scorer, scored, own, cfg))
                 grids[(client.id, name)] = scored[:GRID_IMAGES]
             entry["disclosure"] = disclosure(client, x0[k], x_c[k])
             y = torch.from_numpy(labels[k]).to(device) if client.condition else None

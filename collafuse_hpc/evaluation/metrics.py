@@ -196,6 +196,16 @@ def class_fidelity(probabilities: np.ndarray, held: set[int]) -> tuple[float, fl
     return float(np.isin(predicted, sorted(held)).mean()), float(probabilities.max(1).mean())
 
 
+def class_distance(probabilities: np.ndarray, own: np.ndarray) -> float:
+    """Total variation between the predicted classes of images (probabilities [N,
+    classes]) and a client's own label mix (counts per class [classes]): 0 when the
+    samples' classes come in the client's proportions, 1 when they share no class. Where
+    class fidelity only asks "in a held class?", this also sees the proportions, which
+    matters when a client holds every class in different amounts (a Dirichlet partition)."""
+    predicted = np.bincount(probabilities.argmax(1), minlength=len(own)) / len(probabilities)
+    return float(0.5 * np.abs(predicted - own / own.sum()).sum())
+
+
 def bootstrap_interval(
     statistic, arrays: tuple[np.ndarray, ...], resamples: int = 200, seed: int = 0, bounds=(-np.inf, np.inf)
 ) -> tuple[float, float]:
