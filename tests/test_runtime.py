@@ -245,6 +245,24 @@ def test_a_run_and_an_evaluation_leave_the_callers_global_state_as_it_was(tmp_pa
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "0"
 
 
+def test_the_evaluation_at_the_end_runs_at_run_threads_or_every_core_when_auto(tmp_path, shards, monkeypatch):
+    """An explicit run.threads holds at the end too: on cores shared with other work, more
+    threads spin-wait (a tiny at-end evaluation took over 300 s at 2 threads on 2 busy
+    cores). With 0 (auto) the other ranks are done, so it takes every core."""
+    import os
+
+    from collafuse_hpc.evaluation import evaluate as module
+
+    asked = []
+    monkeypatch.setattr(module, "evaluate", lambda cfg, check, threads: asked.append(threads) or {})
+    monkeypatch.setattr(module, "print_report", lambda report: None)
+    for threads in (1, 0):
+        raw = tiny_config(shards, tmp_path / str(threads), [0.5], rounds=1, threads=threads)
+        raw["eval"]["at_end"] = True
+        run_in_process(from_dict(raw), resume=False)
+    assert asked == [1, len(os.sched_getaffinity(0))]
+
+
 def test_a_failure_notice_that_cannot_be_sent_is_logged(caplog):
     topo = Topology(1, ("c0",))
     hub = LocalHub(topo.world_size, 1, timeout_s=5)

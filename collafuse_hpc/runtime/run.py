@@ -279,8 +279,9 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
 
 
 def _evaluate_at_end(cfg: Config, stop: StopRequest) -> None:
-    """With ``eval.at_end``: evaluate the final checkpoint set in this process (rank 0).
-    A stop signal ends it between batches (exit 75): the requeued run evaluates again."""
+    """With ``eval.at_end``: evaluate the final checkpoint set in this process (rank 0),
+    at ``run.threads`` torch threads, or every core when that is 0 (auto). A stop signal
+    ends it between batches (exit 75): the requeued run evaluates again."""
     if not cfg.eval.at_end:
         return
     from collafuse_hpc.evaluation.evaluate import evaluate, print_report  # the models of FID: only when asked
@@ -294,4 +295,6 @@ def _evaluate_at_end(cfg: Config, stop: StopRequest) -> None:
                 "evaluation was written: the requeued run (--resume=auto) evaluates again",
             )
 
-    print_report(evaluate(cfg, check, threads=len(os.sched_getaffinity(0))))  # the other ranks are done: every core
+    # run.threads when set (the cores may be shared: more threads would spin-wait), else every core: the other
+    # ranks are done
+    print_report(evaluate(cfg, check, threads=cfg.run.threads or len(os.sched_getaffinity(0))))
