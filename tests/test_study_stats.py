@@ -77,3 +77,21 @@ def test_versus_baseline_over_few_seeds_is_never_narrower_than_the_images_allow(
     assert fidelity["low"] == pytest.approx(-0.05 - floor) and fidelity["high"] == pytest.approx(-0.05 + floor)
     fd = got["FD"]  # +0 and +1: the spread over seeds is the wider
     assert fd["interval"] == "seeds" and fd["high"] - fd["delta"] == pytest.approx(stats.t.ppf(0.975, 1) * 0.5)
+
+
+def test_the_c1_baseline_stands_beside_the_shares_its_partition_was_run_with():
+    """c = 1 sends no labels, so one run serves both shares, but only where that
+    partition has runs with labels shared: no lone "shared" condition of one point."""
+    import report
+
+    def row(partition: str, share: str, c: float) -> dict:
+        keys = {"split": "markov", "partition": partition, "share": share, "c": c, "who": "pooled"}
+        return {key: math.nan for key in report.COLUMNS} | keys | {"seed": 0, "features": "classifier"}
+
+    table = [row("class", "off", 1), row("class", "off", 0.2), row("class", "on", 0.2)]
+    table += [row("iid", "off", 1), row("iid", "off", 0.2)]
+    got = sorted((r["partition"], r["share"], r["c"]) for r in report.aggregate(table))
+    assert got == [("class", "off", 0.2), ("class", "off", 1), ("class", "on", 0.2), ("class", "on", 1)] + [
+        ("iid", "off", 0.2),
+        ("iid", "off", 1),
+    ]

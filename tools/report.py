@@ -197,11 +197,12 @@ def aggregate(table: list[dict]) -> list[dict]:
     """One row per (split, c, client): numbers averaged over the seeds, ``<key>_seed_std``
     their spread. Runs at c = 0 or 1 (the same under every split) count for each split."""
     splits = sorted({r["split"] for r in table})
-    shares = sorted({r["share"] for r in table})
+    shares = {p: sorted({r["share"] for r in table if r["partition"] == p}) for p in {r["partition"] for r in table}}
     groups: dict[tuple, list[dict]] = {}
     for r in table:
         for split in splits if r["c"] in (0, 1) else [r["split"]]:
-            for share in shares if r["c"] == 1 else [r["share"]]:  # c = 1 sends nothing, labels neither
+            # c = 1 sends nothing, labels neither: it stands beside each share its partition was run with
+            for share in shares[r["partition"]] if r["c"] == 1 else [r["share"]]:
                 groups.setdefault((split, r["partition"], share, r["c"], r["who"]), []).append(r)
     out = []
     for (split, partition, share, c, who), runs in groups.items():
