@@ -4,6 +4,7 @@ tiny configs, and the multi-rank launchers of tools/harness.py."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,15 @@ from harness import spawn_ranks, until, wait_for_rounds  # noqa: E402, F401 (re-
 
 from collafuse_hpc.data.prepare import prepare  # noqa: E402
 from collafuse_hpc.data.sources import read_digits  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started from a script's background job (``cmd &`` without job control)
+    inherits SIGINT ignored, and so would every run it starts: bash cannot trap an
+    ignored signal and Python never raises KeyboardInterrupt, so the Ctrl-C tests saw
+    the run finish (exit 0). Their children get SIGINT's default back."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

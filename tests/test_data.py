@@ -114,7 +114,10 @@ def test_a_shard_says_how_its_pixels_were_made_and_fewer_clients_leave_no_stale_
 
 def test_ctrl_c_during_prepare_says_what_was_kept_and_exits_130(tmp_path):
     root = tmp_path / "folder"
-    make_folder(str(root), classes=2, per_class=2000)  # seconds of decoding: the signal lands mid-way, busy or not
+    make_folder(str(root), classes=2, per_class=40)
+    # an "image" that is a named pipe: its decoding waits until someone writes to it, so the
+    # signal lands mid-way however busy the machine is (a fixed amount of work raced it)
+    os.mkfifo(root / "class_1" / "img_5.jpg.fifo.jpg")
     cmd = [sys.executable, "-m", "collafuse_hpc", "prepare", "folder", "--root", str(root), "--workers", "1"]
     proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
     seen = ""
@@ -123,7 +126,10 @@ def test_ctrl_c_during_prepare_says_what_was_kept_and_exits_130(tmp_path):
         assert chunk, f"prepare ended before decoding: {seen}"
         seen += chunk
     proc.send_signal(signal.SIGINT)
-    err = seen + proc.communicate(timeout=60)[1]
+    try:
+        err = seen + proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()  # a prepare that ignored the signal would wait on the pipe for ever
     assert proc.returncode == 130, err
     assert "interrupted; decoded images are kept in" in err and "run the same command again" in err
     assert "Traceback" not in err and not list((tmp_path / "out").glob("client_*.h5"))
