@@ -3,6 +3,7 @@ tiny configs, and the multi-rank launchers of tools/harness.py."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -43,6 +44,11 @@ def shards(tmp_path_factory) -> list[str]:
     """Four 8x8 digit shards, split by class (c0: 0-2, c1: 3-5, c2: 6-7, c3: 8-9)."""
     out = tmp_path_factory.mktemp("shards")
     return prepare(read_digits(), str(out), 4, "class", size=8, test_fraction=0.2, seed=0)
+
+
+def file_tree(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``: a refused command must change none of them."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def tiny_config(shards: list[str], out: Path, cuts: list[float], fault: dict | None = None, **run) -> dict:

@@ -20,7 +20,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import run_mpi, tiny_config, write_config
+from conftest import file_tree, run_mpi, tiny_config, write_config
 
 from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
@@ -448,6 +448,36 @@ def test_report_writes_the_table_figure_and_grids(report):
     assert (out / "tradeoff.png").stat().st_size > 10_000
     assert (out / "grids/c0.25/c0_server_alone.png").exists()  # grids/<run folder>/
     assert "### Disclosure of x_c and by attack" in md and "linkage top-1, pixels" in md
+
+
+def test_report_replaces_its_folder_whole_and_refuses_a_run_given_twice(report, tmp_path):
+    runs = [report.parent / f"c{cut}/results.h5" for cut in (0.25, 0.75)]
+    out = tmp_path / "report"
+    shutil.copytree(report, out)
+
+    def tool(*paths, to=out):
+        cmd = [sys.executable, str(ROOT / "tools/report.py"), *map(str, paths), "--out", str(to)]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    before = file_tree(out)
+    # one run given twice (overlapping globs), or copied elsewhere, would count as two seeds
+    shutil.copytree(runs[0].parent, tmp_path / "copy/c0.25")
+    for paths in ([*runs, runs[0]], [runs[0], tmp_path / "copy/c0.25/results.h5", runs[1]]):
+        done = tool(*paths)
+        assert done.returncode == 2 and "are the same point" in done.stderr and "two seeds" in done.stderr
+    (tmp_path / "broken.h5").write_bytes(b"not an HDF5 file")
+    assert tool(runs[0], tmp_path / "broken.h5").returncode == 2
+    # refused: the earlier report as it was, and nothing left aside
+    assert file_tree(out) == before and sorted(os.listdir(tmp_path)) == ["broken.h5", "copy", "report"]
+    # fewer runs: nothing of the left-out run stays (its grids were shown in report.html)
+    assert tool(runs[0]).returncode == 0
+    assert os.listdir(out / "grids") == ["c0.25"] and "c0.75" not in (out / "report.html").read_text()
+    # a folder holding anything else is not replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes/todo.txt").write_text("mine")
+    done = tool(runs[0], to=tmp_path / "notes")
+    assert done.returncode == 2 and "is not a report folder" in done.stderr
+    assert os.listdir(tmp_path / "notes") == ["todo.txt"]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import harness, mpirun, run_mpi, spawn_ranks, tiny_config, until, wait_for_rounds, write_config
+from conftest import file_tree, harness, mpirun, run_mpi, spawn_ranks, tiny_config, until, wait_for_rounds, write_config
 
 from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
@@ -163,19 +163,12 @@ def test_a_reader_of_a_live_run_never_blocks_the_writer(tmp_path):
         assert list(f["rounds/round"][()]) == [0, 1]
 
 
-def _tree(folder):
-    """sha256 of every file under ``folder``: a refused command must change none of them."""
-    import hashlib
-
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_resume_mistakes_are_refused_before_anything_is_written(tmp_path, shards, capsys, caplog):
     caplog.set_level(logging.INFO, logger="collafuse_hpc")
     raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=4, checkpoint_every=2)
     config = write_config(tmp_path / "run.yaml", raw)
     assert main(["train", config, "--in-process"]) == 0
-    before = _tree(tmp_path / "out")
+    before = file_tree(tmp_path / "out")
     mistakes = {  # what the user changed -> what the refusal must name
         ("--set", "server.model.base_channels=16"): "server.model.base_channels: 8 -> 16",
         ("--set", "clients.0.cut_ratio=0.5"): "clients.0.cut_ratio: 0.25 -> 0.5",
@@ -187,7 +180,7 @@ def test_resume_mistakes_are_refused_before_anything_is_written(tmp_path, shards
     for args, message in mistakes.items():
         assert main(["train", config, "--in-process", "--resume", *args]) == 2, args
         assert message in capsys.readouterr().err, args
-    assert _tree(tmp_path / "out") == before and not (tmp_path / "elsewhere").exists()
+    assert file_tree(tmp_path / "out") == before and not (tmp_path / "elsewhere").exists()
     # keys that do not change what the run trains may change; results.h5 then records them
     moved = shutil.copy(shards[0], tmp_path / "staged_c0.h5")  # the same images elsewhere: may move
     more = [
@@ -326,12 +319,12 @@ def test_a_checkpoint_of_the_earlier_format_is_refused_with_what_to_do(tmp_path,
         ckpt["state"].pop("released", None)
         torch.save(ckpt, path)
     capsys.readouterr()
-    before = _tree(tmp_path / "out")
+    before = file_tree(tmp_path / "out")
     assert main(["train", config, "--in-process", "--resume", "--set", "run.rounds=4"]) == 2
     assert main(["evaluate", config]) == 2
     err = capsys.readouterr().err
     assert err.count("was written by an earlier collafuse-hpc (format v1") == 2, err
-    assert _tree(tmp_path / "out") == before  # refused: nothing written
+    assert file_tree(tmp_path / "out") == before  # refused: nothing written
 
 
 def _catches(pid: int, sig: signal.Signals) -> bool:
@@ -408,12 +401,12 @@ def test_a_damaged_set_is_skipped_naming_the_rounds_and_an_io_error_fails_keepin
         return real(path, mmap)
 
     monkeypatch.setattr(checkpoint, "_torch_load", eio)
-    before = _tree(out)
+    before = file_tree(out)
     capsys.readouterr()
     assert main(["train", cfg, "--in-process", "--resume", "--set", "run.rounds=6"]) == 1
     err = capsys.readouterr().err
     assert "round_00000004/rank0.pt' could not be read (Input/output error): an I/O error" in err
-    assert _tree(out) == before
+    assert file_tree(out) == before
     assert main(["evaluate", cfg]) == 1
     assert "an I/O error, not a damaged file" in capsys.readouterr().err
     monkeypatch.undo()

@@ -18,7 +18,10 @@ Writes into --out:
 The pooled row's FID/KID compare all clients' images with all their real images; its
 disclosure and compute columns are means over the clients. Runs at c = 0 and c = 1 do
 not depend on the split mode: they are shown under every split mode of the report.
-Runs without metrics (not evaluated) are listed and left out.
+Runs without metrics (not evaluated) are listed and left out. Two runs of the same point
+(split, partition, labels shared, c, seed) are refused: pooled, they would count as two
+seeds. The report is written aside and then replaces --out whole, so nothing of an earlier
+report stays, and a refused command leaves --out as it was.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ import csv
 import html
 import math
 import os
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -336,14 +341,38 @@ def write_html(table: list[dict], versus: list[dict], out: str, figures: list[tu
     return path
 
 
+def _point(row: dict) -> tuple:
+    """What makes a run one study point: two runs that share it would count as two seeds."""
+    return row["split"], row["partition"], row["share"], row["c"], row["seed"]
+
+
+def _run_names(paths: list[str]) -> list[str]:
+    """Each run's name in grids/ and the loss figure: its folder's name, or its folder's
+    path below the folders' common parent when two runs' folders have the same name."""
+    folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    names = [os.path.basename(f) for f in folders]
+    if len(set(names)) == len(names):
+        return names
+    common = os.path.commonpath(folders)
+    return [os.path.relpath(f, common).replace(os.sep, "-") for f in folders]
+
+
+def _is_report(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, name)) for name in ("report.html", "table.csv"))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", help="results.h5 files of evaluated runs")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (an earlier report there is replaced whole)")
     p.add_argument("--record", type=int, help="the evaluation record to report in every file (default: the newest)")
     args = p.parse_args()
-    table, curves = [], {}
-    for path in args.results:
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not (os.path.isdir(out) and (not os.listdir(out) or _is_report(out))):
+        print(f"report: error: --out {args.out} exists and is not a report folder; choose a new one", file=sys.stderr)
+        return 2
+    evaluated, seen = [], {}
+    for path in args.results:  # read and check every file before anything is written
         try:
             s = summarize(path, args.record)
         except (OSError, ValueError) as e:
@@ -352,33 +381,57 @@ def main() -> int:
         if "metrics" not in s:
             print(f"report: {path} has no metrics (run collafuse-hpc evaluate on it); left out")
             continue
-        table += rows(s)
-        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        curves[name] = study_stats.loss_curves(path)
-        export(path, os.path.join(args.out, "grids", name), record=args.record)
-    if not table:
+        run = rows(s)
+        point = _point(run[0])
+        if point in seen:
+            print(
+                f"report: error: {seen[point]} and {path} are the same point (split, partition, labels shared, "
+                f"c, seed = {', '.join(map(str, point))}): pooled, one run would count as two seeds; "
+                "give each run once (report runs of other settings separately)",
+                file=sys.stderr,
+            )
+            return 2
+        seen[point] = path
+        evaluated.append((path, run))
+    if not evaluated:
         print("report: no evaluated runs")
         return 1
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
+    try:
+        made = write_report(evaluated, staging, args.record)
+        if os.path.exists(out):  # replaced whole: no grid or figure of an earlier report stays
+            shutil.rmtree(out)
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"report: {args.out}/table.csv, versus_c1.csv, table.md, {made}, grids/, report.html")
+    return 0
+
+
+def write_report(evaluated: list[tuple[str, list[dict]]], out: str, record: int | None) -> str:
+    """Every file of the report for ``[(results path, its rows)]`` into the folder ``out``;
+    returns the figures drawn, for the summary line."""
+    table, curves = [], {}
+    for (path, run), name in zip(evaluated, _run_names([path for path, _ in evaluated]), strict=True):
+        table += run
+        curves[name] = study_stats.loss_curves(path)
+        export(path, os.path.join(out, "grids", name), record=record)
     versus = study_stats.versus_baseline(table)
     table = aggregate(table)
-    os.makedirs(args.out, exist_ok=True)
-    print(write_tables(table, versus, args.out))
+    print(write_tables(table, versus, out))
     pooled = [r for r in table if r["who"] == "pooled"]
     figures = [
         ("Class fidelity and quality per condition, against disclosure and client compute", "conditions.png",
          lambda path: conditions_figure(table, path)),
         ("Trade-off over the cut ratio c", "tradeoff.png", lambda path: tradeoff_figure(pooled, path)),
     ]  # fmt: skip
-    drawn = [
-        (title, os.path.join(args.out, name)) for title, name, draw in figures if draw(os.path.join(args.out, name))
-    ]
-    if loss_figure(curves, os.path.join(args.out, "loss.png")):
-        drawn.append(("Training loss of every run", os.path.join(args.out, "loss.png")))
-    write_html(table, versus, args.out, drawn)
-    made = ", ".join(os.path.basename(path) for _, path in drawn)
-    print(f"report: {args.out}/table.csv, versus_c1.csv, table.md, {made}, grids/, report.html")
-    return 0
+    drawn = [(title, os.path.join(out, name)) for title, name, draw in figures if draw(os.path.join(out, name))]
+    if loss_figure(curves, os.path.join(out, "loss.png")):
+        drawn.append(("Training loss of every run", os.path.join(out, "loss.png")))
+    write_html(table, versus, out, drawn)
+    return ", ".join(os.path.basename(path) for _, path in drawn)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
