@@ -478,6 +478,10 @@ def test_report_replaces_its_folder_whole_and_refuses_a_run_given_twice(report, 
     done = tool(runs[0], to=tmp_path / "notes")
     assert done.returncode == 2 and "is not a report folder" in done.stderr
     assert os.listdir(tmp_path / "notes") == ["todo.txt"]
+    # two points whose folders have the same name keep a grid folder each
+    shutil.copytree(runs[1].parent, tmp_path / "other/c0.25")
+    assert tool(runs[0], tmp_path / "other/c0.25/results.h5").returncode == 0
+    assert len(os.listdir(out / "grids")) == 2
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
