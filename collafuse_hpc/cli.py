@@ -189,6 +189,14 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         return _die(2, f"--epochs must be >= 1, got {args.epochs}", hard=False)
+    if os.path.exists(args.out):  # evaluations name their judge by its hash: a new one under the old path would
+        # score the next evaluations differently from the earlier ones without a word
+        return _die(
+            2,
+            f"{args.out} exists: evaluations already made with it would no longer match new ones; "
+            "choose another --out, or remove it first to train it again",
+            hard=False,
+        )
     try:
         meta = train_classifier(args.shards, args.out, epochs=args.epochs, seed=args.seed)
     except ValueError as e:

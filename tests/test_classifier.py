@@ -99,6 +99,13 @@ def test_evaluate_with_the_classifier_reports_fidelity_precision_recall_and_inte
     assert {"precision", "recall", "fid_low"} <= set(report["pooled"]["collaborative"])
 
 
+def test_train_classifier_never_replaces_a_classifier_evaluations_used(classifier, shards, capsys):
+    before = open(classifier, "rb").read()
+    assert main(["train-classifier", *shards, "--out", classifier, "--epochs", "1"]) == 2
+    assert "exists: evaluations already made with it" in capsys.readouterr().err
+    assert open(classifier, "rb").read() == before
+
+
 def test_a_missing_or_foreign_classifier_is_refused_before_sampling(tmp_path, shards, capsys):
     raw = tiny_config(shards, tmp_path, [0.25, 0.5], rounds=2)
     raw["eval"].update(extractor="classifier", classifier_path=str(tmp_path / "none.pt"))
