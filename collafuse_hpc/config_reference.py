@@ -38,7 +38,9 @@ prints the resolved config, the rank map and each client's cut without starting 
 "On `--resume`": whether a resumed run may change the key. Any other difference refuses
 the resume (exit 2, listing every difference), since it would change what the run trains.
 A shard may move on resume but must hold the same images (its content hash is saved
-with each checkpoint set) unless `clients.N.allow_new_shard: true`.
+with each checkpoint set) unless `clients.N.allow_new_shard: true`; `sample` and
+`evaluate` check the same, since scoring a model against a re-prepared shard's test
+images may score it on images it trained on.
 
 Site-wide defaults from the environment: `$COLLAFUSE_INCEPTION` and `$COLLAFUSE_CACHE`
 fill `eval.inception_path` and `eval.cache_dir` when the config leaves them empty.

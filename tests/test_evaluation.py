@@ -405,6 +405,22 @@ def test_client_compute_is_measured_once_per_model_and_cut(tmp_path, shards, mon
     assert report["c1"]["compute"] == report["c0"]["compute"] != report["c2"]["compute"]
 
 
+def test_evaluate_and_sample_refuse_a_shard_that_holds_other_images_than_the_run_trained_on(tmp_path, shards, capsys):
+    """Re-prepared or swapped shards would score a model against test images that may be
+    its own train images, and attack the wrong training set: refused, nothing written."""
+    config = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2))
+    assert main(["train", config, "--in-process"]) == 0
+    before = file_tree(tmp_path / "out")
+    swapped = ["--set", f"clients.0.shard={shards[2]}"]
+    for command in (["evaluate", config], ["sample", config, "--in-process"]):
+        capsys.readouterr()
+        assert main([*command, *swapped]) == 2, command
+        err = capsys.readouterr().err
+        assert "client 'c0' trained on" in err and "holds other images" in err and file_tree(tmp_path / "out") == before
+    moved = shutil.copy(shards[0], tmp_path / "staged.h5")  # the same images elsewhere: fine
+    assert main(["evaluate", config, "--set", f"clients.0.shard={moved}"]) == 0
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, shards) -> Path:
     """tools/report.py's folder for two evaluated runs (c = 0.25 and 0.75)."""

@@ -284,6 +284,7 @@ def _evaluate(cfg: Config, check: Callable[[], None]) -> dict:
     rounds = checkpoint.complete_rounds(cfg.run.output_dir)
     if not rounds:
         raise ValueError(f"no complete checkpoint set under {cfg.run.output_dir!r}; train first")
+    checkpoint.check_same_images(cfg, checkpoint.saved_run(cfg.run.output_dir, rounds[-1])[1], "evaluate")
     index = index_path(cfg.run.output_dir)
     if not os.path.exists(index):
         raise ValueError(f"{index!r} not found: evaluate needs the run's results file")

@@ -80,6 +80,29 @@ def shard_identities(cfg: Config) -> dict[str, dict[str, str]]:
     return {c.id: {"path": c.shard, "content_hash": inspect_shard(c.shard).content_hash} for c in cfg.clients}
 
 
+def check_same_images(cfg: Config, saved: dict[str, dict[str, str]], command: str) -> None:
+    """Each client's shard must hold the images the run trained on (``saved``: the set's
+    :func:`shard_identities`): it may move (data staged elsewhere), but a resume on other
+    images trains on them, and an evaluation on them scores against test images that may
+    be another split's train images and attacks the wrong training set. ValueError unless
+    ``clients.N.allow_new_shard`` says a change is intended."""
+    changed = []
+    for i, c in enumerate(cfg.clients):
+        old = saved.get(c.id)
+        new_hash = inspect_shard(c.shard).content_hash
+        if old is None or old["content_hash"] == new_hash or c.allow_new_shard:
+            continue
+        changed.append(
+            f"client {c.id!r} trained on {old['path']!r} (content_hash {old['content_hash'][:16]}), but "
+            f"clients.{i}.shard {c.shard!r} holds other images (content_hash {new_hash[:16]})"
+        )
+    if changed:
+        raise ValueError(
+            f"{command}: {'; '.join(changed)}. Point each shard at the images the run trained on, or, if the "
+            "change is intended, pass --set clients.<i>.allow_new_shard=true for each client named"
+        )
+
+
 def save_rank(
     output_dir: str, round_: int, rank: int, state: dict, config_yaml: str, shards: dict[str, dict[str, str]]
 ) -> None:

@@ -122,30 +122,10 @@ def _resume_round(cfg: Config, auto: bool) -> int:
             "timeouts, devices, shard paths, sampling steps and eval settings may change), or start a new "
             "run.output_dir"
         )
-    _check_same_images(cfg, shards)
+    checkpoint.check_same_images(cfg, shards, "--resume")
     if cfg.run.rounds < rounds[-1]:
         raise ValueError(
             f"--resume: the run in {out!r} has finished {rounds[-1]} rounds, but run.rounds is {cfg.run.rounds}; "
             "rounds are never undone: raise run.rounds to train on, or use 'collafuse-hpc sample' to sample again"
         )
     return rounds[-1]
-
-
-def _check_same_images(cfg: Config, saved: dict[str, dict[str, str]]) -> None:
-    """A shard may move on resume (data staged elsewhere) but must hold the images the run
-    trained on, unless ``clients.N.allow_new_shard`` says a change is intended."""
-    changed = []
-    for i, c in enumerate(cfg.clients):
-        old = saved.get(c.id)
-        new_hash = inspect_shard(c.shard).content_hash
-        if old is None or old["content_hash"] == new_hash or c.allow_new_shard:
-            continue
-        changed.append(
-            f"client {c.id!r} trained on {old['path']!r} (content_hash {old['content_hash'][:16]}), but "
-            f"clients.{i}.shard {c.shard!r} holds other images (content_hash {new_hash[:16]})"
-        )
-    if changed:
-        raise ValueError(
-            f"--resume: {'; '.join(changed)}. Point each shard at the images the run trained on, or, if the "
-            "change is intended, resume with --set clients.<i>.allow_new_shard=true for each client named"
-        )
