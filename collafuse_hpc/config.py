@@ -99,7 +99,7 @@ class ClientConfig:
     labels: bool = False  # condition the client model on its own labels (stay local)
     share_labels: bool = False  # opt-in: send labels with x_c; the server model becomes class-conditioned
     allow_centralized: bool = False  # required for c = 0: the server sees raw images
-    allow_new_shard: bool = False  # --resume, sample, evaluate: accept a shard holding other images than the run trained on
+    allow_new_shard: bool = False  # --resume, sample, evaluate: accept a shard with other images than the run used
     wire_dtype: str = "float32"  # x_c and the returned x_h on the wire; bfloat16 and float16 halve the bytes
     compile: bool = False  # torch.compile the client UNet
     model: ModelConfig = field(default_factory=ModelConfig)
