@@ -416,7 +416,8 @@ def test_evaluate_and_sample_refuse_a_shard_that_holds_other_images_than_the_run
         capsys.readouterr()
         assert main([*command, *swapped]) == 2, command
         err = capsys.readouterr().err
-        assert "client 'c0' trained on" in err and "holds other images" in err and file_tree(tmp_path / "out") == before
+        assert f"{command[0]}: client 'c0' trained on" in err and "holds other images" in err
+        assert file_tree(tmp_path / "out") == before
     moved = shutil.copy(shards[0], tmp_path / "staged.h5")  # the same images elsewhere: fine
     assert main(["evaluate", config, "--set", f"clients.0.shard={moved}"]) == 0
 

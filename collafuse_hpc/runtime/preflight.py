@@ -19,13 +19,14 @@ from collafuse_hpc.results.tensorboard import check_available
 from collafuse_hpc.runtime import checkpoint
 
 
-def preflight(cfg: Config, resume: bool | str) -> int:
+def preflight(cfg: Config, resume: bool | str, sample: bool = False) -> int:
     """Checks every rank makes before any collective and before any file is written;
     returns the round to start at.
 
     Args:
         resume: False (a new run), True (continue the newest complete checkpoint set;
             refused without one) or "auto" (continue one if there is one, else start).
+        sample: the ``sample`` command (it continues the newest set too); names it in errors.
     """
     for i, c in enumerate(cfg.clients):
         info = inspect_shard(c.shard)
@@ -64,7 +65,7 @@ def preflight(cfg: Config, resume: bool | str) -> int:
                 "run.output_dir to a new folder"
             )
         return 0
-    return _resume_round(cfg, auto=resume == "auto")
+    return _resume_round(cfg, resume == "auto", "sample" if sample else "--resume")
 
 
 def _check_models(cfg: Config) -> None:
@@ -94,7 +95,7 @@ def _check_models(cfg: Config) -> None:
             ) from None
 
 
-def _resume_round(cfg: Config, auto: bool) -> int:
+def _resume_round(cfg: Config, auto: bool, command: str) -> int:
     """The newest complete set's round, after checking that this config may continue it."""
     out = cfg.run.output_dir
     rounds = checkpoint.complete_rounds(out)
@@ -102,7 +103,7 @@ def _resume_round(cfg: Config, auto: bool) -> int:
         if auto:
             return 0
         raise ValueError(
-            f"--resume: {checkpoint.describe(out)}, so there is nothing to continue. Start without --resume "
+            f"{command}: {checkpoint.describe(out)}, so there is nothing to continue. Start without --resume "
             "(a new run.output_dir), or pass --resume=auto to continue when a set exists and start otherwise"
         )
     saved, errors = None, []
@@ -113,19 +114,19 @@ def _resume_round(cfg: Config, auto: bool) -> int:
         except ValueError as e:
             errors.append(str(e))
     if saved is None:
-        raise ValueError(f"--resume: no checkpoint set in {out!r} can be read: {'; '.join(errors)}")
+        raise ValueError(f"{command}: no checkpoint set in {out!r} can be read: {'; '.join(errors)}")
     differences = resume_differences(saved, to_dict(cfg))
     if differences:
         raise ValueError(
-            f"--resume: this config differs from the run in {out!r} in keys that change what it trains: "
+            f"{command}: this config differs from the run in {out!r} in keys that change what it trains: "
             f"{'; '.join(differences)}. Resume with the run's config (only rounds, logging, checkpointing, "
             "timeouts, devices, shard paths, sampling steps and eval settings may change), or start a new "
             "run.output_dir"
         )
-    checkpoint.check_same_images(cfg, shards, "--resume")
+    checkpoint.check_same_images(cfg, shards, command)
     if cfg.run.rounds < rounds[-1]:
         raise ValueError(
-            f"--resume: the run in {out!r} has finished {rounds[-1]} rounds, but run.rounds is {cfg.run.rounds}; "
+            f"{command}: the run in {out!r} has finished {rounds[-1]} rounds, but run.rounds is {cfg.run.rounds}; "
             "rounds are never undone: raise run.rounds to train on, or use 'collafuse-hpc sample' to sample again"
         )
     return rounds[-1]

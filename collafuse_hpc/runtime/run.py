@@ -178,7 +178,7 @@ def run_distributed(cfg: Config, resume: bool | str, stop: StopRequest | None = 
         if launch.rank == 0:
             log.info("torchrun restart %d: continuing from the newest complete checkpoint set", launch.restart)
     topo = Topology.from_config(cfg, launch.world_size)
-    start_round = preflight(cfg, resume)
+    start_round = preflight(cfg, resume, sample)
     check_lock(cfg.run.output_dir, _job_key(launch))
     rank = launch.rank
     torch.set_num_threads(threads_per_rank(launch, cfg.run.threads))
@@ -228,7 +228,7 @@ def run_in_process(
     invocation by its part file's name (``server_0``, ``client_<id>``).
     Raises on failure, Preempted after a stop request. ``sample`` as in run_distributed."""
     topo = Topology.from_config(cfg)
-    start_round = preflight(cfg, resume)
+    start_round = preflight(cfg, resume, sample)
     stop = stop or StopRequest()
     stop.grace_s = cfg.run.stop_grace_s
     lock = RunLock(cfg.run.output_dir, f"in-process:{socket.gethostname()}:{os.getpid()}")
