@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 from scipy import stats
-from study_stats import loss_change, loss_curves, versus_baseline
+from study_stats import converged, loss_change, loss_change_noise, loss_curves, versus_baseline
 
 
 def test_loss_change_tells_a_flat_tail_from_a_falling_one():
@@ -17,6 +17,20 @@ def test_loss_change_tells_a_flat_tail_from_a_falling_one():
     assert loss_change(0.05 + np.exp(-rounds / 50)) < 0.001  # decayed long before the end
     assert loss_change(1 - rounds / 1000) == pytest.approx(1 / 9, rel=1e-3)  # still falling at a constant rate
     assert math.isnan(loss_change(np.ones(50)))
+
+
+def test_a_scattered_flat_tail_is_converged_and_a_steady_fall_is_not():
+    """The server's per-round loss scatters widely (each round draws its own steps): two
+    windows' means of a flat tail then differ by more than CONVERGED by chance alone."""
+    rounds = np.arange(800)
+    rng = np.random.default_rng(0)
+    flat = 0.1 + 0.2 * np.exp(-rounds / 60) + rng.normal(0, 0.03, 800)
+    flat[-80:] -= 0.006  # a chance dip of the last window: about 3% of the whole fall
+    assert loss_change(flat) > 0.02 and loss_change_noise(flat) > loss_change(flat) and converged(flat)
+    smooth = 0.1 + 0.2 * np.exp(-rounds / 60) + rng.normal(0, 0.0005, 800)
+    assert loss_change_noise(smooth) < 0.02 and converged(smooth)
+    falling = 0.3 - 0.2 * rounds / 800 + rng.normal(0, 0.03, 800)  # scattered too, but falls steadily
+    assert loss_change(falling) > loss_change_noise(falling) and not converged(falling)
 
 
 def test_loss_curves_average_the_clients_that_trained_and_leave_out_a_c0_run_s(tmp_path):

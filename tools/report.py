@@ -78,7 +78,9 @@ COLUMNS = {
     "real_fid_halves": "known answer: FD real vs real (test halves)",
     "real_fidelity": "known answer: class fidelity of real test images",
     "real_class_distance": "known answer: class distance of real test images",
-    "loss_change": "loss still falling: last 10% of rounds' drop / whole drop (converged if < 0.02)",
+    "loss_change": "loss still falling: last 10% of rounds' drop / whole drop",
+    "loss_noise": "its 95% half-width from the rounds' scatter",
+    "converged": "converged (drop < 0.02 or within its scatter; share of seeds)",
     "t_c": "t_c (step)",
     "snr": "SNR(t_c) (ratio)",
     "psnr_x_c_db": "PSNR x_c vs x_0 (dB)",
@@ -103,7 +105,7 @@ COLUMNS = {
 ATTACK = [key for key in COLUMNS if key.startswith(("recon_", "link_", "chance_"))]
 KEYS = ["split", "partition", "share", "c", "who", "seeds"]
 FIDELITY = ["fidelity", "class_distance", "confidence", "precision", "recall"]
-FIDELITY += ["real_fid_halves", "real_fidelity", "real_class_distance", "loss_change"]
+FIDELITY += ["real_fid_halves", "real_fidelity", "real_class_distance", "loss_change", "loss_noise", "converged"]
 QUALITY = [*KEYS, *(f"fid_{s}" for s in SETS), *(f"kid_mean_{s}" for s in SETS), *FIDELITY]
 _ORDER = list(COLUMNS)
 DISCLOSURE = [*KEYS, *_ORDER[_ORDER.index("t_c") : _ORDER.index("sampling_flops_ratio")]]
@@ -157,6 +159,15 @@ def _quality_columns(m: dict, who: str) -> dict:
     return out
 
 
+def _convergence(curves: dict) -> dict:
+    """The loss still falling of the role (clients' mean, server) that falls most, its
+    scatter, and whether every role has converged (1.0 or 0.0: averaged over seeds, a share)."""
+    roles = [curves[role] for role in ("clients", "server") if role in curves]
+    change, noise = max((study_stats.loss_change(r), study_stats.loss_change_noise(r)) for r in roles)
+    done = NAN if math.isnan(change) else float(all(map(study_stats.converged, roles)))  # NaN: under 100 rounds
+    return {"loss_change": change, "loss_noise": noise, "converged": done}
+
+
 def rows(summary: dict) -> list[dict]:
     """The rows of one evaluated run: ``pooled`` first, then one per client."""
     m, roles, config = summary["metrics"], summary["roles"], summary["config"]
@@ -167,7 +178,7 @@ def rows(summary: dict) -> list[dict]:
         "split": config["diffusion"]["split"],
         "partition": m["attrs"].get("partition", "-"),
         "share": "on" if any(c.get("share_labels") for c in config["clients"]) else "off",
-        "loss_change": max(study_stats.loss_change(curves[role]) for role in ("clients", "server") if role in curves),
+        **_convergence(curves),
         "c": cuts.pop() if len(cuts) == 1 else "mixed",
         "seed": config["run"]["seed"],
         "rounds": config["run"]["rounds"],

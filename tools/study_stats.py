@@ -101,17 +101,40 @@ def loss_curves(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _windows(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The first, second-to-last and last WINDOW of rounds (None for fewer than 100)."""
+    losses = losses[~np.isnan(losses)]
+    n = int(len(losses) * WINDOW)
+    return (losses[:n], losses[-2 * n : -n], losses[-n:]) if n >= 10 else None
+
+
 def loss_change(losses: np.ndarray) -> float:
     """How much the loss still falls at the end: the drop of the mean loss from the
     second-to-last WINDOW of rounds to the last one, as a share of its whole drop from
     the first WINDOW to the last (0: flat, 1: all of the fall is still happening). Below
-    CONVERGED the run counts as converged. NaN for fewer than 100 rounds."""
-    losses = losses[~np.isnan(losses)]
-    n = int(len(losses) * WINDOW)
-    if n < 10:
+    CONVERGED, or within :func:`loss_change_noise`, the run counts as converged. NaN for
+    fewer than 100 rounds."""
+    if (w := _windows(losses)) is None:
         return math.nan
-    first, before, last = losses[:n].mean(), losses[-2 * n : -n].mean(), losses[-n:].mean()
+    first, before, last = (x.mean() for x in w)
     return float((before - last) / (first - last))
+
+
+def loss_change_noise(losses: np.ndarray) -> float:
+    """The 95% half-width of :func:`loss_change` from the rounds' own scatter: each round
+    draws its own steps and noise, so two windows' means differ by chance by about this
+    much even when nothing is learned any more (the server's loss, averaged over a wide
+    range of steps, scatters several times more than the clients')."""
+    if (w := _windows(losses)) is None:
+        return math.nan
+    first, before, last = w
+    error = math.sqrt(before.var(ddof=1) / len(before) + last.var(ddof=1) / len(last))
+    return float(1.96 * error / (first.mean() - last.mean()))
+
+
+def converged(losses: np.ndarray) -> bool:
+    """The fall still happening is below CONVERGED or cannot be told from the scatter."""
+    return loss_change(losses) < max(CONVERGED, loss_change_noise(losses))
 
 
 def smooth(values: np.ndarray, decay: float = 0.98) -> np.ndarray:
