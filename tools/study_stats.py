@@ -35,7 +35,7 @@ COMPARED = {
 # the convergence check compares the mean loss over the last 10% of rounds with the 10% before (for the clients'
 # mean loss and for the server's; the report takes the larger)
 WINDOW = 0.1
-CONVERGED = 0.02  # the share of the loss's whole fall still happening in the last window, below which it has converged
+CONVERGED = 0.02  # share of the whole fall still happening at the end: below it (or within its scatter), converged
 
 
 def _image_half(run: dict, base: dict, column: str) -> float:
