@@ -3,14 +3,16 @@
 Every file a reader may open while it is being (re)written (checkpoints,
 results.h5, shards, feature caches, the run lock) is written to a temporary
 file beside its target and renamed over it, so a reader or a crash sees the
-old file or the new one, never half of one.
+old file or the new one, never half of one. A command that makes a file others are
+judged by or read from (a classifier, a converted network, a bundle, exported
+grids) never replaces one that exists: :func:`refuse_existing`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -44,3 +46,18 @@ def _fsync(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def refuse_existing(paths: Iterable[str], why: str) -> None:
+    """Raise ValueError naming every one of ``paths`` that exists, before anything is
+    written: what was made from the old file (evaluations scored with a classifier,
+    a bundle sent to a colleague) would silently stop matching its new content.
+
+    Args:
+        why: what replacing it would break, for the message.
+    """
+    taken = [p for p in paths if os.path.lexists(p)]
+    if taken:
+        names, one = ", ".join(repr(p) for p in taken), len(taken) == 1
+        verb, it = ("exists", "it") if one else ("exist", "them")
+        raise ValueError(f"{names} {verb}: {why}; write elsewhere, or remove {it} first")

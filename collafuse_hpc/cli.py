@@ -34,6 +34,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from collafuse_hpc import logs
+from collafuse_hpc.atomic import refuse_existing
 from collafuse_hpc.version import __version__
 
 if TYPE_CHECKING:  # the rest loads after the signal handlers are in place (see main)
@@ -189,15 +190,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         return _die(2, f"--epochs must be >= 1, got {args.epochs}", hard=False)
-    if os.path.exists(args.out):  # evaluations name their judge by its hash: a new one under the old path would
-        # score the next evaluations differently from the earlier ones without a word
-        return _die(
-            2,
-            f"{args.out} exists: evaluations already made with it would no longer match new ones; "
-            "choose another --out, or remove it first to train it again",
-            hard=False,
-        )
     try:
+        refuse_existing([args.out], "evaluations already made with it would no longer match new ones")
         meta = train_classifier(args.shards, args.out, epochs=args.epochs, seed=args.seed)
     except ValueError as e:
         return _die(2, str(e), hard=False)

@@ -118,3 +118,32 @@ def test_a_run_of_the_schema_before_records_is_read_and_continued(tmp_path, shar
         np.testing.assert_array_equal(f["clients/c0/records/v2/samples/images"][()], old)
         assert f["clients/c0/samples"].attrs["sampling_steps"] == 5
         assert int(f["records/0"].attrs["checkpoint_round"]) == 2
+
+
+def test_bundle_export_and_convert_inception_never_replace_a_file(tmp_path, shards, capsys):
+    """What was made from a file (a bundle sent on, grids in a paper, evaluations scored
+    with a network) must keep matching it: a command refuses a target that exists, names
+    it, and leaves it as it was."""
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2)
+    raw["run"]["samples_per_client"] = 4
+    assert main(["train", write_config(tmp_path / "run.yaml", raw), "--in-process"]) == 0
+    results = str(tmp_path / "out/results.h5")
+    assert main(["export", results, "--out", str(tmp_path / "grids")]) == 0
+    (tmp_path / "bundle.h5").write_bytes(b"a colleague's copy")
+    (tmp_path / "fid.pth").write_bytes(b"the network earlier evaluations used")
+    before = {p: p.read_bytes() for p in [*tmp_path.glob("grids/*"), tmp_path / "bundle.h5", tmp_path / "fid.pth"]}
+    before[tmp_path / "out/results.h5"] = (tmp_path / "out/results.h5").read_bytes()
+    capsys.readouterr()
+    refused = {
+        "bundle onto a file": (["bundle", results, str(tmp_path / "bundle.h5")], "bundle.h5' exists"),
+        "bundle onto the run itself": (["bundle", results, results], "results.h5' exists: it may be the run's own"),
+        "export again": (["export", results, "--out", str(tmp_path / "grids")], "samples_c0.png', "),
+        "export arrays beside": (["export", results, "--out", str(tmp_path / "grids"), "--npy"], "samples_c1.png' exist"),
+        "convert-inception": (["convert-inception", results, str(tmp_path / "fid.pth")], "fid.pth' exists: evaluations"),
+    }  # fmt: skip
+    for case, (command, message) in refused.items():
+        assert main(command) == 2, case
+        err = capsys.readouterr().err
+        assert message in err and "write elsewhere, or remove" in err, (case, err)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.glob("grids/*")) == ["samples_c0.png", "samples_c1.png"]

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import yaml
 
+from collafuse_hpc.atomic import refuse_existing
 from collafuse_hpc.evaluation.attacks import describe as describe_attack
 from collafuse_hpc.results.schema import (
     AUDIT,
@@ -247,17 +248,16 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
             for name, s in g.items():
                 if "images" in s:
                     images[f"{who}_{name}"] = s["images"][()]
-    written = []
-    for name, array in images.items():
+    kinds = (".png", ".npy") if arrays else (".png",)
+    targets = {os.path.join(out_dir, name + kind): array for name, array in images.items() for kind in kinds}
+    refuse_existing(targets, "an earlier export (of this run, another record or another run) would be mixed in")
+    for path, array in targets.items():
         os.makedirs(out_dir, exist_ok=True)
-        png = os.path.join(out_dir, f"{name}.png")
-        save_grid(array, png)
-        written.append(png)
-        if arrays:
-            npy = os.path.join(out_dir, f"{name}.npy")
-            np.save(npy, array)
-            written.append(npy)
-    return written
+        if path.endswith(".png"):
+            save_grid(array, path)
+        else:
+            np.save(path, array)
+    return list(targets)
 
 
 COMPARE_ROWS = (

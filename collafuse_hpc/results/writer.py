@@ -18,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from collafuse_hpc.atomic import atomic_path
+from collafuse_hpc.atomic import atomic_path, refuse_existing
 from collafuse_hpc.results.schema import (
     METRICS,
     RECORDS,
@@ -282,6 +282,7 @@ def bundle(index: str, target: str) -> list[str]:
     external links). Written atomically; returns the role keys whose part file is
     missing (also stored in the ``missing_parts`` attribute). ValueError when
     ``index`` is not a results file."""
+    refuse_existing([target], "it may be the run's own results.h5, another run's, or a bundle already sent")
     missing = []
     with open_results(index) as src, atomic_path(target) as tmp, h5py.File(tmp, "w") as dst:
         dst.attrs.update(src.attrs)
