@@ -484,6 +484,10 @@ def test_report_replaces_its_folder_whole_and_refuses_a_run_given_twice(report, 
         assert done.returncode == 2 and "are the same point" in done.stderr and "two seeds" in done.stderr
     (tmp_path / "broken.h5").write_bytes(b"not an HDF5 file")
     assert tool(runs[0], tmp_path / "broken.h5").returncode == 2
+    (tmp_path / "copy/c0.25/parts/client_c1.h5").unlink()  # its loss curve is gone with it
+    done = tool(runs[1], tmp_path / "copy/c0.25/results.h5")
+    assert done.returncode == 2 and "missing clients/c1: part file parts/client_c1.h5" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
     # refused: the earlier report as it was, and nothing left aside
     assert file_tree(out) == before and sorted(os.listdir(tmp_path)) == ["broken.h5", "copy", "report"]
     # fewer runs: nothing of the left-out run stays (its grids were shown in report.html)

@@ -134,12 +134,13 @@ def test_bundle_export_and_convert_inception_never_replace_a_file(tmp_path, shar
     before = {p: p.read_bytes() for p in [*tmp_path.glob("grids/*"), tmp_path / "bundle.h5", tmp_path / "fid.pth"]}
     before[tmp_path / "out/results.h5"] = (tmp_path / "out/results.h5").read_bytes()
     capsys.readouterr()
+    grids, fid = str(tmp_path / "grids"), str(tmp_path / "fid.pth")
     refused = {
         "bundle onto a file": (["bundle", results, str(tmp_path / "bundle.h5")], "bundle.h5' exists"),
         "bundle onto the run itself": (["bundle", results, results], "results.h5' exists: it may be the run's own"),
-        "export again": (["export", results, "--out", str(tmp_path / "grids")], "samples_c0.png', "),
-        "export arrays beside": (["export", results, "--out", str(tmp_path / "grids"), "--npy"], "samples_c1.png' exist"),
-        "convert-inception": (["convert-inception", results, str(tmp_path / "fid.pth")], "fid.pth' exists: evaluations"),
+        "export again": (["export", results, "--out", grids], "samples_c0.png', "),
+        "export arrays beside": (["export", results, "--out", grids, "--npy"], "samples_c1.png' exist"),
+        "convert-inception": (["convert-inception", results, fid], "fid.pth' exists: evaluations"),
     }  # fmt: skip
     for case, (command, message) in refused.items():
         assert main(command) == 2, case

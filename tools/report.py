@@ -168,12 +168,12 @@ def _convergence(curves: dict) -> dict:
     return {"loss_change": change, "loss_noise": noise, "converged": done}
 
 
-def rows(summary: dict) -> list[dict]:
-    """The rows of one evaluated run: ``pooled`` first, then one per client."""
+def rows(summary: dict, curves: dict) -> list[dict]:
+    """The rows of one evaluated run (its ``curves``: study_stats.loss_curves): ``pooled``
+    first, then one per client."""
     m, roles, config = summary["metrics"], summary["roles"], summary["config"]
     clients = [who for who in m if who not in ("attrs", "pooled")]
     cuts = {c.get("cut_ratio") for c in config["clients"]}
-    curves = study_stats.loss_curves(summary["file"])
     run = {
         "split": config["diffusion"]["split"],
         "partition": m["attrs"].get("partition", "-"),
@@ -386,13 +386,17 @@ def main() -> int:
     for path in args.results:  # read and check every file before anything is written
         try:
             s = summarize(path, args.record)
+            lost = [m for m in s["missing"] if ": part file " in m]
+            if lost:  # its loss curves, and whether it converged, are in those files
+                raise ValueError(f"{path}: missing {'; '.join(lost)}; restore it, or leave the run out")
+            curves = study_stats.loss_curves(path)
         except (OSError, ValueError) as e:
             print(f"report: error: {e}", file=sys.stderr)
             return 2
         if "metrics" not in s:
             print(f"report: {path} has no metrics (run collafuse-hpc evaluate on it); left out")
             continue
-        run = rows(s)
+        run = rows(s, curves)
         point = _point(run[0])
         if point in seen:
             print(
@@ -403,7 +407,7 @@ def main() -> int:
             )
             return 2
         seen[point] = path
-        evaluated.append((path, run))
+        evaluated.append((path, run, curves))
     if not evaluated:
         print("report: no evaluated runs")
         return 1
@@ -420,13 +424,13 @@ def main() -> int:
     return 0
 
 
-def write_report(evaluated: list[tuple[str, list[dict]]], out: str, record: int | None) -> str:
-    """Every file of the report for ``[(results path, its rows)]`` into the folder ``out``;
-    returns the figures drawn, for the summary line."""
+def write_report(evaluated: list[tuple[str, list[dict], dict]], out: str, record: int | None) -> str:
+    """Every file of the report for ``[(results path, its rows, its loss curves)]`` into
+    the folder ``out``; returns the figures drawn, for the summary line."""
     table, curves = [], {}
-    for (path, run), name in zip(evaluated, _run_names([path for path, _ in evaluated]), strict=True):
+    for (path, run, run_curves), name in zip(evaluated, _run_names([e[0] for e in evaluated]), strict=True):
         table += run
-        curves[name] = study_stats.loss_curves(path)
+        curves[name] = run_curves
         export(path, os.path.join(out, "grids", name), record=record)
     versus = study_stats.versus_baseline(table)
     table = aggregate(table)
