@@ -96,7 +96,7 @@ def test_same_seed_same_split_and_resumed_decoding(celeba, tmp_path, caplog):
     assert [inspect_shard(p).content_hash for p in other] != first
 
 
-def test_a_shard_says_how_its_pixels_were_made_and_fewer_clients_leave_no_stale_shard(celeba, tmp_path, capsys):
+def test_a_shard_says_how_its_pixels_were_made_and_another_preparation_never_replaces_it(celeba, tmp_path):
     root, _ = celeba
     (path,) = prepare(read_celeba(root), str(tmp_path / "a"), 1, "iid", size=8, crop=500, workers=2)
     assert inspect_shard(path) and _read(path)[1]["recipe"].startswith(
@@ -104,12 +104,16 @@ def test_a_shard_says_how_its_pixels_were_made_and_fewer_clients_leave_no_stale_
     )
     (path,) = prepare(read_celeba(root), str(tmp_path / "b"), 1, "iid", size=8, crop=140, workers=2)
     assert _read(path)[1]["recipe"].startswith("centre crop 140, bicubic")
+    # runs trained on a folder's shards check their content: another preparation there (fewer clients,
+    # another seed) would leave them unable to resume or be evaluated, so it is refused; the same one is not
     make_folder(str(tmp_path / "folder"))
     prepare(read_folder(str(tmp_path / "folder")), str(tmp_path / "c"), 3, "iid", size=8, workers=2)
-    capsys.readouterr()
-    prepare(read_folder(str(tmp_path / "folder")), str(tmp_path / "c"), 2, "iid", size=8, workers=2)
-    assert sorted(p.name for p in (tmp_path / "c").glob("client_*.h5")) == ["client_0.h5", "client_1.h5"]
-    assert "removed client_2.h5 of an earlier preparation with more clients" in capsys.readouterr().out
+    shards = {p: p.read_bytes() for p in (tmp_path / "c").glob("client_*.h5")}
+    for clients, seed in ((2, 0), (3, 1)):
+        with pytest.raises(ValueError, match=r"client_0.h5', .* exist: shards of another preparation; runs trained"):
+            prepare(read_folder(str(tmp_path / "folder")), str(tmp_path / "c"), clients, "iid", size=8, seed=seed)
+    assert {p: p.read_bytes() for p in (tmp_path / "c").glob("client_*.h5")} == shards
+    prepare(read_folder(str(tmp_path / "folder")), str(tmp_path / "c"), 3, "iid", size=8, workers=2)
 
 
 def test_ctrl_c_during_prepare_says_what_was_kept_and_exits_130(tmp_path):

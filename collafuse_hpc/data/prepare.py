@@ -30,8 +30,9 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from collafuse_hpc.atomic import refuse_existing
 from collafuse_hpc.data import partition as part
-from collafuse_hpc.data.shard import Split, write_shard
+from collafuse_hpc.data.shard import Split, content_hash, inspect_shard, write_shard
 from collafuse_hpc.data.sources import Catalog
 from collafuse_hpc.logs import Progress
 
@@ -297,6 +298,7 @@ def prepare(
         + (f" groups={groups} {'exclusive' if exclusive else 'overlap'}" if rule == "attributes" else "")
         + (f" alpha={alpha}" if rule == "dirichlet" else "")
     )
+    _refuse_other_shards(out, [content_hash(shard) for shard in shards])
     paths = []
     print(f"{'client':<10}{'train':>8}{'test':>8}  train labels")
     for k, shard in enumerate(shards):
@@ -317,12 +319,26 @@ def prepare(
             f"{_histogram(shard['train'].labels)}"
         )
         paths.append(path)
-    for name in sorted(os.listdir(out)):
-        m = re.fullmatch(r"client_(\d+)\.h5", name)
-        if m and int(m.group(1)) >= clients:
-            os.unlink(os.path.join(out, name))
-            print(f"note: removed {name} of an earlier preparation with more clients")
     return paths
+
+
+def _refuse_other_shards(out: str, hashes: list[str]) -> None:
+    """Refuse, before any shard is written, an ``out`` holding shards of another preparation
+    (other images, or more clients): runs trained on them check the content hash on resume
+    and evaluation, and could no longer continue. The same command again is allowed."""
+    other = []
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        m = re.fullmatch(r"client_(\d+)\.h5", name)
+        if not m:
+            continue
+        k, path = int(m.group(1)), os.path.join(out, name)
+        try:
+            same = k < len(hashes) and inspect_shard(path).content_hash == hashes[k]
+        except ValueError:  # not a shard, or a broken one: not this command's to replace either
+            same = False
+        if not same:
+            other.append(path)
+    refuse_existing(other, "shards of another preparation; runs trained on them could no longer resume or be evaluated")
 
 
 def _check_out(out: str) -> None:

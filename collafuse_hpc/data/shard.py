@@ -67,6 +67,11 @@ def _datasets(split: Split) -> dict[str, np.ndarray]:
     return out
 
 
+def content_hash(splits: dict[str, Split]) -> str:
+    """The content_hash that :func:`write_shard` stores for ``splits``, without writing."""
+    return _content_hash({name: _datasets(split) for name, split in splits.items()})
+
+
 def _content_hash(tree: dict[str, dict[str, np.ndarray]]) -> str:
     """sha256 over {split: {dataset: array}} in sorted order (strings joined by NUL)."""
     h = hashlib.sha256()
