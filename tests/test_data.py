@@ -162,6 +162,7 @@ def test_unreadable_images_are_skipped_and_reported_or_fail_in_strict_mode(tmp_p
         os.path.join(root, "img_align_celeba", "000004.jpg"), os.path.join(root, "img_align_celeba", "000003.jpg")
     )
     Image.new("RGB", (178, 218), (255, 0, 0)).save(os.path.join(root, "img_align_celeba", "000005.jpg"))
+    os.remove(path)  # other pixels: the old shard is refused as another preparation's until it is removed
     (path,) = prepare(read_celeba(root), str(tmp_path / "out"), 1, "iid", size=8, workers=2)
     assert "decoding celeba: 3/3 images" in caplog.text  # 000002 (still missing), 000003, 000005
     (train, _), (test, _) = _read(path, "train"), _read(path, "test")
