@@ -131,6 +131,25 @@ def test_gpu_check_runs_on_cpu_and_says_so(tmp_path):
     assert many["clients"] == 8 and many["server_images_per_s"] > 0 and many["run_images_per_s"] > 0
 
 
+def test_benchmarks_never_overwrite_an_earlier_measurement(tmp_path):
+    """A benchmark's JSON is a record: an existing one is refused before anything is measured."""
+    (tmp_path / "m.json").write_text("earlier")
+    (tmp_path / "server.json").write_text("earlier")
+    (tmp_path / "gpu_check.json").write_text("earlier")
+    tools = os.path.join(ROOT, "tools")
+    commands = [
+        *([f"{tools}/{name}.py", "--json", str(tmp_path / "m.json")] for name in ("bench_eval", "bench_sampler")),
+        *([f"{tools}/{name}.py", "--json", str(tmp_path / "m.json")] for name in ("bench_clients", "bench_loader")),
+        [f"{tools}/bench.py", "wire", "server", "--out", str(tmp_path)],
+        [f"{tools}/gpu_check.py", "--out", str(tmp_path)],
+    ]
+    for cmd in commands:
+        done = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (cmd, done.stdout, done.stderr)
+        assert "exists: an earlier measurement would be lost; write elsewhere, or remove it first" in done.stderr, cmd
+    assert {p.read_text() for p in tmp_path.iterdir()} == {"earlier"} and len(list(tmp_path.iterdir())) == 3
+
+
 def test_bench_rejects_an_unknown_benchmark_by_name():
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools/bench.py"), "server", "speed"], capture_output=True, text=True

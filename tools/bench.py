@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Performance suite: ratios measured side by side in one run (docs/performance.md).
 
-    python tools/bench.py [all|server|wire|client|scaling|data|e2e ...] [--out runs/bench] [--device cpu|cuda]
+    python tools/bench.py [all|server|wire|client|scaling|data|e2e ...] [--out runs/bench-<time>] [--device cpu|cuda]
 
 Each benchmark prints a table and writes <out>/<name>.json. What each measures and its ideal:
   server   server training images/s in a distributed run (1 server, 2 clients with tiny models)
@@ -182,13 +182,14 @@ NAMES = ("server", "wire", "client", "scaling", "data", "e2e")
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("which", nargs="*", help=f"benchmarks to run: all (default) or any of {', '.join(NAMES)}")
-    p.add_argument("--out", default="runs/bench", help="folder for the JSON files")
+    p.add_argument("--out", default=harness.stamped("runs/bench"), help="folder for the JSON files (default: stamped)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the server's device")
     args = p.parse_args()
     unknown = sorted(set(args.which) - {"all", *NAMES})
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from all, {', '.join(NAMES)}")
     which = NAMES if not args.which or "all" in args.which else args.which
+    harness.refuse_existing_outputs(p, [os.path.join(args.out, f"{name}.json") for name in which])
     torch.set_num_threads(1)  # as each rank of the distributed runs
     os.makedirs(args.out, exist_ok=True)
     print(f"collafuse-hpc benchmarks on {os.cpu_count()} cores, server on {args.device}, torch {torch.__version__}")

@@ -162,6 +162,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=12, help="rounds of each run (part 2)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
+    harness.refuse_existing_outputs(p, [args.json])
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         figures = {"overhead": overhead(tmp, args.batch, args.repeats), "scaling": scaling(tmp, args.rounds)}

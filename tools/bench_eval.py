@@ -56,6 +56,7 @@ def main() -> int:
     p.add_argument("--images", type=int, default=0, help="eval.images (default: the quickstart's)")
     p.add_argument("--rounds", type=int, default=20, help="training rounds before evaluating")
     args = p.parse_args()
+    harness.refuse_existing_outputs(p, [args.json])
     tmp = tempfile.mkdtemp(prefix="collafuse-bench-eval-")
     inception = None if args.pixels else harness.inception_weights(args.inception, tmp)
     raw = harness.quickstart_config(tmp, args.rounds, inception)

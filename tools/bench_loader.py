@@ -17,7 +17,6 @@ Prints a table and the shard/jpeg ratio (target: at least 20x).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import harness  # noqa: E402
 
 from collafuse_hpc.data import ShardReader, to_model_range  # noqa: E402
 from collafuse_hpc.data.prepare import Recipe, decode_file, prepare  # noqa: E402
@@ -64,6 +65,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    harness.refuse_existing_outputs(p, [args.json])
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "jpegs")
@@ -104,9 +106,7 @@ def main() -> int:
         f"ratio shard/jpeg: {ratio:.1f}x (target >= 20x); shard/shard-fancy: "
         f"{results['shard'] / results['shard-fancy']:.2f}x"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"images_per_s": results, "ratio_shard_over_jpeg": ratio, **vars(args)}, f, indent=2)
+    harness.save_json(args.json, {"images_per_s": results, "ratio_shard_over_jpeg": ratio, **vars(args)})
     return 0
 
 

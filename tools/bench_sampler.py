@@ -67,6 +67,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=400, help="training rounds (the quickstart's 400)")
     p.add_argument("--images", type=int, default=180, help="samples per client and sampler")
     args = p.parse_args()
+    harness.refuse_existing_outputs(p, [args.json])
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     tmp = tempfile.mkdtemp(prefix="collafuse-bench-sampler-")
     inception = None if args.pixels else harness.inception_weights(args.inception, tmp)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU check: the server on one GPU (bf16 autocast, channels_last), clients on CPU cores.
 
-    python tools/gpu_check.py [--clients 4] [--rounds 40] [--size 64] [--out runs/gpu_check]
+    python tools/gpu_check.py [--clients 4] [--rounds 40] [--size 64] [--out runs/gpu_check-<time>]
 
 Runs, with one process per role (mpirun if there is one, else torchrun):
   A. clients at c = 0 (they only read and send: not the bottleneck): server images/s
@@ -81,8 +81,9 @@ def main() -> int:
     p.add_argument("--size", type=int, default=64, help="image side (pixels), 3 channels")
     p.add_argument("--compile", action="store_true", help="torch.compile the server's UNet (both measurements)")
     p.add_argument("--many", type=int, default=256, help="clients hosted on the GPU in part C (0: skip C)")
-    p.add_argument("--out", default="runs/gpu_check")
+    p.add_argument("--out", default=harness.stamped("runs/gpu_check"), help="folder for gpu_check.json")
     args = p.parse_args()
+    harness.refuse_existing_outputs(p, [os.path.join(args.out, "gpu_check.json")])
     cuda = torch.cuda.is_available()
     if cuda:
         print(f"GPU: {torch.cuda.get_device_name(0)}; server on cuda:0 with bf16 autocast, clients on CPU")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import yaml
 
+from collafuse_hpc.atomic import refuse_existing
 from collafuse_hpc.config import from_dict
 from collafuse_hpc.config_rules import validate
 from collafuse_hpc.data import Split, write_shard
@@ -248,6 +249,21 @@ def scoring_options(parser) -> None:
     parser.add_argument("--pixels", action="store_true", help="pixel features instead of Inception")
     parser.add_argument("--repeats", type=int, default=2, help="side-by-side repeats, in alternating order")
     parser.add_argument("--json", help="write the figures here")
+
+
+def refuse_existing_outputs(parser, paths: list[str]) -> None:
+    """Exit 2 (the parser's usage error) before measuring when a benchmark's JSON exists:
+    an earlier measurement is a record, not scratch, and is never overwritten."""
+    try:
+        refuse_existing([p for p in paths if p], "an earlier measurement would be lost")
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def stamped(folder: str) -> str:
+    """``folder`` with the time appended (runs/bench-20261201-101500): a default output
+    folder that two runs never share."""
+    return f"{folder}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def save_json(path: str | None, figures: dict) -> None:
