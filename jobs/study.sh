@@ -108,7 +108,27 @@ missing_classifiers() {
   done
 }
 
+# evaluated DIR: the point's run in DIR was trained and evaluated; a study run again into the
+# same STUDY_DIR skips it, here and with --slurm
+evaluated() {
+  [ -f "$1/results.h5" ] && "$VENV/bin/python" -c "import h5py, sys
+sys.exit('metrics' not in h5py.File(sys.argv[1], 'r'))" "$1/results.h5"
+}
+
 if [ ${#slurm[@]} -gt 0 ]; then
+  todo=()
+  for point in "${points[@]}"; do
+    if [ -n "${STUDY_DIR:-}" ] && evaluated "$STUDY_DIR/$point"; then
+      echo "study: $point already evaluated in $STUDY_DIR/$point"
+    else
+      todo+=("$point")
+    fi
+  done
+  if [ ${#todo[@]} -eq 0 ]; then
+    echo "study: every point is evaluated; the report: $VENV/bin/python tools/report.py $STUDY_DIR/c*/results.h5 --out $STUDY_DIR/report"
+    exit 0
+  fi
+  points=("${todo[@]}")
   export POINTS="${points[*]}" STUDY_NAME=study
   [ -n "${STUDY_DIR:-}" ] && export SWEEP_DIR=$STUDY_DIR
   mkdir -p runs
@@ -122,7 +142,8 @@ if [ ${#slurm[@]} -gt 0 ]; then
   array=$(sbatch "${slurm[@]}" "${after[@]}" --array=0-$((${#points[@]} - 1)) jobs/sweep.sbatch "$config" "$@")
   array=${array%%;*}
   study=${STUDY_DIR:-runs/study-$array}
-  report=$(sbatch "${slurm[@]}" --dependency=afterany:"$array" --nodes=1 --ntasks=1 \
+  # a study resumed into the same folder appends to the earlier report jobs' output, not over it
+  report=$(sbatch "${slurm[@]}" --dependency=afterany:"$array" --nodes=1 --ntasks=1 --open-mode=append \
     --ntasks-per-node=1 --job-name=collafuse-report --output="$study/report.out" --gres=none \
     --wrap "$VENV/bin/python tools/report.py $study/c*/results.h5 --out $study/report")
   echo "study: array job $array (${#points[@]} points), report job $report -> $study/report.out"
@@ -146,7 +167,7 @@ fi
 start=$(date +%s)
 for point in "${points[@]}"; do
   out="$study/$point"
-  if [ -f "$out/results.h5" ] && "$VENV/bin/python" -c "import h5py, sys; sys.exit('metrics' not in h5py.File(sys.argv[1], 'r'))" "$out/results.h5"; then
+  if evaluated "$out"; then
     echo "study: $point already evaluated in $out"
     continue
   fi

@@ -101,6 +101,39 @@ def test_two_node_train_job(tmp_path, shards):
         assert list(f["server/rounds/round"][()]) == list(range(6))
 
 
+@pytest.mark.timeout(600)
+def test_study_job_array_submitted_again_runs_only_what_is_not_evaluated(tmp_path, shards):
+    """jobs/study.sh --slurm into one STUDY_DIR, three times: all points, then the one whose
+    run was lost (the evaluated one is not trained or evaluated again), then nothing; the
+    report jobs' output accumulates."""
+    study = tmp_path / "study"
+    cfg = _config(tmp_path, shards, rounds=3)
+    env = {"STUDY_DIR": str(study), "SEEDS": "0", "SPLITS": "markov", "CUTS": "0.2 1.0"}
+    submit = ("bash", "jobs/study.sh", cfg, "--slurm", *CI_NODES, "--nodes=1", "--ntasks=3", "--ntasks-per-node=3")
+    arrays = []
+    try:
+        for points in (2, 1):
+            text = _run(*submit, **env)
+            array, report = re.search(rf"array job (\d+) \({points} points\), report job (\d+)", text).groups()
+            arrays.append(array)
+            info = _wait(report, FINAL, timeout=400)
+            assert info["JobState"] == "COMPLETED", (study / "report.out").read_text()[-2000:]
+            with open(study / "report/table.csv") as f:
+                pooled = [(row["c"], row["seeds"]) for row in csv.DictReader(f) if row["who"] == "pooled"]
+            assert pooled == [("0.2", "1"), ("1.0", "1")]
+            if points == 2:
+                kept = (study / "c1.0-markov-s0/results.h5").read_bytes()
+                shutil.rmtree(study / "c0.2-markov-s0")  # as if that run had been lost
+        assert "c1.0-markov-s0 already evaluated" in text
+        assert (study / "c1.0-markov-s0/results.h5").read_bytes() == kept  # not trained or evaluated again
+        assert (study / "report.out").read_text().count("report: ") == 2  # appended, not replaced
+        assert "every point is evaluated" in _run(*submit, **env)
+    finally:
+        for array in arrays:
+            for log in (ROOT / "runs").glob(f"slurm-{array}_*.out"):
+                log.unlink()
+
+
 @pytest.mark.timeout(720)  # three runs, each evaluated at the end, share 2 cores: 4 to 5 minutes here
 def test_sweep_job_array_and_dependent_report(tmp_path, shards):
     cfg = _config(tmp_path, shards, rounds=3)
