@@ -117,40 +117,42 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
 
 
 def conditions_figure(table: list[dict], path: str) -> bool:
-    """The trade-off per condition (split, partition, labels shared): class fidelity and FD
-    (pooled, and the mean over clients of each client's own) over c, and class fidelity
+    """The trade-off per condition (split, partition, labels shared): personalization and FD
+    (pooled, and the mean over clients of each client's own) over c, and personalization
     against disclosure (linkage) and client compute; error bars: over seeds, or the 95%
-    interval over images with one seed."""
+    interval over images with one seed. Personalization is the class distance when every
+    run has it (it sees a client's proportions, which class fidelity cannot when clients
+    hold every class), else class fidelity."""
     plt = _pyplot()
     rows = [r for r in table if r["who"] == "pooled" and not isinstance(r["c"], str) and not math.isnan(r["fidelity"])]
     if plt is None or not rows:
         return False
+    key = "class_distance" if not any(math.isnan(r.get("class_distance", NAN)) for r in rows) else "fidelity"
+    name = {"class_distance": "class distance (lower is better)", "fidelity": "class fidelity (higher is better)"}[key]
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.6))
     conditions = sorted({(r["split"], r["partition"], r["share"]) for r in rows})
     for i, cond in enumerate(conditions):
         runs = sorted((r for r in rows if (r["split"], r["partition"], r["share"]) == cond), key=lambda r: r["c"])
         label, color = f"{cond[0]}, {cond[1]}, labels shared {cond[2]}", f"C{i}"
-        for axis, key in ((ax[0], "fidelity"), (ax[1], "fid_collaborative")):
-            err = [_spread(r, key) for r in runs]
-            axis.errorbar([r["c"] for r in runs], [r[key] for r in runs], yerr=np.array(err).T, capsize=3,
+        for axis, shown in ((ax[0], key), (ax[1], "fid_collaborative")):
+            err = [_spread(r, shown) for r in runs]
+            axis.errorbar([r["c"] for r in runs], [r[shown] for r in runs], yerr=np.array(err).T, capsize=3,
                           color=color, marker="o", label=label)  # fmt: skip
         own = [np.mean([t["fid_collaborative"] for t in table if t["who"] != "pooled" and _same(t, r)]) for r in runs]
         ax[1].plot([r["c"] for r in runs], own, color=color, marker="x", linestyle="--", label=f"{label}: per client")
         sent = [r for r in runs if r["c"] < 1]
-        ax[2].plot([r["link_pixel_top1"] for r in sent], [r["fidelity"] for r in sent], "o-", color=color, label=label)
-        ax[3].plot([r["sampling_flops_ratio"] for r in runs], [r["fidelity"] for r in runs], "o-", color=color)
+        ax[2].plot([r["link_pixel_top1"] for r in sent], [r[key] for r in sent], "o-", color=color, label=label)
+        ax[3].plot([r["sampling_flops_ratio"] for r in runs], [r[key] for r in runs], "o-", color=color)
         for r in runs:
-            ax[3].annotate(f"c={r['c']:g}", (r["sampling_flops_ratio"], r["fidelity"]), fontsize=6)
-    ax[0].set(xlabel="cut ratio c", ylabel="class fidelity (higher is better)", title="personalization")
+            ax[3].annotate(f"c={r['c']:g}", (r["sampling_flops_ratio"], r[key]), fontsize=6)
+    ax[0].set(xlabel="cut ratio c", ylabel=name, title="personalization")
     ax[1].set(
         xlabel="cut ratio c",
         ylabel=f"FD ({rows[0]['features'][:24]}...)",
         title="FD: pooled (o), clients' own (x); lower: better",
     )
-    ax[2].set(xlabel="linkage top-1 rate (disclosure)", ylabel="class fidelity", title="quality against disclosure")
-    ax[3].set(
-        xlabel="client sampling FLOPs / local-only", ylabel="class fidelity", title="quality against client compute"
-    )
+    ax[2].set(xlabel="linkage top-1 rate (disclosure)", ylabel=name, title="quality against disclosure")
+    ax[3].set(xlabel="client sampling FLOPs / local-only", ylabel=name, title="quality against client compute")
     ax[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
