@@ -490,6 +490,12 @@ def test_report_replaces_its_folder_whole_and_refuses_a_run_given_twice(report, 
     assert "Traceback" not in done.stderr
     # refused: the earlier report as it was, and nothing left aside
     assert file_tree(out) == before and sorted(os.listdir(tmp_path)) == ["broken.h5", "copy", "report"]
+    # a run not evaluated yet (still training, or crashed) is left out, whatever its part files
+    shutil.copytree(tmp_path / "copy/c0.25", tmp_path / "running/c0.25")
+    with h5py.File(tmp_path / "running/c0.25/results.h5", "a") as f:
+        del f["metrics"], f["records/1"]
+    done = tool(runs[1], tmp_path / "running/c0.25/results.h5")
+    assert done.returncode == 0 and "has no metrics (run collafuse-hpc evaluate on it); left out" in done.stdout
     # fewer runs: nothing of the left-out run stays (its grids were shown in report.html)
     assert tool(runs[0]).returncode == 0
     assert os.listdir(out / "grids") == ["c0.25"] and "c0.75" not in (out / "report.html").read_text()

@@ -386,6 +386,9 @@ def main() -> int:
     for path in args.results:  # read and check every file before anything is written
         try:
             s = summarize(path, args.record)
+            if "metrics" not in s:
+                print(f"report: {path} has no metrics (run collafuse-hpc evaluate on it); left out")
+                continue
             lost = [m for m in s["missing"] if ": part file " in m]
             if lost:  # its loss curves, and whether it converged, are in those files
                 raise ValueError(f"{path}: missing {'; '.join(lost)}; restore it, or leave the run out")
@@ -393,9 +396,6 @@ def main() -> int:
         except (OSError, ValueError) as e:
             print(f"report: error: {e}", file=sys.stderr)
             return 2
-        if "metrics" not in s:
-            print(f"report: {path} has no metrics (run collafuse-hpc evaluate on it); left out")
-            continue
         run = rows(s, curves)
         point = _point(run[0])
         if point in seen:

@@ -251,8 +251,9 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
     kinds = (".png", ".npy") if arrays else (".png",)
     targets = {os.path.join(out_dir, name + kind): array for name, array in images.items() for kind in kinds}
     refuse_existing(targets, "an earlier export (of this run, another record or another run) would be mixed in")
-    for path, array in targets.items():
+    if targets:  # no folder made when there is nothing to export
         os.makedirs(out_dir, exist_ok=True)
+    for path, array in targets.items():
         if path.endswith(".png"):
             save_grid(array, path)
         else:
