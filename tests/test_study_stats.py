@@ -109,3 +109,13 @@ def test_the_c1_baseline_stands_beside_the_shares_its_partition_was_run_with():
         ("iid", "off", 0.2),
         ("iid", "off", 1),
     ]
+
+
+def test_the_figure_shows_personalization_as_class_distance_only_when_every_run_has_it():
+    from report_figures import personalization
+
+    iid = {"fidelity": 1.0, "class_distance": 0.11}  # fidelity 1.00 for every iid run: it cannot separate them
+    older = {"fidelity": 0.34, "class_distance": math.nan}  # evaluated before the class distance existed
+    assert personalization([iid, dict(iid, class_distance=0.26)])[0] == "class_distance"
+    assert personalization([iid, older]) == ("fidelity", "class fidelity (higher is better)")
+    assert personalization([{"fidelity": 0.9}])[0] == "fidelity"

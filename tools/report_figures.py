@@ -116,19 +116,26 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
     return True
 
 
+def personalization(rows: list[dict]) -> tuple[str, str]:
+    """(column, axis label) of the personalization measure of ``rows``: the class distance
+    when every row has it (it sees a client's label proportions, which class fidelity
+    cannot when clients hold every class), else class fidelity (runs evaluated before the
+    class distance existed)."""
+    if all(not math.isnan(r.get("class_distance", NAN)) for r in rows):
+        return "class_distance", "class distance (lower is better)"
+    return "fidelity", "class fidelity (higher is better)"
+
+
 def conditions_figure(table: list[dict], path: str) -> bool:
     """The trade-off per condition (split, partition, labels shared): personalization and FD
     (pooled, and the mean over clients of each client's own) over c, and personalization
     against disclosure (linkage) and client compute; error bars: over seeds, or the 95%
-    interval over images with one seed. Personalization is the class distance when every
-    run has it (it sees a client's proportions, which class fidelity cannot when clients
-    hold every class), else class fidelity."""
+    interval over images with one seed. Personalization: :func:`personalization`."""
     plt = _pyplot()
     rows = [r for r in table if r["who"] == "pooled" and not isinstance(r["c"], str) and not math.isnan(r["fidelity"])]
     if plt is None or not rows:
         return False
-    key = "class_distance" if not any(math.isnan(r.get("class_distance", NAN)) for r in rows) else "fidelity"
-    name = {"class_distance": "class distance (lower is better)", "fidelity": "class fidelity (higher is better)"}[key]
+    key, name = personalization(rows)
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.6))
     conditions = sorted({(r["split"], r["partition"], r["share"]) for r in rows})
     for i, cond in enumerate(conditions):
