@@ -365,10 +365,7 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
             return 0
         resume = True if args.command == "sample" else args.resume
         if args.command == "sample":
-            rounds = checkpoint.complete_rounds(cfg.run.output_dir)
-            if not rounds:
-                raise ValueError(f"no complete checkpoint set under {cfg.run.output_dir!r}; train first")
-            cfg.run.rounds = rounds[-1]
+            cfg.run.rounds = checkpoint.trained_round(cfg, "sample")
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=False)
     distributed = not args.in_process

@@ -422,6 +422,26 @@ def test_evaluate_and_sample_refuse_a_shard_that_holds_other_images_than_the_run
     assert main(["evaluate", config, "--set", f"clients.0.shard={moved}"]) == 0
 
 
+def test_every_command_that_reads_a_run_refuses_a_config_it_was_not_trained_with(tmp_path, shards, capsys):
+    """evaluate scored a run trained at c = 0.4 as if it were cut at the config's 0.25
+    (its disclosure, samples and FIDs) where sample refused: one rule for all."""
+    config = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2))
+    assert main(["train", config, "--in-process", "--set", "clients.0.cut_ratio=0.4"]) == 0
+    before = file_tree(tmp_path / "out")
+    for command in (
+        ["evaluate", config],
+        ["sample", config, "--in-process"],
+        ["train", config, "--in-process", "--resume"],
+    ):
+        capsys.readouterr()
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        name = "--resume" if command[0] == "train" else command[0]
+        assert f"{name}: this config differs from the run in" in err and "clients.0.cut_ratio: 0.4 -> 0.25" in err
+        assert file_tree(tmp_path / "out") == before
+    assert main(["evaluate", config, "--set", "clients.0.cut_ratio=0.4", "--set", "eval.sets=[cut]"]) == 0
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, shards) -> Path:
     """tools/report.py's folder for two evaluated runs (c = 0.25 and 0.75)."""

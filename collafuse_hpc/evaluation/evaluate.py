@@ -281,15 +281,12 @@ def _evaluate(cfg: Config, check: Callable[[], None]) -> dict:
         extract, identity = scorer.features, scorer.identity
     else:
         extract, identity = load_extractor(cfg.eval.extractor, cfg.eval.inception_path, device)
-    rounds = checkpoint.complete_rounds(cfg.run.output_dir)
-    if not rounds:
-        raise ValueError(f"no complete checkpoint set under {cfg.run.output_dir!r}; train first")
-    checkpoint.check_same_images(cfg, checkpoint.saved_run(cfg.run.output_dir, rounds[-1])[1], "evaluate")
+    round_ = checkpoint.trained_round(cfg, "evaluate")
     index = index_path(cfg.run.output_dir)
     if not os.path.exists(index):
         raise ValueError(f"{index!r} not found: evaluate needs the run's results file")
     t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    servers, clients = load_roles(cfg, rounds[-1], device)
+    servers, clients = load_roles(cfg, round_, device)
     topo = Topology.from_config(cfg)
     n = planned_images(cfg, [c.cut for c in clients])
     report: dict = {}
@@ -356,8 +353,8 @@ def _evaluate(cfg: Config, check: Callable[[], None]) -> dict:
         if fakes:
             real, fake = np.concatenate(reals), np.concatenate(fakes)
             report["pooled"][name] = {**_quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
-    _write(index, cfg, report, grids, identity, rounds[-1], started)
-    log.info("evaluation of round %d written to %s (%.1f s)", rounds[-1], index, time.perf_counter() - t0)
+    _write(index, cfg, report, grids, identity, round_, started)
+    log.info("evaluation of round %d written to %s (%.1f s)", round_, index, time.perf_counter() - t0)
     return report
 
 

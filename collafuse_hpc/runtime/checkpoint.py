@@ -24,7 +24,8 @@ import torch
 import yaml
 
 from collafuse_hpc.atomic import atomic_path
-from collafuse_hpc.config import Config
+from collafuse_hpc.config import Config, to_dict
+from collafuse_hpc.config_rules import resume_differences
 from collafuse_hpc.data import inspect_shard
 
 # v2: a client's state holds its audit totals ("released"); v3: members (trainable.py), clients by id
@@ -101,6 +102,37 @@ def check_same_images(cfg: Config, saved: dict[str, dict[str, str]], command: st
             f"{command}: {'; '.join(changed)}. Point each shard at the images the run trained on, or, if the "
             "change is intended, pass --set clients.<i>.allow_new_shard=true for each client named"
         )
+
+
+def trained_round(cfg: Config, command: str) -> int:
+    """The round of the newest complete set of ``cfg.run.output_dir``, after checking that
+    ``cfg`` is the config that trained it. The one rule for every command that reads a
+    trained run (``train --resume``, ``sample``, ``evaluate``): a key outside RESUMABLE that
+    differs (a cut, a model, the schedule) would load the weights into another run's
+    meaning and report it as this run's. ValueError naming ``command`` otherwise."""
+    out = cfg.run.output_dir
+    rounds = complete_rounds(out)
+    if not rounds:
+        raise ValueError(f"{command}: no complete checkpoint set in {out!r} ({describe(out)}); train first")
+    saved, errors = None, []
+    for r in reversed(rounds):  # the newest set whose config reads (a damaged file falls back, as on restore)
+        try:
+            saved, shards = saved_run(out, r)
+            break
+        except ValueError as e:
+            errors.append(str(e))
+    if saved is None:
+        raise ValueError(f"{command}: no checkpoint set in {out!r} can be read: {'; '.join(errors)}")
+    differences = resume_differences(saved, to_dict(cfg))
+    if differences:
+        raise ValueError(
+            f"{command}: this config differs from the run in {out!r} in keys that change what it trains: "
+            f"{'; '.join(differences)}. Give the run's config (only rounds, logging, checkpointing, timeouts, "
+            "devices, shard paths, sampling steps and eval settings may differ), or train this one in a new "
+            "run.output_dir"
+        )
+    check_same_images(cfg, shards, command)
+    return rounds[-1]
 
 
 def save_rank(

@@ -8,8 +8,7 @@ import os
 
 import torch
 
-from collafuse_hpc.config import Config, to_dict
-from collafuse_hpc.config_rules import resume_differences
+from collafuse_hpc.config import Config
 from collafuse_hpc.data import ShardReader, inspect_shard
 from collafuse_hpc.diffusion.split import cuts
 from collafuse_hpc.diffusion.unet import UNet
@@ -98,35 +97,17 @@ def _check_models(cfg: Config) -> None:
 def _resume_round(cfg: Config, auto: bool, command: str) -> int:
     """The newest complete set's round, after checking that this config may continue it."""
     out = cfg.run.output_dir
-    rounds = checkpoint.complete_rounds(out)
-    if not rounds:
+    if not checkpoint.complete_rounds(out):
         if auto:
             return 0
         raise ValueError(
             f"{command}: {checkpoint.describe(out)}, so there is nothing to continue. Start without --resume "
             "(a new run.output_dir), or pass --resume=auto to continue when a set exists and start otherwise"
         )
-    saved, errors = None, []
-    for r in reversed(rounds):  # the newest set whose config reads (a damaged file falls back, as on restore)
-        try:
-            saved, shards = checkpoint.saved_run(out, r)
-            break
-        except ValueError as e:
-            errors.append(str(e))
-    if saved is None:
-        raise ValueError(f"{command}: no checkpoint set in {out!r} can be read: {'; '.join(errors)}")
-    differences = resume_differences(saved, to_dict(cfg))
-    if differences:
+    round_ = checkpoint.trained_round(cfg, command)
+    if cfg.run.rounds < round_:
         raise ValueError(
-            f"{command}: this config differs from the run in {out!r} in keys that change what it trains: "
-            f"{'; '.join(differences)}. Resume with the run's config (only rounds, logging, checkpointing, "
-            "timeouts, devices, shard paths, sampling steps and eval settings may change), or start a new "
-            "run.output_dir"
-        )
-    checkpoint.check_same_images(cfg, shards, command)
-    if cfg.run.rounds < rounds[-1]:
-        raise ValueError(
-            f"{command}: the run in {out!r} has finished {rounds[-1]} rounds, but run.rounds is {cfg.run.rounds}; "
+            f"{command}: the run in {out!r} has finished {round_} rounds, but run.rounds is {cfg.run.rounds}; "
             "rounds are never undone: raise run.rounds to train on, or use 'collafuse-hpc sample' to sample again"
         )
-    return rounds[-1]
+    return round_
