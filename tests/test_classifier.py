@@ -80,6 +80,37 @@ def test_the_classifier_sees_digits_where_real_and_real_agree_and_other_classes_
     assert max(metrics.precision_recall(f_test1, f_test0)) < 0.3
 
 
+def _radii(x: np.ndarray, k: int) -> np.ndarray:
+    """Each row's distance to its k-th nearest other row, from the differences themselves."""
+    return np.array([np.sort(np.linalg.norm(np.delete(x, i, 0) - x[i], axis=1))[k - 1] for i in range(len(x))])
+
+
+def _brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """Kynkaanniemi et al.'s definition row by row."""
+
+    def inside(points: np.ndarray, centres: np.ndarray) -> float:
+        r = _radii(centres, k)
+        return float(np.mean([(np.linalg.norm(centres - p, axis=1) <= r).any() for p in points]))
+
+    return inside(fake, real), inside(real, fake)
+
+
+def test_precision_and_recall_equal_the_definition_on_real_features(classifier, shards):
+    """Real classifier features of c0's test images against its train images: every row's
+    own distance, a round-off 1e-7 by |a|^2 + |b|^2 - 2ab, must not count as a neighbour."""
+    scorer = Classifier(classifier, torch.device("cpu"))
+    f_test, f_train = (
+        features(scorer.features, _images(shards[0], split)[0], 64, torch.device("cpu")) for split in ("test", "train")
+    )
+    for k in (1, 3, 5):
+        want = _brute_force_precision_recall(f_train, f_test, k)
+        assert metrics.precision_recall(f_train, f_test, k) == pytest.approx(want, abs=1e-12), k
+    exact = _radii(f_test, 3)
+    np.testing.assert_allclose(metrics.knn_radii(f_test, 3), exact, rtol=1e-9)
+    repeated = f_test[[0, 0, 0, *range(1, len(f_test))]]  # a bootstrap resample repeats rows: a row's copies
+    np.testing.assert_allclose(metrics.knn_radii(repeated, 3)[:3], exact[0], rtol=1e-9)  # are not its neighbours
+
+
 def test_evaluate_with_the_classifier_reports_fidelity_precision_recall_and_intervals(tmp_path, shards, classifier):
     raw = tiny_config(shards, tmp_path, [0.25, 1.0], rounds=2)
     raw["eval"].update(
