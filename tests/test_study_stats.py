@@ -119,3 +119,42 @@ def test_the_figure_shows_personalization_as_class_distance_only_when_every_run_
     assert personalization([iid, dict(iid, class_distance=0.26)])[0] == "class_distance"
     assert personalization([iid, older]) == ("fidelity", "class fidelity (higher is better)")
     assert personalization([{"fidelity": 0.9}])[0] == "fidelity"
+
+
+def _summary(clients: dict[str, dict]) -> dict:
+    """A results summary (inspection.summarize's shape) of one evaluated run whose clients'
+    collaborative sets scored ``clients[who]`` (class_fidelity, its _low and _high, ...)."""
+    disclosure = {"t_c": 40, "snr": 1.0, "psnr_db": 10.0, "ssim": 0.1, "mu_composed": 9.0}
+    compute = {key: 1.0 for key in ("sampling_flops_client", "sampling_flops_full", "train_flops_client")}
+    compute |= {key: 1.0 for key in ("train_flops_full", "sampling_time_ratio", "sampling_ideal_ratio")}
+    metrics = {who: {"collaborative": q, "disclosure": disclosure, "compute": compute | {"train_time_ratio": 1.0}}
+               for who, q in clients.items()}  # fmt: skip
+    metrics |= {"attrs": {"partition": "class", "extractor": "classifier"}, "pooled": {"collaborative": {}}}
+    config = {"diffusion": {"split": "markov"}, "clients": [{"cut_ratio": 0.2}] * len(clients)}
+    return {"metrics": metrics, "roles": {}, "config": config | {"run": {"seed": 0, "rounds": 10}}}
+
+
+def test_pooled_class_intervals_are_the_clients_in_quadrature_as_the_bootstrap_of_the_mean():
+    """The pooled class fidelity is the mean over K clients, so its half-width is
+    sqrt(sum h_k^2) / K (0.0147 for four clients of 0.0293), not the mean of the bounds
+    (0.0293): checked against bootstrapping the mean over each client's own images."""
+    import report
+    from study_stats import pooled_interval
+
+    from collafuse_hpc.evaluation import metrics
+
+    rng = np.random.default_rng(0)
+    hits = [(rng.random(400) < p).astype(float) for p in (0.80, 0.85, 0.9, 0.95)]  # per image: in a held class
+    clients = {}
+    for k, h in enumerate(hits):
+        low, high = metrics.bootstrap_interval(np.mean, (h,), resamples=2000, seed=k, bounds=(0.0, 1.0))
+        clients[f"c{k}"] = {"class_fidelity": h.mean(), "class_fidelity_low": low, "class_fidelity_high": high}
+    means = [np.mean([h[rng.integers(0, len(h), len(h))].mean() for h in hits]) for _ in range(2000)]
+    bootstrap = 1.96 * np.std(means, ddof=1)
+    pooled = report.rows(_summary(clients), {"rounds": np.arange(10), "clients": np.ones(10)})[0]
+    assert pooled["who"] == "pooled" and pooled["fidelity"] == pytest.approx(np.mean([h.mean() for h in hits]))
+    assert (pooled["fidelity_high"] - pooled["fidelity_low"]) / 2 == pytest.approx(bootstrap, rel=0.1)
+    assert pooled_interval([0.5] * 4, [0.5 - 0.0293] * 4, [0.5 + 0.0293] * 4)[2] == pytest.approx(0.5 + 0.01465)
+    clipped = pooled_interval([0.99, 0.5], [0.95, 0.45], [1.0, 0.55])  # the wider side of a clipped interval
+    assert clipped[2] - clipped[0] == pytest.approx(math.hypot(0.04, 0.05) / 2)
+    assert math.isnan(pooled_interval([0.5, 0.6], [0.4, math.nan], [0.6, math.nan])[1])  # one without: none

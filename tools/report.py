@@ -109,9 +109,10 @@ FIDELITY += ["real_fid_halves", "real_fidelity", "real_class_distance", "loss_ch
 QUALITY = [*KEYS, *(f"fid_{s}" for s in SETS), *(f"kid_mean_{s}" for s in SETS), *FIDELITY]
 _ORDER = list(COLUMNS)
 DISCLOSURE = [*KEYS, *_ORDER[_ORDER.index("t_c") : _ORDER.index("sampling_flops_ratio")]]
-# the classes' numbers are each client's own (its label mix): pooled, they are the mean over clients
-POOLED_MEANS = [k for k in COLUMNS if k.startswith(("fidelity", "class_distance", "real_fidelity", "real_class"))]
-POOLED_MEANS += ["confidence", "real_fid_halves"]
+# the classes' numbers are each client's own (its label mix): pooled, they are the mean over clients, and the
+# intervals of those means come from the clients' intervals (study_stats.pooled_interval)
+POOLED_MEANS = ["confidence", "real_fidelity", "real_class_distance", "real_fid_halves"]
+POOLED_INTERVALS = ["fidelity", "class_distance"]
 INTERVALS = [k for k in COLUMNS if k.endswith(("_low", "_high"))]  # per run, over images: not in the tables
 COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") :]]
 TEXT = {"split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
@@ -197,8 +198,12 @@ def rows(summary: dict, curves: dict) -> list[dict]:
         row |= _quality_columns(m, who)
         if who == "pooled":  # class fidelity and distance pooled: the mean over clients (each weighs the same)
             row |= {key: _mean([p[key] for p in per_client.values()]) for key in next(iter(per_client.values()))}
-            for key in POOLED_MEANS:
-                row[key] = _mean([_quality_columns(m, c)[key] for c in clients])
+            own = [_quality_columns(m, c) for c in clients]
+            row |= {key: _mean([q[key] for q in own]) for key in POOLED_MEANS}
+            for key in POOLED_INTERVALS:
+                row[key], row[f"{key}_low"], row[f"{key}_high"] = study_stats.pooled_interval(
+                    *([q[f"{key}{end}"] for q in own] for end in ("", "_low", "_high"))
+                )
         else:
             row |= per_client[who]
         out.append(row)

@@ -85,6 +85,22 @@ def versus_baseline(table: list[dict]) -> list[dict]:
     return out
 
 
+def pooled_interval(estimates: list[float], lows: list[float], highs: list[float], bounds=(0.0, 1.0)):
+    """(mean, low, high) of the mean over K clients of independent estimates, each with its
+    95% interval over its own images: the half-widths add in quadrature, sqrt(sum h_k^2) / K,
+    about sqrt(K) narrower than the mean of the bounds. A half-width is the wider side of
+    an interval (an interval clipped at 0 or 1 is narrower on that side). Clients without
+    an estimate are left out; a client without an interval leaves the mean without one."""
+    kept = [(e, lo, hi) for e, lo, hi in zip(estimates, lows, highs, strict=True) if not math.isnan(e)]
+    if not kept:
+        return math.nan, math.nan, math.nan
+    mean = sum(e for e, _, _ in kept) / len(kept)
+    half = math.sqrt(sum(max(e - lo, hi - e) ** 2 for e, lo, hi in kept)) / len(kept)
+    if math.isnan(half):  # a client without an interval: the mean has none
+        return mean, math.nan, math.nan
+    return mean, max(bounds[0], mean - half), min(bounds[1], mean + half)
+
+
 def loss_curves(path: str) -> dict[str, np.ndarray]:
     """{"rounds", "clients" (mean local loss over the clients that trained, per round;
     absent when none did, as at c = 0), "server" (when it trained)} of one results file."""
