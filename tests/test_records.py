@@ -148,3 +148,19 @@ def test_bundle_export_and_convert_inception_never_replace_a_file(tmp_path, shar
         assert message in err and "write elsewhere, or remove" in err, (case, err)
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in tmp_path.glob("grids/*")) == ["samples_c0.png", "samples_c1.png"]
+
+
+def test_every_server_replica_is_linked_bundled_and_inspected(tmp_path, shards, capsys):
+    """Each replica's part has its own key (the first's is /server): none is dropped."""
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.4, 0.2, 0.6], rounds=2)
+    raw["server"]["count"] = 2
+    assert main(["train", write_config(tmp_path / "run.yaml", raw), "--in-process"]) == 0
+    results = str(tmp_path / "out/results.h5")
+    assert main(["bundle", results, str(tmp_path / "run.h5")]) == 0
+    for path in (results, tmp_path / "run.h5"):
+        with h5py.File(path, "r", locking=False) as f:
+            assert [int(f[key].attrs["rank"]) for key in ("server", "servers/1")] == [0, 1], path
+    capsys.readouterr()
+    assert main(["inspect", results]) == 0
+    text = capsys.readouterr().out
+    assert "  server: rank 0 on " in text and "  servers/1: rank 1 on " in text

@@ -11,6 +11,7 @@ read it; ``collafuse-hpc bundle`` copies it into one self-contained file::
     results.h5            attrs: schema="collafuse-results", schema_version, config (YAML),
                           package_version, torch_version, seed, roles (YAML), created
       /server             -> parts/server_0.h5
+      /servers/<rank>     -> parts/server_<rank>.h5, each further replica (server.count > 1)
       /clients/<id>       -> parts/client_<id>.h5
       /records/<n>        one per invocation that wrote into the run, n = 0, 1, ... in order:
                           attrs command (train | resume | sample | evaluate), argv, started,
@@ -63,7 +64,7 @@ SCHEMA = "collafuse-results"
 SCHEMA_VERSION = 3  # 2: ``units`` attributes, the round dimension scale; 3: records
 INDEX = "results.h5"
 PARTS = "parts"
-SERVER, CLIENTS = "server", "clients"
+SERVER, SERVERS, CLIENTS = "server", "servers", "clients"
 ROUNDS, AUDIT, SUMMARY, METRICS, RECORDS = "rounds", "audit", "summary", "metrics", "records"
 SAMPLES, HANDOVER = "samples/images", "samples/x_handover"  # the newest, through the /samples link
 ROUND = "round"  # the column every row group is indexed by
@@ -116,9 +117,12 @@ def index_path(output_dir: str) -> str:
     return os.path.join(output_dir, INDEX)
 
 
-def role_key(client_id: str | None) -> str:
-    """Where a role's part is linked in results.h5: ``server`` or ``clients/<id>``."""
-    return SERVER if client_id is None else f"{CLIENTS}/{client_id}"
+def role_key(client_id: str | None, server_rank: int = 0) -> str:
+    """Where a role's part is linked in results.h5: ``server`` (the first server, where
+    readers of one server look), ``servers/<rank>`` (a further replica) or ``clients/<id>``."""
+    if client_id is not None:
+        return f"{CLIENTS}/{client_id}"
+    return SERVER if server_rank == 0 else f"{SERVERS}/{server_rank}"
 
 
 def part_path(output_dir: str, client_id: str | None, server_rank: int = 0) -> str:

@@ -55,7 +55,7 @@ def _index_roles(cfg: Config, topo: Topology) -> dict[str, str]:
     """{role key in results.h5: its part file relative to the output folder}."""
     roles = {}
     for rank, k in _roles(topo):
-        key = role_key(None if k is None else topo.client_ids[k])
+        key = role_key(None, rank) if k is None else role_key(topo.client_ids[k])
         roles[key] = os.path.relpath(part_file(cfg, topo, rank, k), cfg.run.output_dir)
     return roles
 
