@@ -159,11 +159,12 @@ class EvalConfig:
 
 @dataclass
 class FaultConfig:
-    """Fault injection, to test that failures end every rank promptly."""
+    """Fault injection, to test that failures end every rank promptly and that slow writes are waited for."""
 
     rank: int = -1  # rank that fails; -1 disables
-    round: int = 0  # round at which it fails
-    mode: str = "raise"  # raise (an exception) or exit (dies without a word)
+    round: int = 0  # round at which it fails (raise, exit)
+    mode: str = "raise"  # raise (an exception), exit (dies without a word) or slow_write (see delay_s)
+    delay_s: float = 0.0  # [s] slow_write: added to each checkpoint file and part-file opening (a slow file system)
     attempt: int = -1  # only in this torchrun attempt (TORCHELASTIC_RESTART_COUNT); -1: in every attempt
 
 

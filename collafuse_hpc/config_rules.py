@@ -14,6 +14,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from collafuse_hpc.results.schema import SETS
+
 if TYPE_CHECKING:
     from collafuse_hpc.config import Config
 
@@ -27,9 +29,10 @@ CHOICES = {
     "server.aggregate": ("concat", "sequential"),
     "clients.*.device": ("auto", "cpu", "cuda"),
     "clients.*.wire_dtype": ("float32", "bfloat16", "float16"),
-    "fault.mode": ("raise", "exit"),
+    "fault.mode": ("raise", "exit", "slow_write"),
     "eval.extractor": ("inception", "classifier", "pixels"),
     "eval.device": ("auto", "cpu", "cuda"),
+    "eval.sets.*": SETS,
 }
 
 
@@ -86,6 +89,7 @@ RANGES = {
     "run.work_timeout_s": POSITIVE,
     "run.stop_grace_s": POSITIVE,
     "run.watchdog_s": NON_NEGATIVE,
+    "fault.delay_s": NON_NEGATIVE,
     "eval.images": AT_LEAST_2,
     "eval.kid_subsets": AT_LEAST_2,
     "eval.kid_subset_size": AT_LEAST_2,
@@ -168,6 +172,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         rng = matching(RANGES, key)
         if rng is not None and value is not None and not rng.holds(value, values):
             raise ValueError(f"config key '{key}' must be {rng.describe(values)}, got {value}")
+    if not cfg.eval.sets:
+        raise ValueError(f"config key 'eval.sets' is []; give one or more of {list(SETS)}")
     _check_servers(cfg)
     _check_clients(cfg, check_files)
 

@@ -27,7 +27,7 @@ from collafuse_hpc.roles.host import ClientHost
 from collafuse_hpc.roles.server import Server
 from collafuse_hpc.runtime.preemption import Preempted
 from collafuse_hpc.runtime.profiling import RoundProfiler
-from collafuse_hpc.runtime.rounds import Context, end_of_round, restore, rounds
+from collafuse_hpc.runtime.rounds import Context, end_of_round, restore, rounds, slow_write
 from collafuse_hpc.runtime.topology import Topology, participants
 from collafuse_hpc.runtime.wire import Kind, Message, PeerFailure, Wire, pack
 
@@ -309,25 +309,16 @@ def run_role(ctx: Context, role: Server | ClientHost) -> dict[str, dict]:
     """Run one rank's role to the end; returns each role's summary by
     :func:`summary_key`. On failure tell the peers (ERROR) and re-raise."""
     cfg, topo, rank = ctx.cfg, ctx.topo, ctx.rank
-    where = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}  # which process wrote a part
-    resume = ctx.start_round if ctx.start_round else None
     if isinstance(role, Server):  # the other replicas first: after a failed collective they are probed first
         peers = [r for r in range(topo.num_servers) if r != rank] + sorted(_hosts(topo, role.clients))
     else:
         peers = sorted({topo.server_of(c.index) for c in role.clients if c.cut.uses_server})
     try:
         restore(ctx, role)
-        resume = ctx.start_round if ctx.start_round else None
+        results = _open_parts(ctx, role)
         if isinstance(role, Server):
-            mirror = ScalarSink(ctx.output_dir, _role_name(ctx)) if cfg.run.tensorboard else None
-            results = {None: RoleResults(part_file(cfg, topo, rank), {"role": "server", **where}, resume, mirror)}
             summaries = {None: server_loop(ctx, role, results[None])}
         else:
-            results = {}
-            for c in role.clients:
-                mirror = ScalarSink(ctx.output_dir, f"client_{c.id}") if cfg.run.tensorboard else None
-                attrs = {"role": "client", "client_id": c.id, "t_c": c.cut.t_c, "cut_ratio": c.cut.ratio, **where}
-                results[c.index] = RoleResults(part_file(cfg, topo, rank, c.index), attrs, resume, mirror)
             summaries = client_loop(ctx, role, results)
         with ctx.stop.writing():
             for k, part in results.items():
@@ -349,6 +340,24 @@ def run_role(ctx: Context, role: Server | ClientHost) -> dict[str, dict]:
         text = f"{topo.describe(rank)}: {type(e).__name__}: {e}"
         ctx.wire.send_error(peers, ctx.round, text)
         raise RankFailure(text) from e
+
+
+def _open_parts(ctx: Context, role: Server | ClientHost) -> dict[int | None, RoleResults]:
+    """The rank's part files by client index (None: the server's), created, or on a resume
+    cut back to the rounds before ``ctx.start_round``."""
+    cfg, topo, rank = ctx.cfg, ctx.topo, ctx.rank
+    where = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}  # which process wrote a part
+    resume = ctx.start_round if ctx.start_round else None
+    slow_write(ctx)
+    if isinstance(role, Server):
+        mirror = ScalarSink(ctx.output_dir, _role_name(ctx)) if cfg.run.tensorboard else None
+        return {None: RoleResults(part_file(cfg, topo, rank), {"role": "server", **where}, resume, mirror)}
+    results = {}
+    for c in role.clients:
+        mirror = ScalarSink(ctx.output_dir, f"client_{c.id}") if cfg.run.tensorboard else None
+        attrs = {"role": "client", "client_id": c.id, "t_c": c.cut.t_c, "cut_ratio": c.cut.ratio, **where}
+        results[c.index] = RoleResults(part_file(cfg, topo, rank, c.index), attrs, resume, mirror)
+    return results
 
 
 def part_file(cfg: Config, topo: Topology, rank: int, client: int | None = None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,15 +61,24 @@ class Context:
 
 def _fault(ctx: Context, round_: int) -> None:
     f = ctx.cfg.fault
-    if f.rank == ctx.rank and f.round == round_ and f.attempt in (-1, ctx.attempt):
+    if f.mode != "slow_write" and f.rank == ctx.rank and f.round == round_ and f.attempt in (-1, ctx.attempt):
         if f.mode == "exit":
             os._exit(13)
         raise RuntimeError(f"injected fault at round {round_}")
 
 
+def slow_write(ctx: Context) -> None:
+    """The injected slow file system (``fault.mode: slow_write``): call inside the write it delays."""
+    f = ctx.cfg.fault
+    if f.mode == "slow_write" and f.rank == ctx.rank and f.attempt in (-1, ctx.attempt):
+        log.info("fault: rank %d writes %.0f s slower", ctx.rank, f.delay_s)
+        time.sleep(f.delay_s)
+
+
 def end_of_round(ctx: Context, results: list[RoleResults], state: dict, r: int) -> None:
-    """After round ``r``: agree on a stop request, flush results and write a
-    checkpoint set when due; raise Preempted (on every rank) after a stop.
+    """After round ``r``: agree on a stop request, flush results (every ``log_every``
+    rounds and before each checkpoint set) and write a checkpoint set when due; raise
+    Preempted (on every rank) after a stop.
 
     The agreement is posted at one check and read at the next, so it never
     holds a round up: a signal stops the run one check interval after it came.
@@ -82,13 +92,15 @@ def end_of_round(ctx: Context, results: list[RoleResults], state: dict, r: int) 
         stop, ctx.pending_stop = ctx.pending_stop() and not last, None
     if check and not last and not stop:
         ctx.pending_stop = ctx.wire.any_rank_later(ctx.stop.requested)
-    if done % run.log_every == 0 or last or stop:
+    save = last or stop or bool(run.checkpoint_every and done % run.checkpoint_every == 0)
+    if done % run.log_every == 0 or save:  # a set's rounds are written before it: a resume from it keeps them
         with ctx.stop.writing():
             for part in results:
                 part.flush()
-    if last or stop or (run.checkpoint_every and done % run.checkpoint_every == 0):
+    if save:
         ctx.beat(f"the checkpoint set of round {done}")
         with ctx.stop.writing():
+            slow_write(ctx)
             checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml, ctx.shards)
         ctx.wire.barrier(run.work_timeout_s)  # large checkpoints take a while on a slow file system
         if ctx.rank == 0:
