@@ -18,10 +18,16 @@ Writes into --out:
 The pooled row's FID/KID compare all clients' images with all their real images; its
 disclosure and compute columns are means over the clients. Runs at c = 0 and c = 1 do
 not depend on the split mode: they are shown under every split mode of the report.
-Runs without metrics (not evaluated) are listed and left out. Two runs of the same point
-(split, partition, labels shared, c, seed) are refused: pooled, they would count as two
-seeds. The report is written aside and then replaces --out whole, so nothing of an earlier
-report stays, and a refused command leaves --out as it was.
+Runs without metrics (not evaluated) are listed and left out, and so are runs whose
+metrics are older than the run (trained on after it was evaluated: evaluate it again).
+A run is one seed of the point it depends on (split, partition, labels shared, c, seed;
+at c = 0 and 1 not the split, at c = 1 not the labels): a second run of a point that only
+its labels tell apart (c = 1 made under each split mode of a study) is left out, and two
+runs labelled alike are refused: pooled, they would count as two seeds. A seed of c < 1
+without the c = 1 run of its partition and seed is left out of versus_c1. What was left
+out, and why, is printed and listed in table.md and report.html. The report is written
+aside and then replaces --out whole, so nothing of an earlier report stays, and a
+refused command leaves --out as it was.
 """
 
 from __future__ import annotations
@@ -270,6 +276,7 @@ def _num(v) -> str:
 
 SECTIONS = (("Quality", QUALITY), ("Disclosure of x_c and by attack", DISCLOSURE), ("Client compute", COMPUTE))
 VERSUS = ("split", "partition", "share", "c", "who", "metric", "seeds", "delta", "low", "high", "interval", "verdict")
+VERSUS += ("unpaired",)  # the point's seeds without a c = 1 run of their partition and seed: not in the difference
 
 
 def _features_note(table: list[dict]) -> str:
@@ -294,8 +301,9 @@ def _sections(table: list[dict], versus: list[dict]) -> list[tuple[str, list[str
     return out
 
 
-def write_tables(table: list[dict], versus: list[dict], out: str) -> str:
-    """table.csv, versus_c1.csv and table.md; returns the markdown."""
+def write_tables(table: list[dict], versus: list[dict], out: str, notes: list[str]) -> str:
+    """table.csv, versus_c1.csv and table.md (``notes``: what was left out and why, under
+    its own heading); returns the markdown."""
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, [*COLUMNS, *(f"{key}_seed_std" for key in NUMBERS)])
         w.writeheader()
@@ -309,6 +317,8 @@ def write_tables(table: list[dict], versus: list[dict], out: str) -> str:
         lines += [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in cells]
         lines.append("")
+    if notes:
+        lines += ["### Left out", "", *(f"- {note}" for note in notes), ""]
     text = "\n".join(lines)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text)
@@ -322,7 +332,9 @@ def _png(path: str, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
-def write_html(table: list[dict], versus: list[dict], out: str, figures: list[tuple[str, str]]) -> str:
+def write_html(
+    table: list[dict], versus: list[dict], out: str, figures: list[tuple[str, str]], notes: list[str]
+) -> str:
     """report.html: one self-contained page (tables, the figures ``[(title, path)]``, every
     sample grid under ``out``/grids, images embedded) to open in a browser or send by mail."""
     esc = html.escape
@@ -342,6 +354,8 @@ def write_html(table: list[dict], versus: list[dict], out: str, figures: list[tu
         parts += [f"<h2>{esc(title)}</h2>", "<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header)]
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells]
         parts.append("</table>")
+    if notes:
+        parts += ["<h2>Left out</h2>", "<ul>", *(f"<li>{esc(note)}</li>" for note in notes), "</ul>"]
     grids = os.path.join(out, "grids")
     parts.append("<h2>Samples</h2>")
     for run in sorted(os.listdir(grids)) if os.path.isdir(grids) else []:
@@ -358,8 +372,17 @@ def write_html(table: list[dict], versus: list[dict], out: str, figures: list[tu
 
 
 def _point(row: dict) -> tuple:
-    """What makes a run one study point: two runs that share it would count as two seeds."""
-    return row["split"], row["partition"], row["share"], row["c"], row["seed"]
+    """What a run depends on: two runs that share it are one seed of one study point. At
+    c = 0 and c = 1 the split mode changes nothing (no hand-over between two chains), and
+    at c = 1 neither do shared labels (nothing is sent): "-" stands for those."""
+    split = "-" if row["c"] in (0, 1) else row["split"]
+    share = "-" if row["c"] == 1 else row["share"]
+    return split, row["partition"], share, row["c"], row["seed"]
+
+
+def _point_keys(row: dict) -> tuple:
+    """The settings a run was labelled with, whether or not it depends on them."""
+    return row["split"], row["share"]
 
 
 def _run_names(paths: list[str]) -> list[str]:
@@ -387,12 +410,15 @@ def main() -> int:
     if os.path.exists(out) and not (os.path.isdir(out) and (not os.listdir(out) or _is_report(out))):
         print(f"report: error: --out {args.out} exists and is not a report folder; choose a new one", file=sys.stderr)
         return 2
-    evaluated, seen = [], {}
+    evaluated, seen, notes = [], {}, []
     for path in args.results:  # read and check every file before anything is written
         try:
             s = summarize(path, args.record)
             if "metrics" not in s:
                 print(f"report: {path} has no metrics (run collafuse-hpc evaluate on it); left out")
+                continue
+            if s["stale"] and args.record is None:  # its row would show an older model under the run's rounds
+                notes.append(f"{path} left out: {s['stale']}")
                 continue
             lost = [m for m in s["missing"] if ": part file " in m]
             if lost:  # its loss curves, and whether it converged, are in those files
@@ -403,23 +429,31 @@ def main() -> int:
             return 2
         run = rows(s, curves)
         point = _point(run[0])
+        if point in seen and _point_keys(seen[point][1]) != _point_keys(run[0]):  # one run made twice by a sweep
+            notes.append(
+                f"{path} left out: the same point as {seen[point][0]} (c = {point[3]} depends on neither the split "
+                f"mode{' nor shared labels' if point[3] == 1 else ''}), seed {point[4]}: one seed, not two"
+            )
+            continue
         if point in seen:
             print(
-                f"report: error: {seen[point]} and {path} are the same point (split, partition, labels shared, "
+                f"report: error: {seen[point][0]} and {path} are the same point (split, partition, labels shared, "
                 f"c, seed = {', '.join(map(str, point))}): pooled, one run would count as two seeds; "
                 "give each run once (report runs of other settings separately)",
                 file=sys.stderr,
             )
             return 2
-        seen[point] = path
+        seen[point] = path, run[0]
         evaluated.append((path, run, curves))
+    for note in notes:
+        print(f"report: {note}")
     if not evaluated:
         print("report: no evaluated runs")
         return 1
     os.makedirs(os.path.dirname(out), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
     try:
-        made = write_report(evaluated, staging, args.record)
+        made = write_report(evaluated, staging, args.record, notes)
         if os.path.exists(out):  # replaced whole: no grid or figure of an earlier report stays
             shutil.rmtree(out)
         os.rename(staging, out)
@@ -429,17 +463,22 @@ def main() -> int:
     return 0
 
 
-def write_report(evaluated: list[tuple[str, list[dict], dict]], out: str, record: int | None) -> str:
+def write_report(evaluated: list[tuple[str, list[dict], dict]], out: str, record: int | None, notes: list[str]) -> str:
     """Every file of the report for ``[(results path, its rows, its loss curves)]`` into
-    the folder ``out``; returns the figures drawn, for the summary line."""
+    the folder ``out``, with ``notes`` on the runs left out; returns the figures drawn, for
+    the summary line."""
     table, curves = [], {}
     for (path, run, run_curves), name in zip(evaluated, _run_names([e[0] for e in evaluated]), strict=True):
         table += run
         curves[name] = run_curves
         export(path, os.path.join(out, "grids", name), record=record)
     versus = study_stats.versus_baseline(table)
+    unpaired = study_stats.unpaired_seeds(table)
+    for note in unpaired:
+        print(f"report: {note}")
+    notes = [*notes, *unpaired]
     table = aggregate(table)
-    print(write_tables(table, versus, out))
+    print(write_tables(table, versus, out, notes))
     pooled = [r for r in table if r["who"] == "pooled"]
     figures = [
         ("Class fidelity and quality per condition, against disclosure and client compute", "conditions.png",
@@ -449,7 +488,7 @@ def write_report(evaluated: list[tuple[str, list[dict], dict]], out: str, record
     drawn = [(title, os.path.join(out, name)) for title, name, draw in figures if draw(os.path.join(out, name))]
     if loss_figure(curves, os.path.join(out, "loss.png")):
         drawn.append(("Training loss of every run", os.path.join(out, "loss.png")))
-    write_html(table, versus, out, drawn)
+    write_html(table, versus, out, drawn, notes)
     return ", ".join(os.path.basename(path) for _, path in drawn)
 
 

@@ -45,18 +45,46 @@ def _image_half(run: dict, base: dict, column: str) -> float:
     return math.hypot(*halves)
 
 
-def versus_baseline(table: list[dict]) -> list[dict]:
-    """One row per (split, partition, share, c, who, metric) of every c < 1: the difference
-    to c = 1, its 95% interval, what the interval is over, and the verdict."""
+def _pairs(table: list[dict]) -> tuple[dict[tuple, list[tuple[dict, dict]]], dict[tuple, list]]:
+    """Each point's (run, its c = 1 run of the same partition, seed and client) pairs, and
+    the seeds of each point that have no such c = 1 run; keys (split, partition, share, c, who)."""
     baseline = {(r["partition"], r["seed"], r["who"]): r for r in table if r["c"] == 1}
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    unpaired: dict[tuple, list] = {}
     for r in table:
-        base = baseline.get((r["partition"], r["seed"], r["who"]))
-        if r["c"] == 1 or base is None or isinstance(r["c"], str):
+        if r["c"] == 1 or isinstance(r["c"], str):
             continue
-        groups.setdefault((r["split"], r["partition"], r["share"], r["c"], r["who"]), []).append((r, base))
+        point = (r["split"], r["partition"], r["share"], r["c"], r["who"])
+        base = baseline.get((r["partition"], r["seed"], r["who"]))
+        if base is None:
+            unpaired.setdefault(point, []).append(r["seed"])
+        else:
+            groups.setdefault(point, []).append((r, base))
+    return groups, unpaired
+
+
+def unpaired_seeds(table: list[dict]) -> list[str]:
+    """A sentence for each point (its pooled row) with seeds that :func:`versus_baseline`
+    leaves out for want of a c = 1 run of their partition and seed (only for partitions
+    with a c = 1 run at all: without one there is no comparison to leave seeds out of)."""
+    _, unpaired = _pairs(table)
+    compared = {r["partition"] for r in table if r["c"] == 1}
+    return [
+        f"split {split}, partition {partition}, labels shared {share}, c = {c}: seed(s) "
+        f"{', '.join(map(str, sorted(seeds)))} left out of versus_c1 (no c = 1 run of that partition and seed)"
+        for (split, partition, share, c, who), seeds in sorted(unpaired.items(), key=lambda kv: str(kv[0]))
+        if who == "pooled" and partition in compared
+    ]
+
+
+def versus_baseline(table: list[dict]) -> list[dict]:
+    """One row per (split, partition, share, c, who, metric) of every c < 1 with a c = 1 run
+    of the same partition and seed: the difference to c = 1, its 95% interval, what the
+    interval is over, the verdict, and the point's seeds left out for want of a c = 1 run."""
+    groups, unpaired = _pairs(table)
     out = []
     for (split, partition, share, c, who), pairs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        left_out = ", ".join(map(str, sorted(unpaired.get((split, partition, share, c, who), [])))) or "-"
         for metric, (column, sign) in COMPARED.items():
             deltas = [run[column] - base[column] for run, base in pairs]
             if any(math.isnan(d) for d in deltas):
@@ -80,7 +108,8 @@ def versus_baseline(table: list[dict]) -> list[dict]:
                 verdict = "no interval"  # one seed and no intervals over images (features other than a classifier)
             out.append(
                 dict(split=split, partition=partition, share=share, c=c, who=who, metric=metric, seeds=len(deltas),
-                     delta=mean, low=float(low), high=float(high), interval=over, verdict=verdict)
+                     delta=mean, low=float(low), high=float(high), interval=over, verdict=verdict,
+                     unpaired=left_out)
             )  # fmt: skip
     return out
 

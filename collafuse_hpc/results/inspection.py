@@ -145,7 +145,22 @@ def summarize(path: str, record: int | None = None) -> dict:
         else:
             out["missing"].append("metrics (not evaluated: collafuse-hpc evaluate CONFIG)")
     out["checkpoints"] = complete_rounds(os.path.dirname(os.path.abspath(path)))
+    out["stale"] = stale_metrics(out)
     return out
+
+
+def stale_metrics(s: dict) -> str | None:
+    """Why the metrics of summary ``s`` do not describe the run as it now is (None when
+    they do, or when there are none): it trained on after it was evaluated. The rounds
+    trained are the newest complete checkpoint set's, or, for a file moved without its
+    checkpoints, the end of the newest training record (the set it started from plus
+    the rounds it ran)."""
+    scored = s.get("metrics", {}).get("attrs", {}).get("checkpoint_round")
+    ends = [h["checkpoint_round"] + h["totals"]["rounds_run"] for h in s["history"] if "rounds_run" in h["totals"]]
+    trained = max([*s["checkpoints"], *ends], default=None)
+    if scored is None or trained is None or scored >= trained:
+        return None
+    return f"its metrics are of round {scored}, but the run has since trained to round {trained}: evaluate it again"
 
 
 def format_summary(s: dict) -> str:
@@ -199,6 +214,8 @@ def format_summary(s: dict) -> str:
             f"  metrics ({m['attrs'].get('extractor')}, checkpoint round {m['attrs'].get('checkpoint_round')}, "
             f"record {m['attrs'].get('record', '-')}):"
         )
+        if s.get("stale"):
+            lines.append(f"    not the run as it now is: {s['stale']}")
         for who, sets in m.items():
             if who == "attrs":
                 continue

@@ -1,0 +1,102 @@
+"""tools/report.py on evaluated runs: which runs it counts as seeds of which point, and
+what it leaves out and says so (a run made twice by a sweep, a seed without its c = 1
+partner, metrics older than the run)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import yaml
+from conftest import tiny_config
+
+from collafuse_hpc.cli import main
+from collafuse_hpc.config import from_dict
+from collafuse_hpc.evaluation.evaluate import evaluate
+from collafuse_hpc.runtime.run import run_in_process
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, shards) -> Path:
+    """The folder of one run (c = 0.25, seed 0), trained 2 rounds and evaluated."""
+    out = tmp_path_factory.mktemp("evaluated") / "run"
+    cfg = from_dict(tiny_config(shards, out, [0.25, 0.25], rounds=2))
+    run_in_process(cfg, resume=False)
+    evaluate(cfg)
+    return out
+
+
+def _copy(run: Path, to: Path, c: float | None = None, split: str | None = None, seed: int | None = None) -> Path:
+    """A copy of ``run`` labelled as another point (its config's cut, split mode or seed):
+    what the report groups by, without training each point."""
+    shutil.copytree(run, to)
+    with h5py.File(to / "results.h5", "a") as f:
+        config = yaml.safe_load(f.attrs["config"])
+        for client in config["clients"]:
+            client["cut_ratio"] = client["cut_ratio"] if c is None else c
+        config["diffusion"]["split"] = split or config["diffusion"]["split"]
+        config["run"]["seed"] = config["run"]["seed"] if seed is None else seed
+        f.attrs["config"] = yaml.safe_dump(config)
+    return to / "results.h5"
+
+
+def _report(*paths: Path, out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "tools/report.py"), *map(str, paths), "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _rows(out: Path, name: str) -> list[dict]:
+    with open(out / name) as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_c1_run_made_under_each_split_mode_is_one_seed_and_a_seed_without_c1_is_named(evaluated, tmp_path):
+    """A study run once with SPLITS=markov and once with SPLITS=reference trains c = 1
+    twice for one seed: pooled as two seeds (and versus_c1 taking either), the seed
+    interval narrowed. A seed of c < 1 without its c = 1 run fell out of versus_c1 unsaid."""
+    local = [_copy(evaluated, tmp_path / f"c1-{split}", c=1.0, split=split) for split in ("markov", "reference")]
+    seeds = [evaluated / "results.h5", _copy(evaluated, tmp_path / "c0.25-s1", seed=1)]
+    done = _report(*local, *seeds, out=tmp_path / "report")
+    assert done.returncode == 0, done.stderr
+    assert f"{local[1]} left out: the same point as {local[0]}" in done.stdout
+    assert "c = 0.25: seed(s) 1 left out of versus_c1 (no c = 1 run of that partition and seed)" in done.stdout
+    table = {(r["split"], r["c"], r["who"]): r for r in _rows(tmp_path / "report", "table.csv")}
+    assert table["markov", "1.0", "pooled"]["seeds"] == "1" and table["markov", "0.25", "pooled"]["seeds"] == "2"
+    versus = _rows(tmp_path / "report", "versus_c1.csv")
+    assert versus and {(v["seeds"], v["unpaired"]) for v in versus} == {("1", "1")}
+    md = (tmp_path / "report/table.md").read_text()
+    assert "### Left out" in md and "the same point as" in md and "seed(s) 1 left out of versus_c1" in md
+    # the same run given twice is still refused: it is not a second seed
+    done = _report(local[0], local[0], out=tmp_path / "twice")
+    assert done.returncode == 2 and "are the same point" in done.stderr
+
+
+def test_metrics_older_than_the_run_are_left_out_and_inspect_says_so(evaluated, tmp_path, capsys):
+    """Evaluated at round 2, then trained on to 3: its row would show round 2's numbers
+    as the 3-round run's."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated, run)
+    raw = tiny_config([c["shard"] for c in _config(run)["clients"]], run, [0.25, 0.25], rounds=3)
+    run_in_process(from_dict(raw), resume=True)
+    done = _report(run / "results.h5", out=tmp_path / "report")
+    assert done.returncode == 1 and "no evaluated runs" in done.stdout
+    stale = "its metrics are of round 2, but the run has since trained to round 3"
+    assert f"left out: {stale}: evaluate it again" in done.stdout
+    capsys.readouterr()
+    assert main(["inspect", str(run / "results.h5")]) == 0
+    assert f"not the run as it now is: {stale}" in capsys.readouterr().out
+    evaluate(from_dict(raw))
+    done = _report(run / "results.h5", out=tmp_path / "report")
+    assert done.returncode == 0 and "left out" not in done.stdout, done.stdout
+
+
+def _config(run: Path) -> dict:
+    with h5py.File(run / "results.h5", "r") as f:
+        return yaml.safe_load(f.attrs["config"])
