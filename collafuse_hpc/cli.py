@@ -165,12 +165,15 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _describe(cfg: Config) -> str:
-    """The resolved config as YAML, then the rank map and each client's cut."""
+    """The resolved config as YAML, then the rank map and each client's cut, once the
+    config passed every check that training makes before it starts."""
     from collafuse_hpc.config import dump
     from collafuse_hpc.diffusion.split import cuts
+    from collafuse_hpc.runtime import preflight
     from collafuse_hpc.runtime.topology import Topology
     from collafuse_hpc.tables import format_table
 
+    preflight.check(cfg)
     topo, every = Topology.from_config(cfg), cuts(cfg)
     rows = []
     for rank in range(topo.world_size):

@@ -19,7 +19,6 @@ from typing import Any
 from collafuse_hpc import client_templates
 from collafuse_hpc.config import Config
 from collafuse_hpc.config_rules import CHOICES, RANGES, matching, resumable
-from collafuse_hpc.results.schema import SETS
 
 INTRO = """\
 # Configuration reference
@@ -85,7 +84,7 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def _allowed(key: str, hint: Any) -> str:
-    choices = SETS if key == "eval.sets" else matching(CHOICES, key)  # eval.sets: checked by evaluate.check_config
+    choices = matching(CHOICES, key) or matching(CHOICES, f"{key}.0")  # a list's: each of its items
     if choices is not None:
         return ", ".join(f"`{c}`" for c in choices)
     if hint is bool:

@@ -103,6 +103,8 @@ CORPUS = [
     ("dropout 1", _set("server.model.dropout", 1.0), 2, "'server.model.dropout' must be in [0, 1)"),
     ("sampling steps above T", _set("diffusion.sampling_steps", 99), 2, "'diffusion.sampling_steps' must be in"),
     ("unknown choice", _set("diffusion.schedule", "quadratic"), 2, "valid: ['linear', 'cosine']"),
+    ("unknown eval set", _set("eval.sets", ["collaborative", "foo"]), 2, "config key 'eval.sets.1' is 'foo'; valid:"),
+    ("no eval set", _set("eval.sets", []), 2, "config key 'eval.sets' is []; give one or more of ['collaborative'"),
     ("shard without channels", _shard(lambda f: f.attrs.__delitem__("channels")), 2, "lacks the attribute(s)"),
     ("float labels", _labels_on(_shard(_float_labels)), 2, "holds float32 values; class labels must be integers"),
     ("labels beyond num_classes", _labels_on(_shard(_labels_beyond)), 2, "set data.num_classes to at least 13"),
@@ -119,18 +121,34 @@ def _exit_code(args: list[str]) -> int:
         return e.code
 
 
+@pytest.mark.parametrize("command", ["train", "config"])
 @pytest.mark.parametrize("name, change, code, fragment", CORPUS, ids=[row[0] for row in CORPUS])
-def test_bad_input_gives_one_clear_line_and_writes_nothing(tmp_path, shards, capsys, name, change, code, fragment):
+def test_bad_input_gives_one_clear_line_and_writes_nothing(
+    tmp_path, shards, capsys, command, name, change, code, fragment
+):
+    """``config`` refuses what ``train`` refuses, with the same line: a config it accepts trains."""
     out = tmp_path / "out"
     raw = tiny_config(shards, out, [0.25, 0.5])
     extra = change(raw, tmp_path, shards)
     config, args = (extra, []) if isinstance(extra, str) else (write_config(tmp_path / "run.yaml", raw), extra)
-    got = _exit_code(["train", config, "--in-process", *args])
+    if command == "config" and any(a.startswith("--resume") for a in args):
+        pytest.skip("about continuing a run: config takes no --resume")
+    got = _exit_code([command, config, *(["--in-process"] if command == "train" else []), *args])
     err = capsys.readouterr().err
     assert got == code, err
     assert fragment in err, err
     assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["train", "--dry-run"], ["evaluate"]])
+def test_a_config_is_valid_or_not_for_every_command_alike(tmp_path, shards, capsys, command):
+    """train --dry-run accepted eval.sets that evaluate refused: one validation (config
+    and train: the corpus above)."""
+    config = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.25, 0.5]))
+    assert _exit_code([command[0], config, *command[1:], "--set", "eval.sets=[collaborative,foo]"]) == 2
+    assert "config key 'eval.sets.1' is 'foo'; valid: ['collaborative', " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # prepare: (name, build(tmp_path) -> command-line arguments after "prepare", exit code, fragment)

@@ -709,7 +709,7 @@ def test_evaluate_scores_only_the_sets_asked_for(tmp_path, shards, capsys):
     assert set(report["pooled"]) == {"collaborative", "client_alone"}
     config = write_config(tmp_path / "run.yaml", raw)
     assert main(["evaluate", config, "--set", "eval.sets=[collaborative, fancy]"]) == 2
-    assert "config key 'eval.sets' is ['collaborative', 'fancy']; give one or more of" in capsys.readouterr().err
+    assert "config key 'eval.sets.1' is 'fancy'; valid: ['collaborative', " in capsys.readouterr().err
 
 
 def test_pooled_scores_weigh_each_client_the_same_on_both_sides(tmp_path):

@@ -27,6 +27,22 @@ def preflight(cfg: Config, resume: bool | str, sample: bool = False) -> int:
             refused without one) or "auto" (continue one if there is one, else start).
         sample: the ``sample`` command (it continues the newest set too); names it in errors.
     """
+    check(cfg)
+    index = index_path(cfg.run.output_dir)
+    if not resume:
+        if os.path.exists(index):
+            raise ValueError(
+                f"{index!r} holds results of an earlier run; pass --resume to continue it or set "
+                "run.output_dir to a new folder"
+            )
+        return 0
+    return _resume_round(cfg, resume == "auto", "sample" if sample else "--resume")
+
+
+def check(cfg: Config) -> None:
+    """What a config needs beyond its own rules: shards that fit it, models that build,
+    cuts with grids, the files it names. ``config`` and ``--dry-run`` check it too, so
+    a config they accept is one that trains."""
     for i, c in enumerate(cfg.clients):
         info = inspect_shard(c.shard)
         want = (cfg.data.channels, cfg.data.image_size)
@@ -56,15 +72,6 @@ def preflight(cfg: Config, resume: bool | str, sample: bool = False) -> int:
         check_available()
     if cfg.eval.at_end:
         check_eval(cfg)
-    index = index_path(cfg.run.output_dir)
-    if not resume:
-        if os.path.exists(index):
-            raise ValueError(
-                f"{index!r} holds results of an earlier run; pass --resume to continue it or set "
-                "run.output_dir to a new folder"
-            )
-        return 0
-    return _resume_round(cfg, resume == "auto", "sample" if sample else "--resume")
 
 
 def _check_models(cfg: Config) -> None:
