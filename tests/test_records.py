@@ -164,3 +164,16 @@ def test_every_server_replica_is_linked_bundled_and_inspected(tmp_path, shards, 
     assert main(["inspect", results]) == 0
     text = capsys.readouterr().out
     assert "  server: rank 0 on " in text and "  servers/1: rank 1 on " in text
+
+
+def test_rows_buffered_at_a_checkpoint_survive_a_failure_after_it(tmp_path, shards):
+    """Rows are written at every checkpoint set, also between log lines: a resume from
+    that set keeps every round before it."""
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=8, log_every=4, checkpoint_every=2)
+    raw["fault"] = {"rank": 0, "round": 3}
+    assert main(["train", write_config(tmp_path / "crash.yaml", raw), "--in-process"]) == 1
+    raw["fault"] = {}
+    assert main(["train", write_config(tmp_path / "run.yaml", raw), "--in-process", "--resume"]) == 0
+    with h5py.File(tmp_path / "out/results.h5", "r", locking=False) as f:
+        for key in ("server", "clients/c0", "clients/c1"):
+            assert list(f[f"{key}/rounds/round"][()]) == list(range(8)), key

@@ -40,8 +40,8 @@ def test_loss_curves_average_the_clients_that_trained_and_leave_out_a_c0_run_s(t
     for name, c0, c1 in (("mixed", [1.0, nan, 3.0], [3.0, nan, nan]), ("c0", [nan] * 3, [nan] * 3)):
         with h5py.File(tmp_path / f"{name}.h5", "w") as f:
             for who, loss in (("c0", c0), ("c1", c1)):
-                f[f"clients/{who}/rounds/loss_local"], f[f"clients/{who}/rounds/round"] = loss, [1, 2, 3]
-            f["server/rounds/loss_server"], f["server/rounds/round"] = [0.5, 0.4, 0.3], [1, 2, 3]
+                f[f"clients/{who}/rounds/loss_local"], f[f"clients/{who}/rounds/round"] = loss, [0, 1, 2]
+            f["server/rounds/loss_server"], f["server/rounds/round"] = [0.5, 0.4, 0.3], [0, 1, 2]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mixed, c0 = loss_curves(str(tmp_path / "mixed.h5")), loss_curves(str(tmp_path / "c0.h5"))
@@ -158,3 +158,16 @@ def test_pooled_class_intervals_are_the_clients_in_quadrature_as_the_bootstrap_o
     clipped = pooled_interval([0.99, 0.5], [0.95, 0.45], [1.0, 0.55])  # the wider side of a clipped interval
     assert clipped[2] - clipped[0] == pytest.approx(math.hypot(0.04, 0.05) / 2)
     assert math.isnan(pooled_interval([0.5, 0.6], [0.4, math.nan], [0.6, math.nan])[1])  # one without: none
+
+
+def test_the_convergence_windows_are_rounds_not_rows(tmp_path):
+    """A server logs no row in a round no client sent to (or in rows a crash lost): the
+    windows are the first and last 10% of rounds, whichever rows they hold."""
+    rounds = np.arange(1000)
+    logged = rounds[(rounds % 2 == 0) | (rounds >= 500)]  # idle every other round in the first half
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        f["clients/c0/rounds/loss_local"], f["clients/c0/rounds/round"] = 1 - rounds / 1000, rounds
+        f["server/rounds/loss_server"], f["server/rounds/round"] = 1 - logged / 1000, logged
+    curves = loss_curves(str(tmp_path / "run.h5"))
+    assert loss_change(curves["server"]) == pytest.approx(loss_change(curves["clients"]), rel=1e-3)
+    assert loss_change(curves["server"]) == pytest.approx(1 / 9, rel=1e-2)

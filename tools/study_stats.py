@@ -130,27 +130,42 @@ def pooled_interval(estimates: list[float], lows: list[float], highs: list[float
     return mean, max(bounds[0], mean - half), min(bounds[1], mean + half)
 
 
+def _by_round(rows: h5py.Group, column: str, n: int) -> np.ndarray:
+    """``column`` of a role's rows at the index of its round, NaN in rounds without a row
+    (a server no client sent to, rows a crash lost)."""
+    out = np.full(n, np.nan)
+    out[rows["round"][()]] = rows[column][()]
+    return out
+
+
 def loss_curves(path: str) -> dict[str, np.ndarray]:
-    """{"rounds", "clients" (mean local loss over the clients that trained, per round;
-    absent when none did, as at c = 0), "server" (when it trained)} of one results file."""
+    """{"rounds" (0 to the last round logged), "clients" (mean local loss over the clients
+    that trained, per round; absent when none did, as at c = 0), "server" (when it
+    trained), "server_rounds" (its rounds: "rounds")} of one results file, each loss at
+    the index of its round (NaN where no role logged one)."""
     out = {}
     with h5py.File(path, "r") as f:
-        local = np.stack([f[f"clients/{c}/rounds/loss_local"][()] for c in f["clients"]])
-        out["rounds"] = f[f"clients/{next(iter(f['clients']))}/rounds/round"][()]
+        clients, server = [f[f"clients/{c}/rounds"] for c in f["clients"]], f["server"].get("rounds")
+        logged = [g["round"][()] for g in clients + ([server] if server is not None else [])]
+        n = max((int(r[-1]) + 1 for r in logged if len(r)), default=0)
+        out["rounds"] = np.arange(n)
+        local = np.stack([_by_round(g, "loss_local", n) for g in clients])
         trained = np.isfinite(local).sum(0)
         if trained.any():
             out["clients"] = np.where(trained > 0, np.nansum(local, 0) / np.maximum(trained, 1), np.nan)
-        if "rounds" in f["server"]:
-            out["server"] = f["server/rounds/loss_server"][()]
-            out["server_rounds"] = f["server/rounds/round"][()]
+        if server is not None:
+            out["server"], out["server_rounds"] = _by_round(server, "loss_server", n), out["rounds"]
     return out
 
 
 def _windows(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The first, second-to-last and last WINDOW of rounds (None for fewer than 100)."""
-    losses = losses[~np.isnan(losses)]
+    """The losses (by round, as :func:`loss_curves` gives them) of the first,
+    second-to-last and last WINDOW of rounds: chosen by round number, not by position
+    among the rows, which skip idle or lost rounds. None for fewer than 100 rounds or a
+    window with fewer than 2 losses."""
     n = int(len(losses) * WINDOW)
-    return (losses[:n], losses[-2 * n : -n], losses[-n:]) if n >= 10 else None
+    windows = tuple(w[~np.isnan(w)] for w in (losses[:n], losses[-2 * n : -n], losses[-n:]))
+    return windows if n >= 10 and min(map(len, windows)) >= 2 else None
 
 
 def loss_change(losses: np.ndarray) -> float:
@@ -183,9 +198,11 @@ def converged(losses: np.ndarray) -> bool:
 
 
 def smooth(values: np.ndarray, decay: float = 0.98) -> np.ndarray:
-    """Exponential moving average with bias correction (what the loss figure draws)."""
+    """Exponential moving average with bias correction (what the loss figure draws); a
+    round without a loss (NaN) keeps the average as it was, NaN before the first."""
     out, acc, weight = np.empty(len(values)), 0.0, 0.0
     for i, v in enumerate(values):
-        acc, weight = decay * acc + (1 - decay) * v, decay * weight + (1 - decay)
-        out[i] = acc / weight
+        if not math.isnan(v):
+            acc, weight = decay * acc + (1 - decay) * v, decay * weight + (1 - decay)
+        out[i] = acc / weight if weight else math.nan
     return out
