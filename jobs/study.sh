@@ -108,11 +108,13 @@ missing_classifiers() {
   done
 }
 
-# evaluated DIR: the point's run in DIR was trained and evaluated; a study run again into the
-# same STUDY_DIR skips it, here and with --slurm
+# evaluated DIR: the point's run in DIR was trained and evaluated as it now is (not trained on
+# since); a study run again into the same STUDY_DIR skips it, here and with --slurm
 evaluated() {
-  [ -f "$1/results.h5" ] && "$VENV/bin/python" -c "import h5py, sys
-sys.exit('metrics' not in h5py.File(sys.argv[1], 'r'))" "$1/results.h5"
+  [ -f "$1/results.h5" ] && "$VENV/bin/python" -c "import sys
+from collafuse_hpc.results.inspection import summarize
+s = summarize(sys.argv[1])
+sys.exit('metrics' not in s or bool(s['stale']))" "$1/results.h5"
 }
 
 if [ ${#slurm[@]} -gt 0 ]; then
