@@ -177,3 +177,21 @@ def test_rows_buffered_at_a_checkpoint_survive_a_failure_after_it(tmp_path, shar
     with h5py.File(tmp_path / "out/results.h5", "r", locking=False) as f:
         for key in ("server", "clients/c0", "clients/c1"):
             assert list(f[f"{key}/rounds/round"][()]) == list(range(8)), key
+
+
+def test_a_run_of_the_schema_before_records_keeps_its_training_through_every_resume(tmp_path, shards):
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=2)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    assert main(["train", cfg, "--in-process"]) == 0
+    for part in (tmp_path / "out/parts").glob("*.h5"):  # as version 2 wrote it: one summary, no records
+        with h5py.File(part, "a") as f:
+            del f["records"], f["summary"].attrs["invocations"]
+    with h5py.File(tmp_path / "out/results.h5", "a") as f:
+        del f["records"]
+        f.attrs["schema_version"] = 2
+    for rounds in (4, 6):
+        assert main(["train", cfg, "--in-process", "--resume", "--set", f"run.rounds={rounds}"]) == 0
+    with h5py.File(tmp_path / "out/results.h5", "r", locking=False) as f:
+        for key in ("server", "clients/c0"):
+            total = _attrs(f[f"{key}/summary"])
+            assert (total["rounds_run"], total["invocations"]) == (6, 3), key

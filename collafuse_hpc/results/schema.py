@@ -39,7 +39,9 @@ read it; ``collafuse-hpc bundle`` copies it into one self-contained file::
                           sample and evaluate never change it
 
 Schema version 2 (before records) kept /samples, /summary and /metrics as plain groups,
-written over by each invocation; the readers take both layouts (no history in v2).
+written over by each invocation; the readers take both layouts (no history in v2). A later
+``sample`` moves a v2 part's /samples to records/v2/samples, a later training its /summary
+to records/v2/summary (counted in /summary as one training invocation).
     /metrics              attrs: extractor, checkpoint_round, created, units
       /<client id>|pooled/<set>   attrs: fid, kid_mean, kid_std (NaN: every KID subset was the
                                   whole of both sets), images, real_images
@@ -68,6 +70,7 @@ SERVER, SERVERS, CLIENTS = "server", "servers", "clients"
 ROUNDS, AUDIT, SUMMARY, METRICS, RECORDS = "rounds", "audit", "summary", "metrics", "records"
 SAMPLES, HANDOVER = "samples/images", "samples/x_handover"  # the newest, through the /samples link
 ROUND = "round"  # the column every row group is indexed by
+V2 = "v2"  # records/v2: what a file of schema version 2 held at /samples and /summary, moved aside
 
 # the image sets evaluate scores, in report order (evaluation/evaluate.py says what each is)
 SETS = ("collaborative", "cut", "server_at_cut", "server_alone", "client_alone")
@@ -98,7 +101,7 @@ def units(column: str) -> str:
     return COLUMN_UNITS.get(column, COLUMN_UNITS.get(column.split("_")[0], ""))
 
 
-def record_key(n: int, group: str = "") -> str:
+def record_key(n: int | str, group: str = "") -> str:
     """``records/<n>`` or, with ``group``, ``records/<n>/<group>``."""
     return f"{RECORDS}/{n}" + (f"/{group}" if group else "")
 

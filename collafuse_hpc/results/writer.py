@@ -27,6 +27,7 @@ from collafuse_hpc.results.schema import (
     SCHEMA,
     SCHEMA_VERSION,
     SUMMARY,
+    V2,
     open_results,
     plain_attrs,
     record_key,
@@ -99,12 +100,13 @@ def point_newest(f: h5py.File, name: str, target: str) -> None:
     readers of the fixed path keep working. A schema v2 group there is moved to records/v2."""
     link = f.get(name, getlink=True)
     if isinstance(link, h5py.HardLink):
-        f.move(name, f"{RECORDS}/v2/{name}")
+        f.move(name, record_key(V2, name))
     elif link is not None:
         del f[name]
     f[name] = h5py.SoftLink(target)
 
 
+V2_SUMMARY = record_key(V2, SUMMARY)  # a schema v2 run's training totals, kept when it trains on
 SUMMED = ("images", "rounds_run", "bytes_received")  # besides time_*: what adds up over training invocations
 
 
@@ -245,18 +247,20 @@ class RoleResults:
 
     def write_summary(self, record: int, summary: dict, trained: bool) -> None:
         """This invocation's totals under records/<record>/summary; after training, the
-        role's /summary becomes the sum over its training invocations (a run of schema
-        v2 counts its earlier /summary as one)."""
+        role's /summary becomes the sum over its training invocations. A run of schema v2
+        kept its training's totals only in /summary: they move to records/v2/summary, where
+        every later sum finds them, and count as one invocation."""
         with _writing(self.path) as f:
             g = f.require_group(record_key(record, SUMMARY))
             g.attrs.update(summary)
             f[record_key(record)].attrs["trained"] = trained
             if not trained:
                 return
+            if SUMMARY in f and "invocations" not in f[SUMMARY].attrs:  # schema v2's, not yet a sum
+                f.move(SUMMARY, V2_SUMMARY)
             trainings = [n for n in record_numbers(f) if f[record_key(n)].attrs.get("trained", False)]
-            parts = [plain_attrs(f[record_key(n, SUMMARY)]) for n in trainings]
-            if SUMMARY in f and len(trainings) == 1 and "invocations" not in f[SUMMARY].attrs:
-                parts.insert(0, plain_attrs(f[SUMMARY]))  # schema v2: the summary of the run before
+            parts = [plain_attrs(f[V2_SUMMARY])] if V2_SUMMARY in f else []
+            parts += [plain_attrs(f[record_key(n, SUMMARY)]) for n in trainings]
             if SUMMARY in f:
                 del f[SUMMARY]
             f.create_group(SUMMARY).attrs.update(combine_summaries(parts))
