@@ -223,8 +223,13 @@ def _check_clients(cfg: Config, check_files: bool) -> None:
             )
         if ids.count(c.id) > 1:
             raise ValueError(f"config key '{key}.id': client id {c.id!r} is used twice")
-        if (c.cut_ratio is None) == (c.cut_step is None):
-            raise ValueError(f"client {c.id!r} ('{key}'): give exactly one of cut_ratio or cut_step")
+        if c.cut_ratio is not None and c.cut_step is not None:  # a --set cut_step beside the YAML's cut_ratio
+            raise ValueError(
+                f"client {c.id!r} ('{key}') has both (cut_ratio {c.cut_ratio}, cut_step {c.cut_step}): set "
+                f"{key}.cut_ratio=null to use cut_step, or {key}.cut_step=null to use cut_ratio"
+            )
+        if c.cut_ratio is None and c.cut_step is None:
+            raise ValueError(f"client {c.id!r} ('{key}') has neither: give one of cut_ratio or cut_step")
         if (c.labels or c.share_labels) and cfg.data.num_classes < 1:
             raise ValueError(f"client {c.id!r} ('{key}') uses labels, but 'data.num_classes' is 0")
         if check_files and not os.path.isfile(c.shard):

@@ -87,6 +87,13 @@ CORPUS = [
     ("rounds 0", _set("run.rounds", 0), 2, "'run.rounds' must be >= 1"),
     ("cut ratio above 1", _set("clients.0.cut_ratio", 1.5), 2, "'clients.0.cut_ratio' must be in [0, 1]"),
     ("cut 0 without opt-in", _set("clients.0.cut_ratio", 0.0), 2, "allow_centralized"),
+    (
+        "cut_step beside the config's cut_ratio",
+        _set("clients.0.cut_step", 5),
+        2,
+        "has both (cut_ratio 0.25, cut_step 5): set clients.0.cut_ratio=null to use cut_step",
+    ),
+    ("neither cut_ratio nor cut_step", _set("clients.0.cut_ratio", None), 2, "has neither: give one"),
     ("missing shard", _set("clients.0.shard", "/nowhere/c0.h5"), 2, "file '/nowhere/c0.h5' not found"),
     ("image size of another shard", _set("data.image_size", 16), 2, "holds 1x8x8 images, but 'data' asks for"),
     ("client id with a path", _set("clients.0.id", "../../x"), 2, "'clients.0.id' is '../../x'; ids name files"),
