@@ -103,3 +103,31 @@ def test_every_documented_command_names_what_exists(where, words):
             assert glob.glob(str(ROOT / path)), f"{where}: {path} does not exist"
         if path.startswith("configs/") and path.endswith(".yaml"):
             load(str(ROOT / path), check_files=False)
+
+
+def test_the_world_size_is_servers_plus_client_ranks_wherever_the_docs_give_it():
+    """A rank hosts run.clients_per_rank clients: 'the number of clients' is wrong beyond 1."""
+    said = [
+        (path.name, words)
+        for path in doc_files()
+        for words in re.findall(
+            r"world size (?:is|must equal) `server\.count` \+ the number of ([\w ]+)",
+            " ".join(path.read_text().split()),
+        )
+    ]
+    assert said and all(words == "client ranks" for _, words in said), said
+
+
+def test_results_format_names_the_attributes_of_the_samples_group_where_they_are(tmp_path, shards):
+    import h5py
+    from conftest import tiny_config
+
+    from collafuse_hpc.config import from_dict
+    from collafuse_hpc.runtime.run import run_in_process
+
+    page = (ROOT / "docs/results-format.md").read_text()
+    named = re.search(r"its group `records/<n>/samples` has the attributes\s+([^)]*)\)", page)
+    assert named, "docs/results-format.md does not say which attributes the samples group has"
+    run_in_process(from_dict(tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=1)), resume=False)
+    with h5py.File(tmp_path / "out/parts/client_c0.h5") as f:
+        assert set(re.findall(r"`(\w+)`", named.group(1))) == set(f["records/0/samples"].attrs)
