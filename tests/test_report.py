@@ -1,10 +1,11 @@
-"""tools/report.py on evaluated runs: which runs it counts as seeds of which point, and
-what it leaves out and says so (a run made twice by a sweep, a seed without its c = 1
-partner, metrics older than the run)."""
+"""``collafuse-hpc report`` on evaluated runs: which runs it counts as seeds of which
+point, what it leaves out and says so (a run made twice by a sweep, a seed without its
+c = 1 partner, metrics older than the run), and the report from an installed wheel."""
 
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def _copy(run: Path, to: Path, c: float | None = None, split: str | None = None,
 
 
 def _report(*paths: Path, out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "tools/report.py"), *map(str, paths), "--out", str(out)]
+    cmd = [sys.executable, "-m", "collafuse_hpc", "report", *map(str, paths), "--out", str(out)]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -100,3 +101,52 @@ def test_metrics_older_than_the_run_are_left_out_and_inspect_says_so(evaluated, 
 def _config(run: Path) -> dict:
     with h5py.File(run / "results.h5", "r") as f:
         return yaml.safe_load(f.attrs["config"])
+
+
+def test_the_report_runs_from_an_installed_wheel_outside_the_repository(evaluated, tmp_path):
+    """On a cluster the package comes from a wheel (a module), without tools/: the report,
+    its statistics and figures are in the package, and its folder takes the umask."""
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    site = tmp_path / "site"
+    wheel = next(wheels.glob("collafuse_hpc-*.whl"))
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+    )
+    assert installed.returncode == 0, installed.stderr
+    assert not (site / "tools").exists()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import collafuse_hpc.report; print(collafuse_hpc.report.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert where.stdout.startswith(str(site)), where.stdout + where.stderr
+    old = os.umask(0o022)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "collafuse_hpc", "report", str(evaluated / "results.h5"), "--out", "report"],
+            cwd=tmp_path, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    assert done.returncode == 0, done.stderr
+    assert {"table.csv", "versus_c1.csv", "table.md", "report.html"} <= set(os.listdir(tmp_path / "report"))
+    assert (tmp_path / "report").stat().st_mode & 0o777 == 0o755
+    # without matplotlib (an optional extra): the tables, and how to get the figures
+    hidden = tmp_path / "no-matplotlib/matplotlib"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('matplotlib hidden by the test')\n")
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{hidden.parent}"
+    done = subprocess.run(
+        [sys.executable, "-m", "collafuse_hpc", "report", str(evaluated / "results.h5"), "--out", "plain"],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0 and "pip install 'collafuse-hpc[report]'" in done.stdout, done.stdout + done.stderr
+    assert not list((tmp_path / "plain").glob("*.png")) and (tmp_path / "plain/report.html").exists()

@@ -1,4 +1,4 @@
-"""The study's statistics (tools/study_stats.py) on inputs with known answers."""
+"""The study's statistics (collafuse_hpc/report/stats.py) on inputs with known answers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,18 @@ import h5py
 import numpy as np
 import pytest
 from scipy import stats
-from study_stats import converged, loss_change, loss_change_noise, loss_curves, versus_baseline
+
+from collafuse_hpc.evaluation import metrics
+from collafuse_hpc.report import tables as report
+from collafuse_hpc.report.figures import personalization
+from collafuse_hpc.report.stats import (
+    converged,
+    loss_change,
+    loss_change_noise,
+    loss_curves,
+    pooled_interval,
+    versus_baseline,
+)
 
 
 def test_loss_change_tells_a_flat_tail_from_a_falling_one():
@@ -96,8 +107,6 @@ def test_versus_baseline_over_few_seeds_is_never_narrower_than_the_images_allow(
 def test_the_c1_baseline_stands_beside_the_shares_its_partition_was_run_with():
     """c = 1 sends no labels, so one run serves both shares, but only where that
     partition has runs with labels shared: no lone "shared" condition of one point."""
-    import report
-
     def row(partition: str, share: str, c: float) -> dict:
         keys = {"split": "markov", "partition": partition, "share": share, "c": c, "who": "pooled"}
         return {key: math.nan for key in report.COLUMNS} | keys | {"seed": 0, "features": "classifier"}
@@ -112,8 +121,6 @@ def test_the_c1_baseline_stands_beside_the_shares_its_partition_was_run_with():
 
 
 def test_the_figure_shows_personalization_as_class_distance_only_when_every_run_has_it():
-    from report_figures import personalization
-
     iid = {"fidelity": 1.0, "class_distance": 0.11}  # fidelity 1.00 for every iid run: it cannot separate them
     older = {"fidelity": 0.34, "class_distance": math.nan}  # evaluated before the class distance existed
     assert personalization([iid, dict(iid, class_distance=0.26)])[0] == "class_distance"
@@ -138,11 +145,6 @@ def test_pooled_class_intervals_are_the_clients_in_quadrature_as_the_bootstrap_o
     """The pooled class fidelity is the mean over K clients, so its half-width is
     sqrt(sum h_k^2) / K (0.0147 for four clients of 0.0293), not the mean of the bounds
     (0.0293): checked against bootstrapping the mean over each client's own images."""
-    import report
-    from study_stats import pooled_interval
-
-    from collafuse_hpc.evaluation import metrics
-
     rng = np.random.default_rng(0)
     hits = [(rng.random(400) < p).astype(float) for p in (0.80, 0.85, 0.9, 0.95)]  # per image: in a held class
     clients = {}

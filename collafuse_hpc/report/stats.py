@@ -1,4 +1,4 @@
-"""The study's statistics, for tools/report.py: each condition against its baseline,
+"""The study's statistics, for the report (``collafuse-hpc report``): each condition against its baseline,
 with intervals, and whether a run's training loss has stopped falling.
 
 Baseline (H1): every client training the whole chain alone on its own data, c = 1,

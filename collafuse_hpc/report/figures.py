@@ -1,4 +1,4 @@
-"""The report's figures (tools/report.py): the trade-off over c, the conditions
+"""The report's figures (``collafuse-hpc report``): the trade-off over c, the conditions
 against the baseline, disclosure and client compute, and every run's loss curve.
 Each takes the report's aggregated rows and writes one PNG; all need matplotlib
 (``pip install 'collafuse-hpc[report]'``) and return False without it."""
@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import study_stats
+
+from collafuse_hpc.report import stats
 
 NAN = float("nan")
 
@@ -102,9 +103,9 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
         style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "label": name}
         if "clients" in c:  # c = 0: no client trains; rounds where none took part take the mean
             local = np.nan_to_num(c["clients"], nan=np.nanmean(c["clients"]))
-            ax[0].plot(c["rounds"], study_stats.smooth(local), **style)
+            ax[0].plot(c["rounds"], stats.smooth(local), **style)
         if "server" in c:
-            ax[1].plot(c["server_rounds"], study_stats.smooth(c["server"]), **style)
+            ax[1].plot(c["server_rounds"], stats.smooth(c["server"]), **style)
     ax[0].set(
         xlabel="round", ylabel="loss (MSE), EMA 0.98", title="clients' local loss, mean over clients", yscale="log"
     )

@@ -1,0 +1,163 @@
+"""``collafuse-hpc report``: tables and figures of a sweep or study from its results files.
+
+    collafuse-hpc report runs/study-*/*/results.h5 --out runs/study-x/report
+
+Writes into --out:
+  table.csv     one row per split mode, cut ratio c and client, plus a ``pooled`` row;
+                numbers are means over the runs' seeds (``seeds`` counts them) and
+                ``<column>_seed_std`` their standard deviation; column names carry their
+                units (see COLUMNS): FID and KID per image set, disclosure of x_c and by
+                attack, client compute as exact FLOP ratios and measured time ratios
+  table.md      the same as three readable tables: quality, disclosure, compute
+  tradeoff.png  quality vs disclosure vs client compute over c, one line per split mode,
+                error bars over seeds (needs matplotlib: pip install 'collafuse-hpc[report]';
+                skipped with a note otherwise)
+  grids/        sample grids per run, client and image set (PNG)
+  report.html   all of the above in one self-contained page (images embedded, no network)
+The pooled row's FID/KID compare all clients' images with all their real images; its
+disclosure and compute columns are means over the clients. Runs at c = 0 and c = 1 do
+not depend on the split mode: they are shown under every split mode of the report.
+Runs without metrics (not evaluated) are listed and left out, and so are runs whose
+metrics are older than the run (trained on after it was evaluated: evaluate it again).
+A run is one seed of the point it depends on (split, partition, labels shared, c, seed;
+at c = 0 and 1 not the split, at c = 1 not the labels): a second run of a point that only
+its labels tell apart (c = 1 made under each split mode of a study) is left out, and two
+runs labelled alike are refused: pooled, they would count as two seeds. A seed of c < 1
+without the c = 1 run of its partition and seed is left out of versus_c1. What was left
+out, and why, is printed and listed in table.md and report.html. The report is written
+aside and then replaces --out whole, so nothing of an earlier report stays, and a
+refused command leaves --out as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+from collafuse_hpc.report import stats
+from collafuse_hpc.report.figures import conditions_figure, loss_figure, tradeoff_figure
+from collafuse_hpc.report.tables import aggregate, rows, write_html, write_tables
+from collafuse_hpc.results.inspection import export, summarize
+
+
+def _point(row: dict) -> tuple:
+    """What a run depends on: two runs that share it are one seed of one study point. At
+    c = 0 and c = 1 the split mode changes nothing (no hand-over between two chains), and
+    at c = 1 neither do shared labels (nothing is sent): "-" stands for those."""
+    split = "-" if row["c"] in (0, 1) else row["split"]
+    share = "-" if row["c"] == 1 else row["share"]
+    return split, row["partition"], share, row["c"], row["seed"]
+
+
+def _point_keys(row: dict) -> tuple:
+    """The settings a run was labelled with, whether or not it depends on them."""
+    return row["split"], row["share"]
+
+
+def _run_names(paths: list[str]) -> list[str]:
+    """Each run's name in grids/ and the loss figure: its folder's name, or its folder's
+    path below the folders' common parent when two runs' folders have the same name."""
+    folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    names = [os.path.basename(f) for f in folders]
+    if len(set(names)) == len(names):
+        return names
+    common = os.path.commonpath(folders)
+    return [os.path.relpath(f, common).replace(os.sep, "-") for f in folders]
+
+
+def _is_report(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, name)) for name in ("report.html", "table.csv"))
+
+
+def make_report(results: list[str], out_arg: str, record: int | None = None) -> int:
+    """Write the report of the results files ``results`` into the folder ``out_arg``;
+    the exit code (0 written, 1 no evaluated run, 2 refused: nothing written)."""
+    out = os.path.abspath(out_arg)
+    if os.path.exists(out) and not (os.path.isdir(out) and (not os.listdir(out) or _is_report(out))):
+        print(f"report: error: --out {out_arg} exists and is not a report folder; choose a new one", file=sys.stderr)
+        return 2
+    evaluated, seen, notes = [], {}, []
+    for path in results:  # read and check every file before anything is written
+        try:
+            s = summarize(path, record)
+            if "metrics" not in s:
+                print(f"report: {path} has no metrics (run collafuse-hpc evaluate on it); left out")
+                continue
+            if s["stale"] and record is None:  # its row would show an older model under the run's rounds
+                notes.append(f"{path} left out: {s['stale']}")
+                continue
+            lost = [m for m in s["missing"] if ": part file " in m]
+            if lost:  # its loss curves, and whether it converged, are in those files
+                raise ValueError(f"{path}: missing {'; '.join(lost)}; restore it, or leave the run out")
+            curves = stats.loss_curves(path)
+        except (OSError, ValueError) as e:
+            print(f"report: error: {e}", file=sys.stderr)
+            return 2
+        run = rows(s, curves)
+        point = _point(run[0])
+        if point in seen and _point_keys(seen[point][1]) != _point_keys(run[0]):  # one run made twice by a sweep
+            notes.append(
+                f"{path} left out: the same point as {seen[point][0]} (c = {point[3]} depends on neither the split "
+                f"mode{' nor shared labels' if point[3] == 1 else ''}), seed {point[4]}: one seed, not two"
+            )
+            continue
+        if point in seen:
+            print(
+                f"report: error: {seen[point][0]} and {path} are the same point (split, partition, labels shared, "
+                f"c, seed = {', '.join(map(str, point))}): pooled, one run would count as two seeds; "
+                "give each run once (report runs of other settings separately)",
+                file=sys.stderr,
+            )
+            return 2
+        seen[point] = path, run[0]
+        evaluated.append((path, run, curves))
+    for note in notes:
+        print(f"report: {note}")
+    if not evaluated:
+        print("report: no evaluated runs")
+        return 1
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(staging, 0o777 & ~mask)  # a folder like any other the user makes (mkdtemp's is 0700)
+    try:
+        made = write_report(evaluated, staging, record, notes)
+        if os.path.exists(out):  # replaced whole: no grid or figure of an earlier report stays
+            shutil.rmtree(out)
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"report: {out_arg}/table.csv, versus_c1.csv, table.md, {made}, grids/, report.html")
+    return 0
+
+
+def write_report(evaluated: list[tuple[str, list[dict], dict]], out: str, record: int | None, notes: list[str]) -> str:
+    """Every file of the report for ``[(results path, its rows, its loss curves)]`` into
+    the folder ``out``, with ``notes`` on the runs left out; returns the figures drawn, for
+    the summary line."""
+    table, curves = [], {}
+    for (path, run, run_curves), name in zip(evaluated, _run_names([e[0] for e in evaluated]), strict=True):
+        table += run
+        curves[name] = run_curves
+        export(path, os.path.join(out, "grids", name), record=record)
+    versus = stats.versus_baseline(table)
+    unpaired = stats.unpaired_seeds(table)
+    for note in unpaired:
+        print(f"report: {note}")
+    notes = [*notes, *unpaired]
+    table = aggregate(table)
+    print(write_tables(table, versus, out, notes))
+    pooled = [r for r in table if r["who"] == "pooled"]
+    figures = [
+        ("Class fidelity and quality per condition, against disclosure and client compute", "conditions.png",
+         lambda path: conditions_figure(table, path)),
+        ("Trade-off over the cut ratio c", "tradeoff.png", lambda path: tradeoff_figure(pooled, path)),
+    ]  # fmt: skip
+    drawn = [(title, os.path.join(out, name)) for title, name, draw in figures if draw(os.path.join(out, name))]
+    if loss_figure(curves, os.path.join(out, "loss.png")):
+        drawn.append(("Training loss of every run", os.path.join(out, "loss.png")))
+    write_html(table, versus, out, drawn, notes)
+    return ", ".join(os.path.basename(path) for _, path in drawn)

@@ -1,0 +1,339 @@
+"""The report's tables: one row per run and client from a results summary, the rows
+averaged over seeds, and table.csv, versus_c1.csv, table.md and report.html.
+
+Column names carry their units (COLUMNS): FID and KID per image set, class fidelity and
+distance, precision and recall with their 95% intervals over images, the loss still
+falling, disclosure of x_c and by attack, client compute as exact FLOP ratios and
+measured time ratios. The pooled row's FID/KID compare all clients' images with all
+their real images; its disclosure and compute columns are means over the clients.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+import os
+
+from collafuse_hpc.report import stats
+from collafuse_hpc.results.schema import SETS, SUMMARY, role_key
+
+NAN = float("nan")
+# csv key -> markdown header (with units); FID and KID are in squared units of the features named in
+# the ``features`` column (Inception pool_3 for published numbers, pixels in [-1, 1] for the proxy)
+COLUMNS = {
+    "split": "split",
+    "partition": "partition",
+    "share": "labels shared",
+    "c": "c (client share of steps)",
+    "who": "client",
+    "seeds": "seeds",
+    "rounds": "rounds",
+    "features": "features (FID/KID)",
+    **{f"fid_{s}": f"FID {s}" for s in SETS},
+    **{f"kid_mean_{s}": f"KID {s}" for s in SETS},
+    **{f"kid_std_{s}": f"KID std {s}" for s in SETS},
+    "fid_collaborative_low": "FD collaborative, 95% low (images)",
+    "fid_collaborative_high": "FD collaborative, 95% high (images)",
+    "fidelity": "class fidelity (share in the client's classes)",
+    "fidelity_low": "class fidelity, 95% low (images)",
+    "fidelity_high": "class fidelity, 95% high (images)",
+    "class_distance": "class distance (total variation to the client's label mix; 0 best)",
+    "class_distance_low": "class distance, 95% low (images)",
+    "class_distance_high": "class distance, 95% high (images)",
+    "confidence": "classifier confidence",
+    "precision": "precision",
+    "precision_low": "precision, 95% low (images)",
+    "precision_high": "precision, 95% high (images)",
+    "recall": "recall",
+    "recall_low": "recall, 95% low (images)",
+    "recall_high": "recall, 95% high (images)",
+    "real_fid_halves": "known answer: FD real vs real (test halves)",
+    "real_fidelity": "known answer: class fidelity of real test images",
+    "real_class_distance": "known answer: class distance of real test images",
+    "loss_change": "loss still falling: last 10% of rounds' drop / whole drop",
+    "loss_noise": "its 95% half-width from the rounds' scatter",
+    "converged": "converged (drop < 0.02 or within its scatter; share of seeds)",
+    "t_c": "t_c (step)",
+    "snr": "SNR(t_c) (ratio)",
+    "psnr_x_c_db": "PSNR x_c vs x_0 (dB)",
+    "ssim_x_c": "SSIM x_c vs x_0",
+    "mu_gdp_composed": "mu-GDP, all releases",
+    "recon_public_psnr_db": "reconstruction PSNR, public model (dB)",
+    "recon_public_ssim": "reconstruction SSIM, public model",
+    "recon_public_fid": "reconstruction FID, public model",
+    "recon_own_psnr_db": "reconstruction PSNR, own model (dB)",
+    "link_pixel_top1": "linkage top-1, pixels",
+    "link_pixel_top5": "linkage top-5, pixels",
+    "link_feature_top1": "linkage top-1, features",
+    "chance_top1": "linkage top-1, chance",
+    "sampling_flops_ratio": "sampling FLOPs client/local",
+    "sampling_time_ratio": "sampling time client/local",
+    "sampling_ideal_ratio": "ideal sampling ratio (share of grid)",
+    "train_flops_ratio": "training FLOPs client/local",
+    "train_time_ratio": "training time client/local",
+    "client_images_per_s": "client images/s",
+    "server_images_per_s": "server images/s",
+}
+ATTACK = [key for key in COLUMNS if key.startswith(("recon_", "link_", "chance_"))]
+KEYS = ["split", "partition", "share", "c", "who", "seeds"]
+FIDELITY = ["fidelity", "class_distance", "confidence", "precision", "recall"]
+FIDELITY += ["real_fid_halves", "real_fidelity", "real_class_distance", "loss_change", "loss_noise", "converged"]
+QUALITY = [*KEYS, *(f"fid_{s}" for s in SETS), *(f"kid_mean_{s}" for s in SETS), *FIDELITY]
+_ORDER = list(COLUMNS)
+DISCLOSURE = [*KEYS, *_ORDER[_ORDER.index("t_c") : _ORDER.index("sampling_flops_ratio")]]
+# the classes' numbers are each client's own (its label mix): pooled, they are the mean over clients, and the
+# intervals of those means come from the clients' intervals (stats.pooled_interval)
+POOLED_MEANS = ["confidence", "real_fidelity", "real_class_distance", "real_fid_halves"]
+POOLED_INTERVALS = ["fidelity", "class_distance"]
+INTERVALS = [k for k in COLUMNS if k.endswith(("_low", "_high"))]  # per run, over images: not in the tables
+COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") :]]
+TEXT = {"split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
+NUMBERS = [key for key in COLUMNS if key not in TEXT]
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    return a / b if a is not None and b else NAN
+
+
+def _client_columns(m: dict, roles: dict, who: str) -> dict:
+    d, c, a = m[who]["disclosure"], m[who]["compute"], m[who].get("attack", {})
+    return {
+        "t_c": d["t_c"],
+        "snr": d["snr"],
+        "psnr_x_c_db": d["psnr_db"],
+        "ssim_x_c": d["ssim"],
+        "mu_gdp_composed": d["mu_composed"],
+        **{key: a.get(key, NAN) for key in ATTACK},
+        "sampling_flops_ratio": _ratio(c["sampling_flops_client"], c["sampling_flops_full"]),
+        "sampling_time_ratio": c["sampling_time_ratio"],
+        "sampling_ideal_ratio": c["sampling_ideal_ratio"],
+        "train_flops_ratio": _ratio(c["train_flops_client"], c["train_flops_full"]),
+        "train_time_ratio": c["train_time_ratio"],
+        "client_images_per_s": roles.get(role_key(who), {}).get(SUMMARY, {}).get("images_per_s", NAN),
+    }
+
+
+def _mean(values: list) -> float:
+    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return sum(values) / len(values) if values else NAN
+
+
+def _quality_columns(m: dict, who: str) -> dict:
+    """The classifier's numbers of the collaborative set (NaN with other features)."""
+    q, real = m[who].get("collaborative", {}), m[who].get("real", {})
+    out = {key: q.get(key, NAN) for key in ("precision", "recall", "confidence", "class_distance")}
+    out["fidelity"] = q.get("class_fidelity", NAN)
+    for end in ("low", "high"):
+        out[f"fidelity_{end}"] = q.get(f"class_fidelity_{end}", NAN)
+        out[f"fid_collaborative_{end}"] = q.get(f"fid_{end}", NAN)
+        out |= {f"{key}_{end}": q.get(f"{key}_{end}", NAN) for key in ("precision", "recall", "class_distance")}
+    out["real_fid_halves"], out["real_fidelity"] = real.get("fid_real_halves", NAN), real.get("class_fidelity", NAN)
+    out["real_class_distance"] = real.get("class_distance", NAN)
+    return out
+
+
+def _convergence(curves: dict) -> dict:
+    """The loss still falling of the role (clients' mean, server) that falls most, its
+    scatter, and whether every role has converged (1.0 or 0.0: averaged over seeds, a share)."""
+    roles = [curves[role] for role in ("clients", "server") if role in curves]
+    change, noise = max((stats.loss_change(r), stats.loss_change_noise(r)) for r in roles)
+    done = NAN if math.isnan(change) else float(all(map(stats.converged, roles)))  # NaN: under 100 rounds
+    return {"loss_change": change, "loss_noise": noise, "converged": done}
+
+
+def rows(summary: dict, curves: dict) -> list[dict]:
+    """The rows of one evaluated run (its ``curves``: stats.loss_curves): ``pooled``
+    first, then one per client."""
+    m, roles, config = summary["metrics"], summary["roles"], summary["config"]
+    clients = [who for who in m if who not in ("attrs", "pooled")]
+    cuts = {c.get("cut_ratio") for c in config["clients"]}
+    run = {
+        "split": config["diffusion"]["split"],
+        "partition": m["attrs"].get("partition", "-"),
+        "share": "on" if any(c.get("share_labels") for c in config["clients"]) else "off",
+        **_convergence(curves),
+        "c": cuts.pop() if len(cuts) == 1 else "mixed",
+        "seed": config["run"]["seed"],
+        "rounds": config["run"]["rounds"],
+        "features": m["attrs"]["extractor"],
+        "server_images_per_s": roles.get(role_key(None), {}).get(SUMMARY, {}).get("images_per_s", NAN),
+    }
+    per_client = {who: _client_columns(m, roles, who) for who in clients}
+    out = []
+    for who in ["pooled", *clients]:
+        row = {key: NAN for key in COLUMNS} | run | {"who": who}
+        for name in SETS:
+            q = m[who].get(name, {})
+            row[f"fid_{name}"] = q.get("fid", NAN)
+            row[f"kid_mean_{name}"] = q.get("kid_mean", NAN)
+            row[f"kid_std_{name}"] = q.get("kid_std", NAN)
+        row |= _quality_columns(m, who)
+        if who == "pooled":  # class fidelity and distance pooled: the mean over clients (each weighs the same)
+            row |= {key: _mean([p[key] for p in per_client.values()]) for key in next(iter(per_client.values()))}
+            own = [_quality_columns(m, c) for c in clients]
+            row |= {key: _mean([q[key] for q in own]) for key in POOLED_MEANS}
+            for key in POOLED_INTERVALS:
+                row[key], row[f"{key}_low"], row[f"{key}_high"] = stats.pooled_interval(
+                    *([q[f"{key}{end}"] for q in own] for end in ("", "_low", "_high"))
+                )
+        else:
+            row |= per_client[who]
+        out.append(row)
+    return out
+
+
+def _std(values: list[float], mean: float) -> float:
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else NAN
+
+
+def aggregate(table: list[dict]) -> list[dict]:
+    """One row per (split, c, client): numbers averaged over the seeds, ``<key>_seed_std``
+    their spread. Runs at c = 0 or 1 (the same under every split) count for each split."""
+    splits = sorted({r["split"] for r in table})
+    shares = {p: sorted({r["share"] for r in table if r["partition"] == p}) for p in {r["partition"] for r in table}}
+    groups: dict[tuple, list[dict]] = {}
+    for r in table:
+        for split in splits if r["c"] in (0, 1) else [r["split"]]:
+            # c = 1 sends nothing, labels neither: it stands beside each share its partition was run with
+            for share in shares[r["partition"]] if r["c"] == 1 else [r["share"]]:
+                groups.setdefault((split, r["partition"], share, r["c"], r["who"]), []).append(r)
+    out = []
+    for (split, partition, share, c, who), runs in groups.items():
+        row = {"split": split, "partition": partition, "share": share, "c": c, "who": who}
+        row["seeds"] = len({r["seed"] for r in runs})
+        row["features"] = ", ".join(sorted({r["features"] for r in runs}))
+        for key in NUMBERS:
+            values = [r[key] for r in runs if isinstance(r[key], (int, float)) and not math.isnan(r[key])]
+            row[key] = sum(values) / len(values) if values else NAN
+            row[f"{key}_seed_std"] = _std(values, row[key])
+        out.append(row)
+    out.sort(
+        key=lambda r: (
+            r["split"],
+            r["partition"],
+            r["share"],
+            isinstance(r["c"], str),
+            r["c"],
+            r["who"] != "pooled",
+            r["who"],
+        )
+    )
+    return out
+
+
+def _cell(row: dict, key: str) -> str:
+    spread = row.get(f"{key}_seed_std", NAN)
+    if row["seeds"] > 1 and not math.isnan(spread):
+        return f"{_num(row[key])} ± {_num(spread)}"
+    if key.startswith("kid_mean_"):  # one seed: KID's spread over subsets
+        std = row[key.replace("mean", "std")]
+        return f"{_num(row[key])} ± {_num(std)}" if not math.isnan(row[key]) else "-"
+    low, high = row.get(f"{key}_low", NAN), row.get(f"{key}_high", NAN)
+    if not (math.isnan(low) or math.isnan(high) or math.isnan(row[key])):  # one seed: the interval over images
+        return f"{_num(row[key])} [{_num(low)}, {_num(high)}]"
+    return _num(row[key])
+
+
+def _num(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+SECTIONS = (("Quality", QUALITY), ("Disclosure of x_c and by attack", DISCLOSURE), ("Client compute", COMPUTE))
+VERSUS = ("split", "partition", "share", "c", "who", "metric", "seeds", "delta", "low", "high", "interval", "verdict")
+VERSUS += ("unpaired",)  # the point's seeds without a c = 1 run of their partition and seed: not in the difference
+
+
+def _features_note(table: list[dict]) -> str:
+    return (
+        f"Features for FID/KID: {', '.join(sorted({r['features'] for r in table}))}. With several seeds: mean ± std "
+        "over seeds; with one seed, [a, b] is the 95% bootstrap interval over images and KID shows mean ± std over "
+        "subsets (n/a: one subset)."
+    )
+
+
+def _sections(table: list[dict], versus: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows of cells) of every table of the report."""
+    out = [
+        (title, [COLUMNS[k] for k in keys], [[_cell(r, k) for k in keys] for r in table]) for title, keys in SECTIONS
+    ]
+    if versus:
+        title = (
+            "Against each client training alone (c = 1): difference and its 95% interval (over paired seeds, "
+            "at least as wide as the images' sampling noise; with one seed over images)"
+        )
+        out.append((title, list(VERSUS), [[_num(v[k]) for k in VERSUS] for v in versus]))
+    return out
+
+
+def write_tables(table: list[dict], versus: list[dict], out: str, notes: list[str]) -> str:
+    """table.csv, versus_c1.csv and table.md (``notes``: what was left out and why, under
+    its own heading); returns the markdown."""
+    with open(os.path.join(out, "table.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, [*COLUMNS, *(f"{key}_seed_std" for key in NUMBERS)])
+        w.writeheader()
+        w.writerows(table)
+    with open(os.path.join(out, "versus_c1.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, VERSUS)
+        w.writeheader()
+        w.writerows(versus)
+    lines = [_features_note(table), ""]
+    for title, header, cells in _sections(table, versus):
+        lines += [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        lines.append("")
+    if notes:
+        lines += ["### Left out", "", *(f"- {note}" for note in notes), ""]
+    text = "\n".join(lines)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def _png(path: str, alt: str) -> str:
+    """An <img> with the PNG embedded, so the page needs no other file and no network."""
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def write_html(
+    table: list[dict], versus: list[dict], out: str, figures: list[tuple[str, str]], notes: list[str]
+) -> str:
+    """report.html: one self-contained page (tables, the figures ``[(title, path)]``, every
+    sample grid under ``out``/grids, images embedded) to open in a browser or send by mail."""
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>collafuse-hpc report</title><style>',
+        "body{font-family:sans-serif;margin:2em;max-width:110em} table{border-collapse:collapse;margin:1em 0}",
+        "th,td{border:1px solid #bbb;padding:.25em .5em;text-align:right} th{background:#eee}",
+        "figure{display:inline-block;margin:.5em} img{image-rendering:pixelated;max-width:100%}",
+        "</style></head><body>",
+        "<h1>collafuse-hpc report</h1>",
+        f"<p>{esc(_features_note(table))}</p>",
+    ]
+    for title, path in figures:
+        parts += [f"<h2>{esc(title)}</h2>", _png(path, title)]
+    for title, header, cells in _sections(table, versus):
+        parts += [f"<h2>{esc(title)}</h2>", "<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header)]
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells]
+        parts.append("</table>")
+    if notes:
+        parts += ["<h2>Left out</h2>", "<ul>", *(f"<li>{esc(note)}</li>" for note in notes), "</ul>"]
+    grids = os.path.join(out, "grids")
+    parts.append("<h2>Samples</h2>")
+    for run in sorted(os.listdir(grids)) if os.path.isdir(grids) else []:
+        parts.append(f"<h3>{esc(run)}</h3>")
+        for name in sorted(n for n in os.listdir(os.path.join(grids, run)) if n.endswith(".png")):
+            caption = f"{run}: {name[:-4]}"
+            parts.append(f"<figure>{_png(os.path.join(grids, run, name), caption)}<figcaption>{esc(name[:-4])}")
+            parts.append("</figcaption></figure>")
+    parts.append("</body></html>")
+    path = os.path.join(out, "report.html")
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    return path
