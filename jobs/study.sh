@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's study with one command: every seed x split mode x cut ratio c is trained,
 # sampled and evaluated (eval.at_end: FID/KID, disclosure by attack, client compute) into
-# <study>/<point>/ (jobs/points.sh names the points), then tools/report.py writes the
+# <study>/<point>/ (jobs/points.sh names the points), then collafuse-hpc report writes the
 # table (mean +- std over seeds), the figure and the sample grids to <study>/report/.
 #
 #   bash jobs/study.sh CONFIG [--set key=value ...]                  # here, one run after another
@@ -127,7 +127,7 @@ if [ ${#slurm[@]} -gt 0 ]; then
     fi
   done
   if [ ${#todo[@]} -eq 0 ]; then
-    echo "study: every point is evaluated; the report: $VENV/bin/python tools/report.py $STUDY_DIR/c*/results.h5 --out $STUDY_DIR/report"
+    echo "study: every point is evaluated; the report: $VENV/bin/collafuse-hpc report $STUDY_DIR/c*/results.h5 --out $STUDY_DIR/report"
     exit 0
   fi
   points=("${todo[@]}")
@@ -147,7 +147,7 @@ if [ ${#slurm[@]} -gt 0 ]; then
   # a study resumed into the same folder appends to the earlier report jobs' output, not over it
   report=$(sbatch "${slurm[@]}" --dependency=afterany:"$array" --nodes=1 --ntasks=1 --open-mode=append \
     --ntasks-per-node=1 --job-name=collafuse-report --output="$study/report.out" --gres=none \
-    --wrap "$VENV/bin/python tools/report.py $study/c*/results.h5 --out $study/report")
+    --wrap "$VENV/bin/collafuse-hpc report $study/c*/results.h5 --out $study/report")
   echo "study: array job $array (${#points[@]} points), report job $report -> $study/report.out"
   exit 0
 fi
@@ -184,4 +184,4 @@ for point in "${points[@]}"; do
   fi
 done
 echo "study: ${#points[@]} points in $(( $(date +%s) - start )) s"
-"$VENV/bin/python" tools/report.py "$study"/c*/results.h5 --out "$study/report"
+"$VENV/bin/collafuse-hpc" report "$study"/c*/results.h5 --out "$study/report"

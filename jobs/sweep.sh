@@ -22,5 +22,5 @@ array=${array%%;*}
 mkdir -p "runs/sweep-$array"
 report=$(sbatch --parsable "${opts[@]}" --dependency=afterany:"$array" --nodes=1 --ntasks=1 \
   --ntasks-per-node=1 --job-name=collafuse-report --output="runs/sweep-$array/report.out" --gres=none \
-  --wrap "${VENV:-.venv}/bin/python tools/report.py runs/sweep-$array/c*/results.h5 --out runs/sweep-$array/report")
+  --wrap "${VENV:-.venv}/bin/collafuse-hpc report runs/sweep-$array/c*/results.h5 --out runs/sweep-$array/report")
 echo "sweep: array job $array (c = ${cuts[*]}), report job $report -> runs/sweep-$array/report.out"

@@ -81,7 +81,7 @@ def _all_commands() -> list[tuple[str, list[str]]]:
 def test_the_docs_have_commands_to_check():
     commands = _all_commands()
     assert sum(_cli_words(w) is not None for _, w in commands) >= 20
-    assert any(w[:2] == ["python", "tools/report.py"] for _, w in commands)
+    assert any(w[:2] == ["collafuse-hpc", "report"] for _, w in commands)
 
 
 @pytest.mark.parametrize("where,words", _all_commands(), ids=lambda v: v if isinstance(v, str) else "")
