@@ -81,6 +81,7 @@ def test_log_level_is_accepted_before_and_after_every_subcommand(tmp_path, shard
         "export": ["r.h5", "--out", "o"],
         "bundle": ["r.h5", "o.h5"],
         "compare": ["r.h5"],
+        "report": ["r.h5", "--out", "o"],
         "convert-inception": ["a.pt", "b.pth"],
         "train-classifier": ["s.h5", "--out", "c.pt"],
         "prepare": ["digits", "--out", "o"],
