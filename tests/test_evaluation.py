@@ -392,6 +392,28 @@ def test_inspect_export_and_compare_refuse_a_file_that_is_not_a_results_file(tmp
     assert not (tmp_path / "x").exists()
 
 
+def test_inspect_errors_name_their_cause_and_a_closed_pipe_ends_quietly(tmp_path, shards, capsys):
+    run = tmp_path / "out"
+    cfg = from_dict(tiny_config(shards, run, [0.25, 0.5], rounds=1))
+    run_in_process(cfg, resume=False)
+    evaluate(cfg)  # record 0 trained, record 1 evaluated
+    results = str(run / "results.h5")
+    capsys.readouterr()
+    for args, message in (
+        (["--record", "0"], "record 0 is a train record, which holds no metrics; the records of evaluations are [1]"),
+        (["--record", "5"], "there is no record 5 (records 0..1;"),
+    ):
+        assert main(["inspect", results, *args]) == 2
+        assert message in capsys.readouterr().err, args
+    assert main(["inspect", str(run)]) == 2
+    assert f"{str(run)!r} is a folder; give its results file {results!r}" in capsys.readouterr().err
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "collafuse_hpc", "inspect", results], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # as head does after its lines
+    assert proc.wait() == 0 and proc.stderr.read() == b""
+
+
 def test_client_compute_is_measured_once_per_model_and_cut(tmp_path, shards, monkeypatch):
     from collafuse_hpc.evaluation import evaluate as module
 

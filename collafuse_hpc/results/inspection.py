@@ -104,10 +104,15 @@ def _metrics_group(f: h5py.File, record: int | None, path: str) -> h5py.Group | 
         return f.get(METRICS)
     key = record_key(record, METRICS)
     if key not in f:
-        evaluated = [h["record"] for h in history(f) if h["has_metrics"]]
+        records = history(f)
+        if record not in [h["record"] for h in records]:
+            span = f"records {records[0]['record']}..{records[-1]['record']}" if records else "it has no records"
+            raise ValueError(f"{path!r}: there is no record {record} ({span}; collafuse-hpc inspect lists them)")
+        evaluated = [h["record"] for h in records if h["has_metrics"]]
+        command = next(h.get("command", "?") for h in records if h["record"] == record)
         raise ValueError(
-            f"{path!r}: record {record} holds no metrics; the records of evaluations are {evaluated or 'none'} "
-            "(collafuse-hpc inspect lists them)"
+            f"{path!r}: record {record} is a {command} record, which holds no metrics; the records of evaluations "
+            f"are {evaluated or 'none'} (collafuse-hpc inspect lists them)"
         )
     return f[key]
 
