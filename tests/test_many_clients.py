@@ -80,7 +80,8 @@ def test_clients_hosted_together_train_and_sample_as_on_ranks_of_their_own(tmp_p
 
 def test_a_checkpoint_resumes_with_another_placement(tmp_path, shards):
     """Stopped after round 2 with one client per rank, resumed with all on one rank
-    (and the other way round): the same run as an uninterrupted one."""
+    (and the other way round): the same run as an uninterrupted one, but for the audit,
+    which also counts the stopped run's sample request."""
     full = _mixed(shards, tmp_path / "full", clients_per_rank=1)
     run_in_process(from_dict(full), resume=False)
     reference = _read(tmp_path / "full")
@@ -91,7 +92,13 @@ def test_a_checkpoint_resumes_with_another_placement(tmp_path, shards):
         run_in_process(from_dict(part), resume=False)
         part["run"].update(rounds=4, clients_per_rank=then)
         run_in_process(from_dict(part), resume=True)
-        _assert_same(reference, _read(out))
+        got = _read(out)
+        for cid in IDS:  # the stopped run's sample request left the client too: its audit counts it
+            sent, alone = got[cid]["audit"], reference[cid]["audit"]
+            assert sent["messages_sent"] == alone["messages_sent"] + (cid != "c3"), cid  # c3 (c = 1) sends none
+            assert sent["images_sent"] == alone["images_sent"], cid
+            got[cid]["audit"] = alone
+        _assert_same(reference, got)
 
 
 def test_a_rank_sends_one_message_per_server_and_round(tmp_path, shards, monkeypatch):

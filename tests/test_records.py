@@ -5,9 +5,12 @@ training summary (results/schema.py: /records)."""
 import h5py
 import numpy as np
 import torch
+import yaml
 from conftest import tiny_config, write_config
 
 from collafuse_hpc.cli import main
+from collafuse_hpc.config import from_dict
+from collafuse_hpc.evaluation.evaluate import load_roles
 from collafuse_hpc.evaluation.inception import FIDInceptionV3
 
 
@@ -195,3 +198,35 @@ def test_a_run_of_the_schema_before_records_keeps_its_training_through_every_res
         for key in ("server", "clients/c0"):
             total = _attrs(f[f"{key}/summary"])
             assert (total["rounds_run"], total["invocations"]) == (6, 3), key
+
+
+def _totals(g) -> dict:
+    """The audit rows' totals: what left the client, row by row."""
+    a = g["audit"]
+    return {
+        "images_sent": int(a["images"][()].sum()),
+        "messages_sent": len(a["round"]),
+        "bytes_sent": int(a["nbytes"][()].sum()),
+    }
+
+
+def test_the_audit_keeps_what_left_a_client_through_a_crash_a_resume_and_each_sample(tmp_path, shards):
+    """The audit is append-only: rounds trained again after a crash were sent twice and
+    each ``sample`` sends a request; its totals, and the count the evaluation's
+    mu_composed is computed from, are those of every row."""
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=6, log_every=1, checkpoint_every=4)
+    raw["fault"] = {"rank": 1, "round": 5}  # client c0 fails before it sends round 5: rounds 0-4 left it
+    assert main(["train", write_config(tmp_path / "crash.yaml", raw), "--in-process"]) == 1
+    raw["fault"] = {}
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    assert main(["train", cfg, "--in-process", "--resume"]) == 0  # from the set of round 4: rounds 4, 5 again
+    assert main(["sample", cfg, "--in-process"]) == 0
+    assert main(["sample", cfg, "--in-process"]) == 0
+    with h5py.File(tmp_path / "out/results.h5", "r", locking=False) as f:
+        audit = f["clients/c0/audit"]
+        assert list(audit["round"][()]) == [0, 1, 2, 3, 4, 4, 5, 6, 6, 6]
+        assert _totals(f["clients/c0"]) == {k: audit.attrs[k] for k in ("images_sent", "messages_sent", "bytes_sent")}
+        assert audit.attrs["images_sent"] == 7 * 6 and audit.attrs["messages_sent"] == 10
+        assert list(f["clients/c1/audit/round"][()]) == [0, 1, 2, 3, 4, 4, 5, 6, 6, 6]
+    _, clients = load_roles(from_dict(yaml.safe_load((tmp_path / "run.yaml").read_text())), 6, torch.device("cpu"))
+    assert clients[0].released["images_sent"] == 7 * 6  # disclosure's release count

@@ -51,7 +51,15 @@ from collafuse_hpc.evaluation.features import (
     load_extractor,
 )
 from collafuse_hpc.logs import Progress
-from collafuse_hpc.results.schema import METRIC_UNITS, METRICS, SETS, index_path, record_key
+from collafuse_hpc.results.schema import (
+    METRIC_UNITS,
+    METRICS,
+    SETS,
+    audit_totals,
+    index_path,
+    part_path,
+    record_key,
+)
 from collafuse_hpc.results.writer import begin_record, finish_record, point_newest
 from collafuse_hpc.roles.client import Client, finish_samples, sample_alone
 from collafuse_hpc.roles.host import ClientHost, batches, sampling_key
@@ -81,7 +89,8 @@ def _cache_dir(cfg: Config) -> str:
 
 def load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int, Server], list[Client]]:
     """Servers by rank and clients by index with the weights of the set of ``round_``
-    (weights only: random streams are the evaluation's own)."""
+    (weights only: random streams are the evaluation's own), each client counting as
+    released what its audit holds too (what left it after that set, Client.count_audited)."""
     topo = Topology.from_config(cfg)
     out = cfg.run.output_dir
     servers = {}
@@ -92,6 +101,10 @@ def load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int
     states = checkpoint.load_clients(out, round_, [c.id for c in cfg.clients])
     for client in clients:
         client.load_weights(states[client.id])
+        part = part_path(out, client.id)
+        if os.path.exists(part):
+            with h5py.File(part, "r", locking=False) as f:
+                client.count_audited(audit_totals(f))
     return servers, clients
 
 

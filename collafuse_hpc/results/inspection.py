@@ -26,6 +26,7 @@ from collafuse_hpc.results.schema import (
     SERVER,
     SETS,
     SUMMARY,
+    audit_totals,
     open_results,
     record_key,
     record_numbers,
@@ -66,12 +67,11 @@ def _role(g: h5py.Group, record: int | None = None) -> dict:
     for group in (SUMMARY, AUDIT):
         if group in g:
             out[group] = {k: _plain(v) for k, v in g[group].attrs.items()}
-    if AUDIT in out:  # totals from the rows: a run that did not finish has no total attributes yet
-        a = g[AUDIT]
-        column = {name: a[name][()] if name in a else np.zeros(0, np.int64) for name in ("kind", "images", "nbytes")}
-        out[AUDIT]["training_messages"] = int((column["kind"] == Kind.TRAIN).sum())
-        out[AUDIT].setdefault("images_sent", int(column["images"].sum()))
-        out[AUDIT].setdefault("bytes_sent", int(column["nbytes"].sum()))
+    if AUDIT in out:  # a run that did not finish has no total attributes yet, or an earlier invocation's
+        kinds = g[AUDIT]["kind"][()] if "kind" in g[AUDIT] else np.zeros(0, np.int64)
+        out[AUDIT]["training_messages"] = int((kinds == Kind.TRAIN).sum())
+        rows = audit_totals(g)
+        out[AUDIT].update({k: max(v, out[AUDIT].get(k, 0)) for k, v in rows.items()})
         out[AUDIT].setdefault("t_c", g.attrs.get("t_c"))
     samples = SAMPLES if record is None else f"{record_key(record, 'samples')}/images"
     if samples in g:

@@ -33,7 +33,10 @@ read it; ``collafuse-hpc bundle`` copies it into one self-contained file::
       /samples            soft link (relative) to the newest records/<n>/samples (images, x_handover)
       /audit/<field>      int64 [M] one row per message that left the client, over all
                           runs of this output folder: round, kind (wire.Kind value),
-                          images, t_c, nbytes; attrs hold the totals
+                          images, t_c, nbytes. Append-only: a round trained again after a
+                          resume has a row each time it was sent, each ``sample`` its
+                          request. attrs hold the totals images_sent, messages_sent,
+                          bytes_sent (audit_totals; the checkpoint's count where it is more)
       /summary            attrs: training totals and rates of this role, summed over the
                           training invocations (train and each resume; ``invocations``);
                           sample and evaluate never change it
@@ -59,6 +62,7 @@ from __future__ import annotations
 import os
 
 import h5py
+import numpy as np
 
 from collafuse_hpc.data.shard import SCHEMA as SHARD_SCHEMA
 
@@ -109,6 +113,15 @@ def record_key(n: int | str, group: str = "") -> str:
 def record_numbers(f: h5py.Group) -> list[int]:
     """The record numbers of a results or part file, in order ([] for schema v2)."""
     return sorted(int(n) for n in f.get(RECORDS, {}) if n.isdigit())  # not records/v2
+
+
+def audit_totals(role: h5py.Group) -> dict[str, int]:
+    """What a client's audit rows count as sent (a role's part or its group in results.h5;
+    zeros when it has none)."""
+    audit = role.get(AUDIT, {})
+    column = {name: audit[name][()] if name in audit else np.zeros(0, np.int64) for name in ("images", "nbytes")}
+    sent = {"images_sent": int(column["images"].sum()), "messages_sent": len(column["images"])}
+    return {**sent, "bytes_sent": int(column["nbytes"].sum())}
 
 
 def plain_attrs(g: h5py.Group | h5py.Dataset) -> dict:

@@ -28,6 +28,7 @@ from collafuse_hpc.results.schema import (
     SCHEMA_VERSION,
     SUMMARY,
     V2,
+    audit_totals,
     open_results,
     plain_attrs,
     record_key,
@@ -166,8 +167,9 @@ class RoleResults:
         path: the part file.
         attrs: written on the root group.
         mirror: also gets every ``rounds`` row (TensorBoard), when given.
-        resume_round: when resuming, rows of every group whose ``round`` is at
-            or after this round are dropped (those rounds will run again).
+        resume_round: when resuming, ``rounds`` rows at or after this round are
+            dropped (those rounds will run again). The audit keeps every row: what
+            was sent in them left the client.
     """
 
     def __init__(
@@ -182,11 +184,16 @@ class RoleResults:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with _writing(path, "a" if resume_round is not None else "w") as f:
             f.attrs.update(attrs)
-            for group in f.values():
-                if resume_round is not None and isinstance(group, h5py.Group) and "round" in group:
-                    keep = int((group["round"][()] < resume_round).sum())
-                    for ds in group.values():
-                        ds.resize((keep,))
+            rows = f.get(ROUNDS)
+            if resume_round is not None and rows is not None and ROUND in rows:
+                keep = int((rows[ROUND][()] < resume_round).sum())
+                for ds in rows.values():
+                    ds.resize((keep,))
+
+    def audit_totals(self) -> dict[str, int]:
+        """What the audit rows written so far count as sent (schema.audit_totals)."""
+        with _open(self.path, "r") as f:
+            return audit_totals(f)
 
     def log(self, row: dict[str, float], group: str = "rounds") -> None:
         """Buffer one row (column name -> value) of ``group``; :meth:`flush` writes it."""

@@ -196,6 +196,13 @@ class Client:
         if "dropout" in state:  # sets written before dropout had its own stream start it from the seed
             self.dropout_stream.set_state(state["dropout"])
 
+    def count_audited(self, audited: dict[str, int]) -> None:
+        """Count what the audit rows hold as sent (results/schema.audit_totals): messages
+        sent after the checkpoint set (rounds trained again after a crash, each
+        ``sample``'s request) left the client too. Both counts miss nothing they saw, so
+        each total is the larger of the two (rows lost in a crash stay counted by the set)."""
+        self.released = {k: max(v, audited[k]) for k, v in self.released.items()}
+
     def load_weights(self, state: dict) -> None:
         """Weights, optimizer state and audit totals of a :meth:`state_dict` (not the
         data order and random stream: an evaluation draws its own)."""

@@ -195,6 +195,8 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
     zero = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
     totals = {c.index: dict(zero) for c in host.clients}
     recent = {c.index: deque(maxlen=run.log_every) for c in host.clients}
+    for c in host.clients:
+        c.count_audited(results[c.index].audit_totals())
     profiler = _profiler(ctx, host.device)
     for r in rounds(ctx):
         drawn = participants(ctx.cfg, r)
@@ -282,7 +284,7 @@ def _finish(
     totals["images_per_s"] = totals["images"] / totals["time_round_s"] if totals["time_round_s"] else 0.0
     _log_audit(results, client)
     results.flush()
-    audit = {**client.released, "t_c": client.cut.t_c}  # over every run of this output folder
+    audit = {**client.released, "t_c": client.cut.t_c}  # over every run of this output folder (count_audited)
     results.write_attrs(AUDIT, audit)
     totals.update(audit, grid=grid)
 
