@@ -12,7 +12,7 @@ from scipy import stats
 
 from collafuse_hpc.evaluation import metrics
 from collafuse_hpc.report import tables as report
-from collafuse_hpc.report.figures import personalization
+from collafuse_hpc.report.figures import fd_label, personalization
 from collafuse_hpc.report.stats import (
     converged,
     loss_change,
@@ -173,3 +173,24 @@ def test_the_convergence_windows_are_rounds_not_rows(tmp_path):
     curves = loss_curves(str(tmp_path / "run.h5"))
     assert loss_change(curves["server"]) == pytest.approx(loss_change(curves["clients"]), rel=1e-3)
     assert loss_change(curves["server"]) == pytest.approx(1 / 9, rel=1e-2)
+
+
+def test_c0_and_c1_stand_only_beside_the_split_modes_their_partition_was_run_with():
+    """The class partition ran both split modes, iid only the Markov one: no lone
+    'reference, iid' condition of its c = 0 and 1 runs in the table or the figures."""
+
+    def row(split: str, partition: str, c: float, features: str) -> dict:
+        keys = {"split": split, "partition": partition, "share": "off", "c": c, "who": "pooled"}
+        return {key: math.nan for key in report.COLUMNS} | keys | {"seed": 0, "features": features}
+
+    table = [row(s, "class", c, "classifier-a") for s, c in (("markov", 0), ("markov", 1), ("markov", 0.2))]
+    table += [row("reference", "class", 0.2, "classifier-a")]
+    table += [row("markov", "iid", c, "classifier-b") for c in (0, 0.2, 1)]
+    got = sorted((r["split"], r["partition"], r["c"]) for r in report.aggregate(table))
+    assert got == [("markov", "class", c) for c in (0, 0.2, 1)] + [("markov", "iid", c) for c in (0, 0.2, 1)] + [
+        ("reference", "class", c) for c in (0, 0.2, 1)
+    ]
+    alone = [row("reference", "dirichlet", 1, "classifier-c")]  # only c = 1: under its own split
+    assert [(r["split"], r["c"]) for r in report.aggregate(alone)] == [("reference", 1)]
+    assert fd_label(table[:4]) == "FD (classifier-a)"
+    assert "each partition's own features" in fd_label(table)

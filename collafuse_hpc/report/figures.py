@@ -154,11 +154,7 @@ def conditions_figure(table: list[dict], path: str) -> bool:
         for r in runs:
             ax[3].annotate(f"c={r['c']:g}", (r["sampling_flops_ratio"], r[key]), fontsize=6)
     ax[0].set(xlabel="cut ratio c", ylabel=name, title="personalization")
-    ax[1].set(
-        xlabel="cut ratio c",
-        ylabel=f"FD ({rows[0]['features'][:24]}...)",
-        title="FD: pooled (o), clients' own (x); lower: better",
-    )
+    ax[1].set(xlabel="cut ratio c", ylabel=fd_label(rows), title="FD: pooled (o), clients' own (x); lower: better")
     ax[2].set(xlabel="linkage top-1 rate (disclosure)", ylabel=name, title="quality against disclosure")
     ax[3].set(xlabel="client sampling FLOPs / local-only", ylabel=name, title="quality against client compute")
     ax[0].legend(fontsize=7)
@@ -166,6 +162,15 @@ def conditions_figure(table: list[dict], path: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def fd_label(rows: list[dict]) -> str:
+    """The FD axis's label: the features it is measured in, when all rows share them; each
+    partition is scored by its own classifier otherwise (its FDs compare within it only)."""
+    features = sorted({r["features"] for r in rows})
+    if len(features) == 1:
+        return f"FD ({features[0][:40]})"
+    return "FD (each partition's own features: compare within a partition)"
 
 
 def _spread(row: dict, key: str) -> tuple[float, float]:

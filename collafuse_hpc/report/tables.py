@@ -190,12 +190,15 @@ def _std(values: list[float], mean: float) -> float:
 
 def aggregate(table: list[dict]) -> list[dict]:
     """One row per (split, c, client): numbers averaged over the seeds, ``<key>_seed_std``
-    their spread. Runs at c = 0 or 1 (the same under every split) count for each split."""
-    splits = sorted({r["split"] for r in table})
-    shares = {p: sorted({r["share"] for r in table if r["partition"] == p}) for p in {r["partition"] for r in table}}
+    their spread. Runs at c = 0 or 1 (the same under every split) stand beside each split
+    mode their partition was run with (at some 0 < c < 1; its own split when none was)."""
+    partitions = {r["partition"] for r in table}
+    shares = {p: sorted({r["share"] for r in table if r["partition"] == p}) for p in partitions}
+    cut = [r for r in table if r["c"] not in (0, 1)]  # runs that depend on the split mode
+    splits = {p: sorted({r["split"] for r in cut if r["partition"] == p}) for p in partitions}
     groups: dict[tuple, list[dict]] = {}
     for r in table:
-        for split in splits if r["c"] in (0, 1) else [r["split"]]:
+        for split in (splits[r["partition"]] or [r["split"]]) if r["c"] in (0, 1) else [r["split"]]:
             # c = 1 sends nothing, labels neither: it stands beside each share its partition was run with
             for share in shares[r["partition"]] if r["c"] == 1 else [r["share"]]:
                 groups.setdefault((split, r["partition"], share, r["c"], r["who"]), []).append(r)
