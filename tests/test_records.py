@@ -10,8 +10,8 @@ from conftest import tiny_config, write_config
 
 from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
-from collafuse_hpc.evaluation.evaluate import load_roles
 from collafuse_hpc.evaluation.inception import FIDInceptionV3
+from collafuse_hpc.evaluation.sets import load_roles
 
 
 def _attrs(g) -> dict:

@@ -34,8 +34,8 @@ import harness  # noqa: E402
 from collafuse_hpc.config import from_dict  # noqa: E402
 from collafuse_hpc.data import ShardReader, to_uint8  # noqa: E402
 from collafuse_hpc.evaluation import metrics  # noqa: E402
-from collafuse_hpc.evaluation.evaluate import generate, load_roles  # noqa: E402
 from collafuse_hpc.evaluation.features import features, load_extractor  # noqa: E402
+from collafuse_hpc.evaluation.sets import generate, load_roles  # noqa: E402
 from collafuse_hpc.runtime import checkpoint  # noqa: E402
 from collafuse_hpc.runtime.run import run_in_process  # noqa: E402
 from collafuse_hpc.tables import format_table  # noqa: E402

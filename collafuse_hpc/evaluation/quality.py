@@ -1,0 +1,62 @@
+"""How alike a generated set is to a client's real test images: FID and KID, and with
+the domain classifier's features precision, recall, class fidelity and class distance,
+each with its 95% bootstrap interval over images (the formulas are in metrics.py)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from collafuse_hpc.config import Config
+from collafuse_hpc.evaluation import metrics
+from collafuse_hpc.evaluation.classifier import Classifier
+from collafuse_hpc.roles.client import Client
+
+
+def quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
+    """FID and KID of ``fake`` against ``real`` features; with a classifier's features also
+    precision and recall, and 95% bootstrap intervals over images (``eval.bootstrap``)."""
+    k_mean, k_std = metrics.kid(real, fake, cfg.eval.kid_subsets, cfg.eval.kid_subset_size, cfg.run.seed)
+    out = {"fid": metrics.fid(real, fake), "kid_mean": k_mean, "kid_std": k_std}
+    if cfg.eval.extractor != "classifier":
+        return out
+    out["precision"], out["recall"] = metrics.precision_recall(real, fake)
+    if cfg.eval.bootstrap:
+        interval = functools.partial(metrics.bootstrap_interval, resamples=cfg.eval.bootstrap, seed=cfg.run.seed)
+        out["fid_low"], out["fid_high"] = interval(metrics.fid, (real, fake))
+        for i, name in enumerate(("precision", "recall")):
+            out[f"{name}_low"], out[f"{name}_high"] = interval(
+                lambda r, f, i=i: metrics.precision_recall(r, f)[i], (real, fake), bounds=(0.0, 1.0)
+            )
+    return out
+
+
+def label_counts(client: Client, classes: int) -> np.ndarray:
+    """Images per class in a client's train split, [classes] (ValueError for a shard
+    without labels)."""
+    labels = client.reader.labels()
+    if labels is None:
+        raise ValueError(
+            f"client {client.id!r}: its shard has no labels, so class fidelity cannot be scored; "
+            "use eval.extractor inception or pixels for unlabelled data"
+        )
+    return np.bincount(labels, minlength=classes)
+
+
+def fidelity(scorer: Classifier, images: np.ndarray, own: np.ndarray, cfg: Config) -> dict:
+    """For uint8 ``images`` of a client whose train labels count ``own`` per class: class
+    fidelity (share in the classes it holds), class distance (total variation to its
+    label mix), each with its bootstrap interval over images, and mean confidence."""
+    probabilities = scorer.probabilities(images)
+    held = set(np.flatnonzero(own).tolist())
+    scores = {
+        "class_fidelity": lambda p: metrics.class_fidelity(p, held)[0],
+        "class_distance": lambda p: metrics.class_distance(p, own),
+    }
+    out = {name: score(probabilities) for name, score in scores.items()}
+    out["confidence"] = metrics.class_fidelity(probabilities, held)[1]
+    for name, score in scores.items() if cfg.eval.bootstrap else ():
+        low, high = metrics.bootstrap_interval(score, (probabilities,), cfg.eval.bootstrap, cfg.run.seed, (0.0, 1.0))
+        out.update({f"{name}_low": low, f"{name}_high": high})
+    return out
