@@ -93,6 +93,51 @@ def test_sigusr1_to_mpirun_stops_checkpoints_exits_for_requeue_and_resumes(tmp_p
         assert list(f["server/rounds/round"][()]) == list(range(40))
 
 
+SLOW_RANK0 = {"rank": 0, "mode": "slow_write", "delay_s": 8}  # longer than run.stop_grace_s (5 s)
+
+
+@pytest.mark.mpi
+def test_sigusr1_to_mpirun_keeps_the_agreed_set_that_rank_0_writes_slower_than_the_grace(tmp_path, shards):
+    """A large optimizer state on a parallel file system: rank 0 takes 8 s to write its file
+    of the agreed set. The ranks waiting for it at the barrier keep waiting, and the set
+    completes: with checkpoint_every 0 the requeued job would otherwise start from round 0."""
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], SLOW_RANK0, rounds=40, log_every=1, checkpoint_every=0)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    mpirun()
+    proc = harness.start_mpi(3, ["train", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rounds(tmp_path / "out/parts/server_0.h5", 3)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == EXIT_REQUEUE, err[-3000:]
+    assert "stopped by SIGUSR1 after round" in err and "no progress" not in err, err[-3000:]
+    (stopped,) = checkpoint.complete_rounds(str(tmp_path / "out"))
+    for rank in range(3):
+        checkpoint.load_rank(str(tmp_path / "out"), stopped, rank)
+
+
+def test_a_signal_while_a_resuming_rank_cuts_its_part_file_back_waits_for_the_cut(tmp_path, shards):
+    """On a resume each rank cuts its part file back to the rounds before the set (they run
+    again). The server takes 8 s for it; a signal to it then ends it (exit 75) only after
+    the cut: never inside an HDF5 write."""
+    out = tmp_path / "out"
+    raw = tiny_config(shards, out, [0.2, 0.5], rounds=6, log_every=1, checkpoint_every=2, keep_checkpoints=3)
+    run_in_process(from_dict(raw), resume=False)
+    shutil.rmtree(checkpoint.set_dir(str(out), 6))  # as if the run had stopped before its last set
+    raw.update(fault=SLOW_RANK0)
+    raw["run"]["rounds"] = 40
+    procs = spawn_ranks(3, ["train", write_config(tmp_path / "run.yaml", raw), "--resume"], tmp_path / "logs")
+    try:
+        until(lambda: "writes 8 s slower" in (tmp_path / "logs/rank0.err").read_text(), what="the slow write")
+        procs[0].send_signal(signal.SIGUSR1)
+        assert procs[0].wait(timeout=60) == EXIT_REQUEUE, (tmp_path / "logs/rank0.err").read_text()[-2000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    with h5py.File(out / "parts/server_0.h5") as f:
+        assert list(f["rounds/round"][()]) == [0, 1, 2, 3]
+
+
 def test_a_truncated_checkpoint_falls_back_to_the_previous_set(tmp_path, shards, caplog):
     caplog.set_level(logging.INFO, logger="collafuse_hpc")
     full = tiny_config(shards, tmp_path / "full", [0.2, 0.5], rounds=6, checkpoint_every=0)

@@ -56,8 +56,8 @@ def _wait(jid: str, states: set[str], timeout: float = 240) -> dict[str, str]:
     raise AssertionError(f"job {jid} still {info['JobState']} after {timeout} s (wanted {states}): {info}")
 
 
-def _config(tmp_path, shards, rounds, **run):
-    raw = tiny_config(shards, tmp_path / "unused", [0.2, 0.5], rounds=rounds, **run)
+def _config(tmp_path, shards, rounds, fault=None, **run):
+    raw = tiny_config(shards, tmp_path / "unused", [0.2, 0.5], fault, rounds=rounds, **run)
     return write_config(tmp_path / "run.yaml", raw)
 
 
@@ -80,10 +80,10 @@ def _submit_train(tmp_path: Path, cfg: str, out: Path) -> str:
     ).strip()
 
 
-def _train_running(tmp_path: Path, shards, rounds: int, **run) -> tuple[str, Path]:
+def _train_running(tmp_path: Path, shards, rounds: int, fault: dict | None = None, **run) -> tuple[str, Path]:
     """jobs/train.sbatch submitted and past its 5th round; returns (job id, output folder)."""
     out = tmp_path / "out"
-    jid = _submit_train(tmp_path, _config(tmp_path, shards, rounds=rounds, **run), out)
+    jid = _submit_train(tmp_path, _config(tmp_path, shards, rounds, fault, **run), out)
     _wait(jid, {"RUNNING"}, timeout=60)
     wait_for_rounds(out / "parts/server_0.h5", 5)
     return jid, out
@@ -163,9 +163,14 @@ def test_sweep_job_array_and_dependent_report(tmp_path, shards):
             log.unlink()
 
 
-def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(tmp_path, shards):
+@pytest.mark.parametrize(
+    "fault", [None, {"rank": 0, "mode": "slow_write", "delay_s": 8}], ids=["fast-write", "slow-write"]
+)
+def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(tmp_path, shards, fault):
+    """With a slow write too: rank 0 takes 8 s (more than run.stop_grace_s) for its file of
+    the agreed set; the others wait, and the requeued job continues from that set."""
     rounds = 200
-    jid, out = _train_running(tmp_path, shards, rounds, log_every=1, checkpoint_every=0)
+    jid, out = _train_running(tmp_path, shards, rounds, fault, log_every=1, checkpoint_every=0)
     _run("scancel", "--batch", "--signal=USR1", jid)  # what --signal=B:USR1@120 does before the time limit
     until(lambda: _job(jid).get("Restarts") == "1", 120)
     assert _job(jid)["Restarts"] == "1", (tmp_path / "job.out").read_text()[-3000:]

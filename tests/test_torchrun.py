@@ -14,6 +14,8 @@ import pytest
 from conftest import tiny_config, until, wait_for_rounds, write_config
 from harness import free_port
 
+from collafuse_hpc.runtime import checkpoint
+
 pytestmark = pytest.mark.mpi
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -109,6 +111,24 @@ def test_the_agents_sigterm_during_training_stops_every_rank_within_10_s(tmp_pat
         _kill(proc)
     assert "stopped by SIGTERM after round" in err and "checkpoint set written" in err, err[-3000:]
     assert proc.returncode != 0  # the agent reports the stop as a failure of its job
+
+
+def test_the_agents_sigterm_keeps_the_agreed_set_that_rank_0_writes_slower_than_the_grace(tmp_path, shards):
+    """The agent forwards its SIGTERM and gives the workers 30 s: rank 0 takes 8 s (more
+    than run.stop_grace_s) to write its file of the agreed set, and the set completes."""
+    slow = {"rank": 0, "mode": "slow_write", "delay_s": 8}
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.4], slow, rounds=2000, log_every=1, checkpoint_every=0)
+    proc = start_torchrun(write_config(tmp_path / "run.yaml", raw), tmp_path)
+    try:
+        wait_for_rounds(tmp_path / "out/parts/server_0.h5", 2, timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        _kill(proc)
+    assert "stopped by SIGTERM after round" in err and "no progress" not in err, err[-3000:]
+    (stopped,) = checkpoint.complete_rounds(str(tmp_path / "out"))
+    for rank in range(3):
+        checkpoint.load_rank(str(tmp_path / "out"), stopped, rank)
 
 
 def test_the_agents_sigterm_while_ranks_start_ends_them_at_once(tmp_path, shards):

@@ -346,19 +346,21 @@ def run_role(ctx: Context, role: Server | ClientHost) -> dict[str, dict]:
 
 def _open_parts(ctx: Context, role: Server | ClientHost) -> dict[int | None, RoleResults]:
     """The rank's part files by client index (None: the server's), created, or on a resume
-    cut back to the rounds before ``ctx.start_round``."""
+    cut back to the rounds before ``ctx.start_round``: under the stop request's write lock,
+    so that a stop signal never ends the process inside that HDF5 write."""
     cfg, topo, rank = ctx.cfg, ctx.topo, ctx.rank
     where = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}  # which process wrote a part
     resume = ctx.start_round if ctx.start_round else None
-    slow_write(ctx)
-    if isinstance(role, Server):
-        mirror = ScalarSink(ctx.output_dir, _role_name(ctx)) if cfg.run.tensorboard else None
-        return {None: RoleResults(part_file(cfg, topo, rank), {"role": "server", **where}, resume, mirror)}
     results = {}
-    for c in role.clients:
-        mirror = ScalarSink(ctx.output_dir, f"client_{c.id}") if cfg.run.tensorboard else None
-        attrs = {"role": "client", "client_id": c.id, "t_c": c.cut.t_c, "cut_ratio": c.cut.ratio, **where}
-        results[c.index] = RoleResults(part_file(cfg, topo, rank, c.index), attrs, resume, mirror)
+    with ctx.stop.writing():
+        slow_write(ctx)
+        if isinstance(role, Server):
+            mirror = ScalarSink(ctx.output_dir, _role_name(ctx)) if cfg.run.tensorboard else None
+            return {None: RoleResults(part_file(cfg, topo, rank), {"role": "server", **where}, resume, mirror)}
+        for c in role.clients:
+            mirror = ScalarSink(ctx.output_dir, f"client_{c.id}") if cfg.run.tensorboard else None
+            attrs = {"role": "client", "client_id": c.id, "t_c": c.cut.t_c, "cut_ratio": c.cut.ratio, **where}
+            results[c.index] = RoleResults(part_file(cfg, topo, rank, c.index), attrs, resume, mirror)
     return results
 
 

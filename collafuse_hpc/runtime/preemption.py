@@ -16,7 +16,11 @@ find it blocked until the launcher kills it. So a watcher thread, woken through
 process with :data:`EXIT_REQUEUE` at once before it has joined, and after that,
 until the rounds end, when no progress (:meth:`StopRequest.progress`) came for ``grace_s`` after the
 signal. It never ends the process inside :meth:`StopRequest.writing`, so no results
-file is cut mid-write; the newest complete checkpoint set is always kept.
+file is cut mid-write; the newest complete checkpoint set is always kept. Once the
+ranks have agreed on the stop (or finished the last round) they are known to be
+writing the set they end with, so the grace no longer runs: a rank waiting for a peer's
+slow write of that set (a large optimizer state on a parallel file system) waits for
+it; a peer that dies meanwhile is seen by the wire, one that hangs by its watchdog.
 """
 
 from __future__ import annotations
@@ -49,10 +53,11 @@ class StopRequest:
     thread only); the previous handlers come back on exit.
 
     Phases, set by the runner: ``starting``, until every rank has joined the job (a
-    signal ends the process at once); ``rounds``, to the end of the last round (the
-    agreed stop; the process ends after ``grace_s`` seconds without progress); and
-    ``finishing``, the final sampling and evaluation (only the flag: the evaluation
-    checks it, sampling runs to its end).
+    signal ends the process at once); ``rounds``, until the ranks agree on a stop or
+    end the last round (the process ends after ``grace_s`` seconds without progress);
+    and ``finishing``, the checkpoint set every rank then writes, the final sampling and
+    evaluation (only the flag: the evaluation checks it, the set and sampling run to
+    their end).
 
     Args:
         grace_s: seconds without progress after a signal, during the rounds, before the

@@ -92,6 +92,8 @@ def end_of_round(ctx: Context, results: list[RoleResults], state: dict, r: int) 
         stop, ctx.pending_stop = ctx.pending_stop() and not last, None
     if check and not last and not stop:
         ctx.pending_stop = ctx.wire.any_rank_later(ctx.stop.requested)
+    if last or stop:  # every rank writes the set it ends with: no grace cuts it, however long the writes take
+        ctx.stop.phase = "finishing"
     save = last or stop or bool(run.checkpoint_every and done % run.checkpoint_every == 0)
     if done % run.log_every == 0 or save:  # a set's rounds are written before it: a resume from it keeps them
         with ctx.stop.writing():
