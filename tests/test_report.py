@@ -106,9 +106,11 @@ def _config(run: Path) -> dict:
 def test_the_report_runs_from_an_installed_wheel_outside_the_repository(evaluated, tmp_path):
     """On a cluster the package comes from a wheel (a module), without tools/: the report,
     its statistics and figures are in the package, and its folder takes the umask."""
-    wheels = tmp_path / "wheels"
+    source, wheels = tmp_path / "source", tmp_path / "wheels"  # setuptools builds in the tree: a copy of it
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__"))
+    wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)]
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        [*wheel, str(source)],
         capture_output=True,
         text=True,
     )
