@@ -78,7 +78,8 @@ def test_sampling_and_evaluating_again_add_records_and_keep_every_other(tmp_path
     assert main(["compare", str(out / "results.h5"), "--record", "3"]) == 0
     assert "pixels" in capsys.readouterr().out
     assert main(["compare", str(out / "results.h5"), "--record", "1"]) == 2
-    assert "record 1 is a sample record, which holds no metrics; the records of evaluations are [3, 4]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "record 1 is a sample record, which holds no metrics; the records of evaluations are [3, 4]" in err
 
 
 def test_a_resumed_runs_training_summary_sums_its_invocations(tmp_path, shards):
