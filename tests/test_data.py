@@ -25,6 +25,7 @@ from collafuse_hpc.data import (
     to_model_range,
     write_shard,
 )
+from collafuse_hpc.data import prepare as prep
 from collafuse_hpc.data.prepare import prepare
 from collafuse_hpc.data.sources import read_celeba, read_cub, read_folder, read_mnist
 from collafuse_hpc.runtime.run import preflight
@@ -114,6 +115,22 @@ def test_a_shard_says_how_its_pixels_were_made_and_another_preparation_never_rep
             prepare(read_folder(str(tmp_path / "folder")), str(tmp_path / "c"), clients, "iid", size=8, seed=seed)
     assert {p: p.read_bytes() for p in (tmp_path / "c").glob("client_*.h5")} == shards
     prepare(read_folder(str(tmp_path / "folder")), str(tmp_path / "c"), 3, "iid", size=8, workers=2)
+
+
+def test_prepare_refuses_another_preparations_shards_before_decoding(tmp_path, monkeypatch):
+    """Other images, told from the source's file list, are refused before anything is
+    decoded (a refused CelebA preparation decoded for hours into --out/.cache first)."""
+    make_folder(str(tmp_path / "folder"))
+    catalog = read_folder(str(tmp_path / "folder"))
+    prepare(catalog, str(tmp_path / "c"), 3, "iid", size=8, workers=1)
+
+    def decode(*args, **kwargs):
+        raise AssertionError("decoded before refusing")
+
+    monkeypatch.setattr(prep, "decode", decode)
+    for clients, seed, size in ((2, 0, 8), (3, 1, 8), (3, 0, 16)):  # fewer clients, other images, another size
+        with pytest.raises(ValueError, match=r"exist: shards of another preparation"):
+            prepare(catalog, str(tmp_path / "c"), clients, "iid", size=size, seed=seed, workers=1)
 
 
 def test_ctrl_c_during_prepare_says_what_was_kept_and_exits_130(tmp_path):

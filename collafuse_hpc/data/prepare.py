@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import h5py
@@ -266,6 +267,8 @@ def prepare(
             raise ValueError(f"client {k} gets {len(train)} train and {len(test)} test images; change the partition")
 
     recipe = Recipe(size, catalog.channels, crop, bbox_margin)
+    plan = [{name: [catalog.ids[i] for i in idx] for name, idx in zip(("train", "test"), s)} for s in splits]
+    _refuse_other_shards(out, lambda k, path: k < clients and _may_hold(path, plan[k], recipe))  # before decoding
     needed = np.unique(np.concatenate([np.concatenate(s) for s in splits]))
     images, ok, sides = decode(catalog, needed, recipe, out, workers, strict)
     where = {int(i): k for k, i in enumerate(needed)}
@@ -298,7 +301,8 @@ def prepare(
         + (f" groups={groups} {'exclusive' if exclusive else 'overlap'}" if rule == "attributes" else "")
         + (f" alpha={alpha}" if rule == "dirichlet" else "")
     )
-    _refuse_other_shards(out, [content_hash(shard) for shard in shards])
+    hashes = [content_hash(shard) for shard in shards]
+    _refuse_other_shards(out, lambda k, path: k < len(hashes) and inspect_shard(path).content_hash == hashes[k])
     paths = []
     print(f"{'client':<10}{'train':>8}{'test':>8}  train labels")
     for k, shard in enumerate(shards):
@@ -322,23 +326,36 @@ def prepare(
     return paths
 
 
-def _refuse_other_shards(out: str, hashes: list[str]) -> None:
+def _refuse_other_shards(out: str, same: Callable[[int, str], bool]) -> None:
     """Refuse, before any shard is written, an ``out`` holding shards of another preparation
     (other images, or more clients): runs trained on them check the content hash on resume
-    and evaluation, and could no longer continue. The same command again is allowed."""
+    and evaluation, and could no longer continue. ``same(k, path)``: whether the shard of
+    client k may be this command's (the same command again is allowed)."""
     other = []
     for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
         m = re.fullmatch(r"client_(\d+)\.h5", name)
         if not m:
             continue
-        k, path = int(m.group(1)), os.path.join(out, name)
+        path = os.path.join(out, name)
         try:
-            same = k < len(hashes) and inspect_shard(path).content_hash == hashes[k]
+            if not same(int(m.group(1)), path):
+                other.append(path)
         except ValueError:  # not a shard, or a broken one: not this command's to replace either
-            same = False
-        if not same:
             other.append(path)
     refuse_existing(other, "shards of another preparation; runs trained on them could no longer resume or be evaluated")
+
+
+def _may_hold(path: str, ids: dict[str, list[str]], recipe: Recipe) -> bool:
+    """Whether the shard at ``path`` may hold what this preparation writes, told from the
+    source's file list before decoding: the planned images (ids) of each split, in order,
+    less any that could not be decoded, at the same size. Its pixels are compared
+    (content hash) after decoding."""
+    info = inspect_shard(path)
+    if (info.channels, info.image_size) != (recipe.channels, recipe.size):
+        return False
+    with h5py.File(path, "r") as f:
+        stored = {split: f[split]["ids"].asstr()[()].tolist() for split in ids if "ids" in f[split]}
+    return all(stored[split] == [i for i in ids[split] if i in set(stored[split])] for split in stored)
 
 
 def _check_out(out: str) -> None:
