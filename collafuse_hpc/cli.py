@@ -13,8 +13,8 @@ Launch lines::
     torchrun --nproc-per-node=3 -m collafuse_hpc train configs/quickstart.yaml
     # override single keys
     collafuse-hpc train configs/quickstart.yaml --set clients.0.cut_ratio=0.4 --set run.rounds=50
-    # FID/KID, disclosure and client compute of the newest checkpoint set, into results.h5
-    collafuse-hpc evaluate configs/quickstart.yaml
+    # FID/KID, disclosure and client compute of a run's newest checkpoint set, into its results.h5
+    collafuse-hpc evaluate runs/quickstart
     # the resolved config, the rank map and the cuts, without starting anything
     collafuse-hpc config configs/quickstart.yaml      # or: train ... --dry-run
     # every config key: type, default, unit, allowed values, whether --resume may change it
@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # the rest loads after the signal handlers are in place (see 
     from collafuse_hpc.config import Config
     from collafuse_hpc.runtime.preemption import StopRequest
 
+RUN_COMMANDS = ("sample", "evaluate")  # act on a trained run: they take it in place of a config
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="collafuse-hpc", description="Collaborative split-diffusion.")
@@ -63,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         ("config", "print the resolved config, the rank map and each client's cut; start nothing"),
     ):
         s = add(name, help=text)
-        s.add_argument("config", nargs="?" if name == "config" else None, help="YAML run file (configs/)")
+        run = ", or a trained run: its folder or results.h5" if name in RUN_COMMANDS else ""
+        s.add_argument("config", nargs="?" if name == "config" else None, help=f"YAML run file (configs/){run}")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
         if name == "config":
             s.add_argument(
@@ -88,22 +91,22 @@ def _parser() -> argparse.ArgumentParser:
                 "config differs in what it trains); --resume=auto continues if there is a set and starts otherwise",
             )
     ins = add("inspect", help="summarize a results.h5 (also of a crashed or running run)")
-    ins.add_argument("results", help="results.h5 of a run")
+    ins.add_argument("results", type=_results_file, help="a run's folder or its results.h5")
     ins.add_argument("--json", action="store_true", help="print JSON for scripts")
     ins.add_argument("--record", type=int, help="samples and metrics of this record (default: the newest)")
     exp = add("export", help="write sample grids (PNG) and arrays (NPY) from a results.h5")
-    exp.add_argument("results", help="results.h5 of a run")
+    exp.add_argument("results", type=_results_file, help="a run's folder or its results.h5")
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--npy", action="store_true", help="also write the uint8 arrays as .npy")
     bun = add("bundle", help="copy a results.h5 and its part files into one self-contained HDF5 file")
-    bun.add_argument("results", help="results.h5 of a run")
+    bun.add_argument("results", type=_results_file, help="a run's folder or its results.h5")
     bun.add_argument("out", help="the file to write")
     cmp_ = add("compare", help="headline numbers of several results.h5 side by side")
-    cmp_.add_argument("results", nargs="+", help="results.h5 files")
+    cmp_.add_argument("results", nargs="+", type=_results_file, help="runs' folders or results.h5 files")
     cmp_.add_argument("--json", action="store_true", help="print JSON for scripts")
     cmp_.add_argument("--record", type=int, help="metrics of this record in every file (default: the newest)")
     rep = add("report", help="tables, figures and report.html of a sweep or study from its evaluated results.h5 files")
-    rep.add_argument("results", nargs="+", help="results.h5 files of evaluated runs")
+    rep.add_argument("results", nargs="+", type=_results_file, help="evaluated runs' folders or results.h5 files")
     rep.add_argument("--out", required=True, help="output folder (an earlier report there is replaced whole)")
     rep.add_argument("--record", type=int, help="the evaluation record to report in every file (default: the newest)")
     conv = add(
@@ -152,6 +155,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _results_file(path: str) -> str:
+    """A run's folder stands for its results.h5."""
+    from collafuse_hpc.results.schema import index_path
+
+    return index_path(path) if os.path.isdir(path) else path
+
+
 def _resume_mode(text: str) -> str:
     if text != "auto":
         raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', not {text!r}")
@@ -159,11 +169,14 @@ def _resume_mode(text: str) -> str:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    """The run's config: YAML, ``--set`` overrides, then the environment's defaults."""
-    from collafuse_hpc.config import load
+    """The run's config: YAML and ``--set`` overrides, or, for a command that acts on a
+    trained run given by its folder or results.h5, the run's own; then the environment's defaults."""
+    from collafuse_hpc.config import load, load_run
+    from collafuse_hpc.results.schema import results_of
     from collafuse_hpc.runtime.launch import apply_env_defaults
 
-    cfg = load(args.config, args.set)
+    results = results_of(args.config) if args.command in RUN_COMMANDS else None
+    cfg = load_run(results, args.set, args.command) if results else load(args.config, args.set)
     apply_env_defaults(cfg)
     return cfg
 
@@ -267,8 +280,6 @@ def _read_results(args: argparse.Namespace) -> int:
 
     files = args.results if isinstance(args.results, list) else [args.results]
     for path in files:
-        if os.path.isdir(path):
-            return _die(2, f"{path!r} is a folder; give its results file {os.path.join(path, 'results.h5')!r}", False)
         if not os.path.isfile(path):
             return _die(2, f"results file {path!r} not found", hard=False)
     try:

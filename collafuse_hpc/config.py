@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 import yaml
 
 from collafuse_hpc import client_templates
-from collafuse_hpc.config_rules import validate
+from collafuse_hpc.config_rules import RUN_SETTABLE, run_settable, validate
 
 
 @dataclass
@@ -251,6 +252,29 @@ def _assign(node: Any, keys: list[str], value: Any, path: str) -> None:
         raise ValueError(f"override '{path}': '{key}' is inside a value, not a section")
 
 
+def load_run(results: str, overrides: list[str], command: str) -> Config:
+    """The config a trained run holds (results.h5's, which a resume updates), for ``command``
+    acting on that run: ``overrides`` may change only RUN_SETTABLE keys, and the run is read
+    and written where its results file now is. ValueError for any other key."""
+    from collafuse_hpc.results.schema import open_results
+
+    for assignment in overrides:
+        key = assignment.split("=", 1)[0].strip()
+        if "=" in assignment and not run_settable(key):
+            raise ValueError(
+                f"{command} of a trained run takes its own config: --set {key} may not change it (only "
+                f"{', '.join(RUN_SETTABLE)} may); a config that trains something else is a new run: train it "
+                "into a new run.output_dir"
+            )
+    if not os.path.isfile(results):
+        raise ValueError(f"{os.path.dirname(results)!r} holds no results.h5: give a run's folder or a config file")
+    with open_results(results) as f:
+        raw = yaml.safe_load(f.attrs["config"])
+    raw["run"]["output_dir"] = os.path.dirname(results) or "."
+    raw.pop("fault", None)  # a test hook of the training, not part of what the run is
+    return _resolve(raw, overrides)
+
+
 def load(path: str | None, overrides: list[str] = (), check_files: bool = True) -> Config:
     """Read YAML, apply ``key=value`` overrides, build and validate the config."""
     raw: dict = {}
@@ -268,6 +292,11 @@ def load(path: str | None, overrides: list[str] = (), check_files: bool = True) 
             raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path!r} must hold a mapping at the top level")
+    return _resolve(raw, overrides, check_files)
+
+
+def _resolve(raw: dict, overrides: list[str], check_files: bool = True) -> Config:
+    """The validated config of a raw YAML tree after ``key=value`` overrides."""
     for assignment in overrides:
         apply_override(raw, assignment)
     cfg = from_dict(raw)

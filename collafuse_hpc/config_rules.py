@@ -136,6 +136,23 @@ RESUMABLE = (
 )
 
 
+# Keys --set may change when a command takes a trained run (its folder or results.h5) instead of a config:
+# how it is evaluated and sampled, on which devices and threads, and where its shards now are (they must
+# hold the same images). The rest is the run's own: a config that trains something else belongs to a new run.
+RUN_SETTABLE = (
+    "eval.*",
+    "diffusion.sampler",
+    "diffusion.sampling_steps",
+    "diffusion.eta",
+    "run.samples_per_client",
+    "run.sample_batch",
+    "run.threads",
+    "server.device",
+    "clients.*.device",
+    "clients.*.shard",
+)
+
+
 def matching(rules: dict[str, Any], key: str) -> Any:
     """The rule of the first pattern that matches dotted ``key``, or None."""
     return next((rule for pattern, rule in rules.items() if fnmatch.fnmatchcase(key, pattern)), None)
@@ -143,6 +160,10 @@ def matching(rules: dict[str, Any], key: str) -> Any:
 
 def resumable(key: str) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in RESUMABLE)
+
+
+def run_settable(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in RUN_SETTABLE)
 
 
 def flatten(node: Any, prefix: str = "", lists: bool = False) -> dict[str, Any]:

@@ -405,8 +405,9 @@ def test_inspect_errors_name_their_cause_and_a_closed_pipe_ends_quietly(tmp_path
     ):
         assert main(["inspect", results, *args]) == 2
         assert message in capsys.readouterr().err, args
-    assert main(["inspect", str(run)]) == 2
-    assert f"{str(run)!r} is a folder; give its results file {results!r}" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # a run folder stands for its results.h5
+    assert main(["inspect", str(tmp_path / "empty")]) == 2
+    assert f"results file {str(tmp_path / 'empty/results.h5')!r} not found" in capsys.readouterr().err
     proc = subprocess.Popen(
         [sys.executable, "-m", "collafuse_hpc", "inspect", results], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -537,7 +538,8 @@ def test_report_replaces_its_folder_whole_and_refuses_a_run_given_twice(report, 
     with h5py.File(tmp_path / "running/c0.25/results.h5", "a") as f:
         del f["metrics"], f["records/1"]
     done = tool(runs[1], tmp_path / "running/c0.25/results.h5")
-    assert done.returncode == 0 and "has no metrics (run collafuse-hpc evaluate on it); left out" in done.stdout
+    hint = f"has no metrics (not evaluated: collafuse-hpc evaluate {tmp_path / 'running/c0.25'}); left out"
+    assert done.returncode == 0 and hint in done.stdout
     # fewer runs: nothing of the left-out run stays (its grids were shown in report.html)
     assert tool(runs[0]).returncode == 0
     assert os.listdir(out / "grids") == ["c0.25"] and "c0.75" not in (out / "report.html").read_text()
@@ -748,3 +750,52 @@ def test_pooled_scores_weigh_each_client_the_same_on_both_sides(tmp_path):
     assert report["c0"]["collaborative"]["images"] == 8 and report["c0"]["collaborative"]["real_images"] == 3
     pooled = report["pooled"]["collaborative"]
     assert pooled["real_images"] == 6 and pooled["images"] == 6
+
+
+def test_evaluate_sample_and_inspect_take_the_run_and_its_own_config(tmp_path, shards, capsys):
+    """After a run, evaluate wanted a config whose run.output_dir was not the run's folder, and
+    results.h5 was 'not text (YAML expected)'. A run's folder or results.h5 stands for the run
+    with its own config; --set may change how it is evaluated and sampled, not what it trained."""
+    config = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "elsewhere", [0.25, 0.5], rounds=2))
+    run = tmp_path / "out"
+    moved = ["--set", f"run.output_dir={run}", "--set", "clients.0.cut_ratio=0.4"]
+    assert main(["train", config, "--in-process", *moved]) == 0
+    before = file_tree(run)
+    for command in (["evaluate", str(run)], ["sample", str(run / "results.h5"), "--in-process"]):
+        capsys.readouterr()
+        assert main([*command, "--set", "clients.0.cut_ratio=0.25"]) == 2, command
+        err = capsys.readouterr().err
+        assert f"{command[0]} of a trained run takes its own config: --set clients.0.cut_ratio" in err, err
+        assert "eval.*" in err and file_tree(run) == before
+    assert main(["evaluate", str(run), "--set", "eval.sets=[cut]"]) == 0
+    assert main(["sample", str(run / "results.h5"), "--in-process", "--set", "run.samples_per_client=2"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "history" in out and "2: sample" in out and "t_c=8 (c=0.40)" in out
+    with h5py.File(run / "results.h5") as f:
+        assert f["metrics"].attrs["checkpoint_round"] == 2
+        assert f["clients/c0/samples/images"].shape[0] == 2
+
+
+def test_the_commands_a_run_prints_work_as_printed(tmp_path, shards):
+    """The end of a run names the commands that act on it, and so does every hint
+    ('not evaluated: ...'): each works as printed, from where the run was started."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def shell(line: str, code: int = 0) -> str:
+        done = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == code, f"{line}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    config = write_config(tmp_path / "run.yaml", tiny_config(shards, "my run", [0.25, 0.5], rounds=2))
+    trained = shell(f"collafuse-hpc train {config} --in-process")
+    printed = re.findall(r"^\s+(?:next: )?(collafuse-hpc \S.*)$", trained, re.M)
+    assert [line.split()[1] for line in printed] == ["evaluate", "inspect", "report"], trained
+    evaluate_line, inspect_line, report_line = printed
+    hints = [re.search(r"\(not evaluated: (collafuse-hpc [^)]*)\)", shell(line, code)) for line, code in (
+        (inspect_line, 0), (report_line, 1))]  # fmt: skip
+    assert [hint.group(1) for hint in hints] == [evaluate_line] * 2
+    shell(evaluate_line)
+    shell(report_line)
+    assert (tmp_path / "my run/report/report.html").exists()

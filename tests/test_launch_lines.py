@@ -53,7 +53,11 @@ def _run(words: list[str]) -> subprocess.CompletedProcess:
 
 
 def _as_run(line: str, out: Path, shards: Path, rounds: int) -> list[str]:
+    """``line`` into ``out``, on ``shards``, for ``rounds`` rounds; a line that takes the
+    trained run itself keeps the run's config, and only draws fewer samples."""
     words = shlex.split(line.replace(PLACEHOLDER, str(out)))
+    if str(out) in words:
+        return [*words, "--set", "run.samples_per_client=4"]
     assert "configs/quickstart.yaml" in words, f"a launch line of another config: add it to this test: {line}"
     if "run.output_dir" not in line:
         words += ["--set", f"run.output_dir={out}"]

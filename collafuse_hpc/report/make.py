@@ -39,7 +39,7 @@ import tempfile
 from collafuse_hpc.report import stats
 from collafuse_hpc.report.figures import conditions_figure, loss_figure, tradeoff_figure
 from collafuse_hpc.report.tables import aggregate, rows, write_html, write_tables
-from collafuse_hpc.results.inspection import export, summarize
+from collafuse_hpc.results.inspection import evaluate_command, export, summarize
 
 
 def _point(row: dict) -> tuple:
@@ -83,7 +83,7 @@ def make_report(results: list[str], out_arg: str, record: int | None = None) -> 
         try:
             s = summarize(path, record)
             if "metrics" not in s:
-                print(f"report: {path} has no metrics (run collafuse-hpc evaluate on it); left out")
+                print(f"report: {path} has no metrics (not evaluated: {evaluate_command(path)}); left out")
                 continue
             if s["stale"] and record is None:  # its row would show an older model under the run's rounds
                 notes.append(f"{path} left out: {s['stale']}")

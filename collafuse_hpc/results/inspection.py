@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import h5py
 import numpy as np
@@ -27,6 +28,7 @@ from collafuse_hpc.results.schema import (
     SETS,
     SUMMARY,
     audit_totals,
+    index_path,
     open_results,
     record_key,
     record_numbers,
@@ -117,6 +119,22 @@ def _metrics_group(f: h5py.File, record: int | None, path: str) -> h5py.Group | 
     return f[key]
 
 
+def run_commands(folder: str) -> dict[str, str]:
+    """The commands that act on the run in ``folder``, as typed from where ``folder`` is
+    named: what the end of a run and every hint print, so each works as printed."""
+    run, results = shlex.quote(folder), shlex.quote(index_path(folder))
+    return {
+        "evaluate": f"collafuse-hpc evaluate {run}",
+        "inspect": f"collafuse-hpc inspect {run}",
+        "report": f"collafuse-hpc report {results} --out {shlex.quote(os.path.join(folder, 'report'))}",
+    }
+
+
+def evaluate_command(results: str) -> str:
+    """The command that evaluates the run of the results file ``results``."""
+    return run_commands(os.path.dirname(results) or ".")["evaluate"]
+
+
 def summarize(path: str, record: int | None = None) -> dict:
     """Everything a person asks of a results file, as a dict (``inspect --json`` prints it).
     Samples and metrics are the newest, or those of ``record``."""
@@ -148,7 +166,7 @@ def summarize(path: str, record: int | None = None) -> dict:
                 order = sorted(g, key=lambda n: SETS.index(n) if n in SETS else len(SETS))
                 out["metrics"][who] = {name: {k: _plain(v) for k, v in g[name].attrs.items()} for name in order}
         else:
-            out["missing"].append("metrics (not evaluated: collafuse-hpc evaluate CONFIG)")
+            out["missing"].append(f"metrics (not evaluated: {evaluate_command(path)})")
     out["checkpoints"] = complete_rounds(os.path.dirname(os.path.abspath(path)))
     out["stale"] = stale_metrics(out)
     return out

@@ -133,6 +133,14 @@ def index_path(output_dir: str) -> str:
     return os.path.join(output_dir, INDEX)
 
 
+def results_of(path: str) -> str | None:
+    """The results file that ``path`` stands for: a run folder's results.h5, or ``path``
+    itself when it is an HDF5 file; None for anything else (a config file)."""
+    if os.path.isdir(path):
+        return index_path(path)
+    return path if h5py.is_hdf5(path) else None
+
+
 def role_key(client_id: str | None, server_rank: int = 0) -> str:
     """Where a role's part is linked in results.h5: ``server`` (the first server, where
     readers of one server look), ``servers/<rank>`` (a further replica) or ``clients/<id>``."""

@@ -20,6 +20,7 @@ import yaml
 
 from collafuse_hpc.config import Config, dump, to_dict
 from collafuse_hpc.config_rules import changed_keys
+from collafuse_hpc.results.inspection import run_commands
 from collafuse_hpc.results.schema import SUMMARY, index_path, open_results, plain_attrs, record_key, role_key
 from collafuse_hpc.results.writer import begin_record, create_index, finish_record, record_config
 from collafuse_hpc.runtime import checkpoint
@@ -107,6 +108,10 @@ def print_summary(cfg: Config, summaries: dict[str, dict], wall_s: float) -> Non
     if len(clients) > shown:
         out.write(f"  ... and {len(clients) - shown} more clients (collafuse-hpc inspect shows them all)\n")
     out.write(f"  results: {index_path(cfg.run.output_dir)}\n")
+    commands = run_commands(cfg.run.output_dir)
+    if cfg.eval.at_end:  # it is evaluated next, in this process
+        del commands["evaluate"]
+    out.write("  next: " + "\n        ".join(commands.values()) + "\n")
     out.flush()
 
 
