@@ -13,3 +13,5 @@ out="runs/quickstart-$(date +%Y%m%d-%H%M%S)"
 start=$(date +%s)
 bash jobs/local.sh 3 train configs/quickstart.yaml --set "run.output_dir=$out" "$@"
 echo "quickstart: done in $(( $(date +%s) - start )) s; sample grids: $out/samples/*.png; results: $out/results.h5"
+echo "quickstart: the commands above run in its venv: source $VENV/bin/activate (or call $VENV/bin/collafuse-hpc;"
+echo "  tools/*.py with $VENV/bin/python)"

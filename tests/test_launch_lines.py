@@ -99,3 +99,17 @@ def test_every_local_launch_line_runs_as_written(tmp_path, quickstart_shards):
         done = _run(_as_run(line, trained, quickstart_shards, 3))
         assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
         assert re.search(r"collafuse-hpc: (\d+ rounds|sampled from the set of round \d+) in", done.stdout), line
+
+
+def test_the_quickstart_and_getting_started_say_how_to_use_the_venv():
+    """Without the venv: 'collafuse-hpc: command not found', and tools/*.py 'No module named
+    h5py'. The quickstart's closing lines and getting-started say how to activate it, and
+    what they say works from a shell that lacks it."""
+    closing = (ROOT / "jobs/quickstart.sh").read_text().split("jobs/local.sh 3 train", 1)[1]
+    for text in (closing, (ROOT / "docs/getting-started.md").read_text()):
+        assert "source .venv/bin/activate" in text or "source $VENV/bin/activate" in text
+    bare = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    bare["PATH"] = ":".join(p for p in os.environ["PATH"].split(":") if not p.startswith(str(ROOT)))
+    check = "source .venv/bin/activate && collafuse-hpc --version && python tools/report.py --help"
+    done = subprocess.run(["bash", "-c", check], cwd=ROOT, env=bare, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "collafuse-hpc" in done.stdout, done.stderr
