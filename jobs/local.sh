@@ -14,7 +14,13 @@
 # checkpoint set stays as it was, and the round in progress is lost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-np=${1:?usage: jobs/local.sh NP train|sample CONFIG [args]}
+usage="usage: jobs/local.sh NP train|sample CONFIG [args]"
+np=${1:-}
+if ! [[ $np =~ ^[1-9][0-9]*$ ]]; then  # else mpirun reads the command as NP, and collafuse-hpc CONFIG as one
+  echo "jobs/local.sh: NP, the number of ranks, is missing or not a count (got '$np'); collafuse-hpc config" \
+    "CONFIG prints it. $usage" >&2
+  exit 2
+fi
 shift
 VENV=${VENV:-.venv}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

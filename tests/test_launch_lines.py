@@ -113,3 +113,13 @@ def test_the_quickstart_and_getting_started_say_how_to_use_the_venv():
     check = "source .venv/bin/activate && collafuse-hpc --version && python tools/report.py --help"
     done = subprocess.run(["bash", "-c", check], cwd=ROOT, env=bare, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "collafuse-hpc" in done.stdout, done.stderr
+
+
+def test_local_sh_without_the_rank_count_says_so():
+    """``jobs/local.sh train CONFIG`` (NP forgotten) answered 'invalid choice: CONFIG'
+    from every rank mpirun started with -np train."""
+    for args in (["train", "configs/quickstart.yaml"], ["0", "train", "configs/quickstart.yaml"], []):
+        done = _run(["jobs/local.sh", *args])
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and "NP, the number of ranks," in last and "usage: jobs/local.sh NP" in last, last
+        assert "invalid choice" not in done.stderr
