@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 
 log = logging.getLogger("collafuse_hpc")
@@ -60,3 +61,42 @@ class Progress:
             "done" if self.done >= self.total else f"{left:.0f} s left",
             f", {note}" if note else "",
         )
+
+
+class Heartbeat:
+    """Within ``with Heartbeat(what) as beat:``, logs ``<what>: still <stage> (<s> s)``
+    whenever the package has logged nothing for ``every_s`` seconds. Some steps report
+    no progress of their own for minutes (a whole sampling chain in one batch, an attack,
+    a timing measurement); ``beat.at("...")`` names the one under way.
+    """
+
+    def __init__(self, what: str, every_s: float = 10.0):
+        self.what, self.every_s, self.stage = what, every_s, "starting"
+        self._since = self._last = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def at(self, stage: str) -> None:
+        """``stage`` is under way from now on."""
+        self.stage, self._since = stage, time.perf_counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """A logging filter on the package's logger: every line it passes resets the wait."""
+        self._last = time.perf_counter()
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.every_s / 4)):
+            now = time.perf_counter()
+            if now - self._last >= self.every_s:
+                log.info("%s: still %s (%.0f s)", self.what, self.stage, now - self._since)
+
+    def __enter__(self) -> Heartbeat:
+        log.addFilter(self)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        log.removeFilter(self)

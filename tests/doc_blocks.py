@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +30,9 @@ def shell_lines(path: Path) -> list[str]:
         lines.append(text)
         pending = ""
     return lines
+
+
+def code_spans(path: Path) -> list[str]:
+    """The `code` spans of ``path``'s text (not its code blocks), each on one line as a log prints it."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return re.findall(r"`([^`]+)`", " ".join(text.split()))

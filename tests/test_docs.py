@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from doc_blocks import ROOT, doc_files, shell_lines
+from doc_blocks import ROOT, code_spans, doc_files, shell_lines
 
 from collafuse_hpc.cli import _parser
 from collafuse_hpc.config import load
@@ -131,3 +131,17 @@ def test_results_format_names_the_attributes_of_the_samples_group_where_they_are
     run_in_process(from_dict(tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=1)), resume=False)
     with h5py.File(tmp_path / "out/parts/client_c0.h5") as f:
         assert set(re.findall(r"`(\w+)`", named.group(1))) == set(f["records/0/samples"].attrs)
+
+
+def test_the_evaluation_page_quotes_the_plan_the_quickstart_logs(caplog):
+    """docs/evaluation.md quoted a plan of 255 model evaluations per image; the quickstart
+    logs 880. The page quotes the line planned_images logs for configs/quickstart.yaml."""
+    from collafuse_hpc.diffusion.split import Cut
+    from collafuse_hpc.evaluation.sets import planned_images
+
+    caplog.set_level("INFO", logger="collafuse_hpc")
+    cfg = load(str(ROOT / "configs/quickstart.yaml"), check_files=False)
+    planned_images(cfg, [Cut.for_client(cfg, i) for i in range(len(cfg.clients))])
+    plan = caplog.records[0].getMessage()
+    quoted = [q for q in code_spans(ROOT / "docs/evaluation.md") if "model evaluations per image" in q]
+    assert quoted == [plan], (quoted, plan)

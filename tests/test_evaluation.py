@@ -2,6 +2,7 @@
 the evaluate command on real short runs, inspection tools and the sweep report."""
 
 import csv
+import functools
 import importlib.util
 import json
 import math
@@ -21,15 +22,18 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import file_tree, run_mpi, tiny_config, write_config
+from doc_blocks import code_spans
 
 from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
 from collafuse_hpc.data import ShardReader
 from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
 from collafuse_hpc.evaluation import attacks, metrics
+from collafuse_hpc.evaluation import evaluate as evaluate_module
 from collafuse_hpc.evaluation.evaluate import evaluate
 from collafuse_hpc.evaluation.features import features, load_extractor
 from collafuse_hpc.evaluation.inception import FIDInceptionV3, fid_input, resize_tf1
+from collafuse_hpc.logs import Heartbeat
 from collafuse_hpc.results.schema import SETS
 from collafuse_hpc.runtime.run import run_in_process
 
@@ -707,13 +711,21 @@ def test_reconstruction_with_the_true_noise_is_exact_and_linkage_ranks_by_likeli
     assert attacks.top_k_rates(torch.zeros(4, 4), torch.arange(4), (1, 3, 4)) == {1: 0.0, 3: 0.0, 4: 1.0}
 
 
-def test_evaluate_fits_its_budget_and_says_its_plan(tmp_path, shards, caplog):
+def test_evaluate_fits_its_budget_and_says_its_plan(tmp_path, shards, caplog, monkeypatch):
+    """It logs its plan, and a line whenever it has been silent (here 0.05 s, in a run 10 s):
+    the step under way, as docs/evaluation.md quotes it (an attack or a timing measurement
+    went silent for a minute)."""
     caplog.set_level("INFO", logger="collafuse_hpc")
     raw = tiny_config(shards, tmp_path / "out", [0.25, 1.0], rounds=2)
     raw["eval"].update(images=16, max_image_steps=600)
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
+    monkeypatch.setattr(evaluate_module, "Heartbeat", functools.partial(Heartbeat, every_s=0.05))
     report = evaluate(cfg)
+    still = {re.sub(r"\(\d+ s\)", "(N s)", line) for line in caplog.messages if line.startswith("evaluate: still")}
+    docs = code_spans(Path(__file__).parents[1] / "docs/evaluation.md")
+    quoted = {re.sub(r"\(\d+ s\)", "(N s)", q) for q in docs if q.startswith("evaluate: still")}
+    assert quoted and quoted <= still, (quoted, still)
     # c0: server 15 + client 5 + server alone 5 + client alone 20; c1: client 20 + alone 20 = 85 per image
     assert "2 clients x 16 images, 85 model evaluations per image over all clients = 1360 image-steps" in caplog.text
     assert "within eval.max_image_steps = 600: 7 images per set and client" in caplog.text

@@ -51,6 +51,7 @@ from collafuse_hpc.evaluation.features import (
 )
 from collafuse_hpc.evaluation.quality import fidelity, label_counts, quality
 from collafuse_hpc.evaluation.sets import image_sets, load_roles, planned_images, sampling_batches
+from collafuse_hpc.logs import Heartbeat
 from collafuse_hpc.results.schema import (
     METRIC_UNITS,
     METRICS,
@@ -96,12 +97,13 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None, threads: int
 
     ``check`` runs before every batch of generated images: it raises to stop (a
     preemption signal); then nothing is written. Runs with ``threads`` torch threads
-    (default ``run.threads``; 0: the caller's), and gives the caller its own back."""
-    with torch_threads(cfg.run.threads if threads is None else threads):
-        return _evaluate(cfg, check)
+    (default ``run.threads``; 0: the caller's), and gives the caller its own back.
+    Logs a line at least every 10 s: progress while sampling, else the step under way."""
+    with torch_threads(cfg.run.threads if threads is None else threads), Heartbeat("evaluate") as beat:
+        return _evaluate(cfg, check, beat)
 
 
-def _evaluate(cfg: Config, check: Callable[[], None]) -> dict:
+def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
     check_config(cfg)
     device = _device(cfg.eval.device)
     scorer = Classifier(cfg.eval.classifier_path, device) if cfg.eval.extractor == "classifier" else None
@@ -135,9 +137,11 @@ def _evaluate(cfg: Config, check: Callable[[], None]) -> dict:
             real_u8[client.index], labels[client.index] = reader.read(np.arange(min(n, len(reader))))
             x0[client.index] = to_model_range(real_u8[client.index], device)
             x_c[client.index] = client.noised_to_cut(x0[client.index]).float()
+        beat.at(f"sampling the image sets of client(s) {', '.join(c.id for c in group)}")
         generated = image_sets(cfg, servers_of, group, x_c, n, check)
         for client in group:
             k = client.index
+            beat.at(f"scoring the image sets of client {client.id}")
 
             def cached(split: str, images: np.ndarray, shard: str = cfg.clients[k].shard) -> np.ndarray:
                 """Features of the first len(images) real images of ``split``, from the cache."""
@@ -160,6 +164,7 @@ def _evaluate(cfg: Config, check: Callable[[], None]) -> dict:
                 if scorer is not None:
                     entry[name].update(fidelity(scorer, scored, own, cfg))
                 grids[(client.id, name)] = scored[:GRID_IMAGES]
+            beat.at(f"attacking client {client.id}'s x_c")
             entry["disclosure"] = disclosure(client, x0[k], x_c[k])
             y = torch.from_numpy(labels[k]).to(device) if client.condition else None
             entry["attack"] = attack(client, clients, x0[k], x_c[k], y, real, feats, cached, n)
@@ -172,10 +177,12 @@ def _evaluate(cfg: Config, check: Callable[[], None]) -> dict:
                 client.cut.t_c,
             )
             if key not in compute_of:
+                beat.at(f"measuring client {client.id}'s compute")
                 compute_of[key] = client_compute(client, min(n, 16))
             entry["compute"] = dict(compute_of[key])
             report[client.id] = entry
             log.info("evaluated client %s: %s", client.id, _line(entry))
+    beat.at("scoring the pooled sets")
     report["pooled"] = {}
     for name, (reals, fakes) in pooled.items():
         if fakes:
