@@ -30,7 +30,7 @@ from collafuse_hpc.data import ShardReader
 from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
 from collafuse_hpc.evaluation import attacks, metrics
 from collafuse_hpc.evaluation import evaluate as evaluate_module
-from collafuse_hpc.evaluation.evaluate import evaluate
+from collafuse_hpc.evaluation.evaluate import evaluate, print_report
 from collafuse_hpc.evaluation.features import features, load_extractor
 from collafuse_hpc.evaluation.inception import FIDInceptionV3, fid_input, resize_tf1
 from collafuse_hpc.logs import Heartbeat
@@ -811,3 +811,37 @@ def test_the_commands_a_run_prints_work_as_printed(tmp_path, shards):
     shell(evaluate_line)
     shell(report_line)
     assert (tmp_path / "my run/report/report.html").exists()
+
+
+def _table(md: str, title: str) -> list[dict[str, str]]:
+    """The rows of table.md's section ``title``, as {header: cell}."""
+    lines = md.split(f"### {title}\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
+    return [dict(zip(header, (c.strip() for c in row.strip("|").split(" | ")))) for row in lines[2:]]
+
+
+def test_nothing_sent_and_no_public_model_are_said_not_printed_as_numbers(tmp_path, shards, capsys):
+    """At c = 1 evaluate printed 'PSNR 3.7 dB, SSIM 0.007' of an x_c never sent, and with no
+    public model 'reconstruction PSNR nan dB ... (none)'. evaluate, inspect and the report
+    say 'nothing sent' (c1 at c = 1) and 'no public model' (c0 at 0.5: no other client covers
+    its t_c)."""
+    said, rows = {}, {}
+    for name, cuts in (("alone", [0.25, 1.0]), ("unmatched", [0.5, 0.25])):
+        raw = tiny_config(shards, tmp_path / name, cuts, rounds=2)
+        raw["eval"]["sets"] = ["cut"]
+        cfg = from_dict(raw)
+        run_in_process(cfg, resume=False)
+        capsys.readouterr()
+        print_report(evaluate(cfg))
+        assert main(["inspect", str(tmp_path / name)]) == 0
+        assert main(["report", str(tmp_path / name / "results.h5"), "--out", str(tmp_path / name / "report")]) == 0
+        said[name] = capsys.readouterr().out
+        md = (tmp_path / name / "report/table.md").read_text()
+        rows[name] = {r["client"]: r for r in _table(md, "Disclosure of x_c and by attack")}
+        assert not re.search(r"\bnan\b", said[name] + md, re.I), name
+    alone = [line for line in said["alone"].splitlines() if re.match(r"\s*c1\b.*(t_c=|attack)", line)]
+    assert len(alone) == 4 and all(re.search(r"(t_c=20|attack): nothing sent(;|$)", line) for line in alone), alone
+    assert rows["alone"]["c1"]["PSNR x_c vs x_0 (dB)"] == rows["alone"]["c1"]["linkage top-1, pixels"] == "nothing sent"
+    attacked = [line for line in said["unmatched"].splitlines() if re.match(r"\s*c0\b.*attack:", line)]
+    assert len(attacked) == 2 and all("PSNR / SSIM no public model, " in line for line in attacked), attacked
+    assert rows["unmatched"]["c0"]["reconstruction PSNR, public model (dB)"] == "no public model"

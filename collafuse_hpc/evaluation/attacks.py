@@ -55,12 +55,17 @@ def top_k_rates(distances: torch.Tensor, sources: torch.Tensor, ks: tuple[int, .
 
 
 def describe(a: dict) -> str:
-    """The attack figures of one client in one line."""
+    """The attack figures of one client in one line; where nothing was sent, or no other
+    client's model could serve as the public one, it says so instead of NaNs."""
     if "link_pixel_top1" not in a:
         return a.get("reading", "-")
+    public = "no public model"
+    if a["public_model"] != "none":
+        public = f"{a['recon_public_psnr_db']:.2f} dB / {a['recon_public_ssim']:.3f} with a public model "
+        public += f"({a['public_model']})"
     return (
-        f"reconstruction PSNR {a['recon_public_psnr_db']:.2f} dB / SSIM {a['recon_public_ssim']:.3f} with a public "
-        f"model ({a['public_model']}), {a['recon_own_psnr_db']:.2f} dB / {a['recon_own_ssim']:.3f} with its own; "
+        f"reconstruction PSNR / SSIM {public}, {a['recon_own_psnr_db']:.2f} dB / {a['recon_own_ssim']:.3f} with "
+        "its own; "
         f"linkage top-1 {a['link_pixel_top1']:.3f} (pixels), {a['link_feature_top1']:.3f} (features) of "
         f"{a['link_candidates']} candidates, chance {a['chance_top1']:.3f}"
     )

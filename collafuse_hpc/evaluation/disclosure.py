@@ -14,12 +14,15 @@ from collafuse_hpc.data import to_model_range, to_uint8
 from collafuse_hpc.evaluation import attacks, metrics
 from collafuse_hpc.roles.client import Client
 
+NOTHING_SENT = "nothing sent"  # the reading of a client at c = 1, whose x_c never leaves it
+
 
 def disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor) -> dict:
     """Disclosure of x_c (as sent) about the real test images x0. The client sent
     ``released["images_sent"]`` training images, so each was released
-    ceil(sent / train size) times."""
-    t_c, released = client.cut.t_c, client.released["images_sent"]
+    ceil(sent / train size) times. A client that sends nothing (c = 1) has no x_c: its
+    MSE, PSNR and SSIM are NaN, and its reading says so."""
+    t_c, released, sent = client.cut.t_c, client.released["images_sent"], client.cut.uses_server
     abar = float(client.diffusion.alphas_cumprod[t_c])
     dims = int(np.prod(x0.shape[1:]))
     releases = math.ceil(released / len(client.reader)) if released else 0
@@ -28,14 +31,14 @@ def disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor) -> dict:
     return {
         "t_c": t_c,
         "snr": metrics.snr(abar),
-        "mse": metrics.mse(x_c, x0),
-        "psnr_db": metrics.psnr(x_c, x0),
-        "ssim": metrics.ssim(x_c, x0),
+        "mse": metrics.mse(x_c, x0) if sent else math.nan,
+        "psnr_db": metrics.psnr(x_c, x0) if sent else math.nan,
+        "ssim": metrics.ssim(x_c, x0) if sent else math.nan,
         "dims": dims,
         "mu_per_release": mu,
         "releases": releases,
         "mu_composed": composed,
-        "reading": metrics.gdp_reading(composed if releases else mu) if client.cut.uses_server else "nothing sent",
+        "reading": metrics.gdp_reading(composed if releases else mu) if sent else NOTHING_SENT,
         "images": len(x0),
     }
 
@@ -59,7 +62,7 @@ def attack(
     cut, nan = client.cut, math.nan
     out: dict = {"t_c": cut.t_c, "public_model": "none"}
     if not cut.uses_server:
-        return {**out, "reading": "nothing sent"}
+        return {**out, "reading": NOTHING_SENT}
     # the adversary's public denoiser: another client's model trained at t_c (and without labels)
     public = next((o for o in clients if o is not client and o.cut.t_c >= cut.t_c and not o.condition), None)
     models = {"own": client.eps_model(True, y)}
@@ -102,3 +105,13 @@ def attack(
         chance_top5=min(1.0, 5 / m),
     )
     return out
+
+
+def describe(d: dict) -> str:
+    """The disclosure figures of one client in one line; only the cut where nothing was sent."""
+    if d["reading"] == NOTHING_SENT:
+        return f"t_c={d['t_c']}: {NOTHING_SENT}"
+    return (
+        f"t_c={d['t_c']} SNR {d['snr']:.3g}, PSNR {d['psnr_db']:.2f} dB, SSIM {d['ssim']:.3f}, "
+        f"mu {d['mu_per_release']:.3g} per release x {d['releases']} releases = {d['mu_composed']:.3g} ({d['reading']})"
+    )

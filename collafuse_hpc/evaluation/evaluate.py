@@ -42,6 +42,7 @@ from collafuse_hpc.evaluation import attacks, metrics
 from collafuse_hpc.evaluation.classifier import Classifier
 from collafuse_hpc.evaluation.compute import client_compute
 from collafuse_hpc.evaluation.disclosure import attack, disclosure
+from collafuse_hpc.evaluation.disclosure import describe as describe_disclosure
 from collafuse_hpc.evaluation.features import (
     FEATURES_VERSION,
     cached_real_features,
@@ -202,12 +203,10 @@ def print_report(report: dict) -> None:
     print(f"\n{format_table(['FID / KID mean', *SETS], rows)}")
     for who, entry in report.items():
         if "disclosure" in entry:
-            d, c = entry["disclosure"], entry["compute"]
+            c = entry["compute"]
             print(
-                f"{who}: t_c={d['t_c']} SNR {d['snr']:.3g}, PSNR {d['psnr_db']:.2f} dB, SSIM {d['ssim']:.3f}, "
-                f"mu {d['mu_per_release']:.3g} per release x {d['releases']} releases = {d['mu_composed']:.3g} "
-                f"({d['reading']}); client sampling time {c['sampling_time_ratio']:.3f} of local-only "
-                f"(ideal {c['sampling_ideal_ratio']:.3f})"
+                f"{who}: {describe_disclosure(entry['disclosure'])}; client sampling time "
+                f"{c['sampling_time_ratio']:.3f} of local-only (ideal {c['sampling_ideal_ratio']:.3f})"
             )
             print(f"{who}: attack: {attacks.describe(entry['attack'])}")
 

@@ -16,6 +16,7 @@ import html
 import math
 import os
 
+from collafuse_hpc.evaluation.disclosure import NOTHING_SENT
 from collafuse_hpc.report import stats
 from collafuse_hpc.results.schema import SETS, SUMMARY, role_key
 
@@ -226,7 +227,17 @@ def aggregate(table: list[dict]) -> list[dict]:
     return out
 
 
+def _absent(row: dict, key: str) -> str | None:
+    """Why a disclosure or attack column of ``row`` holds no number: the clients sent
+    nothing (no release: c = 1), or no other client's model could serve as the public one."""
+    if key in DISCLOSURE[len(KEYS) :] and row.get("mu_gdp_composed") == 0:
+        return NOTHING_SENT
+    return "no public model" if key.startswith("recon_public_") else None
+
+
 def _cell(row: dict, key: str) -> str:
+    if isinstance(row[key], float) and math.isnan(row[key]) and _absent(row, key):
+        return _absent(row, key)
     spread = row.get(f"{key}_seed_std", NAN)
     if row["seeds"] > 1 and not math.isnan(spread):
         return f"{_num(row[key])} ± {_num(spread)}"

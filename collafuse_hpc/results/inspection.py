@@ -17,6 +17,7 @@ import yaml
 
 from collafuse_hpc.atomic import refuse_existing
 from collafuse_hpc.evaluation.attacks import describe as describe_attack
+from collafuse_hpc.evaluation.disclosure import describe as describe_disclosure
 from collafuse_hpc.results.schema import (
     AUDIT,
     CLIENTS,
@@ -249,12 +250,7 @@ def format_summary(s: dict) -> str:
                         f"+- {cell(v['kid_std'])}  ({v['images']} vs {v['real_images']} real)"
                     )
             if "disclosure" in sets:
-                d = sets["disclosure"]
-                lines.append(
-                    f"    {who:<10} disclosure: SNR {cell(d['snr'])}, PSNR {cell(d['psnr_db'])} dB, SSIM "
-                    f"{cell(d['ssim'])}, mu {cell(d['mu_per_release'])} x sqrt({d['releases']}) = "
-                    f"{cell(d['mu_composed'])}: {d['reading']}"
-                )
+                lines.append(f"    {who:<10} disclosure: {describe_disclosure(sets['disclosure'])}")
             if "attack" in sets:
                 lines.append(f"    {who:<10} attack: {describe_attack(sets['attack'])}")
             if "compute" in sets:
