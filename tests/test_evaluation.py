@@ -353,7 +353,7 @@ def test_inspect_export_and_compare_on_real_runs_and_a_crashed_one(tmp_path, sha
     assert main(["inspect", paths[0]]) == 0
     text = capsys.readouterr().out
     assert "clients/c0 t_c=5 (c=0.25)" in text and "audit: 12 images in 2 training messages" in text
-    assert "pooled     collaborative  FID" in text and "disclosure: SNR" in text
+    assert "pooled     collaborative  FID" in text and "disclosure: t_c=5 SNR" in text
     assert "c0         cut            FID" in text and "+- n/a" in text  # KID of 8 of 8 images: one subset
     assert main(["inspect", paths[1], "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
