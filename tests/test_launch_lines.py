@@ -59,7 +59,8 @@ def _as_run(line: str, out: Path, shards: Path, rounds: int) -> list[str]:
     if str(out) in words:
         return [*words, "--set", "run.samples_per_client=4"]
     assert "configs/quickstart.yaml" in words, f"a launch line of another config: add it to this test: {line}"
-    if "run.output_dir" not in line:
+    words = [f"run.output_dir={out}" if w.startswith("run.output_dir=") else w for w in words]
+    if f"run.output_dir={out}" not in words:
         words += ["--set", f"run.output_dir={out}"]
     words += ["--set", f"run.rounds={rounds}", "--set", "run.samples_per_client=4"]
     words += ["--set", f"clients.0.shard={shards}/client_0.h5", "--set", f"clients.1.shard={shards}/client_1.h5"]
@@ -123,3 +124,34 @@ def test_local_sh_without_the_rank_count_says_so():
         last = done.stderr.strip().splitlines()[-1]
         assert done.returncode == 2 and "NP, the number of ranks," in last and "usage: jobs/local.sh NP" in last, last
         assert "invalid choice" not in done.stderr
+
+
+def test_the_readmes_commands_run_in_order_in_a_fresh_clone(tmp_path):
+    """The README's lines, in order, in a fresh clone after the quickstart, each write where
+    they say: the local.sh and torchrun lines both wrote runs/quickstart, and the second
+    failed. Only counts change (rounds, samples, evaluated images); the quickstart's run
+    (jobs/quickstart.sh, which also sets up .venv) is trained as it trains it, for 2 rounds."""
+    clone = tmp_path / "clone"  # the tracked files as this working tree has them
+    clone.mkdir()
+    subprocess.run(f"git ls-files -z | tar --null -T - -cf - | tar -xf - -C {clone}", shell=True, cwd=ROOT, check=True)
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    env = {**_env(), "PATH": f"{ROOT / '.venv/bin'}:{os.environ['PATH']}"}  # activated
+    quickstart = "runs/quickstart-20250101-000000"
+    counts = "--set run.samples_per_client=4 --set run.rounds="
+    lines = [
+        "collafuse-hpc prepare digits --out data/quickstart --clients 2 --partition class --size 16",
+        f"jobs/local.sh 3 train configs/quickstart.yaml --set run.output_dir={quickstart} {counts}2",
+    ]
+    for line in shell_lines(ROOT / "README.md"):
+        if line.split()[0] in ("bash", "cmake", "sbatch"):  # the quickstart and the suites; SLURM: test_slurm.py
+            continue
+        line = line.replace(PLACEHOLDER, quickstart)
+        if " train " in line:
+            line += f" {counts}{3 if '--resume' in line else 2}"
+        if line.startswith("collafuse-hpc evaluate"):
+            line += " --set eval.images=8 --set eval.bootstrap=0"
+        lines.append(line)
+    for line in lines:
+        done = subprocess.run(line, shell=True, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert (clone / "report/report.html").exists()

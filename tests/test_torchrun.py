@@ -18,6 +18,7 @@ from collafuse_hpc.runtime import checkpoint
 
 pytestmark = pytest.mark.mpi
 
+ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
@@ -157,3 +158,27 @@ def test_a_worker_that_dies_ends_the_job_within_15_s(tmp_path, shards):
         _kill(proc)
     assert proc.returncode != 0
     assert "forcefully exiting via 9" not in err, err[-3000:]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "jobs/local.sh"])
+def test_a_refused_start_names_its_cause_last_on_every_rank(tmp_path, shards, launcher):
+    """Every rank refuses a start alike, but the launcher stops the slower ranks with SIGTERM
+    when the first exits, and they said 'stopped by SIGTERM before training started ... run
+    again with --resume=auto', the wrong fix, after the real cause (a folder that holds a
+    run; a --resume of another config). A rank that is still checking finishes its checks."""
+    config = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2))
+    done = subprocess.run(
+        [sys.executable, "-m", "collafuse_hpc", "train", config, "--in-process"], capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    launch = [TORCHRUN, "--nproc-per-node=3", "-m", "collafuse_hpc"] if launcher == "torchrun" else [launcher, "3"]
+    for args, cause in (
+        ([], "holds results of an earlier run; pass --resume to continue it"),
+        (["--resume", "--set", "clients.0.cut_ratio=0.4"], "this config differs from the run in"),
+    ):
+        done = subprocess.run(
+            [*launch, "train", config, *args], cwd=ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=120
+        )
+        ours = [line for line in done.stderr.splitlines() if line.startswith("collafuse-hpc: ")]
+        assert done.returncode != 0 and ours, done.stderr
+        assert all(cause in line for line in ours), ours

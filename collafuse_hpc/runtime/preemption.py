@@ -12,8 +12,11 @@ That agreement needs every rank. A rank that has not joined the job yet (importi
 waiting for the rendezvous) or that waits on a peer which has failed never reaches it,
 and a launcher's SIGTERM (torchrun's agent after a worker failed, ``scancel``) would
 find it blocked until the launcher kills it. So a watcher thread, woken through
-:func:`signal.set_wakeup_fd` even while the main thread waits inside torch, ends the
-process with :data:`EXIT_REQUEUE` at once before it has joined, and after that,
+:func:`signal.set_wakeup_fd` even while the main thread waits inside torch, lets a rank
+that is still checking its config finish the checks (for ``grace_s`` at most: when
+every rank refuses a start, the launcher stops the slower ones as the first exits, and
+each must report the refusal, not the signal), ends the process with
+:data:`EXIT_REQUEUE` at once when it has not joined yet, and after that,
 until the rounds end, when no progress (:meth:`StopRequest.progress`) came for ``grace_s`` after the
 signal. It never ends the process inside :meth:`StopRequest.writing`, so no results
 file is cut mid-write; the newest complete checkpoint set is always kept. Once the
@@ -52,7 +55,9 @@ class StopRequest:
     """A flag set by SIGUSR1/SIGTERM/SIGINT while used as a context manager (main
     thread only); the previous handlers come back on exit.
 
-    Phases, set by the runner: ``starting``, until every rank has joined the job (a
+    Phases, set by the runner: ``checking``, while the command reads its config and makes
+    the checks before the start (a signal waits up to ``grace_s`` for them, so that a
+    refused start reports its cause); ``starting``, until every rank has joined the job (a
     signal ends the process at once); ``rounds``, until the ranks agree on a stop or
     end the last round (the process ends after ``grace_s`` seconds without progress);
     and ``finishing``, the checkpoint set every rank then writes, the final sampling and
@@ -61,13 +66,13 @@ class StopRequest:
 
     Args:
         grace_s: seconds without progress after a signal, during the rounds, before the
-            watcher gives up on the agreed stop.
+            watcher gives up on the agreed stop; while checking, the longest wait for the checks.
     """
 
     def __init__(self, grace_s: float = 5.0) -> None:
         self.signal_name: str | None = None
         self.grace_s = grace_s
-        self.phase = "starting"
+        self.phase = "checking"
         self._previous: dict[int, object] = {}
         self._previous_fd = -1
         self._pipe: tuple[int, int] | None = None
@@ -120,23 +125,39 @@ class StopRequest:
                 if not got:
                     return
                 name = signal.Signals(got[-1]).name
-                if self.phase == "starting":
-                    self._exit(f"stopped by {name} before training started; nothing of this run was lost")
                 signalled = time.monotonic()
+                while self.phase == "checking" and time.monotonic() - signalled < self.grace_s:
+                    time.sleep(0.1)  # a refused start ends the process with its cause meanwhile, else checked()
+                if self.phase in ("checking", "starting"):
+                    self._exit_before_start(name)
                 while self.phase == "rounds":
                     time.sleep(0.2)
                     if time.monotonic() - max(signalled, self._last_progress) > self.grace_s:
                         self._exit(
                             f"stopped by {name}: no progress for {self.grace_s:.0f} s after the signal (a peer "
-                            "failed or stopped); the newest complete checkpoint set is kept"
+                            "failed or stopped); the newest complete checkpoint set is kept: run again with "
+                            "--resume=auto to continue"
                         )
         finally:
             os.close(read)
 
+    def checked(self) -> None:
+        """The checks before the start passed (the runner calls it): a signal that came
+        during them, and any until the ranks have joined, ends the process now."""
+        self.phase = "starting"
+        if self.requested:
+            self._exit_before_start(self.signal_name)
+
+    def _exit_before_start(self, name: str) -> None:
+        self._exit(
+            f"stopped by {name} before training started; nothing of this run was written. A launcher stops every "
+            "rank when one exits: if a rank reported an error, that is the cause; otherwise run the same command again"
+        )
+
     def _exit(self, text: str) -> None:
         with self._writing:
             print(
-                f"collafuse-hpc: stopped: {text}; exit {EXIT_REQUEUE}: run again with --resume=auto to continue",
+                f"collafuse-hpc: stopped: {text} (exit {EXIT_REQUEUE})",
                 file=sys.stderr,
                 flush=True,
             )

@@ -185,6 +185,7 @@ def run_distributed(cfg: Config, resume: bool | str, stop: StopRequest | None = 
     topo = Topology.from_config(cfg, launch.world_size)
     start_round = preflight(cfg, resume, sample)
     check_lock(cfg.run.output_dir, _job_key(launch))
+    stop.checked()
     rank = launch.rank
     torch.set_num_threads(threads_per_rank(launch, cfg.run.threads))
     device = _device(cfg, topo, rank, launch)
@@ -236,6 +237,7 @@ def run_in_process(
     start_round = preflight(cfg, resume, sample)
     stop = stop or StopRequest()
     stop.grace_s = cfg.run.stop_grace_s
+    stop.checked()
     lock = RunLock(cfg.run.output_dir, f"in-process:{socket.gethostname()}:{os.getpid()}")
     try:
         with torch_threads(cfg.run.threads):
