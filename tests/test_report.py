@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,3 +153,30 @@ def test_the_report_runs_from_an_installed_wheel_outside_the_repository(evaluate
     )  # fmt: skip
     assert done.returncode == 0 and "pip install 'collafuse-hpc[report]'" in done.stdout, done.stdout + done.stderr
     assert not list((tmp_path / "plain").glob("*.png")) and (tmp_path / "plain/report.html").exists()
+
+
+def test_the_report_of_one_run_says_and_shows_only_what_it_holds(evaluated, tmp_path, monkeypatch):
+    """One run's report promised '[a, b] is the 95% interval' where none appeared, showed 27
+    quality columns mostly n/a, drew the trade-off figure's x labels over each other (ticks
+    around one c) and left versus_c1.csv a bare header without a word on why."""
+    import matplotlib.pyplot as plt
+
+    from collafuse_hpc.report.make import make_report
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figures to measure their labels
+    assert make_report([str(evaluated / "results.h5")], str(tmp_path / "report")) == 0
+    legend, tables = (tmp_path / "report/table.md").read_text().split("\n\n", 1)
+    assert ("[a, b]" in legend) == bool(re.search(r"\[[^]]+, [^]]+\]", tables)), legend
+    assert "versus_c1.csv has no rows: no run at c = 1" in legend and _rows(tmp_path / "report", "versus_c1.csv") == []
+    for table in tables.split("### ")[1:]:
+        rows = [line.strip("|").split(" | ") for line in table.splitlines() if line.startswith("|")][2:]
+        for column in list(zip(*rows))[6:]:  # after split, partition, labels shared, c, client, seeds
+            assert any(cell.strip() not in ("n/a", "-") for cell in column), table.splitlines()[0]
+    assert len(figures) == 2  # the trade-off and the loss
+    for fig in figures:
+        renderer = fig.canvas.get_renderer()
+        for axis in fig.axes:
+            labels = [label for label in axis.get_xticklabels() if label.get_text()]
+            boxes = [label.get_window_extent(renderer) for label in labels]
+            assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]

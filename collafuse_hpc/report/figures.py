@@ -20,6 +20,19 @@ def _errorbar(axis, runs: list[dict], key: str, label: str, **style) -> None:
     axis.errorbar([r["c"] for r in runs], [r[key] for r in runs], yerr=spread, capsize=3, label=label, **style)
 
 
+def _save(plt, fig, path: str, dpi: int) -> None:
+    """Write ``fig`` to ``path``. An axis whose points sit at one or two x values (one run,
+    one c) gets its ticks there: around a single value matplotlib fills the axis with
+    long tick labels that overlap."""
+    for axis in fig.axes:
+        xs = {float(x) for line in axis.get_lines() for x in np.ravel(line.get_xdata()) if np.isfinite(x)}
+        if 0 < len(xs) < 3:
+            axis.set_xticks(sorted(xs))
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def tradeoff_figure(pooled: list[dict], path: str) -> bool:
     """Three panels over c, one line per split mode with error bars over seeds: quality
     (collaborative against client-alone FID), disclosure (x_c and reconstructions, linkage),
@@ -74,9 +87,7 @@ def tradeoff_figure(pooled: list[dict], path: str) -> bool:
     ax[2].set(xlabel="cut ratio c", ylabel="client / local-only")
     ax[2].set_title("client compute, mean over clients")
     ax[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, 120)
     return True
 
 
@@ -111,9 +122,7 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
     )
     ax[1].set(xlabel="round", ylabel="loss (MSE), EMA 0.98", title="server loss", yscale="log")
     ax[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, 110)
     return True
 
 
@@ -158,9 +167,7 @@ def conditions_figure(table: list[dict], path: str) -> bool:
     ax[2].set(xlabel="linkage top-1 rate (disclosure)", ylabel=name, title="quality against disclosure")
     ax[3].set(xlabel="client sampling FLOPs / local-only", ylabel=name, title="quality against client compute")
     ax[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, 110)
     return True
 
 

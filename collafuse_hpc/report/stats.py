@@ -77,6 +77,15 @@ def unpaired_seeds(table: list[dict]) -> list[str]:
     ]
 
 
+def no_comparison(table: list[dict]) -> str:
+    """Why :func:`versus_baseline` has no row for ``table``."""
+    if not any(r["c"] == 1 for r in table):
+        return "no run at c = 1 (each client training alone) to compare with"
+    if not _pairs(table)[0]:
+        return "no run with one cut ratio c < 1 for every client has a c = 1 run of its partition and seed"
+    return f"no compared metric ({', '.join(COMPARED)}) has a value in both runs of a pair"
+
+
 def versus_baseline(table: list[dict]) -> list[dict]:
     """One row per (split, partition, share, c, who, metric) of every c < 1 with a c = 1 run
     of the same partition and seed: the difference to c = 1, its 95% interval, what the

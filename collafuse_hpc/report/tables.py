@@ -15,6 +15,7 @@ import csv
 import html
 import math
 import os
+import re
 
 from collafuse_hpc.evaluation.disclosure import NOTHING_SENT
 from collafuse_hpc.report import stats
@@ -261,19 +262,36 @@ VERSUS = ("split", "partition", "share", "c", "who", "metric", "seeds", "delta",
 VERSUS += ("unpaired",)  # the point's seeds without a c = 1 run of their partition and seed: not in the difference
 
 
-def _features_note(table: list[dict]) -> str:
-    return (
-        f"Features for FID/KID: {', '.join(sorted({r['features'] for r in table}))}. With several seeds: mean ± std "
-        "over seeds; with one seed, [a, b] is the 95% bootstrap interval over images and KID shows mean ± std over "
-        "subsets (n/a: one subset)."
-    )
+def _note(table: list[dict], versus: list[dict], sections: list[tuple[str, list[str], list[list[str]]]]) -> str:
+    """What the tables' cells hold, said only of what they show (the legend of report.html and
+    table.md), and why versus_c1.csv is empty when it is."""
+    one_seed = any(r["seeds"] == 1 for r in table)
+    cells = " ".join(c for _, _, rows in sections for row in rows for c in row)
+    out = [f"Features for FID/KID: {', '.join(sorted({r['features'] for r in table}))}."]
+    if any(r["seeds"] > 1 for r in table):
+        out.append("With several seeds: mean ± std over seeds.")
+    if one_seed and re.search(r"\[[^]]+, [^]]+\]", cells):
+        out.append("With one seed, [a, b] is the 95% bootstrap interval over images.")
+    elif one_seed:
+        out.append("No intervals over images: they come with eval.extractor: classifier and eval.bootstrap.")
+    if one_seed and any(h.startswith("KID ") for _, header, _ in sections for h in header):
+        out.append("KID of one seed: mean ± std over subsets (n/a: one subset).")
+    if not versus:
+        out.append(f"versus_c1.csv has no rows: {stats.no_comparison(table)}.")
+    return " ".join(out)
+
+
+EMPTY = ("n/a", "-")  # cells that hold no number
 
 
 def _sections(table: list[dict], versus: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows of cells) of every table of the report."""
-    out = [
-        (title, [COLUMNS[k] for k in keys], [[_cell(r, k) for k in keys] for r in table]) for title, keys in SECTIONS
-    ]
+    """(title, header, rows of cells) of every table of the report. A column no row holds a
+    number for is left out (the classifier's with other features): table.csv has them all."""
+    out = []
+    for title, keys in SECTIONS:
+        cells = [[_cell(r, k) for k in keys] for r in table]
+        shown = [i for i, k in enumerate(keys) if k in KEYS or any(row[i] not in EMPTY for row in cells)]
+        out.append((title, [COLUMNS[keys[i]] for i in shown], [[row[i] for i in shown] for row in cells]))
     if versus:
         title = (
             "Against each client training alone (c = 1): difference and its 95% interval (over paired seeds, "
@@ -294,8 +312,9 @@ def write_tables(table: list[dict], versus: list[dict], out: str, notes: list[st
         w = csv.DictWriter(f, VERSUS)
         w.writeheader()
         w.writerows(versus)
-    lines = [_features_note(table), ""]
-    for title, header, cells in _sections(table, versus):
+    sections = _sections(table, versus)
+    lines = [_note(table, versus, sections), ""]
+    for title, header, cells in sections:
         lines += [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in cells]
         lines.append("")
@@ -328,11 +347,12 @@ def write_html(
         "figure{display:inline-block;margin:.5em} img{image-rendering:pixelated;max-width:100%}",
         "</style></head><body>",
         "<h1>collafuse-hpc report</h1>",
-        f"<p>{esc(_features_note(table))}</p>",
     ]
+    sections = _sections(table, versus)
+    parts.append(f"<p>{esc(_note(table, versus, sections))}</p>")
     for title, path in figures:
         parts += [f"<h2>{esc(title)}</h2>", _png(path, title)]
-    for title, header, cells in _sections(table, versus):
+    for title, header, cells in sections:
         parts += [f"<h2>{esc(title)}</h2>", "<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header)]
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells]
         parts.append("</table>")
