@@ -50,7 +50,7 @@ from collafuse_hpc.evaluation.features import (
     inception_path,
     load_extractor,
 )
-from collafuse_hpc.evaluation.quality import fidelity, label_counts, quality
+from collafuse_hpc.evaluation.quality import POOLED_FID, fidelity, label_counts, quality
 from collafuse_hpc.evaluation.sets import image_sets, load_roles, planned_images, sampling_batches
 from collafuse_hpc.logs import Heartbeat
 from collafuse_hpc.results.schema import (
@@ -201,6 +201,8 @@ def print_report(report: dict) -> None:
         for who, entry in report.items()
     ]
     print(f"\n{format_table(['FID / KID mean', *SETS], rows)}")
+    if "pooled" in report:
+        print(f"({POOLED_FID})")
     for who, entry in report.items():
         if "disclosure" in entry:
             c = entry["compute"]

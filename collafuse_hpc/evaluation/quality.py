@@ -13,6 +13,13 @@ from collafuse_hpc.evaluation import metrics
 from collafuse_hpc.evaluation.classifier import Classifier
 from collafuse_hpc.roles.client import Client
 
+# said wherever a pooled FID is printed beside the clients': it is lower than each of theirs
+POOLED_FID = (
+    "pooled: every client's images against all their real images. FID falls as the number of images "
+    "grows (its bias shrinks as 1/n), so the pooled FID, over K clients' images, sits below each "
+    "client's own without the samples being better: compare FIDs of equal image counts"
+)
+
 
 def quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
     """FID and KID of ``fake`` against ``real`` features; with a classifier's features also

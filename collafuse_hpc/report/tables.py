@@ -18,6 +18,7 @@ import os
 import re
 
 from collafuse_hpc.evaluation.disclosure import NOTHING_SENT
+from collafuse_hpc.evaluation.quality import POOLED_FID
 from collafuse_hpc.report import stats
 from collafuse_hpc.results.schema import SETS, SUMMARY, role_key
 
@@ -278,6 +279,8 @@ def _note(table: list[dict], versus: list[dict], sections: list[tuple[str, list[
         out.append("KID of one seed: mean ± std over subsets (n/a: one subset).")
     if not versus:
         out.append(f"versus_c1.csv has no rows: {stats.no_comparison(table)}.")
+    if any(r["who"] == "pooled" for r in table):
+        out.append(f"FID/FD {POOLED_FID}.")
     return " ".join(out)
 
 

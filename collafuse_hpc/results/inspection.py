@@ -18,6 +18,7 @@ import yaml
 from collafuse_hpc.atomic import refuse_existing
 from collafuse_hpc.evaluation.attacks import describe as describe_attack
 from collafuse_hpc.evaluation.disclosure import describe as describe_disclosure
+from collafuse_hpc.evaluation.quality import POOLED_FID
 from collafuse_hpc.results.schema import (
     AUDIT,
     CLIENTS,
@@ -253,6 +254,8 @@ def format_summary(s: dict) -> str:
                 lines.append(f"    {who:<10} disclosure: {describe_disclosure(sets['disclosure'])}")
             if "attack" in sets:
                 lines.append(f"    {who:<10} attack: {describe_attack(sets['attack'])}")
+            if who == "pooled" and any("fid" in v for v in sets.values()):
+                lines.append(f"    ({POOLED_FID})")
             if "compute" in sets:
                 c = sets["compute"]
                 lines.append(
@@ -320,6 +323,7 @@ def compare(paths: list[str], record: int | None = None) -> tuple[list[str], lis
         rows.append([f"FID pooled {name}"] + [p.get("fid") for p in pooled])
         rows.append([f"KID pooled {name} (mean +- std)"] + [_kid(p) for p in pooled])
     per_client = (  # label, group, key
+        ("FID collaborative {}", "collaborative", "fid"),
         ("PSNR x_c {} (dB)", "disclosure", "psnr_db"),
         ("reconstruction PSNR {} (dB, public model)", "attack", "recon_public_psnr_db"),
         ("linkage top-1 {} (pixels)", "attack", "link_pixel_top1"),
@@ -349,7 +353,8 @@ def _metric(s: dict, who: str, group: str, key: str):
 
 
 def format_compare(paths: list[str], rows: list[list]) -> str:
-    return format_table(["", *paths], rows)
+    note = f"\n({POOLED_FID})" if any(str(row[0]).startswith("FID pooled") for row in rows) else ""
+    return format_table(["", *paths], rows) + note
 
 
 def to_json(obj) -> str:
