@@ -432,6 +432,23 @@ def test_client_compute_is_measured_once_per_model_and_cut(tmp_path, shards, mon
     assert report["c1"]["compute"] == report["c0"]["compute"] != report["c2"]["compute"]
 
 
+def test_evaluate_scores_clients_that_use_labels_kept_and_shared(tmp_path, shards):
+    """Every model evaluate runs with labels (the sets, the attacks with the client's own
+    model, the compute measurement) gets the labels of the images it runs on: the compute
+    measurement gave one image the labels of its 8 timing images and crashed."""
+    raw = tiny_config(shards, tmp_path, [0.25, 0.5], rounds=2)
+    raw["clients"][0]["labels"] = True
+    raw["clients"][1].update(labels=True, share_labels=True)
+    cfg = from_dict(raw)
+    run_in_process(cfg, resume=False)
+    report = evaluate(cfg)
+    for client in ("c0", "c1"):
+        assert set(report[client]) == {*SETS, "disclosure", "attack", "compute"}
+        assert report[client]["attack"]["public_model"] == "none"  # the other client's model takes labels
+        assert math.isfinite(report[client]["attack"]["link_feature_top1"])
+        assert report[client]["compute"]["sampling_flops_client"] > 0
+
+
 def test_evaluate_and_sample_refuse_a_shard_that_holds_other_images_than_the_run_trained_on(tmp_path, shards, capsys):
     """Re-prepared or swapped shards would score a model against test images that may be
     its own train images, and attack the wrong training set: refused, nothing written."""

@@ -229,6 +229,17 @@ def test_evaluation_generates_the_sets_of_clients_with_one_model_and_grid_togeth
                 assert alone[cid][name]["fid"] == pytest.approx(report[cid][name]["fid"], rel=1e-6)
 
 
+def test_labels_for_another_batch_than_the_images_are_refused_by_name():
+    """Labels made for one batch and run on another failed deep in a reshape ('shape [1, 1]
+    is invalid for input of size 8'); the model says what does not match."""
+    cfg = ModelConfig(base_channels=8, channel_mult=[1], num_res_blocks=1, attention_resolutions=[])
+    for members, y in ((1, torch.zeros(8, dtype=torch.long)), (2, torch.zeros(8, 2, dtype=torch.long))):
+        net = UNet(cfg, 1, 8, num_classes=10, members=members)
+        x, t = torch.zeros(1, members, 8, 8), torch.ones(1, members, dtype=torch.long)
+        with pytest.raises(ValueError, match="8 labels per member for a batch of 1 images"):
+            net(x, t, y=y)
+
+
 def test_a_members_dropout_masks_do_not_depend_on_who_shares_its_call():
     """Member 0 alone, and beside a second member, with the same stream: the same output
     in train mode (the masks were one draw over [N, K*C, H, W] before: 0.40 apart)."""

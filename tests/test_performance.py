@@ -68,9 +68,13 @@ def test_profile_rounds_writes_a_chrome_trace_per_rank(tmp_path, shards):
         assert _has_ops(tmp_path / "out/profile" / f"{name}.json"), name
 
 
-def test_client_compute_share_of_sampling_follows_the_cut(tmp_path, shards):
+@pytest.mark.parametrize("labels", [False, True])
+def test_client_compute_share_of_sampling_follows_the_cut(tmp_path, shards, labels):
+    """A client that uses labels too: its FLOPs are counted on one image, which takes one
+    image's labels (it was given the labels of the whole timing batch)."""
     raw = tiny_config(shards, tmp_path, [0.25], rounds=1)
     raw["diffusion"]["sampling_steps"] = 0
+    raw["clients"][0]["labels"] = labels
     client = Client(from_dict(raw), 0, torch.device("cpu"))
     before = {k: v.clone() for k, v in client.net.model.state_dict().items()}
     m = client_compute(client, n=4, repeats=1)

@@ -276,6 +276,8 @@ class UNet(nn.Module):
             emb = emb + self.cut_mlp(timestep_embedding(t_c.reshape(N, K), self.base_channels).flatten(1))
         if self.class_emb is not None:
             assert y is not None, "this model is conditioned on labels y"
+            if y.numel() != N * K:  # labels made for another batch than x (reshape's error names neither)
+                raise ValueError(f"{y.numel() // K} labels per member for a batch of {N} images")
             emb = emb + self.class_emb(y.reshape(N, K))
         h = self.stem(x)
         hs = [h]

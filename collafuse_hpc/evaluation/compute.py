@@ -90,11 +90,15 @@ def client_compute(client: Client, n: int, repeats: int = 4) -> dict[str, float]
     """
     diffusion, device = client.diffusion, client.device
     shape = (n, client.cfg.data.channels, client.cfg.data.image_size, client.cfg.data.image_size)
-    y = None
-    if client.condition:  # its own labels, cycled to n
-        labels = torch.from_numpy(client.train_labels).to(device)
-        y = labels[torch.arange(n, device=device) % len(labels)]
-    eps = client.eps_model(True, y)
+    labels = torch.from_numpy(client.train_labels).to(device) if client.condition else None
+
+    def eps_for(rows: int) -> EpsModel:
+        """The sampling copy for a batch of ``rows`` images: with its own labels cycled to
+        ``rows`` when it uses labels (the labels must be those of the batch it runs on)."""
+        y = None if labels is None else labels[torch.arange(rows, device=device) % len(labels)]
+        return client.eps_model(True, y)
+
+    eps = eps_for(n)
     _, share = client.cut.sampling_grids()
     _, full = client.cut.full_chain().sampling_grids()
     timing = torch.Generator(device).manual_seed(0)  # timing inputs: nobody's stream, not the global one
@@ -109,7 +113,7 @@ def client_compute(client: Client, n: int, repeats: int = 4) -> dict[str, float]
 
     # the FLOPs of running each loop on one image (what the loop does, not steps x one step's
     # count; one image: FLOPs grow linearly with the batch)
-    flops_share, flops_full = (_loop_flops(diffusion, eps, x[:1], grid, **loop) for grid in (share, full))
+    flops_share, flops_full = (_loop_flops(diffusion, eps_for(1), x[:1], grid, **loop) for grid in (share, full))
     time_share, time_full, ratio = _timed_pair(sample(share), sample(full), repeats)
     out = {
         "sampling_steps_client": max(0, len(share) - 1),
