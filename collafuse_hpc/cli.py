@@ -168,29 +168,28 @@ def _resume_mode(text: str) -> str:
     return text
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _load(args: argparse.Namespace, check_files: bool = True) -> Config:
     """The run's config: YAML and ``--set`` overrides, or, for a command that acts on a
-    trained run given by its folder or results.h5, the run's own; then the environment's defaults."""
+    trained run given by its folder or results.h5, the run's own; then the environment's defaults.
+    Without ``check_files`` a shard that does not exist yet is not refused (``config``)."""
     from collafuse_hpc.config import load, load_run
     from collafuse_hpc.results.schema import results_of
     from collafuse_hpc.runtime.launch import apply_env_defaults
 
     results = results_of(args.config) if args.command in RUN_COMMANDS else None
-    cfg = load_run(results, args.set, args.command) if results else load(args.config, args.set)
+    cfg = load_run(results, args.set, args.command) if results else load(args.config, args.set, check_files)
     apply_env_defaults(cfg)
     return cfg
 
 
 def _describe(cfg: Config) -> str:
-    """The resolved config as YAML, then the rank map and each client's cut, once the
-    config passed every check that training makes before it starts."""
+    """The resolved config as YAML, then the rank map and each client's cut (print it
+    once the config passed :func:`preflight.check`)."""
     from collafuse_hpc.config import dump
     from collafuse_hpc.diffusion.split import cuts
-    from collafuse_hpc.runtime import preflight
     from collafuse_hpc.runtime.topology import Topology
     from collafuse_hpc.tables import format_table
 
-    preflight.check(cfg)
     topo, every = Topology.from_config(cfg), cuts(cfg)
     rows = []
     for rank in range(topo.world_size):
@@ -381,10 +380,22 @@ def _config(args: argparse.Namespace) -> int:
 
         sys.stdout.write(reference())
         return 0
-    try:
-        print(_describe(_load(args)))
+    from collafuse_hpc.runtime import preflight
+
+    try:  # a job is planned before its data is prepared: a missing file is said, not refused
+        cfg = _load(args, check_files=False)
+        missing = preflight.check(cfg, plan=True)
+        print(_describe(cfg))
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=False)
+    for text in missing:
+        print(f"collafuse-hpc: warning: {text}", file=sys.stderr)
+    if missing:
+        print(
+            f"collafuse-hpc: warning: the {len(missing)} file(s) above do not exist yet: train refuses to start "
+            "until they do; everything else in the config passed the checks train makes",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -396,7 +407,10 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
 
     try:
         cfg = _load(args)
-        if args.dry_run:
+        if args.dry_run:  # a dry run of train refuses what train refuses, a missing file too
+            from collafuse_hpc.runtime import preflight
+
+            preflight.check(cfg)
             print(_describe(cfg))
             return 0
         resume = True if args.command == "sample" else args.resume

@@ -196,7 +196,29 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if not cfg.eval.sets:
         raise ValueError(f"config key 'eval.sets' is []; give one or more of {list(SETS)}")
     _check_servers(cfg)
-    _check_clients(cfg, check_files)
+    _check_clients(cfg)
+    if check_files:
+        refuse_missing(missing_shards(cfg))
+
+
+def missing_shards(cfg: Config) -> dict[str, str]:
+    """What to say of each client shard that does not exist, by its key: ``config``
+    lists them (a job is planned before its data is prepared); every other command refuses."""
+    return {
+        f"clients.{i}.shard": (
+            f"config key 'clients.{i}.shard': file {c.shard!r} not found (relative paths are taken from the "
+            f"working directory {os.getcwd()!r}); make it with 'collafuse-hpc prepare' (docs/data.md)"
+        )
+        for i, c in enumerate(cfg.clients)
+        if not os.path.isfile(c.shard)
+    }
+
+
+def refuse_missing(missing: dict[str, str]) -> None:
+    """ValueError naming the first missing file and counting the others, if any is missing."""
+    if missing:
+        first, *more = missing.values()
+        raise ValueError(first + (f" (and {len(more)} more: 'collafuse-hpc config CONFIG' lists them)" if more else ""))
 
 
 def _check_servers(cfg: Config) -> None:
@@ -216,7 +238,7 @@ def _check_servers(cfg: Config) -> None:
             raise ValueError(f"config key '{key}.channel_mult' is []; give one multiplier >= 1 per level")
 
 
-def _check_clients(cfg: Config, check_files: bool) -> None:
+def _check_clients(cfg: Config) -> None:
     if not cfg.run.clients_per_round <= len(cfg.clients) or cfg.run.clients_per_round < 0:
         raise ValueError(
             f"config key 'run.clients_per_round' must be in [0, number of clients = {len(cfg.clients)}] "
@@ -253,11 +275,6 @@ def _check_clients(cfg: Config, check_files: bool) -> None:
             raise ValueError(f"client {c.id!r} ('{key}') has neither: give one of cut_ratio or cut_step")
         if (c.labels or c.share_labels) and cfg.data.num_classes < 1:
             raise ValueError(f"client {c.id!r} ('{key}') uses labels, but 'data.num_classes' is 0")
-        if check_files and not os.path.isfile(c.shard):
-            raise ValueError(
-                f"config key '{key}.shard': file {c.shard!r} not found (relative paths are "
-                f"taken from the working directory {os.getcwd()!r}); prepare it with tools/"
-            )
 
 
 def resume_differences(saved: dict, current: dict) -> list[str]:

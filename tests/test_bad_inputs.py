@@ -121,6 +121,11 @@ CORPUS = [
 ]
 
 
+# rows whose file is missing: config plans a job before its data exists, and warns instead
+# (tests/test_conventions.py: test_config_plans_a_job_whose_files_do_not_exist_yet)
+MISSING_FILES = {"missing shard"}
+
+
 def _exit_code(args: list[str]) -> int:
     try:
         return main(args)
@@ -133,7 +138,8 @@ def _exit_code(args: list[str]) -> int:
 def test_bad_input_gives_one_clear_line_and_writes_nothing(
     tmp_path, shards, capsys, command, name, change, code, fragment
 ):
-    """``config`` refuses what ``train`` refuses, with the same line: a config it accepts trains."""
+    """``config`` refuses what ``train`` refuses, with the same line: a config it accepts trains
+    (once the files it warns of exist)."""
     out = tmp_path / "out"
     raw = tiny_config(shards, out, [0.25, 0.5])
     extra = change(raw, tmp_path, shards)
@@ -142,9 +148,12 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(
         pytest.skip("about continuing a run: config takes no --resume")
     got = _exit_code([command, config, *(["--in-process"] if command == "train" else []), *args])
     err = capsys.readouterr().err
+    label = "error:"
+    if command == "config" and name in MISSING_FILES:
+        code, label = 0, "warning:"
     assert got == code, err
-    assert fragment in err, err
-    assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1, err
+    assert any(fragment in line and label in line for line in err.splitlines()), err
+    assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == (label == "error:"), err
     assert not out.exists()
 
 

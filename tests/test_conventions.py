@@ -47,6 +47,36 @@ def test_config_and_dry_run_print_the_resolved_run_and_write_nothing(tmp_path, s
     assert "allow_centralized" in capsys.readouterr().err
 
 
+def test_config_plans_a_job_whose_files_do_not_exist_yet(tmp_path, shards, capsys):
+    """``config`` refused to print the rank map before the shards were prepared, when the
+    map is wanted. It prints the map and cuts and lists every missing file the run needs
+    (shards; the evaluation's network with eval.at_end) as a warning, exit 0, still refusing
+    whatever it can check; ``train`` and its dry run refuse, naming the first."""
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 1.0])
+    raw["clients"][1]["shard"] = str(tmp_path / "later/client_1.h5")
+    raw["eval"].update(at_end=True, extractor="classifier", classifier_path=str(tmp_path / "later/digits.pt"))
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    assert main(["config", cfg]) == 0
+    out, err = capsys.readouterr()
+    assert "# 3 ranks (launch with mpirun -np 3)" in out and re.search(r"2\s+client c1\s+20\s+20\s+0", out), out
+    warnings = [line for line in err.splitlines() if line.startswith("collafuse-hpc: warning: ")]
+    assert len(warnings) == 3 and "error" not in err, err
+    assert f"'clients.1.shard': file {str(tmp_path / 'later/client_1.h5')!r} not found" in warnings[0]
+    assert "make it with 'collafuse-hpc prepare' (docs/data.md)" in warnings[0] and "tools/" not in err
+    assert f"classifier file {str(tmp_path / 'later/digits.pt')!r} not found; make one" in warnings[1]
+    assert "train refuses to start until they do" in warnings[2]
+    # what can be checked still is: the shard that exists against the config
+    assert main(["config", cfg, "--set", "clients.0.batch_size=100000"]) == 2
+    assert "is 100000, but shard" in capsys.readouterr().err
+    for args in (["train", cfg, "--in-process"], ["train", cfg, "--dry-run"]):
+        assert main(args) == 2
+        out, err = capsys.readouterr()
+        assert not out and "'clients.1.shard': file" in err and "error:" in err, err
+    assert main(["train", cfg, "--dry-run", "--set", f"clients.1.shard={shards[1]}"]) == 2
+    assert "classifier file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_log_lines_carry_level_and_rank(tmp_path, shards):
     env = {**os.environ, "OMPI_COMM_WORLD_RANK": "3"}
     cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.5], rounds=1))

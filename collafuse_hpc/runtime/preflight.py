@@ -9,6 +9,7 @@ import os
 import torch
 
 from collafuse_hpc.config import Config
+from collafuse_hpc.config_rules import missing_shards, refuse_missing
 from collafuse_hpc.data import ShardReader, inspect_shard
 from collafuse_hpc.diffusion.split import cuts
 from collafuse_hpc.diffusion.unet import UNet
@@ -39,11 +40,20 @@ def preflight(cfg: Config, resume: bool | str, sample: bool = False) -> int:
     return _resume_round(cfg, resume == "auto", "sample" if sample else "--resume")
 
 
-def check(cfg: Config) -> None:
+def check(cfg: Config, plan: bool = False) -> list[str]:
     """What a config needs beyond its own rules: shards that fit it, models that build,
     cuts with grids, the files it names. ``config`` and ``--dry-run`` check it too, so
-    a config they accept is one that trains."""
+    a config they accept is one that trains.
+
+    With ``plan`` (``config``: a job is planned before its data is prepared) a file the
+    config names that does not exist yet is not refused: only the checks that read it
+    are skipped, and what to say of each such file is returned."""
+    missing = missing_shards(cfg)
+    if not plan:
+        refuse_missing(missing)
     for i, c in enumerate(cfg.clients):
+        if f"clients.{i}.shard" in missing:
+            continue
         info = inspect_shard(c.shard)
         want = (cfg.data.channels, cfg.data.image_size)
         if (info.channels, info.image_size) != want:
@@ -71,7 +81,19 @@ def check(cfg: Config) -> None:
     if cfg.run.tensorboard:
         check_available()
     if cfg.eval.at_end:
-        check_eval(cfg)
+        try:
+            check_eval(cfg)
+        except ValueError as e:
+            if not (plan and _eval_file_missing(cfg)):
+                raise
+            missing["eval"] = str(e)
+    return list(missing.values())
+
+
+def _eval_file_missing(cfg: Config) -> bool:
+    """Whether the network file the evaluation's extractor reads is named but not there."""
+    path = {"inception": cfg.eval.inception_path, "classifier": cfg.eval.classifier_path}.get(cfg.eval.extractor)
+    return bool(path) and not os.path.isfile(path)
 
 
 def _check_models(cfg: Config) -> None:
