@@ -82,12 +82,30 @@ def test_sampling_and_evaluating_again_add_records_and_keep_every_other(tmp_path
     assert "record 1 is a sample record, which holds no metrics; the records of evaluations are [3, 4]" in err
 
 
-def test_a_resumed_runs_training_summary_sums_its_invocations(tmp_path, shards):
+def test_a_resumed_runs_training_summary_sums_its_invocations_and_each_prints_its_own(tmp_path, shards, capsys, caplog):
+    """The summary at the end of a resume printed the run's last round as if it trained
+    them all ('6 rounds') beside this invocation's images and the whole run's x_c; a
+    sample-only run said 'resuming', 'idle' and 0.0 images/s. Each figure is this
+    invocation's unless it says 'over the run'."""
     raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=3, checkpoint_every=3)
     cfg = write_config(tmp_path / "run.yaml", raw)
     assert main(["train", cfg, "--in-process"]) == 0
+    assert "this invocation trained rounds 1-3 and sampled 4 images per client" in capsys.readouterr().out
     assert main(["train", cfg, "--in-process", "--resume", "--set", "run.rounds=6"]) == 0
+    out = capsys.readouterr().out
+    assert "this invocation trained rounds 4-6 (resumed from the checkpoint set of round 3)" in out
+    assert "server 0: 36 images trained" in out and "sampled 8 images (its part of the chain)" in out
+    assert "client 'c0' (t_c=4): 18 images trained" in out and "sent 18 x_c images (0.01 MB), 36 over the run" in out
+    caplog.clear()
+    assert main(["sample", cfg, "--in-process"]) == 0
+    out = capsys.readouterr().out
+    assert "sampling from the checkpoint set of round 6" in caplog.text and "resuming" not in caplog.text
+    assert "this invocation sampled 4 images per client from the checkpoint set of round 6" in out
+    assert "server 0: sampled 8 images" in out and "images/s" not in out and "idle" not in out
+    assert "client 'c0' (t_c=4): sampled 4 images in" in out and "sent 0 x_c images (0.00 MB), 36 over the run" in out
     with h5py.File(tmp_path / "out/results.h5", "r", locking=False) as f:
+        sent = [_attrs(f[f"clients/c0/records/{n}/summary"])["invocation_images_sent"] for n in (0, 1, 2)]
+        assert sent == [18, 18, 0] and _attrs(f["clients/c0/summary"])["invocation_images_sent"] == 36
         assert [f[f"records/{n}"].attrs["command"] for n in (0, 1)] == ["train", "resume"]
         for key in ("server", "clients/c0"):
             first, second = (_attrs(f[f"{key}/records/{n}/summary"]) for n in (0, 1))

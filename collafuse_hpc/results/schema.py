@@ -29,7 +29,9 @@ read it; ``collafuse-hpc bundle`` copies it into one self-contained file::
       /records/<n>/samples/images      uint8 [n, C, H, W] the collaborative samples of
                                        train/resume/sample record n (clients); attrs say how
       /records/<n>/samples/x_handover  float32 [n, C, H, W] what the server returned at the cut
-      /records/<n>/summary             attrs: that invocation's totals and rates
+      /records/<n>/summary             attrs: that invocation's totals and rates; a client's
+                                       images_sent, messages_sent, bytes_sent are over the
+                                       run (as /audit's), invocation_<those> this invocation's
       /samples            soft link (relative) to the newest records/<n>/samples (images, x_handover)
       /audit/<field>      int64 [M] one row per message that left the client, over all
                           runs of this output folder: round, kind (wire.Kind value),

@@ -163,6 +163,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     _send_packed(wire, replies, rank_of)
     wire.flush()
     totals["time_sampling_s"] = time.perf_counter() - t0
+    totals["images_sampled"] = sum(m.count for m in requests.values())
     busy = totals["time_recv_s"] + totals["time_compute_s"] + totals["time_send_s"]
     totals["images_per_s"] = totals["images"] / busy if busy else 0.0
     if server.device.type == "cuda":
@@ -197,6 +198,7 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
     recent = {c.index: deque(maxlen=run.log_every) for c in host.clients}
     for c in host.clients:
         c.count_audited(results[c.index].audit_totals())
+    released = {c.index: dict(c.released) for c in host.clients}  # over the run before this invocation
     profiler = _profiler(ctx, host.device)
     for r in rounds(ctx):
         drawn = participants(ctx.cfg, r)
@@ -257,6 +259,7 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
         with ctx.stop.writing():
             _finish(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), x_h[c.index])
         totals[c.index].update(time_sampling_wait_s=t1 - t0, time_sampling_local_s=t2 - t1)
+        totals[c.index].update({f"invocation_{k}": v - released[c.index][k] for k, v in c.released.items()})
     return totals
 
 

@@ -168,6 +168,6 @@ def restore(ctx: Context, role: Server | ClientHost) -> None:
             ) from None
     ctx.start_round = agreed
     if ctx.rank == 0 and agreed:
-        log.info("resuming from the checkpoint set of round %d", agreed)
+        log.info("%s from the checkpoint set of round %d", "resuming" if ctx.trains else "sampling", agreed)
     elif ctx.rank == 0:
         log.warning("no readable checkpoint set: starting again from round 0")

@@ -84,27 +84,14 @@ def print_summary(cfg: Config, summaries: dict[str, dict], wall_s: float) -> Non
             ", ".join(losses) or "no loss",
         )
     out = sys.stdout
-    if any(s.get("rounds_run", 0) for s in summaries.values()):
-        out.write(f"\ncollafuse-hpc: {cfg.run.rounds} rounds in {wall_s:.1f} s wall\n")
-    else:
-        out.write(f"\ncollafuse-hpc: sampled from the set of round {cfg.run.rounds} in {wall_s:.1f} s wall\n")
+    out.write(f"\ncollafuse-hpc: {_scope(cfg, summaries, wall_s)}\n")
     shown, clients = 0, [name for name in summaries if name.startswith("client_")]
     for name, s in summaries.items():
-        if name.startswith("server_") and not s["images"]:
-            out.write(f"  {name.replace('_', ' ')}: idle (no client sent x_c); sampling {s['time_sampling_s']:.1f} s\n")
-        elif name.startswith("server_"):
-            out.write(
-                f"  {name.replace('_', ' ')}: {s['images']} images trained, {s['images_per_s']:.1f} images/s while "
-                f"busy; recv wait {s['time_recv_s']:.1f} s, compute {s['time_compute_s']:.1f} s, "
-                f"sampling {s['time_sampling_s']:.1f} s\n"
-            )
+        if name.startswith("server_"):
+            out.write(f"  {name.replace('_', ' ')}: {_server_line(s)}\n")
         elif shown < MAX_CLIENT_LINES:
             shown += 1
-            out.write(
-                f"  client {name[len('client_') :]!r} (t_c={s['t_c']}): {s['images_per_s']:.1f} "
-                f"images/s; local {s['time_local_s']:.1f} s, waiting {s['time_wait_s']:.1f} s; sent "
-                f"{s['images_sent']} x_c images ({s['bytes_sent'] / 1e6:.2f} MB); samples {s['grid']}\n"
-            )
+            out.write(f"  client {name[len('client_') :]!r} (t_c={s['t_c']}): {_client_line(s, cfg)}\n")
     if len(clients) > shown:
         out.write(f"  ... and {len(clients) - shown} more clients (collafuse-hpc inspect shows them all)\n")
     out.write(f"  results: {index_path(cfg.run.output_dir)}\n")
@@ -113,6 +100,48 @@ def print_summary(cfg: Config, summaries: dict[str, dict], wall_s: float) -> Non
         del commands["evaluate"]
     out.write("  next: " + "\n        ".join(commands.values()) + "\n")
     out.flush()
+
+
+def _scope(cfg: Config, summaries: dict[str, dict], wall_s: float) -> str:
+    """What this invocation did: the figures below are its own, unless they say 'over the run'."""
+    trained = max(s.get("rounds_run", 0) for s in summaries.values())
+    sampled = f"{cfg.run.samples_per_client} images per client"
+    if not trained:
+        return f"this invocation sampled {sampled} from the checkpoint set of round {cfg.run.rounds} in {wall_s:.1f} s"
+    first = cfg.run.rounds - trained + 1
+    resumed = f" (resumed from the checkpoint set of round {first - 1})" if first > 1 else ""
+    return f"this invocation trained rounds {first}-{cfg.run.rounds}{resumed} and sampled {sampled} in {wall_s:.1f} s"
+
+
+def _server_line(s: dict) -> str:
+    """A server's training (when this invocation trained) and sampling."""
+    training = ""
+    if s.get("rounds_run", 0):
+        training = "idle in training (no client sent x_c); "
+        if s["images"]:
+            training = (
+                f"{s['images']} images trained, {s['images_per_s']:.1f} images/s while busy; recv wait "
+                f"{s['time_recv_s']:.1f} s, compute {s['time_compute_s']:.1f} s; "
+            )
+    return training + f"sampled {s['images_sampled']} images (its part of the chain) in {s['time_sampling_s']:.1f} s"
+
+
+def _client_line(s: dict, cfg: Config) -> str:
+    """A client's training (when this invocation trained), sampling and x_c sent: by this
+    invocation, and over the run where that differs (the audit counts every invocation)."""
+    training = ""
+    if s.get("rounds_run", 0):
+        training = (
+            f"{s['images']} images trained, {s['images_per_s']:.1f} images/s; local {s['time_local_s']:.1f} s, "
+            f"waiting {s['time_wait_s']:.1f} s; "
+        )
+    sampling = (
+        f"sampled {cfg.run.samples_per_client} images in {s['time_sampling_wait_s'] + s['time_sampling_local_s']:.1f} s"
+    )
+    sent = f"sent {s['invocation_images_sent']} x_c images ({s['invocation_bytes_sent'] / 1e6:.2f} MB)"
+    if s["images_sent"] != s["invocation_images_sent"]:
+        sent += f", {s['images_sent']} over the run ({s['bytes_sent'] / 1e6:.2f} MB)"
+    return f"{training}{sampling}; {sent}; samples {s['grid']}"
 
 
 def _summaries(cfg: Config, topo: Topology, record: int) -> dict[str, dict]:
