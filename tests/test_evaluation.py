@@ -348,10 +348,15 @@ def test_inspect_export_and_compare_on_real_runs_and_a_crashed_one(tmp_path, sha
         raw["eval"]["at_end"] = name == "a"
         assert main(["train", write_config(tmp_path / f"{name}.yaml", raw), "--in-process"]) == 0
         paths.append(str(tmp_path / name / "results.h5"))
-    assert "server_0: mean over the last 2 of the 2 rounds this invocation trained: loss_server" in caplog.text
+    # one recent loss: the log at the end of a run and inspect average the same rows (it said 'the last 2 of the 2
+    # rounds' where inspect said 'the last 10%') and print the same numbers
+    window = r"mean over the last 10% of the rounds \(the last 1 of 2 rounds logged in this invocation\)"
+    logged = re.search(rf"client_c0: {window}: (.+)", caplog.text)
+    assert logged and re.search(rf"server_0: {window}: loss_server", caplog.text)
     capsys.readouterr()
     assert main(["inspect", paths[0]]) == 0
     text = capsys.readouterr().out
+    assert f"losses (mean over the last 10% of the rounds: the last 1 of 2 rounds logged): {logged[1]}\n" in text
     assert "clients/c0 t_c=5 (c=0.25)" in text and "audit: 12 images in 2 training messages" in text
     assert "pooled     collaborative  FID" in text and "disclosure: t_c=5 SNR" in text
     assert "c0         cut            FID" in text and "+- n/a" in text  # KID of 8 of 8 images: one subset

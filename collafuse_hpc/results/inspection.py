@@ -8,6 +8,7 @@ missing (a role's part file, its summary, samples, metrics) is listed under
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 
@@ -32,6 +33,8 @@ from collafuse_hpc.results.schema import (
     audit_totals,
     index_path,
     open_results,
+    recent_mean,
+    recent_rows,
     record_key,
     record_numbers,
 )
@@ -39,12 +42,6 @@ from collafuse_hpc.results.writer import save_grid
 from collafuse_hpc.runtime.checkpoint import complete_rounds
 from collafuse_hpc.runtime.wire import Kind
 from collafuse_hpc.tables import cell, format_table
-
-
-def _tail(values: np.ndarray) -> float | None:
-    """Mean over the last 10% of rounds (None when there is nothing finite)."""
-    tail = values[-max(1, len(values) // 10) :]
-    return float(np.nanmean(tail)) if len(tail) and np.isfinite(tail).any() else None
 
 
 def _plain(value):
@@ -65,9 +62,11 @@ def _role(g: h5py.Group, record: int | None = None) -> dict:
     if rounds is not None and ROUND in rounds:
         out["rounds_logged"] = len(rounds[ROUND])
         out["last_round"] = int(rounds[ROUND][-1]) if len(rounds[ROUND]) else None
+        out["tail_rows"] = recent_rows(out["rounds_logged"])
         for name in rounds:
             if name != ROUND:
-                out.setdefault("tail_means", {})[name] = _tail(rounds[name][()])
+                mean = recent_mean(rounds[name][-out["tail_rows"] :])
+                out.setdefault("tail_means", {})[name] = None if math.isnan(mean) else mean
     for group in (SUMMARY, AUDIT):
         if group in g:
             out[group] = {k: _plain(v) for k, v in g[group].attrs.items()}
@@ -216,7 +215,8 @@ def format_summary(s: dict) -> str:
             f"  {key}{cut}: rank {at.get('rank')} on {at.get('host')}, {r.get('rounds_logged', 0)} rounds logged"
         )
         if losses:
-            lines.append(f"    losses (mean of the last 10%): {losses}")
+            window = f"the last {r['tail_rows']} of {r['rounds_logged']} rounds logged"
+            lines.append(f"    losses (mean over the last 10% of the rounds: {window}): {losses}")
         summ = r.get("summary", {})
         times = ", ".join(f"{k[5:]} {v:.1f} s" for k, v in summ.items() if k.startswith("time_"))
         if summ:

@@ -61,6 +61,7 @@ to records/v2/summary (counted in /summary as one training invocation).
 
 from __future__ import annotations
 
+import math
 import os
 
 import h5py
@@ -124,6 +125,22 @@ def audit_totals(role: h5py.Group) -> dict[str, int]:
     column = {name: audit[name][()] if name in audit else np.zeros(0, np.int64) for name in ("images", "nbytes")}
     sent = {"images_sent": int(column["images"].sum()), "messages_sent": len(column["images"])}
     return {**sent, "bytes_sent": int(column["nbytes"].sum())}
+
+
+RECENT = 0.1  # a role's recent loss: the mean over the last 10% of its rows, in the end-of-run log and inspect
+
+
+def recent_rows(rows: int) -> int:
+    """How many of a role's last ``rows`` rows its recent loss is the mean of (at least
+    one): the one definition, so that the log and inspect give the same number."""
+    return max(1, int(rows * RECENT))
+
+
+def recent_mean(tail) -> float:
+    """The mean of the finite values of ``tail`` (a role's last recent_rows rows of a
+    column); NaN when none is."""
+    tail = np.asarray(tail, dtype=float)
+    return float(np.nanmean(tail)) if np.isfinite(tail).any() else math.nan
 
 
 def plain_attrs(g: h5py.Group | h5py.Dataset) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from collafuse_hpc.config import Config
 from collafuse_hpc.data import to_uint8
-from collafuse_hpc.results.schema import AUDIT, part_path
+from collafuse_hpc.results.schema import AUDIT, part_path, recent_mean, recent_rows
 from collafuse_hpc.results.tensorboard import ScalarSink
 from collafuse_hpc.results.writer import RoleResults, save_grid
 from collafuse_hpc.roles.client import Client
@@ -38,23 +38,34 @@ class RankFailure(RuntimeError):
     """This rank failed; the message names the rank, its role and the cause."""
 
 
-def _add_totals(totals: dict, row: dict, recent: deque) -> None:
-    """Sum a round's timers and byte counts into the run's totals; ``recent`` keeps the
-    rows of the last logged window."""
+def _add_totals(totals: dict, row: dict) -> None:
+    """Sum a round's timers and byte counts into the run's totals."""
     for key, value in row.items():
         if key.startswith(("time_", "bytes_")):
             totals[key] = totals.get(key, 0) + value
     totals["rounds_run"] = totals.get("rounds_run", 0) + 1
-    recent.append(row)
 
 
-def _loss_tails(totals: dict, recent: deque) -> None:
-    """At the end: each loss averaged over the last logged window (``<loss>_recent``)."""
-    totals["loss_window"] = len(recent)
-    for key in recent[0] if recent else ():
-        if key.startswith("loss_"):
-            values = [r[key] for r in recent if not math.isnan(r[key])]
-            totals[f"{key}_recent"] = float(np.mean(values)) if values else math.nan
+class _Recent:
+    """The last rows a role's results got in this invocation, enough for its recent loss
+    (schema.recent_rows of the rows it will have at most: ``planned``)."""
+
+    def __init__(self, planned: int):
+        self.rows: deque = deque(maxlen=recent_rows(planned))
+        self.count = 0
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.count += 1
+
+    def into(self, totals: dict) -> None:
+        """At the end: each loss's recent mean (``<loss>_recent``) and how many of this
+        invocation's rows it is over (``loss_window`` of ``loss_rows``), as inspect says it."""
+        tail = list(self.rows)[-recent_rows(self.count) :] if self.count else []
+        totals.update(loss_window=len(tail), loss_rows=self.count)
+        for key in tail[0] if tail else ():
+            if key.startswith("loss_"):
+                totals[f"{key}_recent"] = recent_mean([r[key] for r in tail])
 
 
 def _role_name(ctx: Context) -> str:
@@ -99,7 +110,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     rank_of = {k: ctx.topo.rank_of(k) for k in server.clients}
     wire, run = ctx.wire, ctx.cfg.run
     totals = {"images": 0, "bytes_received": 0, "time_recv_s": 0.0, "time_compute_s": 0.0, "time_send_s": 0.0}
-    recent: deque = deque(maxlen=run.log_every)
+    recent = _Recent(run.rounds - ctx.start_round)
     profiler = _profiler(ctx, server.device)
     if not hosts:
         log.info("server %d: every client it serves is local-only (c = 1); it stays idle until sampling", ctx.rank)
@@ -145,8 +156,9 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
         }
         if msgs:  # a round no client sent to has nothing to record: no NaN rows to filter
             results.log(row)
+            recent.add(row)
             trained_since_log, last_row = trained_since_log + 1, row
-        _add_totals(totals, row, recent)
+        _add_totals(totals, row)
         totals["images"] += n
         if (r + 1) % run.log_every == 0:
             _log_server_interval(ctx, r, last_row, trained_since_log)
@@ -154,7 +166,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
         profiler.step()
         end_of_round(ctx, [results], server.state_dict(), r)
     profiler.close()
-    _loss_tails(totals, recent)
+    recent.into(totals)
     t0 = time.perf_counter()
     requests = {}
     for src, ks in hosts.items():
@@ -195,7 +207,7 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
     server_of = {c.index: topo.server_of(c.index) for c in host.clients}
     zero = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
     totals = {c.index: dict(zero) for c in host.clients}
-    recent = {c.index: deque(maxlen=run.log_every) for c in host.clients}
+    recent = {c.index: _Recent(run.rounds - ctx.start_round) for c in host.clients}
     for c in host.clients:
         c.count_audited(results[c.index].audit_totals())
     released = {c.index: dict(c.released) for c in host.clients}  # over the run before this invocation
@@ -222,6 +234,7 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
                 idle = {"time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0, "images_per_s": 0.0}
                 losses = {"loss_local": math.nan, "loss_server": math.nan}
                 results[c.index].log(_columns(c, {"round": r, "took_part": 0, **losses, **idle}))
+                recent[c.index].add(losses)
                 continue
             local = loss_local[c.index]
             row = {
@@ -236,7 +249,8 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
             }
             results[c.index].log(_columns(c, row))
             _log_audit(results[c.index], c)
-            _add_totals(totals[c.index], row, recent[c.index])
+            recent[c.index].add(row)
+            _add_totals(totals[c.index], row)
             totals[c.index]["images"] += c.batch_size
         profiler.step()
         end_of_round(ctx, list(results.values()), host.state_dict(), r)
@@ -255,7 +269,7 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
     samples = host.finish_samples(n, x_h)
     t2 = time.perf_counter()
     for c in host.clients:
-        _loss_tails(totals[c.index], recent[c.index])
+        recent[c.index].into(totals[c.index])
         with ctx.stop.writing():
             _finish(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), x_h[c.index])
         totals[c.index].update(time_sampling_wait_s=t1 - t0, time_sampling_local_s=t2 - t1)

@@ -36,6 +36,7 @@ from collafuse_hpc.runtime.rounds import Context
 from collafuse_hpc.runtime.topology import Topology
 from collafuse_hpc.runtime.watchdog import Watchdog
 from collafuse_hpc.runtime.wire import PeerFailure
+from collafuse_hpc.tables import cell
 
 log = logging.getLogger("collafuse_hpc")
 MAX_CLIENT_LINES = 16  # clients listed in the summary at the end of a run
@@ -66,7 +67,7 @@ def print_summary(cfg: Config, summaries: dict[str, dict], wall_s: float) -> Non
     by loops.summary_key."""
     for name, s in summaries.items():
         losses = [
-            f"{k[:-7]} {s[k]:.4f}"
+            f"{k[:-7]} {cell(s[k])}"  # as inspect prints them
             for k in ("loss_local_recent", "loss_server_recent")
             if not math.isnan(s.get(k, math.nan))
         ]
@@ -77,10 +78,10 @@ def print_summary(cfg: Config, summaries: dict[str, dict], wall_s: float) -> Non
             log.info("%s: idle in the %d rounds this invocation trained (no client sent x_c)", name, s["rounds_run"])
             continue
         log.info(
-            "%s: mean over the last %d of the %d rounds this invocation trained: %s",
+            "%s: mean over the last 10%% of the rounds (the last %d of %d rounds logged in this invocation): %s",
             name,
             s.get("loss_window", 0),
-            s.get("rounds_run", 0),
+            s.get("loss_rows", 0),
             ", ".join(losses) or "no loss",
         )
     out = sys.stdout
