@@ -7,7 +7,8 @@
 #   - USR1 (from --signal=B:USR1@120) is forwarded to every rank, which stop at
 #     the next round boundary with a checkpoint set and exit 75; the job is then
 #     requeued with scontrol. TERM to the script is forwarded the same way, without
-#     the requeue (scancel without --signal reaches the ranks directly).
+#     the requeue (scancel without --signal reaches the ranks directly). A rank that
+#     dies of the forwarded signal while still starting is exit 75 too (jobs/stop.sh).
 # SRUN_ARGS (an array, optional) adds options to srun, e.g. (--het-group=0,1).
 
 # The rendezvous store is unauthenticated: keep it on the cluster's internal
@@ -17,6 +18,7 @@ export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-^lo,docker}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 VENV=${VENV:-.venv}
+source "$(dirname "${BASH_SOURCE[0]}")/stop.sh"
 
 collafuse_run() {
   local config=$1
@@ -25,26 +27,28 @@ collafuse_run() {
   local resume=()
   [ -f "$out/results.h5" ] && resume=(--resume=auto)
   echo "collafuse: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST -> $out"
+  local requeue=1 stopped=""
+  trap 'echo "collafuse: USR1, ranks stop at the next round boundary"; stopped=1
+        scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+  # TERM or INT to this script alone (scancel --batch, a job killed from outside): stop the
+  # ranks the same way, so they write a checkpoint set, but do not requeue
+  trap 'echo "collafuse: TERM, ranks stop at the next round boundary"; requeue=0 stopped=1
+        scancel --signal=TERM "$SLURM_JOB_ID"' TERM INT
   srun --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" "$VENV/bin/python" -m collafuse_hpc train "$config" \
     --set "run.output_dir=$out" "${resume[@]}" "$@" &
   local step=$!
-  local requeue=1
-  trap 'echo "collafuse: USR1, ranks stop at the next round boundary"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
-  # TERM or INT to this script alone (scancel --batch, a job killed from outside): stop the
-  # ranks the same way, so they write a checkpoint set, but do not requeue
-  trap 'echo "collafuse: TERM, ranks stop at the next round boundary"; requeue=0
-        scancel --signal=TERM "$SLURM_JOB_ID"' TERM INT
   local rc=0
   wait "$step" || rc=$?
   while kill -0 "$step" 2>/dev/null; do  # wait returns early when a trap runs
     rc=0
     wait "$step" || rc=$?
   done
+  [ -z "$stopped" ] || rc=$(stop_status "$rc")
   if [ "$rc" -eq 75 ] && [ "$requeue" -eq 1 ]; then
-    echo "collafuse: checkpoint written, requeueing job $SLURM_JOB_ID"
+    echo "collafuse: stopped (exit 75), requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
   elif [ "$rc" -eq 75 ]; then
-    echo "collafuse: checkpoint written; not requeued (stopped by TERM/INT): submit again to continue"
+    echo "collafuse: stopped (exit 75); not requeued (stopped by TERM/INT): submit again to continue"
   fi
   return "$rc"
 }

@@ -9,9 +9,10 @@
 #
 # SIGTERM or SIGINT (Ctrl-C) to this script stops the run at the next round
 # boundary with a checkpoint set (exit 75; continue with --resume): the script
-# hands them to mpirun as SIGUSR1, which mpirun forwards. mpirun itself, signalled
-# with SIGTERM or SIGINT, kills its ranks at once: then the newest complete
-# checkpoint set stays as it was, and the round in progress is lost.
+# hands them to mpirun as SIGUSR1, which mpirun forwards. Before training starts
+# it is exit 75 too, also where a rank still starting died of it (jobs/stop.sh).
+# mpirun itself, signalled with SIGTERM or SIGINT, kills its ranks at once: then
+# the newest complete checkpoint set stays as it was, and the round in progress is lost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage="usage: jobs/local.sh NP train|sample CONFIG [args]"
@@ -28,21 +29,26 @@ export OMPI_MCA_btl=${OMPI_MCA_btl:-self,tcp}  # no stale /dev/shm segments
 export PRTE_MCA_rmaps_default_mapping_policy=${PRTE_MCA_rmaps_default_mapping_policy:-:oversubscribe}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 MPIRUN=${MPIRUN:-$VENV/bin/mpirun}
+source jobs/stop.sh
+stopped=""
+stop() {  # before mpirun starts: a stop that comes meanwhile is handed over once it runs
+  stopped=$1
+  echo "collafuse: $1, ranks stop at the next round boundary" >&2
+  [ -z "${launcher:-}" ] || kill -USR1 "$launcher" 2>/dev/null || true
+}
+trap 'stop SIGTERM' TERM
+trap 'stop SIGINT' INT
 # mpirun in its own process group, so a Ctrl-C at the terminal reaches only this script
 set -m
 "$MPIRUN" -np "$np" "$VENV/bin/python" -m collafuse_hpc "$@" &
 launcher=$!
 set +m
-stop() {
-  echo "collafuse: $1, ranks stop at the next round boundary" >&2
-  kill -USR1 "$launcher" 2>/dev/null || true
-}
-trap 'stop SIGTERM' TERM
-trap 'stop SIGINT' INT
+[ -z "$stopped" ] || kill -USR1 "$launcher" 2>/dev/null || true
 rc=0
 wait "$launcher" || rc=$?
 while kill -0 "$launcher" 2>/dev/null; do  # wait returns early when a trap runs
   rc=0
   wait "$launcher" || rc=$?
 done
+[ -z "$stopped" ] || rc=$(stop_status "$rc")
 exit "$rc"

@@ -401,6 +401,29 @@ def test_a_signal_while_the_command_starts_stops_it_cleanly(tmp_path, shards, si
     assert f"stopped by {sig.name} before training started" in err
 
 
+@pytest.mark.mpi
+def test_a_stop_to_local_sh_before_a_slow_rank_catches_it_gives_75(tmp_path, shards):
+    """Under load, jobs/local.sh signalled 0.3 s after its start exited 138: mpirun forwarded
+    the SIGUSR1 to a rank whose Python had not installed its handler yet, and it died of it.
+    Nothing was trained, and the job scripts requeue only on 75. Rank 1 sleeps before the
+    package loads (a slow shared file system); the stop goes once every rank's process runs."""
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=400))
+    env = harness.mpi_env(MPIRUN=mpirun(), VENV=str(Path(sys.executable).parent.parent))
+    env.update(harness.slow_start(tmp_path / "slow", rank=1, seconds=60))
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "jobs/local.sh"), "3", "train", cfg], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        until(lambda: len(harness.rank_pids(cfg)) == 3, timeout=60, what="mpirun starting 3 ranks")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_REQUEUE, (proc.returncode, err[-2000:])
+    assert "died of SIGUSR1 while it was still starting" in err.strip().splitlines()[-1], err[-2000:]
+    assert not (tmp_path / "out/results.h5").exists()
+
+
 def test_a_rank_waiting_on_a_failed_peer_ends_soon_after_a_signal(tmp_path, shards):
     """Client c0 freezes (SIGSTOP: alive, silent); a SIGTERM to the other ranks
     cannot reach the agreed stop, so they end stop_grace_s after it, exit 75, and the

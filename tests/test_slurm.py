@@ -11,7 +11,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from conftest import tiny_config, until, wait_for_rounds, write_config
+from conftest import harness, tiny_config, until, wait_for_rounds, write_config
 
 from collafuse_hpc.runtime import checkpoint
 
@@ -64,8 +64,9 @@ def _config(tmp_path, shards, rounds, fault=None, **run):
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 
 
-def _submit_train(tmp_path: Path, cfg: str, out: Path) -> str:
-    """jobs/train.sbatch on both nodes (1 server + 2 clients); returns the job id."""
+def _submit_train(tmp_path: Path, cfg: str, out: Path, env: dict[str, str] | None = None) -> str:
+    """jobs/train.sbatch on both nodes (1 server + 2 clients), with ``env`` added to the job's
+    environment; returns the job id."""
     return _run(
         "sbatch",
         "--parsable",
@@ -74,7 +75,7 @@ def _submit_train(tmp_path: Path, cfg: str, out: Path) -> str:
         "--ntasks=3",
         "--ntasks-per-node=2",
         f"--output={tmp_path}/job.out",
-        f"--export=ALL,OUTPUT_DIR={out}",
+        ",".join(["--export=ALL", f"OUTPUT_DIR={out}", *(f"{k}={v}" for k, v in (env or {}).items())]),
         "jobs/train.sbatch",
         cfg,
     ).strip()
@@ -187,6 +188,25 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(tmp_path, shard
     assert f"resuming from the checkpoint set of round {stopped}" in log
     with h5py.File(out / "results.h5") as f:
         assert list(f["server/rounds/round"][()]) == list(range(rounds))
+
+
+def test_usr1_before_a_slow_rank_catches_it_requeues(tmp_path, shards):
+    """SLURM's USR1, forwarded by the batch script while rank 1's Python still starts
+    (slowed on purpose: a busy shared file system), killed that rank: srun ended 138 or 143
+    and the job was not requeued. Nothing was trained: the script says so, gives 75 and
+    requeues."""
+    cfg = _config(tmp_path, shards, rounds=400)
+    jid = _submit_train(tmp_path, cfg, tmp_path / "out", harness.slow_start(tmp_path / "slow", rank=1, seconds=60))
+    try:
+        until(lambda: len(harness.rank_pids(cfg)) == 3, 120, "srun starting 3 tasks")
+        _run("scancel", "--batch", "--signal=USR1", jid)
+        until(lambda: _job(jid).get("Restarts") == "1", 60, "the requeue")
+    finally:
+        log = (tmp_path / "job.out").read_text()
+        _run("scancel", jid)  # the requeued job would start slowly again: what matters is the requeue
+    assert re.search(r"died of SIG(USR1|TERM) while it was still starting", log), log[-3000:]
+    assert "requeueing job" in log, log[-3000:]
+    assert not (tmp_path / "out/results.h5").exists()
 
 
 def test_heterogeneous_job_server_component_and_client_component(tmp_path, shards):

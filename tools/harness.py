@@ -8,6 +8,7 @@
 - :func:`spawn_ranks`: ranks as torchrun would start them, with no launcher that
   cleans up after a failure;
 - :func:`wait_for_rounds`: block until a live run's part file has logged N rounds;
+- :func:`slow_start` / :func:`rank_pids`: ranks whose Python starts late on purpose; a run's ranks;
 - :func:`synthetic_shards` / :func:`bench_config` / :func:`launch`: benchmark runs;
 - :func:`quickstart_config` / :func:`inception_weights`: the quickstart on real digits,
   scored with the reference FID network, for the evaluation and sampler benchmarks.
@@ -124,6 +125,34 @@ def spawn_ranks(n: int, args: list[str], logs: Path | None = None) -> list[subpr
             out = {"stdout": subprocess.DEVNULL, "stderr": open(logs / f"rank{rank}.err", "w")}  # noqa: SIM115
         procs.append(subprocess.Popen([*PACKAGE, *args], env=env, **out))
     return procs
+
+
+def slow_start(folder: Path, rank: int, seconds: float) -> dict[str, str]:
+    """Environment variables under which rank ``rank``'s Python (``OMPI_COMM_WORLD_RANK``,
+    ``SLURM_PROCID`` or ``RANK``) sleeps ``seconds`` before anything of the package loads,
+    as a start on a busy cluster's shared file system can: a ``sitecustomize.py`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import os, time\n"
+        f"if {str(rank)!r} in (os.environ.get(v) for v in ('OMPI_COMM_WORLD_RANK', 'SLURM_PROCID', 'RANK')):\n"
+        f"    time.sleep({seconds})\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def rank_pids(marker: str) -> list[int]:
+    """Pids of the ``python [-u] -m collafuse_hpc`` processes whose command line holds
+    ``marker`` (a config path): a run's ranks, whichever launcher started them."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        module = [a for a in argv[1:4] if a != "-u"][:2] == ["-m", "collafuse_hpc"]
+        if proc.name.isdigit() and Path(argv[0]).name.startswith("python") and module and marker in argv:
+            pids.append(int(proc.name))
+    return pids
 
 
 def until(condition, timeout: float = 90, what: str = "the condition") -> None:
