@@ -143,9 +143,12 @@ class StopRequest:
 
     def checked(self) -> None:
         """The checks before the start passed (the runner calls it): a signal that came
-        during them, and any until the ranks have joined, ends the process now."""
+        during them, and any until the ranks have joined, ends the process now. A request
+        that a caller of the Python API posted itself (no signal handler of this object's
+        in place) is not a signal: it is taken at the first round's check, and the caller's
+        process goes on."""
         self.phase = "starting"
-        if self.requested:
+        if self.requested and self._pipe is not None:
             self._exit_before_start(self.signal_name)
 
     def _exit_before_start(self, name: str) -> None:
