@@ -32,6 +32,36 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+FAST_LIMIT_S = 10.0  # the longest a test of the fast tier (-m "not slow") may take, setup included
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Multi-rank tests (mpi, slurm) are slow, but for the fast tier's smoke test; the
+    SLURM tests run one after another on one xdist worker (they share the cluster's two
+    nodes and their job-id ports)."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        multi_rank = item.get_closest_marker("mpi") or item.get_closest_marker("slurm")
+        if multi_rank and not item.get_closest_marker("smoke"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """In the fast tier, a test that takes over FAST_LIMIT_S fails, naming its time: mark
+    it slow (or make it fast), so that the tier stays an edit-test loop."""
+    report = (yield).get_result()
+    fast_tier = "not slow" in (item.config.option.markexpr or "")
+    if report.when == "setup":
+        item.setup_s = report.duration
+    elif fast_tier and report.when == "call" and report.passed and not item.get_closest_marker("slow"):
+        took = getattr(item, "setup_s", 0.0) + report.duration
+        if took > FAST_LIMIT_S:
+            report.outcome = "failed"
+            report.longrepr = f"took {took:.1f} s with its setup, over the fast tier's {FAST_LIMIT_S:.0f} s: mark slow"
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread() -> None:
     """Roles built in this process compute at one thread, as a rank does (run.threads):

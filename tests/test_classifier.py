@@ -111,6 +111,7 @@ def test_precision_and_recall_equal_the_definition_on_real_features(classifier, 
     np.testing.assert_allclose(metrics.knn_radii(repeated, 3)[:3], exact[0], rtol=1e-9)  # are not its neighbours
 
 
+@pytest.mark.slow
 def test_evaluate_with_the_classifier_reports_fidelity_precision_recall_and_intervals(tmp_path, shards, classifier):
     raw = tiny_config(shards, tmp_path, [0.25, 1.0], rounds=2)
     raw["eval"].update(

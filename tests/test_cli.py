@@ -8,6 +8,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from conftest import tiny_config, write_config
 
 from collafuse_hpc.cli import main
@@ -56,6 +57,7 @@ def test_sample_without_checkpoint_is_a_clear_error(tmp_path, shards, capsys):
     assert "no complete checkpoint set" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unreachable_rendezvous_names_the_address(tmp_path, shards):
     cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.2], timeout_s=3))
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}

@@ -77,6 +77,7 @@ def test_config_plans_a_job_whose_files_do_not_exist_yet(tmp_path, shards, capsy
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_log_lines_carry_level_and_rank(tmp_path, shards):
     env = {**os.environ, "OMPI_COMM_WORLD_RANK": "3"}
     cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.5], rounds=1))
@@ -113,6 +114,7 @@ def test_env_defaults_fill_only_empty_eval_keys(tmp_path, shards):
     assert cfg.eval.cache_dir == str(tmp_path.parent / "feature_cache")  # set in the config: kept
 
 
+@pytest.mark.slow
 def test_results_read_with_plain_h5py_and_bundle_into_one_file(tmp_path, shards, capsys, caplog):
     caplog.set_level("INFO", logger="collafuse_hpc")
     raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=3, log_every=1)

@@ -133,6 +133,7 @@ def test_prepare_refuses_another_preparations_shards_before_decoding(tmp_path, m
             prepare(catalog, str(tmp_path / "c"), clients, "iid", size=size, seed=seed, workers=1)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_prepare_says_what_was_kept_and_exits_130(tmp_path):
     root = tmp_path / "folder"
     make_folder(str(root), classes=2, per_class=40)

@@ -56,6 +56,7 @@ def test_a_checkpoint_that_does_not_fit_leaves_nothing_and_says_what_it_needs(sm
     assert [p.name for p in (small_disk / "out").rglob("*tmp*")] == []
 
 
+@pytest.mark.slow
 def test_a_run_that_fills_the_disk_stops_cleanly_and_continues_after(small_disk, tmp_path, shards):
     raw = tiny_config(shards, small_disk / "out", [0.25, 0.5], rounds=400, log_every=1, checkpoint_every=5)
     cfg = write_config(tmp_path / "run.yaml", raw)

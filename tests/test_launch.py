@@ -81,6 +81,7 @@ def _listening(port: int) -> set[str]:
     return found
 
 
+@pytest.mark.slow
 def test_the_rendezvous_store_listens_on_master_addr_only(tmp_path, shards):
     cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=400))
     procs = spawn_ranks(3, ["train", cfg], tmp_path / "logs")  # MASTER_ADDR=127.0.0.1
@@ -94,6 +95,7 @@ def test_the_rendezvous_store_listens_on_master_addr_only(tmp_path, shards):
             p.wait()
 
 
+@pytest.mark.slow
 def test_a_master_port_in_use_is_named(tmp_path, shards):
     cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.5], timeout_s=3))
     with socket.socket() as busy:

@@ -62,6 +62,7 @@ def _assert_same(a: dict, b: dict) -> None:
         assert x["audit"] == y["audit"], cid
 
 
+@pytest.mark.slow
 def test_clients_hosted_together_train_and_sample_as_on_ranks_of_their_own(tmp_path, shards):
     """One rank per client, all five on one rank, and 2 + 2 + 1: the same losses, samples,
     hand-overs and audit totals (to float tolerance)."""
@@ -78,6 +79,7 @@ def test_clients_hosted_together_train_and_sample_as_on_ranks_of_their_own(tmp_p
     _assert_same(runs[1], runs[2])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_with_another_placement(tmp_path, shards):
     """Stopped after round 2 with one client per rank, resumed with all on one rank
     (and the other way round): the same run as an uninterrupted one, but for the audit,
@@ -206,6 +208,7 @@ def test_a_rank_raises_its_open_file_limit_for_its_clients_shards(monkeypatch):
         host._allow_open_files(1256)
 
 
+@pytest.mark.slow
 def test_evaluation_generates_the_sets_of_clients_with_one_model_and_grid_together(tmp_path, shards, caplog):
     from collafuse_hpc.evaluation.evaluate import evaluate
 

@@ -31,6 +31,7 @@ def _check_results(out, client_ids, rounds, batch=6):
         }
 
 
+@pytest.mark.smoke  # the fast tier's multi-rank test
 def test_three_ranks_train_sample_and_write_results(tmp_path, shards):
     cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.4]))
     proc = run_mpi(3, ["train", cfg])

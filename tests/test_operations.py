@@ -42,6 +42,7 @@ def _assert_same_losses(a, b):
             np.testing.assert_allclose(a[key][name], b[key][name], rtol=1e-5, equal_nan=True, err_msg=key + name)
 
 
+@pytest.mark.slow
 def test_stop_request_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, shards):
     full = tiny_config(shards, tmp_path / "full", [0.2, 0.5], rounds=6, checkpoint_every=0)
     run_in_process(from_dict(full), resume=False)
@@ -115,6 +116,7 @@ def test_sigusr1_to_mpirun_keeps_the_agreed_set_that_rank_0_writes_slower_than_t
         checkpoint.load_rank(str(tmp_path / "out"), stopped, rank)
 
 
+@pytest.mark.slow
 def test_a_signal_while_a_resuming_rank_cuts_its_part_file_back_waits_for_the_cut(tmp_path, shards):
     """On a resume each rank cuts its part file back to the rounds before the set (they run
     again). The server takes 8 s for it; a signal to it then ends it (exit 75) only after
@@ -138,6 +140,7 @@ def test_a_signal_while_a_resuming_rank_cuts_its_part_file_back_waits_for_the_cu
         assert list(f["rounds/round"][()]) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_falls_back_to_the_previous_set(tmp_path, shards, caplog):
     caplog.set_level(logging.INFO, logger="collafuse_hpc")
     full = tiny_config(shards, tmp_path / "full", [0.2, 0.5], rounds=6, checkpoint_every=0)
@@ -208,6 +211,7 @@ def test_a_reader_of_a_live_run_never_blocks_the_writer(tmp_path):
         assert list(f["rounds/round"][()]) == [0, 1]
 
 
+@pytest.mark.slow
 def test_resume_mistakes_are_refused_before_anything_is_written(tmp_path, shards, capsys, caplog):
     caplog.set_level(logging.INFO, logger="collafuse_hpc")
     raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=4, checkpoint_every=2)
@@ -330,6 +334,7 @@ MOMENTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_sigterm_at_every_moment_of_a_run_keeps_what_is_done(tmp_path, shards, moment):
     changes, ready, expected = MOMENTS[moment]
@@ -379,6 +384,7 @@ def _catches(pid: int, sig: signal.Signals) -> bool:
     return bool(mask >> (sig - 1) & 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_signal_while_the_command_starts_stops_it_cleanly(tmp_path, shards, sig):
     """The stop handler is in place before the command loads torch: a signal that lands
@@ -424,6 +430,7 @@ def test_a_stop_to_local_sh_before_a_slow_rank_catches_it_gives_75(tmp_path, sha
     assert not (tmp_path / "out/results.h5").exists()
 
 
+@pytest.mark.slow
 def test_a_rank_waiting_on_a_failed_peer_ends_soon_after_a_signal(tmp_path, shards):
     """Client c0 freezes (SIGSTOP: alive, silent); a SIGTERM to the other ranks
     cannot reach the agreed stop, so they end stop_grace_s after it, exit 75, and the
@@ -450,6 +457,7 @@ def test_a_rank_waiting_on_a_failed_peer_ends_soon_after_a_signal(tmp_path, shar
             p.communicate()
 
 
+@pytest.mark.slow
 def test_a_damaged_set_is_skipped_naming_the_rounds_and_an_io_error_fails_keeping_everything(
     tmp_path, shards, capsys, caplog, monkeypatch
 ):

@@ -102,6 +102,7 @@ def test_a_sampling_loops_flops_are_those_of_every_model_call_it_makes(tmp_path,
     assert _loop_flops(diffusion, eps, x, grid[:5]) * (len(grid) - 1) == whole * 4
 
 
+@pytest.mark.slow
 def test_read_run_and_baselines_on_a_real_distributed_run(tmp_path):
     shards = harness.synthetic_shards(str(tmp_path / "shards"), 2, 8, 1, train=32, test=8)
     model = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
@@ -135,6 +136,7 @@ def test_gpu_check_runs_on_cpu_and_says_so(tmp_path):
     assert many["clients"] == 8 and many["server_images_per_s"] > 0 and many["run_images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_benchmarks_never_overwrite_an_earlier_measurement(tmp_path):
     """A benchmark's JSON is a record: an existing one is refused before anything is measured."""
     (tmp_path / "m.json").write_text("earlier")

@@ -4,6 +4,7 @@ training summary (results/schema.py: /records)."""
 
 import h5py
 import numpy as np
+import pytest
 import torch
 import yaml
 from conftest import tiny_config, write_config
@@ -26,6 +27,7 @@ def _inception_file(path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_sampling_and_evaluating_again_add_records_and_keep_every_other(tmp_path, shards, capsys, caplog):
     raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=4)
     raw["eval"].update(sets=["collaborative"], images=4, kid_subset_size=4)
@@ -82,6 +84,7 @@ def test_sampling_and_evaluating_again_add_records_and_keep_every_other(tmp_path
     assert "record 1 is a sample record, which holds no metrics; the records of evaluations are [3, 4]" in err
 
 
+@pytest.mark.slow
 def test_a_resumed_runs_training_summary_sums_its_invocations_and_each_prints_its_own(tmp_path, shards, capsys, caplog):
     """The summary at the end of a resume printed the run's last round as if it trained
     them all ('6 rounds') beside this invocation's images and the whole run's x_c; a
@@ -188,6 +191,7 @@ def test_every_server_replica_is_linked_bundled_and_inspected(tmp_path, shards, 
     assert "  server: rank 0 on " in text and "  servers/1: rank 1 on " in text
 
 
+@pytest.mark.slow
 def test_rows_buffered_at_a_checkpoint_survive_a_failure_after_it(tmp_path, shards):
     """Rows are written at every checkpoint set, also between log lines: a resume from
     that set keeps every round before it."""
@@ -201,6 +205,7 @@ def test_rows_buffered_at_a_checkpoint_survive_a_failure_after_it(tmp_path, shar
             assert list(f[f"{key}/rounds/round"][()]) == list(range(8)), key
 
 
+@pytest.mark.slow
 def test_a_run_of_the_schema_before_records_keeps_its_training_through_every_resume(tmp_path, shards):
     raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=2)
     cfg = write_config(tmp_path / "run.yaml", raw)
@@ -229,6 +234,7 @@ def _totals(g) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_the_audit_keeps_what_left_a_client_through_a_crash_a_resume_and_each_sample(tmp_path, shards):
     """The audit is append-only: rounds trained again after a crash were sent twice and
     each ``sample`` sends a request; its totals, and the count the evaluation's

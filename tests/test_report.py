@@ -60,6 +60,7 @@ def _rows(out: Path, name: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_a_c1_run_made_under_each_split_mode_is_one_seed_and_a_seed_without_c1_is_named(evaluated, tmp_path):
     """A study run once with SPLITS=markov and once with SPLITS=reference trains c = 1
     twice for one seed: pooled as two seeds (and versus_c1 taking either), the seed
@@ -81,6 +82,7 @@ def test_a_c1_run_made_under_each_split_mode_is_one_seed_and_a_seed_without_c1_i
     assert done.returncode == 2 and "are the same point" in done.stderr
 
 
+@pytest.mark.slow
 def test_metrics_older_than_the_run_are_left_out_and_inspect_says_so(evaluated, tmp_path, capsys):
     """Evaluated at round 2, then trained on to 3: its row would show round 2's numbers
     as the 3-round run's."""
@@ -105,6 +107,7 @@ def _config(run: Path) -> dict:
         return yaml.safe_load(f.attrs["config"])
 
 
+@pytest.mark.slow
 def test_the_report_runs_from_an_installed_wheel_outside_the_repository(evaluated, tmp_path):
     """On a cluster the package comes from a wheel (a module), without tools/: the report,
     its statistics and figures are in the package, and its folder takes the umask."""

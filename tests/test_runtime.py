@@ -101,6 +101,7 @@ def test_a_failing_client_ends_every_role_with_its_name(tmp_path, shards):
         assert [key for key in ("server", "clients/c0", "clients/c1") if "summary" in f[key]] == []
 
 
+@pytest.mark.slow
 def test_sequential_aggregation_and_reference_split(tmp_path, shards):
     base = tiny_config(shards, tmp_path / "a", [0.3, 0.3], rounds=3, checkpoint_every=0)
     run_in_process(from_dict(base), resume=False)
@@ -117,6 +118,7 @@ def test_sequential_aggregation_and_reference_split(tmp_path, shards):
     assert not np.allclose(a, c)  # the reference split trains on another target
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, shards):
     full = tiny_config(shards, tmp_path / "full", [0.2, 0.6], rounds=6, checkpoint_every=3)
     run_in_process(from_dict(full), resume=False)
@@ -160,6 +162,7 @@ def _server_weights(out, rounds, rank):
     return load_rank(str(out), rounds, rank)["state"]["net"]["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_round", [0, 2], ids=["every-client", "two-per-round"])
 def test_two_server_replicas_equal_one_server_with_all_batches(tmp_path, shards, per_round):
     """2 servers x 2 clients (gradient all-reduce) == 1 server with the 4 batches concatenated,
@@ -183,6 +186,7 @@ def test_two_server_replicas_equal_one_server_with_all_batches(tmp_path, shards,
         )
 
 
+@pytest.mark.slow
 def test_waits_for_a_peers_sampling_are_not_bounded_by_the_message_timeout(tmp_path, shards):
     # the server samples 2 x 1500 images: longer than run.timeout_s, which bounds waits for messages only
     raw = tiny_config(shards, tmp_path, [0.25, 0.5], rounds=2, timeout_s=1, samples_per_client=1500)
@@ -193,6 +197,7 @@ def test_waits_for_a_peers_sampling_are_not_bounded_by_the_message_timeout(tmp_p
         assert f["clients/c1/samples/images"].shape == (1500, 1, 8, 8)
 
 
+@pytest.mark.slow
 def test_partial_participation_draws_clients_per_round_and_records_who_took_part(tmp_path, shards):
     raw = tiny_config(shards, tmp_path / "full", [0.25, 0.5, 0.25, 1.0], rounds=6, checkpoint_every=3)
     raw["run"]["clients_per_round"] = 2
@@ -218,6 +223,7 @@ def test_partial_participation_draws_clients_per_round_and_records_who_took_part
     assert np.allclose(a["loss_server"], b["loss_server"], equal_nan=True)
 
 
+@pytest.mark.slow
 def test_a_run_and_an_evaluation_leave_the_callers_global_state_as_it_was(tmp_path, shards):
     """The library draws from its own streams: torch's global RNG, its thread count and
     the warnings filters are the caller's before and after (constructors, a run, evaluate)."""

@@ -132,6 +132,7 @@ def test_one_clipping_rule_the_server_clips_only_when_it_estimates_x0(tmp_path, 
         assert np.abs(f["clients/c0/samples/x_handover"][()]).max() <= 1.0
 
 
+@pytest.mark.slow
 def test_a_clients_server_samples_do_not_depend_on_the_batch_or_its_neighbours(tmp_path, shards):
     """The server samples each request from its own client's streams: the same x_h for
     c0 with sample_batch 2 or 64, and with or without c1 (same cut) beside it."""
