@@ -240,6 +240,7 @@ def reference_inception() -> str:
     return path
 
 
+@pytest.mark.slow  # Inception at 299 x 299 on a CPU core: about 0.2 s an image
 def test_converted_reference_weights_give_the_reference_features_and_fid(tmp_path, shards, reference_inception):
     converted = tmp_path / "fid_inception.pth"
     assert main(["convert-inception", reference_inception, str(converted)]) == 0
@@ -259,16 +260,17 @@ def test_converted_reference_weights_give_the_reference_features_and_fid(tmp_pat
         with torch.no_grad():
             return reference(x / 255 * (1 + 127 / 128) - 1).double().numpy()
 
-    want = [reference_features(r) for r in real]
+    want = [reference_features(r[:20]) for r in real]  # the reference network on half: the recipe is per image
     got = [features(ours, r, 20, cpu) for r in real]
     for g, w in zip(got, want):
-        assert np.linalg.norm(g - w) / np.linalg.norm(w) < 1e-4
-    assert metrics.fid(*got) == pytest.approx(metrics.fid(*want), rel=1e-3)
+        assert np.linalg.norm(g[:20] - w) / np.linalg.norm(w) < 1e-4
+    assert metrics.fid(got[0][:20], got[1][:20]) == pytest.approx(metrics.fid(*want), rel=1e-3)
     noise = features(ours, _u8(40, size=8), 20, cpu)
     assert metrics.fid(got[0][:20], got[0][20:]) < metrics.fid(got[0], got[1]) < metrics.fid(got[0], noise)
     # the TorchScript file as given works too, with the same features
     as_given, _ = load_extractor("inception", reference_inception, cpu)
-    assert np.linalg.norm(features(as_given, real[0], 20, cpu) - want[0]) / np.linalg.norm(want[0]) < 1e-4
+    given = features(as_given, real[0][:10], 10, cpu)
+    assert np.linalg.norm(given - want[0][:10]) / np.linalg.norm(want[0][:10]) < 1e-4
 
 
 @pytest.mark.slow
