@@ -393,7 +393,8 @@ def _config(args: argparse.Namespace) -> int:
     if missing:
         print(
             f"collafuse-hpc: warning: the {len(missing)} file(s) above do not exist yet: train refuses to start "
-            "until they do; everything else in the config passed the checks train makes",
+            "until they do; the checks that read them (image size, batch against the shard, labels) wait for them, "
+            "the rest of the config passed the checks train makes",
             file=sys.stderr,
         )
     return 0

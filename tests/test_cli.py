@@ -95,3 +95,10 @@ def test_log_level_is_accepted_before_and_after_every_subcommand(tmp_path, shard
         assert parser.parse_args([name, *rest, "--log-level", "DEBUG"]).log_level == "DEBUG", name
     cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.2]))
     assert main(["config", cfg, "--log-level", "WARNING"]) == 0
+
+
+def test_the_inspect_tool_without_a_subcommand_names_what_is_missing():
+    """tools/inspect_results.py printed its docstring and exited 1; argparse says what
+    is required, with the usage line, and exits 2 as every command line does."""
+    done = subprocess.run([sys.executable, "tools/inspect_results.py"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "the following arguments are required: command" in done.stderr

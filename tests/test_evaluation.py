@@ -596,6 +596,7 @@ def test_report_replaces_its_folder_whole_and_refuses_a_run_given_twice(report, 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow  # its two evaluated runs (the report fixture) take 10 to 20 s on a worker of its own
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium; .ci/run installs it)")
 def test_report_html_renders_its_tables_and_images_in_a_real_browser(report, tmp_path):
     """report.html opened in headless Chromium, offline: every table is laid out with its

@@ -97,6 +97,8 @@ def test_metrics_older_than_the_run_are_left_out_and_inspect_says_so(evaluated, 
     capsys.readouterr()
     assert main(["inspect", str(run / "results.h5")]) == 0
     assert f"not the run as it now is: {stale}" in capsys.readouterr().out
+    assert main(["compare", str(run / "results.h5")]) == 0
+    assert "2 (stale)" in capsys.readouterr().out  # compare marks it too
     evaluate(from_dict(raw))
     done = _report(run / "results.h5", out=tmp_path / "report")
     assert done.returncode == 0 and "left out" not in done.stdout, done.stdout

@@ -91,6 +91,11 @@ def tradeoff_figure(pooled: list[dict], path: str) -> bool:
     return True
 
 
+def figures_available() -> bool:
+    """Whether matplotlib (the optional extra 'report') can draw the figures."""
+    return _pyplot() is not None
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -98,7 +103,6 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("report: matplotlib is not installed, no figures (pip install 'collafuse-hpc[report]')")
         return None
     return plt
 

@@ -37,7 +37,7 @@ import sys
 import tempfile
 
 from collafuse_hpc.report import stats
-from collafuse_hpc.report.figures import conditions_figure, loss_figure, tradeoff_figure
+from collafuse_hpc.report.figures import conditions_figure, figures_available, loss_figure, tradeoff_figure
 from collafuse_hpc.report.tables import aggregate, rows, write_html, write_tables
 from collafuse_hpc.results.inspection import evaluate_command, export, summarize
 
@@ -130,11 +130,15 @@ def make_report(results: list[str], out_arg: str, record: int | None = None) -> 
         os.rename(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"report: {out_arg}/table.csv, versus_c1.csv, table.md, {made}, grids/, report.html")
+    if not figures_available():  # the figures need an optional extra
+        print("report: matplotlib is not installed, no figures (pip install 'collafuse-hpc[report]')")
+    print(f"report: {out_arg}/" + ", ".join(["table.csv", "versus_c1.csv", "table.md", *made, "grids/", "report.html"]))
     return 0
 
 
-def write_report(evaluated: list[tuple[str, list[dict], dict]], out: str, record: int | None, notes: list[str]) -> str:
+def write_report(
+    evaluated: list[tuple[str, list[dict], dict]], out: str, record: int | None, notes: list[str]
+) -> list[str]:
     """Every file of the report for ``[(results path, its rows, its loss curves)]`` into
     the folder ``out``, with ``notes`` on the runs left out; returns the figures drawn, for
     the summary line."""
@@ -160,4 +164,4 @@ def write_report(evaluated: list[tuple[str, list[dict], dict]], out: str, record
     if loss_figure(curves, os.path.join(out, "loss.png")):
         drawn.append(("Training loss of every run", os.path.join(out, "loss.png")))
     write_html(table, versus, out, drawn, notes)
-    return ", ".join(os.path.basename(path) for _, path in drawn)
+    return [os.path.basename(path) for _, path in drawn]

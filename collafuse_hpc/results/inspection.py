@@ -184,7 +184,10 @@ def stale_metrics(s: dict) -> str | None:
     trained = max([*s["checkpoints"], *ends], default=None)
     if scored is None or trained is None or scored >= trained:
         return None
-    return f"its metrics are of round {scored}, but the run has since trained to round {trained}: evaluate it again"
+    return (
+        f"its metrics are of round {scored}, but the run has since trained to round {trained}: evaluate it again "
+        f"({evaluate_command(s['file'])})"
+    )
 
 
 def format_summary(s: dict) -> str:
@@ -303,6 +306,7 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
 COMPARE_ROWS = (
     ("extractor (FID/KID features)", lambda s: s["metrics"]["attrs"]["extractor"]),
     ("rounds", lambda s: s["config"]["run"]["rounds"]),
+    ("metrics of round", lambda s: f"{s['metrics']['attrs']['checkpoint_round']}" + (" (stale)" if s["stale"] else "")),
     ("cut ratio(s)", lambda s: sorted({c.get("cut_ratio") for c in s["config"]["clients"]}, key=str)),
     ("server images/s", lambda s: s["roles"].get(SERVER, {}).get("summary", {}).get("images_per_s")),
     ("server loss", lambda s: s["roles"].get(SERVER, {}).get("tail_means", {}).get("loss_server")),
