@@ -145,3 +145,16 @@ def test_the_evaluation_page_quotes_the_plan_the_quickstart_logs(caplog):
     plan = caplog.records[0].getMessage()
     quoted = [q for q in code_spans(ROOT / "docs/evaluation.md") if "model evaluations per image" in q]
     assert quoted == [plan], (quoted, plan)
+
+
+def test_the_quickstart_shows_what_the_package_is_for_and_the_readme_says_what_its_grids_show():
+    """The quickstart trained c = 0.2 without labels, the setting docs/study.md finds to lose
+    (c0, holding 0-4, drew 5-9): its clients now share their labels, where collaboration
+    wins, and the README says what each grid shows."""
+    from collafuse_hpc.config import load
+
+    cfg = load(str(ROOT / "configs/quickstart.yaml"), check_files=False)
+    assert all(c.share_labels and c.cut_ratio == 0.2 for c in cfg.clients)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "each grid shows its own client's digits: c0's 0-4, c1's 5-9" in readme
+    assert "Class partition, c = 0.2, labels shared: collaboration wins" in (ROOT / "docs/study.md").read_text()
