@@ -90,7 +90,6 @@ DISCLOSURE = [*KEYS, *_ORDER[_ORDER.index("t_c") : _ORDER.index("sampling_flops_
 # intervals of those means come from the clients' intervals (stats.pooled_interval)
 POOLED_MEANS = ["confidence", "real_fidelity", "real_class_distance", "real_fid_halves"]
 POOLED_INTERVALS = ["fidelity", "class_distance"]
-INTERVALS = [k for k in COLUMNS if k.endswith(("_low", "_high"))]  # per run, over images: not in the tables
 COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") :]]
 TEXT = {"split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
 NUMBERS = [key for key in COLUMNS if key not in TEXT]
