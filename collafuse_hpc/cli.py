@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,8 @@ if TYPE_CHECKING:  # the rest loads after the signal handlers are in place (see 
     from collafuse_hpc.config import Config
     from collafuse_hpc.runtime.preemption import StopRequest
 
-RUN_COMMANDS = ("sample", "evaluate")  # act on a trained run: they take it in place of a config
+# act on a trained run, or describe it (config): they take it in place of a config; train refuses one
+RUN_COMMANDS = ("sample", "evaluate", "config")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,10 +178,61 @@ def _load(args: argparse.Namespace, check_files: bool = True) -> Config:
     from collafuse_hpc.results.schema import results_of
     from collafuse_hpc.runtime.launch import apply_env_defaults
 
-    results = results_of(args.config) if args.command in RUN_COMMANDS else None
+    results = results_of(args.config)
+    if os.path.isdir(args.config) and not os.path.isfile(results):
+        what = "a config file (YAML, configs/)" + (" or a run's folder" if args.command in RUN_COMMANDS else "")
+        raise ValueError(f"{args.config!r} is a folder without a results.h5, not a run: give {what}")
+    if results and args.command not in RUN_COMMANDS:
+        raise ValueError(_train_of_a_run(args.config, results))
     cfg = load_run(results, args.set, args.command) if results else load(args.config, args.set, check_files)
     apply_env_defaults(cfg)
     return cfg
+
+
+def _train_of_a_run(path: str, results: str) -> str:
+    """Why ``train`` refuses a trained run given in place of its config, and the command
+    that continues it: the one its newest training record ran, with --resume, into its folder."""
+    from collafuse_hpc.results.inspection import history, run_commands
+    from collafuse_hpc.results.schema import open_results
+
+    folder = os.path.dirname(results) or "."
+    with open_results(results) as f:
+        trained = [h for h in history(f) if h.get("command") in ("train", "resume")]
+    config, rest = _trained_with(trained[-1].get("argv", "") if trained else "")
+    where = ""
+    if not (config and os.path.isfile(config)):  # not here (a path from elsewhere, or a Python API run)
+        where = " (CONFIG: the config file it was trained with" + (f", {config!r} then)" if config else ")")
+        config = "CONFIG"
+    resume = shlex.join(["collafuse-hpc", "train", config, *rest, "--resume"])
+    resume += f" --set run.output_dir={shlex.quote(folder)}"
+    return (
+        f"train takes a config file, and {path!r} is a trained run: to train it on, give the config it was trained "
+        f"with and --resume, under the launcher it ran with: {resume}{where}; sample and evaluate take the run "
+        f"itself ({run_commands(folder)['evaluate']})"
+    )
+
+
+def _trained_with(argv: str) -> tuple[str | None, list[str]]:
+    """The config file and the other arguments of a recorded ``train`` command line, less
+    what continuing the run sets anew (--resume, --dry-run, run.output_dir)."""
+    words = shlex.split(argv)
+    if "train" not in words[1:]:
+        return None, []
+    config, rest, words = None, [], iter(words[words.index("train", 1) + 1 :])
+    for word in words:
+        if word in ("--set", "--log-level"):
+            value = next(words, "")
+            if not value.startswith("run.output_dir="):
+                rest += [word, value]
+        elif word == "--resume":  # its optional value is the next word
+            continue
+        elif word.startswith(("--resume=", "--dry-run", "--set=run.output_dir=")) or word == "auto":
+            continue
+        elif word.startswith("-") or config is not None:
+            rest.append(word)
+        else:
+            config = word
+    return config, rest
 
 
 def _describe(cfg: Config) -> str:

@@ -81,7 +81,7 @@ def _folder_as_config(raw, tmp_path, shards):
 
 
 CORPUS = [
-    ("config path is a folder", _folder_as_config, 2, "cannot be read: Is a directory"),
+    ("config path is a folder", _folder_as_config, 2, "is a folder without a results.h5, not a run: give a config"),
     ("unknown key", _set("run.roundz", 3), 2, "unknown config key(s) ['roundz'] in section 'run'"),
     ("wrong type", _set("run.rounds", "many"), 2, "config key 'run.rounds' must be int"),
     ("rounds 0", _set("run.rounds", 0), 2, "'run.rounds' must be >= 1"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import tiny_config, write_config
+from conftest import file_tree, tiny_config, write_config
 
 from collafuse_hpc.cli import main
 
@@ -102,3 +102,56 @@ def test_the_inspect_tool_without_a_subcommand_names_what_is_missing():
     is required, with the usage line, and exits 2 as every command line does."""
     done = subprocess.run([sys.executable, "tools/inspect_results.py"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "the following arguments are required: command" in done.stderr
+
+
+def _recorded_run(tmp_path, shards, monkeypatch, argv: list[str]) -> tuple[Path, str]:
+    """A run folder whose results.h5 holds the config and one train record that ran ``argv``
+    (what train writes first; no rounds are needed to refuse or describe the run)."""
+    from collafuse_hpc.config import dump, from_dict
+    from collafuse_hpc.results.writer import begin_record, create_index
+
+    run = tmp_path / "my run"
+    run.mkdir()
+    index = str(run / "results.h5")
+    create_index(index, dump(from_dict(tiny_config(shards, run, [0.25, 1.0]))), 0, {})
+    monkeypatch.setattr(sys, "argv", argv)
+    begin_record(index, "train", 0, {})
+    return run, index
+
+
+def test_train_of_a_run_names_the_command_that_continues_it(tmp_path, shards, capsys, monkeypatch):
+    """train RUN_FOLDER answered "config file ... cannot be read: Is a directory" (issue 36), and
+    train RUN/results.h5 "is not text (YAML expected)". train refuses a run, its dry run too, with
+    the command its training record ran, as --resume continues it (the docs' way: its config,
+    --resume, its folder)."""
+    config = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "elsewhere", [0.25, 1.0]))
+    trained = ["/venv/bin/collafuse-hpc", "train", config, "--set", "clients.0.cut_ratio=0.4"]
+    run, index = _recorded_run(tmp_path, shards, monkeypatch, [*trained, "--set", "run.output_dir=x", "--in-process"])
+    before = file_tree(tmp_path)
+    resume = f"collafuse-hpc train {config} --set clients.0.cut_ratio=0.4 --in-process --resume"
+    for given in (str(run), index):
+        for extra in ([], ["--dry-run"], ["--resume"]):
+            capsys.readouterr()
+            assert main(["train", given, *extra]) == 2, (given, extra)
+            err = capsys.readouterr().err.strip()
+            assert "\n" not in err and f"train takes a config file, and {given!r} is a trained run" in err, err
+            assert f"{resume} --set run.output_dir='{run}';" in err and f"collafuse-hpc evaluate '{run}'" in err, err
+    assert file_tree(tmp_path) == before
+    # recorded elsewhere (its config not here) or by the Python API (no train command line): CONFIG
+    (tmp_path / "api").mkdir()
+    api, _ = _recorded_run(tmp_path / "api", shards, monkeypatch, ["pytest", "-q"])
+    assert main(["train", str(api)]) == 2
+    assert "collafuse-hpc train CONFIG --resume --set run.output_dir=" in capsys.readouterr().err
+
+
+def test_config_of_a_run_describes_it(tmp_path, shards, capsys, monkeypatch):
+    """config, like sample and evaluate, takes a run's folder or results.h5 (it answered 'Is a
+    directory'): the run's own config, its rank map and cuts; --set only what a run's commands may."""
+    run, index = _recorded_run(tmp_path, shards, monkeypatch, ["collafuse-hpc", "train", "c.yaml"])
+    for given in (str(run), index):
+        capsys.readouterr()
+        assert main(["config", given]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert f"output_dir: {run}" in out and "client c1   20" in out and "0 + 20" in out, out
+    assert main(["config", str(run), "--set", "clients.0.cut_ratio=0.5"]) == 2
+    assert "config of a trained run takes its own config: --set clients.0.cut_ratio" in capsys.readouterr().err
