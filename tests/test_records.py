@@ -13,6 +13,7 @@ from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
 from collafuse_hpc.evaluation.inception import FIDInceptionV3
 from collafuse_hpc.evaluation.sets import load_roles
+from collafuse_hpc.results.inspection import sampled_steps
 
 
 def _attrs(g) -> dict:
@@ -255,3 +256,39 @@ def test_the_audit_keeps_what_left_a_client_through_a_crash_a_resume_and_each_sa
         assert list(f["clients/c1/audit/round"][()]) == [0, 1, 2, 3, 4, 4, 5, 6, 6, 6]
     _, clients = load_roles(from_dict(yaml.safe_load((tmp_path / "run.yaml").read_text())), 6, torch.device("cpu"))
     assert clients[0].released["images_sent"] == 7 * 6  # disclosure's release count
+
+
+def test_inspect_says_the_steps_each_side_sampled_and_no_loss_a_cut_never_trains(tmp_path, shards, capsys):
+    """inspect printed '(ddpm, 0 steps, eta 0.0, ...)' for every client (diffusion.sampling_steps 0
+    means T) and 'loss_local -' for a client at c = 0, which trains no step of its own. It says
+    the steps as they ran, shared between the server and the client, for c = 0 and 1 (a run),
+    and 0.25 and a strided grid (10 of T = 20)."""
+    raw = tiny_config(shards, tmp_path / "out", [0.0, 1.0], rounds=1, samples_per_client=2)
+    raw["clients"][0]["allow_centralized"] = True
+    assert main(["train", write_config(tmp_path / "run.yaml", raw), "--in-process"]) == 0
+
+    def inspected() -> dict[str, list[str]]:
+        capsys.readouterr()
+        assert main(["inspect", str(tmp_path / "out")]) == 0
+        by_role, role = {}, None
+        for line in capsys.readouterr().out.splitlines():
+            if line.startswith("  clients/"):
+                role = line.split()[0].split("/")[1]
+            elif role and line.startswith("    "):
+                by_role.setdefault(role, []).append(line.strip())
+        return by_role
+
+    def line(lines: list[str], start: str) -> str:
+        return next(text for text in lines if text.startswith(start))
+
+    roles = inspected()
+    assert "(ddpm, 20 steps, all on the server, record 0)" in line(roles["c0"], "samples:")
+    assert "(ddpm, 20 steps, all on the client, record 0)" in line(roles["c1"], "samples:")
+    assert "loss_local" not in line(roles["c0"], "losses") and "loss_server" in line(roles["c0"], "losses")
+    assert "loss_server" not in line(roles["c1"], "losses") and "loss_local" in line(roles["c1"], "losses")
+    assert sampled_steps(0, 5, {"timesteps": 20}) == "20 steps: 15 server + 5 client"
+    # a strided grid (sample --set diffusion.sampling_steps=10): the step counts each side ran
+    assert sampled_steps(10, 5, {"timesteps": 20}) == "10 steps: 8 server + 2 client"
+    assert sampled_steps(10, 20, {"timesteps": 20}) == "10 steps, all on the client"
+    assert sampled_steps(10, 0, {"timesteps": 20}) == "10 steps, all on the server"
+    assert sampled_steps(10, None, {}) == "sampling_steps 10"  # a file without the cut: the setting as given

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from collafuse_hpc.atomic import refuse_existing
+from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.evaluation.attacks import describe as describe_attack
 from collafuse_hpc.evaluation.disclosure import describe as describe_disclosure
 from collafuse_hpc.evaluation.quality import POOLED_FID
@@ -190,6 +191,19 @@ def stale_metrics(s: dict) -> str | None:
     )
 
 
+def sampled_steps(steps: int, t_c: int | None, diffusion: dict) -> str:
+    """The reverse steps a client's samples took, as they ran: ``diffusion.sampling_steps``
+    (0 means T) shared between the server's part of the chain and the client's."""
+    try:
+        server, client = Cut(t_c, diffusion["timesteps"], diffusion.get("split", "markov"), steps).sampling_grids()
+    except (KeyError, TypeError, ValueError):  # no cut or no T recorded: the setting as it was given
+        return f"sampling_steps {steps}"
+    on_server, on_client = max(0, len(server) - 1), max(0, len(client) - 1)
+    if not on_server or not on_client:
+        return f"{on_server + on_client} steps, all on the {'client' if on_client else 'server'}"
+    return f"{on_server + on_client} steps: {on_server} server + {on_client} client"
+
+
 def format_summary(s: dict) -> str:
     """The summary as readable text."""
     a, cfg = s["attrs"], s["config"] or {}
@@ -213,7 +227,10 @@ def format_summary(s: dict) -> str:
     for key, r in s["roles"].items():
         at = r["attrs"]
         cut = f" t_c={at['t_c']} (c={at['cut_ratio']:.2f})" if "t_c" in at else ""
-        losses = ", ".join(f"{k} {cell(v)}" for k, v in r.get("tail_means", {}).items() if k.startswith("loss"))
+        tail = r.get("tail_means", {})
+        if at.get("t_c") == 0:  # c = 0: the client trains no step of its own (c = 1 logs no server loss)
+            tail = {k: v for k, v in tail.items() if k != "loss_local"}
+        losses = ", ".join(f"{k} {cell(v)}" for k, v in tail.items() if k.startswith("loss"))
         lines.append(
             f"  {key}{cut}: rank {at.get('rank')} on {at.get('host')}, {r.get('rounds_logged', 0)} rounds logged"
         )
@@ -234,7 +251,9 @@ def format_summary(s: dict) -> str:
             how = r.get("sampled_with", {})
             made = ""
             if "record" in how:
-                made = f" ({how['sampler']}, {how['sampling_steps']} steps, eta {how['eta']}, record {how['record']})"
+                steps = sampled_steps(how["sampling_steps"], at.get("t_c"), cfg.get("diffusion", {}))
+                eta = f", eta {how['eta']}" if how["sampler"] == "ddim" else ""  # DDPM steps have no eta
+                made = f" ({how['sampler']}, {steps}{eta}, record {how['record']})"
             lines.append(f"    samples: {r['samples']} uint8{made}")
     m = s.get("metrics")
     if m:
