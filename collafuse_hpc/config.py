@@ -297,11 +297,23 @@ def load(path: str | None, overrides: list[str] = (), check_files: bool = True) 
 
 def _resolve(raw: dict, overrides: list[str], check_files: bool = True) -> Config:
     """The validated config of a raw YAML tree after ``key=value`` overrides."""
+    raw = _unshared(raw)
     for assignment in overrides:
         apply_override(raw, assignment)
     cfg = from_dict(raw)
     validate(cfg, check_files=check_files)
     return cfg
+
+
+def _unshared(node: Any) -> Any:
+    """``node`` with every mapping and list its own: YAML anchors and aliases
+    (``model: *small``) load as one shared object, which an override of one client's
+    key would change for every client that shares it."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
 
 
 def to_dict(cfg: Config) -> dict:

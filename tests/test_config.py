@@ -229,3 +229,17 @@ def test_every_range_of_the_reference_is_enforced(tmp_path, shards):
         bad = rng.lo if rng.lo_open else rng.lo - 1
         with pytest.raises(ValueError, match=re.escape(f"'{key}' must be {rng.describe({'diffusion.timesteps': 20})}")):
             load(base, [f"{key}={bad}"])
+
+
+
+def test_an_override_of_one_client_leaves_clients_sharing_a_yaml_anchor_alone(tmp_path):
+    """``model: *small`` loads as one object for every client that names the anchor: a
+    --set of one client's model must not change the others'."""
+    path = tmp_path / "anchors.yaml"
+    path.write_text(
+        "clients:\n"
+        "  - {id: a, shard: a.h5, cut_ratio: 0.5, model: &small {base_channels: 8, channel_mult: [1]}}\n"
+        "  - {id: b, shard: b.h5, cut_ratio: 0.5, model: *small}\n"
+    )
+    cfg = load(str(path), ["clients.1.model.base_channels=4"], check_files=False)
+    assert [c.model.base_channels for c in cfg.clients] == [8, 4]
