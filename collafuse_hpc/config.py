@@ -111,8 +111,11 @@ class ClientConfig:
 class RunConfig:
     """Loop, output and runtime settings."""
 
+    # split (CollaFuse: the chain cut between the clients and the server) or federated (FedAvg over the whole chain:
+    # the baseline a user would run instead; see the federated section)
+    method: str = "split"
     output_dir: str = "runs/default"  # folder of results.h5, samples and checkpoints, on a file system every rank sees
-    rounds: int = 1000  # [rounds] training rounds (one batch per client per round)
+    rounds: int = 1000  # [rounds] training rounds (split: one batch per client; federated: local_steps batches)
     seed: int = 0  # base seed; each client, server and member derives its own streams
     log_every: int = 50  # [rounds] between log lines and results flushes
     checkpoint_every: int = 0  # [rounds] between checkpoint sets; 0: only at the end
@@ -133,6 +136,23 @@ class RunConfig:
     watchdog_s: float = 1800.0  # [s] end a rank that makes no progress this long (hangs below the wire); 0: off
     profile_rounds: int = 0  # [rounds] traced with torch.profiler after 2 warm-up rounds; 0: off
     tensorboard: bool = False  # also write each logged round's scalars to <output_dir>/tensorboard/<role> (extra)
+
+
+@dataclass
+class FederatedConfig:
+    """FedAvg (run.method: federated, roles/federated.py): one global model over the whole chain, trained by
+    the clients' local steps and averaged on the server; nothing but weights and updates crosses the wire."""
+
+    local_steps: int = 10  # [steps] E: optimizer steps each participant takes per round, one batch each
+    # fedavg (theta += server_lr x the images-weighted mean update) or fedadam (Adam on that mean: Reddi et al. 2021)
+    server_optimizer: str = "fedavg"
+    server_lr: float = 1.0  # eta_s: 1 with fedavg is plain FedAvg; fedadam's step size (around 1e-2)
+    # [steps] F: before sampling, each client fine-tunes the final global model on its own data this long, with a
+    # fresh optimizer (personalized FedAvg); 0: each client samples with the global model
+    finetune_steps: int = 0
+    # the global model's UNet and optimizer: server (server.model and server.optim: equal quality budget) or
+    # client (the clients' model and optim, which must be the same for every client: equal client-model budget)
+    architecture: str = "server"
 
 
 @dataclass
@@ -178,6 +198,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     clients: list[ClientConfig] = field(default_factory=list)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 CLIENT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 CHOICES = {
+    "run.method": ("split", "federated"),
+    "federated.server_optimizer": ("fedavg", "fedadam"),
+    "federated.architecture": ("server", "client"),
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.split": ("markov", "reference"),
     "diffusion.sampler": ("ddpm", "ddim"),
@@ -99,6 +102,9 @@ RANGES = {
     "clients.*.cut_ratio": Range(0, 1),
     "clients.*.cut_step": Range(0, "diffusion.timesteps"),
     "clients.*.batch_size": AT_LEAST_1,
+    "federated.local_steps": AT_LEAST_1,
+    "federated.server_lr": POSITIVE,
+    "federated.finetune_steps": NON_NEGATIVE,
 }
 
 # Keys a resumed run may change: how long, how often, where and how fast it runs, and
@@ -133,6 +139,7 @@ RESUMABLE = (
     "clients.*.allow_new_shard",
     "eval.*",
     "fault.*",
+    "federated.finetune_steps",
 )
 
 
@@ -150,7 +157,22 @@ RUN_SETTABLE = (
     "server.device",
     "clients.*.device",
     "clients.*.shard",
+    "federated.finetune_steps",
 )
+
+# Keys each method ignores (what they set is named in a warning at the start and in the run's record).
+IGNORED = {
+    "federated": (
+        "clients.*.cut_ratio",
+        "clients.*.cut_step",
+        "clients.*.share_labels",
+        "clients.*.wire_dtype",
+        "clients.*.allow_centralized",
+        "server.aggregate",
+        "diffusion.split",
+    ),
+    "split": ("federated.*",),
+}
 
 
 def matching(rules: dict[str, Any], key: str) -> Any:
@@ -197,6 +219,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise ValueError(f"config key 'eval.sets' is []; give one or more of {list(SETS)}")
     _check_servers(cfg)
     _check_clients(cfg)
+    if cfg.run.method == "federated":
+        _check_federated(cfg)
     if check_files:
         refuse_missing(missing_shards(cfg))
 
@@ -271,10 +295,44 @@ def _check_clients(cfg: Config) -> None:
                 f"client {c.id!r} ('{key}') has both (cut_ratio {c.cut_ratio}, cut_step {c.cut_step}): set "
                 f"{key}.cut_ratio=null to use cut_step, or {key}.cut_step=null to use cut_ratio"
             )
-        if c.cut_ratio is None and c.cut_step is None:
+        if c.cut_ratio is None and c.cut_step is None and cfg.run.method == "split":
             raise ValueError(f"client {c.id!r} ('{key}') has neither: give one of cut_ratio or cut_step")
         if (c.labels or c.share_labels) and cfg.data.num_classes < 1:
             raise ValueError(f"client {c.id!r} ('{key}') uses labels, but 'data.num_classes' is 0")
+
+
+def _check_federated(cfg: Config) -> None:
+    """One global model: one server, and what defines the model the same for every client."""
+    if cfg.server.count != 1:
+        raise ValueError(
+            f"config key 'server.count' is {cfg.server.count}, but run.method 'federated' averages on one server: "
+            "set server.count=1"
+        )
+    keys = ["labels"] + (["model", "optim"] if cfg.federated.architecture == "client" else [])
+    for key in keys:
+        values = [getattr(c, key) for c in cfg.clients]
+        if any(v != values[0] for v in values):
+            odd = next(i for i, v in enumerate(values) if v != values[0])
+            why = "" if key == "labels" else " with federated.architecture 'client'"
+            raise ValueError(
+                f"run.method 'federated' trains one global model, but 'clients.{odd}.{key}' differs from "
+                f"'clients.0.{key}'{why}: give every client the same '{key}'"
+                + (", or use federated.architecture=server" if key != "labels" else "")
+            )
+
+
+def ignored_keys(cfg: Config) -> dict[str, Any]:
+    """{key: value} of each key the run's method ignores that is set away from its default
+    (a split config turned federated keeps its cuts, say): named once at the start."""
+    blank = type(cfg)(clients=[type(c)() for c in cfg.clients])  # the defaults, without importing config.py
+    defaults = flatten(asdict(blank), lists=True)
+    values = flatten(asdict(cfg), lists=True)
+    patterns = IGNORED[cfg.run.method]
+    return {
+        key: value
+        for key, value in values.items()
+        if any(fnmatch.fnmatchcase(key, p) for p in patterns) and value != defaults.get(key)
+    }
 
 
 def resume_differences(saved: dict, current: dict) -> list[str]:

@@ -161,6 +161,22 @@ class Trainable:
             else:
                 torch._foreach_lerp_([self.ema_weights[j] for j in group], [self.weights[j] for j in group], 1 - decay)
 
+    def set_member_weights(self, j: int, flat: torch.Tensor) -> None:
+        """Member ``j``'s weights become ``flat`` [P] (its moments, step count and EMA stay:
+        a federated client starting a round from the global model)."""
+        with torch.no_grad():
+            self.weights[j].copy_(flat)
+
+    def restart_member(self, j: int, flat: torch.Tensor) -> None:
+        """Member ``j`` starts afresh from ``flat`` [P]: weights and EMA set to it, moments
+        and step count zeroed (so the EMA's warm-up runs again)."""
+        with torch.no_grad():
+            self.weights[j].copy_(flat)
+            self.ema_weights[j].copy_(flat)
+            self.exp_avg[j].zero_()
+            self.exp_avg_sq[j].zero_()
+        self.steps[j].zero_()
+
     @property
     def ema_params(self) -> dict[str, torch.Tensor]:
         return dict(self.ema.named_parameters())

@@ -71,10 +71,11 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def begin_record(index: str, command: str, checkpoint_round: int, settings: dict) -> int:
+def begin_record(index: str, command: str, checkpoint_round: int, settings: dict, ignored: dict | None = None) -> int:
     """Append the record of one invocation that writes into the run (rank 0 of train,
     resume or sample; evaluate); returns its number. ``settings``: the keys that differ
-    from the training config (config.changed_keys)."""
+    from the training config (config.changed_keys); ``ignored``: the keys set that the
+    run's method ignores (config_rules.ignored_keys)."""
     with _writing(index) as f:
         n = len(record_numbers(f))
         f.create_group(record_key(n)).attrs.update(
@@ -84,6 +85,7 @@ def begin_record(index: str, command: str, checkpoint_round: int, settings: dict
             finished="",
             checkpoint_round=checkpoint_round,
             settings=yaml.safe_dump(settings, sort_keys=True),
+            ignored=yaml.safe_dump(ignored or {}, sort_keys=True),
             totals="",
         )
     return n

@@ -105,7 +105,9 @@ class Client:
     def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, device=self.device)
 
-    def _record(self, msg: Message) -> Message:
+    def record(self, msg: Message) -> Message:
+        """Count ``msg`` as sent by this client (the audit), and return it: call on everything
+        that leaves the client, as it leaves."""
         images = msg.count if msg.kind == Kind.TRAIN else 0
         self.audit.append(AuditEntry(msg.round, int(msg.kind), images, msg.t_c, msg.nbytes))
         self.released["images_sent"] += images
@@ -131,7 +133,7 @@ class Client:
             return None
         x_c = self.noised_to_cut(self._x0)
         shared = self._y if self.share_labels else None
-        return self._record(one_client(Kind.TRAIN, round_, self.index, self.cut.t_c, len(x_c), x_c, shared))
+        return self.record(one_client(Kind.TRAIN, round_, self.index, self.cut.t_c, len(x_c), x_c, shared))
 
     def local_step(self, t_max: int | None = None) -> float | None:
         """One optimizer step on this round's batch at t ~ U{1..t_max} (default t_c, the
@@ -148,7 +150,7 @@ class Client:
         if not self.cut.uses_server:
             return None
         shared = self.sample_labels if self.share_labels else None
-        return self._record(one_client(Kind.SAMPLE_REQUEST, round_, self.index, self.cut.t_c, n, None, shared))
+        return self.record(one_client(Kind.SAMPLE_REQUEST, round_, self.index, self.cut.t_c, n, None, shared))
 
     def finish_samples(self, n: int, x_h: torch.Tensor | None) -> torch.Tensor:
         """:func:`finish_samples` of this client alone."""

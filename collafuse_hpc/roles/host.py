@@ -11,6 +11,7 @@ import torch
 
 from collafuse_hpc.config import Config
 from collafuse_hpc.roles.client import Client, client_nets, finish_samples, local_steps
+from collafuse_hpc.runtime.topology import Topology
 
 
 def batches(clients: list[Client], key: Callable[[Client], Hashable]) -> list[list[Client]]:
@@ -49,6 +50,10 @@ class ClientHost:
         _allow_open_files(len(indices) + 256)  # every client reads its own shard, kept open
         nets = client_nets(cfg, indices, device)
         self.clients = [Client(cfg, k, device, nets[k]) for k in indices]
+
+    def servers(self, topo: Topology) -> list[int]:
+        """The server ranks its clients talk to (told when this rank fails)."""
+        return sorted({topo.server_of(c.index) for c in self.clients if c.cut.uses_server})
 
     def local_steps(self, clients: list[Client]) -> dict[int, float | None]:
         """One local step of each of ``clients`` (this round's participants), batched

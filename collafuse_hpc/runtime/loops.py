@@ -13,6 +13,8 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -284,11 +286,19 @@ def _columns(client: Client, row: dict) -> dict:
 
 
 def _finish(
-    ctx: Context, client: Client, results: RoleResults, totals: dict, samples: np.ndarray, x_h: torch.Tensor | None
+    ctx: Context,
+    client: Client,
+    results: RoleResults,
+    totals: dict,
+    samples: np.ndarray,
+    x_h: torch.Tensor | None,
+    more: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Write a client's samples, grid, audit and totals at the end of its run."""
+    """Write a client's samples, grid, audit and totals at the end of its run; ``more``:
+    other uint8 image sets of the samples group by name (a federated client's global ones)."""
     d, run = ctx.cfg.diffusion, ctx.cfg.run
     made = {"images": (samples, {"units": "uint8 pixels 0..255"})}
+    made.update({name: (images, {"units": "uint8 pixels 0..255"}) for name, images in (more or {}).items()})
     if x_h is not None:
         handover = {"t": client.cut.handover, "units": "model range [-1, 1]"}
         made["x_handover"] = (x_h.float().cpu().numpy(), handover)
@@ -311,34 +321,26 @@ def _log_audit(results: RoleResults, client: Client) -> None:
         results.log(dataclasses.asdict(entry), AUDIT)
 
 
-def build_role(cfg: Config, topo: Topology, rank: int, device: torch.device, wire: Wire) -> Server | ClientHost:
-    if topo.is_server(rank):
-        reduce = wire.allreduce_servers if topo.num_servers > 1 else None
-        return Server(cfg, topo.clients_of(rank), device, reduce, rank)
-    return ClientHost(cfg, topo.clients_on(rank), device)
-
-
 def summary_key(cfg: Config, topo: Topology, rank: int, client: int | None = None) -> str:
     """A role's name in the summaries of a run: its part file's name, ``server_<rank>`` or
     ``client_<id>``."""
     return os.path.splitext(os.path.basename(part_file(cfg, topo, rank, client)))[0]
 
 
-def run_role(ctx: Context, role: Server | ClientHost) -> dict[str, dict]:
-    """Run one rank's role to the end; returns each role's summary by
-    :func:`summary_key`. On failure tell the peers (ERROR) and re-raise."""
+def run_role(ctx: Context, role: Any, loop: Callable) -> dict[str, dict]:
+    """Run one rank's role to the end with its method's ``loop`` (methods.py); returns
+    each role's summary by :func:`summary_key`. On failure tell the peers (ERROR) and
+    re-raise."""
     cfg, topo, rank = ctx.cfg, ctx.topo, ctx.rank
-    if isinstance(role, Server):  # the other replicas first: after a failed collective they are probed first
+    server = topo.is_server(rank)
+    if server:  # the other replicas first: after a failed collective they are probed first
         peers = [r for r in range(topo.num_servers) if r != rank] + sorted(_hosts(topo, role.clients))
     else:
-        peers = sorted({topo.server_of(c.index) for c in role.clients if c.cut.uses_server})
+        peers = role.servers(topo)
     try:
         restore(ctx, role)
         results = _open_parts(ctx, role)
-        if isinstance(role, Server):
-            summaries = {None: server_loop(ctx, role, results[None])}
-        else:
-            summaries = client_loop(ctx, role, results)
+        summaries = {None: loop(ctx, role, results[None])} if server else loop(ctx, role, results)
         with ctx.stop.writing():
             for k, part in results.items():
                 part.flush()
@@ -361,7 +363,7 @@ def run_role(ctx: Context, role: Server | ClientHost) -> dict[str, dict]:
         raise RankFailure(text) from e
 
 
-def _open_parts(ctx: Context, role: Server | ClientHost) -> dict[int | None, RoleResults]:
+def _open_parts(ctx: Context, role: Any) -> dict[int | None, RoleResults]:
     """The rank's part files by client index (None: the server's), created, or on a resume
     cut back to the rounds before ``ctx.start_round``: under the stop request's write lock,
     so that a stop signal never ends the process inside that HDF5 write."""
@@ -371,7 +373,7 @@ def _open_parts(ctx: Context, role: Server | ClientHost) -> dict[int | None, Rol
     results = {}
     with ctx.stop.writing():
         slow_write(ctx)
-        if isinstance(role, Server):
+        if topo.is_server(rank):
             mirror = ScalarSink(ctx.output_dir, _role_name(ctx)) if cfg.run.tensorboard else None
             return {None: RoleResults(part_file(cfg, topo, rank), {"role": "server", **where}, resume, mirror)}
         for c in role.clients:

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from collafuse_hpc.config import Config, dump, to_dict
-from collafuse_hpc.config_rules import changed_keys
+from collafuse_hpc.config_rules import changed_keys, ignored_keys
 from collafuse_hpc.results.inspection import run_commands
 from collafuse_hpc.results.schema import SUMMARY, index_path, open_results, plain_attrs, record_key, role_key
 from collafuse_hpc.results.writer import begin_record, create_index, finish_record, record_config
@@ -29,7 +29,8 @@ from collafuse_hpc.runtime.launch import Launch, discover, resolve_device, threa
 from collafuse_hpc.runtime.local_wire import LocalHub, LocalWire
 from collafuse_hpc.runtime.lock import RunLock
 from collafuse_hpc.runtime.lock import check as check_lock
-from collafuse_hpc.runtime.loops import build_role, part_file, run_role, summary_key
+from collafuse_hpc.runtime.loops import part_file, run_role, summary_key
+from collafuse_hpc.runtime.methods import build_role
 from collafuse_hpc.runtime.preemption import Preempted, StopRequest
 from collafuse_hpc.runtime.preflight import preflight
 from collafuse_hpc.runtime.rounds import Context
@@ -160,12 +161,19 @@ def _start(cfg: Config, topo: Topology, command: str, start_round: int) -> int:
     invocation's record (train, resume or sample); returns its number."""
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     index = index_path(cfg.run.output_dir)
+    ignored = ignored_keys(cfg)
+    if ignored:
+        log.warning(
+            "run.method %r ignores these keys of the config (kept in the record): %s",
+            cfg.run.method,
+            ", ".join(f"{k}={v!r}" for k, v in ignored.items()),
+        )
     if not os.path.exists(index):
         create_index(index, dump(cfg), cfg.run.seed, _index_roles(cfg, topo))
-        return begin_record(index, command, start_round, {})
+        return begin_record(index, command, start_round, {}, ignored)
     with open_results(index) as f:
         trained_with = yaml.safe_load(f.attrs["config"])
-    n = begin_record(index, command, start_round, changed_keys(trained_with, to_dict(cfg)))
+    n = begin_record(index, command, start_round, changed_keys(trained_with, to_dict(cfg)), ignored)
     if command == "resume":  # record the config it trains on (only RESUMABLE keys can differ)
         record_config(index, dump(cfg))
         checkpoint.remove_incomplete(cfg.run.output_dir)  # left by the run that stopped: free their space
@@ -243,7 +251,7 @@ def run_distributed(cfg: Config, resume: bool | str, stop: StopRequest | None = 
         watchdog = Watchdog(topo.describe(rank), cfg.run.watchdog_s) if cfg.run.watchdog_s > 0 else None
         ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop, watchdog, attempt=launch.restart)
         ctx.record, ctx.trains = record, not sample
-        run_role(ctx, build_role(cfg, topo, rank, device, wire))
+        run_role(ctx, *build_role(cfg, topo, rank, device, wire))
         wire.heartbeat.stop()  # no peer is waited for or worked for from here on; an evaluation may take hours
         if watchdog is not None:
             watchdog.stop()
@@ -295,7 +303,7 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
         ctx = Context(cfg, topo, rank, wires[rank], start_round, dump(cfg), stop, may_profile=rank == 0)
         ctx.record, ctx.trains = record, command != "sample"
         try:
-            summaries.update(run_role(ctx, roles[rank]))
+            summaries.update(run_role(ctx, *roles[rank]))
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors[rank] = e
             hub.abort()

@@ -10,7 +10,8 @@ then, when ``parts`` > 0, the parts table int64 [parts, PART_LEN]: one row
 carries (a client rank hosting several clients sends one message per server
 and round for all of them); then the payload when its dtype code is not 0:
 float [count, C, H, W] for images (the parts' images one after the other),
-float32 [count] for losses (one per part), uint8 [count] (UTF-8 text) for
+float32 [count] for losses (one per part) and for a federated model's flat weights
+(P per part), uint8 [count] (UTF-8 text) for
 errors; then int64 labels of the parts that opted in to sharing labels, one
 after the other. :func:`pack` and :func:`unpack` turn one client's messages into
 a rank's and back. Sends and receives are posted in a fixed order (NCCL has no
@@ -48,6 +49,9 @@ class Kind(enum.IntEnum):
     TRAIN_REPLY = 2  # server -> client: server loss on that client's x_c, float32 [1] (part count 1)
     SAMPLE_REQUEST = 3  # client -> server: count = n samples wanted (+ labels [n] if shared)
     SAMPLE_REPLY = 4  # server -> client: x_h at the hand-over step [n, C, H, W]
+    WEIGHTS = 5  # server -> client (federated): the global weights theta_r of the round, float32 [P] (count P)
+    UPDATE = 6  # client -> server (federated): its update theta_k - theta_r after its local steps, float32 [P]
+    MODEL = 7  # server -> client (federated), after training: the global model to sample with, float32 [P]
     ERROR = 9  # either way: the sender failed; payload is the reason (UTF-8)
 
 

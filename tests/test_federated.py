@@ -1,0 +1,213 @@
+"""The federated method (run.method: federated): FedAvg's known answers, the weighted
+average, placement independence, resume, what crosses the wire, and the config."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import run_mpi, tiny_config, write_config
+
+from collafuse_hpc import cli
+from collafuse_hpc.config import from_dict, load
+from collafuse_hpc.roles import client as client_module
+from collafuse_hpc.roles.client import Client
+from collafuse_hpc.roles.federated import FedServer, client_config, initial_weights
+from collafuse_hpc.runtime import topology
+from collafuse_hpc.runtime.checkpoint import load_rank
+from collafuse_hpc.runtime.run import run_in_process
+from collafuse_hpc.runtime.wire import Kind
+
+IDS = ["c0", "c1", "c2", "c3"]
+
+
+def _federated(shards, out, clients: int = 4, **run) -> dict:
+    """A tiny federated config of ``clients`` clients: 2 local steps, fine-tuning 3."""
+    raw = tiny_config(shards, out, [0.5] * clients, method="federated", **run)
+    raw["federated"] = {"local_steps": 2, "finetune_steps": 3}
+    return raw
+
+
+def _theta(out, rounds: int) -> torch.Tensor:
+    return load_rank(str(out), rounds, 0)["state"]["theta"]
+
+
+def _read(out) -> dict:
+    """Per client: its rounds columns, samples (personalized and global) and audit."""
+    got = {}
+    with h5py.File(out / "results.h5") as f:
+        for cid in IDS:
+            g = f[f"clients/{cid}"]
+            got[cid] = {name: g["rounds"][name][()] for name in ("loss_local", "took_part", "bytes_sent")}
+            got[cid]["samples"] = g["samples/images"][()].astype(int)
+            got[cid]["global"] = g["samples/images_global"][()].astype(int)
+            got[cid]["audit"] = dict(g["audit"].attrs)
+        got["server"] = {name: f["server/rounds"][name][()] for name in ("clients", "update_norm")}
+    return got
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert np.array_equal(a["server"]["clients"], b["server"]["clients"])
+    np.testing.assert_allclose(a["server"]["update_norm"], b["server"]["update_norm"], rtol=1e-4)
+    for cid in IDS:
+        x, y = a[cid], b[cid]
+        assert np.array_equal(x["took_part"], y["took_part"]), cid
+        np.testing.assert_allclose(x["loss_local"], y["loss_local"], rtol=1e-4, equal_nan=True, err_msg=cid)
+        for name in ("samples", "global"):
+            assert np.abs(x[name] - y[name]).max() <= 1, (cid, name)
+        assert x["audit"] == y["audit"], cid
+
+
+def test_one_participant_one_step_at_server_lr_1_is_one_local_step(tmp_path, shards):
+    """FedAvg's known answer: E = 1, one participant, eta_s = 1: theta_1 is the weights
+    the client reaches by one local step of its optimizer from theta_0 (the wire, the
+    update's sign, its weight and the server's step all enter)."""
+    raw = _federated(shards, tmp_path / "run", clients=2, rounds=1, clients_per_round=1)
+    raw["federated"]["local_steps"] = 1
+    cfg = from_dict(raw)
+    run_in_process(cfg, resume=False)
+    (k,) = topology.participants(cfg, 0)
+    alone = Client(client_config(cfg), k, torch.device("cpu"))
+    alone.net.set_member_weights(alone.slot, initial_weights(cfg))
+    alone.begin_round(0)
+    alone.local_step()
+    expected = alone.net.weights[alone.slot]
+    assert not torch.equal(expected, initial_weights(cfg))  # it did step
+    torch.testing.assert_close(_theta(tmp_path / "run", 1), expected, rtol=0, atol=1e-6)
+
+
+def test_two_clients_with_equal_updates_train_as_one(tmp_path, shards, monkeypatch):
+    """Two clients on one shard with one random stream send equal updates; their
+    average is one client's training, round after round (a sum, or weights that do not
+    add up to 1, would move twice as far)."""
+    one = _federated(shards, tmp_path / "one", clients=1, rounds=3, checkpoint_every=0)
+    run_in_process(from_dict(one), resume=False)
+    two = _federated(shards, tmp_path / "two", clients=2, rounds=3, checkpoint_every=0)
+    two["clients"][1]["shard"] = two["clients"][0]["shard"]
+    seed = topology.role_seed
+    monkeypatch.setattr(client_module, "role_seed", lambda base, kind, index: seed(base, kind, 0))
+    run_in_process(from_dict(two), resume=False)
+    torch.testing.assert_close(_theta(tmp_path / "two", 3), _theta(tmp_path / "one", 3), rtol=0, atol=1e-6)
+
+
+def test_the_average_weights_each_update_by_its_clients_images(tmp_path, shards):
+    """Unequal n_k: theta moves by sum n_k Delta_k / sum n_k (not the plain mean), times
+    eta_s; FedAdam takes Reddi et al.'s step on that mean."""
+    raw = _federated(shards, tmp_path / "run", clients=4)
+    raw["federated"]["server_lr"] = 0.5
+    server = FedServer(from_dict(raw), torch.device("cpu"))
+    n = server.images
+    assert len(set(n.values())) > 1  # the class shards hold unequal counts
+    gen = torch.Generator().manual_seed(0)
+    updates = {k: torch.randn(server.theta.shape, generator=gen) for k in (0, 3)}
+    before = server.theta.clone()
+    server.aggregate(updates)
+    mean = (n[0] * updates[0] + n[3] * updates[3]) / (n[0] + n[3])
+    torch.testing.assert_close(server.theta, before + 0.5 * mean, rtol=0, atol=1e-6)
+
+    raw["federated"].update(server_optimizer="fedadam", server_lr=0.01)
+    adam = FedServer(from_dict(raw), torch.device("cpu"))
+    start = adam.theta.clone()
+    adam.aggregate(updates)
+    m, v = 0.1 * mean, 0.01 * mean**2
+    torch.testing.assert_close(adam.theta, start + 0.01 * m / (v.sqrt() + 1e-3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_placement_partial_participation_and_resume_do_not_change_the_run(tmp_path, shards):
+    """Four clients, two drawn per round: one per rank, two per rank, and a run stopped
+    at round 2 and resumed with another placement give the same updates, losses,
+    samples and audit; each client's optimizer state stays its own (a mixed-up state
+    would change the losses of the rounds after it)."""
+    runs = {}
+    for name, per in (("alone", 1), ("together", 2)):
+        raw = _federated(shards, tmp_path / name, clients_per_rank=per, clients_per_round=2)
+        run_in_process(from_dict(raw), resume=False)
+        runs[name] = _read(tmp_path / name)
+    took = np.array([runs["alone"][cid]["took_part"] for cid in IDS])
+    assert (took.sum(0) == 2).all() and took.any(1).all()
+    _assert_same(runs["alone"], runs["together"])
+    raw = _federated(shards, tmp_path / "resumed", clients_per_rank=4, clients_per_round=2, rounds=2)
+    run_in_process(from_dict(raw), resume=False)
+    raw["run"].update(rounds=4, clients_per_rank=1)
+    run_in_process(from_dict(raw), resume=True)
+    _assert_same(runs["alone"], _read(tmp_path / "resumed"))
+    torch.testing.assert_close(_theta(tmp_path / "resumed", 4), _theta(tmp_path / "alone", 4), rtol=0, atol=1e-6)
+
+
+def test_only_weights_and_updates_cross_the_wire_and_the_audit_counts_them(tmp_path, shards, monkeypatch):
+    """Each participant receives theta_r and sends one update per round (2 x the model's
+    bytes), the final model after training; no image, label or x_c is sent, and the
+    audit counts every update as left the client."""
+    sent = []
+    real = client_module.Client.record
+
+    def spy(self, msg):
+        sent.append(msg)
+        return real(self, msg)
+
+    monkeypatch.setattr(client_module.Client, "record", spy)
+    raw = _federated(shards, tmp_path / "run", clients=2, rounds=3, clients_per_round=1)
+    raw["clients"][0]["labels"] = raw["clients"][1]["labels"] = True  # conditioned locally: never sent
+    cfg = from_dict(raw)
+    run_in_process(cfg, resume=False)
+    P = initial_weights(cfg).numel()
+    assert [m.kind for m in sent] == [Kind.UPDATE] * 3
+    assert all(m.payload.shape == (P,) and m.labels is None for m in sent)
+    with h5py.File(tmp_path / "run/results.h5") as f:
+        for k, cid in enumerate(["c0", "c1"]):
+            g = f[f"clients/{cid}"]
+            rounds = g["rounds"]
+            took = rounds["took_part"][()] == 1
+            assert (rounds["bytes_sent"][()][took] == [m.nbytes for m in sent if m.parts[0].client == k]).all()
+            assert (rounds["bytes_received"][()][took] > 4 * P).all() and (rounds["bytes_sent"][()][~took] == 0).all()
+            audit = dict(g["audit"].attrs)
+            assert audit["images_sent"] == 0 and audit["messages_sent"] == took.sum()
+            assert audit["bytes_sent"] == rounds["bytes_sent"][()].sum()
+
+
+def test_a_split_config_turned_federated_names_the_keys_it_ignores(tmp_path, shards, caplog):
+    """--set run.method=federated on a split config runs; the cuts and shared labels it
+    ignores are named once at the start and kept in the run's record."""
+    raw = tiny_config(shards, tmp_path / "run", [0.25, 0.5], rounds=2)
+    raw["clients"][0]["share_labels"] = raw["clients"][0]["labels"] = raw["clients"][1]["labels"] = True
+    path = write_config(tmp_path / "split.yaml", raw)
+    with caplog.at_level("WARNING"):
+        assert cli.main(["train", path, "--in-process", "--set", "run.method=federated"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
+    assert len(warned) == 1
+    assert "clients.0.cut_ratio=0.25" in warned[0] and "clients.0.share_labels=True" in warned[0]
+    with h5py.File(tmp_path / "run/results.h5") as f:
+        ignored = yaml.safe_load(f["records/0"].attrs["ignored"])
+    assert ignored == {"clients.0.cut_ratio": 0.25, "clients.1.cut_ratio": 0.5, "clients.0.share_labels": True}
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (["server.count=2"], "set server.count=1"),
+        (["clients.0.labels=true"], "'clients.1.labels' differs"),
+        (["federated.architecture=client", "clients.1.model.base_channels=4"], "'clients.1.model' differs"),
+        (["federated.local_steps=0"], "'federated.local_steps' must be >= 1"),
+        (["federated.server_optimizer=sgd"], "valid: ['fedavg', 'fedadam']"),
+    ],
+    ids=["two-servers", "labels-differ", "models-differ", "no-local-steps", "unknown-optimizer"],
+)
+def test_a_federated_config_that_cannot_be_one_global_model_is_refused(tmp_path, shards, change, fragment):
+    path = write_config(tmp_path / "run.yaml", _federated(shards, tmp_path / "out", clients=2))
+    with pytest.raises(ValueError, match=None) as refused:
+        load(path, change)
+    assert fragment in str(refused.value)
+
+
+@pytest.mark.mpi
+def test_mpirun_matches_the_in_process_run(tmp_path, shards):
+    """Under mpirun (one server rank, two client ranks of two clients each) the run is
+    the in-process one: the same losses, samples, audit and global model."""
+    raw = _federated(shards, tmp_path / "mpi", clients_per_rank=2, clients_per_round=3)
+    proc = run_mpi(3, ["train", write_config(tmp_path / "mpi.yaml", raw)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw["run"]["output_dir"] = str(tmp_path / "local")
+    run_in_process(from_dict(raw), resume=False)
+    _assert_same(_read(tmp_path / "mpi"), _read(tmp_path / "local"))
+    torch.testing.assert_close(_theta(tmp_path / "mpi", 4), _theta(tmp_path / "local", 4), rtol=0, atol=1e-6)
