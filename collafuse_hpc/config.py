@@ -169,7 +169,7 @@ class EvalConfig:
     images: int = 1000  # [images] generated per set and client (and at most this many real test images)
     max_image_steps: int = 0  # [image-steps] budget: images x reverse steps of all sampling; 0: none
     sets: list[str] = field(  # which image sets to generate and score
-        default_factory=lambda: ["collaborative", "cut", "server_at_cut", "server_alone", "client_alone"]
+        default_factory=lambda: ["collaborative", "cut", "server_at_cut", "server_alone", "client_alone", "global"]
     )
     kid_subsets: int = 100  # [subsets] random subsets for KID's mean and std
     kid_subset_size: int = 1000  # [images] per KID subset (capped at the set sizes)

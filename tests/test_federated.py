@@ -211,3 +211,24 @@ def test_mpirun_matches_the_in_process_run(tmp_path, shards):
     run_in_process(from_dict(raw), resume=False)
     _assert_same(_read(tmp_path / "mpi"), _read(tmp_path / "local"))
     torch.testing.assert_close(_theta(tmp_path / "mpi", 4), _theta(tmp_path / "local", 4), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_personalized_and_the_global_model(tmp_path, shards):
+    """A federated run is scored like a split one: its samples (the fine-tuned model's,
+    as collaborative) and the global model's beside them when it was fine-tuned; it
+    has no model of its own to sample alone. Without fine-tuning the two are one set."""
+    from collafuse_hpc.evaluation.evaluate import evaluate
+
+    for name, steps in (("tuned", 3), ("global", 0)):
+        raw = _federated(shards, tmp_path / name, clients=2, rounds=2)
+        raw["federated"]["finetune_steps"] = steps
+        cfg = from_dict(raw)
+        run_in_process(cfg, resume=False)
+        evaluate(cfg)
+        with h5py.File(tmp_path / name / "results.h5") as f:
+            sets = {s for s in ("collaborative", "client_alone", "global") if s in f["metrics/c0"]}
+            assert sets == ({"collaborative", "global"} if steps else {"collaborative"}), name
+            assert "global" in f["metrics/pooled"] if steps else "global" not in f["metrics/pooled"]
+            fids = [f[f"metrics/c0/{s}"].attrs["fid"] for s in sorted(sets)]
+            assert all(np.isfinite(fids)) and len(set(fids)) == len(fids)

@@ -16,6 +16,7 @@ from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.logs import Progress
 from collafuse_hpc.results.schema import SETS, audit_totals, part_path
 from collafuse_hpc.roles.client import Client, finish_samples, sample_alone
+from collafuse_hpc.roles.federated import FedHost
 from collafuse_hpc.roles.host import ClientHost, batches, sampling_key
 from collafuse_hpc.roles.server import Server
 from collafuse_hpc.runtime import checkpoint
@@ -33,10 +34,15 @@ def load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int
     topo = Topology.from_config(cfg)
     out = cfg.run.output_dir
     servers = {}
-    for rank in range(topo.num_servers):
-        servers[rank] = Server(cfg, topo.clients_of(rank), device)
-        servers[rank].net.load_member_state(0, checkpoint.load_rank(out, round_, rank)["state"]["net"])
-    clients = ClientHost(cfg, list(range(len(cfg.clients))), device).clients  # one model per shape: sampled together
+    everyone = list(range(len(cfg.clients)))
+    if cfg.run.method == "federated":  # no server model: the clients sample with the global one
+        host = FedHost(cfg, everyone, device)
+    else:
+        for rank in range(topo.num_servers):
+            servers[rank] = Server(cfg, topo.clients_of(rank), device)
+            servers[rank].net.load_member_state(0, checkpoint.load_rank(out, round_, rank)["state"]["net"])
+        host = ClientHost(cfg, everyone, device)  # one model per shape: sampled together
+    clients = host.clients
     states = checkpoint.load_clients(out, round_, [c.id for c in cfg.clients])
     for client in clients:
         client.load_weights(states[client.id])
@@ -44,6 +50,8 @@ def load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int
         if os.path.exists(part):
             with h5py.File(part, "r", locking=False) as f:
                 client.count_audited(audit_totals(f))
+    if isinstance(host, FedHost):  # what the clients sample with at the end of training
+        host.personalize(checkpoint.load_rank(out, round_, 0)["state"]["ema"].to(device), cfg.federated.finetune_steps)
     return servers, clients
 
 
@@ -76,25 +84,54 @@ def generate(
     if "client_alone" in sets:
         for i, images in enumerate(sample_alone(clients, n)):
             out[i]["client_alone"] = images
+    if "global" in sets:
+        for i, images in enumerate(_global_samples(clients, n)):
+            out[i]["global"] = images
     return [{name: images for name, images in o.items() if name in sets} for o in out]
+
+
+def _global_samples(clients: list[Client], n: int) -> list[torch.Tensor]:
+    """n samples of each federated client with the global model it received instead of its
+    fine-tuned one (its sampling copy is put back after)."""
+    net, slots = clients[0].net, [c.slot for c in clients]
+    personal = net.ema_weights[slots].clone()
+    with torch.no_grad():
+        for c in clients:
+            net.ema_weights[c.slot].copy_(c.global_model)
+    try:
+        return sample_alone(clients, n)
+    finally:
+        with torch.no_grad():
+            net.ema_weights[slots] = personal
+
+
+def generated_sets(cfg: Config) -> list[str]:
+    """The sets of ``eval.sets`` the run's method has. A federated client samples with the
+    global model or its fine-tuned copy (collaborative; the global model's as ``global``
+    when fine-tuned) and has no model of its own to sample alone; a split run has no
+    global model."""
+    if cfg.run.method == "split":
+        return [s for s in cfg.eval.sets if s != "global"]
+    return [s for s in cfg.eval.sets if s != "client_alone" and (s != "global" or cfg.federated.finetune_steps)]
 
 
 def image_steps(cut: Cut, sets: list[str]) -> int:
     """Model evaluations per generated image of one client's ``sets``: the server's grid
     (collaborative, server_at_cut, server_alone), the client's grid (collaborative), the
-    server continuing alone, the client alone (its whole grid)."""
+    server continuing alone, the client alone and a federated client's global model (its
+    whole grid each)."""
     server, client = (max(0, len(grid) - 1) for grid in cut.sampling_grids())
     full = len(cut.full_chain().sampling_grids()[1]) - 1
     steps = server if FROM_SERVER & set(sets) else 0
     steps += client if "collaborative" in sets else 0
     steps += client if "server_alone" in sets and cut.uses_server else 0
-    return steps + (full if "client_alone" in sets else 0)
+    return steps + full * (("client_alone" in sets) + ("global" in sets))
 
 
 def planned_images(cfg: Config, cuts: list[Cut]) -> int:
     """Images per set and client: ``eval.images``, or fewer to fit ``eval.max_image_steps``.
     Logs the plan (images x steps) either way."""
-    per_image = sum(image_steps(cut, cfg.eval.sets) for cut in cuts)
+    per_image = sum(image_steps(cut, generated_sets(cfg)) for cut in cuts)
     n, budget = cfg.eval.images, cfg.eval.max_image_steps
     log.info(
         "evaluate: %d clients x %d images, %d model evaluations per image over all clients = %d image-steps",
@@ -132,7 +169,7 @@ def image_sets(
     for start in range(0, total, per):
         check()
         n = min(per, total - start)
-        for c, made in zip(clients, generate(servers, clients, n, tuple(cfg.eval.sets))):
+        for c, made in zip(clients, generate(servers, clients, n, tuple(generated_sets(cfg)))):
             for name, images in made.items():
                 parts[c.index].setdefault(name, []).append(images)
         progress.update(n * len(clients))

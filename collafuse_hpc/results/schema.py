@@ -80,7 +80,7 @@ ROUND = "round"  # the column every row group is indexed by
 V2 = "v2"  # records/v2: what a file of schema version 2 held at /samples and /summary, moved aside
 
 # the image sets evaluate scores, in report order (evaluation/evaluate.py says what each is)
-SETS = ("collaborative", "cut", "server_at_cut", "server_alone", "client_alone")
+SETS = ("collaborative", "cut", "server_at_cut", "server_alone", "client_alone", "global")
 
 COLUMN_UNITS = {  # by column name, or by its first word (loss_local -> loss)
     "round": "index",

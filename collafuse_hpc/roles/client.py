@@ -97,6 +97,7 @@ class Client:
         self._x0: torch.Tensor | None = None
         self._y: torch.Tensor | None = None  # labels of this round's batch, int64 [B]
         self.sample_labels: torch.Tensor | None = None  # labels of the requested samples, int64 [n], or None
+        self.global_model: torch.Tensor | None = None  # federated: the global model it received, float32 [P]
 
     def eps_model(self, ema: bool, y: torch.Tensor | None):
         """eps(x, t) of the training (``ema`` False) or sampling copy, labels y [N] or None."""

@@ -24,7 +24,7 @@ import math
 import torch
 
 from collafuse_hpc.config import Config, ModelConfig, OptimConfig
-from collafuse_hpc.data import inspect_shard
+from collafuse_hpc.data import EpochSampler, inspect_shard
 from collafuse_hpc.diffusion.unet import UNet
 from collafuse_hpc.roles.client import Client
 from collafuse_hpc.roles.host import ClientHost
@@ -160,11 +160,17 @@ class FedHost(ClientHost):
         delta = client.net.weights[client.slot] - start.to(self.device)
         return client.record(one_client(Kind.UPDATE, round_, client.index, client.cut.t_c, len(delta), delta))
 
-    def personalize(self, model: dict[int, torch.Tensor], steps: int) -> None:
-        """Each client restarts from the final global model ({client index: [P]}) with a
-        fresh optimizer and, for ``steps`` F > 0, fine-tunes it on its own data (its
-        sampling copy is then the fine-tuned EMA, warmed up afresh)."""
+    def personalize(self, model: torch.Tensor, steps: int) -> None:
+        """Each client restarts from the final global model ``model`` [P] with a fresh
+        optimizer and, for ``steps`` F > 0, fine-tunes it on its own data (its sampling
+        copy is then the fine-tuned EMA, warmed up afresh). The data order and random
+        stream restart from a seed of the client's own, so the fine-tuned model is the
+        same at the end of training and in every evaluation of the run."""
         for c in self.clients:
-            c.net.restart_member(c.slot, model[c.index].to(self.device))
+            c.global_model = model.to(self.device)
+            c.net.restart_member(c.slot, c.global_model)
+            seed = role_seed(c.cfg.run.seed, "finetune", c.index)
+            c.sampler = EpochSampler(len(c.reader), c.batch_size, seed)
+            c.generator.manual_seed(seed)
         if steps:
             self.train(self.clients, self.clients[0].cfg.run.rounds, steps)

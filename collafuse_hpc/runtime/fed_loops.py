@@ -148,12 +148,13 @@ def fed_client_loop(ctx: Context, host: FedHost, results: dict[int, RoleResults]
     t1 = time.perf_counter()
     n = run.samples_per_client
     for c in host.clients:
-        assert c.sample_request(run.rounds, n) is None  # draws the samples' labels; c = 1 sends nothing
-    host.personalize({k: m.payload for k, m in model.items()}, 0)
+        c.sample_request(run.rounds, n)  # draws the samples' labels; at c = 1 it sends nothing
+    weights = next(iter(model.values())).payload  # one global model, sent to each client
+    host.personalize(weights, 0)
     global_samples = host.finish_samples(n, dict.fromkeys(_indices(host)))
     samples = global_samples
     if f.finetune_steps:
-        host.personalize({k: m.payload for k, m in model.items()}, f.finetune_steps)
+        host.personalize(weights, f.finetune_steps)
         samples = host.finish_samples(n, dict.fromkeys(_indices(host)))
     t2 = time.perf_counter()
     for c in host.clients:

@@ -92,5 +92,5 @@ def participants(cfg: Config, round_: int) -> frozenset[int]:
 def role_seed(base: int, rank_kind: str, index: int) -> int:
     """Seed of one role's private random stream, independent of the process layout
     (the same role draws the same numbers in a distributed and an in-process run)."""
-    kinds = {"server": 1, "client": 2, "stream": 3, "dropout": 4, "server_dropout": 5}
+    kinds = {"server": 1, "client": 2, "stream": 3, "dropout": 4, "server_dropout": 5, "finetune": 6}
     return int(np.random.SeedSequence([base, kinds[rank_kind], index]).generate_state(1)[0])
