@@ -62,8 +62,8 @@ def test_one_participant_one_step_at_server_lr_1_is_one_local_step(tmp_path, sha
     """FedAvg's known answer: E = 1, one participant, eta_s = 1: theta_1 is the weights
     the client reaches by one local step of its optimizer from theta_0 (the wire, the
     update's sign, its weight and the server's step all enter)."""
-    raw = _federated(shards, tmp_path / "run", clients=2, rounds=1, clients_per_round=1)
-    raw["federated"]["local_steps"] = 1
+    raw = _federated(shards, tmp_path / "run", clients=2, rounds=1, clients_per_round=1, samples_per_client=1)
+    raw["federated"].update(local_steps=1, finetune_steps=0)
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     (k,) = topology.participants(cfg, 0)
@@ -80,9 +80,9 @@ def test_two_clients_with_equal_updates_train_as_one(tmp_path, shards, monkeypat
     """Two clients on one shard with one random stream send equal updates; their
     average is one client's training, round after round (a sum, or weights that do not
     add up to 1, would move twice as far)."""
-    one = _federated(shards, tmp_path / "one", clients=1, rounds=3, checkpoint_every=0)
+    one = _federated(shards, tmp_path / "one", clients=1, rounds=3, checkpoint_every=0, samples_per_client=1)
     run_in_process(from_dict(one), resume=False)
-    two = _federated(shards, tmp_path / "two", clients=2, rounds=3, checkpoint_every=0)
+    two = _federated(shards, tmp_path / "two", clients=2, rounds=3, checkpoint_every=0, samples_per_client=1)
     two["clients"][1]["shard"] = two["clients"][0]["shard"]
     seed = topology.role_seed
     monkeypatch.setattr(client_module, "role_seed", lambda base, kind, index: seed(base, kind, 0))
@@ -135,6 +135,7 @@ def test_placement_partial_participation_and_resume_do_not_change_the_run(tmp_pa
     torch.testing.assert_close(_theta(tmp_path / "resumed", 4), _theta(tmp_path / "alone", 4), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_only_weights_and_updates_cross_the_wire_and_the_audit_counts_them(tmp_path, shards, monkeypatch):
     """Each participant receives theta_r and sends one update per round (2 x the model's
     bytes), the final model after training; no image, label or x_c is sent, and the
@@ -232,3 +233,18 @@ def test_evaluate_scores_the_personalized_and_the_global_model(tmp_path, shards)
             assert "global" in f["metrics/pooled"] if steps else "global" not in f["metrics/pooled"]
             fids = [f[f"metrics/c0/{s}"].attrs["fid"] for s in sorted(sets)]
             assert all(np.isfinite(fids)) and len(set(fids)) == len(fids)
+
+
+def test_split_clients_record_their_bytes_per_round_under_the_federated_names(tmp_path, shards):
+    """Both methods' client rows count bytes_sent and bytes_received per round (what the
+    report compares): a split client's are its x_c message and the server's reply, and its
+    rows sum to the audit's training messages."""
+    raw = tiny_config(shards, tmp_path / "run", [0.25, 1.0], rounds=2, clients_per_round=1)
+    run_in_process(from_dict(raw), resume=False)
+    with h5py.File(tmp_path / "run/results.h5") as f:
+        rows, audit = f["clients/c0/rounds"], f["clients/c0/audit"]
+        took = rows["took_part"][()] == 1
+        training = audit["kind"][()] == Kind.TRAIN
+        assert rows["bytes_sent"][()][took].tolist() == audit["nbytes"][()][training].tolist()
+        assert (rows["bytes_received"][()][took] > 0).all() and (rows["bytes_sent"][()][~took] == 0).all()
+        assert (f["clients/c1/rounds/bytes_sent"][()] == 0).all()  # c = 1 sends nothing

@@ -225,15 +225,18 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
         loss_local = host.local_steps(taking)
         t2 = time.perf_counter()
         loss_server: dict[int, float] = {}
+        received: dict[int, int] = {}  # bytes of each client's reply, as if sent alone
         bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models
         for src, ks in _group(sent, server_of).items():
             replies = wire.split(src, wire.recv(src, Kind.TRAIN_REPLY, r, bound), ks)
             loss_server.update({k: m.payload.item() for k, m in replies.items()})
+            received.update({k: m.nbytes for k, m in replies.items()})
         wire.flush()
         t3 = time.perf_counter()
         for c in host.clients:
             if c.index not in drawn:  # not drawn for this round: nothing to do
                 idle = {"time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0, "images_per_s": 0.0}
+                idle.update(bytes_sent=0, bytes_received=0)
                 losses = {"loss_local": math.nan, "loss_server": math.nan}
                 results[c.index].log(_columns(c, {"round": r, "took_part": 0, **losses, **idle}))
                 recent[c.index].add(losses)
@@ -248,6 +251,8 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
                 "time_wait_s": t3 - t2,
                 "time_round_s": t3 - t0,
                 "images_per_s": c.batch_size / (t3 - t0),
+                "bytes_sent": sent[c.index].nbytes if c.index in sent else 0,  # the audit's count of it
+                "bytes_received": received.get(c.index, 0),
             }
             results[c.index].log(_columns(c, row))
             _log_audit(results[c.index], c)
