@@ -1,7 +1,10 @@
 # Sourced by jobs/study.sh and jobs/sweep.sbatch: the runs of a sweep or study.
 #
 # A point names one training run, c<c>[-<split>][-<partition>][-shared][-s<seed>]
-# (c0.2, c0.6-reference-s2, c0.2-markov-iid-shared-s1), and is also its folder name.
+# (c0.2, c0.6-reference-s2, c0.2-markov-iid-shared-s1), or of the federated baseline
+# fedavg[-small][-cond][-<partition>][-s<seed>] (run.method=federated; small: the clients'
+# architecture, federated.architecture=client; cond: every client's model conditioned on its
+# own labels, which stay local), and is also its folder name.
 # point_args POINT prints the --set overrides of that run, one argument per line: every
 # client's cut ratio, the split mode and seed when given, the shards of the partition
 # (STUDY_SHARDS with {partition} and {k} filled in, for k < STUDY_CLIENTS), labels sent
@@ -24,6 +27,9 @@ point_args() {
           printf '%s\n' --set "eval.classifier_path=${STUDY_CLASSIFIER//\{partition\}/$field}"
         fi ;;
       shared) printf '%s\n' --set "clients.*.share_labels=true" ;;
+      fedavg) printf '%s\n' --set run.method=federated --set "run.rounds=${FEDERATED_ROUNDS:?rounds of a federated point}" ;;
+      small) printf '%s\n' --set federated.architecture=client ;;
+      cond) printf '%s\n' --set "clients.*.labels=true" ;;
       c[0-9]*) c=${field#c}; printf '%s\n' --set "clients.*.cut_ratio=$c" ;;
       *) printf '%s\n' --set "diffusion.split=$field" ;;
     esac

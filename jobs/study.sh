@@ -15,6 +15,13 @@
 #           with {partition} and {k}, e.g. data/study_digits_{partition}/client_{k}.h5);
 #           default: the config's own shards
 #   SHARE   "off", "on" or "off on": share_labels (c = 1 sends nothing and runs once)
+#   METHODS "split" (default), "federated" or both; federated adds the FedAvg baseline's
+#           points per seed and partition: FEDERATED, default "fedavg" (the server's
+#           architecture), also "fedavg-small" (the clients') and "fedavg-cond" (labels
+#           used locally); each run scores the global and the fine-tuned model
+#           (federated.finetune_steps of the config). CUTS, SPLITS and SHARE do not apply.
+#   FEDERATED_ROUNDS  rounds of a federated point, default the config's run.rounds divided by
+#           federated.local_steps: each client trains on as many batches as in a split run
 #   STUDY_DIR  default runs/study-<time>; rerunning with the same folder skips evaluated
 #           points and resumes interrupted ones
 #   LAUNCH  here: mpirun (default; jobs/local.sh, one rank per role) or in-process
@@ -32,12 +39,24 @@ read -r -a splits <<< "${SPLITS:-markov reference}"
 read -r -a cuts <<< "${CUTS:-0 0.2 0.4 0.6 0.8 1.0}"
 read -r -a partitions <<< "${PARTITIONS:--}"  # "-": the config's own shards
 read -r -a shares <<< "${SHARE:-off}"
+read -r -a methods <<< "${METHODS:-split}"
+read -r -a federated <<< "${FEDERATED:-fedavg}"
 if [ "${partitions[0]}" != - ]; then
   : "${STUDY_SHARDS:?PARTITIONS needs STUDY_SHARDS, a shard path pattern with {partition} and {k}}"
   export STUDY_SHARDS
 fi
 points=()
 for seed in "${seeds[@]}"; do
+  if [[ " ${methods[*]} " == *" federated "* ]]; then
+    for partition in "${partitions[@]}"; do
+      for kind in "${federated[@]}"; do
+        name=$kind
+        [ "$partition" != - ] && name+="-$partition"
+        points+=("$name-s$seed")
+      done
+    done
+  fi
+  [[ " ${methods[*]} " == *" split "* ]] || continue
   for split in "${splits[@]}"; do
     for partition in "${partitions[@]}"; do
       for share in "${shares[@]}"; do
@@ -61,14 +80,15 @@ done
 
 # ranks per run, whether the FID network must be staged (inception features, no file given),
 # the number of clients (point_args fills in one shard each), the domain classifier's file
-# ("-" when the evaluation does not use one) and the config's shards
+# ("-" when the evaluation does not use one), a federated point's rounds and the config's shards
 probe() {
   "$VENV/bin/python" -c "import sys; from collafuse_hpc.config import load
 from collafuse_hpc.runtime.topology import Topology
 cfg = load(sys.argv[1], [a for a in sys.argv[2:] if a != '--set'], check_files=False)
 stage = int(cfg.eval.extractor == 'inception' and not cfg.eval.inception_path)
 judge = cfg.eval.classifier_path if cfg.eval.extractor == 'classifier' else '-'
-print(Topology.from_config(cfg).world_size, stage, len(cfg.clients), judge, *(c.shard for c in cfg.clients))" "$@"
+fed_rounds = max(1, cfg.run.rounds // cfg.federated.local_steps)
+print(Topology.from_config(cfg).world_size, stage, len(cfg.clients), judge, fed_rounds, *(c.shard for c in cfg.clients))" "$@"
 }
 slurm=()  # the sbatch options, when the points go to SLURM
 if [ "${1:-}" = --slurm ]; then
@@ -77,8 +97,8 @@ if [ "${1:-}" = --slurm ]; then
   while [ $# -gt 0 ] && [ "$1" != -- ]; do slurm+=("$1"); shift; done
   [ "${1:-}" = -- ] && shift
 fi
-read -r np stage STUDY_CLIENTS judge config_shards < <(probe "$config" "$@")
-export STUDY_CLIENTS
+read -r np stage STUDY_CLIENTS judge fed_rounds config_shards < <(probe "$config" "$@")
+export STUDY_CLIENTS FEDERATED_ROUNDS=${FEDERATED_ROUNDS:-$fed_rounds}
 
 # The domain classifier is an evaluation oracle trained on the real train images of every
 # client. Each partition splits the images into train and test anew, so each partition gets
@@ -127,7 +147,7 @@ if [ ${#slurm[@]} -gt 0 ]; then
     fi
   done
   if [ ${#todo[@]} -eq 0 ]; then
-    echo "study: every point is evaluated; the report: $VENV/bin/collafuse-hpc report $STUDY_DIR/c*/results.h5 --out $STUDY_DIR/report"
+    echo "study: every point is evaluated; the report: $VENV/bin/collafuse-hpc report $STUDY_DIR/*/results.h5 --out $STUDY_DIR/report"
     exit 0
   fi
   points=("${todo[@]}")
@@ -147,7 +167,7 @@ if [ ${#slurm[@]} -gt 0 ]; then
   # a study resumed into the same folder appends to the earlier report jobs' output, not over it
   report=$(sbatch "${slurm[@]}" --dependency=afterany:"$array" --nodes=1 --ntasks=1 --open-mode=append \
     --ntasks-per-node=1 --job-name=collafuse-report --output="$study/report.out" --gres=none \
-    --wrap "$VENV/bin/collafuse-hpc report $study/c*/results.h5 --out $study/report")
+    --wrap "$VENV/bin/collafuse-hpc report $study/*/results.h5 --out $study/report")
   echo "study: array job $array (${#points[@]} points), report job $report -> $study/report.out"
   exit 0
 fi
@@ -184,4 +204,4 @@ for point in "${points[@]}"; do
   fi
 done
 echo "study: ${#points[@]} points in $(( $(date +%s) - start )) s"
-"$VENV/bin/collafuse-hpc" report "$study"/c*/results.h5 --out "$study/report"
+"$VENV/bin/collafuse-hpc" report "$study"/*/results.h5 --out "$study/report"
