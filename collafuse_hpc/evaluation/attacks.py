@@ -15,6 +15,13 @@ attacks measure it:
   by the distance between the features of the public reconstruction and of each
   candidate. Top-k rate: how often the true source is among the k nearest; chance
   is k / N for N candidates.
+- repeated releases: the server receives each training image's x_c k times (images
+  sent / training images), each with fresh noise. An adversary that groups an image's
+  releases (here the grouping is given: an upper bound) averages them,
+  x_bar = sqrt(abar) x_0 + sqrt((1 - abar) / k) eps: one release at k times the SNR.
+  The pixel linkage ranks by ||x_bar - sqrt(abar) x_j||^2 (still the likelihood ratio
+  test); a denoiser sees x_bar as one release at the step whose SNR is at most k SNR(t_c)
+  (:func:`as_one_release`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,38 @@ import numpy as np
 import torch
 
 from collafuse_hpc.diffusion.gaussian import EpsModel, GaussianDiffusion
+
+
+def release(
+    diffusion: GaussianDiffusion, x0: torch.Tensor, t_c: int, k: int, dtype: torch.dtype, generator: torch.Generator
+) -> torch.Tensor:
+    """The mean of k releases of x0 [N, C, H, W] at step t_c, each x_c = q_sample(x0, t_c)
+    with fresh noise from ``generator`` in the wire ``dtype`` (as the server received it):
+    float32 [N, C, H, W]; one release for k = 1."""
+    t = torch.full((len(x0),), t_c, device=x0.device)
+    total = torch.zeros_like(x0, dtype=torch.float32)
+    for _ in range(k):
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        total += diffusion.q_sample(x0, t, noise).to(dtype).float()
+    return total / k
+
+
+def as_one_release(
+    diffusion: GaussianDiffusion, x_bar: torch.Tensor, t_c: int, k: int, generator: torch.Generator
+) -> tuple[torch.Tensor, int]:
+    """The mean x_bar [N, C, H, W] of k releases at t_c as one release x_s at the step s <= t_c
+    whose SNR is the largest not above k SNR(t_c): x_bar scaled by sqrt(abar_s / abar_{t_c}),
+    with the missing noise variance abar_s (1 / SNR(s) - 1 / (k SNR(t_c))) drawn from
+    ``generator``. Returns (x_s, s); (x_bar, t_c) for k = 1 or t_c = 0."""
+    if k == 1 or t_c == 0:
+        return x_bar, t_c
+    abar = diffusion.alphas_cumprod
+    snr = abar[1 : t_c + 1] / (1 - abar[1 : t_c + 1])  # SNR(1..t_c), falling
+    target = k * snr[-1]
+    s = 1 + int(np.argmax(snr <= target))  # the first step whose SNR is not above k SNR(t_c)
+    top_up = abar[s] * (1 / snr[s - 1] - 1 / target)
+    noise = torch.randn(x_bar.shape, generator=generator, device=x_bar.device)
+    return x_bar * (abar[s] / abar[t_c]) ** 0.5 + top_up**0.5 * noise, s
 
 
 def reconstruct(diffusion: GaussianDiffusion, eps_model: EpsModel, x_c: torch.Tensor, t_c: int) -> torch.Tensor:
@@ -63,9 +102,16 @@ def describe(a: dict) -> str:
     if a["public_model"] != "none":
         public = f"{a['recon_public_psnr_db']:.2f} dB / {a['recon_public_ssim']:.3f} with a public model "
         public += f"({a['public_model']})"
-    return (
+    line = (
         f"reconstruction PSNR / SSIM {public}, {a['recon_own_psnr_db']:.2f} dB / {a['recon_own_ssim']:.3f} with "
         "its own; "
         f"linkage top-1 {a['link_pixel_top1']:.3f} (pixels), {a['link_feature_top1']:.3f} (features) of "
         f"{a['link_candidates']} candidates, chance {a['chance_top1']:.3f}"
+    )
+    if "releases" not in a:
+        return line
+    return (
+        f"{line}; at its {a['releases']} releases per image, averaged (grouping known: an upper bound): linkage "
+        f"top-1 {a['link_pixel_top1_releases']:.3f} (pixels), {a['link_feature_top1_releases']:.3f} (features), "
+        f"reconstruction PSNR {a['recon_own_psnr_db_releases']:.2f} dB with its own model"
     )

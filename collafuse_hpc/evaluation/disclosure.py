@@ -15,6 +15,11 @@ from collafuse_hpc.evaluation import attacks, metrics
 from collafuse_hpc.roles.client import Client
 
 NOTHING_SENT = "nothing sent"  # the reading of a client at c = 1, whose x_c never leaves it
+# the attack figures that depend on how many releases of each image the adversary averages (_figures)
+FIGURES = (
+    *(f"recon_{model}_{key}" for model in ("public", "own") for key in ("psnr_db", "ssim", "fid")),
+    *(f"link_{space}_top{k}" for space in ("pixel", "feature") for k in (1, 5)),
+)
 
 
 def disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor) -> dict:
@@ -43,6 +48,73 @@ def disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor) -> dict:
     }
 
 
+def _public(client: Client, clients: list[Client]) -> Client | None:
+    """The adversary's public denoiser: another client's model trained at t_c (and
+    without labels), or None when no other client's model covers t_c."""
+    return next((o for o in clients if o is not client and o.cut.t_c >= client.cut.t_c and not o.condition), None)
+
+
+def _figures(
+    client: Client,
+    public: Client | None,
+    x0: torch.Tensor,
+    x_c: torch.Tensor,
+    y: torch.Tensor | None,
+    train: tuple[np.ndarray, np.ndarray | None, np.ndarray],
+    probes: torch.Tensor,
+    real: np.ndarray,
+    feats: Callable[[np.ndarray], np.ndarray],
+    releases: int,
+    stream: torch.Generator | None,
+) -> dict:
+    """Reconstruction of the test images x0 [N, C, H, W] from ``x_c`` (the mean of
+    ``releases`` releases of each) and linkage of ``probes`` (the mean of as many releases
+    of each candidate) to the candidates ``train`` (uint8 images [M, C, H, W], their
+    labels or None, their features [M, D]). A mean of k releases enters a denoiser as one
+    release at k times the SNR (attacks.as_one_release, noise from ``stream``)."""
+    cut, diffusion, nan = client.cut, client.diffusion, math.nan
+    models = {"own": client.eps_model(True, y)}
+    if public is not None:
+        models["public"] = public.eps_model(True, None)
+    out: dict = {}
+    for name in ("public", "own"):
+        if name not in models:
+            out.update({f"recon_{name}_{k}": nan for k in ("psnr_db", "ssim", "fid")})
+            continue
+        recon = attacks.reconstruct(
+            diffusion, models[name], *attacks.as_one_release(diffusion, x_c, cut.t_c, releases, stream)
+        )
+        out[f"recon_{name}_psnr_db"] = metrics.psnr(recon, x0)
+        out[f"recon_{name}_ssim"] = metrics.ssim(recon, x0)
+        out[f"recon_{name}_fid"] = metrics.fid(real, feats(to_uint8(recon)))
+    images, labels, train_features = train
+    candidates = to_model_range(images, x0.device)
+    sources = torch.arange(len(images))
+    abar = float(diffusion.alphas_cumprod[cut.t_c])
+    pixel = attacks.top_k_rates(attacks.pixel_distances(probes, candidates, abar), sources)
+    if public is not None:
+        denoiser = models["public"]
+    else:
+        denoiser = client.eps_model(True, torch.from_numpy(labels).to(x0.device) if client.condition else None)
+    guess = attacks.reconstruct(
+        diffusion, denoiser, *attacks.as_one_release(diffusion, probes, cut.t_c, releases, stream)
+    )
+    feature = attacks.top_k_rates(attacks.feature_distances(feats(to_uint8(guess)), train_features), sources)
+    out.update(
+        link_pixel_top1=pixel[1], link_pixel_top5=pixel[5], link_feature_top1=feature[1], link_feature_top5=feature[5]
+    )
+    return out
+
+
+def _candidates(
+    client: Client, n: int, cached: Callable[[str, np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The linkage candidates: the client's first min(n, train size) training images (uint8
+    [M, C, H, W]), their labels (or None) and their features (from the cache)."""
+    images, labels = client.reader.read(np.arange(min(n, len(client.reader))))
+    return images, labels, cached("train", images)
+
+
 def attack(
     client: Client,
     clients: list[Client],
@@ -54,57 +126,61 @@ def attack(
     cached: Callable[[str, np.ndarray], np.ndarray],
     n: int,
 ) -> dict:
-    """Reconstruction and linkage attacks on this client's x_c (attacks.py). ``x0``, ``x_c``:
-    its test images and their x_c as sent; ``y``: their labels when the client's model
-    uses labels; ``real``: the test images' features; ``cached(split, images)``: features
-    of real images of the client's shard, from the cache; ``n``: at most this many
-    linkage candidates."""
-    cut, nan = client.cut, math.nan
+    """Reconstruction and linkage attacks on this client's x_c, one release of each image
+    (attacks.py). ``x0``, ``x_c``: its test images and their x_c as sent; ``y``: their
+    labels when the client's model uses labels; ``real``: the test images' features;
+    ``cached(split, images)``: features of real images of the client's shard, from the
+    cache; ``n``: at most this many linkage candidates."""
+    cut = client.cut
     out: dict = {"t_c": cut.t_c, "public_model": "none"}
     if not cut.uses_server:
         return {**out, "reading": NOTHING_SENT}
-    # the adversary's public denoiser: another client's model trained at t_c (and without labels)
-    public = next((o for o in clients if o is not client and o.cut.t_c >= cut.t_c and not o.condition), None)
-    models = {"own": client.eps_model(True, y)}
+    public = _public(client, clients)
     if public is not None:
-        models["public"] = public.eps_model(True, None)
         out["public_model"] = f"client {public.id}"
-    recon = {}
-    for name in ("public", "own"):
-        if name not in models:
-            out.update({f"recon_{name}_{k}": nan for k in ("psnr_db", "ssim", "fid")})
-            continue
-        recon[name] = attacks.reconstruct(client.diffusion, models[name], x_c, cut.t_c)
-        out[f"recon_{name}_psnr_db"] = metrics.psnr(recon[name], x0)
-        out[f"recon_{name}_ssim"] = metrics.ssim(recon[name], x0)
-        out[f"recon_{name}_fid"] = metrics.fid(real, feats(to_uint8(recon[name])))
-    # linkage: each of N training images released once; is its source the nearest candidate?
-    train = client.reader
-    m = min(n, len(train))
-    images, labels = train.read(np.arange(m))
-    candidates = to_model_range(images, x0.device)
-    probes = client.noised_to_cut(candidates).float()
-    sources = torch.arange(m)
-    abar = float(client.diffusion.alphas_cumprod[cut.t_c])
-    pixel = attacks.top_k_rates(attacks.pixel_distances(probes, candidates, abar), sources)
-    best = "public" if public is not None else "own"
-    if public is not None:
-        denoiser = models["public"]
-    else:
-        denoiser = client.eps_model(True, torch.from_numpy(labels).to(x0.device) if client.condition else None)
-    guess = attacks.reconstruct(client.diffusion, denoiser, probes, cut.t_c)
-    feature = attacks.top_k_rates(attacks.feature_distances(feats(to_uint8(guess)), cached("train", images)), sources)
+    # linkage: each of M training images released once; is its source the nearest candidate?
+    train = _candidates(client, n, cached)
+    probes = client.noised_to_cut(to_model_range(train[0], x0.device)).float()
+    out.update(_figures(client, public, x0, x_c, y, train, probes, real, feats, 1, None))
+    m = len(train[0])
     out.update(
         link_candidates=m,
-        link_pixel_top1=pixel[1],
-        link_pixel_top5=pixel[5],
-        link_feature_top1=feature[1],
-        link_feature_top5=feature[5],
-        link_feature_model=best,
+        link_feature_model="public" if public is not None else "own",
         chance_top1=1 / m,
         chance_top5=min(1.0, 5 / m),
     )
     return out
+
+
+def attack_releases(
+    client: Client,
+    clients: list[Client],
+    x0: torch.Tensor,
+    y: torch.Tensor | None,
+    real: np.ndarray,
+    feats: Callable[[np.ndarray], np.ndarray],
+    cached: Callable[[str, np.ndarray], np.ndarray],
+    n: int,
+    releases: int,
+    stream: torch.Generator,
+    single: dict,
+) -> dict:
+    """:func:`attack`'s figures at ``releases`` releases of each image (the run's count:
+    disclosure's ``releases``), named ``<figure>_releases``, beside ``releases``. The
+    adversary averages an image's releases, which it is told (grouping known): an upper
+    bound on what the server learns from the run's x_c. Every release draws its noise
+    from ``stream``. At one release they are ``single``'s (:func:`attack`'s figures);
+    empty where nothing was sent."""
+    if not client.cut.uses_server or releases < 1:
+        return {}
+    if releases == 1:
+        return {"releases": 1, **{f"{key}_releases": single[key] for key in FIGURES}}
+    diffusion, t_c, dtype = client.diffusion, client.cut.t_c, client.wire_dtype
+    train = _candidates(client, n, cached)
+    x_k = attacks.release(diffusion, x0, t_c, releases, dtype, stream)
+    probes = attacks.release(diffusion, to_model_range(train[0], x0.device), t_c, releases, dtype, stream)
+    figures = _figures(client, _public(client, clients), x0, x_k, y, train, probes, real, feats, releases, stream)
+    return {"releases": releases, **{f"{key}_releases": value for key, value in figures.items()}}
 
 
 def describe(d: dict) -> str:
