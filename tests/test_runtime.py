@@ -296,3 +296,43 @@ def test_a_server_whose_clients_are_all_local_says_it_is_idle_and_writes_no_nan_
             rounds = f[f"clients/{cid}/rounds"]
             assert "loss_server" not in rounds and len(rounds["round"]) == 4
             assert not np.isnan(rounds["loss_local"][()]).any()
+
+
+@pytest.mark.slow
+def test_two_server_replicas_equal_one_server_with_dropout(tmp_path, shards):
+    """With server dropout, each replica drew its masks from a stream seeded by its rank, so
+    2 servers x 2 clients trained other weights than 1 server with the 4 batches (issue 35).
+    A client's rows take their masks from a stream of that client's own, on any replica."""
+    weights, losses = [], []
+    for name, count in (("one", 1), ("two", 2)):
+        raw = tiny_config(shards, tmp_path / name, [0.2, 0.4, 0.2, 0.6], rounds=2, checkpoint_every=0)
+        raw["server"]["count"] = count
+        raw["server"]["model"] = {**raw["server"]["model"], "dropout": 0.3}
+        run_in_process(from_dict(raw), resume=False)
+        weights.append([_server_weights(tmp_path / name, 2, rank) for rank in range(count)])
+        losses.append(_losses(tmp_path / name, "clients/c1")["loss_server"])
+    (reference,), replicas = weights
+    for rank, replica in enumerate(replicas):
+        for name, value in reference.items():
+            torch.testing.assert_close(replica[name], value, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+
+def test_a_server_set_of_one_dropout_stream_per_replica_still_loads(tmp_path, shards):
+    """Sets written before dropout drew per client hold one stream per replica ('dropout'):
+    they load, and each client's dropout stream starts from its seed."""
+    from collafuse_hpc.roles.server import Server
+
+    cfg = from_dict(tiny_config(shards, tmp_path, [0.2, 0.4]))
+    new = Server(cfg, [0, 1], torch.device("cpu"))
+    old = {k: v for k, v in new.state_dict().items() if k != "dropout_clients"}
+    old["dropout"] = torch.Generator().manual_seed(5).get_state()
+    for k in (0, 1):
+        torch.rand(3, generator=new.dropout_streams[k])  # moved on: loading an old set must not keep this
+    loaded = Server(cfg, [0, 1], torch.device("cpu"))
+    loaded.load_state_dict(old)
+    seeded = Server(cfg, [0, 1], torch.device("cpu"))
+    for k in (0, 1):
+        assert torch.equal(loaded.dropout_streams[k].get_state(), seeded.dropout_streams[k].get_state())
+    loaded.load_state_dict(new.state_dict())  # a new set restores each client's stream
+    assert all(torch.equal(loaded.dropout_streams[k].get_state(), new.dropout_streams[k].get_state()) for k in (0, 1))

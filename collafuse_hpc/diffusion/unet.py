@@ -130,7 +130,9 @@ def members_side_by_side(x: torch.Tensor, K: int) -> torch.Tensor:
 class MemberDropout(nn.Module):
     """Dropout whose mask for member k is drawn from ``streams[k]`` alone, so it does not
     depend on which members share the call, nor on anyone else's draws. ``streams`` is
-    the model's list (UNet.streams), set by its owner for the members being run."""
+    the model's list (UNet.streams), set by its owner for the members being run. A
+    member's entry is a generator, or blocks ``[(rows, generator), ...]`` of its batch
+    (the server: each client's images draw from that client's stream, on any replica)."""
 
     def __init__(self, p: float, streams: list[torch.Generator]):
         super().__init__()
@@ -143,8 +145,17 @@ class MemberDropout(nn.Module):
         if not self.streams or KC % len(self.streams):
             raise RuntimeError("dropout needs one random stream per member run (Trainable.dropout_streams)")
         C = KC // len(self.streams)
-        draws = [torch.rand((N, C, H, W), generator=g, device=h.device) for g in self.streams]
+        draws = [_uniform(g, (N, C, H, W), h.device) for g in self.streams]
         return h * (torch.cat(draws, dim=1) >= self.p).to(h.dtype) / (1 - self.p)
+
+
+def _uniform(stream, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """U[0, 1) of ``shape`` from a generator, or row blocks from ``[(rows, generator), ...]``."""
+    if isinstance(stream, torch.Generator):
+        return torch.rand(shape, generator=stream, device=device)
+    if sum(rows for rows, _ in stream) != shape[0]:
+        raise RuntimeError(f"dropout's row blocks {[rows for rows, _ in stream]} do not cover a batch of {shape[0]}")
+    return torch.cat([torch.rand((rows, *shape[1:]), generator=g, device=device) for rows, g in stream])
 
 
 class ResBlock(nn.Module):

@@ -46,7 +46,7 @@ class Server:
     Args:
         clients: indices (into ``cfg.clients``) of the clients this replica serves.
         reduce: sums a flat gradient tensor in place over the replicas (None for one).
-        rank: this replica's rank: seeds its dropout stream.
+        rank: this replica's rank (dropout draws from each client's stream, not the replica's).
     """
 
     def __init__(
@@ -83,8 +83,10 @@ class Server:
             )
         self.class_conditioned = shared
         self.net = Trainable(model, cfg.server.optim, device, cfg.server.compile)
-        self.dropout_stream = torch.Generator(device).manual_seed(role_seed(cfg.run.seed, "server_dropout", rank))
-        self.net.dropout_streams[0] = self.dropout_stream
+        # dropout's masks for a client's images: a stream of that client's own, as its data's
+        self.dropout_streams = {
+            k: torch.Generator(device).manual_seed(role_seed(cfg.run.seed, "server_dropout", k)) for k in self.clients
+        }
 
     def eps_model(self, ema: bool, t_c: torch.Tensor, y: torch.Tensor | None):
         """eps(x, t) of the training (``ema`` False) or sampling copy at cut t_c [1], labels y [N] or None."""
@@ -123,6 +125,7 @@ class Server:
         t = t_c + 1 + (u * (T - t_c)).long().clamp(max=T - 1 - t_c)  # U{t_c+1..T}, the server's part
         anchor = per_image(lambda k: self.cuts[k].server_anchor)
         y = self.labels([m for _, m in msgs])
+        self.net.dropout_streams[0] = [(m.count, self.dropout_streams[k]) for k, m in msgs]
         return self.diffusion.training_losses(self.eps_model(False, t_c, y), x_c, t, noise, anchor)
 
     def train_round(
@@ -234,15 +237,18 @@ class Server:
         return {
             "net": self.net.member_state(0),
             "streams": {str(k): g.get_state() for k, g in self.streams.items()},
-            "dropout": self.dropout_stream.get_state(),
+            "dropout_clients": {str(k): g.get_state() for k, g in self.dropout_streams.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_member_state(0, state["net"])
         for k, g in self.streams.items():
             g.set_state(state["streams"][str(k)])
-        if "dropout" in state:  # sets written before dropout had its own stream start it from the seed
-            self.dropout_stream.set_state(state["dropout"])
+        # sets of one dropout stream per replica (before dropout drew per client), or none, load: their
+        # clients' dropout streams start from the seed
+        for k, g in self.dropout_streams.items():
+            if str(k) in state.get("dropout_clients", {}):
+                g.set_state(state["dropout_clients"][str(k)])
 
 
 def _checked(eps: Callable, check: Callable[[], None]) -> Callable:
