@@ -17,18 +17,21 @@ compares five image sets with the client's held-out real test images:
 Every set is quantized to uint8 before feature extraction (noised sets clipped
 to [-1, 1] first), as reference FID tools score image files: the stored and
 exported images give the stored scores. It also reports the disclosure of what
-crossed the wire (metrics.py) and the client's compute (compute.py), and writes
+crossed the wire (metrics.py), what the parties could learn beyond one x_c (privacy.py:
+membership inference against the models others hold, memorized outputs; the attacks at
+the run's count of releases per image) and the client's compute (compute.py), and writes
 everything to ``results.h5`` under ``/metrics`` (layout: results/schema.py).
 What x_c discloses, by formula and by attack, is scored in disclosure.py; the sets
-are made in sets.py and scored in quality.py.
+are made in sets.py and scored in quality.py. It logs what each part took (PARTS).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -38,11 +41,9 @@ import yaml
 from collafuse_hpc.config import Config, to_dict
 from collafuse_hpc.config_rules import changed_keys
 from collafuse_hpc.data import ShardReader, inspect_shard, to_model_range, to_uint8
-from collafuse_hpc.evaluation import attacks, metrics
+from collafuse_hpc.evaluation import attacks, disclosure, metrics, privacy
 from collafuse_hpc.evaluation.classifier import Classifier
 from collafuse_hpc.evaluation.compute import client_compute
-from collafuse_hpc.evaluation.disclosure import attack, disclosure
-from collafuse_hpc.evaluation.disclosure import describe as describe_disclosure
 from collafuse_hpc.evaluation.features import (
     FEATURES_VERSION,
     cached_real_features,
@@ -70,6 +71,37 @@ from collafuse_hpc.tables import format_table
 log = logging.getLogger("collafuse_hpc")
 
 GRID_IMAGES = 64  # images kept per set for sample grids
+# the parts of an evaluation whose time it logs, in order; the last three are what the parties could learn
+PARTS = (
+    "sampling",
+    "image quality",
+    "attacks on one release",
+    "client compute",
+    "membership inference",
+    "memorization",
+    "repeated releases",
+)
+
+
+class Parts:
+    """Seconds each of PARTS took, summed over the clients; ``with parts(part, stage):``
+    times one and names ``stage`` to the heartbeat."""
+
+    def __init__(self, beat: Heartbeat):
+        self.beat, self.seconds = beat, dict.fromkeys(PARTS, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, part: str, stage: str) -> Iterator[None]:
+        self.beat.at(stage)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - start
+
+    def line(self) -> str:
+        """``sampling 8.1 s, image quality 1.2 s, ...``: the parts' seconds in one line."""
+        return ", ".join(f"{part} {s:.1f} s" for part, s in self.seconds.items())
 
 
 def _device(choice: str) -> torch.device:
@@ -122,7 +154,10 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
     n = planned_images(cfg, [c.cut for c in clients])
     report: dict = {}
     pooled = {s: ([], []) for s in SETS}  # set -> (real features, generated features) of the clients that have it
+    scores: dict[str, tuple[list, list]] = {}  # model -> (members' scores, non-members') of every client
     grids = {}
+    parts = Parts(beat)
+    resamples, seed = cfg.eval.bootstrap, cfg.run.seed
 
     def feats(images: np.ndarray) -> np.ndarray:
         return features(extract, images, cfg.eval.batch, device)
@@ -138,37 +173,60 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
             real_u8[client.index], labels[client.index] = reader.read(np.arange(min(n, len(reader))))
             x0[client.index] = to_model_range(real_u8[client.index], device)
             x_c[client.index] = client.noised_to_cut(x0[client.index]).float()
-        beat.at(f"sampling the image sets of client(s) {', '.join(c.id for c in group)}")
-        generated = image_sets(cfg, servers_of, group, x_c, n, check)
+        with parts("sampling", f"sampling the image sets of client(s) {', '.join(c.id for c in group)}"):
+            generated = image_sets(cfg, servers_of, group, x_c, n, check)
         for client in group:
             k = client.index
-            beat.at(f"scoring the image sets of client {client.id}")
+            stream = privacy.stream(seed, k, device)
 
             def cached(split: str, images: np.ndarray, shard: str = cfg.clients[k].shard) -> np.ndarray:
                 """Features of the first len(images) real images of ``split``, from the cache."""
                 key = f"{inspect_shard(shard).content_hash[:16]}-{split}{len(images)}-{identity}-v{FEATURES_VERSION}"
                 return cached_real_features(_cache_dir(cfg), key, lambda: feats(images))
 
-            real = cached("test", real_u8[k])
-            entry = {}
-            if scorer is not None:  # the known answers: real test images against each other and the classes
-                own = label_counts(client, scorer.meta["num_classes"])
-                half = len(real) // 2
-                entry["real"] = {"fid_real_halves": metrics.fid(real[:half], real[half:]), "images": len(real)}
-                entry["real"].update(fidelity(scorer, real_u8[k], own, cfg))
-            for name, images in generated[k].items():
-                scored = to_uint8(images)  # what is stored and exported is what is scored
-                fake = feats(scored)
-                pooled[name][0].append(real)  # each client weighs the same on both sides of the pooled
-                pooled[name][1].append(fake[: len(real)])  # score: min(n, its test split) images each
-                entry[name] = {**quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
-                if scorer is not None:
-                    entry[name].update(fidelity(scorer, scored, own, cfg))
-                grids[(client.id, name)] = scored[:GRID_IMAGES]
-            beat.at(f"attacking client {client.id}'s x_c")
-            entry["disclosure"] = disclosure(client, x0[k], x_c[k])
+            entry, made = {}, {}
+            with parts("image quality", f"scoring the image sets of client {client.id}"):
+                real = cached("test", real_u8[k])
+                if scorer is not None:  # the known answers: real test images against each other and the classes
+                    own = label_counts(client, scorer.meta["num_classes"])
+                    half = len(real) // 2
+                    entry["real"] = {"fid_real_halves": metrics.fid(real[:half], real[half:]), "images": len(real)}
+                    entry["real"].update(fidelity(scorer, real_u8[k], own, cfg))
+                for name, images in generated[k].items():
+                    scored = to_uint8(images)  # what is stored and exported is what is scored
+                    fake = feats(scored)
+                    pooled[name][0].append(real)  # each client weighs the same on both sides of the pooled
+                    pooled[name][1].append(fake[: len(real)])  # score: min(n, its test split) images each
+                    entry[name] = {**quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
+                    if scorer is not None:
+                        entry[name].update(fidelity(scorer, scored, own, cfg))
+                    grids[(client.id, name)] = scored[:GRID_IMAGES]
+                    if name in privacy.IMAGE_SETS:
+                        made[name] = (scored, fake)
+            with parts("memorization", f"looking for client {client.id}'s training images among its samples"):
+                copies = privacy.memorization(made, (real_u8[k], real), client.reader, cached, resamples, seed)
+                for name, figures in copies.items():
+                    entry[name].update(figures)
             y = torch.from_numpy(labels[k]).to(device) if client.condition else None
-            entry["attack"] = attack(client, clients, x0[k], x_c[k], y, real, feats, cached, n)
+            with parts("attacks on one release", f"attacking client {client.id}'s x_c"):
+                entry["disclosure"] = disclosure.disclosure(client, x0[k], x_c[k])
+                entry["attack"] = disclosure.attack(client, clients, x0[k], x_c[k], y, real, feats, cached, n)
+            with parts("repeated releases", f"attacking client {client.id}'s x_c at its releases per image"):
+                releases = entry["disclosure"]["releases"]
+                entry["attack"].update(
+                    disclosure.attack_releases(
+                        client, clients, x0[k], y, real, feats, cached, n, releases, stream, entry["attack"]
+                    )
+                )
+            with parts("membership inference", f"inferring membership of client {client.id}'s images"):
+                targets = [privacy.client_target(client)] if client.cut.t_c > 0 else []
+                if servers_of[k] is not None:
+                    targets.insert(0, privacy.server_target(servers_of[k], client))
+                mia = privacy.membership(targets, cfg.clients[k].shard, client.diffusion, n, stream, cfg.eval.batch)
+                entry["membership"] = _membership(mia, resamples, seed)
+                for model, (members, nonmembers) in mia.items():
+                    scores.setdefault(model, ([], []))[0].append(members)
+                    scores[model][1].append(nonmembers)
             # the cost of a model on a grid is the same for every client that has both: measured once
             key = (
                 repr(cfg.clients[k].model),
@@ -178,8 +236,8 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
                 client.cut.t_c,
             )
             if key not in compute_of:
-                beat.at(f"measuring client {client.id}'s compute")
-                compute_of[key] = client_compute(client, min(n, 16))
+                with parts("client compute", f"measuring client {client.id}'s compute"):
+                    compute_of[key] = client_compute(client, min(n, 16))
             entry["compute"] = dict(compute_of[key])
             report[client.id] = entry
             log.info("evaluated client %s: %s", client.id, _line(entry))
@@ -189,13 +247,28 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
         if fakes:
             real, fake = np.concatenate(reals), np.concatenate(fakes)
             report["pooled"][name] = {**quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
-    _write(index, cfg, report, grids, identity, round_, started)
+    pooled_scores = {model: tuple(map(np.concatenate, s)) for model, s in scores.items()}
+    report["pooled"]["membership"] = _membership(pooled_scores, resamples, seed)
+    _write(index, cfg, report, grids, identity, round_, started, parts.seconds)
+    log.info("evaluate: what each part took: %s", parts.line())
     log.info("evaluation of round %d written to %s (%.1f s)", round_, index, time.perf_counter() - t0)
     return report
 
 
+def _membership(scores: dict[str, tuple[np.ndarray, np.ndarray]], resamples: int, seed: int) -> dict:
+    """The membership group of a client (or pooled: every client's candidates, one
+    threshold): privacy.mia_figures of each model, the candidates per side and the
+    models scored."""
+    out: dict = {"models": ",".join(scores), "draws": privacy.MIA_STEPS * privacy.MIA_NOISE}
+    for model, (members, nonmembers) in scores.items():
+        out.update(privacy.mia_figures(model, members, nonmembers, resamples, seed))
+        out["members"] = len(members)
+    return out
+
+
 def print_report(report: dict) -> None:
-    """FID / KID per client and image set, then disclosure and client compute."""
+    """FID / KID per client and image set, then disclosure, client compute and what the
+    parties could learn (membership, copies; the attacks at the run's releases)."""
     rows = [
         [who, *(f"{entry[s]['fid']:.2f} / {entry[s]['kid_mean']:.4f}" if s in entry else None for s in SETS)]
         for who, entry in report.items()
@@ -207,19 +280,25 @@ def print_report(report: dict) -> None:
         if "disclosure" in entry:
             c = entry["compute"]
             print(
-                f"{who}: {describe_disclosure(entry['disclosure'])}; client sampling time "
+                f"{who}: {disclosure.describe(entry['disclosure'])}; client sampling time "
                 f"{c['sampling_time_ratio']:.3f} of local-only (ideal {c['sampling_ideal_ratio']:.3f})"
             )
             print(f"{who}: attack: {attacks.describe(entry['attack'])}")
+            print(f"{who}: copies: {privacy.describe_copies(entry)}")
+        if "membership" in entry:
+            print(f"{who}: membership: {privacy.describe_membership(entry['membership'])}")
 
 
 def _line(entry: dict) -> str:
     return ", ".join(f"{s} FID {entry[s]['fid']:.2f}" for s in SETS if s in entry)
 
 
-def _write(index: str, cfg: Config, report: dict, grids: dict, identity: str, round_: int, started: str) -> None:
-    """A new evaluate record holding the metrics; /metrics then points at them. The
-    metrics of earlier evaluations stay in their records."""
+def _write(
+    index: str, cfg: Config, report: dict, grids: dict, identity: str, round_: int, started: str, seconds: dict
+) -> None:
+    """A new evaluate record holding the metrics and what each part took (``seconds``, in
+    its totals); /metrics then points at them. The metrics of earlier evaluations stay in
+    their records."""
     with h5py.File(index, "r", locking=False) as f:
         trained_with = yaml.safe_load(f.attrs["config"])
     n = begin_record(index, "evaluate", round_, changed_keys(trained_with, to_dict(cfg)))
@@ -243,4 +322,5 @@ def _write(index: str, cfg: Config, report: dict, grids: dict, identity: str, ro
                     sub.create_dataset("images", data=grids[(who, name)])
         point_newest(f, METRICS, target)
     scored = sum(entry[s]["images"] for who, entry in report.items() if who != "pooled" for s in SETS if s in entry)
-    finish_record(index, n, {"extractor": identity, "images_scored": scored, "clients": len(report) - 1})
+    took = {f"time_{part.replace(' ', '_')}_s": round(value, 3) for part, value in seconds.items()}
+    finish_record(index, n, {"extractor": identity, "images_scored": scored, "clients": len(report) - 1, **took})

@@ -55,7 +55,11 @@ to records/v2/summary (counted in /summary as one training invocation).
                                   releases, mu_composed, reading, images
       /<client id>/attack         attrs: recon_{public,own}_{psnr_db,ssim,fid}, public_model,
                                   link_{pixel,feature}_top{1,5}, link_candidates, chance_top{1,5}
-                                  (evaluation/attacks.py)
+                                  (evaluation/attacks.py); releases and each figure at that
+                                  many releases per image, <figure>_releases
+      /<client id>|pooled/membership  attrs: mia_<model>_{auc,tpr_at_1fpr}[_low|_high] (model:
+                                  server, client, federated), members, draws, models
+                                  (evaluation/privacy.py); a set's attrs also copy_rate_{pixel,feature}
       /<client id>/compute        attrs: evaluation.compute.client_compute's fields
 """
 
@@ -99,7 +103,10 @@ METRIC_UNITS = (
     "fid: squared feature distance; kid_mean/kid_std: MMD^2 (unbiased, cubic kernel); mse: per pixel in [-1, 1]; "
     "psnr_db: dB for data range 2; ssim: mean SSIM in [-1, 1]; snr: abar/(1-abar); mu_*: Gaussian DP mu; "
     "*_flops: floating-point operations per image; *_s: seconds; recon_*: reconstructions from x_c against the "
-    "originals; link_*_top*: fraction of released x_c whose source is among the k nearest training images"
+    "originals; link_*_top*: fraction of released x_c whose source is among the k nearest training images; "
+    "*_releases: the same with each image's releases averaged; mia_*_auc: ROC AUC of the loss attack (0.5: chance); "
+    "mia_*_tpr_at_1fpr: members flagged at 1% of non-members flagged; copy_rate_*: share of samples nearer a "
+    "training image than the 5th percentile of held-out images"
 )
 
 
