@@ -12,6 +12,11 @@ import numpy as np
 from collafuse_hpc.report import stats
 
 NAN = float("nan")
+# what the parties could learn, drawn over c and against quality: (column, label, marker)
+DISCLOSED = (
+    ("link_pixel_top1_releases", "linkage top-1 at the run's releases", "D"),
+    ("mia_server_auc", "membership AUC, server's model", "^"),
+)
 
 
 def _errorbar(axis, runs: list[dict], key: str, label: str, **style) -> None:
@@ -34,13 +39,15 @@ def _save(plt, fig, path: str, dpi: int) -> None:
 
 
 def tradeoff_figure(pooled: list[dict], path: str) -> bool:
-    """Three panels over c, one line per split mode with error bars over seeds: quality
-    (collaborative against client-alone FID), disclosure (x_c and reconstructions, linkage),
-    client compute."""
+    """Four panels, one line per split mode with error bars over seeds: over c, quality
+    (collaborative against client-alone FID), disclosure (x_c and reconstructions, linkage
+    at one release and at the run's releases, membership of the server's model) and client
+    compute; then quality against disclosure (the server's membership AUC, the linkage at
+    the run's releases)."""
     plt = _pyplot()
     if plt is None:
         return False
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4.6))
     twin = ax[1].twinx()
     splits = sorted({r["split"] for r in pooled})
     for i, split in enumerate(splits):
@@ -52,6 +59,11 @@ def tradeoff_figure(pooled: list[dict], path: str) -> bool:
             ax[1], runs, "recon_public_psnr_db", f"reconstruction, public model ({split})", color=color, marker="o"
         )
         _errorbar(twin, runs, "link_pixel_top1", f"linkage top-1 ({split})", color=color, marker="s", linestyle=":")
+        sent = [r for r in runs if r["c"] < 1]  # at c = 1 nothing is sent
+        for key, label, marker in DISCLOSED:
+            _errorbar(twin, sent, key, f"{label} ({split})", color=color, marker=marker, linestyle="-.")
+            ax[3].plot([r[key] for r in sent], [r["fid_collaborative"] for r in sent], marker=marker, color=color,
+                       label=f"{label} ({split})")  # fmt: skip
         # the client's share of sampling depends on the split (the reference split hands over later)
         ax[2].plot(
             cs, [r["sampling_flops_ratio"] for r in runs], color=color, marker="o", label=f"sampling FLOPs ({split})"
@@ -65,7 +77,6 @@ def tradeoff_figure(pooled: list[dict], path: str) -> bool:
             label=f"sampling time ({split})",
         )
         if i == 0:  # x_c, what it discloses and the client's training do not depend on the split mode
-            sent = [r for r in runs if r["c"] < 1]  # at c = 1 nothing is sent
             _errorbar(ax[1], sent, "psnr_x_c_db", "x_c as sent", color="grey", marker=".")
             twin.plot(cs, [r["chance_top1"] for r in runs], color="black", linewidth=0.8, label="linkage chance")
             ax[2].plot(
@@ -81,12 +92,15 @@ def tradeoff_figure(pooled: list[dict], path: str) -> bool:
     ax[0].set_title("quality, pooled over clients (lower is better)")
     ax[0].legend(fontsize=7)
     ax[1].set(xlabel="cut ratio c", ylabel="PSNR against x_0 (dB)")
-    twin.set(ylabel="linkage top-1 rate", ylim=(0, 1.05))
+    twin.set(ylabel="linkage top-1 rate, membership AUC", ylim=(0, 1.05))
     ax[1].legend(handles=ax[1].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0], fontsize=7)
     ax[1].set_title("disclosure: what an adversary holding x_c recovers")
     ax[2].set(xlabel="cut ratio c", ylabel="client / local-only")
     ax[2].set_title("client compute, mean over clients")
     ax[2].legend(fontsize=7)
+    ax[3].set(xlabel="disclosure (rate or AUC; 0.5 AUC: chance)", ylabel=ax[0].get_ylabel())
+    ax[3].set_title("quality against disclosure, pooled (c < 1)")
+    ax[3].legend(fontsize=7)
     _save(plt, fig, path, 120)
     return True
 

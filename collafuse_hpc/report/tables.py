@@ -2,10 +2,13 @@
 averaged over seeds, and table.csv, versus_c1.csv, table.md and report.html.
 
 Column names carry their units (COLUMNS): FID and KID per image set, class fidelity and
-distance, precision and recall with their 95% intervals over images, the loss still
-falling, disclosure of x_c and by attack, client compute as exact FLOP ratios and
-measured time ratios. The pooled row's FID/KID compare all clients' images with all
-their real images; its disclosure and compute columns are means over the clients.
+distance, precision and recall and the copy rates with their 95% intervals over images,
+the loss still falling, disclosure of x_c and by attack (at one release and at the run's
+releases per image), membership inference against each model another party holds,
+client compute as exact FLOP ratios and measured time ratios. The pooled row's FID/KID
+compare all clients' images with all their real images, and its membership figures
+every client's candidates under one threshold; its disclosure and compute columns and
+copy rates are means over the clients.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import re
 
 from collafuse_hpc.evaluation.disclosure import NOTHING_SENT
+from collafuse_hpc.evaluation.privacy import COPY_PERCENTILE, MIA_MODELS
 from collafuse_hpc.evaluation.quality import POOLED_FID
 from collafuse_hpc.report import stats
 from collafuse_hpc.results.schema import SETS, SUMMARY, role_key
@@ -52,6 +56,19 @@ COLUMNS = {
     "recall": "recall",
     "recall_low": "recall, 95% low (images)",
     "recall_high": "recall, 95% high (images)",
+    **{
+        f"copy_rate_{space}{end}": f"copied samples, {space}s{what}"
+        for space in ("pixel", "feature")
+        for end, what in (
+            (
+                "",
+                f" (share nearer a training image than {100 - COPY_PERCENTILE:g}% of held-out images; "
+                f"{COPY_PERCENTILE / 100:g}: none copied)",
+            ),
+            ("_low", ", 95% low (images)"),
+            ("_high", ", 95% high (images)"),
+        )
+    },
     "real_fid_halves": "known answer: FD real vs real (test halves)",
     "real_fidelity": "known answer: class fidelity of real test images",
     "real_class_distance": "known answer: class distance of real test images",
@@ -71,6 +88,16 @@ COLUMNS = {
     "link_pixel_top5": "linkage top-5, pixels",
     "link_feature_top1": "linkage top-1, features",
     "chance_top1": "linkage top-1, chance",
+    "releases": "releases per image (k)",
+    "link_pixel_top1_releases": "linkage top-1 at the run's releases, pixels (grouping known: upper bound)",
+    "link_feature_top1_releases": "linkage top-1 at the run's releases, features",
+    "recon_public_psnr_db_releases": "reconstruction PSNR at the run's releases, public model (dB)",
+    **{
+        f"mia_{model}_{figure}{end}": f"membership {name}, {model}'s model{what}"
+        for model in MIA_MODELS
+        for figure, name in (("auc", "AUC (0.5: chance)"), ("tpr_at_1fpr", "TPR at 1% FPR (0.01: chance)"))
+        for end, what in (("", ""), ("_low", ", 95% low (candidates)"), ("_high", ", 95% high (candidates)"))
+    },
     "sampling_flops_ratio": "sampling FLOPs client/local",
     "sampling_time_ratio": "sampling time client/local",
     "sampling_ideal_ratio": "ideal sampling ratio (share of grid)",
@@ -80,16 +107,19 @@ COLUMNS = {
     "server_images_per_s": "server images/s",
 }
 ATTACK = [key for key in COLUMNS if key.startswith(("recon_", "link_", "chance_"))]
+MIA = [key for key in COLUMNS if key.startswith("mia_")]  # with their intervals' ends
+COPIES = ["copy_rate_pixel", "copy_rate_feature"]
 KEYS = ["split", "partition", "share", "c", "who", "seeds"]
-FIDELITY = ["fidelity", "class_distance", "confidence", "precision", "recall"]
+FIDELITY = ["fidelity", "class_distance", "confidence", "precision", "recall", *COPIES]
 FIDELITY += ["real_fid_halves", "real_fidelity", "real_class_distance", "loss_change", "loss_noise", "converged"]
 QUALITY = [*KEYS, *(f"fid_{s}" for s in SETS), *(f"kid_mean_{s}" for s in SETS), *FIDELITY]
 _ORDER = list(COLUMNS)
-DISCLOSURE = [*KEYS, *_ORDER[_ORDER.index("t_c") : _ORDER.index("sampling_flops_ratio")]]
+DISCLOSURE = [*KEYS, *_ORDER[_ORDER.index("t_c") : _ORDER.index(MIA[0])]]
+MEMBERSHIP = [*KEYS, *(key for key in MIA if not key.endswith(("_low", "_high")))]
 # the classes' numbers are each client's own (its label mix): pooled, they are the mean over clients, and the
 # intervals of those means come from the clients' intervals (stats.pooled_interval)
 POOLED_MEANS = ["confidence", "real_fidelity", "real_class_distance", "real_fid_halves"]
-POOLED_INTERVALS = ["fidelity", "class_distance"]
+POOLED_INTERVALS = ["fidelity", "class_distance", *COPIES]
 COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") :]]
 TEXT = {"split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
 NUMBERS = [key for key in COLUMNS if key not in TEXT]
@@ -107,6 +137,7 @@ def _client_columns(m: dict, roles: dict, who: str) -> dict:
         "psnr_x_c_db": d["psnr_db"],
         "ssim_x_c": d["ssim"],
         "mu_gdp_composed": d["mu_composed"],
+        "releases": a.get("releases", NAN),
         **{key: a.get(key, NAN) for key in ATTACK},
         "sampling_flops_ratio": _ratio(c["sampling_flops_client"], c["sampling_flops_full"]),
         "sampling_time_ratio": c["sampling_time_ratio"],
@@ -125,12 +156,14 @@ def _mean(values: list) -> float:
 def _quality_columns(m: dict, who: str) -> dict:
     """The classifier's numbers of the collaborative set (NaN with other features)."""
     q, real = m[who].get("collaborative", {}), m[who].get("real", {})
-    out = {key: q.get(key, NAN) for key in ("precision", "recall", "confidence", "class_distance")}
+    out = {key: q.get(key, NAN) for key in ("precision", "recall", "confidence", "class_distance", *COPIES)}
     out["fidelity"] = q.get("class_fidelity", NAN)
     for end in ("low", "high"):
         out[f"fidelity_{end}"] = q.get(f"class_fidelity_{end}", NAN)
         out[f"fid_collaborative_{end}"] = q.get(f"fid_{end}", NAN)
-        out |= {f"{key}_{end}": q.get(f"{key}_{end}", NAN) for key in ("precision", "recall", "class_distance")}
+        out |= {
+            f"{key}_{end}": q.get(f"{key}_{end}", NAN) for key in ("precision", "recall", "class_distance", *COPIES)
+        }
     out["real_fid_halves"], out["real_fidelity"] = real.get("fid_real_halves", NAN), real.get("class_fidelity", NAN)
     out["real_class_distance"] = real.get("class_distance", NAN)
     return out
@@ -182,6 +215,7 @@ def rows(summary: dict, curves: dict) -> list[dict]:
                 )
         else:
             row |= per_client[who]
+        row |= {key: m[who].get("membership", {}).get(key, NAN) for key in MIA}  # pooled: one threshold for all
         out.append(row)
     return out
 
@@ -231,7 +265,7 @@ def aggregate(table: list[dict]) -> list[dict]:
 def _absent(row: dict, key: str) -> str | None:
     """Why a disclosure or attack column of ``row`` holds no number: the clients sent
     nothing (no release: c = 1), or no other client's model could serve as the public one."""
-    if key in DISCLOSURE[len(KEYS) :] and row.get("mu_gdp_composed") == 0:
+    if (key in DISCLOSURE[len(KEYS) :] or key.startswith("mia_server_")) and row.get("mu_gdp_composed") == 0:
         return NOTHING_SENT
     return "no public model" if key.startswith("recon_public_") else None
 
@@ -257,7 +291,12 @@ def _num(v) -> str:
     return str(v)
 
 
-SECTIONS = (("Quality", QUALITY), ("Disclosure of x_c and by attack", DISCLOSURE), ("Client compute", COMPUTE))
+SECTIONS = (
+    ("Quality", QUALITY),
+    ("Disclosure of x_c and by attack", DISCLOSURE),
+    ("Membership inference against the models other parties hold", MEMBERSHIP),
+    ("Client compute", COMPUTE),
+)
 VERSUS = ("split", "partition", "share", "c", "who", "metric", "seeds", "delta", "low", "high", "interval", "verdict")
 VERSUS += ("unpaired",)  # the point's seeds without a c = 1 run of their partition and seed: not in the difference
 
@@ -271,11 +310,22 @@ def _note(table: list[dict], versus: list[dict], sections: list[tuple[str, list[
     if any(r["seeds"] > 1 for r in table):
         out.append("With several seeds: mean ± std over seeds.")
     if one_seed and re.search(r"\[[^]]+, [^]]+\]", cells):
-        out.append("With one seed, [a, b] is the 95% bootstrap interval over images.")
+        out.append("With one seed, [a, b] is the 95% bootstrap interval over images (membership: over candidates).")
     elif one_seed:
         out.append("No intervals over images: they come with eval.extractor: classifier and eval.bootstrap.")
     if one_seed and any(h.startswith("KID ") for _, header, _ in sections for h in header):
         out.append("KID of one seed: mean ± std over subsets (n/a: one subset).")
+    headers = {h for _, header, _ in sections for h in header}
+    if any(h.startswith("membership ") for h in headers):
+        out.append(
+            "Membership: the loss attack on the client's training images against as many held-out ones (pooled: "
+            "every client's, one threshold)."
+        )
+    if COLUMNS["link_pixel_top1_releases"] in headers:
+        out.append(
+            "At the run's releases: each image's k releases averaged by an adversary told which they are (an upper "
+            "bound)."
+        )
     if not versus:
         out.append(f"versus_c1.csv has no rows: {stats.no_comparison(table)}.")
     if any(r["who"] == "pooled" for r in table):
