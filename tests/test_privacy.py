@@ -1,0 +1,235 @@
+"""What the parties could learn (evaluation/privacy.py, the attacks at k releases): each
+metric on cases with a known answer, and each test named after the mutation it catches
+(the metric broken on purpose: the wrong member set, distances to the test images
+instead of the training images, one release instead of k)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from collafuse_hpc.config import ModelConfig, from_dict
+from collafuse_hpc.data import ShardReader, to_model_range
+from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
+from collafuse_hpc.diffusion.unet import UNet
+from collafuse_hpc.evaluation import attacks, disclosure, privacy
+from collafuse_hpc.roles.client import Client
+from collafuse_hpc.roles.server import Server
+
+T = 20
+DIFFUSION = GaussianDiffusion(beta_schedule("linear", T))
+
+
+def _stream(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _images(shard: str, split: str, count: int | None = None) -> np.ndarray:
+    reader = ShardReader(shard, split)
+    return reader.read(np.arange(len(reader) if count is None else count))[0]
+
+
+def memorizer(train: np.ndarray) -> privacy.Target:
+    """A client-like model that memorized ``train`` (uint8 [M, C, H, W]): the ideal denoiser
+    of their empirical distribution (the posterior mean of x_0 over them given x_t), which
+    training on them alone converges to."""
+    flat = to_model_range(train, "cpu").flatten(1).double()  # (M, D)
+
+    def eps(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        abar = DIFFUSION.abar(t).view(-1, 1)  # (B, 1) float64
+        xt = x.flatten(1).double()
+        d2 = (xt * xt).sum(1, keepdim=True) - 2 * abar.sqrt() * xt @ flat.T + abar * (flat * flat).sum(1)[None]
+        weights = torch.softmax(-d2 / (2 * (1 - abar)), dim=1)  # (B, M)
+        x0_hat = weights @ flat
+        return ((xt - abar.sqrt() * x0_hat) / (1 - abar).sqrt()).float().view_as(x)
+
+    return privacy.Target("client", eps, (1, T))
+
+
+def test_auc_and_tpr_at_low_fpr_have_their_known_values():
+    low, high = np.arange(10.0), np.arange(10.0) + 100
+    assert privacy.roc_auc(low, high) == 1 and privacy.roc_auc(high, low) == 0
+    assert privacy.roc_auc(np.ones(5), np.ones(7)) == 0.5  # ties count half
+    assert privacy.roc_auc(np.array([1.0, 3.0]), np.array([2.0, 4.0])) == 0.75  # 3 of 4 pairs ordered
+    rng = np.random.default_rng(0)
+    same = rng.normal(size=(2, 4000))
+    assert abs(privacy.roc_auc(*same) - 0.5) < 0.02 and abs(privacy.tpr_at_fpr(*same) - 0.01) < 0.006
+    assert privacy.tpr_at_fpr(low, high) == 1 and privacy.tpr_at_fpr(high, low) == 0
+    # 200 non-members: at most 2 flagged; the threshold is the third lowest of them
+    nonmembers = np.arange(200.0)
+    assert privacy.tpr_at_fpr(np.array([1.5, 2.5, 0.5]), nonmembers) == pytest.approx(2 / 3)
+    figures = privacy.mia_figures("server", low, high, resamples=50, seed=0)
+    assert figures["mia_server_auc"] == 1 and figures["mia_server_auc_low"] <= 1 <= figures["mia_server_auc_high"]
+    assert set(figures) == {f"mia_server_{k}{e}" for k in ("auc", "tpr_at_1fpr") for e in ("", "_low", "_high")}
+
+
+def test_wrong_member_set__a_model_that_memorized_the_training_images_reveals_them(shards):
+    """Mutation caught: members taken from anything but the client's training images (its
+    test split, another offset, another client's shard) gives an AUC near 0.5, not 1."""
+    train = _images(shards[0], "train")
+    scores = privacy.membership([memorizer(train)], shards[0], DIFFUSION, 40, _stream(), 64)
+    members, nonmembers = scores["client"]
+    assert len(members) == len(nonmembers) == 40
+    assert privacy.roc_auc(members, nonmembers) > 0.95
+    assert privacy.tpr_at_fpr(members, nonmembers) > 0.5
+    # the candidates are the first 40 of each split, members first
+    x0, y, m = privacy.candidates(shards[0], 40, torch.device("cpu"))
+    want = np.concatenate([train[:40], _images(shards[0], "test", 40)])
+    assert m == 40 and torch.equal(x0, to_model_range(want, "cpu")) and y is not None and len(y) == 80
+
+
+def test_two_halves_of_held_out_images_are_told_apart_by_chance_only(shards):
+    """The known answer 0.5: held-out images scored against held-out images under the
+    memorizing model (neither half is a member)."""
+    test = _images(shards[0], "test")
+    half = len(test) // 2
+    target = memorizer(_images(shards[0], "train"))
+    x0 = to_model_range(test[: 2 * half], "cpu")
+    s = privacy.loss_scores(target, DIFFUSION, x0, None, _stream(1), 64)
+    figures = privacy.mia_figures("client", s[:half], s[half:], resamples=200, seed=0)
+    assert abs(figures["mia_client_auc"] - 0.5) < 0.15
+    assert figures["mia_client_auc_low"] < 0.5 < figures["mia_client_auc_high"]
+
+
+def test_the_server_scores_candidates_as_the_x_c_it_saw(shards, tmp_path):
+    """The server's target: t in t_c+1..T on its anchor, each candidate entering as a fresh
+    x_c at t_c in the wire dtype (mean sqrt(abar) x_0, variance 1 - abar)."""
+    cfg = from_dict(tiny_config(shards, tmp_path, [0.25]))
+    client, server = Client(cfg, 0, torch.device("cpu")), Server(cfg, [0], torch.device("cpu"))
+    target = privacy.server_target(server, client)
+    t_c = client.cut.t_c
+    assert (target.name, target.steps, target.anchor) == ("server", (t_c + 1, T), t_c)
+    x0 = to_model_range(_images(shards[0], "train", 8), "cpu").repeat(500, 1, 1, 1)
+    x_c = target.data(x0, _stream())
+    abar = DIFFUSION.alphas_cumprod[t_c]
+    noise = (x_c - abar**0.5 * x0) / (1 - abar) ** 0.5
+    assert abs(float(noise.mean())) < 0.01 and float(noise.var()) == pytest.approx(1, abs=0.01)
+    assert privacy.attack_steps(t_c + 1, T) == [7, 11, 15, 19]  # midpoints of 4 strata of 6..20
+    assert privacy.attack_steps(1, 2) == [1, 2]
+    scores = privacy.loss_scores(target, DIFFUSION, x0[:6], None, _stream(), 8)
+    assert scores.shape == (6,) and np.isfinite(scores).all()
+
+
+@pytest.mark.slow  # 150 optimizer steps: 4 to 10 s on a busy core
+def test_a_trained_model_that_memorized_a_handful_of_images_reveals_them(shards):
+    """A tiny UNet trained only on 6 training images (the candidates' members) until it
+    memorized them: AUC near 1 against 6 held-out images."""
+    torch.manual_seed(0)
+    members = to_model_range(_images(shards[0], "train", 6), "cpu")
+    net = UNet(ModelConfig(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[]), 1, 8)
+    optim = torch.optim.Adam(net.parameters(), lr=3e-3)
+    generator = _stream()
+
+    def eps(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return net(x, t)
+
+    for _ in range(150):
+        t = torch.randint(1, T + 1, (len(members),), generator=generator)
+        noise = torch.randn(members.shape, generator=generator)
+        loss = DIFFUSION.training_losses(eps, members, t, noise).mean()
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    net.eval()
+    scores = privacy.membership([privacy.Target("client", eps, (1, T))], shards[0], DIFFUSION, 6, generator, 48)
+    assert privacy.roc_auc(*scores["client"]) > 0.9
+
+
+def test_distances_to_test_images__training_images_are_copies_and_held_out_ones_are_not(shards):
+    """Known answers: the client's training images score near 1, held-out images about
+    0.05. Mutation caught: distances to the test images instead of the training images
+    (training images then score about 0.05, and held-out images nearly 1 or 0)."""
+    train, test = _images(shards[0], "train"), _images(shards[0], "test")
+    half = len(test) // 2
+
+    def feats(images: np.ndarray) -> np.ndarray:  # a feature space other than the pixels: 2x2 means
+        return images.reshape(len(images), 4, 2, 4, 2).mean((2, 4)).reshape(len(images), -1).astype(np.float64)
+
+    made = {"collaborative": (train[:50], feats(train[:50])), "client_alone": (test[half:], feats(test[half:]))}
+    reader = ShardReader(shards[0], "train")
+    out = privacy.memorization(made, (test[:half], feats(test[:half])), reader, lambda _, x: feats(x), 100, 0)
+    for space in ("pixel", "feature"):
+        key = f"copy_rate_{space}"
+        assert out["collaborative"][key] == 1
+        assert out["client_alone"][key] < 0.15
+        assert out["client_alone"][f"{key}_low"] <= out["client_alone"][key] <= out["client_alone"][f"{key}_high"]
+
+
+def test_averaged_releases_are_one_release_at_k_times_the_snr():
+    t_c, k = 12, 25
+    x0 = torch.rand(2000, 1, 4, 4) * 2 - 1
+    x_bar = attacks.release(DIFFUSION, x0, t_c, k, torch.float32, _stream())
+    abar = DIFFUSION.alphas_cumprod[t_c]
+    assert float((x_bar - abar**0.5 * x0).var()) == pytest.approx((1 - abar) / k, rel=0.03)
+    x_s, s = attacks.as_one_release(DIFFUSION, x_bar, t_c, k, _stream(1))
+    snr = DIFFUSION.alphas_cumprod[1:] / (1 - DIFFUSION.alphas_cumprod[1:])  # SNR(1..T) at index t - 1
+    assert s < t_c and snr[s - 1] <= k * snr[t_c - 1] < snr[s - 2]  # the least noisy step not above k SNR(t_c)
+    a_s = DIFFUSION.alphas_cumprod[s]
+    assert float((x_s - a_s**0.5 * x0).var()) == pytest.approx(1 - a_s, rel=0.03)
+    assert attacks.as_one_release(DIFFUSION, x_bar, t_c, 1, _stream())[1] == t_c
+
+
+def test_one_release_instead_of_k__linkage_grows_with_the_run_s_releases(shards, tmp_path):
+    """At a noisy cut one release links few images; the mean of 40 releases (40 times the
+    SNR) links nearly all. Mutation caught: one release instead of k (the figures at k then
+    equal those at one)."""
+    cfg = from_dict(tiny_config(shards, tmp_path, [0.5, 0.5]))  # SNR(t_c) 0.055
+    clients = [Client(cfg, k, torch.device("cpu")) for k in range(2)]
+    client = clients[0]
+    x0 = to_model_range(_images(shards[0], "test", 16), "cpu")
+    x_c = client.noised_to_cut(x0).float()
+    feats = privacy.pixels
+
+    def cached(_: str, images: np.ndarray) -> np.ndarray:
+        return feats(images)
+
+    real = feats(_images(shards[0], "test", 16))
+    single = disclosure.attack(client, clients, x0, x_c, None, real, feats, cached, 16)
+    many = disclosure.attack_releases(client, clients, x0, None, real, feats, cached, 16, 40, _stream(), single)
+    assert many["releases"] == 40 and set(many) == {"releases", *(f"{k}_releases" for k in disclosure.FIGURES)}
+    assert single["link_pixel_top1"] < 0.6 and many["link_pixel_top1_releases"] > 0.9
+    once = disclosure.attack_releases(client, clients, x0, None, real, feats, cached, 16, 1, _stream(), single)
+    assert all(once[f"{k}_releases"] == single[k] for k in disclosure.FIGURES)
+
+
+@pytest.mark.slow
+def test_evaluate_writes_prints_and_reports_what_the_parties_could_learn(shards, tmp_path, capsys):
+    """The attributes beside today's (per client and pooled), the printout, the parts'
+    times in the record, and the report's table and trade-off figure."""
+    from collafuse_hpc.evaluation.evaluate import PARTS, evaluate, print_report
+    from collafuse_hpc.report.make import make_report
+    from collafuse_hpc.runtime.run import run_in_process
+
+    cfg = from_dict(tiny_config(shards, tmp_path / "run", [0.25, 1.0], rounds=4))
+    run_in_process(cfg, resume=False)
+    report = evaluate(cfg)
+    print_report(report)
+    printed = capsys.readouterr().out
+    assert "c0: membership: server's model AUC" in printed and "client's model AUC" in printed
+    assert "c1: copies: share of samples nearer a training image" in printed
+    assert "releases per image, averaged (grouping known: an upper bound)" in printed
+    with h5py.File(tmp_path / "run/results.h5") as f:
+        m = f["metrics"]
+        for who, models in (("c0", ("server", "client")), ("c1", ("client",)), ("pooled", ("server", "client"))):
+            got = m[f"{who}/membership"].attrs
+            for model in models:
+                assert 0 <= got[f"mia_{model}_auc"] <= 1 and 0 <= got[f"mia_{model}_tpr_at_1fpr"] <= 1
+            assert "mia_server_auc" in got or who == "c1"
+        assert m["pooled/membership"].attrs["members"] == 16
+        for who in ("c0", "c1"):
+            assert 0 <= m[f"{who}/collaborative"].attrs["copy_rate_pixel"] <= 1
+            assert 0 <= m[f"{who}/client_alone"].attrs["copy_rate_feature"] <= 1
+        attack = m["c0/attack"].attrs
+        assert attack["releases"] == m["c0/disclosure"].attrs["releases"] >= 1
+        assert 0 <= attack["link_pixel_top1_releases"] <= 1
+        record = [r for r in f["records"].values() if r.attrs["command"] == "evaluate"][-1]
+        totals = record.attrs["totals"]
+        assert all(f"time_{part.replace(' ', '_')}_s" in totals for part in PARTS)
+    out = tmp_path / "report"
+    assert make_report([str(tmp_path / "run/results.h5")], str(out)) == 0
+    table = (out / "table.md").read_text()
+    assert "membership AUC (0.5: chance), server's model" in table and "copied samples, pixels" in table
+    assert "linkage top-1 at the run's releases, pixels" in table and (out / "tradeoff.png").exists()
