@@ -24,7 +24,7 @@ figures at k releases: attacks.release, disclosure.attack_releases.)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class Target:
     name: str
     eps: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
     steps: tuple[int, int]
-    data: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = field(default=_image)
+    data: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = _image
     anchor: int = 0
 
 
