@@ -1,12 +1,15 @@
 """The federated method (run.method: federated): FedAvg's known answers, the weighted
 average, placement independence, resume, what crosses the wire, and the config."""
 
+import subprocess
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import run_mpi, tiny_config, write_config
+from conftest import tiny_config, write_config
 
 from collafuse_hpc import cli
 from collafuse_hpc.config import from_dict, load
@@ -19,6 +22,7 @@ from collafuse_hpc.runtime.run import run_in_process
 from collafuse_hpc.runtime.wire import Kind
 
 IDS = ["c0", "c1", "c2", "c3"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _federated(shards, out, clients: int = 4, **run) -> dict:
@@ -202,16 +206,46 @@ def test_a_federated_config_that_cannot_be_one_global_model_is_refused(tmp_path,
 
 
 @pytest.mark.mpi
-def test_mpirun_matches_the_in_process_run(tmp_path, shards):
-    """Under mpirun (one server rank, two client ranks of two clients each) the run is
-    the in-process one: the same losses, samples, audit and global model."""
-    raw = _federated(shards, tmp_path / "mpi", clients_per_rank=2, clients_per_round=3)
-    proc = run_mpi(3, ["train", write_config(tmp_path / "mpi.yaml", raw)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    raw["run"]["output_dir"] = str(tmp_path / "local")
+def test_local_sh_trains_resumes_samples_and_evaluates_as_the_in_process_run(tmp_path, shards):
+    """jobs/local.sh (mpirun; one server rank, two client ranks of two clients each)
+    trains 2 rounds, resumes to 4 and samples the run folder; evaluate scores it. The
+    rounds, samples, audit and global model are the uninterrupted in-process run's."""
+    raw = _federated(shards, tmp_path / "mpi", clients_per_rank=2, clients_per_round=3, rounds=2)
+    path = write_config(tmp_path / "mpi.yaml", raw)
+    local = [str(ROOT / "jobs/local.sh"), "3"]
+    for args in (["train", path], ["train", path, "--resume=auto", "--set", "run.rounds=4"]):
+        proc = subprocess.run([*local, *args], capture_output=True, text=True, timeout=240, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from the checkpoint set of round 2" in proc.stderr
+    raw["run"].update(output_dir=str(tmp_path / "local"), rounds=4)
     run_in_process(from_dict(raw), resume=False)
     _assert_same(_read(tmp_path / "mpi"), _read(tmp_path / "local"))
     torch.testing.assert_close(_theta(tmp_path / "mpi", 4), _theta(tmp_path / "local", 4), rtol=0, atol=1e-6)
+    before = _read(tmp_path / "mpi")
+    proc = subprocess.run([*local, "sample", str(tmp_path / "mpi")], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = _read(tmp_path / "mpi")
+    for cid in IDS:  # a sample invocation fine-tunes the same model from the same set: the same images
+        assert np.abs(again[cid]["samples"] - before[cid]["samples"]).max() <= 1, cid
+        assert again[cid]["audit"] == before[cid]["audit"], cid  # sampling sends nothing
+    assert cli.main(["evaluate", str(tmp_path / "mpi"), "--set", "eval.sets=[collaborative,global]"]) == 0
+    with h5py.File(tmp_path / "mpi/results.h5") as f:
+        assert {"collaborative", "global"} <= set(f["metrics/pooled"])
+
+
+@pytest.mark.mpi
+def test_torchrun_trains_the_in_process_run(tmp_path, shards):
+    """The real torchrun binary, three workers: the same run as in one process."""
+    from test_torchrun import start_torchrun
+
+    raw = _federated(shards, tmp_path / "torchrun", clients_per_rank=2, clients_per_round=3)
+    proc = start_torchrun(write_config(tmp_path / "torchrun.yaml", raw), tmp_path)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    raw["run"]["output_dir"] = str(tmp_path / "local")
+    run_in_process(from_dict(raw), resume=False)
+    _assert_same(_read(tmp_path / "torchrun"), _read(tmp_path / "local"))
+    torch.testing.assert_close(_theta(tmp_path / "torchrun", 4), _theta(tmp_path / "local", 4), rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
