@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 from conftest import file_tree, tiny_config, write_config
 
 from collafuse_hpc.cli import main
@@ -152,6 +153,7 @@ def test_config_of_a_run_describes_it(tmp_path, shards, capsys, monkeypatch):
         capsys.readouterr()
         assert main(["config", given]) == 0, capsys.readouterr().err
         out = capsys.readouterr().out
-        assert f"output_dir: {run}" in out and "client c1   20" in out and "0 + 20" in out, out
+        assert yaml.safe_load(out.split("\n# ")[0])["run"]["output_dir"] == str(run), out
+        assert "client c1   20" in out and "0 + 20" in out, out
     assert main(["config", str(run), "--set", "clients.0.cut_ratio=0.5"]) == 2
     assert "config of a trained run takes its own config: --set clients.0.cut_ratio" in capsys.readouterr().err
