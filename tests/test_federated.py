@@ -171,20 +171,30 @@ def test_only_weights_and_updates_cross_the_wire_and_the_audit_counts_them(tmp_p
             assert audit["bytes_sent"] == rounds["bytes_sent"][()].sum()
 
 
-def test_a_split_config_turned_federated_names_the_keys_it_ignores(tmp_path, shards, caplog):
+@pytest.mark.slow
+def test_a_split_config_turned_federated_names_the_keys_it_ignores(tmp_path, shards, caplog, capsys):
     """--set run.method=federated on a split config runs; the cuts and shared labels it
-    ignores are named once at the start and kept in the run's record."""
+    ignores are named once at the start and kept in the run's record. What the run
+    prints and inspect shows name the method and what left each client."""
     raw = tiny_config(shards, tmp_path / "run", [0.25, 0.5], rounds=2)
     raw["clients"][0]["share_labels"] = raw["clients"][0]["labels"] = raw["clients"][1]["labels"] = True
     path = write_config(tmp_path / "split.yaml", raw)
     with caplog.at_level("WARNING"):
-        assert cli.main(["train", path, "--in-process", "--set", "run.method=federated"]) == 0
+        args = ["--set", "run.method=federated", "--set", "federated.local_steps=2"]
+        assert cli.main(["train", path, "--in-process", *args]) == 0
     warned = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
     assert len(warned) == 1
     assert "clients.0.cut_ratio=0.25" in warned[0] and "clients.0.share_labels=True" in warned[0]
     with h5py.File(tmp_path / "run/results.h5") as f:
         ignored = yaml.safe_load(f["records/0"].attrs["ignored"])
     assert ignored == {"clients.0.cut_ratio": 0.25, "clients.1.cut_ratio": 0.5, "clients.0.share_labels": True}
+    out = capsys.readouterr().out
+    assert "server 0: averaged 4 updates of 48 images trained by the clients" in out  # 2 rounds x 2 clients
+    assert "sent 2 model updates" in out
+    assert cli.main(["inspect", str(tmp_path / "run")]) == 0
+    shown = capsys.readouterr().out
+    assert "federated: fedavg at server_lr 1.0, 2 local steps a round, the server's architecture" in shown
+    assert "0 images in 0 training messages, 2 model updates" in shown
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,7 @@ def _role(g: h5py.Group, record: int | None = None) -> dict:
     if AUDIT in out:  # a run that did not finish has no total attributes yet, or an earlier invocation's
         kinds = g[AUDIT]["kind"][()] if "kind" in g[AUDIT] else np.zeros(0, np.int64)
         out[AUDIT]["training_messages"] = int((kinds == Kind.TRAIN).sum())
+        out[AUDIT]["updates"] = int((kinds == Kind.UPDATE).sum())  # a federated client's
         rows = audit_totals(g)
         out[AUDIT].update({k: max(v, out[AUDIT].get(k, 0)) for k, v in rows.items()})
         out[AUDIT].setdefault("t_c", g.attrs.get("t_c"))
@@ -204,6 +205,18 @@ def sampled_steps(steps: int, t_c: int | None, diffusion: dict) -> str:
     return f"{on_server + on_client} steps: {on_server} server + {on_client} client"
 
 
+def _method(cfg: dict) -> str:
+    """``markov split``, or the federated method with its parameters."""
+    if cfg.get("run", {}).get("method", "split") == "split":
+        return f"{cfg.get('diffusion', {}).get('split')} split"
+    f = cfg.get("federated", {})
+    tuned = f", fine-tuned {f.get('finetune_steps')} steps" if f.get("finetune_steps") else ""
+    return (
+        f"federated: {f.get('server_optimizer')} at server_lr {f.get('server_lr')}, {f.get('local_steps')} local "
+        f"steps a round, the {f.get('architecture')}'s architecture{tuned}"
+    )
+
+
 def format_summary(s: dict) -> str:
     """The summary as readable text."""
     a, cfg = s["attrs"], s["config"] or {}
@@ -211,7 +224,7 @@ def format_summary(s: dict) -> str:
         f"{s['file']}: {a.get('schema')} v{a.get('schema_version')}, package {a.get('package_version')}, "
         f"torch {a.get('torch_version')}, seed {a.get('seed')}, created {a.get('created')}",
         f"  config: {cfg.get('run', {}).get('rounds')} rounds, T={cfg.get('diffusion', {}).get('timesteps')} "
-        f"({cfg.get('diffusion', {}).get('schedule')}, {cfg.get('diffusion', {}).get('split')} split), "
+        f"({cfg.get('diffusion', {}).get('schedule')}, {_method(cfg)}), "
         f"{cfg.get('server', {}).get('count', 1)} server(s), {len(cfg.get('clients', []))} client(s)",
         f"  checkpoint sets: {s['checkpoints'] or 'none'}",
     ]
@@ -245,7 +258,8 @@ def format_summary(s: dict) -> str:
             au = r["audit"]
             lines.append(
                 f"    audit: {au.get('images_sent', '?')} images in {au.get('training_messages')} training messages, "
-                f"{au.get('bytes_sent', '?')} bytes sent, t_c={au.get('t_c', '?')}"
+                + (f"{au['updates']} model updates, " if au.get("updates") else "")
+                + f"{au.get('bytes_sent', '?')} bytes sent, t_c={au.get('t_c', '?')}"
             )
         if "samples" in r:
             how = r.get("sampled_with", {})

@@ -31,7 +31,7 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
     hosts = _hosts(ctx.topo, server.clients)
     rank_of = {k: ctx.topo.rank_of(k) for k in server.clients}
     wire, run, f = ctx.wire, ctx.cfg.run, ctx.cfg.federated
-    totals = {"images": 0, "bytes_received": 0, "bytes_sent": 0}
+    totals = {"images": 0, "updates": 0, "bytes_received": 0, "bytes_sent": 0}
     totals.update(time_recv_s=0.0, time_compute_s=0.0, time_send_s=0.0)
     recent = _Recent(run.rounds - ctx.start_round)
     profiler = _profiler(ctx, server.device)
@@ -69,6 +69,7 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
         recent.add(row)
         _add_totals(totals, row)
         totals["images"] += images
+        totals["updates"] += len(updates)
         if (r + 1) % run.log_every == 0:
             log.info("server round %d/%d: %d updates, |mean update| %.3g", r + 1, run.rounds, len(updates), norm)
         profiler.step()

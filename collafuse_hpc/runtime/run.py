@@ -117,6 +117,13 @@ def _scope(cfg: Config, summaries: dict[str, dict], wall_s: float) -> str:
 
 def _server_line(s: dict) -> str:
     """A server's training (when this invocation trained) and sampling."""
+    if "updates" in s:  # the federated server
+        averaged = (
+            f"averaged {s['updates']} updates of {s['images']} images trained by the clients; "
+            if s.get("rounds_run")
+            else ""
+        )
+        return averaged + f"sent the global model to every client in {s['time_sampling_s']:.1f} s"
     training = ""
     if s.get("rounds_run", 0):
         training = "idle in training (no client sent x_c); "
@@ -140,9 +147,10 @@ def _client_line(s: dict, cfg: Config) -> str:
     sampling = (
         f"sampled {cfg.run.samples_per_client} images in {s['time_sampling_wait_s'] + s['time_sampling_local_s']:.1f} s"
     )
-    sent = f"sent {s['invocation_images_sent']} x_c images ({s['invocation_bytes_sent'] / 1e6:.2f} MB)"
-    if s["images_sent"] != s["invocation_images_sent"]:
-        sent += f", {s['images_sent']} over the run ({s['bytes_sent'] / 1e6:.2f} MB)"
+    what, count = ("x_c images", "images_sent") if cfg.run.method == "split" else ("model updates", "messages_sent")
+    sent = f"sent {s[f'invocation_{count}']} {what} ({s['invocation_bytes_sent'] / 1e6:.2f} MB)"
+    if s[count] != s[f"invocation_{count}"]:
+        sent += f", {s[count]} over the run ({s['bytes_sent'] / 1e6:.2f} MB)"
     return f"{training}{sampling}; {sent}; samples {s['grid']}"
 
 
