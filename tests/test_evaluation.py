@@ -281,13 +281,14 @@ def test_evaluate_writes_metrics_for_every_set_and_reuses_cached_real_features(t
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     report = evaluate(cfg)
-    assert set(report["c0"]) == {*SETS, "disclosure", "attack", "compute"}
+    assert set(report["c0"]) == {*SETS, "disclosure", "attack", "compute", "membership"}
     assert set(report["c1"]) == {
         "collaborative",
         "client_alone",
         "disclosure",
         "attack",
         "compute",
+        "membership",
     }  # c = 1 sends nothing
     a = report["c0"]["attack"]
     assert a["public_model"] == "client c1" and a["link_candidates"] == 8 and a["chance_top1"] == 1 / 8
@@ -456,7 +457,7 @@ def test_evaluate_scores_clients_that_use_labels_kept_and_shared(tmp_path, shard
     run_in_process(cfg, resume=False)
     report = evaluate(cfg)
     for client in ("c0", "c1"):
-        assert set(report[client]) == {*SETS, "disclosure", "attack", "compute"}
+        assert set(report[client]) == {*SETS, "disclosure", "attack", "compute", "membership"}
         assert report[client]["attack"]["public_model"] == "none"  # the other client's model takes labels
         assert math.isfinite(report[client]["attack"]["link_feature_top1"])
         assert report[client]["compute"]["sampling_flops_client"] > 0
@@ -623,11 +624,11 @@ def test_report_html_renders_its_tables_and_images_in_a_real_browser(report, tmp
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     found = dict(re.findall(r'data-(\w+)="(\d+)"', done.stdout))
-    rows = 3 * (1 + 6)  # three tables: a header and pooled + two clients for each of the two runs
+    rows = 4 * (1 + 6)  # four tables: a header and pooled + two clients for each of the two runs
     figures = len(list(report.glob("*.png")))  # tradeoff.png and loss.png (no classifier here: no conditions.png)
     assert figures == 2
     images = str(figures + len(grids))
-    assert found == {"images": images, "decoded": images, "rows": str(rows), "tables": "3"}
+    assert found == {"images": images, "decoded": images, "rows": str(rows), "tables": "4"}
     assert len(grids) >= 10 and "<h2>Quality</h2>" in done.stdout and "linkage top-1, pixels" in done.stdout
 
 
@@ -780,8 +781,8 @@ def test_evaluate_scores_only_the_sets_asked_for(tmp_path, shards, capsys):
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     report = evaluate(cfg)
-    assert set(report["c0"]) == {"collaborative", "client_alone", "disclosure", "attack", "compute"}
-    assert set(report["pooled"]) == {"collaborative", "client_alone"}
+    assert set(report["c0"]) == {"collaborative", "client_alone", "disclosure", "attack", "compute", "membership"}
+    assert set(report["pooled"]) == {"collaborative", "client_alone", "membership"}
     config = write_config(tmp_path / "run.yaml", raw)
     assert main(["evaluate", config, "--set", "eval.sets=[collaborative, fancy]"]) == 2
     assert "config key 'eval.sets.1' is 'fancy'; valid: ['collaborative', " in capsys.readouterr().err
