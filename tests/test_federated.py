@@ -277,6 +277,29 @@ def test_evaluate_scores_the_personalized_and_the_global_model(tmp_path, shards)
             assert "global" in f["metrics/pooled"] if steps else "global" not in f["metrics/pooled"]
             fids = [f[f"metrics/c0/{s}"].attrs["fid"] for s in sorted(sets)]
             assert all(np.isfinite(fids)) and len(set(fids)) == len(fids)
+            membership = f["metrics/c0/membership"].attrs  # the global model, which every party holds
+            assert 0 <= membership["mia_federated_auc"] <= 1 and "mia_server_auc" not in membership
+
+
+def test_the_federated_target_is_the_global_model_and_leaves_the_clients_own(tmp_path, shards):
+    """Membership inference against the federated model scores with the global model each
+    client received, not its fine-tuned copy, which is back in place afterwards."""
+    from collafuse_hpc.evaluation.privacy import federated_target
+    from collafuse_hpc.roles.federated import FedHost
+
+    cfg = from_dict(_federated(shards, tmp_path / "run", clients=2))
+    host = FedHost(cfg, [0, 1], torch.device("cpu"))
+    model = initial_weights(cfg)
+    host.personalize(model, 2)
+    c = host.clients[1]
+    own = c.net.ema_weights[c.slot].clone()
+    assert not torch.equal(own, model)  # fine-tuned away from the global model
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 5, 20])
+    got = federated_target(c).eps(x, t, None)
+    reference = Client(client_config(cfg), 1, torch.device("cpu"))
+    reference.net.ema_weights[reference.slot].copy_(model)
+    torch.testing.assert_close(got, reference.eps_model(True, None)(x, t))
+    assert torch.equal(c.net.ema_weights[c.slot], own)
 
 
 def test_split_clients_record_their_bytes_per_round_under_the_federated_names(tmp_path, shards):

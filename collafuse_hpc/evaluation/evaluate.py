@@ -222,6 +222,8 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
                 targets = [privacy.client_target(client)] if client.cut.t_c > 0 else []
                 if servers_of[k] is not None:
                     targets.insert(0, privacy.server_target(servers_of[k], client))
+                if client.global_model is not None:  # federated: the model the server and every client hold
+                    targets.insert(0, privacy.federated_target(client))
                 mia = privacy.membership(targets, cfg.clients[k].shard, client.diffusion, n, stream, cfg.eval.batch)
                 entry["membership"] = _membership(mia, resamples, seed)
                 for model, (members, nonmembers) in mia.items():

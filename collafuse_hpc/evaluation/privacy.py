@@ -34,6 +34,7 @@ from collafuse_hpc.data import ShardReader, to_model_range
 from collafuse_hpc.diffusion.gaussian import GaussianDiffusion
 from collafuse_hpc.evaluation import attacks, metrics
 from collafuse_hpc.roles.client import Client
+from collafuse_hpc.roles.federated import sampling_global
 from collafuse_hpc.roles.server import Server
 
 MIA_STEPS = 4  # steps t per candidate, spread evenly over the model's range
@@ -81,6 +82,18 @@ def client_target(client: Client) -> Target:
     return Target(
         "client", lambda x, t, y: client.eps_model(True, y if client.condition else None)(x, t), (1, client.cut.t_c)
     )
+
+
+def federated_target(client: Client) -> Target:
+    """The federated global model, which the server and every client hold: t in 1..T on
+    the client's own labels when the model uses them (a federated client after
+    FedHost.personalize)."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with sampling_global([client]):
+            return client.eps_model(True, y if client.condition else None)(x, t)
+
+    return Target("federated", eps, (1, client.cut.timesteps))
 
 
 def server_target(server: Server, client: Client) -> Target:

@@ -16,7 +16,7 @@ from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.logs import Progress
 from collafuse_hpc.results.schema import SETS, audit_totals, part_path
 from collafuse_hpc.roles.client import Client, finish_samples, sample_alone
-from collafuse_hpc.roles.federated import FedHost
+from collafuse_hpc.roles.federated import FedHost, sampling_global
 from collafuse_hpc.roles.host import ClientHost, batches, sampling_key
 from collafuse_hpc.roles.server import Server
 from collafuse_hpc.runtime import checkpoint
@@ -92,17 +92,9 @@ def generate(
 
 def _global_samples(clients: list[Client], n: int) -> list[torch.Tensor]:
     """n samples of each federated client with the global model it received instead of its
-    fine-tuned one (its sampling copy is put back after)."""
-    net, slots = clients[0].net, [c.slot for c in clients]
-    personal = net.ema_weights[slots].clone()
-    with torch.no_grad():
-        for c in clients:
-            net.ema_weights[c.slot].copy_(c.global_model)
-    try:
+    fine-tuned one."""
+    with sampling_global(clients):
         return sample_alone(clients, n)
-    finally:
-        with torch.no_grad():
-            net.ema_weights[slots] = personal
 
 
 def generated_sets(cfg: Config) -> list[str]:

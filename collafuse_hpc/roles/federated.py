@@ -18,8 +18,10 @@ first fine-tunes it on its own data (:func:`personalize`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -174,3 +176,20 @@ class FedHost(ClientHost):
             c.generator.manual_seed(seed)
         if steps:
             self.train(self.clients, self.clients[0].cfg.run.rounds, steps)
+
+
+@contextlib.contextmanager
+def sampling_global(clients: list[Client]) -> Iterator[None]:
+    """Inside the block the sampling copies of ``clients`` (members of one Trainable, each
+    after :meth:`FedHost.personalize`) are the global model each received; their own are
+    put back after."""
+    net, slots = clients[0].net, [c.slot for c in clients]
+    kept = net.ema_weights[slots].clone()
+    with torch.no_grad():
+        for c in clients:
+            net.ema_weights[c.slot].copy_(c.global_model)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            net.ema_weights[slots] = kept
