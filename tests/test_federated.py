@@ -1,6 +1,7 @@
 """The federated method (run.method: federated): FedAvg's known answers, the weighted
 average, placement independence, resume, what crosses the wire, and the config."""
 
+import csv
 import subprocess
 from pathlib import Path
 
@@ -315,3 +316,34 @@ def test_split_clients_record_their_bytes_per_round_under_the_federated_names(tm
         assert rows["bytes_sent"][()][took].tolist() == audit["nbytes"][()][training].tolist()
         assert (rows["bytes_received"][()][took] > 0).all() and (rows["bytes_sent"][()][~took] == 0).all()
         assert (f["clients/c1/rounds/bytes_sent"][()] == 0).all()  # c = 1 sends nothing
+
+
+@pytest.mark.slow
+def test_the_report_puts_federated_beside_alone_and_split(tmp_path, shards):
+    """One evaluated run each of alone (c = 1), split and federated into one report: the
+    federated run is a method of its own, compared with the c = 1 run of its seed, and the
+    three-way table gives each client's costs (federated: E batches a round, the global
+    model's bytes)."""
+    from collafuse_hpc.evaluation.evaluate import evaluate
+
+    made = {}
+    for name, raw in (
+        ("alone", tiny_config(shards, tmp_path / "alone", [1.0, 1.0], rounds=2)),
+        ("split", tiny_config(shards, tmp_path / "split", [0.5, 0.5], rounds=2)),
+        ("fedavg", _federated(shards, tmp_path / "fedavg", clients=2, rounds=2)),
+    ):
+        cfg = from_dict(raw)
+        run_in_process(cfg, resume=False)
+        evaluate(cfg)
+        made[name] = str(tmp_path / name / "results.h5")
+    assert cli.main(["report", *made.values(), "--out", str(tmp_path / "report")]) == 0
+    with open(tmp_path / "report/table.csv") as f:
+        rows = {(r["method"], r["c"], r["who"]): r for r in csv.DictReader(f)}
+    fed, alone = rows[("fedavg", "-", "c0")], rows[("split", "1.0", "c0")]
+    # the tiny server and client models are one UNet: a federated round is E = 2 of the alone client's steps
+    assert float(fed["train_flops_round"]) == pytest.approx(2 * float(alone["train_flops_round"]))
+    assert float(fed["bytes_run"]) > 4 * 2 * initial_weights(from_dict(_federated(shards, tmp_path, 2))).numel()
+    assert float(alone["bytes_run"]) == 0
+    with open(tmp_path / "report/versus_c1.csv") as f:
+        assert "fedavg" in {r["method"] for r in csv.DictReader(f)}
+    assert "Alone (c = 1), federated and split" in (tmp_path / "report/table.md").read_text()

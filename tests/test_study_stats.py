@@ -61,7 +61,8 @@ def test_loss_curves_average_the_clients_that_trained_and_leave_out_a_c0_run_s(t
 
 
 def _run(c: float, seed: int, fidelity: float, fid: float, half: float = 0.01) -> dict:
-    row = {"split": "markov", "partition": "class", "share": "off", "c": c, "seed": seed, "who": "pooled"}
+    row = {"method": "split", "split": "markov", "partition": "class", "share": "off", "c": c, "seed": seed}
+    row["who"] = "pooled"
     row |= {"fidelity": fidelity, "fidelity_low": fidelity - half, "fidelity_high": fidelity + half}
     row |= {"fid_collaborative": fid, "fid_collaborative_low": fid - half, "fid_collaborative_high": fid + half}
     return row | {key: math.nan for key in ("precision", "recall", "class_distance")}
@@ -107,8 +108,9 @@ def test_versus_baseline_over_few_seeds_is_never_narrower_than_the_images_allow(
 def test_the_c1_baseline_stands_beside_the_shares_its_partition_was_run_with():
     """c = 1 sends no labels, so one run serves both shares, but only where that
     partition has runs with labels shared: no lone "shared" condition of one point."""
+
     def row(partition: str, share: str, c: float) -> dict:
-        keys = {"split": "markov", "partition": partition, "share": share, "c": c, "who": "pooled"}
+        keys = {"method": "split", "split": "markov", "partition": partition, "share": share, "c": c, "who": "pooled"}
         return {key: math.nan for key in report.COLUMNS} | keys | {"seed": 0, "features": "classifier"}
 
     table = [row("class", "off", 1), row("class", "off", 0.2), row("class", "on", 0.2)]
@@ -180,7 +182,7 @@ def test_c0_and_c1_stand_only_beside_the_split_modes_their_partition_was_run_wit
     'reference, iid' condition of its c = 0 and 1 runs in the table or the figures."""
 
     def row(split: str, partition: str, c: float, features: str) -> dict:
-        keys = {"split": split, "partition": partition, "share": "off", "c": c, "who": "pooled"}
+        keys = {"method": "split", "split": split, "partition": partition, "share": "off", "c": c, "who": "pooled"}
         return {key: math.nan for key in report.COLUMNS} | keys | {"seed": 0, "features": features}
 
     table = [row(s, "class", c, "classifier-a") for s, c in (("markov", 0), ("markov", 1), ("markov", 0.2))]
@@ -194,3 +196,20 @@ def test_c0_and_c1_stand_only_beside_the_split_modes_their_partition_was_run_wit
     assert [(r["split"], r["c"]) for r in report.aggregate(alone)] == [("reference", 1)]
     assert fd_label(table[:4]) == "FD (classifier-a)"
     assert "each partition's own features" in fd_label(table)
+
+
+def test_federated_runs_are_points_of_their_own_compared_with_each_client_alone():
+    """A FedAvg run (c "-", no split, no shared labels) is paired with the c = 1 run of
+    its partition and seed like a split point, and stands in the tables as its own
+    method: the c = 1 baseline is not copied under its "-" share."""
+    fed = [
+        _run("-", seed, 0.9 + 0.01 * seed, 30.0) | {"method": "fedavg", "split": "-", "share": "-"} for seed in (0, 1)
+    ]
+    alone = [_run(1, seed, 0.8, 40.0) for seed in (0, 1)]
+    got = {r["metric"]: r for r in versus_baseline(fed + alone)}
+    assert got["class fidelity"]["method"] == "fedavg" and got["class fidelity"]["seeds"] == 2
+    assert got["class fidelity"]["delta"] == pytest.approx(0.105) and got["class fidelity"]["verdict"] == "wins"
+    assert got["FD"]["delta"] == pytest.approx(-10.0) and got["FD"]["verdict"] == "wins"
+    table = [{key: math.nan for key in report.COLUMNS} | r | {"features": "classifier"} for r in fed + alone]
+    got = sorted((r["method"], r["share"], r["c"], r["seeds"]) for r in report.aggregate(table))
+    assert got == [("fedavg", "-", "-", 2), ("split", "off", 1, 2)]

@@ -1,5 +1,6 @@
 """The report's figures (``collafuse-hpc report``): the trade-off over c, the conditions
-against the baseline, disclosure and client compute, and every run's loss curve.
+against the baseline, disclosure and client compute, alone / federated / split against
+what a client paid, and every run's loss curve.
 Each takes the report's aggregated rows and writes one PNG; all need matplotlib
 (``pip install 'collafuse-hpc[report]'``) and return False without it."""
 
@@ -184,6 +185,49 @@ def conditions_figure(table: list[dict], path: str) -> bool:
     ax[1].set(xlabel="cut ratio c", ylabel=fd_label(rows), title="FD: pooled (o), clients' own (x); lower: better")
     ax[2].set(xlabel="linkage top-1 rate (disclosure)", ylabel=name, title="quality against disclosure")
     ax[3].set(xlabel="client sampling FLOPs / local-only", ylabel=name, title="quality against client compute")
+    ax[0].legend(fontsize=7)
+    _save(plt, fig, path, 110)
+    return True
+
+
+def method_label(row: dict) -> str:
+    """A pooled row's name in the methods figure: alone, split at c, or FedAvg's variant."""
+    if row["method"] != "split":
+        return row["method"]
+    return "alone (c = 1)" if row["c"] == 1 else f"split c = {row['c']:g} ({row['split']})"
+
+
+def methods_figure(table: list[dict], path: str) -> bool:
+    """Alone, federated and split per partition: personalization (:func:`personalization`)
+    against each client's training FLOPs per round, its sampling FLOPs per image and the
+    bytes it moved over the run (log axes), one point per method and c; error bars as in
+    :func:`conditions_figure`. Drawn when the report holds a federated run."""
+    plt = _pyplot()
+    rows = [r for r in table if r["who"] == "pooled" and not math.isnan(r["fidelity"]) and r["c"] != "mixed"]
+    if plt is None or not any(r["method"] != "split" for r in rows):
+        return False
+    key, name = personalization(rows)
+    fig, ax = plt.subplots(1, 3, figsize=(17, 4.8))
+    costs = (
+        ("train_flops_round", "client training FLOPs per round"),
+        ("sampling_flops_image", "client sampling FLOPs per image"),
+        ("bytes_run", "bytes a client moved over the run"),
+    )
+    partitions = sorted({r["partition"] for r in rows})
+    for p, partition in enumerate(partitions):
+        for i, r in enumerate(r for r in rows if r["partition"] == partition):
+            err = np.array([_spread(r, key)]).T
+            marker = "s" if r["method"] != "split" else ("x" if r["c"] == 1 else "o")
+            label = method_label(r) + (f", {partition}" if len(partitions) > 1 else "")
+            style = {"capsize": 3, "marker": marker, "color": f"C{i % 10}", "linestyle": "none", "alpha": 1 - 0.3 * p}
+            for axis, (cost, _) in zip(ax, costs):
+                if r[cost] > 0:  # log axes: a client at c = 1 moves no bytes
+                    axis.errorbar([r[cost]], [r[key]], yerr=err, label=label if axis is ax[0] else None, **style)
+    for axis, (_, xlabel) in zip(ax, costs):
+        axis.set(xscale="log", xlabel=xlabel, ylabel=name)
+    ax[0].set_title("quality against client training compute")
+    ax[1].set_title("quality against client sampling compute")
+    ax[2].set_title("quality against bytes on the wire")
     ax[0].legend(fontsize=7)
     _save(plt, fig, path, 110)
     return True

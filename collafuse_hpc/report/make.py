@@ -37,7 +37,13 @@ import sys
 import tempfile
 
 from collafuse_hpc.report import stats
-from collafuse_hpc.report.figures import conditions_figure, figures_available, loss_figure, tradeoff_figure
+from collafuse_hpc.report.figures import (
+    conditions_figure,
+    figures_available,
+    loss_figure,
+    methods_figure,
+    tradeoff_figure,
+)
 from collafuse_hpc.report.tables import aggregate, rows, write_html, write_tables
 from collafuse_hpc.results.inspection import evaluate_command, export, summarize
 
@@ -48,7 +54,7 @@ def _point(row: dict) -> tuple:
     at c = 1 neither do shared labels (nothing is sent): "-" stands for those."""
     split = "-" if row["c"] in (0, 1) else row["split"]
     share = "-" if row["c"] == 1 else row["share"]
-    return split, row["partition"], share, row["c"], row["seed"]
+    return row["method"], split, row["partition"], share, row["c"], row["seed"]
 
 
 def _point_keys(row: dict) -> tuple:
@@ -99,14 +105,14 @@ def make_report(results: list[str], out_arg: str, record: int | None = None) -> 
         point = _point(run[0])
         if point in seen and _point_keys(seen[point][1]) != _point_keys(run[0]):  # one run made twice by a sweep
             notes.append(
-                f"{path} left out: the same point as {seen[point][0]} (c = {point[3]} depends on neither the split "
-                f"mode{' nor shared labels' if point[3] == 1 else ''}), seed {point[4]}: one seed, not two"
+                f"{path} left out: the same point as {seen[point][0]} (c = {point[4]} depends on neither the split "
+                f"mode{' nor shared labels' if point[4] == 1 else ''}), seed {point[5]}: one seed, not two"
             )
             continue
         if point in seen:
             print(
-                f"report: error: {seen[point][0]} and {path} are the same point (split, partition, labels shared, "
-                f"c, seed = {', '.join(map(str, point))}): pooled, one run would count as two seeds; "
+                f"report: error: {seen[point][0]} and {path} are the same point (method, split, partition, labels "
+                f"shared, c, seed = {', '.join(map(str, point))}): pooled, one run would count as two seeds; "
                 "give each run once (report runs of other settings separately)",
                 file=sys.stderr,
             )
@@ -154,11 +160,14 @@ def write_report(
     notes = [*notes, *unpaired]
     table = aggregate(table)
     print(write_tables(table, versus, out, notes))
-    pooled = [r for r in table if r["who"] == "pooled"]
+    split = [r for r in table if r["method"] == "split"]  # the figures over c
+    pooled = [r for r in split if r["who"] == "pooled"]
     figures = [
         ("Class fidelity and quality per condition, against disclosure and client compute", "conditions.png",
-         lambda path: conditions_figure(table, path)),
+         lambda path: conditions_figure(split, path)),
         ("Trade-off over the cut ratio c", "tradeoff.png", lambda path: tradeoff_figure(pooled, path)),
+        ("Alone, federated and split: quality against what a client paid", "methods.png",
+         lambda path: methods_figure(table, path)),
     ]  # fmt: skip
     drawn = [(title, os.path.join(out, name)) for title, name, draw in figures if draw(os.path.join(out, name))]
     if loss_figure(curves, os.path.join(out, "loss.png")):

@@ -47,14 +47,15 @@ def _image_half(run: dict, base: dict, column: str) -> float:
 
 def _pairs(table: list[dict]) -> tuple[dict[tuple, list[tuple[dict, dict]]], dict[tuple, list]]:
     """Each point's (run, its c = 1 run of the same partition, seed and client) pairs, and
-    the seeds of each point that have no such c = 1 run; keys (split, partition, share, c, who)."""
-    baseline = {(r["partition"], r["seed"], r["who"]): r for r in table if r["c"] == 1}
+    the seeds of each point that have no such c = 1 run; keys (method, split, partition,
+    share, c, who). The points: every split run with one cut c < 1, and every federated run."""
+    baseline = {(r["partition"], r["seed"], r["who"]): r for r in table if _alone(r)}
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
     unpaired: dict[tuple, list] = {}
     for r in table:
-        if r["c"] == 1 or isinstance(r["c"], str):
+        if _alone(r) or (r["method"] == "split" and isinstance(r["c"], str)):
             continue
-        point = (r["split"], r["partition"], r["share"], r["c"], r["who"])
+        point = (r["method"], r["split"], r["partition"], r["share"], r["c"], r["who"])
         base = baseline.get((r["partition"], r["seed"], r["who"]))
         if base is None:
             unpaired.setdefault(point, []).append(r["seed"])
@@ -63,23 +64,28 @@ def _pairs(table: list[dict]) -> tuple[dict[tuple, list[tuple[dict, dict]]], dic
     return groups, unpaired
 
 
+def _alone(row: dict) -> bool:
+    """Each client training alone (c = 1): the baseline every point is compared with."""
+    return row["method"] == "split" and row["c"] == 1
+
+
 def unpaired_seeds(table: list[dict]) -> list[str]:
     """A sentence for each point (its pooled row) with seeds that :func:`versus_baseline`
     leaves out for want of a c = 1 run of their partition and seed (only for partitions
     with a c = 1 run at all: without one there is no comparison to leave seeds out of)."""
     _, unpaired = _pairs(table)
-    compared = {r["partition"] for r in table if r["c"] == 1}
+    compared = {r["partition"] for r in table if _alone(r)}
     return [
-        f"split {split}, partition {partition}, labels shared {share}, c = {c}: seed(s) "
+        f"{method}, split {split}, partition {partition}, labels shared {share}, c = {c}: seed(s) "
         f"{', '.join(map(str, sorted(seeds)))} left out of versus_c1 (no c = 1 run of that partition and seed)"
-        for (split, partition, share, c, who), seeds in sorted(unpaired.items(), key=lambda kv: str(kv[0]))
+        for (method, split, partition, share, c, who), seeds in sorted(unpaired.items(), key=lambda kv: str(kv[0]))
         if who == "pooled" and partition in compared
     ]
 
 
 def no_comparison(table: list[dict]) -> str:
     """Why :func:`versus_baseline` has no row for ``table``."""
-    if not any(r["c"] == 1 for r in table):
+    if not any(_alone(r) for r in table):
         return "no run at c = 1 (each client training alone) to compare with"
     if not _pairs(table)[0]:
         return "no run with one cut ratio c < 1 for every client has a c = 1 run of its partition and seed"
@@ -92,8 +98,8 @@ def versus_baseline(table: list[dict]) -> list[dict]:
     interval is over, the verdict, and the point's seeds left out for want of a c = 1 run."""
     groups, unpaired = _pairs(table)
     out = []
-    for (split, partition, share, c, who), pairs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        left_out = ", ".join(map(str, sorted(unpaired.get((split, partition, share, c, who), [])))) or "-"
+    for (method, split, partition, share, c, who), pairs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        left_out = ", ".join(map(str, sorted(unpaired.get((method, split, partition, share, c, who), [])))) or "-"
         for metric, (column, sign) in COMPARED.items():
             deltas = [run[column] - base[column] for run, base in pairs]
             if any(math.isnan(d) for d in deltas):
@@ -116,7 +122,8 @@ def versus_baseline(table: list[dict]) -> list[dict]:
             if math.isnan(low) or math.isnan(high):
                 verdict = "no interval"  # one seed and no intervals over images (features other than a classifier)
             out.append(
-                dict(split=split, partition=partition, share=share, c=c, who=who, metric=metric, seeds=len(deltas),
+                dict(method=method, split=split, partition=partition, share=share, c=c, who=who, metric=metric,
+                     seeds=len(deltas),
                      delta=mean, low=float(low), high=float(high), interval=over, verdict=verdict,
                      unpaired=left_out)
             )  # fmt: skip
@@ -150,8 +157,9 @@ def _by_round(rows: h5py.Group, column: str, n: int) -> np.ndarray:
 def loss_curves(path: str) -> dict[str, np.ndarray]:
     """{"rounds" (0 to the last round logged), "clients" (mean local loss over the clients
     that trained, per round; absent when none did, as at c = 0), "server" (when it
-    trained), "server_rounds" (its rounds: "rounds")} of one results file, each loss at
-    the index of its round (NaN where no role logged one)."""
+    trained; a federated server trains nothing itself), "server_rounds" (its rounds:
+    "rounds")} of one results file, each loss at the index of its round (NaN where no
+    role logged one)."""
     out = {}
     with h5py.File(path, "r") as f:
         clients, server = [f[f"clients/{c}/rounds"] for c in f["clients"]], f["server"].get("rounds")
@@ -162,7 +170,7 @@ def loss_curves(path: str) -> dict[str, np.ndarray]:
         trained = np.isfinite(local).sum(0)
         if trained.any():
             out["clients"] = np.where(trained > 0, np.nansum(local, 0) / np.maximum(trained, 1), np.nan)
-        if server is not None:
+        if server is not None and "loss_server" in server:
             out["server"], out["server_rounds"] = _by_round(server, "loss_server", n), out["rounds"]
     return out
 

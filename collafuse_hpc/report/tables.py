@@ -30,6 +30,7 @@ NAN = float("nan")
 # csv key -> markdown header (with units); FID and KID are in squared units of the features named in
 # the ``features`` column (Inception pool_3 for published numbers, pixels in [-1, 1] for the proxy)
 COLUMNS = {
+    "method": "method (split, or FedAvg's variant)",
     "split": "split",
     "partition": "partition",
     "share": "labels shared",
@@ -104,12 +105,15 @@ COLUMNS = {
     "train_flops_ratio": "training FLOPs client/local",
     "train_time_ratio": "training time client/local",
     "client_images_per_s": "client images/s",
+    "train_flops_round": "client training FLOPs per round",
+    "sampling_flops_image": "client sampling FLOPs per image",
+    "bytes_run": "bytes a client sent and received over the run",
     "server_images_per_s": "server images/s",
 }
 ATTACK = [key for key in COLUMNS if key.startswith(("recon_", "link_", "chance_"))]
 MIA = [key for key in COLUMNS if key.startswith("mia_")]  # with their intervals' ends
 COPIES = ["copy_rate_pixel", "copy_rate_feature"]
-KEYS = ["split", "partition", "share", "c", "who", "seeds"]
+KEYS = ["method", "split", "partition", "share", "c", "who", "seeds"]
 FIDELITY = ["fidelity", "class_distance", "confidence", "precision", "recall", *COPIES]
 FIDELITY += ["real_fid_halves", "real_fidelity", "real_class_distance", "loss_change", "loss_noise", "converged"]
 QUALITY = [*KEYS, *(f"fid_{s}" for s in SETS), *(f"kid_mean_{s}" for s in SETS), *FIDELITY]
@@ -120,8 +124,12 @@ MEMBERSHIP = [*KEYS, *(key for key in MIA if not key.endswith(("_low", "_high"))
 # intervals of those means come from the clients' intervals (stats.pooled_interval)
 POOLED_MEANS = ["confidence", "real_fidelity", "real_class_distance", "real_fid_halves"]
 POOLED_INTERVALS = ["fidelity", "class_distance", *COPIES]
-COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") :]]
-TEXT = {"split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
+COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") : _ORDER.index("train_flops_round")]]
+COSTS = ["train_flops_round", "sampling_flops_image", "bytes_run"]
+# alone (c = 1), federated and split side by side: quality and what each client paid for it
+METHODS = ["method", "partition", "c", "who", "seeds", "fidelity", "class_distance", "fid_collaborative"]
+METHODS += ["precision", "recall", *COSTS]
+TEXT = {"method", "split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
 NUMBERS = [key for key in COLUMNS if key not in TEXT]
 
 
@@ -129,8 +137,12 @@ def _ratio(a: float | None, b: float | None) -> float:
     return a / b if a is not None and b else NAN
 
 
-def _client_columns(m: dict, roles: dict, who: str) -> dict:
+def _client_columns(m: dict, roles: dict, who: str, config: dict) -> dict:
     d, c, a = m[who]["disclosure"], m[who]["compute"], m[who].get("attack", {})
+    client = next((cc for cc in config["clients"] if cc.get("id") == who), {})
+    federated = config["run"].get("method", "split") == "federated"
+    steps = config.get("federated", {}).get("local_steps", 1) if federated else 1  # batches a client trains a round
+    summary = roles.get(role_key(who), {}).get(SUMMARY, {})
     return {
         "t_c": d["t_c"],
         "snr": d["snr"],
@@ -144,7 +156,10 @@ def _client_columns(m: dict, roles: dict, who: str) -> dict:
         "sampling_ideal_ratio": c["sampling_ideal_ratio"],
         "train_flops_ratio": _ratio(c["train_flops_client"], c["train_flops_full"]),
         "train_time_ratio": c["train_time_ratio"],
-        "client_images_per_s": roles.get(role_key(who), {}).get(SUMMARY, {}).get("images_per_s", NAN),
+        "client_images_per_s": summary.get("images_per_s", NAN),
+        "train_flops_round": c.get("train_flops_client", NAN) * client.get("batch_size", NAN) * steps,
+        "sampling_flops_image": c.get("sampling_flops_client", NAN),
+        "bytes_run": summary.get("bytes_sent", NAN) + summary.get("bytes_received", NAN),
     }
 
 
@@ -178,24 +193,36 @@ def _convergence(curves: dict) -> dict:
     return {"loss_change": change, "loss_noise": noise, "converged": done}
 
 
+def method_of(config: dict) -> str:
+    """``split``, or the federated run's variant: ``fedavg`` with ``-small`` (the clients'
+    architecture) and ``-cond`` (class-conditional on local labels) as they apply."""
+    if config["run"].get("method", "split") == "split":
+        return "split"
+    small = "-small" if config.get("federated", {}).get("architecture") == "client" else ""
+    return "fedavg" + small + ("-cond" if any(c.get("labels") for c in config["clients"]) else "")
+
+
 def rows(summary: dict, curves: dict) -> list[dict]:
     """The rows of one evaluated run (its ``curves``: stats.loss_curves): ``pooled``
     first, then one per client."""
     m, roles, config = summary["metrics"], summary["roles"], summary["config"]
     clients = [who for who in m if who not in ("attrs", "pooled")]
     cuts = {c.get("cut_ratio") for c in config["clients"]}
+    method = method_of(config)
+    split = method == "split"
     run = {
-        "split": config["diffusion"]["split"],
+        "method": method,
+        "split": config["diffusion"]["split"] if split else "-",
         "partition": m["attrs"].get("partition", "-"),
-        "share": "on" if any(c.get("share_labels") for c in config["clients"]) else "off",
+        "share": ("on" if any(c.get("share_labels") for c in config["clients"]) else "off") if split else "-",
         **_convergence(curves),
-        "c": cuts.pop() if len(cuts) == 1 else "mixed",
+        "c": (cuts.pop() if len(cuts) == 1 else "mixed") if split else "-",
         "seed": config["run"]["seed"],
         "rounds": config["run"]["rounds"],
         "features": m["attrs"]["extractor"],
         "server_images_per_s": roles.get(role_key(None), {}).get(SUMMARY, {}).get("images_per_s", NAN),
     }
-    per_client = {who: _client_columns(m, roles, who) for who in clients}
+    per_client = {who: _client_columns(m, roles, who, config) for who in clients}
     out = []
     for who in ["pooled", *clients]:
         row = {key: NAN for key in COLUMNS} | run | {"who": who}
@@ -229,18 +256,19 @@ def aggregate(table: list[dict]) -> list[dict]:
     their spread. Runs at c = 0 or 1 (the same under every split) stand beside each split
     mode their partition was run with (at some 0 < c < 1; its own split when none was)."""
     partitions = {r["partition"] for r in table}
-    shares = {p: sorted({r["share"] for r in table if r["partition"] == p}) for p in partitions}
-    cut = [r for r in table if r["c"] not in (0, 1)]  # runs that depend on the split mode
+    split_runs = [r for r in table if r["method"] == "split"]
+    shares = {p: sorted({r["share"] for r in split_runs if r["partition"] == p}) for p in partitions}
+    cut = [r for r in table if r["method"] == "split" and r["c"] not in (0, 1)]  # runs that depend on the split mode
     splits = {p: sorted({r["split"] for r in cut if r["partition"] == p}) for p in partitions}
     groups: dict[tuple, list[dict]] = {}
     for r in table:
         for split in (splits[r["partition"]] or [r["split"]]) if r["c"] in (0, 1) else [r["split"]]:
             # c = 1 sends nothing, labels neither: it stands beside each share its partition was run with
             for share in shares[r["partition"]] if r["c"] == 1 else [r["share"]]:
-                groups.setdefault((split, r["partition"], share, r["c"], r["who"]), []).append(r)
+                groups.setdefault((r["method"], split, r["partition"], share, r["c"], r["who"]), []).append(r)
     out = []
-    for (split, partition, share, c, who), runs in groups.items():
-        row = {"split": split, "partition": partition, "share": share, "c": c, "who": who}
+    for (method, split, partition, share, c, who), runs in groups.items():
+        row = {"method": method, "split": split, "partition": partition, "share": share, "c": c, "who": who}
         row["seeds"] = len({r["seed"] for r in runs})
         row["features"] = ", ".join(sorted({r["features"] for r in runs}))
         for key in NUMBERS:
@@ -250,6 +278,8 @@ def aggregate(table: list[dict]) -> list[dict]:
         out.append(row)
     out.sort(
         key=lambda r: (
+            r["method"] != "split",
+            r["method"],
             r["split"],
             r["partition"],
             r["share"],
@@ -296,8 +326,10 @@ SECTIONS = (
     ("Disclosure of x_c and by attack", DISCLOSURE),
     ("Membership inference against the models other parties hold", MEMBERSHIP),
     ("Client compute", COMPUTE),
+    ("Alone (c = 1), federated and split: quality and what a client paid for it", METHODS),
 )
-VERSUS = ("split", "partition", "share", "c", "who", "metric", "seeds", "delta", "low", "high", "interval", "verdict")
+VERSUS = ("method", "split", "partition", "share", "c", "who", "metric", "seeds", "delta", "low", "high", "interval")
+VERSUS += ("verdict",)
 VERSUS += ("unpaired",)  # the point's seeds without a c = 1 run of their partition and seed: not in the difference
 
 
