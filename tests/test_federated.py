@@ -2,6 +2,7 @@
 average, placement independence, resume, what crosses the wire, and the config."""
 
 import csv
+import re
 import subprocess
 from pathlib import Path
 
@@ -196,6 +197,10 @@ def test_a_split_config_turned_federated_names_the_keys_it_ignores(tmp_path, sha
     shown = capsys.readouterr().out
     assert "federated: fedavg at server_lr 1.0, 2 local steps a round, the server's architecture" in shown
     assert "0 images in 0 training messages, 2 model updates" in shown
+    assert "sends model updates (weights, never images); its labels condition its model and stay local" in shown
+    assert cli.main(["compare", str(tmp_path / "run/results.h5"), str(tmp_path / "run/results.h5")]) == 0
+    compared = capsys.readouterr().out
+    assert re.search(r"method +federated +federated", compared) and "- (whole chain)" in compared
 
 
 @pytest.mark.parametrize(
@@ -316,6 +321,8 @@ def test_split_clients_record_their_bytes_per_round_under_the_federated_names(tm
         assert rows["bytes_sent"][()][took].tolist() == audit["nbytes"][()][training].tolist()
         assert (rows["bytes_received"][()][took] > 0).all() and (rows["bytes_sent"][()][~took] == 0).all()
         assert (f["clients/c1/rounds/bytes_sent"][()] == 0).all()  # c = 1 sends nothing
+        assert audit.attrs["sent"] == "x_c at t_c = 5 and sampling requests"
+        assert f["clients/c1/audit"].attrs["sent"] == "nothing (c = 1)"
 
 
 @pytest.mark.slow

@@ -205,6 +205,13 @@ def sampled_steps(steps: int, t_c: int | None, diffusion: dict) -> str:
     return f"{on_server + on_client} steps: {on_server} server + {on_client} client"
 
 
+def _cuts(cfg: dict) -> list | str:
+    """The clients' cut ratios (federated: every client runs the whole chain)."""
+    if cfg["run"].get("method", "split") == "federated":
+        return "- (whole chain)"
+    return sorted({c.get("cut_ratio") for c in cfg["clients"]}, key=str)
+
+
 def _method(cfg: dict) -> str:
     """``markov split``, or the federated method with its parameters."""
     if cfg.get("run", {}).get("method", "split") == "split":
@@ -260,6 +267,7 @@ def format_summary(s: dict) -> str:
                 f"    audit: {au.get('images_sent', '?')} images in {au.get('training_messages')} training messages, "
                 + (f"{au['updates']} model updates, " if au.get("updates") else "")
                 + f"{au.get('bytes_sent', '?')} bytes sent, t_c={au.get('t_c', '?')}"
+                + (f"; sends {au['sent']}" if au.get("sent") else "")
             )
         if "samples" in r:
             how = r.get("sampled_with", {})
@@ -340,7 +348,8 @@ COMPARE_ROWS = (
     ("extractor (FID/KID features)", lambda s: s["metrics"]["attrs"]["extractor"]),
     ("rounds", lambda s: s["config"]["run"]["rounds"]),
     ("metrics of round", lambda s: f"{s['metrics']['attrs']['checkpoint_round']}" + (" (stale)" if s["stale"] else "")),
-    ("cut ratio(s)", lambda s: sorted({c.get("cut_ratio") for c in s["config"]["clients"]}, key=str)),
+    ("method", lambda s: _method(s["config"]).split(":")[0]),
+    ("cut ratio(s)", lambda s: _cuts(s["config"])),
     ("server images/s", lambda s: s["roles"].get(SERVER, {}).get("summary", {}).get("images_per_s")),
     ("server loss", lambda s: s["roles"].get(SERVER, {}).get("tail_means", {}).get("loss_server")),
     ("bytes sent", lambda s: sum(r.get("audit", {}).get("bytes_sent", 0) for r in s["roles"].values())),

@@ -116,6 +116,16 @@ class Client:
         self.released["bytes_sent"] += msg.nbytes
         return msg
 
+    def what_leaves(self) -> str:
+        """In words, what this client sends under its run's method (the audit's ``sent``)."""
+        local = "its labels condition its model and stay local" if self.condition else ""
+        if self.cfg.run.method == "federated":
+            return "model updates (weights, never images)" + (f"; {local}" if local else "")
+        if not self.cut.uses_server:
+            return "nothing (c = 1)" + (f"; {local}" if local else "")
+        labels = "its labels, with each x_c and sampling request" if self.share_labels else local
+        return f"x_c at t_c = {self.cut.t_c} and sampling requests" + (f"; {labels}" if labels else "")
+
     def noised_to_cut(self, x0: torch.Tensor) -> torch.Tensor:
         """x_c = sqrt(abar_{t_c}) x_0 + sqrt(1 - abar_{t_c}) eps_c with fresh eps_c, in the
         wire dtype: exactly what the server receives for images x0 [B, C, H, W]."""

@@ -316,7 +316,7 @@ def _finish(
     totals["images_per_s"] = totals["images"] / totals["time_round_s"] if totals["time_round_s"] else 0.0
     _log_audit(results, client)
     results.flush()
-    audit = {**client.released, "t_c": client.cut.t_c}  # over every run of this output folder (count_audited)
+    audit = {**client.released, "t_c": client.cut.t_c, "sent": client.what_leaves()}  # over every run (count_audited)
     results.write_attrs(AUDIT, audit)
     totals.update(audit, grid=grid)
 
