@@ -4,6 +4,7 @@ average, placement independence, resume, what crosses the wire, and the config."
 import csv
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import h5py
@@ -354,3 +355,23 @@ def test_the_report_puts_federated_beside_alone_and_split(tmp_path, shards):
     with open(tmp_path / "report/versus_c1.csv") as f:
         assert "fedavg" in {r["method"] for r in csv.DictReader(f)}
     assert "Alone (c = 1), federated and split" in (tmp_path / "report/table.md").read_text()
+
+
+@pytest.mark.slow
+def test_local_steps_longer_than_the_message_timeout_are_waited_for(tmp_path, shards, monkeypatch):
+    """The server waits for updates while the participants work, and they wait for theta_r
+    while the slowest of them works: E steps of a whole model may take longer than
+    run.timeout_s, which bounds waits for a message, not for known work."""
+    from collafuse_hpc.roles.federated import FedHost
+
+    train = FedHost.train
+
+    def slow(self, clients, round_, steps):
+        time.sleep(1.5)  # every participant: E steps of a big model on a slow client
+        return train(self, clients, round_, steps)
+
+    monkeypatch.setattr(FedHost, "train", slow)
+    raw = _federated(shards, tmp_path / "run", clients=2, rounds=3, timeout_s=0.5, samples_per_client=1)
+    run_in_process(from_dict(raw), resume=False)
+    with h5py.File(tmp_path / "run/results.h5") as f:
+        assert list(f["server/rounds/clients"][()]) == [2, 2, 2]

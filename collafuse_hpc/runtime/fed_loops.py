@@ -37,7 +37,6 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
     profiler = _profiler(ctx, server.device)
     for r in rounds(ctx):
         t0 = time.perf_counter()
-        bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models
         taking = sorted(participants(ctx.cfg, r))
         out = {k: server.message(Kind.WEIGHTS, r, k, server.theta) for k in taking}
         _send_packed(wire, out, rank_of)
@@ -46,7 +45,9 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
         for src, ks in hosts.items():  # the local steps run meanwhile
             expected = [k for k in ks if k in out]
             if expected:
-                packed = wire.recv(src, Kind.UPDATE, r, bound)
+                # the peer is known to be working: E local steps of a whole model may take longer than
+                # run.timeout_s (a dead peer is still seen at once, a hung one by its watchdog)
+                packed = wire.recv(src, Kind.UPDATE, r, run.work_timeout_s)
                 updates.update(wire.split(src, packed, expected))
                 nbytes += packed.nbytes
         wire.flush()
@@ -104,8 +105,9 @@ def fed_client_loop(ctx: Context, host: FedHost, results: dict[int, RoleResults]
         t0 = time.perf_counter()
         received, losses, sent = {}, {}, {}
         if taking:
-            bound = run.work_timeout_s if r == ctx.start_round else None  # the server starts too
-            received = wire.split(server, wire.recv(server, Kind.WEIGHTS, r, bound), [c.index for c in taking])
+            # theta_r comes when the slowest participant of the round before has sent its update: work too
+            weights = wire.recv(server, Kind.WEIGHTS, r, run.work_timeout_s)
+            received = wire.split(server, weights, [c.index for c in taking])
             start = {k: m.payload for k, m in received.items()}
             host.start_round(start)
             t1 = time.perf_counter()
