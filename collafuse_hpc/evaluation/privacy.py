@@ -38,11 +38,11 @@ from collafuse_hpc.roles.federated import sampling_global
 from collafuse_hpc.roles.server import Server
 
 MIA_STEPS = 4  # steps t per candidate, spread evenly over the model's range
-MIA_NOISE = 2  # noise draws per step (for the server, each with a fresh x_c)
+MIA_NOISE = 1  # noise draws per step (for the server, each with a fresh x_c): MIA_STEPS in all
 MIA_FPR = 0.01  # the false-positive rate of the reported true-positive rate
 MIA_MODELS = ("server", "client", "federated")  # the <model> of mia_<model>_auc, in report order
 COPY_PERCENTILE = 5.0  # a sample is a copy when nearer its training set than this percentile of held-out images
-IMAGE_SETS = ("collaborative", "server_alone", "client_alone")  # the generated sets that are images (t = 0)
+IMAGE_SETS = ("collaborative", "server_alone", "client_alone", "global")  # the generated sets of images (t = 0)
 STREAM = 0x70726976  # "priv": the evaluation's privacy stream, apart from every role's
 
 
