@@ -346,6 +346,13 @@ def dump(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def with_defaults(raw: dict) -> dict:
+    """A stored config (a checkpoint's, results.h5's) with every key this version has: a
+    run made before a key existed ran with its default (``run.method: split``), so
+    comparing it with today's config must not count that key as changed."""
+    return to_dict(from_dict(raw))
+
+
 def from_dict(raw: dict) -> Config:
     """The config of a raw YAML tree, client templates expanded (not validated)."""
     return _build(Config, client_templates.expand(raw))

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import tiny_config
 
 from collafuse_hpc.config import from_dict
@@ -336,3 +337,25 @@ def test_a_server_set_of_one_dropout_stream_per_replica_still_loads(tmp_path, sh
         assert torch.equal(loaded.dropout_streams[k].get_state(), seeded.dropout_streams[k].get_state())
     loaded.load_state_dict(new.state_dict())  # a new set restores each client's stream
     assert all(torch.equal(loaded.dropout_streams[k].get_state(), new.dropout_streams[k].get_state()) for k in (0, 1))
+
+
+@pytest.mark.slow
+def test_a_run_from_before_a_config_key_existed_resumes_samples_and_evaluates(tmp_path, shards):
+    """A run trained before run.method and the federated section existed stored a config
+    without them; it ran with their defaults, so resume, sample and evaluate take it
+    (they refused: "run.method: '(none)' -> 'split'")."""
+    from collafuse_hpc import cli
+    from collafuse_hpc.runtime import checkpoint
+
+    raw = tiny_config(shards, tmp_path / "old", [0.25, 0.5], rounds=2, checkpoint_every=2)
+    run_in_process(from_dict(raw), resume=False)
+    for path in (tmp_path / "old/checkpoints").rglob("rank*.pt"):  # as the earlier version wrote them
+        ckpt = torch.load(path, weights_only=True)
+        old = yaml.safe_load(ckpt["config"])
+        del old["run"]["method"], old["federated"]
+        ckpt["config"] = yaml.safe_dump(old, sort_keys=False)
+        torch.save(ckpt, path)
+    assert checkpoint.trained_round(from_dict(raw), "evaluate") == 2
+    assert cli.main(["sample", str(tmp_path / "old"), "--in-process"]) == 0
+    raw["run"]["rounds"] = 3
+    run_in_process(from_dict(raw), resume=True)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import yaml
 
-from collafuse_hpc.config import Config, to_dict
+from collafuse_hpc.config import Config, to_dict, with_defaults
 from collafuse_hpc.config_rules import changed_keys
 from collafuse_hpc.data import ShardReader, inspect_shard, to_model_range, to_uint8
 from collafuse_hpc.evaluation import attacks, disclosure, metrics, privacy
@@ -303,7 +303,7 @@ def _write(
     their records."""
     with h5py.File(index, "r", locking=False) as f:
         trained_with = yaml.safe_load(f.attrs["config"])
-    n = begin_record(index, "evaluate", round_, changed_keys(trained_with, to_dict(cfg)))
+    n = begin_record(index, "evaluate", round_, changed_keys(with_defaults(trained_with), to_dict(cfg)))
     with h5py.File(index, "a", locking=False) as f:
         target = record_key(n, METRICS)
         f[record_key(n)].attrs["started"] = started

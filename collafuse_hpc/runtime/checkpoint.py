@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from collafuse_hpc.atomic import atomic_path
-from collafuse_hpc.config import Config, to_dict
+from collafuse_hpc.config import Config, to_dict, with_defaults
 from collafuse_hpc.config_rules import resume_differences
 from collafuse_hpc.data import inspect_shard
 
@@ -123,7 +123,7 @@ def trained_round(cfg: Config, command: str) -> int:
             errors.append(str(e))
     if saved is None:
         raise ValueError(f"{command}: no checkpoint set in {out!r} can be read: {'; '.join(errors)}")
-    differences = resume_differences(saved, to_dict(cfg))
+    differences = resume_differences(with_defaults(saved), to_dict(cfg))
     if differences:
         raise ValueError(
             f"{command}: this config differs from the run in {out!r} in keys that change what it trains: "

@@ -18,7 +18,7 @@ import h5py
 import torch
 import yaml
 
-from collafuse_hpc.config import Config, dump, to_dict
+from collafuse_hpc.config import Config, dump, to_dict, with_defaults
 from collafuse_hpc.config_rules import changed_keys, ignored_keys
 from collafuse_hpc.results.inspection import run_commands
 from collafuse_hpc.results.schema import SUMMARY, index_path, open_results, plain_attrs, record_key, role_key
@@ -181,7 +181,7 @@ def _start(cfg: Config, topo: Topology, command: str, start_round: int) -> int:
         return begin_record(index, command, start_round, {}, ignored)
     with open_results(index) as f:
         trained_with = yaml.safe_load(f.attrs["config"])
-    n = begin_record(index, command, start_round, changed_keys(trained_with, to_dict(cfg)), ignored)
+    n = begin_record(index, command, start_round, changed_keys(with_defaults(trained_with), to_dict(cfg)), ignored)
     if command == "resume":  # record the config it trains on (only RESUMABLE keys can differ)
         record_config(index, dump(cfg))
         checkpoint.remove_incomplete(cfg.run.output_dir)  # left by the run that stopped: free their space
