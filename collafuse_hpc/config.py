@@ -146,7 +146,9 @@ class FederatedConfig:
     local_steps: int = 10  # [steps] E: optimizer steps each participant takes per round, one batch each
     # fedavg (theta += server_lr x the images-weighted mean update) or fedadam (Adam on that mean: Reddi et al. 2021)
     server_optimizer: str = "fedavg"
-    server_lr: float = 1.0  # eta_s: 1 with fedavg is plain FedAvg; fedadam's step size (around 1e-2)
+    # eta_s, the server's step on the mean update; empty: 1 for fedavg (plain FedAvg), 0.01 for fedadam (its first
+    # step moves every weight by about eta_s: 1 would wreck the model)
+    server_lr: float | None = None
     # [steps] F: before sampling, each client fine-tunes the final global model on its own data this long, with a
     # fresh optimizer (personalized FedAvg); 0: each client samples with the global model
     finetune_steps: int = 0

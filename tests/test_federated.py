@@ -99,23 +99,24 @@ def test_two_clients_with_equal_updates_train_as_one(tmp_path, shards, monkeypat
 
 def test_the_average_weights_each_update_by_its_clients_images(tmp_path, shards):
     """Unequal n_k: theta moves by sum n_k Delta_k / sum n_k (not the plain mean), times
-    eta_s; FedAdam takes Reddi et al.'s step on that mean."""
+    eta_s; FedAdam takes Reddi et al.'s step on that mean, 0.01 by default (1, FedAvg's,
+    would move every weight by about 1)."""
     raw = _federated(shards, tmp_path / "run", clients=4)
     raw["federated"]["server_lr"] = 0.5
     server = FedServer(from_dict(raw), torch.device("cpu"))
-    n = server.images
-    assert len(set(n.values())) > 1  # the class shards hold unequal counts
+    n = {0: 430, 3: 283}  # the class shards' training images: unequal
     gen = torch.Generator().manual_seed(0)
     updates = {k: torch.randn(server.theta.shape, generator=gen) for k in (0, 3)}
+    sent = {k: torch.cat([u, torch.tensor([float(n[k])])]) for k, u in updates.items()}  # as a client sends it
     before = server.theta.clone()
-    server.aggregate(updates)
+    server.aggregate(sent)
     mean = (n[0] * updates[0] + n[3] * updates[3]) / (n[0] + n[3])
     torch.testing.assert_close(server.theta, before + 0.5 * mean, rtol=0, atol=1e-6)
 
-    raw["federated"].update(server_optimizer="fedadam", server_lr=0.01)
+    raw["federated"].update(server_optimizer="fedadam", server_lr=None)  # its default step: 0.01
     adam = FedServer(from_dict(raw), torch.device("cpu"))
     start = adam.theta.clone()
-    adam.aggregate(updates)
+    adam.aggregate(sent)
     m, v = 0.1 * mean, 0.01 * mean**2
     torch.testing.assert_close(adam.theta, start + 0.01 * m / (v.sqrt() + 1e-3), rtol=0, atol=1e-6)
 
@@ -161,7 +162,8 @@ def test_only_weights_and_updates_cross_the_wire_and_the_audit_counts_them(tmp_p
     run_in_process(cfg, resume=False)
     P = initial_weights(cfg).numel()
     assert [m.kind for m in sent] == [Kind.UPDATE] * 3
-    assert all(m.payload.shape == (P,) and m.labels is None for m in sent)
+    assert all(m.payload.shape == (P + 1,) and m.labels is None for m in sent)  # the update, then n_k
+    assert all(int(m.payload[-1]) == {0: 430, 1: 437}[m.parts[0].client] for m in sent)  # its n_k, as it reports it
     with h5py.File(tmp_path / "run/results.h5") as f:
         for k, cid in enumerate(["c0", "c1"]):
             g = f[f"clients/{cid}"]

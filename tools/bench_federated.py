@@ -96,7 +96,7 @@ def wire_bytes(raw: dict) -> list[list]:
     reply = one_client(Kind.TRAIN_REPLY, 0, 0, x_c.t_c, 1, torch.zeros(1))
     server = FedServer(fed, device)
     weights = server.message(Kind.WEIGHTS, 0, 0, server.theta)
-    update = server.message(Kind.UPDATE, 0, 0, server.theta)  # an update is the size of theta
+    update = server.message(Kind.UPDATE, 0, 0, torch.cat([server.theta, torch.ones(1)]))  # theta's size, and n_k
     E, B = fed.federated.local_steps, client.batch_size
     rows = [
         ["split", reply.nbytes, x_c.nbytes, B, (reply.nbytes + x_c.nbytes) / B],

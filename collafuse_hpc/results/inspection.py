@@ -40,6 +40,7 @@ from collafuse_hpc.results.schema import (
     record_numbers,
 )
 from collafuse_hpc.results.writer import save_grid
+from collafuse_hpc.roles.federated import SERVER_LR
 from collafuse_hpc.runtime.checkpoint import complete_rounds
 from collafuse_hpc.runtime.wire import Kind
 from collafuse_hpc.tables import cell, format_table
@@ -218,8 +219,9 @@ def _method(cfg: dict) -> str:
         return f"{cfg.get('diffusion', {}).get('split')} split"
     f = cfg.get("federated", {})
     tuned = f", fine-tuned {f.get('finetune_steps')} steps" if f.get("finetune_steps") else ""
+    lr = f.get("server_lr") or SERVER_LR[f["server_optimizer"]]
     return (
-        f"federated: {f.get('server_optimizer')} at server_lr {f.get('server_lr')}, {f.get('local_steps')} local "
+        f"federated: {f.get('server_optimizer')} at server_lr {lr}, {f.get('local_steps')} local "
         f"steps a round, the {f.get('architecture')}'s architecture{tuned}"
     )
 

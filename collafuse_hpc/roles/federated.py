@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from collafuse_hpc.config import Config, ModelConfig, OptimConfig
-from collafuse_hpc.data import EpochSampler, inspect_shard
+from collafuse_hpc.data import EpochSampler
 from collafuse_hpc.diffusion.unet import UNet
 from collafuse_hpc.roles.client import Client
 from collafuse_hpc.roles.host import ClientHost
@@ -34,6 +34,7 @@ from collafuse_hpc.runtime.topology import Topology, role_seed
 from collafuse_hpc.runtime.wire import Kind, Message, one_client
 
 ADAM_BETAS, ADAM_TAU = (0.9, 0.99), 1e-3  # FedAdam's server moments and adaptivity (Reddi et al. 2021)
+SERVER_LR = {"fedavg": 1.0, "fedadam": 0.01}  # eta_s when federated.server_lr is empty
 
 
 def architecture(cfg: Config) -> tuple[ModelConfig, OptimConfig]:
@@ -63,15 +64,12 @@ def initial_weights(cfg: Config) -> torch.Tensor:
 
 class FedServer:
     """The federated server: theta (float32 [P]), its EMA (what the clients sample with)
-    and FedAdam's moments; it averages the participants' updates.
-
-    ``images``: n_k, each client's training images (FedAvg's clients report them; here
-    read from the shard's header)."""
+    and FedAdam's moments; it averages the participants' updates, each weighted by the
+    n_k its client reports with it (the server never opens a client's data)."""
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
         self.clients = list(range(len(cfg.clients)))
-        self.images = {k: inspect_shard(c.shard).counts["train"] for k, c in enumerate(cfg.clients)}
         self.theta = initial_weights(cfg).to(device)
         self.ema = self.theta.clone()
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.theta), torch.zeros_like(self.theta)
@@ -82,20 +80,22 @@ class FedServer:
         return one_client(kind, round_, client, self.cfg.diffusion.timesteps, len(weights), weights)
 
     def aggregate(self, updates: dict[int, torch.Tensor]) -> float:
-        """theta_{r+1} from the round's updates {client: Delta_k [P]}, weighted by n_k;
-        returns the L2 norm of their weighted mean."""
-        total = sum(self.images[k] for k in updates)
+        """theta_{r+1} from the round's UPDATE payloads {client: [P + 1]: Delta_k, then n_k},
+        weighted by n_k; returns the L2 norm of their weighted mean."""
+        images = {k: float(u[-1]) for k, u in updates.items()}
+        total = sum(images.values())
         mean = torch.zeros_like(self.theta)
         for k in sorted(updates):  # a fixed order: the sum does not depend on arrival
-            mean.add_(updates[k].to(self.device, torch.float32), alpha=self.images[k] / total)
+            mean.add_(updates[k][:-1].to(self.device, torch.float32), alpha=images[k] / total)
         f = self.cfg.federated
+        lr = SERVER_LR[f.server_optimizer] if f.server_lr is None else f.server_lr
         if f.server_optimizer == "fedavg":
-            self.theta.add_(mean, alpha=f.server_lr)
+            self.theta.add_(mean, alpha=lr)
         else:
             b1, b2 = ADAM_BETAS
             self.exp_avg.mul_(b1).add_(mean, alpha=1 - b1)
             self.exp_avg_sq.mul_(b2).addcmul_(mean, mean, value=1 - b2)
-            self.theta.addcdiv_(self.exp_avg, self.exp_avg_sq.sqrt().add_(ADAM_TAU), value=f.server_lr)
+            self.theta.addcdiv_(self.exp_avg, self.exp_avg_sq.sqrt().add_(ADAM_TAU), value=lr)
         self.rounds += 1
         self.ema.lerp_(self.theta, 1 - self._ema_decay())
         return float(mean.norm())
@@ -157,10 +157,12 @@ class FedHost(ClientHost):
         return {k: s / steps for k, s in sums.items()}
 
     def update(self, client: Client, round_: int, start: torch.Tensor) -> Message:
-        """The UPDATE ``client`` sends after its local steps: theta_k - theta_r, float32 [P],
-        recorded in its audit."""
+        """The UPDATE ``client`` sends after its local steps, recorded in its audit: float32
+        [P + 1], theta_k - theta_r and then n_k, its training images (FedAvg's weight,
+        which its clients report; exact in float32 below 2^24)."""
         delta = client.net.weights[client.slot] - start.to(self.device)
-        return client.record(one_client(Kind.UPDATE, round_, client.index, client.cut.t_c, len(delta), delta))
+        payload = torch.cat([delta, delta.new_tensor([len(client.reader)])])
+        return client.record(one_client(Kind.UPDATE, round_, client.index, client.cut.t_c, len(payload), payload))
 
     def personalize(self, model: torch.Tensor, steps: int) -> None:
         """Each client restarts from the final global model ``model`` [P] with a fresh

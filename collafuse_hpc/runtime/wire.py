@@ -50,7 +50,7 @@ class Kind(enum.IntEnum):
     SAMPLE_REQUEST = 3  # client -> server: count = n samples wanted (+ labels [n] if shared)
     SAMPLE_REPLY = 4  # server -> client: x_h at the hand-over step [n, C, H, W]
     WEIGHTS = 5  # server -> client (federated): the global weights theta_r of the round, float32 [P] (count P)
-    UPDATE = 6  # client -> server (federated): its update theta_k - theta_r after its local steps, float32 [P]
+    UPDATE = 6  # client -> server (federated): theta_k - theta_r after its local steps, then n_k: float32 [P + 1]
     MODEL = 7  # server -> client (federated), after training: the global model to sample with, float32 [P]
     ERROR = 9  # either way: the sender failed; payload is the reason (UTF-8)
 
