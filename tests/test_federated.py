@@ -350,12 +350,15 @@ def test_the_report_puts_federated_beside_alone_and_split(tmp_path, shards):
     with open(tmp_path / "report/table.csv") as f:
         rows = {(r["method"], r["c"], r["who"]): r for r in csv.DictReader(f)}
     fed, alone = rows[("fedavg", "-", "c0")], rows[("split", "1.0", "c0")]
+    tuned = rows[("fedavg+ft", "-", "pooled")]  # the fine-tuned clients' samples: a point of their own
+    assert fed["fid_collaborative"] == rows[("fedavg", "-", "c0")]["fid_global"]  # the global model's
+    assert tuned["fid_collaborative"] != rows[("fedavg", "-", "pooled")]["fid_collaborative"]
     # the tiny server and client models are one UNet: a federated round is E = 2 of the alone client's steps
     assert float(fed["train_flops_round"]) == pytest.approx(2 * float(alone["train_flops_round"]))
     assert float(fed["bytes_run"]) > 4 * 2 * initial_weights(from_dict(_federated(shards, tmp_path, 2))).numel()
     assert float(alone["bytes_run"]) == 0
     with open(tmp_path / "report/versus_c1.csv") as f:
-        assert "fedavg" in {r["method"] for r in csv.DictReader(f)}
+        assert {"fedavg", "fedavg+ft", "split"} == {r["method"] for r in csv.DictReader(f)}
     assert "Alone (c = 1), federated and split" in (tmp_path / "report/table.md").read_text()
 
 

@@ -168,10 +168,13 @@ def _mean(values: list) -> float:
     return sum(values) / len(values) if values else NAN
 
 
-def _quality_columns(m: dict, who: str) -> dict:
-    """The classifier's numbers of the collaborative set (NaN with other features)."""
-    q, real = m[who].get("collaborative", {}), m[who].get("real", {})
+def _quality_columns(m: dict, who: str, name: str = "collaborative") -> dict:
+    """The numbers of the set ``name`` that a client samples with (collaborative; a federated
+    run's global model: global) under the collaborative set's columns; the classifier's are
+    NaN with other features."""
+    q, real = m[who].get(name, {}), m[who].get("real", {})
     out = {key: q.get(key, NAN) for key in ("precision", "recall", "confidence", "class_distance", *COPIES)}
+    out["fid_collaborative"], out["kid_mean_collaborative"] = q.get("fid", NAN), q.get("kid_mean", NAN)
     out["fidelity"] = q.get("class_fidelity", NAN)
     for end in ("low", "high"):
         out[f"fidelity_{end}"] = q.get(f"class_fidelity_{end}", NAN)
@@ -195,7 +198,8 @@ def _convergence(curves: dict) -> dict:
 
 def method_of(config: dict) -> str:
     """``split``, or the federated run's variant: ``fedavg`` with ``-small`` (the clients'
-    architecture) and ``-cond`` (class-conditional on local labels) as they apply."""
+    architecture) and ``-cond`` (class-conditional on local labels) as they apply; its
+    fine-tuned clients' rows add ``+ft`` (rows)."""
     if config["run"].get("method", "split") == "split":
         return "split"
     small = "-small" if config.get("federated", {}).get("architecture") == "client" else ""
@@ -204,7 +208,8 @@ def method_of(config: dict) -> str:
 
 def rows(summary: dict, curves: dict) -> list[dict]:
     """The rows of one evaluated run (its ``curves``: stats.loss_curves): ``pooled``
-    first, then one per client."""
+    first, then one per client; a fine-tuned federated run's of its global model, then
+    those of its fine-tuned clients (method ``+ft``)."""
     m, roles, config = summary["metrics"], summary["roles"], summary["config"]
     clients = [who for who in m if who not in ("attrs", "pooled")]
     cuts = {c.get("cut_ratio") for c in config["clients"]}
@@ -223,18 +228,22 @@ def rows(summary: dict, curves: dict) -> list[dict]:
         "server_images_per_s": roles.get(role_key(None), {}).get(SUMMARY, {}).get("images_per_s", NAN),
     }
     per_client = {who: _client_columns(m, roles, who, config) for who in clients}
+    # a fine-tuned federated run is two points: its global model's samples and its clients' fine-tuned ones
+    variants = [(method, "collaborative")]
+    if not split and "global" in m["pooled"]:
+        variants = [(method, "global"), (f"{method}+ft", "collaborative")]
     out = []
-    for who in ["pooled", *clients]:
-        row = {key: NAN for key in COLUMNS} | run | {"who": who}
+    for (label, scored), who in ((v, who) for v in variants for who in ["pooled", *clients]):
+        row = {key: NAN for key in COLUMNS} | run | {"who": who, "method": label}
         for name in SETS:
             q = m[who].get(name, {})
             row[f"fid_{name}"] = q.get("fid", NAN)
             row[f"kid_mean_{name}"] = q.get("kid_mean", NAN)
             row[f"kid_std_{name}"] = q.get("kid_std", NAN)
-        row |= _quality_columns(m, who)
+        row |= _quality_columns(m, who, scored)
         if who == "pooled":  # class fidelity and distance pooled: the mean over clients (each weighs the same)
             row |= {key: _mean([p[key] for p in per_client.values()]) for key in next(iter(per_client.values()))}
-            own = [_quality_columns(m, c) for c in clients]
+            own = [_quality_columns(m, c, scored) for c in clients]
             row |= {key: _mean([q[key] for q in own]) for key in POOLED_MEANS}
             for key in POOLED_INTERVALS:
                 row[key], row[f"{key}_low"], row[f"{key}_high"] = stats.pooled_interval(
