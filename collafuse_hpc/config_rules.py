@@ -328,6 +328,9 @@ def ignored_keys(cfg: Config) -> dict[str, Any]:
     defaults = flatten(asdict(blank), lists=True)
     values = flatten(asdict(cfg), lists=True)
     patterns = IGNORED[cfg.run.method]
+    if cfg.run.method == "federated":  # the global model is one side's: the other side's model goes unused
+        unused = "clients.*" if cfg.federated.architecture == "server" else "server"
+        patterns += (f"{unused}.model.*", f"{unused}.optim.*", f"{unused}.compile")
     return {
         key: value
         for key, value in values.items()

@@ -192,7 +192,10 @@ def test_a_split_config_turned_federated_names_the_keys_it_ignores(tmp_path, sha
     assert "clients.0.cut_ratio=0.25" in warned[0] and "clients.0.share_labels=True" in warned[0]
     with h5py.File(tmp_path / "run/results.h5") as f:
         ignored = yaml.safe_load(f["records/0"].attrs["ignored"])
-    assert ignored == {"clients.0.cut_ratio": 0.25, "clients.1.cut_ratio": 0.5, "clients.0.share_labels": True}
+    cuts = {"clients.0.cut_ratio": 0.25, "clients.1.cut_ratio": 0.5, "clients.0.share_labels": True}
+    assert cuts.items() <= ignored.items()
+    assert ignored["clients.0.model.base_channels"] == 8  # the server's architecture is the global model's
+    assert not any(key.startswith("server.") for key in ignored)
     out = capsys.readouterr().out
     assert "server 0: averaged 4 updates of 48 images trained by the clients" in out  # 2 rounds x 2 clients
     assert "sent 2 model updates" in out
@@ -268,7 +271,7 @@ def test_torchrun_trains_the_in_process_run(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_evaluate_scores_the_personalized_and_the_global_model(tmp_path, shards):
+def test_evaluate_scores_the_personalized_and_the_global_model(tmp_path, shards, capsys):
     """A federated run is scored like a split one: its samples (the fine-tuned model's,
     as collaborative) and the global model's beside them when it was fine-tuned; it
     has no model of its own to sample alone. Without fine-tuning the two are one set."""
@@ -288,6 +291,14 @@ def test_evaluate_scores_the_personalized_and_the_global_model(tmp_path, shards)
             assert all(np.isfinite(fids)) and len(set(fids)) == len(fids)
             membership = f["metrics/c0/membership"].attrs  # the global model, which every party holds
             assert 0 <= membership["mia_federated_auc"] <= 1 and "mia_server_auc" not in membership
+            assert ("mia_client_auc" in membership) == bool(steps)  # not fine-tuned: its own model is the global
+        capsys.readouterr()
+        assert cli.main(["compare", str(tmp_path / name / "results.h5")]) == 0
+        compared = capsys.readouterr().out
+        assert "FID pooled collaborative" in compared and "membership" not in compared  # image sets only
+    cfg.eval.sets = ["client_alone"]  # a federated client has no model of its own
+    with pytest.raises(ValueError, match="holds no image set a federated run makes"):
+        evaluate(cfg)
 
 
 def test_the_federated_target_is_the_global_model_and_leaves_the_clients_own(tmp_path, shards):

@@ -15,6 +15,14 @@ from collafuse_hpc.evaluation import attacks, metrics
 from collafuse_hpc.roles.client import Client
 
 NOTHING_SENT = "nothing sent"  # the reading of a client at c = 1, whose x_c never leaves it
+NO_X_C = "no x_c sent (federated: model updates only)"  # a federated client's
+
+
+def _unsent(client: Client) -> str:
+    """The reading of a client that sends no x_c."""
+    return NO_X_C if client.cfg.run.method == "federated" else NOTHING_SENT
+
+
 # the attack figures that depend on how many releases of each image the adversary averages (_figures)
 FIGURES = (
     *(f"recon_{model}_{key}" for model in ("public", "own") for key in ("psnr_db", "ssim", "fid")),
@@ -43,7 +51,7 @@ def disclosure(client: Client, x0: torch.Tensor, x_c: torch.Tensor) -> dict:
         "mu_per_release": mu,
         "releases": releases,
         "mu_composed": composed,
-        "reading": metrics.gdp_reading(composed if releases else mu) if sent else NOTHING_SENT,
+        "reading": metrics.gdp_reading(composed if releases else mu) if sent else _unsent(client),
         "images": len(x0),
     }
 
@@ -134,7 +142,7 @@ def attack(
     cut = client.cut
     out: dict = {"t_c": cut.t_c, "public_model": "none"}
     if not cut.uses_server:
-        return {**out, "reading": NOTHING_SENT}
+        return {**out, "reading": _unsent(client)}
     public = _public(client, clients)
     if public is not None:
         out["public_model"] = f"client {public.id}"
@@ -185,8 +193,8 @@ def attack_releases(
 
 def describe(d: dict) -> str:
     """The disclosure figures of one client in one line; only the cut where nothing was sent."""
-    if d["reading"] == NOTHING_SENT:
-        return f"t_c={d['t_c']}: {NOTHING_SENT}"
+    if d["reading"] in (NOTHING_SENT, NO_X_C):
+        return f"t_c={d['t_c']}: {d['reading']}"
     return (
         f"t_c={d['t_c']} SNR {d['snr']:.3g}, PSNR {d['psnr_db']:.2f} dB, SSIM {d['ssim']:.3f}, "
         f"mu {d['mu_per_release']:.3g} per release x {d['releases']} releases = {d['mu_composed']:.3g} ({d['reading']})"

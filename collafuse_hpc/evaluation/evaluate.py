@@ -52,7 +52,7 @@ from collafuse_hpc.evaluation.features import (
     load_extractor,
 )
 from collafuse_hpc.evaluation.quality import POOLED_FID, fidelity, label_counts, quality
-from collafuse_hpc.evaluation.sets import image_sets, load_roles, planned_images, sampling_batches
+from collafuse_hpc.evaluation.sets import check_sets, image_sets, load_roles, planned_images, sampling_batches
 from collafuse_hpc.logs import Heartbeat
 from collafuse_hpc.results.schema import (
     METRIC_UNITS,
@@ -117,7 +117,9 @@ def _cache_dir(cfg: Config) -> str:
 
 
 def check_config(cfg: Config) -> None:
-    """The files evaluate needs, checked before training with ``eval.at_end`` (ValueError)."""
+    """The files and image sets evaluate needs, checked before training with ``eval.at_end``
+    (ValueError)."""
+    check_sets(cfg)
     if cfg.eval.extractor == "inception":
         inception_path(cfg.eval.inception_path)  # a missing file fails now, not after hours of sampling
     if cfg.eval.extractor == "classifier":  # a missing or foreign file, other images: now, not after sampling
@@ -223,7 +225,8 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
                 if servers_of[k] is not None:
                     targets.insert(0, privacy.server_target(servers_of[k], client))
                 if client.global_model is not None:  # federated: the model the server and every client hold
-                    targets.insert(0, privacy.federated_target(client))
+                    own = targets if cfg.federated.finetune_steps else []  # not fine-tuned: its own is the global
+                    targets = [privacy.federated_target(client), *own]
                 mia = privacy.membership(targets, cfg.clients[k].shard, client.diffusion, n, stream, cfg.eval.batch)
                 entry["membership"] = _membership(mia, resamples, seed)
                 for model, (members, nonmembers) in mia.items():

@@ -102,9 +102,32 @@ def generated_sets(cfg: Config) -> list[str]:
     global model or its fine-tuned copy (collaborative; the global model's as ``global``
     when fine-tuned) and has no model of its own to sample alone; a split run has no
     global model."""
+    return [s for s in cfg.eval.sets if s in _made(cfg)]
+
+
+def _made(cfg: Config) -> tuple[str, ...]:
+    """Every set the run's method makes."""
     if cfg.run.method == "split":
-        return [s for s in cfg.eval.sets if s != "global"]
-    return [s for s in cfg.eval.sets if s != "client_alone" and (s != "global" or cfg.federated.finetune_steps)]
+        return tuple(s for s in SETS if s != "global")
+    return ("collaborative", "global") if _tuned(cfg) else ("collaborative",)
+
+
+def check_sets(cfg: Config) -> None:
+    """ValueError when ``eval.sets`` holds no set the run's method makes; a warning naming
+    those it leaves out."""
+    left = [s for s in cfg.eval.sets if s not in _made(cfg)]
+    if len(left) == len(cfg.eval.sets):
+        raise ValueError(
+            f"eval.sets {cfg.eval.sets} holds no image set a {cfg.run.method} run makes: give one of "
+            f"{list(_made(cfg))} (--set eval.sets=[collaborative])"
+        )
+    if left:
+        log.warning("evaluate: a %s run makes no %s set: left out (it makes %s)", cfg.run.method, left, _made(cfg))
+
+
+def _tuned(cfg: Config) -> bool:
+    """A federated run whose clients fine-tune the global model: its global set differs."""
+    return cfg.federated.finetune_steps > 0
 
 
 def image_steps(cut: Cut, sets: list[str]) -> int:

@@ -20,7 +20,7 @@ import math
 import os
 import re
 
-from collafuse_hpc.evaluation.disclosure import NOTHING_SENT
+from collafuse_hpc.evaluation.disclosure import NO_X_C, NOTHING_SENT
 from collafuse_hpc.evaluation.privacy import COPY_PERCENTILE, MIA_MODELS
 from collafuse_hpc.evaluation.quality import POOLED_FID
 from collafuse_hpc.report import stats
@@ -305,7 +305,7 @@ def _absent(row: dict, key: str) -> str | None:
     """Why a disclosure or attack column of ``row`` holds no number: the clients sent
     nothing (no release: c = 1), or no other client's model could serve as the public one."""
     if (key in DISCLOSURE[len(KEYS) :] or key.startswith("mia_server_")) and row.get("mu_gdp_composed") == 0:
-        return NOTHING_SENT
+        return NOTHING_SENT if row["method"] == "split" else NO_X_C
     return "no public model" if key.startswith("recon_public_") else None
 
 

@@ -365,7 +365,7 @@ def compare(paths: list[str], record: int | None = None) -> tuple[list[str], lis
     rows = []
     for name, get in COMPARE_ROWS:
         rows.append([name] + [_safe(get, s) for s in summaries])
-    sets = sorted({n for s in summaries for n in s.get("metrics", {}).get("pooled", {})})
+    sets = sorted({n for s in summaries for n in s.get("metrics", {}).get("pooled", {}) if n in SETS})
     for name in sets:
         pooled = [s.get("metrics", {}).get("pooled", {}).get(name, {}) for s in summaries]
         rows.append([f"FID pooled {name}"] + [p.get("fid") for p in pooled])
