@@ -11,7 +11,7 @@ from collections.abc import Callable
 import h5py
 import torch
 
-from collafuse_hpc.config import Config
+from collafuse_hpc.config import Config, EvalConfig
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.logs import Progress
 from collafuse_hpc.results.schema import SETS, audit_totals, part_path
@@ -114,14 +114,14 @@ def _made(cfg: Config) -> tuple[str, ...]:
 
 def check_sets(cfg: Config) -> None:
     """ValueError when ``eval.sets`` holds no set the run's method makes; a warning naming
-    those it leaves out."""
+    those it leaves out of a list the user gave."""
     left = [s for s in cfg.eval.sets if s not in _made(cfg)]
     if len(left) == len(cfg.eval.sets):
         raise ValueError(
             f"eval.sets {cfg.eval.sets} holds no image set a {cfg.run.method} run makes: give one of "
             f"{list(_made(cfg))} (--set eval.sets=[collaborative])"
         )
-    if left:
+    if left and cfg.eval.sets != EvalConfig().sets:  # the default lists every method's sets: no news
         log.warning("evaluate: a %s run makes no %s set: left out (it makes %s)", cfg.run.method, left, _made(cfg))
 
 
