@@ -231,7 +231,6 @@ def test_every_range_of_the_reference_is_enforced(tmp_path, shards):
             load(base, [f"{key}={bad}"])
 
 
-
 def test_an_override_of_one_client_leaves_clients_sharing_a_yaml_anchor_alone(tmp_path):
     """``model: *small`` loads as one object for every client that names the anchor: a
     --set of one client's model must not change the others'."""
