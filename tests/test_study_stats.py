@@ -213,3 +213,11 @@ def test_federated_runs_are_points_of_their_own_compared_with_each_client_alone(
     table = [{key: math.nan for key in report.COLUMNS} | r | {"features": "classifier"} for r in fed + alone]
     got = sorted((r["method"], r["share"], r["c"], r["seeds"]) for r in report.aggregate(table))
     assert got == [("fedavg", "-", "-", 2), ("split", "off", 1, 2)]
+
+
+def test_a_federated_runs_rounds_count_by_their_local_steps_for_convergence():
+    """80 FedAvg rounds of 10 local steps are 800 steps: the rule judges them (a window of 8
+    rounds holds 80 steps' losses), where 80 one-step rounds are too few."""
+    flat = 0.05 + np.exp(-np.arange(80) / 5)
+    assert math.isnan(loss_change(flat)) and loss_change(flat, steps=10) < 0.001
+    assert converged(flat, steps=10)

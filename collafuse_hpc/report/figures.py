@@ -32,7 +32,7 @@ def _save(plt, fig, path: str, dpi: int) -> None:
     long tick labels that overlap."""
     for axis in fig.axes:
         xs = {float(x) for line in axis.get_lines() for x in np.ravel(line.get_xdata()) if np.isfinite(x)}
-        if 0 < len(xs) < 3:
+        if 0 < len(xs) < 3 and axis.get_xscale() == "linear":
             axis.set_xticks(sorted(xs))
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
@@ -133,11 +133,15 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
         style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "label": name}
         if "clients" in c:  # c = 0: no client trains; rounds where none took part take the mean
             local = np.nan_to_num(c["clients"], nan=np.nanmean(c["clients"]))
-            ax[0].plot(c["rounds"], stats.smooth(local), **style)
+            steps = c.get("steps", 1)  # federated: a round's loss is the mean of E steps; the EMA is per step
+            ax[0].plot(c["rounds"] * steps, stats.smooth(local, 0.98**steps), **style)
         if "server" in c:
             ax[1].plot(c["server_rounds"], stats.smooth(c["server"]), **style)
     ax[0].set(
-        xlabel="round", ylabel="loss (MSE), EMA 0.98", title="clients' local loss, mean over clients", yscale="log"
+        xlabel="client optimizer steps (rounds; a federated run's rounds x its local steps)",
+        ylabel="loss (MSE), EMA 0.98",
+        title="clients' local loss, mean over clients",
+        yscale="log",
     )
     ax[1].set(xlabel="round", ylabel="loss (MSE), EMA 0.98", title="server loss", yscale="log")
     ax[0].legend(fontsize=6)
@@ -199,7 +203,7 @@ def method_label(row: dict) -> str:
 
 def methods_figure(table: list[dict], path: str) -> bool:
     """Alone, federated and split per partition: personalization (:func:`personalization`)
-    against each client's training FLOPs per round, its sampling FLOPs per image and the
+    against each client's training FLOPs over the run, its sampling FLOPs per image and the
     bytes it moved over the run (log axes), one point per method and c; error bars as in
     :func:`conditions_figure`. Drawn when the report holds a federated run."""
     plt = _pyplot()
@@ -209,7 +213,7 @@ def methods_figure(table: list[dict], path: str) -> bool:
     key, name = personalization(rows)
     fig, ax = plt.subplots(1, 3, figsize=(17, 4.8))
     costs = (
-        ("train_flops_round", "client training FLOPs per round"),
+        ("train_flops_run", "client training FLOPs over the run"),
         ("sampling_flops_image", "client sampling FLOPs per image"),
         ("bytes_run", "bytes a client moved over the run"),
     )

@@ -22,6 +22,7 @@ import math
 
 import h5py
 import numpy as np
+import yaml
 from scipy import stats
 
 # metric -> (its column, +1 if higher is better, -1 if lower is better)
@@ -158,10 +159,14 @@ def loss_curves(path: str) -> dict[str, np.ndarray]:
     """{"rounds" (0 to the last round logged), "clients" (mean local loss over the clients
     that trained, per round; absent when none did, as at c = 0), "server" (when it
     trained; a federated server trains nothing itself), "server_rounds" (its rounds:
-    "rounds")} of one results file, each loss at the index of its round (NaN where no
-    role logged one)."""
+    "rounds"), "steps" (optimizer steps a client round's loss is the mean of: a
+    federated round's E, else 1)} of one results file, each loss at the index of its
+    round (NaN where no role logged one)."""
     out = {}
     with h5py.File(path, "r") as f:
+        config = yaml.safe_load(f.attrs["config"])
+        federated = config["run"].get("method", "split") == "federated"
+        out["steps"] = config.get("federated", {}).get("local_steps", 1) if federated else 1
         clients, server = [f[f"clients/{c}/rounds"] for c in f["clients"]], f["server"].get("rounds")
         logged = [g["round"][()] for g in clients + ([server] if server is not None else [])]
         n = max((int(r[-1]) + 1 for r in logged if len(r)), default=0)
@@ -175,43 +180,44 @@ def loss_curves(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _windows(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _windows(losses: np.ndarray, steps: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The losses (by round, as :func:`loss_curves` gives them) of the first,
     second-to-last and last WINDOW of rounds: chosen by round number, not by position
-    among the rows, which skip idle or lost rounds. None for fewer than 100 rounds or a
-    window with fewer than 2 losses."""
+    among the rows, which skip idle or lost rounds. ``steps``: optimizer steps a round's
+    loss is the mean of (a federated round's E). None for fewer than 100 steps' worth of
+    rounds or a window with fewer than 2 losses."""
     n = int(len(losses) * WINDOW)
     windows = tuple(w[~np.isnan(w)] for w in (losses[:n], losses[-2 * n : -n], losses[-n:]))
-    return windows if n >= 10 and min(map(len, windows)) >= 2 else None
+    return windows if n * steps >= 10 and min(map(len, windows)) >= 2 else None
 
 
-def loss_change(losses: np.ndarray) -> float:
+def loss_change(losses: np.ndarray, steps: int = 1) -> float:
     """How much the loss still falls at the end: the drop of the mean loss from the
     second-to-last WINDOW of rounds to the last one, as a share of its whole drop from
     the first WINDOW to the last (0: flat, 1: all of the fall is still happening). Below
     CONVERGED, or within :func:`loss_change_noise`, the run counts as converged. NaN for
-    fewer than 100 rounds."""
-    if (w := _windows(losses)) is None:
+    fewer than 100 steps' worth of rounds (:func:`_windows`)."""
+    if (w := _windows(losses, steps)) is None:
         return math.nan
     first, before, last = (x.mean() for x in w)
     return float((before - last) / (first - last))
 
 
-def loss_change_noise(losses: np.ndarray) -> float:
+def loss_change_noise(losses: np.ndarray, steps: int = 1) -> float:
     """The 95% half-width of :func:`loss_change` from the rounds' own scatter: each round
     draws its own steps and noise, so two windows' means differ by chance by about this
     much even when nothing is learned any more (the server's loss, averaged over a wide
     range of steps, scatters several times more than the clients')."""
-    if (w := _windows(losses)) is None:
+    if (w := _windows(losses, steps)) is None:
         return math.nan
     first, before, last = w
     error = math.sqrt(before.var(ddof=1) / len(before) + last.var(ddof=1) / len(last))
     return float(1.96 * error / (first.mean() - last.mean()))
 
 
-def converged(losses: np.ndarray) -> bool:
+def converged(losses: np.ndarray, steps: int = 1) -> bool:
     """The fall still happening is below CONVERGED or cannot be told from the scatter."""
-    return loss_change(losses) < max(CONVERGED, loss_change_noise(losses))
+    return loss_change(losses, steps) < max(CONVERGED, loss_change_noise(losses, steps))
 
 
 def smooth(values: np.ndarray, decay: float = 0.98) -> np.ndarray:

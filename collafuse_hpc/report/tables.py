@@ -106,6 +106,7 @@ COLUMNS = {
     "train_time_ratio": "training time client/local",
     "client_images_per_s": "client images/s",
     "train_flops_round": "client training FLOPs per round",
+    "train_flops_run": "client training FLOPs over the run (fine-tuning included)",
     "sampling_flops_image": "client sampling FLOPs per image",
     "bytes_run": "bytes a client sent and received over the run",
     "server_images_per_s": "server images/s",
@@ -125,7 +126,7 @@ MEMBERSHIP = [*KEYS, *(key for key in MIA if not key.endswith(("_low", "_high"))
 POOLED_MEANS = ["confidence", "real_fidelity", "real_class_distance", "real_fid_halves"]
 POOLED_INTERVALS = ["fidelity", "class_distance", *COPIES]
 COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") : _ORDER.index("train_flops_round")]]
-COSTS = ["train_flops_round", "sampling_flops_image", "bytes_run"]
+COSTS = ["train_flops_round", "train_flops_run", "sampling_flops_image", "bytes_run"]
 # alone (c = 1), federated and split side by side: quality and what each client paid for it
 METHODS = ["method", "partition", "c", "who", "seeds", "fidelity", "class_distance", "fid_collaborative"]
 METHODS += ["precision", "recall", *COSTS]
@@ -142,6 +143,7 @@ def _client_columns(m: dict, roles: dict, who: str, config: dict) -> dict:
     client = next((cc for cc in config["clients"] if cc.get("id") == who), {})
     federated = config["run"].get("method", "split") == "federated"
     steps = config.get("federated", {}).get("local_steps", 1) if federated else 1  # batches a client trains a round
+    rounds = config["run"]["rounds"]
     summary = roles.get(role_key(who), {}).get(SUMMARY, {})
     return {
         "t_c": d["t_c"],
@@ -158,6 +160,7 @@ def _client_columns(m: dict, roles: dict, who: str, config: dict) -> dict:
         "train_time_ratio": c["train_time_ratio"],
         "client_images_per_s": summary.get("images_per_s", NAN),
         "train_flops_round": c.get("train_flops_client", NAN) * client.get("batch_size", NAN) * steps,
+        "train_flops_run": c.get("train_flops_client", NAN) * client.get("batch_size", NAN) * steps * rounds,
         "sampling_flops_image": c.get("sampling_flops_client", NAN),
         "bytes_run": summary.get("bytes_sent", NAN) + summary.get("bytes_received", NAN),
     }
@@ -191,8 +194,9 @@ def _convergence(curves: dict) -> dict:
     """The loss still falling of the role (clients' mean, server) that falls most, its
     scatter, and whether every role has converged (1.0 or 0.0: averaged over seeds, a share)."""
     roles = [curves[role] for role in ("clients", "server") if role in curves]
-    change, noise = max((stats.loss_change(r), stats.loss_change_noise(r)) for r in roles)
-    done = NAN if math.isnan(change) else float(all(map(stats.converged, roles)))  # NaN: under 100 rounds
+    steps = curves.get("steps", 1)  # a federated round's loss is the mean of E local steps
+    change, noise = max((stats.loss_change(r, steps), stats.loss_change_noise(r, steps)) for r in roles)
+    done = NAN if math.isnan(change) else float(all(stats.converged(r, steps) for r in roles))  # NaN: under 100 steps
     return {"loss_change": change, "loss_noise": noise, "converged": done}
 
 
@@ -252,6 +256,9 @@ def rows(summary: dict, curves: dict) -> list[dict]:
         else:
             row |= per_client[who]
         row |= {key: m[who].get("membership", {}).get(key, NAN) for key in MIA}  # pooled: one threshold for all
+        if label.endswith("+ft"):  # and each client's F fine-tuning steps, one batch each
+            f = config["federated"]
+            row["train_flops_run"] += f["finetune_steps"] * row["train_flops_round"] / f["local_steps"]
         out.append(row)
     return out
 
