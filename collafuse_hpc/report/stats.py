@@ -164,8 +164,8 @@ def loss_curves(path: str) -> dict[str, np.ndarray]:
     round (NaN where no role logged one)."""
     out = {}
     with h5py.File(path, "r") as f:
-        config = yaml.safe_load(f.attrs["config"])
-        federated = config["run"].get("method", "split") == "federated"
+        config = yaml.safe_load(f.attrs.get("config", "{}")) or {}  # (files made by hand in tests hold none)
+        federated = config.get("run", {}).get("method", "split") == "federated"
         out["steps"] = config.get("federated", {}).get("local_steps", 1) if federated else 1
         clients, server = [f[f"clients/{c}/rounds"] for c in f["clients"]], f["server"].get("rounds")
         logged = [g["round"][()] for g in clients + ([server] if server is not None else [])]
