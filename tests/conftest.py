@@ -3,8 +3,16 @@ tiny configs, and the multi-rank launchers of tools/harness.py."""
 
 from __future__ import annotations
 
-import hashlib
 import os
+
+# One OpenMP/BLAS thread in this process and every process the tests start (the CLI
+# commands, jobs/study.sh, tools/), set before torch and numpy load: torch's and
+# OpenBLAS's default of every core spin-waits when the cores are shared. Measured on 2
+# busy cores: study.sh's train-classifier took 51 s of CPU at 2 threads, 7.7 s at 1. The
+# ranks already compute at run.threads (1 in the tests' configs) and jobs/local.sh sets 1.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import hashlib
 import signal
 import subprocess
 import sys
