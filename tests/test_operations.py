@@ -302,9 +302,11 @@ def test_a_signal_mid_training_keeps_a_complete_checkpoint_set_to_continue_from(
         assert 5 <= sets[-1] < rounds and len(sets) <= 2  # the stop's set, keep_checkpoints 2
     for rank in range(3):  # every file of the newest set loads
         checkpoint.load_rank(str(tmp_path / "out"), sets[-1], rank)
-    if launcher == "mpirun":  # continue from it to the end
-        done = run_mpi(3, ["train", cfg, "--resume"])
+    if launcher == "mpirun":  # continue from it to the end: two rounds past the set (not the 200 the stop needed)
+        done = run_mpi(3, ["train", cfg, "--resume", "--set", f"run.rounds={sets[-1] + 2}"])
         assert done.returncode == 0 and f"resuming from the checkpoint set of round {sets[-1]}" in done.stderr
+        with h5py.File(tmp_path / "out/results.h5") as f:
+            assert list(f["server/rounds/round"][()]) == list(range(sets[-1] + 2))
 
 
 def _has(path, key: str) -> bool:
