@@ -170,7 +170,7 @@ def test_sweep_job_array_and_dependent_report(tmp_path, shards):
 def test_usr1_checkpoints_requeues_and_the_requeued_job_finishes(tmp_path, shards, fault):
     """With a slow write too: rank 0 takes 8 s (more than run.stop_grace_s) for its file of
     the agreed set; the others wait, and the requeued job continues from that set."""
-    rounds = 200
+    rounds = 40  # the signal lands a round or two after round 5; the requeued job trains the rest
     jid, out = _train_running(tmp_path, shards, rounds, fault, log_every=1, checkpoint_every=0)
     _run("scancel", "--batch", "--signal=USR1", jid)  # what --signal=B:USR1@120 does before the time limit
     until(lambda: _job(jid).get("Restarts") == "1", 120)
