@@ -1,5 +1,6 @@
 """Every launch line of the README and docs/ runs as written, with only paths and
-counts changed: the output folder, the shards, run.rounds and run.samples_per_client.
+counts changed: the output folder, the shards, run.rounds, run.samples_per_client and
+diffusion.sampling_steps.
 (The SLURM lines run in tests/test_slurm.py, on a real SLURM.)"""
 
 import os
@@ -57,12 +58,13 @@ def _as_run(line: str, out: Path, shards: Path, rounds: int) -> list[str]:
     trained run itself keeps the run's config, and only draws fewer samples."""
     words = shlex.split(line.replace(PLACEHOLDER, str(out)))
     if str(out) in words:
-        return [*words, "--set", "run.samples_per_client=4"]
+        return [*words, "--set", "run.samples_per_client=4"]  # the run's own 10-step grid (below)
     assert "configs/quickstart.yaml" in words, f"a launch line of another config: add it to this test: {line}"
     words = [f"run.output_dir={out}" if w.startswith("run.output_dir=") else w for w in words]
     if f"run.output_dir={out}" not in words:
         words += ["--set", f"run.output_dir={out}"]
     words += ["--set", f"run.rounds={rounds}", "--set", "run.samples_per_client=4"]
+    words += ["--set", "diffusion.sampling_steps=10"]  # a 10-step grid, as the README test samples: not 200 steps
     words += ["--set", f"clients.0.shard={shards}/client_0.h5", "--set", f"clients.1.shard={shards}/client_1.h5"]
     return words
 
