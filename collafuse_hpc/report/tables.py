@@ -388,7 +388,10 @@ def _sections(table: list[dict], versus: list[dict]) -> list[tuple[str, list[str
     """(title, header, rows of cells) of every table of the report. A column no row holds a
     number for is left out (the classifier's with other features): table.csv has them all."""
     out = []
+    federated = any(r["method"] != "split" for r in table)
     for title, keys in SECTIONS:
+        if keys is METHODS and not federated:  # without a federated run it repeats the quality table
+            continue
         cells = [[_cell(r, k) for k in keys] for r in table]
         shown = [i for i, k in enumerate(keys) if k in KEYS or any(row[i] not in EMPTY for row in cells)]
         out.append((title, [COLUMNS[keys[i]] for i in shown], [[row[i] for i in shown] for row in cells]))
