@@ -215,7 +215,7 @@ def methods_figure(table: list[dict], path: str) -> bool:
     costs = (
         ("train_flops_run", "client training FLOPs over the run"),
         ("sampling_flops_image", "client sampling FLOPs per image"),
-        ("bytes_run", "bytes a client moved over the run"),
+        ("bytes_run", "bytes a client moved in training rounds"),
     )
     partitions = sorted({r["partition"] for r in rows})
     for p, partition in enumerate(partitions):

@@ -108,7 +108,7 @@ COLUMNS = {
     "train_flops_round": "client training FLOPs per round",
     "train_flops_run": "client training FLOPs over the run (fine-tuning included)",
     "sampling_flops_image": "client sampling FLOPs per image",
-    "bytes_run": "bytes a client sent and received over the run",
+    "bytes_run": "bytes a client sent and received over the run's training rounds",
     "server_images_per_s": "server images/s",
 }
 ATTACK = [key for key in COLUMNS if key.startswith(("recon_", "link_", "chance_"))]
