@@ -29,6 +29,7 @@ def _inception_file(path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the Inception evaluate embeds every training image for the copy rates: 300 s under load
 def test_sampling_and_evaluating_again_add_records_and_keep_every_other(tmp_path, shards, capsys, caplog):
     raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=4)
     raw["eval"].update(sets=["collaborative"], images=4, kid_subset_size=4)
