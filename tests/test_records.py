@@ -254,7 +254,9 @@ def test_the_audit_keeps_what_left_a_client_through_a_crash_a_resume_and_each_sa
         assert list(audit["round"][()]) == [0, 1, 2, 3, 4, 4, 5, 6, 6, 6]
         assert _totals(f["clients/c0"]) == {k: audit.attrs[k] for k in ("images_sent", "messages_sent", "bytes_sent")}
         assert audit.attrs["images_sent"] == 7 * 6 and audit.attrs["messages_sent"] == 10
-        assert list(f["clients/c1/audit/round"][()]) == [0, 1, 2, 3, 4, 4, 5, 6, 6, 6]
+        # c1 did not fail: it may have sent round 5 before it learned of c0's failure, and then that left it too
+        either = ([0, 1, 2, 3, 4, 4, 5, 6, 6, 6], [0, 1, 2, 3, 4, 5, 4, 5, 6, 6, 6])
+        assert list(f["clients/c1/audit/round"][()]) in either
     _, clients = load_roles(from_dict(yaml.safe_load((tmp_path / "run.yaml").read_text())), 6, torch.device("cpu"))
     assert clients[0].released["images_sent"] == 7 * 6  # disclosure's release count
 
