@@ -18,7 +18,16 @@ import time
 from collafuse_hpc.data import to_uint8
 from collafuse_hpc.results.writer import RoleResults
 from collafuse_hpc.roles.federated import FedHost, FedServer
-from collafuse_hpc.runtime.loops import _add_totals, _finish, _hosts, _log_audit, _profiler, _Recent, _send_packed
+from collafuse_hpc.runtime.loops import (
+    _add_totals,
+    _finish,
+    _hosts,
+    _log_audit,
+    _profiler,
+    _Recent,
+    _send_packed,
+    client_start,
+)
 from collafuse_hpc.runtime.rounds import Context, end_of_round, rounds
 from collafuse_hpc.runtime.topology import participants
 from collafuse_hpc.runtime.wire import Kind
@@ -92,13 +101,7 @@ def fed_client_loop(ctx: Context, host: FedHost, results: dict[int, RoleResults]
     client's summary by index."""
     wire, run, f = ctx.wire, ctx.cfg.run, ctx.cfg.federated
     server = 0  # one server (config_rules)
-    zero = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
-    totals = {c.index: dict(zero) for c in host.clients}
-    recent = {c.index: _Recent(run.rounds - ctx.start_round) for c in host.clients}
-    for c in host.clients:
-        c.count_audited(results[c.index].audit_totals())
-    released = {c.index: dict(c.released) for c in host.clients}  # over the run before this invocation
-    profiler = _profiler(ctx, host.device)
+    totals, recent, released, profiler = client_start(ctx, host, results)
     for r in rounds(ctx):
         drawn = participants(ctx.cfg, r)
         taking = [c for c in host.clients if c.index in drawn]

@@ -207,13 +207,7 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
     then sample for every client. Returns each client's summary by index."""
     wire, run, topo = ctx.wire, ctx.cfg.run, ctx.topo
     server_of = {c.index: topo.server_of(c.index) for c in host.clients}
-    zero = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
-    totals = {c.index: dict(zero) for c in host.clients}
-    recent = {c.index: _Recent(run.rounds - ctx.start_round) for c in host.clients}
-    for c in host.clients:
-        c.count_audited(results[c.index].audit_totals())
-    released = {c.index: dict(c.released) for c in host.clients}  # over the run before this invocation
-    profiler = _profiler(ctx, host.device)
+    totals, recent, released, profiler = client_start(ctx, host, results)
     for r in rounds(ctx):
         drawn = participants(ctx.cfg, r)
         taking = [c for c in host.clients if c.index in drawn]
@@ -282,6 +276,21 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
         totals[c.index].update(time_sampling_wait_s=t1 - t0, time_sampling_local_s=t2 - t1)
         totals[c.index].update({f"invocation_{k}": v - released[c.index][k] for k, v in c.released.items()})
     return totals
+
+
+def client_start(
+    ctx: Context, host: ClientHost, results: dict[int, RoleResults]
+) -> tuple[dict[int, dict], dict[int, _Recent], dict[int, dict], RoundProfiler]:
+    """What a client rank's loop keeps from its start, under either method: each client's
+    totals and recent rows, what left it over the run before this invocation (its audit
+    counted in: Client.count_audited), and the rank's profiler."""
+    zero = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
+    totals = {c.index: dict(zero) for c in host.clients}
+    recent = {c.index: _Recent(ctx.cfg.run.rounds - ctx.start_round) for c in host.clients}
+    for c in host.clients:
+        c.count_audited(results[c.index].audit_totals())
+    released = {c.index: dict(c.released) for c in host.clients}
+    return totals, recent, released, _profiler(ctx, host.device)
 
 
 def _columns(client: Client, row: dict) -> dict:
