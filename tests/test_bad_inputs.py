@@ -106,6 +106,12 @@ CORPUS = [
         "num_channels (30) must be divisible by num_groups (7)",
     ),
     ("width 144 in 32 groups", _set("clients.1.model.base_channels", 36), 2, "must be divisible by num_groups (32)"),
+    (  # found only by the forward pass: 8 -> 4 -> 2 -> 1 -> 1, and 1 up-sampled is 2, not 1
+        "image size not divisible by 2^(levels - 1)",
+        _set("server.model.channel_mult", [1, 1, 1, 1, 1]),
+        2,
+        "does not give a working UNet for 1x8x8 images: Sizes of tensors must match",
+    ),
     ("batch larger than the shard", _set("clients.0.batch_size", 100000), 2, "is 100000, but shard"),
     ("dropout 1", _set("server.model.dropout", 1.0), 2, "'server.model.dropout' must be in [0, 1)"),
     ("sampling steps above T", _set("diffusion.sampling_steps", 99), 2, "'diffusion.sampling_steps' must be in"),
