@@ -188,7 +188,7 @@ class FaultConfig:
     round: int = 0  # round at which it fails (raise, exit)
     mode: str = "raise"  # raise (an exception), exit (dies without a word) or slow_write (see delay_s)
     delay_s: float = 0.0  # [s] slow_write: added to each checkpoint file and part-file opening (a slow file system)
-    attempt: int = -1  # only in this torchrun attempt (TORCHELASTIC_RESTART_COUNT); -1: in every attempt
+    attempt: int = -1  # only in the torchrun attempt after this many restarts of the job; -1: in every attempt
 
 
 @dataclass

@@ -5,16 +5,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch.distributed as dist
 from conftest import tiny_config, until, wait_for_rounds, write_config
 from harness import free_port
 
 from collafuse_hpc.runtime import checkpoint
+from collafuse_hpc.runtime.dist_wire import Attempt, join
+from collafuse_hpc.runtime.launch import discover
 
 pytestmark = pytest.mark.mpi
 
@@ -182,3 +187,112 @@ def test_a_refused_start_names_its_cause_last_on_every_rank(tmp_path, shards, la
         ours = [line for line in done.stderr.splitlines() if line.startswith("collafuse-hpc: ")]
         assert done.returncode != 0 and ours, done.stderr
         assert all(cause in line for line in ours), ours
+
+
+def _node_agent(config: str, cwd: Path, endpoint: str, addr: str, err, options: tuple[str, ...]) -> subprocess.Popen:
+    """One node's agent of a two-node job (``--nnodes=2``, 2 workers each, c10d rendezvous,
+    ``--max-restarts=1``) as docs/slurm.md's srun torchrun line starts it; its stderr (and
+    its workers') goes to ``err``. The agent at 127.0.0.1 hosts the rendezvous and, its
+    address sorting first, is node 0: it runs ranks 0 and 1 and serves the workers' store."""
+    return subprocess.Popen(
+        [
+            TORCHRUN,
+            "--nnodes=2",
+            "--nproc-per-node=2",
+            "--max-restarts=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}",
+            "--rdzv-id=two-nodes",
+            f"--rdzv-conf=is_host={str(addr == '127.0.0.1').lower()}",
+            f"--local-addr={addr}",
+            "-m",
+            "collafuse_hpc",
+            "train",
+            config,
+            *options,
+        ],
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
+
+
+@pytest.mark.parametrize("options", [(), ("--resume=auto",)])
+def test_two_nodes_agree_on_their_attempt_after_one_restarts_its_workers(tmp_path, shards, options):
+    """Each agent counts its own restarts (TORCHELASTIC_RESTART_COUNT), and a restart for
+    another node's sake counts none. Node 1's worker dies while node 0's workers are busy
+    (held with SIGSTOP, as in a long step): node 1's agent restarts its workers (count 1),
+    node 0's agent sees it waiting and restarts its own (count 0). Every rank of that
+    attempt must see a restart and use one namespace of the store that node 0 has served
+    since the first attempt: they continue from the newest set and finish, none refusing
+    the folder or waiting on keys that the others never write."""
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.4, 0.6], rounds=12, checkpoint_every=2)
+    config = write_config(tmp_path / "run.yaml", raw)
+    endpoint = f"127.0.0.1:{free_port()}"
+    logs = [tmp_path / "node0.err", tmp_path / "node1.err"]
+    with open(logs[0], "w") as err0, open(logs[1], "w") as err1:
+        node0 = _node_agent(config, tmp_path, endpoint, "127.0.0.1", err0, options)
+        time.sleep(1)  # node 0 hosts the rendezvous
+        node1 = _node_agent(config, tmp_path, endpoint, "localhost", err1, options)
+        try:
+            wait_for_rounds(tmp_path / "out/parts/server_0.h5", 3, timeout=180)
+            busy = _workers(node0)
+            for pid in busy:
+                os.kill(pid, signal.SIGSTOP)
+            os.kill(_workers(node1)[-1], signal.SIGKILL)
+            stopping = "closing signal SIGTERM"  # node 0's agent stops its workers for node 1's sake
+            until(lambda: stopping in logs[0].read_text(), timeout=90, what="node 0's agent restarting for node 1")
+            for pid in busy:
+                os.kill(pid, signal.SIGKILL)
+            assert node0.wait(timeout=240) == 0 and node1.wait(timeout=60) == 0, logs[0].read_text()[-4000:]
+        finally:
+            _kill(node0)
+            _kill(node1)
+    err = logs[0].read_text() + logs[1].read_text()
+    assert "collafuse-hpc: error" not in err, err[-4000:]  # no rank refused the folder or waited on stale keys
+    assert "resuming from the checkpoint set of round" in err, err[-4000:]
+    with h5py.File(tmp_path / "out/results.h5") as f:
+        assert list(f["server/rounds/round"][()]) == list(range(12))
+
+
+def _join_all(port: int, counts: list[int], agent_store: bool, order: list[int]) -> list[Attempt]:
+    """``join`` on one thread per rank, started in ``order`` 0.2 s apart, as the workers of
+    one attempt whose agents counted ``counts`` restarts (TORCHELASTIC_RESTART_COUNT)."""
+    found: dict[int, Attempt] = {}
+
+    def rank(r: int) -> None:
+        env = {"RANK": str(r), "WORLD_SIZE": str(len(counts)), "MASTER_PORT": str(port)}
+        env |= {"TORCHELASTIC_USE_AGENT_STORE": str(agent_store), "TORCHELASTIC_RESTART_COUNT": str(counts[r])}
+        found[r] = join(discover(env), timeout_s=20)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in order]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join(timeout=30)
+    return [found[r] for r in range(len(counts))]
+
+
+def test_ranks_agree_on_the_attempt_whatever_their_agents_counted():
+    """The ranks of one attempt derive one attempt from the store, not from their own
+    agent's count: a later attempt's namespace holds none of an earlier one's keys, though
+    its ranks start before or after rank 0 and find the earlier attempt's tokens there."""
+    port = free_port()
+    agents_store = dist.TCPStore("127.0.0.1", port, 3, True, timedelta(seconds=20), wait_for_workers=False)
+    first = _join_all(port, [0, 0, 0], True, [0, 1, 2])
+    assert first == [Attempt(0, first[0].prefix)] * 3
+    dist.PrefixStore(first[0].prefix, agents_store).set("written", "by the first attempt")
+    prefixes = {first[0].prefix}
+    # node 1 restarted (its agent counts 1, node 0's none), its ranks starting before, around, after rank 0
+    for restarts, counts, order in ((1, [0, 0, 1], [2, 0, 1]), (2, [0, 0, 1], [1, 2, 0]), (3, [1, 1, 1], [0, 2, 1])):
+        again = _join_all(port, counts, True, order)
+        assert again == [Attempt(restarts, again[0].prefix)] * 3 and again[0].prefix not in prefixes, again
+        assert not dist.PrefixStore(again[0].prefix, agents_store).check(["written"])
+        prefixes.add(again[0].prefix)
+    own = _join_all(free_port(), [0, 1, 0], False, [1, 0, 2])  # rank 0 serves a store new in each attempt
+    assert own == [Attempt(1, own[0].prefix)] * 3
+    alone = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    with pytest.raises(RuntimeError, match=r"did not all join .* rank\(s\) \[1\] did not join"):
+        join(discover(alone), timeout_s=1)

@@ -5,16 +5,20 @@ with CPU clients stages through host memory); a NCCL group carries CUDA
 tensors directly between GPU ranks; the server group all-reduces the
 replicas' gradients. :func:`connect` starts them all and returns the wire.
 A :class:`Heartbeat` through the rendezvous store sees a dead peer while no
-message is expected from it.
+message is expected from it. Under torchrun, :func:`join` first agrees on the
+job's attempt (its restarts and its keys in the store) before any check is made.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -38,15 +42,103 @@ from collafuse_hpc.runtime.wire import (
 log = logging.getLogger("collafuse_hpc")
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One start of the job's ranks, the same on every rank of it (see :func:`join`)."""
+
+    restarts: int = 0  # earlier attempts of this job (torchrun restarts its workers); 0 under other launchers
+    prefix: str = ""  # this attempt's keys in the store: none of another attempt's (empty: the store is new)
+
+
+JOIN_POLL_S = 0.05  # [s] how often rank 0 looks for ranks that wait to join
+
+
+def join(launch: Launch, timeout_s: float) -> Attempt:
+    """Agree with every rank on this attempt of a torchrun job (other launchers start a
+    job once: :class:`Attempt` ``()``).
+
+    torchrun's agents restart all workers when one fails, but each agent counts only its
+    own restarts (``TORCHELASTIC_RESTART_COUNT``): a node whose agent restarts its workers
+    for another node's sake counts none. And the store that the agent of node 0 serves
+    outlives the workers, with every earlier attempt's keys. So rank 0 counts the attempts
+    in the store and tells each rank's newest process (named by a fresh token, which no
+    earlier process can have) that count; the attempt's keys live under it. Every rank
+    then gives its agent's count, and rank 0 publishes the largest, or the count of
+    earlier attempts in the store if that is larger, as the job's restarts.
+    """
+    if launch.source != "torchrun":
+        return Attempt()
+    try:
+        store = _store(launch, timedelta(seconds=timeout_s))
+        if launch.rank == 0:
+            joins = store.add("collafuse/joins", 1)
+            restarts = _admit(store, launch, joins, timeout_s)
+        else:
+            token = uuid.uuid4().hex
+            store.set(f"collafuse/join/{launch.rank}", token)
+            joins = int(store.get(f"collafuse/admitted/{token}"))
+            ours = dist.PrefixStore(_prefix(joins), store)
+            ours.set(f"restarts/{launch.rank}", str(launch.agent_restarts))
+            restarts = int(ours.get("restarts"))
+    except RuntimeError as e:  # the store's timeouts (DistStoreError, DistNetworkError) are RuntimeErrors
+        raise RuntimeError(
+            f"rank {launch.rank}: the ranks did not all join the job at the rendezvous {launch.master_addr}:"
+            f"{launch.master_port} (torchrun) within {timeout_s:.0f} s: {str(e).splitlines()[0][:200]}"
+        ) from None
+    return Attempt(restarts, _prefix(joins))
+
+
+def _prefix(joins: int) -> str:
+    return f"collafuse/attempt_{joins}"
+
+
+def _admit(store: dist.Store, launch: Launch, joins: int, timeout_s: float) -> int:
+    """Rank 0 of the attempt that the store counts as its ``joins``-th: tell that count to
+    each rank's newest process until all have given their agent's restart count; publish
+    and return the job's restarts. A token of an earlier attempt's process gets an answer
+    that nobody reads."""
+    ours = dist.PrefixStore(_prefix(joins), store)
+    counts, told = {0: launch.agent_restarts}, {}
+    deadline = time.monotonic() + timeout_s
+    while len(counts) < launch.world_size:
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(launch.world_size)) - set(counts))
+            raise RuntimeError(f"rank(s) {missing} did not join")
+        time.sleep(JOIN_POLL_S)
+        for r in range(1, launch.world_size):
+            if r in counts or not store.check([f"collafuse/join/{r}"]):
+                continue
+            token = store.get(f"collafuse/join/{r}").decode()
+            if told.get(r) != token:
+                store.set(f"collafuse/admitted/{token}", str(joins))
+                told[r] = token
+            if ours.check([f"restarts/{r}"]):
+                counts[r] = int(ours.get(f"restarts/{r}"))
+    restarts = max(joins - 1, *counts.values())
+    ours.set("restarts", str(restarts))
+    return restarts
+
+
 def connect(
-    launch: Launch, device: torch.device, num_servers: int, describe: Callable[[int], str], timeout_s: float
+    launch: Launch,
+    attempt: Attempt,
+    device: torch.device,
+    num_servers: int,
+    describe: Callable[[int], str],
+    timeout_s: float,
 ) -> DistWire:
     """Join the job's process groups and return this rank's wire (with its heartbeat running)."""
-    nccl, server_group = _init_process_groups(launch, device, num_servers, timeout_s)
-    heartbeat = Heartbeat(lambda: _store_client(launch, timeout_s), launch.rank)
+    nccl, server_group = _init_process_groups(launch, attempt, device, num_servers, timeout_s)
+    heartbeat = Heartbeat(lambda: _within(attempt, _store_client(launch, timeout_s)), launch.rank)
     return DistWire(launch.rank, describe, device, nccl, server_group, timeout_s, heartbeat)
 
 
+def _within(attempt: Attempt, store: dist.Store) -> dist.Store:
+    """``store`` seen through this attempt's keys."""
+    return dist.PrefixStore(attempt.prefix, store) if attempt.prefix else store
+
+
+@functools.cache  # one per process: rank 0 serves it from join() on, for the process groups too
 def _store(launch: Launch, timeout: timedelta) -> dist.Store:
     """The rendezvous store: rank 0 serves it on its MASTER_ADDR socket and the others
     connect, unless torchrun's agent serves it already (then every rank connects)."""
@@ -66,16 +158,12 @@ def _store(launch: Launch, timeout: timedelta) -> dist.Store:
 
 
 def _store_client(launch: Launch, timeout_s: float) -> dist.Store:
-    """A new connection to the rendezvous store (for a thread of its own). The agent's
-    store outlives a restart of its workers: each attempt keeps its keys apart."""
-    store = dist.TCPStore(
-        launch.master_addr, launch.master_port, launch.world_size, False, timedelta(seconds=timeout_s)
-    )
-    return dist.PrefixStore(f"collafuse/attempt_{launch.restart}", store) if launch.agent_store else store
+    """A new connection to the rendezvous store (for a thread of its own)."""
+    return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, False, timedelta(seconds=timeout_s))
 
 
 def _init_process_groups(
-    launch: Launch, device: torch.device, num_servers: int, timeout_s: float
+    launch: Launch, attempt: Attempt, device: torch.device, num_servers: int, timeout_s: float
 ) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup]:
     """Start the gloo world group; return (NCCL group of the CUDA ranks if two or
     more, else None; the server group of ranks 0..num_servers-1).
@@ -88,7 +176,7 @@ def _init_process_groups(
     try:
         dist.init_process_group(
             "gloo",
-            store=_store(launch, timedelta(seconds=timeout_s)),
+            store=_within(attempt, _store(launch, timedelta(seconds=timeout_s))),
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=timedelta(seconds=timeout_s),

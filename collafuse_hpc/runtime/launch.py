@@ -4,8 +4,8 @@ environment (process groups are started by the wire, :mod:`.dist_wire`).
 Discovery order:
 1. torchrun: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT. Its
    agent already serves the rendezvous store there (TORCHELASTIC_USE_AGENT_STORE):
-   every rank connects to it as a client. TORCHELASTIC_RESTART_COUNT > 0 marks a
-   worker restarted by ``--max-restarts``: it resumes like ``--resume=auto``.
+   every rank connects to it as a client. TORCHELASTIC_RESTART_COUNT is this node's
+   agent's count of restarts only; the ranks agree on the job's (dist_wire.join).
 2. Open MPI's mpirun (OMPI_COMM_WORLD_SIZE). Checked before SLURM because an
    mpirun inside an sbatch allocation inherits the batch step's SLURM_PROCID=0.
 3. srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, master = first host of
@@ -52,7 +52,7 @@ class Launch:
     master_port: int
     source: str  # torchrun | slurm | mpi | single
     agent_store: bool = False  # torchrun's agent serves the store at MASTER_ADDR:MASTER_PORT
-    restart: int = 0  # torchrun's restart count: > 0 after a worker failed and the agent restarted all
+    agent_restarts: int = 0  # TORCHELASTIC_RESTART_COUNT: this node's agent's, not the job's (dist_wire.join)
 
 
 def _first_slurm_host(nodelist: str) -> str:

@@ -58,7 +58,8 @@ class StopRequest:
     Phases, set by the runner: ``checking``, while the command reads its config and makes
     the checks before the start (a signal waits up to ``grace_s`` for them, so that a
     refused start reports its cause); ``starting``, until every rank has joined the job (a
-    signal ends the process at once); ``rounds``, until the ranks agree on a stop or
+    signal ends the process at once; a torchrun rank is in it before its checks too, while
+    the ranks agree on their attempt); ``rounds``, until the ranks agree on a stop or
     end the last round (the process ends after ``grace_s`` seconds without progress);
     and ``finishing``, the checkpoint set every rank then writes, the final sampling and
     evaluation (only the flag: the evaluation checks it, the set and sampling run to

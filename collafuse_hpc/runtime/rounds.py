@@ -40,7 +40,7 @@ class Context:
     round: int = 0  # current round, for error reports
     pending_stop: Callable[[], bool] | None = None  # the stop agreement posted at the last check
     may_profile: bool = True  # in-process runs profile from one thread (the profiler is per process)
-    attempt: int = 0  # torchrun's restart count (0 for other launchers)
+    attempt: int = 0  # the job's torchrun restarts, agreed by every rank (dist_wire.join); 0 for other launchers
     record: int = 0  # this invocation's record in results.h5 (results/schema.py)
     trains: bool = True  # False for ``sample``: the training summary stays as it was
 

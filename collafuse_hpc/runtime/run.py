@@ -24,7 +24,7 @@ from collafuse_hpc.results.inspection import run_commands
 from collafuse_hpc.results.schema import SUMMARY, index_path, open_results, plain_attrs, record_key, role_key
 from collafuse_hpc.results.writer import begin_record, create_index, finish_record, record_config
 from collafuse_hpc.runtime import checkpoint
-from collafuse_hpc.runtime.dist_wire import connect
+from collafuse_hpc.runtime.dist_wire import connect, join
 from collafuse_hpc.runtime.launch import Launch, discover, resolve_device, threads_per_rank, torch_threads
 from collafuse_hpc.runtime.local_wire import LocalHub, LocalWire
 from collafuse_hpc.runtime.lock import RunLock
@@ -224,10 +224,13 @@ def run_distributed(cfg: Config, resume: bool | str, stop: StopRequest | None = 
     launch = discover()
     stop = stop or StopRequest()
     stop.grace_s = cfg.run.stop_grace_s
-    if launch.restart and not resume:
+    stop.phase = "starting"  # waits for the other ranks: a signal ends this one at once
+    attempt = join(launch, cfg.run.timeout_s)  # every rank's, where torchrun's agents count restarts each their own
+    stop.phase = "checking"
+    if attempt.restarts and not resume:
         resume = "auto"
         if launch.rank == 0:
-            log.info("torchrun restart %d: continuing from the newest complete checkpoint set", launch.restart)
+            log.info("torchrun restart %d: continuing from the newest complete checkpoint set", attempt.restarts)
     topo = Topology.from_config(cfg, launch.world_size)
     start_round = preflight(cfg, resume, sample)
     check_lock(cfg.run.output_dir, _job_key(launch))
@@ -246,7 +249,7 @@ def run_distributed(cfg: Config, resume: bool | str, stop: StopRequest | None = 
             launch.master_port,
             torch.get_num_threads(),
         )
-    wire = connect(launch, device, topo.num_servers, topo.describe, cfg.run.timeout_s)
+    wire = connect(launch, attempt, device, topo.num_servers, topo.describe, cfg.run.timeout_s)
     stop.phase = "rounds"  # every rank is here: from now on a signal stops all at an agreed round
     t0 = time.perf_counter()
     lock = RunLock(cfg.run.output_dir, _job_key(launch)) if rank == 0 else None
@@ -257,7 +260,7 @@ def run_distributed(cfg: Config, resume: bool | str, stop: StopRequest | None = 
                 record = _start(cfg, topo, _command(resume, sample), start_round)
         record = wire.max_over_ranks(record)  # every rank writes its samples and totals under it
         watchdog = Watchdog(topo.describe(rank), cfg.run.watchdog_s) if cfg.run.watchdog_s > 0 else None
-        ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop, watchdog, attempt=launch.restart)
+        ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop, watchdog, attempt=attempt.restarts)
         ctx.record, ctx.trains = record, not sample
         run_role(ctx, *build_role(cfg, topo, rank, device, wire))
         wire.heartbeat.stop()  # no peer is waited for or worked for from here on; an evaluation may take hours
