@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import spawn_ranks, tiny_config, wait_for_rounds, write_config
+from conftest import mpirun, spawn_ranks, tiny_config, wait_for_rounds, write_config
+from harness import PACKAGE, free_port, mpi_env
 
 from collafuse_hpc.runtime.launch import _first_slurm_host, discover, threads_per_rank
 
@@ -108,3 +109,18 @@ def test_a_master_port_in_use_is_named(tmp_path, shards):
         )
     assert done.returncode == 2, done.stderr
     assert f"port {env['MASTER_PORT']} is in use (another job?): set MASTER_PORT" in done.stderr
+
+
+@pytest.mark.mpi
+def test_under_mpi_rank_0s_master_address_holds_for_every_rank(tmp_path, shards):
+    """mpirun passes MASTER_ADDR/MASTER_PORT to the ranks of other nodes only with -x: here
+    only rank 0 has them (an MPMD line), and every rank uses rank 0's address and port."""
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=2))
+    train = [*PACKAGE, "train", cfg]
+    port = free_port()
+    rank_0 = ["-np", "1", "env", "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}", *train]
+    line = [mpirun(), *rank_0, ":", "-np", "2", *train]
+    env = {k: v for k, v in mpi_env().items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run(line, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"launch: mpi, 3 ranks (1 servers, 2 clients), master 127.0.0.1:{port}" in done.stderr

@@ -13,7 +13,9 @@ Discovery order:
 4. Other MPI launchers (PMI_SIZE, PMIX_RANK): mpi4py gives rank, size and the
    local rank by node; rank 0 broadcasts its address and a free port.
 5. Otherwise a single process.
-MASTER_ADDR / MASTER_PORT in the environment override the derived address.
+MASTER_ADDR / MASTER_PORT in the environment override the derived address (under MPI,
+rank 0's environment, which it broadcasts: mpirun passes a variable to other nodes
+only with -x).
 
 The rendezvous store is unauthenticated. Unless torchrun's agent serves it, rank 0
 listens on MASTER_ADDR's interface only (127.0.0.1 stays on this machine; a
@@ -87,21 +89,14 @@ def _from_mpi(env: dict[str, str]) -> Launch:
     local_rank, local_size = node.Get_rank(), node.Get_size()
     node.Free()
     addr = port = None
-    if rank == 0 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+    if rank == 0:  # its environment decides for all: mpirun passes a variable to other nodes only with -x
         addr = env.get("MASTER_ADDR") or (
             "127.0.0.1" if local_size == size else socket.gethostbyname(socket.gethostname())
         )
-        port = listen(addr, 0).getsockname()[1]  # kept open for the store: no race for the port
+        # a free port is kept open for the store: no race for it
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else listen(addr, 0).getsockname()[1]
     addr, port = comm.bcast((addr, port), root=0)
-    return Launch(
-        rank,
-        size,
-        local_rank,
-        local_size,
-        env.get("MASTER_ADDR", addr),
-        int(env.get("MASTER_PORT", port)),
-        "mpi",
-    )
+    return Launch(rank, size, local_rank, local_size, addr, port, "mpi")
 
 
 def discover(env: dict[str, str] | None = None) -> Launch:
