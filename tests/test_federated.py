@@ -391,3 +391,41 @@ def test_local_steps_longer_than_the_message_timeout_are_waited_for(tmp_path, sh
     run_in_process(from_dict(raw), resume=False)
     with h5py.File(tmp_path / "run/results.h5") as f:
         assert list(f["server/rounds/clients"][()]) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("method", ["split", "federated"])
+def test_a_server_counts_the_bytes_its_clients_count(tmp_path, shards, method):
+    """Under both methods a server's row counts each client's message as if sent alone, as
+    the clients' rows do: each round its bytes_received is the sum of its clients'
+    bytes_sent and its bytes_sent the sum of their bytes_received, and its summary the sum
+    of its rows. Two clients share a rank and a message each way, so a count of the
+    packed message would be a header short."""
+    raw = _federated(shards, tmp_path / "run", rounds=2, clients_per_rank=2, clients_per_round=3, samples_per_client=1)
+    raw["run"]["method"] = method
+    raw["federated"]["finetune_steps"] = 0
+    run_in_process(from_dict(raw), resume=False)
+    with h5py.File(tmp_path / "run/results.h5") as f:
+        server = {name: f["server/rounds"][name][()] for name in ("round", "bytes_received", "bytes_sent")}
+        clients = [{name: f[f"clients/{cid}/rounds"][name][()] for name in server} for cid in IDS]
+        summary = dict(f["server/summary"].attrs)
+    assert server["round"].tolist() == [0, 1]
+    for r in (0, 1):
+        sent = sum(c["bytes_sent"][c["round"] == r].sum() for c in clients)
+        received = sum(c["bytes_received"][c["round"] == r].sum() for c in clients)
+        assert sent > 0 and received > 0
+        assert (server["bytes_received"][r], server["bytes_sent"][r]) == (sent, received), r
+    assert summary["bytes_received"] == server["bytes_received"].sum()
+    assert summary["bytes_sent"] == server["bytes_sent"].sum()
+
+
+def test_a_resumed_servers_summary_adds_up_its_bytes_and_updates():
+    """A role's summary over a resume: a server's bytes sent and updates averaged add up
+    like its bytes received; a client's bytes_sent is the audit's over the run already
+    (invocation_bytes_sent beside it adds up), so the newest's stands."""
+    from collafuse_hpc.results.writer import combine_summaries
+
+    server = combine_summaries([{"rounds_run": 2, "updates": 4, "bytes_received": 10, "bytes_sent": 20}] * 2)
+    assert [server[k] for k in ("rounds_run", "updates", "bytes_received", "bytes_sent")] == [4, 8, 20, 40]
+    client = [{"bytes_sent": 5, "invocation_bytes_sent": 5}, {"bytes_sent": 12, "invocation_bytes_sent": 7}]
+    combined = combine_summaries(client)
+    assert (combined["bytes_sent"], combined["invocation_bytes_sent"]) == (12, 12)

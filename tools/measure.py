@@ -54,7 +54,7 @@ def read_run(output_dir: str, skip: int) -> RunTimes:
         recv, compute, send = (s[k][()][keep] for k in ("time_recv_s", "time_compute_s", "time_send_s"))
         wall = recv + compute + send
         images = float((s["images_per_s"][()][keep] * wall).sum())  # images_per_s = n / round wall
-        received = float(s["bytes_received"][()][keep].sum())  # what crossed the wire, headers included
+        received = float(s["bytes_received"][()][keep].sum())  # each client's x_c message, header included
         waits, client_wall = [], []
         for g in f[CLIENTS].values():
             rows = g[ROUNDS]

@@ -110,18 +110,19 @@ def point_newest(f: h5py.File, name: str, target: str) -> None:
 
 
 V2_SUMMARY = record_key(V2, SUMMARY)  # a schema v2 run's training totals, kept when it trains on
-# what adds up over training invocations (a client's images_sent etc. are over the run already: the audit's)
-SUMMED = ("images", "rounds_run", "bytes_received", "images_sampled")
+# what adds up over training invocations; a key with invocation_<key> beside it is over the run already (a
+# client's bytes_sent, the audit's): the newest's
+SUMMED = ("images", "rounds_run", "bytes_received", "bytes_sent", "updates", "images_sampled")
 SUMMED_PREFIX = ("time_", "invocation_")
 
 
 def combine_summaries(parts: list[dict]) -> dict:
     """One role's training summary over several invocations (oldest first): times, images,
-    rounds, bytes received and what each invocation sent add up, rates are recomputed, the
-    rest is the newest's."""
+    rounds, bytes, updates averaged and what each invocation sent add up, rates are
+    recomputed, the rest is the newest's."""
     out = dict(parts[-1])
     for key in out:
-        if key in SUMMED or key.startswith(SUMMED_PREFIX):
+        if (key in SUMMED and f"invocation_{key}" not in out) or key.startswith(SUMMED_PREFIX):
             out[key] = sum(p.get(key, 0) for p in parts)
     if "gpu_peak_memory_bytes" in out:
         out["gpu_peak_memory_bytes"] = max(p.get("gpu_peak_memory_bytes", 0) for p in parts)

@@ -27,6 +27,7 @@ from collafuse_hpc.runtime.loops import (
     _Recent,
     _send_packed,
     client_start,
+    wire_bytes,
 )
 from collafuse_hpc.runtime.rounds import Context, end_of_round, rounds
 from collafuse_hpc.runtime.topology import participants
@@ -50,15 +51,13 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
         out = {k: server.message(Kind.WEIGHTS, r, k, server.theta) for k in taking}
         _send_packed(wire, out, rank_of)
         t1 = time.perf_counter()
-        updates, nbytes = {}, 0
+        updates = {}
         for src, ks in hosts.items():  # the local steps run meanwhile
             expected = [k for k in ks if k in out]
             if expected:
                 # the peer is known to be working: E local steps of a whole model may take longer than
                 # run.timeout_s (a dead peer is still seen at once, a hung one by its watchdog)
-                packed = wire.recv(src, Kind.UPDATE, r, run.work_timeout_s)
-                updates.update(wire.split(src, packed, expected))
-                nbytes += packed.nbytes
+                updates.update(wire.split(src, wire.recv(src, Kind.UPDATE, r, run.work_timeout_s), expected))
         wire.flush()
         t2 = time.perf_counter()
         norm = server.aggregate({k: m.payload for k, m in updates.items()})
@@ -68,8 +67,8 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
             "round": r,
             "clients": len(updates),
             "update_norm": norm,
-            "bytes_received": nbytes,
-            "bytes_sent": sum(m.nbytes for m in out.values()),
+            "bytes_received": wire_bytes(updates),
+            "bytes_sent": wire_bytes(out),
             "time_send_s": t1 - t0,
             "time_recv_s": t2 - t1,  # the participants' local steps
             "time_compute_s": t3 - t2,

@@ -92,6 +92,13 @@ def _hosts(topo: Topology, clients: list[int]) -> dict[int, list[int]]:
     return out
 
 
+def wire_bytes(msgs: dict[int, Message]) -> int:
+    """Bytes of the one-client messages ``msgs`` ``{client: msg}``, each as if sent alone
+    (header, its row of the parts table, its tensors): how a client counts its own messages,
+    and a server the sum of its clients', whichever messages a rank packs them into."""
+    return sum(m.nbytes for m in msgs.values())
+
+
 def _send_packed(wire: Wire, msgs: dict[int, Message], dst_of: dict[int, int]) -> None:
     """Send one-client messages ``{client: msg}`` packed: one message per destination rank."""
     for dst, ks in sorted(_group(msgs, dst_of).items()):
@@ -111,7 +118,8 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     hosts = _hosts(ctx.topo, server.clients)
     rank_of = {k: ctx.topo.rank_of(k) for k in server.clients}
     wire, run = ctx.wire, ctx.cfg.run
-    totals = {"images": 0, "bytes_received": 0, "time_recv_s": 0.0, "time_compute_s": 0.0, "time_send_s": 0.0}
+    totals = {"images": 0, "bytes_received": 0, "bytes_sent": 0}
+    totals.update(time_recv_s=0.0, time_compute_s=0.0, time_send_s=0.0)
     recent = _Recent(run.rounds - ctx.start_round)
     profiler = _profiler(ctx, server.device)
     if not hosts:
@@ -121,13 +129,11 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
         t0 = time.perf_counter()
         bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models (compile, ...)
         taking_part = participants(ctx.cfg, r)
-        msgs, nbytes = {}, 0
+        msgs = {}
         for src, ks in hosts.items():
             expected = [k for k in ks if k in taking_part]
             if expected:
-                packed = wire.recv(src, Kind.TRAIN, r, bound)
-                msgs.update(wire.split(src, packed, expected))
-                nbytes += packed.nbytes
+                msgs.update(wire.split(src, wire.recv(src, Kind.TRAIN, r, bound), expected))
         t1 = time.perf_counter()
         losses: list[float] = []
         pending: dict[int, dict[int, Message]] = {src: {} for src in hosts}
@@ -150,7 +156,8 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
             "round": r,
             "loss_server": float(np.mean(losses)) if losses else math.nan,
             "clients": len(msgs),
-            "bytes_received": nbytes,
+            "bytes_received": wire_bytes(msgs),
+            "bytes_sent": wire_bytes({k: m for waiting in pending.values() for k, m in waiting.items()}),
             "time_recv_s": t1 - t0,
             "time_compute_s": t2 - t1,
             "time_send_s": t3 - t2,
