@@ -258,6 +258,15 @@ def _describe(cfg: Config) -> str:
     return f"{dump(cfg)}\n# {topo.world_size} ranks (launch with mpirun -np {topo.world_size})\n{table}"
 
 
+def _warn_ignored(cfg: Config) -> None:
+    """The warning train logs at the start of a run whose method ignores keys of its config."""
+    from collafuse_hpc.config_rules import ignored_warning
+
+    text = ignored_warning(cfg)
+    if text:
+        print(f"collafuse-hpc: warning: {text}", file=sys.stderr)
+
+
 def _die(code: int, text: str, hard: bool, label: str = "error") -> int:
     print(f"collafuse-hpc: {label}: {text}", file=sys.stderr, flush=True)
     if hard:  # skip MPI finalize and process-group teardown that could wait on a dead peer
@@ -441,6 +450,7 @@ def _config(args: argparse.Namespace) -> int:
         print(_describe(cfg))
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=False)
+    _warn_ignored(cfg)
     for text in missing:
         print(f"collafuse-hpc: warning: {text}", file=sys.stderr)
     if missing:
@@ -466,6 +476,7 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
 
             preflight.check(cfg)
             print(_describe(cfg))
+            _warn_ignored(cfg)
             return 0
         resume = True if args.command == "sample" else args.resume
         if args.command == "sample":

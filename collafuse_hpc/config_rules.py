@@ -325,8 +325,8 @@ def ignored_keys(cfg: Config) -> dict[str, Any]:
     """{key: value} of each key the run's method ignores that is set away from its default
     (a split config turned federated keeps its cuts, say): named once at the start."""
     blank = type(cfg)(clients=[type(c)() for c in cfg.clients])  # the defaults, without importing config.py
-    defaults = flatten(asdict(blank), lists=True)
-    values = flatten(asdict(cfg), lists=True)
+    defaults = flatten(asdict(blank))
+    values = flatten(asdict(cfg))
     patterns = IGNORED[cfg.run.method]
     if cfg.run.method == "federated":  # the global model is one side's: the other side's model goes unused
         unused = "clients.*" if cfg.federated.architecture == "server" else "server"
@@ -336,6 +336,50 @@ def ignored_keys(cfg: Config) -> dict[str, Any]:
         for key, value in values.items()
         if any(fnmatch.fnmatchcase(key, p) for p in patterns) and value != defaults.get(key)
     }
+
+
+def ignored_warning(cfg: Config) -> str | None:
+    """What ``train`` warns of at the start, and ``config`` and ``--dry-run`` print: the keys
+    :func:`ignored_keys` names, grouped (None when the method ignores none)."""
+    ignored = ignored_keys(cfg)
+    if not ignored:
+        return None
+    return (
+        f"run.method {cfg.run.method!r} ignores these keys of the config (kept in the run's record, "
+        f"records/<n> attribute 'ignored'): {describe_keys(ignored)}"
+    )
+
+
+def describe_keys(values: dict[str, Any]) -> str:
+    """``{dotted key: value}`` in one readable line: a client key once for every client
+    that sets it, with the clients of each value (``clients.*.cut_ratio (clients 0-4: 0.2),
+    server.aggregate='sequential'``), in the order the keys come."""
+    groups: dict[str, dict[str, list[int]]] = {}  # key or client pattern -> value -> client indices
+    for key, value in values.items():
+        client = re.fullmatch(r"clients\.(\d+)\.(.+)", key)
+        pattern = f"clients.*.{client[2]}" if client else key
+        indices = groups.setdefault(pattern, {}).setdefault(repr(value), [])
+        if client:
+            indices.append(int(client[1]))
+    out = []
+    for pattern, by_value in groups.items():
+        if not pattern.startswith("clients.*."):
+            out.append(f"{pattern}={next(iter(by_value))}")
+            continue
+        each = (f"client{'s' if len(ks) > 1 else ''} {_spans(ks)}: {value}" for value, ks in by_value.items())
+        out.append(f"{pattern} ({'; '.join(each)})")
+    return ", ".join(out)
+
+
+def _spans(indices: list[int]) -> str:
+    """``0-4, 7`` for [0, 1, 2, 3, 4, 7]."""
+    spans: list[list[int]] = []
+    for k in sorted(indices):
+        if spans and k == spans[-1][1] + 1:
+            spans[-1][1] = k
+        else:
+            spans.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def resume_differences(saved: dict, current: dict) -> list[str]:

@@ -189,7 +189,8 @@ def test_a_split_config_turned_federated_names_the_keys_it_ignores(tmp_path, sha
         assert cli.main(["train", path, "--in-process", *args]) == 0
     warned = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
     assert len(warned) == 1
-    assert "clients.0.cut_ratio=0.25" in warned[0] and "clients.0.share_labels=True" in warned[0]
+    assert "clients.*.cut_ratio (client 0: 0.25; client 1: 0.5)" in warned[0]
+    assert "clients.*.share_labels (client 0: True)" in warned[0]
     with h5py.File(tmp_path / "run/results.h5") as f:
         ignored = yaml.safe_load(f["records/0"].attrs["ignored"])
     cuts = {"clients.0.cut_ratio": 0.25, "clients.1.cut_ratio": 0.5, "clients.0.share_labels": True}
@@ -202,6 +203,7 @@ def test_a_split_config_turned_federated_names_the_keys_it_ignores(tmp_path, sha
     assert cli.main(["inspect", str(tmp_path / "run")]) == 0
     shown = capsys.readouterr().out
     assert "federated: fedavg at server_lr 1.0, 2 local steps a round, the server's architecture" in shown
+    assert "ignored by run.method 'federated': clients.*.cut_ratio (client 0: 0.25; client 1: 0.5)" in shown
     assert "0 images in 0 training messages, 2 model updates" in shown
     assert "sends model updates (weights, never images); its labels condition its model and stay local" in shown
     assert cli.main(["compare", str(tmp_path / "run/results.h5"), str(tmp_path / "run/results.h5")]) == 0
@@ -429,3 +431,54 @@ def test_a_resumed_servers_summary_adds_up_its_bytes_and_updates():
     client = [{"bytes_sent": 5, "invocation_bytes_sent": 5}, {"bytes_sent": 12, "invocation_bytes_sent": 7}]
     combined = combine_summaries(client)
     assert (combined["bytes_sent"], combined["invocation_bytes_sent"]) == (12, 12)
+
+
+def _turned_federated(shards, out) -> str:
+    """A split config of four clients, three at c = 0.2 and one at 0.5, with the tests' small models."""
+    return write_config(out / "split.yaml", tiny_config(shards, out / "run", [0.2, 0.2, 0.2, 0.5]))
+
+
+def test_config_and_dry_run_warn_of_the_keys_the_method_ignores_grouped_by_key(tmp_path, shards, capsys):
+    """``config`` and ``train --dry-run`` say what ``train`` warns of: the keys the method
+    ignores, each client key once with the clients of each value, not once per client."""
+    path = _turned_federated(shards, tmp_path)
+    for command in (["config", path], ["train", path, "--dry-run"]):
+        assert cli.main([*command, "--set", "run.method=federated"]) == 0
+        err = capsys.readouterr().err
+        assert "collafuse-hpc: warning: run.method 'federated' ignores these keys of the config" in err, command
+        assert "clients.*.cut_ratio (clients 0-2: 0.2; client 3: 0.5)" in err, command
+        assert "clients.*.model.channel_mult (clients 0-3: [1, 2])" in err, command
+        assert "clients.0." not in err, command
+        assert cli.main(command) == 0  # the split method ignores none of them
+        assert "ignores" not in capsys.readouterr().err, command
+
+
+def _inspected(tmp_path, shards, capsys, server_summary: dict) -> str:
+    """What inspect prints of a hand-made federated run: the split config turned federated,
+    trained and resumed (two records), its server's part holding ``server_summary``."""
+    from collafuse_hpc.config import dump
+    from collafuse_hpc.config_rules import ignored_keys
+    from collafuse_hpc.results.writer import RoleResults, begin_record, create_index
+
+    cfg = load(_turned_federated(shards, tmp_path), ["run.method=federated"])
+    index = str(tmp_path / "results.h5")
+    create_index(index, dump(cfg), cfg.run.seed, {"server": "parts/server_0.h5"})
+    server = RoleResults(str(tmp_path / "parts/server_0.h5"), {"role": "server", "rank": 0, "host": "h", "pid": 1})
+    for n, command in enumerate(("train", "resume")):
+        begin_record(index, command, 2 * n, {}, ignored_keys(cfg))
+        server.write_summary(n, server_summary, trained=True)
+    assert cli.main(["inspect", index]) == 0
+    return capsys.readouterr().out
+
+
+def test_inspect_shows_the_keys_a_record_says_its_method_ignored(tmp_path, shards, capsys):
+    """inspect shows each record's ``ignored`` attribute, grouped as the warning is, once
+    for records that ignored the same keys (a resume); the record keeps every client's key."""
+    from collafuse_hpc.config_rules import ignored_keys
+
+    shown = _inspected(tmp_path, shards, capsys, {"rounds_run": 2})
+    assert shown.count("ignored by run.method 'federated': clients.*.cut_ratio (clients 0-2: 0.2; client 3: 0.5)") == 1
+    with h5py.File(tmp_path / "results.h5") as f:
+        assert yaml.safe_load(f["records/0"].attrs["ignored"]) == ignored_keys(
+            load(f"{tmp_path}/split.yaml", ["run.method=federated"])
+        )

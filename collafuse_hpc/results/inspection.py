@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from collafuse_hpc.atomic import refuse_existing
+from collafuse_hpc.config_rules import describe_keys
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.evaluation.attacks import describe as describe_attack
 from collafuse_hpc.evaluation.disclosure import describe as describe_disclosure
@@ -96,6 +97,7 @@ def history(f: h5py.File) -> list[dict]:
                 "record": n,
                 **{k: _plain(a[k]) for k in ("command", "argv", "started", "finished", "checkpoint_round") if k in a},
                 "settings": yaml.safe_load(a.get("settings", "")) or {},
+                "ignored": yaml.safe_load(a.get("ignored", "")) or {},  # keys the run's method ignored
                 "totals": yaml.safe_load(a.get("totals", "")) or {},
                 "has_metrics": METRICS in f[record_key(n)],
             }
@@ -239,6 +241,7 @@ def format_summary(s: dict) -> str:
     ]
     if s["history"]:
         lines.append("  history (one record per command that wrote into the run):")
+    said: dict = {}  # the ignored keys said last: a record that ignored the same says nothing
     for h in s["history"]:
         done = h.get("finished") or "did not finish"
         changed = ", ".join(f"{k}={v}" for k, v in h["settings"].items())
@@ -246,6 +249,10 @@ def format_summary(s: dict) -> str:
         line = f"    {h['record']}: {h.get('command')} at {h.get('started')} (finished: {done}), checkpoint round "
         line += f"{h.get('checkpoint_round')}" + (f"; {totals}" if totals else "")
         lines.append(line + (f"; with {changed}" if changed else ""))
+        if h["ignored"] and h["ignored"] != said:
+            method = cfg.get("run", {}).get("method", "split")
+            lines.append(f"       ignored by run.method {method!r}: {describe_keys(h['ignored'])}")
+            said = h["ignored"]
     for key, r in s["roles"].items():
         at = r["attrs"]
         cut = f" t_c={at['t_c']} (c={at['cut_ratio']:.2f})" if "t_c" in at else ""

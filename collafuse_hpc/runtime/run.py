@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from collafuse_hpc.config import Config, dump, to_dict, with_defaults
-from collafuse_hpc.config_rules import changed_keys, ignored_keys
+from collafuse_hpc.config_rules import changed_keys, ignored_keys, ignored_warning
 from collafuse_hpc.results.inspection import run_commands
 from collafuse_hpc.results.schema import SUMMARY, index_path, open_results, plain_attrs, record_key, role_key
 from collafuse_hpc.results.writer import begin_record, create_index, finish_record, record_config
@@ -169,13 +169,9 @@ def _start(cfg: Config, topo: Topology, command: str, start_round: int) -> int:
     invocation's record (train, resume or sample); returns its number."""
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     index = index_path(cfg.run.output_dir)
-    ignored = ignored_keys(cfg)
-    if ignored:
-        log.warning(
-            "run.method %r ignores these keys of the config (kept in the record): %s",
-            cfg.run.method,
-            ", ".join(f"{k}={v!r}" for k, v in ignored.items()),
-        )
+    ignored, warning = ignored_keys(cfg), ignored_warning(cfg)
+    if warning:
+        log.warning("%s", warning)
     if not os.path.exists(index):
         create_index(index, dump(cfg), cfg.run.seed, _index_roles(cfg, topo))
         return begin_record(index, command, start_round, {}, ignored)
