@@ -240,10 +240,11 @@ def _describe(cfg: Config) -> str:
     once the config passed :func:`preflight.check`)."""
     from collafuse_hpc.config import dump
     from collafuse_hpc.diffusion.split import cuts
+    from collafuse_hpc.runtime.methods import method
     from collafuse_hpc.runtime.topology import Topology
     from collafuse_hpc.tables import format_table
 
-    topo, every = Topology.from_config(cfg), cuts(cfg)
+    topo, every = Topology.from_config(cfg), cuts(method(cfg).client_config(cfg))  # a federated client's: T
     rows = []
     for rank in range(topo.world_size):
         if topo.is_server(rank):

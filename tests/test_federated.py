@@ -482,3 +482,47 @@ def test_inspect_shows_the_keys_a_record_says_its_method_ignored(tmp_path, shard
         assert yaml.safe_load(f["records/0"].attrs["ignored"]) == ignored_keys(
             load(f"{tmp_path}/split.yaml", ["run.method=federated"])
         )
+
+
+def test_the_federated_server_hands_its_state_over_only_for_a_checkpoint_set(tmp_path, shards, monkeypatch):
+    """The server's state is taken when a checkpoint set is written, not every round, and
+    holds its own tensors, not copies (the set is written before the next round changes them)."""
+    taken = []
+    real = FedServer.state_dict
+
+    def counted(self):
+        taken.append(self.rounds)
+        return real(self)
+
+    monkeypatch.setattr(FedServer, "state_dict", counted)
+    raw = _federated(shards, tmp_path / "run", clients=2, rounds=3, checkpoint_every=2, samples_per_client=1)
+    raw["federated"]["finetune_steps"] = 0
+    cfg = from_dict(raw)
+    run_in_process(cfg, resume=False)
+    assert taken == [2, 3]  # the sets of rounds 2 and 3 (the last)
+    server = FedServer(cfg, torch.device("cpu"))
+    state = real(server)
+    assert all(state[k] is getattr(server, k) for k in ("theta", "ema", "exp_avg", "exp_avg_sq"))
+
+
+def test_the_method_is_chosen_in_one_place_and_the_loops_share_by_public_names():
+    """Below the config's rules, only runtime/methods.py asks which method runs: the roles,
+    the diffusion, the runtime and the evaluation ask the Method and the roles it builds
+    (what leaves a client, which image sets exist). And no module of the package imports
+    another's private names (fed_loops shares the loops' helpers by their public names)."""
+    import ast
+
+    package = ROOT / "collafuse_hpc"
+    asks, private = [], []
+    for path in sorted(package.rglob("*.py")):
+        name = str(path.relative_to(package))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(isinstance(s, ast.Attribute) and s.attr == "method" for s in sides):
+                    asks.append(f"{name}:{node.lineno}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("collafuse_hpc"):
+                names = [a.name for a in node.names]
+                private += [f"{name}: {n}" for n in names if n.startswith("_") and not n.startswith("__")]
+    assert [a for a in asks if not a.startswith(("config_rules.py:", "runtime/methods.py:"))] == []
+    assert private == []

@@ -50,8 +50,7 @@ class Cut:
         without ``allow_centralized`` or a sampling grid that cannot be built."""
         c, d = cfg.clients[index], cfg.diffusion
         eta = d.eta if d.sampler == "ddim" else None
-        t_c = d.timesteps if cfg.run.method == "federated" else cut_step(c, d.timesteps)  # FedAvg: the whole chain
-        cut = cls(t_c, d.timesteps, d.split, d.sampling_steps, eta)
+        cut = cls(cut_step(c, d.timesteps), d.timesteps, d.split, d.sampling_steps, eta)
         if cut.t_c == 0 and not c.allow_centralized:
             raise ValueError(
                 f"client {c.id!r} ('clients.{index}') has cut 0: the server would see raw images. "

@@ -19,8 +19,9 @@ NO_X_C = "no x_c sent (federated: model updates only)"  # a federated client's
 
 
 def _unsent(client: Client) -> str:
-    """The reading of a client that sends no x_c."""
-    return NO_X_C if client.cfg.run.method == "federated" else NOTHING_SENT
+    """The reading of a client that sends no x_c: it sent other messages (a federated
+    client's model updates), or nothing at all (c = 1)."""
+    return NO_X_C if client.released["messages_sent"] else NOTHING_SENT
 
 
 # the attack figures that depend on how many releases of each image the adversary averages (_figures)

@@ -17,9 +17,10 @@ from collafuse_hpc.logs import Progress
 from collafuse_hpc.results.schema import SETS, audit_totals, part_path
 from collafuse_hpc.roles.client import Client, finish_samples, sample_alone
 from collafuse_hpc.roles.federated import FedHost, sampling_global
-from collafuse_hpc.roles.host import ClientHost, batches, sampling_key
+from collafuse_hpc.roles.host import batches, sampling_key
 from collafuse_hpc.roles.server import Server
 from collafuse_hpc.runtime import checkpoint
+from collafuse_hpc.runtime.methods import method
 from collafuse_hpc.runtime.topology import Topology
 
 log = logging.getLogger("collafuse_hpc")
@@ -33,16 +34,12 @@ def load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int
     released what its audit holds too (what left it after that set, Client.count_audited)."""
     topo = Topology.from_config(cfg)
     out = cfg.run.output_dir
-    servers = {}
-    everyone = list(range(len(cfg.clients)))
-    if cfg.run.method == "federated":  # no server model: the clients sample with the global one
-        host = FedHost(cfg, everyone, device)
-    else:
-        for rank in range(topo.num_servers):
-            servers[rank] = Server(cfg, topo.clients_of(rank), device)
-            servers[rank].net.load_member_state(0, checkpoint.load_rank(out, round_, rank)["state"]["net"])
-        host = ClientHost(cfg, everyone, device)  # one model per shape: sampled together
+    host = method(cfg).host(cfg, list(range(len(cfg.clients))), device)  # one model per shape: sampled together
     clients = host.clients
+    servers = {}  # the split servers that sample for a client (a federated client samples the whole chain)
+    for rank in sorted({topo.server_of(c.index) for c in clients if c.cut.uses_server}):
+        servers[rank] = Server(cfg, topo.clients_of(rank), device)
+        servers[rank].net.load_member_state(0, checkpoint.load_rank(out, round_, rank)["state"]["net"])
     states = checkpoint.load_clients(out, round_, [c.id for c in cfg.clients])
     for client in clients:
         client.load_weights(states[client.id])
@@ -98,36 +95,23 @@ def _global_samples(clients: list[Client], n: int) -> list[torch.Tensor]:
 
 
 def generated_sets(cfg: Config) -> list[str]:
-    """The sets of ``eval.sets`` the run's method has. A federated client samples with the
-    global model or its fine-tuned copy (collaborative; the global model's as ``global``
-    when fine-tuned) and has no model of its own to sample alone; a split run has no
-    global model."""
-    return [s for s in cfg.eval.sets if s in _made(cfg)]
-
-
-def _made(cfg: Config) -> tuple[str, ...]:
-    """Every set the run's method makes."""
-    if cfg.run.method == "split":
-        return tuple(s for s in SETS if s != "global")
-    return ("collaborative", "global") if _tuned(cfg) else ("collaborative",)
+    """The sets of ``eval.sets`` the run's method makes (methods.Method.sets)."""
+    made = method(cfg).sets(cfg)
+    return [s for s in cfg.eval.sets if s in made]
 
 
 def check_sets(cfg: Config) -> None:
     """ValueError when ``eval.sets`` holds no set the run's method makes; a warning naming
     those it leaves out of a list the user gave."""
-    left = [s for s in cfg.eval.sets if s not in _made(cfg)]
+    made = method(cfg).sets(cfg)
+    left = [s for s in cfg.eval.sets if s not in made]
     if len(left) == len(cfg.eval.sets):
         raise ValueError(
             f"eval.sets {cfg.eval.sets} holds no image set a {cfg.run.method} run makes: give one of "
-            f"{list(_made(cfg))} (--set eval.sets=[collaborative])"
+            f"{list(made)} (--set eval.sets=[collaborative])"
         )
     if left and cfg.eval.sets != EvalConfig().sets:  # the default lists every method's sets: no news
-        log.warning("evaluate: a %s run makes no %s set: left out (it makes %s)", cfg.run.method, left, _made(cfg))
-
-
-def _tuned(cfg: Config) -> bool:
-    """A federated run whose clients fine-tune the global model: its global set differs."""
-    return cfg.federated.finetune_steps > 0
+        log.warning("evaluate: a %s run makes no %s set: left out (it makes %s)", cfg.run.method, left, made)
 
 
 def image_steps(cut: Cut, sets: list[str]) -> int:

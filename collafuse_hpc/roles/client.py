@@ -117,10 +117,8 @@ class Client:
         return msg
 
     def what_leaves(self) -> str:
-        """In words, what this client sends under its run's method (the audit's ``sent``)."""
+        """In words, what this client sends (the audit's ``sent``)."""
         local = "its labels condition its model and stay local" if self.condition else ""
-        if self.cfg.run.method == "federated":
-            return "model updates (weights, never images)" + (f"; {local}" if local else "")
         if not self.cut.uses_server:
             return "nothing (c = 1)" + (f"; {local}" if local else "")
         labels = "its labels, with each x_c and sampling request" if self.share_labels else local

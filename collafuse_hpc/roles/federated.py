@@ -8,10 +8,10 @@ theta_{r+1} = theta_r + eta_s * sum_k n_k Delta_k / sum_k n_k (FedAvg), or takes
 an Adam step on that mean (FedAdam). Weights go out and updates come back;
 images and labels never leave a client.
 
-A federated client is a :class:`Client` at c = 1 (the whole chain on its own data;
-Cut.for_client gives every client of this method t_c = T) whose member has the
-global architecture (:func:`client_config`), so the hosts, batched local steps,
-checkpoints and audit of the split method serve this one too. The clients sample
+A federated client is a :class:`Client` at c = 1 (the whole chain on its own data)
+whose member has the global architecture (both set by :func:`client_config`), so the
+hosts, batched local steps, checkpoints and audit of the split method serve this one
+too. The clients sample
 with the server's EMA of theta; with ``federated.finetune_steps`` F > 0 each
 first fine-tunes it on its own data (:func:`personalize`).
 """
@@ -45,10 +45,11 @@ def architecture(cfg: Config) -> tuple[ModelConfig, OptimConfig]:
 
 
 def client_config(cfg: Config) -> Config:
-    """``cfg`` as the federated clients run it: each client's model and optimizer are the
-    global architecture's."""
+    """``cfg`` as the federated clients run it: each client's cut is the whole chain
+    (t_c = T) and its model and optimizer are the global architecture's."""
     model, optim = architecture(cfg)
-    return dataclasses.replace(cfg, clients=[dataclasses.replace(c, model=model, optim=optim) for c in cfg.clients])
+    whole = {"cut_ratio": None, "cut_step": cfg.diffusion.timesteps, "model": model, "optim": optim}
+    return dataclasses.replace(cfg, clients=[dataclasses.replace(c, **whole) for c in cfg.clients])
 
 
 def initial_weights(cfg: Config) -> torch.Tensor:
@@ -109,11 +110,13 @@ class FedServer:
         return math.prod(min(decay, (1 + n) / (10 + n)) for n in steps)
 
     def state_dict(self) -> dict:
+        """theta, its EMA and FedAdam's moments (the server's own tensors, not copies: save
+        them before the next :meth:`aggregate`) and the rounds aggregated."""
         return {
-            "theta": self.theta.clone(),
-            "ema": self.ema.clone(),
-            "exp_avg": self.exp_avg.clone(),
-            "exp_avg_sq": self.exp_avg_sq.clone(),
+            "theta": self.theta,
+            "ema": self.ema,
+            "exp_avg": self.exp_avg,
+            "exp_avg_sq": self.exp_avg_sq,
             "rounds": self.rounds,
         }
 
@@ -127,9 +130,19 @@ class FedServer:
         self.rounds = int(state["rounds"])
 
 
+class FedClient(Client):
+    """A federated client: it sends model updates, never images."""
+
+    def what_leaves(self) -> str:
+        local = "; its labels condition its model and stay local" if self.condition else ""
+        return "model updates (weights, never images)" + local
+
+
 class FedHost(ClientHost):
     """The federated clients one rank hosts: split clients at c = 1 with the global
     architecture, which start each round from theta_r and send their update."""
+
+    client_type = FedClient
 
     def __init__(self, cfg: Config, indices: list[int], device: torch.device):
         super().__init__(client_config(cfg), indices, device)

@@ -43,13 +43,15 @@ def _allow_open_files(needed: int) -> None:
 
 
 class ClientHost:
-    """Clients ``indices`` of the config, on ``device``."""
+    """Clients ``indices`` of the config, on ``device``, each a ``client_type``."""
+
+    client_type: type[Client] = Client
 
     def __init__(self, cfg: Config, indices: list[int], device: torch.device):
         self.device = device
         _allow_open_files(len(indices) + 256)  # every client reads its own shard, kept open
         nets = client_nets(cfg, indices, device)
-        self.clients = [Client(cfg, k, device, nets[k]) for k in indices]
+        self.clients = [self.client_type(cfg, k, device, nets[k]) for k in indices]
 
     def servers(self, topo: Topology) -> list[int]:
         """The server ranks its clients talk to (told when this rank fails)."""

@@ -19,14 +19,14 @@ from collafuse_hpc.data import to_uint8
 from collafuse_hpc.results.writer import RoleResults
 from collafuse_hpc.roles.federated import FedHost, FedServer
 from collafuse_hpc.runtime.loops import (
-    _add_totals,
-    _finish,
-    _hosts,
-    _log_audit,
-    _profiler,
-    _Recent,
-    _send_packed,
+    Recent,
+    add_totals,
     client_start,
+    finish_client,
+    hosts_of,
+    log_audit,
+    round_profiler,
+    send_packed,
     wire_bytes,
 )
 from collafuse_hpc.runtime.rounds import Context, end_of_round, rounds
@@ -38,18 +38,18 @@ log = logging.getLogger("collafuse_hpc")
 
 def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> dict:
     """Send theta_r, receive the updates, average; then send the final global model."""
-    hosts = _hosts(ctx.topo, server.clients)
+    hosts = hosts_of(ctx.topo, server.clients)
     rank_of = {k: ctx.topo.rank_of(k) for k in server.clients}
     wire, run, f = ctx.wire, ctx.cfg.run, ctx.cfg.federated
     totals = {"images": 0, "updates": 0, "bytes_received": 0, "bytes_sent": 0}
     totals.update(time_recv_s=0.0, time_compute_s=0.0, time_send_s=0.0)
-    recent = _Recent(run.rounds - ctx.start_round)
-    profiler = _profiler(ctx, server.device)
+    recent = Recent(run.rounds - ctx.start_round)
+    profiler = round_profiler(ctx, server.device)
     for r in rounds(ctx):
         t0 = time.perf_counter()
         taking = sorted(participants(ctx.cfg, r))
         out = {k: server.message(Kind.WEIGHTS, r, k, server.theta) for k in taking}
-        _send_packed(wire, out, rank_of)
+        send_packed(wire, out, rank_of)
         t1 = time.perf_counter()
         updates = {}
         for src, ks in hosts.items():  # the local steps run meanwhile
@@ -76,17 +76,17 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
         }
         results.log(row)
         recent.add(row)
-        _add_totals(totals, row)
+        add_totals(totals, row)
         totals["images"] += images
         totals["updates"] += len(updates)
         if (r + 1) % run.log_every == 0:
             log.info("server round %d/%d: %d updates, |mean update| %.3g", r + 1, run.rounds, len(updates), norm)
         profiler.step()
-        end_of_round(ctx, [results], server.state_dict(), r)
+        end_of_round(ctx, [results], server.state_dict, r)
     profiler.close()
     recent.into(totals)
     t0 = time.perf_counter()
-    _send_packed(wire, {k: server.message(Kind.MODEL, run.rounds, k, server.ema) for k in server.clients}, rank_of)
+    send_packed(wire, {k: server.message(Kind.MODEL, run.rounds, k, server.ema) for k in server.clients}, rank_of)
     wire.flush()
     busy = totals["time_recv_s"] + totals["time_compute_s"] + totals["time_send_s"]
     totals.update(time_sampling_s=time.perf_counter() - t0, images_sampled=0)
@@ -116,7 +116,7 @@ def fed_client_loop(ctx: Context, host: FedHost, results: dict[int, RoleResults]
             losses = host.train(taking, r, f.local_steps)
             t2 = time.perf_counter()
             sent = {c.index: host.update(c, r, start[c.index]) for c in taking}
-            _send_packed(wire, sent, {k: server for k in sent})
+            send_packed(wire, sent, {k: server for k in sent})
             wire.flush()
         else:
             t1 = t2 = t0
@@ -141,12 +141,12 @@ def fed_client_loop(ctx: Context, host: FedHost, results: dict[int, RoleResults]
                 "images_per_s": images / (t3 - t0),
             }
             results[c.index].log(row)
-            _log_audit(results[c.index], c)
+            log_audit(results[c.index], c)
             recent[c.index].add(row)
-            _add_totals(totals[c.index], row)
+            add_totals(totals[c.index], row)
             totals[c.index]["images"] += images
         profiler.step()
-        end_of_round(ctx, list(results.values()), host.state_dict(), r)
+        end_of_round(ctx, list(results.values()), host.state_dict, r)
     profiler.close()
     t0 = time.perf_counter()
     model = wire.split(server, wire.recv(server, Kind.MODEL, run.rounds, run.work_timeout_s), _indices(host))
@@ -166,7 +166,7 @@ def fed_client_loop(ctx: Context, host: FedHost, results: dict[int, RoleResults]
         recent[c.index].into(totals[c.index])
         extra = {"images_global": to_uint8(global_samples[c.index])} if f.finetune_steps else {}
         with ctx.stop.writing():
-            _finish(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), None, extra)
+            finish_client(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), None, extra)
         totals[c.index].update(time_sampling_wait_s=t1 - t0, time_sampling_local_s=t2 - t1)
         totals[c.index]["bytes_received_model"] = model[c.index].nbytes
         totals[c.index].update({f"invocation_{k}": v - released[c.index][k] for k, v in c.released.items()})

@@ -40,7 +40,7 @@ class RankFailure(RuntimeError):
     """This rank failed; the message names the rank, its role and the cause."""
 
 
-def _add_totals(totals: dict, row: dict) -> None:
+def add_totals(totals: dict, row: dict) -> None:
     """Sum a round's timers and byte counts into the run's totals."""
     for key, value in row.items():
         if key.startswith(("time_", "bytes_")):
@@ -48,7 +48,7 @@ def _add_totals(totals: dict, row: dict) -> None:
     totals["rounds_run"] = totals.get("rounds_run", 0) + 1
 
 
-class _Recent:
+class Recent:
     """The last rows a role's results got in this invocation, enough for its recent loss
     (schema.recent_rows of the rows it will have at most: ``planned``)."""
 
@@ -79,12 +79,13 @@ def _role_name(ctx: Context) -> str:
     return f"client_{ctx.topo.client_ids[hosted[0]]}" if len(hosted) == 1 else f"clients_rank{ctx.rank}"
 
 
-def _profiler(ctx: Context, device: torch.device) -> RoundProfiler:
+def round_profiler(ctx: Context, device: torch.device) -> RoundProfiler:
+    """The rank's profiler of ``run.profile_rounds`` rounds (none when this thread may not profile)."""
     path = os.path.join(ctx.output_dir, "profile", f"{_role_name(ctx)}.json")
     return RoundProfiler(path, ctx.cfg.run.profile_rounds if ctx.may_profile else 0, device.type == "cuda")
 
 
-def _hosts(topo: Topology, clients: list[int]) -> dict[int, list[int]]:
+def hosts_of(topo: Topology, clients: list[int]) -> dict[int, list[int]]:
     """``clients`` by the rank that hosts them: {client rank: [client index, ...]}."""
     out: dict[int, list[int]] = {}
     for k in clients:
@@ -99,7 +100,7 @@ def wire_bytes(msgs: dict[int, Message]) -> int:
     return sum(m.nbytes for m in msgs.values())
 
 
-def _send_packed(wire: Wire, msgs: dict[int, Message], dst_of: dict[int, int]) -> None:
+def send_packed(wire: Wire, msgs: dict[int, Message], dst_of: dict[int, int]) -> None:
     """Send one-client messages ``{client: msg}`` packed: one message per destination rank."""
     for dst, ks in sorted(_group(msgs, dst_of).items()):
         wire.send(dst, pack([msgs[k] for k in ks]))
@@ -115,13 +116,13 @@ def _group(msgs: dict[int, Message], dst_of: dict[int, int]) -> dict[int, list[i
 def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     """Receive every client rank's x_c, reply with the losses after the forward pass,
     step; then serve the sampling requests."""
-    hosts = _hosts(ctx.topo, server.clients)
+    hosts = hosts_of(ctx.topo, server.clients)
     rank_of = {k: ctx.topo.rank_of(k) for k in server.clients}
     wire, run = ctx.wire, ctx.cfg.run
     totals = {"images": 0, "bytes_received": 0, "bytes_sent": 0}
     totals.update(time_recv_s=0.0, time_compute_s=0.0, time_send_s=0.0)
-    recent = _Recent(run.rounds - ctx.start_round)
-    profiler = _profiler(ctx, server.device)
+    recent = Recent(run.rounds - ctx.start_round)
+    profiler = round_profiler(ctx, server.device)
     if not hosts:
         log.info("server %d: every client it serves is local-only (c = 1); it stays idle until sampling", ctx.rank)
     trained_since_log, last_row = 0, {}
@@ -167,13 +168,13 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
             results.log(row)
             recent.add(row)
             trained_since_log, last_row = trained_since_log + 1, row
-        _add_totals(totals, row)
+        add_totals(totals, row)
         totals["images"] += n
         if (r + 1) % run.log_every == 0:
             _log_server_interval(ctx, r, last_row, trained_since_log)
             trained_since_log = 0
         profiler.step()
-        end_of_round(ctx, [results], server.state_dict(), r)
+        end_of_round(ctx, [results], server.state_dict, r)
     profiler.close()
     recent.into(totals)
     t0 = time.perf_counter()
@@ -181,7 +182,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     for src, ks in hosts.items():
         requests.update(wire.split(src, wire.recv(src, Kind.SAMPLE_REQUEST, run.rounds), ks))
     replies = server.sample(requests, lambda: wire.check_alive(list(hosts)))
-    _send_packed(wire, replies, rank_of)
+    send_packed(wire, replies, rank_of)
     wire.flush()
     totals["time_sampling_s"] = time.perf_counter() - t0
     totals["images_sampled"] = sum(m.count for m in requests.values())
@@ -221,7 +222,7 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
         t0 = time.perf_counter()
         sent = {c.index: c.begin_round(r) for c in taking}
         sent = {k: m for k, m in sent.items() if m is not None}
-        _send_packed(wire, sent, server_of)
+        send_packed(wire, sent, server_of)
         t1 = time.perf_counter()
         loss_local = host.local_steps(taking)
         t2 = time.perf_counter()
@@ -256,18 +257,18 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
                 "bytes_received": received.get(c.index, 0),
             }
             results[c.index].log(_columns(c, row))
-            _log_audit(results[c.index], c)
+            log_audit(results[c.index], c)
             recent[c.index].add(row)
-            _add_totals(totals[c.index], row)
+            add_totals(totals[c.index], row)
             totals[c.index]["images"] += c.batch_size
         profiler.step()
-        end_of_round(ctx, list(results.values()), host.state_dict(), r)
+        end_of_round(ctx, list(results.values()), host.state_dict, r)
     profiler.close()
     n = run.samples_per_client
     t0 = time.perf_counter()
     requests = {c.index: c.sample_request(run.rounds, n) for c in host.clients}
     requests = {k: m for k, m in requests.items() if m is not None}
-    _send_packed(wire, requests, server_of)
+    send_packed(wire, requests, server_of)
     x_h: dict[int, torch.Tensor | None] = {c.index: None for c in host.clients}
     for src, ks in _group(requests, server_of).items():  # the servers sample
         replies = wire.split(src, wire.recv(src, Kind.SAMPLE_REPLY, run.rounds, run.work_timeout_s), ks)
@@ -279,7 +280,7 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
     for c in host.clients:
         recent[c.index].into(totals[c.index])
         with ctx.stop.writing():
-            _finish(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), x_h[c.index])
+            finish_client(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), x_h[c.index])
         totals[c.index].update(time_sampling_wait_s=t1 - t0, time_sampling_local_s=t2 - t1)
         totals[c.index].update({f"invocation_{k}": v - released[c.index][k] for k, v in c.released.items()})
     return totals
@@ -287,17 +288,17 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
 
 def client_start(
     ctx: Context, host: ClientHost, results: dict[int, RoleResults]
-) -> tuple[dict[int, dict], dict[int, _Recent], dict[int, dict], RoundProfiler]:
+) -> tuple[dict[int, dict], dict[int, Recent], dict[int, dict], RoundProfiler]:
     """What a client rank's loop keeps from its start, under either method: each client's
     totals and recent rows, what left it over the run before this invocation (its audit
     counted in: Client.count_audited), and the rank's profiler."""
     zero = {"images": 0, "time_local_s": 0.0, "time_wait_s": 0.0, "time_round_s": 0.0}
     totals = {c.index: dict(zero) for c in host.clients}
-    recent = {c.index: _Recent(ctx.cfg.run.rounds - ctx.start_round) for c in host.clients}
+    recent = {c.index: Recent(ctx.cfg.run.rounds - ctx.start_round) for c in host.clients}
     for c in host.clients:
         c.count_audited(results[c.index].audit_totals())
     released = {c.index: dict(c.released) for c in host.clients}
-    return totals, recent, released, _profiler(ctx, host.device)
+    return totals, recent, released, round_profiler(ctx, host.device)
 
 
 def _columns(client: Client, row: dict) -> dict:
@@ -306,7 +307,7 @@ def _columns(client: Client, row: dict) -> dict:
     return row if client.cut.uses_server else {k: v for k, v in row.items() if k != "loss_server"}
 
 
-def _finish(
+def finish_client(
     ctx: Context,
     client: Client,
     results: RoleResults,
@@ -330,14 +331,15 @@ def _finish(
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_grid(samples, path)
     totals["images_per_s"] = totals["images"] / totals["time_round_s"] if totals["time_round_s"] else 0.0
-    _log_audit(results, client)
+    log_audit(results, client)
     results.flush()
     audit = {**client.released, "t_c": client.cut.t_c, "sent": client.what_leaves()}  # over every run (count_audited)
     results.write_attrs(AUDIT, audit)
     totals.update(audit, grid=grid)
 
 
-def _log_audit(results: RoleResults, client: Client) -> None:
+def log_audit(results: RoleResults, client: Client) -> None:
+    """Append what left ``client`` since the last call to its audit rows."""
     for entry in client.drain_audit():
         results.log(dataclasses.asdict(entry), AUDIT)
 
@@ -355,7 +357,7 @@ def run_role(ctx: Context, role: Any, loop: Callable) -> dict[str, dict]:
     cfg, topo, rank = ctx.cfg, ctx.topo, ctx.rank
     server = topo.is_server(rank)
     if server:  # the other replicas first: after a failed collective they are probed first
-        peers = [r for r in range(topo.num_servers) if r != rank] + sorted(_hosts(topo, role.clients))
+        peers = [r for r in range(topo.num_servers) if r != rank] + sorted(hosts_of(topo, role.clients))
     else:
         peers = role.servers(topo)
     try:

@@ -18,6 +18,7 @@ from collafuse_hpc.results.schema import index_path
 from collafuse_hpc.results.tensorboard import check_available
 from collafuse_hpc.runtime import checkpoint
 from collafuse_hpc.runtime.launch import torch_threads
+from collafuse_hpc.runtime.methods import method
 
 
 def preflight(cfg: Config, resume: bool | str, sample: bool = False) -> int:
@@ -77,7 +78,7 @@ def check(cfg: Config, plan: bool = False) -> list[str]:
                 f"config key 'clients.{i}.batch_size' is {c.batch_size}, but shard {c.shard!r} holds only "
                 f"{info.counts['train']} train images"
             )
-    cuts(cfg)  # a cut of 0 without opt-in, a sampling grid that cannot be built
+    cuts(method(cfg).client_config(cfg))  # a cut of 0 without opt-in, a sampling grid that cannot be built
     _check_models(cfg)
     if cfg.run.tensorboard:
         check_available()

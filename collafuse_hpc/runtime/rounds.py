@@ -75,10 +75,10 @@ def slow_write(ctx: Context) -> None:
         time.sleep(f.delay_s)
 
 
-def end_of_round(ctx: Context, results: list[RoleResults], state: dict, r: int) -> None:
+def end_of_round(ctx: Context, results: list[RoleResults], state: Callable[[], dict], r: int) -> None:
     """After round ``r``: agree on a stop request, flush results (every ``log_every``
-    rounds and before each checkpoint set) and write a checkpoint set when due; raise
-    Preempted (on every rank) after a stop.
+    rounds and before each checkpoint set) and write a checkpoint set of ``state()`` (the
+    role's state_dict, taken only then) when due; raise Preempted (on every rank) after a stop.
 
     The agreement is posted at one check and read at the next, so it never
     holds a round up: a signal stops the run one check interval after it came.
@@ -103,7 +103,7 @@ def end_of_round(ctx: Context, results: list[RoleResults], state: dict, r: int) 
         ctx.beat(f"the checkpoint set of round {done}")
         with ctx.stop.writing():
             slow_write(ctx)
-            checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state, ctx.config_yaml, ctx.shards)
+            checkpoint.save_rank(ctx.output_dir, done, ctx.rank, state(), ctx.config_yaml, ctx.shards)
         ctx.wire.barrier(run.work_timeout_s)  # large checkpoints take a while on a slow file system
         if ctx.rank == 0:
             with ctx.stop.writing():

@@ -147,7 +147,8 @@ def _client_line(s: dict, cfg: Config) -> str:
     sampling = (
         f"sampled {cfg.run.samples_per_client} images in {s['time_sampling_wait_s'] + s['time_sampling_local_s']:.1f} s"
     )
-    what, count = ("x_c images", "images_sent") if cfg.run.method == "split" else ("model updates", "messages_sent")
+    updates = "bytes_received_model" in s  # a federated client: it sent updates and received the global model
+    what, count = ("model updates", "messages_sent") if updates else ("x_c images", "images_sent")
     sent = f"sent {s[f'invocation_{count}']} {what} ({s['invocation_bytes_sent'] / 1e6:.2f} MB)"
     if s[count] != s[f"invocation_{count}"]:
         sent += f", {s[count]} over the run ({s['bytes_sent'] / 1e6:.2f} MB)"
