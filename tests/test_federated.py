@@ -204,6 +204,7 @@ def test_a_split_config_turned_federated_names_the_keys_it_ignores(tmp_path, sha
     shown = capsys.readouterr().out
     assert "federated: fedavg at server_lr 1.0, 2 local steps a round, the server's architecture" in shown
     assert "ignored by run.method 'federated': clients.*.cut_ratio (client 0: 0.25; client 1: 0.5)" in shown
+    assert re.search(r"2 rounds, 4 updates averaged, [\d.]+ MB received, [\d.]+ MB sent; compute_s ", shown)
     assert "0 images in 0 training messages, 2 model updates" in shown
     assert "sends model updates (weights, never images); its labels condition its model and stay local" in shown
     assert cli.main(["compare", str(tmp_path / "run/results.h5"), str(tmp_path / "run/results.h5")]) == 0
@@ -482,6 +483,16 @@ def test_inspect_shows_the_keys_a_record_says_its_method_ignored(tmp_path, shard
         assert yaml.safe_load(f["records/0"].attrs["ignored"]) == ignored_keys(
             load(f"{tmp_path}/split.yaml", ["run.method=federated"])
         )
+
+
+def test_inspect_says_what_a_federated_server_did_not_its_images_per_second(tmp_path, shards, capsys):
+    """The federated server denoises no image: inspect gives its rounds, the updates it
+    averaged and its bytes (over both invocations), not the clients' images per second."""
+    summary = {"images": 48, "images_per_s": 99.0, "updates": 4, "rounds_run": 2, "bytes_received": 2_000_000}
+    shown = _inspected(tmp_path, shards, capsys, {**summary, "bytes_sent": 3_000_000, "time_send_s": 0.5})
+    assert "server: rank 0 on h" in shown
+    assert "    4 rounds, 8 updates averaged, 4.00 MB received, 6.00 MB sent; send_s 1.0 s" in shown
+    assert "images/s" not in shown
 
 
 def test_the_federated_server_hands_its_state_over_only_for_a_checkpoint_set(tmp_path, shards, monkeypatch):

@@ -228,6 +228,18 @@ def _method(cfg: dict) -> str:
     )
 
 
+def _did(summ: dict) -> str:
+    """A role's training summary in a line: what it trained or averaged, its bytes and its
+    times. A federated server trains no images itself: its rounds and the updates it averaged."""
+    times = ", ".join(f"{k[5:]} {v:.1f} s" for k, v in summ.items() if k.startswith("time_"))
+    if "updates" in summ:  # a federated server
+        did = f"{summ.get('rounds_run')} rounds, {summ['updates']} updates averaged"
+    else:
+        did = f"{summ.get('images')} images, {cell(summ.get('images_per_s'))} images/s"
+    moved = [f"{summ[k] / 1e6:.2f} MB {k[6:]}" for k in ("bytes_received", "bytes_sent") if k in summ]
+    return did + "".join(f", {m}" for m in moved) + f"; {times}"
+
+
 def format_summary(s: dict) -> str:
     """The summary as readable text."""
     a, cfg = s["attrs"], s["config"] or {}
@@ -266,10 +278,8 @@ def format_summary(s: dict) -> str:
         if losses:
             window = f"the last {r['tail_rows']} of {r['rounds_logged']} rounds logged"
             lines.append(f"    losses (mean over the last 10% of the rounds: {window}): {losses}")
-        summ = r.get("summary", {})
-        times = ", ".join(f"{k[5:]} {v:.1f} s" for k, v in summ.items() if k.startswith("time_"))
-        if summ:
-            lines.append(f"    {summ.get('images')} images, {cell(summ.get('images_per_s'))} images/s; {times}")
+        if r.get("summary"):
+            lines.append(f"    {_did(r['summary'])}")
         if "audit" in r:
             au = r["audit"]
             lines.append(
