@@ -70,6 +70,9 @@ def join(launch: Launch, timeout_s: float) -> Attempt:
         return Attempt()
     try:
         store = _store(launch, timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        raise _unreachable(launch, timeout_s, e) from None
+    try:
         if launch.rank == 0:
             joins = store.add("collafuse/joins", 1)
             restarts = _admit(store, launch, joins, timeout_s)
@@ -86,6 +89,15 @@ def join(launch: Launch, timeout_s: float) -> Attempt:
             f"{launch.master_port} (torchrun) within {timeout_s:.0f} s: {str(e).splitlines()[0][:200]}"
         ) from None
     return Attempt(restarts, _prefix(joins))
+
+
+def _unreachable(launch: Launch, timeout_s: float, e: Exception) -> RuntimeError:
+    """The error of a rendezvous store that cannot be reached: its address and what to check."""
+    return RuntimeError(
+        f"rank {launch.rank}: could not reach the rendezvous at "
+        f"{launch.master_addr}:{launch.master_port} ({launch.source}) within {timeout_s:.0f} s; "
+        f"check MASTER_ADDR/MASTER_PORT and that the port is open: {e}"
+    )
 
 
 def _prefix(joins: int) -> str:
@@ -182,11 +194,7 @@ def _init_process_groups(
             timeout=timedelta(seconds=timeout_s),
         )
     except RuntimeError as e:
-        raise RuntimeError(
-            f"rank {launch.rank}: could not reach the rendezvous at "
-            f"{launch.master_addr}:{launch.master_port} ({launch.source}) within {timeout_s:.0f} s; "
-            f"check MASTER_ADDR/MASTER_PORT and that the port is open: {e}"
-        ) from None
+        raise _unreachable(launch, timeout_s, e) from None
     on_cuda = [torch.zeros(1, dtype=torch.int64) for _ in range(launch.world_size)]  # tensors, not pickles
     dist.all_gather(on_cuda, torch.tensor([int(device.type == "cuda")]))
     kinds = ["cuda" if t.item() else "cpu" for t in on_cuda]
