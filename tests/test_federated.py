@@ -16,6 +16,7 @@ from conftest import tiny_config, write_config
 
 from collafuse_hpc import cli
 from collafuse_hpc.config import from_dict, load
+from collafuse_hpc.results.inspection import compare
 from collafuse_hpc.roles import client as client_module
 from collafuse_hpc.roles.client import Client
 from collafuse_hpc.roles.federated import FedServer, client_config, initial_weights
@@ -493,6 +494,14 @@ def test_inspect_says_what_a_federated_server_did_not_its_images_per_second(tmp_
     assert "server: rank 0 on h" in shown
     assert "    4 rounds, 8 updates averaged, 4.00 MB received, 6.00 MB sent; send_s 1.0 s" in shown
     assert "images/s" not in shown
+
+
+def test_compare_gives_no_images_per_second_for_a_federated_server(tmp_path, shards, capsys):
+    """compare's "server images/s" row is the split server's denoising rate: a federated
+    server's summary rate (the clients' images over its round time) is not shown as one."""
+    _inspected(tmp_path, shards, capsys, {"images": 48, "images_per_s": 99.0, "rounds_run": 2})
+    _, rows = compare([str(tmp_path / "results.h5")])
+    assert dict((r[0], r[1]) for r in rows)["server images/s"] is None
 
 
 def test_the_federated_server_hands_its_state_over_only_for_a_checkpoint_set(tmp_path, shards, monkeypatch):
