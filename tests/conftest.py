@@ -24,6 +24,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
+import cpu_times  # noqa: E402
 import harness  # noqa: E402
 from harness import spawn_ranks, until, wait_for_rounds  # noqa: E402, F401 (re-exported to the tests)
 
@@ -38,6 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
     the run finish (exit 0). Their children get SIGINT's default back."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    config.pluginmanager.register(cpu_times, "cpu_times")  # each test's CPU seconds, beside --durations
 
 
 FAST_LIMIT_S = 10.0  # the longest a test of the fast tier (-m "not slow") may take, setup included

@@ -13,5 +13,6 @@ VENV=${VENV:-.venv}
 "$VENV/bin/ruff" check collafuse_hpc tests tools
 # Tests run side by side (pytest-xdist): much of the suite waits on ranks, launchers and
 # SLURM rather than computing. The SLURM tests share one worker; TEST_WORKERS=0 runs
-# everything in this process. The 25 slowest are listed, so that growth shows.
+# everything in this process. The 25 slowest, and the 25 that used the most CPU (a test and
+# the processes it started: tests/cpu_times.py), are listed, so that growth shows.
 exec "$VENV/bin/python" -m pytest -q -n "${TEST_WORKERS:-3}" --dist loadgroup --durations=25 "$@"
