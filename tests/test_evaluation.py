@@ -323,7 +323,10 @@ def test_evaluate_writes_metrics_for_every_set_and_reuses_cached_real_features(t
     # real-image features come from the cache on the next evaluation
     caches = sorted((tmp_path / "feature_cache").glob("*-test8-*.npy"))
     assert len(caches) == 2  # one per client shard
-    assert len(list((tmp_path / "feature_cache").glob("*-train8-*.npy"))) == 1  # linkage candidates of c0
+    # every training image of each client, embedded once (the copy rates); c0's 8 linkage candidates are
+    # their first rows, not embedded again
+    trains = sorted(p.name.split("-")[1] for p in (tmp_path / "feature_cache").glob("*-train*.npy"))
+    assert trains == sorted(f"train{len(ShardReader(shard))}" for shard in shards[:2])
     for path in caches:
         np.save(path, np.load(path) + 5.0)  # shift: every FID against real images must grow
     again = evaluate(cfg)
@@ -891,3 +894,7 @@ def test_nothing_sent_and_no_public_model_are_said_not_printed_as_numbers(tmp_pa
     attacked = [line for line in said["unmatched"].splitlines() if re.match(r"\s*c0\b.*attack:", line)]
     assert len(attacked) == 2 and all("PSNR / SSIM no public model, " in line for line in attacked), attacked
     assert rows["unmatched"]["c0"]["reconstruction PSNR, public model (dB)"] == "no public model"
+    # no generated set asked for, so no copy rates: of the training images only the linkage candidates
+    # were embedded (the first 8 of shard 0, c0 in both runs, and of shard 1, c1 of 'unmatched')
+    embedded = sorted(p.name.split("-")[1] for p in (tmp_path / "feature_cache").glob("*-train*.npy"))
+    assert embedded == ["train8", "train8"]

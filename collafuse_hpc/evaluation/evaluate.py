@@ -47,6 +47,7 @@ from collafuse_hpc.evaluation.compute import client_compute
 from collafuse_hpc.evaluation.features import (
     FEATURES_VERSION,
     cached_real_features,
+    feature_cache_path,
     features,
     inception_path,
     load_extractor,
@@ -182,9 +183,17 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
             stream = privacy.stream(seed, k, device)
 
             def cached(split: str, images: np.ndarray, shard: str = cfg.clients[k].shard) -> np.ndarray:
-                """Features of the first len(images) real images of ``split``, from the cache."""
-                key = f"{inspect_shard(shard).content_hash[:16]}-{split}{len(images)}-{identity}-v{FEATURES_VERSION}"
-                return cached_real_features(_cache_dir(cfg), key, lambda: feats(images))
+                """Features of the first len(images) real images of ``split``, from the cache: the
+                first rows of the whole split's when those are cached (memorization embeds every
+                training image before the attacks take the first n as candidates)."""
+                info, cache = inspect_shard(shard), _cache_dir(cfg)
+                key, whole = (
+                    f"{info.content_hash[:16]}-{split}{m}-{identity}-v{FEATURES_VERSION}"
+                    for m in (len(images), info.counts[split])
+                )
+                if os.path.exists(feature_cache_path(cache, whole)):
+                    return np.load(feature_cache_path(cache, whole))[: len(images)]
+                return cached_real_features(cache, key, lambda: feats(images))
 
             entry, made = {}, {}
             with parts("image quality", f"scoring the image sets of client {client.id}"):
@@ -206,7 +215,9 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
                     if name in privacy.IMAGE_SETS:
                         made[name] = (scored, fake)
             with parts("memorization", f"looking for client {client.id}'s training images among its samples"):
-                copies = privacy.memorization(made, (real_u8[k], real), client.reader, cached, resamples, seed)
+                copies = {}
+                if made:  # without a generated set asked for (eval.sets) no training image is embedded
+                    copies = privacy.memorization(made, (real_u8[k], real), client.reader, cached, resamples, seed)
                 for name, figures in copies.items():
                     entry[name].update(figures)
             y = torch.from_numpy(labels[k]).to(device) if client.condition else None

@@ -186,9 +186,14 @@ def features(extract: Extractor, images: np.ndarray, batch: int, device: torch.d
     return torch.cat(out).numpy()
 
 
+def feature_cache_path(cache_dir: str, key: str) -> str:
+    """The file of the cached features named ``key``: ``<cache_dir>/<key>.npy``."""
+    return os.path.join(cache_dir, f"{key}.npy")
+
+
 def cached_real_features(cache_dir: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
     """Load ``<cache_dir>/<key>.npy`` or compute and store it (atomically)."""
-    path = os.path.join(cache_dir, f"{key}.npy")
+    path = feature_cache_path(cache_dir, key)
     if os.path.exists(path):
         return np.load(path)
     value = compute()
