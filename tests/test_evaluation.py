@@ -262,17 +262,18 @@ def test_converted_reference_weights_give_the_reference_features_and_fid(tmp_pat
         with torch.no_grad():
             return reference(x / 255 * (1 + 127 / 128) - 1).double().numpy()
 
-    want = [reference_features(r[:20]) for r in real]  # the reference network on half: the recipe is per image
+    # the reference network on a quarter (the recipe is per image): 0.2 s of CPU an image
+    want = [reference_features(r[:10]) for r in real]
     got = [features(ours, r, 20, cpu) for r in real]
     for g, w in zip(got, want):
-        assert np.linalg.norm(g[:20] - w) / np.linalg.norm(w) < 1e-4
-    assert metrics.fid(got[0][:20], got[1][:20]) == pytest.approx(metrics.fid(*want), rel=1e-3)
-    noise = features(ours, _u8(40, size=8), 20, cpu)
+        assert np.linalg.norm(g[:10] - w) / np.linalg.norm(w) < 1e-4
+    assert metrics.fid(got[0][:10], got[1][:10]) == pytest.approx(metrics.fid(*want), rel=1e-3)
+    noise = features(ours, _u8(20, size=8), 20, cpu)
     assert metrics.fid(got[0][:20], got[0][20:]) < metrics.fid(got[0], got[1]) < metrics.fid(got[0], noise)
     # the TorchScript file as given works too, with the same features
     as_given, _ = load_extractor("inception", reference_inception, cpu)
-    given = features(as_given, real[0][:10], 10, cpu)
-    assert np.linalg.norm(given - want[0][:10]) / np.linalg.norm(want[0][:10]) < 1e-4
+    given = features(as_given, real[0][:4], 4, cpu)
+    assert np.linalg.norm(given - want[0][:4]) / np.linalg.norm(want[0][:4]) < 1e-4
 
 
 @pytest.mark.slow
