@@ -555,14 +555,17 @@ def test_report_writes_the_table_figure_and_grids(report):
 
 
 @pytest.mark.slow
-def test_report_replaces_its_folder_whole_and_refuses_a_run_given_twice(report, tmp_path):
+def test_report_replaces_its_folder_whole_and_refuses_a_run_given_twice(report, tmp_path, capsys):
     runs = [report.parent / f"c{cut}/results.h5" for cut in (0.25, 0.75)]
     out = tmp_path / "report"
     shutil.copytree(report, out)
 
     def tool(*paths, to=out):
-        cmd = [sys.executable, str(ROOT / "tools/report.py"), *map(str, paths), "--out", str(to)]
-        return subprocess.run(cmd, capture_output=True, text=True)
+        """The report command in this process (the report fixture ran tools/report.py, its wrapper)."""
+        args = ["report", *map(str, paths), "--out", str(to)]
+        code = main(args)
+        said = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, said.out, said.err)
 
     before = file_tree(out)
     # one run given twice (overlapping globs), or copied elsewhere, would count as two seeds

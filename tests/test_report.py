@@ -50,9 +50,13 @@ def _copy(run: Path, to: Path, c: float | None = None, split: str | None = None,
     return to / "results.h5"
 
 
-def _report(*paths: Path, out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "collafuse_hpc", "report", *map(str, paths), "--out", str(out)]
-    return subprocess.run(cmd, capture_output=True, text=True)
+def _report(capsys, *paths: Path, out: Path) -> subprocess.CompletedProcess:
+    """``collafuse-hpc report`` in this process: its exit code and what it printed (the
+    command's own process: the installed-wheel test below)."""
+    args = ["report", *map(str, paths), "--out", str(out)]
+    code = main(args)
+    said = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, said.out, said.err)
 
 
 def _rows(out: Path, name: str) -> list[dict]:
@@ -61,13 +65,13 @@ def _rows(out: Path, name: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_c1_run_made_under_each_split_mode_is_one_seed_and_a_seed_without_c1_is_named(evaluated, tmp_path):
+def test_a_c1_run_made_under_each_split_mode_is_one_seed_and_a_seed_without_c1_is_named(evaluated, tmp_path, capsys):
     """A study run once with SPLITS=markov and once with SPLITS=reference trains c = 1
     twice for one seed: pooled as two seeds (and versus_c1 taking either), the seed
     interval narrowed. A seed of c < 1 without its c = 1 run fell out of versus_c1 unsaid."""
     local = [_copy(evaluated, tmp_path / f"c1-{split}", c=1.0, split=split) for split in ("markov", "reference")]
     seeds = [evaluated / "results.h5", _copy(evaluated, tmp_path / "c0.25-s1", seed=1)]
-    done = _report(*local, *seeds, out=tmp_path / "report")
+    done = _report(capsys, *local, *seeds, out=tmp_path / "report")
     assert done.returncode == 0, done.stderr
     assert f"{local[1]} left out: the same point as {local[0]}" in done.stdout
     assert "c = 0.25: seed(s) 1 left out of versus_c1 (no c = 1 run of that partition and seed)" in done.stdout
@@ -78,7 +82,7 @@ def test_a_c1_run_made_under_each_split_mode_is_one_seed_and_a_seed_without_c1_i
     md = (tmp_path / "report/table.md").read_text()
     assert "### Left out" in md and "the same point as" in md and "seed(s) 1 left out of versus_c1" in md
     # the same run given twice is still refused: it is not a second seed
-    done = _report(local[0], local[0], out=tmp_path / "twice")
+    done = _report(capsys, local[0], local[0], out=tmp_path / "twice")
     assert done.returncode == 2 and "are the same point" in done.stderr
 
 
@@ -90,7 +94,7 @@ def test_metrics_older_than_the_run_are_left_out_and_inspect_says_so(evaluated, 
     shutil.copytree(evaluated, run)
     raw = tiny_config([c["shard"] for c in _config(run)["clients"]], run, [0.25, 0.25], rounds=3)
     run_in_process(from_dict(raw), resume=True)
-    done = _report(run / "results.h5", out=tmp_path / "report")
+    done = _report(capsys, run / "results.h5", out=tmp_path / "report")
     assert done.returncode == 1 and "no evaluated runs" in done.stdout
     stale = "its metrics are of round 2, but the run has since trained to round 3"
     assert f"left out: {stale}: evaluate it again" in done.stdout
@@ -100,7 +104,7 @@ def test_metrics_older_than_the_run_are_left_out_and_inspect_says_so(evaluated, 
     assert main(["compare", str(run / "results.h5")]) == 0
     assert "2 (stale)" in capsys.readouterr().out  # compare marks it too
     evaluate(from_dict(raw))
-    done = _report(run / "results.h5", out=tmp_path / "report")
+    done = _report(capsys, run / "results.h5", out=tmp_path / "report")
     assert done.returncode == 0 and "left out" not in done.stdout, done.stdout
 
 
