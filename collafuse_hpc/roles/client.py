@@ -58,10 +58,9 @@ def client_nets(cfg: Config, indices: list[int], device: torch.device) -> dict[i
     for ks in groups.values():
         c = cfg.clients[ks[0]]
         shape = (c.model, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes if c.labels else 0)
-        with torch.device("meta"):
-            model = UNet(*shape, members=len(ks))
-        model = model.to_empty(device="cpu")
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the caller's global stream stays as it was
+            # built on the CPU and written over: meta tensors and to_empty would import sympy (0.45 s of CPU a rank)
+            model = UNet(*shape, members=len(ks))
             for slot, k in enumerate(ks):
                 torch.manual_seed(role_seed(cfg.run.seed, "client", k))
                 for w, w1 in zip(model.parameters(), UNet(*shape).parameters()):
