@@ -47,6 +47,11 @@ ReturnToService=2
 JobRequeue=1
 KillWait=30
 SchedulerType=sched/backfill
+# Heterogeneous jobs start only on a backfill pass (every 30 s by default: 2 to 28 s of
+# waiting per hetero job in the suite). A requeued job waits out cred_expire (120 s by
+# default) before it may start again, when nothing moves its start forward.
+SchedulerParameters=bf_interval=2
+AuthInfo=cred_expire=30
 InactiveLimit=0
 MinJobAge=600
 NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=16818 CPUs=16 RealMemory=4000 State=UNKNOWN
