@@ -14,7 +14,7 @@ from conftest import harness, mpirun, run_mpi, spawn_ranks, tiny_config, wait_fo
 from collafuse_hpc.runtime import checkpoint
 
 pytestmark = pytest.mark.mpi
-ROUNDS = 24  # the kill lands at round 4 or 5; the restart trains the rest
+ROUNDS = 16  # the kill lands at round 4 or 5; the restart trains the rest
 
 
 @pytest.mark.parametrize(
