@@ -16,7 +16,6 @@ from conftest import tiny_config, write_config
 
 from collafuse_hpc import cli
 from collafuse_hpc.config import from_dict, load
-from collafuse_hpc.results.inspection import compare
 from collafuse_hpc.roles import client as client_module
 from collafuse_hpc.roles.client import Client
 from collafuse_hpc.roles.federated import FedServer, client_config, initial_weights
@@ -375,6 +374,10 @@ def test_the_report_puts_federated_beside_alone_and_split(tmp_path, shards):
     with open(tmp_path / "report/versus_c1.csv") as f:
         assert {"fedavg", "fedavg+ft", "split"} == {r["method"] for r in csv.DictReader(f)}
     assert "Alone (c = 1), federated and split" in (tmp_path / "report/table.md").read_text()
+    assert fed["server_images_per_s"] in ("", "nan")  # a federated server denoises no image
+    # a federated run alone is a report too: no split run, so no trade-off over c
+    assert cli.main(["report", made["fedavg"], "--out", str(tmp_path / "fed_only")]) == 0
+    assert not (tmp_path / "fed_only/tradeoff.png").exists() and (tmp_path / "fed_only/table.csv").exists()
 
 
 @pytest.mark.slow
@@ -430,6 +433,7 @@ def test_a_resumed_servers_summary_adds_up_its_bytes_and_updates():
 
     server = combine_summaries([{"rounds_run": 2, "updates": 4, "bytes_received": 10, "bytes_sent": 20}] * 2)
     assert [server[k] for k in ("rounds_run", "updates", "bytes_received", "bytes_sent")] == [4, 8, 20, 40]
+    assert "images_per_s" not in server  # a federated server averages; it denoises no image
     client = [{"bytes_sent": 5, "invocation_bytes_sent": 5}, {"bytes_sent": 12, "invocation_bytes_sent": 7}]
     combined = combine_summaries(client)
     assert (combined["bytes_sent"], combined["invocation_bytes_sent"]) == (12, 12)
@@ -494,14 +498,6 @@ def test_inspect_says_what_a_federated_server_did_not_its_images_per_second(tmp_
     assert "server: rank 0 on h" in shown
     assert "    4 rounds, 8 updates averaged, 4.00 MB received, 6.00 MB sent; send_s 1.0 s" in shown
     assert "images/s" not in shown
-
-
-def test_compare_gives_no_images_per_second_for_a_federated_server(tmp_path, shards, capsys):
-    """compare's "server images/s" row is the split server's denoising rate: a federated
-    server's summary rate (the clients' images over its round time) is not shown as one."""
-    _inspected(tmp_path, shards, capsys, {"images": 48, "images_per_s": 99.0, "rounds_run": 2})
-    _, rows = compare([str(tmp_path / "results.h5")])
-    assert dict((r[0], r[1]) for r in rows)["server images/s"] is None
 
 
 def test_the_federated_server_hands_its_state_over_only_for_a_checkpoint_set(tmp_path, shards, monkeypatch):

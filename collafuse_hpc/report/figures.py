@@ -44,9 +44,9 @@ def tradeoff_figure(pooled: list[dict], path: str) -> bool:
     (collaborative against client-alone FID), disclosure (x_c and reconstructions, linkage
     at one release and at the run's releases, membership of the server's model) and client
     compute; then quality against disclosure (the server's membership AUC, the linkage at
-    the run's releases)."""
+    the run's releases). None drawn (False) without a split run."""
     plt = _pyplot()
-    if plt is None:
+    if plt is None or not pooled:
         return False
     fig, ax = plt.subplots(1, 4, figsize=(21, 4.6))
     twin = ax[1].twinx()

@@ -363,21 +363,13 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
     return list(targets)
 
 
-def _server_images_per_s(s: dict) -> float | None:
-    """The split server's denoising rate; None for a federated server, which denoises no
-    image (its summary's rate is the clients' images over its round time)."""
-    if _method(s["config"]).startswith("federated"):
-        return None
-    return s["roles"].get(SERVER, {}).get("summary", {}).get("images_per_s")
-
-
 COMPARE_ROWS = (
     ("extractor (FID/KID features)", lambda s: s["metrics"]["attrs"]["extractor"]),
     ("rounds", lambda s: s["config"]["run"]["rounds"]),
     ("metrics of round", lambda s: f"{s['metrics']['attrs']['checkpoint_round']}" + (" (stale)" if s["stale"] else "")),
     ("method", lambda s: _method(s["config"]).split(":")[0]),
     ("cut ratio(s)", lambda s: _cuts(s["config"])),
-    ("server images/s", _server_images_per_s),
+    ("server images/s", lambda s: s["roles"].get(SERVER, {}).get("summary", {}).get("images_per_s")),
     ("server loss", lambda s: s["roles"].get(SERVER, {}).get("tail_means", {}).get("loss_server")),
     ("bytes sent", lambda s: sum(r.get("audit", {}).get("bytes_sent", 0) for r in s["roles"].values())),
 )

@@ -126,8 +126,9 @@ def combine_summaries(parts: list[dict]) -> dict:
             out[key] = sum(p.get(key, 0) for p in parts)
     if "gpu_peak_memory_bytes" in out:
         out["gpu_peak_memory_bytes"] = max(p.get("gpu_peak_memory_bytes", 0) for p in parts)
-    busy = out.get("time_round_s", sum(out.get(k, 0.0) for k in ("time_recv_s", "time_compute_s", "time_send_s")))
-    out["images_per_s"] = out.get("images", 0) / busy if busy else 0.0
+    if "images_per_s" in out:  # a role that denoises images (not a federated server, which averages)
+        busy = out.get("time_round_s", sum(out.get(k, 0.0) for k in ("time_recv_s", "time_compute_s", "time_send_s")))
+        out["images_per_s"] = out.get("images", 0) / busy if busy else 0.0
     out["invocations"] = len(parts)
     return out
 

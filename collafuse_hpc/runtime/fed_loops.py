@@ -72,8 +72,7 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
             "time_send_s": t1 - t0,
             "time_recv_s": t2 - t1,  # the participants' local steps
             "time_compute_s": t3 - t2,
-            "images_per_s": images / (t3 - t0),
-        }
+        }  # no images/s: the server denoises no image (the rate would be its clients')
         results.log(row)
         recent.add(row)
         add_totals(totals, row)
@@ -88,9 +87,7 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
     t0 = time.perf_counter()
     send_packed(wire, {k: server.message(Kind.MODEL, run.rounds, k, server.ema) for k in server.clients}, rank_of)
     wire.flush()
-    busy = totals["time_recv_s"] + totals["time_compute_s"] + totals["time_send_s"]
     totals.update(time_sampling_s=time.perf_counter() - t0, images_sampled=0)
-    totals["images_per_s"] = totals["images"] / busy if busy else 0.0
     return totals
 
 
