@@ -168,6 +168,9 @@ class EvalConfig:
     inception_path: str = ""  # weights file; empty: $COLLAFUSE_INCEPTION (features.py lists the accepted forms)
     classifier_path: str = ""  # extractor classifier: the file collafuse-hpc train-classifier wrote
     bootstrap: int = 200  # [resamples] over images, for the 95% intervals of FID, fidelity, precision, recall; 0: none
+    # [repeats] timings of a client's share of sampling and of a round against the full chain, side by side in
+    # alternating order (client compute; its FLOPs are counted once)
+    timing_repeats: int = 4
     images: int = 1000  # [images] generated per set and client (and at most this many real test images)
     max_image_steps: int = 0  # [image-steps] budget: images x reverse steps of all sampling; 0: none
     sets: list[str] = field(  # which image sets to generate and score

@@ -99,6 +99,7 @@ RANGES = {
     "eval.batch": AT_LEAST_2,
     "eval.max_image_steps": NON_NEGATIVE,
     "eval.bootstrap": NON_NEGATIVE,
+    "eval.timing_repeats": AT_LEAST_1,
     "clients.*.cut_ratio": Range(0, 1),
     "clients.*.cut_step": Range(0, "diffusion.timesteps"),
     "clients.*.batch_size": AT_LEAST_1,

@@ -81,21 +81,6 @@ def one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_compute_timing():
-    """evaluate times each client's share of sampling and training against the full chain
-    side by side, 4 times each (evaluation/compute.py): two thirds of a tiny run's
-    evaluation. In this process it times them once; the tests check that the compute
-    entries are there and positive, and tests/test_performance.py checks the measurement
-    itself with one repeat. Benchmarks (tools/bench.py) pass their own repeats."""
-    from collafuse_hpc.evaluation import compute
-
-    repeats = compute.client_compute.__defaults__
-    compute.client_compute.__defaults__ = (1,)  # session-wide: the module fixtures evaluate runs too
-    yield
-    compute.client_compute.__defaults__ = repeats
-
-
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> list[str]:
     """Four 8x8 digit shards, split by class (c0: 0-2, c1: 3-5, c2: 6-7, c3: 8-9)."""
@@ -135,6 +120,10 @@ def tiny_config(shards: list[str], out: Path, cuts: list[float], fault: dict | N
             "kid_subsets": 5,
             "kid_subset_size": 8,
             "batch": 16,
+            # the client compute timed once, not 4 times (two thirds of a tiny run's evaluate, in each process
+            # that evaluates: CLI commands, ranks, study points); the tests check that its entries are there
+            # and positive, and tests/test_performance.py checks the measurement itself with one repeat
+            "timing_repeats": 1,
             "cache_dir": str(Path(out).parent / "feature_cache"),
         },
         "fault": fault or {},

@@ -443,11 +443,18 @@ def test_client_compute_is_measured_once_per_model_and_cut(tmp_path, shards, mon
 
     calls = []
     measure = module.client_compute
-    monkeypatch.setattr(module, "client_compute", lambda client, n: calls.append(client.id) or measure(client, n))
-    cfg = from_dict(tiny_config(shards, tmp_path, [0.25, 0.25, 0.5], rounds=2))
+
+    def counted(client, n, repeats):
+        calls.append((client.id, repeats))
+        return measure(client, n, repeats)
+
+    monkeypatch.setattr(module, "client_compute", counted)
+    raw = tiny_config(shards, tmp_path, [0.25, 0.25, 0.5], rounds=2)
+    raw["eval"]["timing_repeats"] = 2
+    cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     report = evaluate(cfg)
-    assert calls == ["c0", "c2"]  # c1 has c0's model and cut
+    assert calls == [("c0", 2), ("c2", 2)]  # c1 has c0's model and cut; timed eval.timing_repeats times
     assert report["c1"]["compute"] == report["c0"]["compute"] != report["c2"]["compute"]
 
 

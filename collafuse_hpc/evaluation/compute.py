@@ -75,12 +75,13 @@ def _timed_pair(a, b, repeats: int) -> tuple[float, float, float]:
     return a_total / repeats, b_total / repeats, a_total / b_total
 
 
-def client_compute(client: Client, n: int, repeats: int = 4) -> dict[str, float]:
+def client_compute(client: Client, n: int, repeats: int) -> dict[str, float]:
     """Measure ``client``'s share against local-only work with its own model, on the
     grids of its cut (same step count for both).
 
     Args:
         n: images per sampling batch.
+        repeats: timings of each side by side (eval.timing_repeats).
     Returns (FLOPs as counts, times in seconds, ratios dimensionless):
         sampling_steps_client / _full, sampling_flops_client / _full (per image),
         sampling_time_client_s / _full_s (per image), sampling_time_ratio,

@@ -253,7 +253,7 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
             )
             if key not in compute_of:
                 with parts("client compute", f"measuring client {client.id}'s compute"):
-                    compute_of[key] = client_compute(client, min(n, 16))
+                    compute_of[key] = client_compute(client, min(n, 16), cfg.eval.timing_repeats)
             entry["compute"] = dict(compute_of[key])
             report[client.id] = entry
             log.info("evaluated client %s: %s", client.id, _line(entry))
