@@ -47,6 +47,15 @@ def _read(out) -> dict:
     return got
 
 
+@pytest.fixture(scope="module")
+def one_per_rank(tmp_path_factory, shards) -> dict:
+    """The mixed run with one client per rank, trained once: what the placements below
+    are compared with (read by :func:`_read`; not to be changed)."""
+    out = tmp_path_factory.mktemp("one_per_rank")
+    run_in_process(from_dict(_mixed(shards, out, clients_per_rank=1)), resume=False)
+    return _read(out)
+
+
 def _assert_same(a: dict, b: dict) -> None:
     np.testing.assert_allclose(a["server"]["loss_server"], b["server"]["loss_server"], rtol=1e-4)
     assert np.array_equal(a["server"]["clients"], b["server"]["clients"])
@@ -63,11 +72,11 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-def test_clients_hosted_together_train_and_sample_as_on_ranks_of_their_own(tmp_path, shards):
+def test_clients_hosted_together_train_and_sample_as_on_ranks_of_their_own(tmp_path, shards, one_per_rank):
     """One rank per client, all five on one rank, and 2 + 2 + 1: the same losses, samples,
     hand-overs and audit totals (to float tolerance)."""
-    runs = {}
-    for per in (1, 5, 2):
+    runs = {1: one_per_rank}
+    for per in (5, 2):
         raw = _mixed(shards, tmp_path / f"per{per}", clients_per_rank=per)
         summaries = run_in_process(from_dict(raw), resume=False)
         assert list(summaries) == ["server_0"] + [f"client_{cid}" for cid in IDS]
@@ -80,13 +89,11 @@ def test_clients_hosted_together_train_and_sample_as_on_ranks_of_their_own(tmp_p
 
 
 @pytest.mark.slow
-def test_a_checkpoint_resumes_with_another_placement(tmp_path, shards):
+def test_a_checkpoint_resumes_with_another_placement(tmp_path, shards, one_per_rank):
     """Stopped after round 2 with one client per rank, resumed with all on one rank
     (and the other way round): the same run as an uninterrupted one, but for the audit,
     which also counts the stopped run's sample request."""
-    full = _mixed(shards, tmp_path / "full", clients_per_rank=1)
-    run_in_process(from_dict(full), resume=False)
-    reference = _read(tmp_path / "full")
+    reference = one_per_rank
     for first, then in ((1, 5), (5, 2)):
         out = tmp_path / f"from{first}to{then}"
         part = _mixed(shards, out, clients_per_rank=first)
@@ -184,15 +191,13 @@ def test_members_step_on_their_own():
 
 
 @pytest.mark.mpi
-def test_hosted_clients_under_mpirun_match_in_process(tmp_path, shards):
+def test_hosted_clients_under_mpirun_match_in_process(tmp_path, shards, one_per_rank):
     """Five clients on two client ranks under mpirun == one rank per client in process."""
     raw = _mixed(shards, tmp_path / "dist", clients_per_rank=3)
     proc = run_mpi(3, ["train", write_config(tmp_path / "run.yaml", raw)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launch: mpi, 3 ranks (1 servers, 5 clients)" in proc.stderr
-    raw.update(run=dict(raw["run"], output_dir=str(tmp_path / "local"), clients_per_rank=1))
-    run_in_process(from_dict(raw), resume=False)
-    _assert_same(_read(tmp_path / "local"), _read(tmp_path / "dist"))
+    _assert_same(one_per_rank, _read(tmp_path / "dist"))
 
 
 def test_a_rank_raises_its_open_file_limit_for_its_clients_shards(monkeypatch):
