@@ -136,6 +136,28 @@ def write_config(path: Path, cfg: dict) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def evaluated_run(tmp_path_factory, shards):
+    """``evaluated_run(c)``: the folder ``c<c>`` of a run of two clients cut at ``c``, trained 2
+    rounds (record 0) and evaluated (record 1), once per session and cut: the reports' and
+    inspect's tests read it. Copy it to change it."""
+    from collafuse_hpc.config import from_dict
+    from collafuse_hpc.evaluation.evaluate import evaluate
+    from collafuse_hpc.runtime.run import run_in_process
+
+    folder, runs = tmp_path_factory.mktemp("evaluated"), {}
+
+    def run(cut: float) -> Path:
+        if cut not in runs:
+            cfg = from_dict(tiny_config(shards, folder / f"c{cut}", [cut, cut], rounds=2))
+            run_in_process(cfg, resume=False)
+            evaluate(cfg)
+            runs[cut] = folder / f"c{cut}"
+        return runs[cut]
+
+    return run
+
+
 def mpirun() -> str:
     """The mpirun the multi-rank tests use (tools/harness.py finds it). Missing MPI
     skips locally but fails under CI, where the suite must run."""

@@ -414,12 +414,8 @@ def test_inspect_export_and_compare_refuse_a_file_that_is_not_a_results_file(tmp
 
 
 @pytest.mark.slow
-def test_inspect_errors_name_their_cause_and_a_closed_pipe_ends_quietly(tmp_path, shards, capsys):
-    run = tmp_path / "out"
-    cfg = from_dict(tiny_config(shards, run, [0.25, 0.5], rounds=1))
-    run_in_process(cfg, resume=False)
-    evaluate(cfg)  # record 0 trained, record 1 evaluated
-    results = str(run / "results.h5")
+def test_inspect_errors_name_their_cause_and_a_closed_pipe_ends_quietly(tmp_path, evaluated_run, capsys):
+    results = str(evaluated_run(0.25) / "results.h5")  # record 0 trained, record 1 evaluated
     capsys.readouterr()
     for args, message in (
         (["--record", "0"], "record 0 is a train record, which holds no metrics; the records of evaluations are [1]"),
@@ -515,18 +511,14 @@ def test_every_command_that_reads_a_run_refuses_a_config_it_was_not_trained_with
     assert main(["evaluate", config, "--set", "clients.0.cut_ratio=0.4", "--set", "eval.sets=[cut]"]) == 0
 
 
+REPORTED = (0.25, 0.75)  # the cuts of the evaluated runs (conftest.evaluated_run) the report fixture reports
+
+
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, shards) -> Path:
+def report(tmp_path_factory, evaluated_run) -> Path:
     """tools/report.py's folder for two evaluated runs (c = 0.25 and 0.75)."""
-    tmp_path = tmp_path_factory.mktemp("report")
-    paths = []
-    for cut in (0.25, 0.75):
-        raw = tiny_config(shards, tmp_path / f"c{cut}", [cut, cut], rounds=2)
-        cfg = from_dict(raw)
-        run_in_process(cfg, resume=False)
-        evaluate(cfg)
-        paths.append(str(tmp_path / f"c{cut}/results.h5"))
-    out = tmp_path / "report"
+    paths = [str(evaluated_run(cut) / "results.h5") for cut in REPORTED]
+    out = tmp_path_factory.mktemp("report") / "report"
     done = subprocess.run(
         [sys.executable, str(ROOT / "tools/report.py"), *reversed(paths), "--out", str(out)],
         capture_output=True,
@@ -562,8 +554,8 @@ def test_report_writes_the_table_figure_and_grids(report):
 
 
 @pytest.mark.slow
-def test_report_replaces_its_folder_whole_and_refuses_a_run_given_twice(report, tmp_path, capsys):
-    runs = [report.parent / f"c{cut}/results.h5" for cut in (0.25, 0.75)]
+def test_report_replaces_its_folder_whole_and_refuses_a_run_given_twice(report, evaluated_run, tmp_path, capsys):
+    runs = [evaluated_run(cut) / "results.h5" for cut in REPORTED]
     out = tmp_path / "report"
     shutil.copytree(report, out)
 

@@ -26,14 +26,11 @@ from collafuse_hpc.runtime.run import run_in_process
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, shards) -> Path:
-    """The folder of one run (c = 0.25, seed 0), trained 2 rounds and evaluated."""
-    out = tmp_path_factory.mktemp("evaluated") / "run"
-    cfg = from_dict(tiny_config(shards, out, [0.25, 0.25], rounds=2))
-    run_in_process(cfg, resume=False)
-    evaluate(cfg)
-    return out
+@pytest.fixture
+def evaluated(evaluated_run) -> Path:
+    """The folder of one run (c = 0.25, seed 0), trained 2 rounds and evaluated, shared by
+    the session (conftest): copy it to change it."""
+    return evaluated_run(0.25)
 
 
 def _copy(run: Path, to: Path, c: float | None = None, split: str | None = None, seed: int | None = None) -> Path:
