@@ -162,6 +162,7 @@ def test_the_report_runs_from_an_installed_wheel_outside_the_repository(evaluate
     assert not list((tmp_path / "plain").glob("*.png")) and (tmp_path / "plain/report.html").exists()
 
 
+@pytest.mark.slow  # its run is trained and evaluated (conftest.evaluated_run): 20 s on busy cores
 def test_the_report_of_one_run_says_and_shows_only_what_it_holds(evaluated, tmp_path, monkeypatch):
     """One run's report promised '[a, b] is the 95% interval' where none appeared, showed 27
     quality columns mostly n/a, drew the trade-off figure's x labels over each other (ticks
@@ -189,6 +190,7 @@ def test_the_report_of_one_run_says_and_shows_only_what_it_holds(evaluated, tmp_
             assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
 
 
+@pytest.mark.slow  # its run is trained and evaluated (conftest.evaluated_run): 20 s on busy cores
 def test_a_pooled_fid_is_printed_with_why_it_sits_below_the_clients(evaluated, tmp_path, capsys):
     """A pooled FID below every client's (6.00 against 12.81 and 12.16) went unexplained: FID
     falls as the number of images grows. evaluate's printout, inspect, compare (with each
