@@ -46,6 +46,7 @@ FAST_LIMIT_S = 10.0  # the longest a test of the fast tier (-m "not slow") may t
 SMOKE_LIMIT_S = 30.0  # the smoke test's: 5 s quiet, but 3 mpirun ranks starting on 2 busy cores take 12 s
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Multi-rank tests (mpi, slurm) are slow, but for the fast tier's smoke test; the
     SLURM tests run one after another on one xdist worker (they share the cluster's two
@@ -56,6 +57,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         multi_rank = item.get_closest_marker("mpi") or item.get_closest_marker("slurm")
         if multi_rank and not item.get_closest_marker("smoke"):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under --dist loadgroup (an xdist worker), a grouped test's id ends in @<group>;
+    stop when it does not (xdist's grouping failed silently: see pyproject's pin)."""
+    if not session.config.getvalue("loadgroup"):
+        return
+    lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup did not group {lost[0]} (+{len(lost) - 1}): check pytest-xdist")
 
 
 @pytest.hookimpl(hookwrapper=True)
