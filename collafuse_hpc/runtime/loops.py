@@ -360,6 +360,7 @@ def run_role(ctx: Context, role: Any, loop: Callable) -> dict[str, dict]:
         peers = [r for r in range(topo.num_servers) if r != rank] + sorted(hosts_of(topo, role.clients))
     else:
         peers = role.servers(topo)
+    results: dict[int | None, RoleResults] = {}
     try:
         restore(ctx, role)
         results = _open_parts(ctx, role)
@@ -379,11 +380,25 @@ def run_role(ctx: Context, role: Any, loop: Callable) -> dict[str, dict]:
             if text:
                 e = PeerFailure(text)
         ctx.wire.send_error(peers, ctx.round, str(e))
+        _keep_rows(ctx, results)
         raise e from None
     except Exception as e:
         text = f"{topo.describe(rank)}: {type(e).__name__}: {e}"
         ctx.wire.send_error(peers, ctx.round, text)
+        _keep_rows(ctx, results)
         raise RankFailure(text) from e
+
+
+def _keep_rows(ctx: Context, results: dict[int | None, RoleResults]) -> None:
+    """A failing rank still writes the rows it logged (finished rounds, what left its
+    clients): they sit in a buffer between flushes, and a peer's failure may reach this
+    rank before its next flush. A resume cuts the rounds after its set back as usual."""
+    with ctx.stop.writing():
+        for part in results.values():
+            try:
+                part.flush()
+            except OSError as e:  # a full disk, say: the failure being raised says the rest
+                log.warning("could not write the logged rows of %s: %s", part.path, e)
 
 
 def _open_parts(ctx: Context, role: Any) -> dict[int | None, RoleResults]:
