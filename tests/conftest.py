@@ -3,6 +3,7 @@ tiny configs, and the multi-rank launchers of tools/harness.py."""
 
 from __future__ import annotations
 
+import collections
 import os
 
 # One OpenMP/BLAS thread in this process and every process the tests start (the CLI
@@ -50,13 +51,18 @@ SMOKE_LIMIT_S = 30.0  # the smoke test's: 5 s quiet, but 3 mpirun ranks starting
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Multi-rank tests (mpi, slurm) are slow, but for the fast tier's smoke test; the
     SLURM tests run one after another on one xdist worker (they share the cluster's two
-    nodes and their job-id ports)."""
+    nodes and their job-id ports). Modules run in order of their count of slow tests,
+    most first (each module's tests stay together, in order, for its fixtures): xdist
+    hands tests out in this order, so the run ends on short tests that fill the workers'
+    last gaps rather than on one long test that the others wait for."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
         multi_rank = item.get_closest_marker("mpi") or item.get_closest_marker("slurm")
         if multi_rank and not item.get_closest_marker("smoke"):
             item.add_marker(pytest.mark.slow)
+    slow = collections.Counter(i.nodeid.split("::")[0] for i in items if i.get_closest_marker("slow"))
+    items.sort(key=lambda i: -slow[i.nodeid.split("::")[0]])  # stable: a module's order stays
 
 
 @pytest.hookimpl(trylast=True)
