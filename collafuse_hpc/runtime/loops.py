@@ -380,19 +380,24 @@ def run_role(ctx: Context, role: Any, loop: Callable) -> dict[str, dict]:
             if text:
                 e = PeerFailure(text)
         ctx.wire.send_error(peers, ctx.round, str(e))
-        _keep_rows(ctx, results)
+        _keep_rows(ctx, role, results)
         raise e from None
     except Exception as e:
         text = f"{topo.describe(rank)}: {type(e).__name__}: {e}"
         ctx.wire.send_error(peers, ctx.round, text)
-        _keep_rows(ctx, results)
+        _keep_rows(ctx, role, results)
         raise RankFailure(text) from e
 
 
-def _keep_rows(ctx: Context, results: dict[int | None, RoleResults]) -> None:
-    """A failing rank still writes the rows it logged (finished rounds, what left its
-    clients): they sit in a buffer between flushes, and a peer's failure may reach this
-    rank before its next flush. A resume cuts the rounds after its set back as usual."""
+def _keep_rows(ctx: Context, role: Any, results: dict[int | None, RoleResults]) -> None:
+    """A failing rank still writes the rows it logged (finished rounds) and everything that
+    left its clients, the unfinished round's releases too: they sit in buffers between
+    flushes, and a peer's failure may reach this rank before its next flush. A resume cuts
+    the rounds after its set back as usual; the audit is append-only."""
+    if None not in results:  # a client rank
+        for c in role.clients:
+            if c.index in results:
+                log_audit(results[c.index], c)
     with ctx.stop.writing():
         for part in results.values():
             try:
