@@ -3,7 +3,6 @@ tiny configs, and the multi-rank launchers of tools/harness.py."""
 
 from __future__ import annotations
 
-import collections
 import os
 
 # One OpenMP/BLAS thread in this process and every process the tests start (the CLI
@@ -51,29 +50,26 @@ SMOKE_LIMIT_S = 30.0  # the smoke test's: 5 s quiet, but 3 mpirun ranks starting
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Multi-rank tests (mpi, slurm) are slow, but for the fast tier's smoke test; the
     SLURM tests run one after another on one xdist worker (they share the cluster's two
-    nodes and their job-id ports). Modules run in order of their count of slow tests,
-    most first (each module's tests stay together, in order, for its fixtures): xdist
-    hands tests out in this order, so the run ends on short tests that fill the workers'
-    last gaps rather than on one long test that the others wait for."""
+    nodes and their job-id ports)."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
         multi_rank = item.get_closest_marker("mpi") or item.get_closest_marker("slurm")
         if multi_rank and not item.get_closest_marker("smoke"):
             item.add_marker(pytest.mark.slow)
-    slow = collections.Counter(i.nodeid.split("::")[0] for i in items if i.get_closest_marker("slow"))
-    items.sort(key=lambda i: -slow[i.nodeid.split("::")[0]])  # stable: a module's order stays
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Under --dist loadgroup (an xdist worker), a grouped test's id ends in @<group>;
-    stop when it does not (xdist's grouping failed silently: see pyproject's pin)."""
-    if not getattr(session.config.option, "loadgroup", False):  # set on xdist workers only
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
+    """On the xdist controller, as each worker reports its tests: under --dist loadgroup
+    every SLURM test's id ends in @slurm; stop, saying so, when it does not (xdist's
+    grouping failed silently: see pyproject's pin). A worker cannot say it: xdist shows
+    an error raised there as an internal error without its message."""
+    if node.config.getoption("dist") != "loadgroup":
         return
-    lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    lost = [i for i in ids if i.startswith("tests/test_slurm.py::") and not i.endswith("@slurm")]
     if lost:
-        raise pytest.UsageError(f"--dist loadgroup did not group {lost[0]} (+{len(lost) - 1}): check pytest-xdist")
+        pytest.exit(f"--dist loadgroup did not group {lost[0]} (+{len(lost) - 1} more): check pytest-xdist", 3)
 
 
 @pytest.hookimpl(hookwrapper=True)
