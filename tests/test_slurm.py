@@ -243,7 +243,9 @@ def test_scancel_without_a_signal_leaves_a_checkpoint_set_to_continue_from(tmp_p
 
 def test_time_limit_with_signal_usr1_to_the_tasks_checkpoints_and_requeues(tmp_path, shards):
     """--signal=USR1@N without B: sends USR1 to the job's steps before the time limit; the
-    tasks stop with exit 75 and the batch script requeues the job."""
+    tasks stop with exit 75, their newest complete set is the stop's round, and the batch
+    script requeues the job. Here every round writes a set (see below): that a stop writes
+    its own set when none is due is what the TERM/INT and USR1 requeue tests check."""
     # outlasts the limit; rank 0 writes each round's checkpoint set 3 s slower, so the job
     # waits for the signal instead of training flat out until it comes (12 to 19 s of CPU)
     slow = {"rank": 0, "mode": "slow_write", "delay_s": 3}
