@@ -293,6 +293,23 @@ def test_a_failed_run_keeps_the_rows_each_rank_logged_before_its_next_flush(tmp_
     assert [r for who, r in left if who == "c0"] == [0, 1, 2]
 
 
+def test_rows_that_cannot_be_written_on_a_failure_do_not_hide_it(tmp_path, shards, monkeypatch, caplog, capsys):
+    """The rows a failing rank still writes are a best effort: when that write fails too (a
+    full disk, a broken file), the rank's own failure is what ends the run, named as before."""
+    from collafuse_hpc.results.writer import RoleResults
+
+    def broken(self):
+        raise ValueError("broken part file")
+
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=6, log_every=100, checkpoint_every=100)
+    raw["fault"] = {"rank": 1, "round": 3}
+    cfg = write_config(tmp_path / "crash.yaml", raw)
+    monkeypatch.setattr(RoleResults, "flush", broken)
+    assert main(["train", cfg, "--in-process"]) == 1
+    assert "rank 1 (client 'c0'): RuntimeError: injected fault at round 3" in capsys.readouterr().err
+    assert "could not write the logged rows" in caplog.text and "ValueError: broken part file" in caplog.text
+
+
 def test_inspect_says_the_steps_each_side_sampled_and_no_loss_a_cut_never_trains(tmp_path, shards, capsys):
     """inspect printed '(ddpm, 0 steps, eta 0.0, ...)' for every client (diffusion.sampling_steps 0
     means T) and 'loss_local -' for a client at c = 0, which trains no step of its own. It says

@@ -402,8 +402,8 @@ def _keep_rows(ctx: Context, role: Any, results: dict[int | None, RoleResults]) 
         for part in results.values():
             try:
                 part.flush()
-            except OSError as e:  # a full disk, say: the failure being raised says the rest
-                log.warning("could not write the logged rows of %s: %s", part.path, e)
+            except Exception as e:  # a full disk, a broken file: never hide the failure being raised
+                log.warning("could not write the logged rows of %s: %s: %s", part.path, type(e).__name__, e)
 
 
 def _open_parts(ctx: Context, role: Any) -> dict[int | None, RoleResults]:
