@@ -213,3 +213,65 @@ def test_a_pooled_fid_is_printed_with_why_it_sits_below_the_clients(evaluated, t
     assert re.search(r"FID collaborative c0 +\S", printed) and re.search(r"FID collaborative c1 +\S", printed)
     assert POOLED_FID in (tmp_path / "report/table.md").read_text()
     assert html.escape(POOLED_FID) in (tmp_path / "report/report.html").read_text()
+
+
+@pytest.mark.slow  # its run is trained and evaluated (conftest.evaluated_run): 20 s on busy cores
+def test_each_fedavg_row_shows_the_membership_of_the_model_its_clients_sample_with(evaluated, tmp_path):
+    """A fine-tuned FedAvg run is two rows: its global model's samples (fedavg) and the
+    fine-tuned ones (fedavg+ft). The global row's client's-model AUC was the fine-tuned
+    model's (mia_client_auc), which its clients do not sample with and no other party
+    holds; it is the global model's (mia_federated_auc), which the server and every
+    other client hold. The three-way table puts the copy rates and the linkage at the
+    run's releases, with its interval where evaluate wrote one, beside precision and recall.
+    The federated run is the split run's copy with a FedAvg config and known membership
+    figures, as _copy labels runs without training them."""
+    split, fed = tmp_path / "split", tmp_path / "fedavg"
+    shutil.copytree(evaluated, split)
+    shutil.copytree(evaluated, fed)
+    with h5py.File(split / "results.h5", "a") as f:
+        for who, figures in (("c0", (0.5, 0.25, 0.75)), ("c1", (0.75, 0.5, 1.0))):  # linkage, its low and high
+            attack = f[f"metrics/{who}/attack"].attrs
+            for end, value in zip(("", "_low", "_high"), figures, strict=True):
+                attack[f"link_pixel_top1_releases{end}"] = value
+    known = {"federated": (0.9, 0.8, 1.0), "client": (0.6, 0.55, 0.65)}  # AUC, its interval's low and high
+    with h5py.File(fed / "results.h5", "a") as f:
+        config = yaml.safe_load(f.attrs["config"])
+        config["run"]["method"] = "federated"
+        config["federated"] = {"local_steps": 2, "finetune_steps": 3, "architecture": "server"}
+        f.attrs["config"] = yaml.safe_dump(config)
+        m = f["metrics"]
+        for who in ("pooled", "c0", "c1"):
+            m.copy(m[f"{who}/collaborative"], m[who], name="global")
+            membership = m[f"{who}/membership"].attrs
+            for key in [key for key in membership if key.startswith("mia_")]:
+                del membership[key]
+            for model, figures in known.items():
+                for end, value in zip(("", "_low", "_high"), figures, strict=True):
+                    membership[f"mia_{model}_auc{end}"] = value
+            if who != "pooled":  # a federated client sends no x_c: nothing to attack
+                del m[f"{who}/attack"]
+                m[f"{who}/disclosure"].attrs["mu_composed"] = 0.0
+    from collafuse_hpc.report.make import make_report
+
+    assert make_report([str(split / "results.h5"), str(fed / "results.h5")], str(tmp_path / "report")) == 0
+    rows = {(r["method"], r["who"]): r for r in _rows(tmp_path / "report", "table.csv")}
+    for who in ("pooled", "c0", "c1"):
+        assert float(rows["fedavg", who]["mia_client_auc"]) == 0.9 == float(rows["fedavg", who]["mia_federated_auc"])
+        assert float(rows["fedavg", who]["mia_client_auc_low"]) == 0.8
+        assert float(rows["fedavg+ft", who]["mia_client_auc"]) == 0.6
+        assert float(rows["fedavg+ft", who]["mia_federated_auc"]) == 0.9
+    md = (tmp_path / "report/table.md").read_text()
+    three_way = md.split("### Alone (c = 1), federated and split")[1].split("\n### ")[0]
+    header, _, *cells = [line.strip("|").split(" | ") for line in three_way.splitlines() if line.startswith("|")]
+    header = [h.strip() for h in header]
+    from collafuse_hpc.report.tables import COLUMNS, METHODS
+
+    for key in ("copy_rate_pixel", "copy_rate_feature", "link_pixel_top1_releases"):  # no classifier: no precision
+        assert COLUMNS[key] in header, key
+    assert METHODS.index("copy_rate_pixel") == METHODS.index("recall") + 1
+    linkage = {
+        (row[0].strip(), row[3].strip()): row[header.index(COLUMNS["link_pixel_top1_releases"])] for row in cells
+    }
+    assert linkage["split", "c0"] == "0.5 [0.25, 0.75]"
+    assert linkage["split", "pooled"] == "0.625 [0.4482, 0.8018]"  # half-widths 0.25 in quadrature, over 2 clients
+    assert linkage["fedavg", "c0"] == "no x_c sent (federated: model updates only)"

@@ -65,7 +65,7 @@ def _run(c: float, seed: int, fidelity: float, fid: float, half: float = 0.01) -
     row["who"] = "pooled"
     row |= {"fidelity": fidelity, "fidelity_low": fidelity - half, "fidelity_high": fidelity + half}
     row |= {"fid_collaborative": fid, "fid_collaborative_low": fid - half, "fid_collaborative_high": fid + half}
-    return row | {key: math.nan for key in ("precision", "recall", "class_distance")}
+    return row | {key: math.nan for key in ("precision", "recall", "class_distance", *report.COPIES)}
 
 
 def test_versus_baseline_pairs_seeds_and_gives_t_intervals_and_verdicts():

@@ -8,7 +8,10 @@ Writes into --out:
                 ``<column>_seed_std`` their standard deviation; column names carry their
                 units (see COLUMNS): FID and KID per image set, disclosure of x_c and by
                 attack, client compute as exact FLOP ratios and measured time ratios
-  table.md      the same as three readable tables: quality, disclosure, compute
+  table.md      the same as readable tables: quality (copies beside precision and
+                recall), disclosure by attack (at one release and at the run's
+                releases), membership inference, compute, and with a federated run
+                alone, federated and split side by side
   tradeoff.png  quality vs disclosure vs client compute over c, one line per split mode,
                 error bars over seeds (needs matplotlib: pip install 'collafuse-hpc[report]';
                 skipped with a note otherwise)

@@ -32,6 +32,9 @@ COMPARED = {
     "FD": ("fid_collaborative", -1),
     "precision": ("precision", +1),
     "recall": ("recall", +1),
+    # fewer samples nearer a training image than held-out images are: fewer memorized outputs
+    "copied (pixels)": ("copy_rate_pixel", -1),
+    "copied (features)": ("copy_rate_feature", -1),
 }
 # the convergence check compares the mean loss over the last 10% of rounds with the 10% before (for the clients'
 # mean loss and for the server's; the report takes the larger)

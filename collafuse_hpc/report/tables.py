@@ -4,11 +4,14 @@ averaged over seeds, and table.csv, versus_c1.csv, table.md and report.html.
 Column names carry their units (COLUMNS): FID and KID per image set, class fidelity and
 distance, precision and recall and the copy rates with their 95% intervals over images,
 the loss still falling, disclosure of x_c and by attack (at one release and at the run's
-releases per image), membership inference against each model another party holds,
-client compute as exact FLOP ratios and measured time ratios. The pooled row's FID/KID
-compare all clients' images with all their real images, and its membership figures
-every client's candidates under one threshold; its disclosure and compute columns and
-copy rates are means over the clients.
+releases per image, with their intervals where evaluate wrote them), membership
+inference against each model another party holds, client compute as exact FLOP ratios
+and measured time ratios; and alone, federated and split side by side with quality,
+copies, what the other parties could learn and what a client paid. The pooled row's
+FID/KID compare all clients' images with all their real images, and its membership
+figures every client's candidates under one threshold; its disclosure and compute
+columns, copy rates and attacks are means over the clients (intervals: the clients' in
+quadrature).
 """
 
 from __future__ import annotations
@@ -27,6 +30,19 @@ from collafuse_hpc.report import stats
 from collafuse_hpc.results.schema import SETS, SUMMARY, role_key
 
 NAN = float("nan")
+COPIED = (
+    f"share nearer a training image than {100 - COPY_PERCENTILE:g}% of held-out images; "
+    f"{COPY_PERCENTILE / 100:g}: none copied"
+)
+
+
+def _interval(key: str, header: str) -> dict[str, str]:
+    """``key`` and the ends of its 95% interval over images, which evaluate writes beside it
+    as ``<key>_low`` and ``<key>_high`` where it has one: table.csv keeps them, and a cell of
+    table.md shows them beside the value (``_cell``)."""
+    return {key: header, f"{key}_low": f"{header}, 95% low (images)", f"{key}_high": f"{header}, 95% high (images)"}
+
+
 # csv key -> markdown header (with units); FID and KID are in squared units of the features named in
 # the ``features`` column (Inception pool_3 for published numbers, pixels in [-1, 1] for the proxy)
 COLUMNS = {
@@ -44,32 +60,13 @@ COLUMNS = {
     **{f"kid_std_{s}": f"KID std {s}" for s in SETS},
     "fid_collaborative_low": "FD collaborative, 95% low (images)",
     "fid_collaborative_high": "FD collaborative, 95% high (images)",
-    "fidelity": "class fidelity (share in the client's classes)",
-    "fidelity_low": "class fidelity, 95% low (images)",
-    "fidelity_high": "class fidelity, 95% high (images)",
-    "class_distance": "class distance (total variation to the client's label mix; 0 best)",
-    "class_distance_low": "class distance, 95% low (images)",
-    "class_distance_high": "class distance, 95% high (images)",
+    **_interval("fidelity", "class fidelity (share in the client's classes)"),
+    **_interval("class_distance", "class distance (total variation to the client's label mix; 0 best)"),
     "confidence": "classifier confidence",
-    "precision": "precision",
-    "precision_low": "precision, 95% low (images)",
-    "precision_high": "precision, 95% high (images)",
-    "recall": "recall",
-    "recall_low": "recall, 95% low (images)",
-    "recall_high": "recall, 95% high (images)",
-    **{
-        f"copy_rate_{space}{end}": f"copied samples, {space}s{what}"
-        for space in ("pixel", "feature")
-        for end, what in (
-            (
-                "",
-                f" (share nearer a training image than {100 - COPY_PERCENTILE:g}% of held-out images; "
-                f"{COPY_PERCENTILE / 100:g}: none copied)",
-            ),
-            ("_low", ", 95% low (images)"),
-            ("_high", ", 95% high (images)"),
-        )
-    },
+    **_interval("precision", "precision"),
+    **_interval("recall", "recall"),
+    **_interval("copy_rate_pixel", f"copied samples, pixels ({COPIED})"),
+    **_interval("copy_rate_feature", f"copied samples, features ({COPIED})"),
     "real_fid_halves": "known answer: FD real vs real (test halves)",
     "real_fidelity": "known answer: class fidelity of real test images",
     "real_class_distance": "known answer: class distance of real test images",
@@ -81,18 +78,20 @@ COLUMNS = {
     "psnr_x_c_db": "PSNR x_c vs x_0 (dB)",
     "ssim_x_c": "SSIM x_c vs x_0",
     "mu_gdp_composed": "mu-GDP, all releases",
-    "recon_public_psnr_db": "reconstruction PSNR, public model (dB)",
-    "recon_public_ssim": "reconstruction SSIM, public model",
-    "recon_public_fid": "reconstruction FID, public model",
-    "recon_own_psnr_db": "reconstruction PSNR, own model (dB)",
-    "link_pixel_top1": "linkage top-1, pixels",
-    "link_pixel_top5": "linkage top-5, pixels",
-    "link_feature_top1": "linkage top-1, features",
+    **_interval("recon_public_psnr_db", "reconstruction PSNR, public model (dB)"),
+    **_interval("recon_public_ssim", "reconstruction SSIM, public model"),
+    **_interval("recon_public_fid", "reconstruction FID, public model"),
+    **_interval("recon_own_psnr_db", "reconstruction PSNR, own model (dB)"),
+    **_interval("link_pixel_top1", "linkage top-1, pixels"),
+    **_interval("link_pixel_top5", "linkage top-5, pixels"),
+    **_interval("link_feature_top1", "linkage top-1, features"),
     "chance_top1": "linkage top-1, chance",
     "releases": "releases per image (k)",
-    "link_pixel_top1_releases": "linkage top-1 at the run's releases, pixels (grouping known: upper bound)",
-    "link_feature_top1_releases": "linkage top-1 at the run's releases, features",
-    "recon_public_psnr_db_releases": "reconstruction PSNR at the run's releases, public model (dB)",
+    **_interval(
+        "link_pixel_top1_releases", "linkage top-1 at the run's releases, pixels (grouping known: upper bound)"
+    ),
+    **_interval("link_feature_top1_releases", "linkage top-1 at the run's releases, features"),
+    **_interval("recon_public_psnr_db_releases", "reconstruction PSNR at the run's releases, public model (dB)"),
     **{
         f"mia_{model}_{figure}{end}": f"membership {name}, {model}'s model{what}"
         for model in MIA_MODELS
@@ -111,7 +110,7 @@ COLUMNS = {
     "bytes_run": "bytes a client sent and received over the run's training rounds",
     "server_images_per_s": "server images/s",
 }
-ATTACK = [key for key in COLUMNS if key.startswith(("recon_", "link_", "chance_"))]
+ATTACK = [key for key in COLUMNS if key.startswith(("recon_", "link_", "chance_"))]  # with their intervals' ends
 MIA = [key for key in COLUMNS if key.startswith("mia_")]  # with their intervals' ends
 COPIES = ["copy_rate_pixel", "copy_rate_feature"]
 KEYS = ["method", "split", "partition", "share", "c", "who", "seeds"]
@@ -119,17 +118,21 @@ FIDELITY = ["fidelity", "class_distance", "confidence", "precision", "recall", *
 FIDELITY += ["real_fid_halves", "real_fidelity", "real_class_distance", "loss_change", "loss_noise", "converged"]
 QUALITY = [*KEYS, *(f"fid_{s}" for s in SETS), *(f"kid_mean_{s}" for s in SETS), *FIDELITY]
 _ORDER = list(COLUMNS)
-DISCLOSURE = [*KEYS, *_ORDER[_ORDER.index("t_c") : _ORDER.index(MIA[0])]]
-MEMBERSHIP = [*KEYS, *(key for key in MIA if not key.endswith(("_low", "_high")))]
-# the classes' numbers are each client's own (its label mix): pooled, they are the mean over clients, and the
-# intervals of those means come from the clients' intervals (stats.pooled_interval)
+ENDS = ("_low", "_high")  # a cell shows its interval's ends beside its value: no column of their own in table.md
+DISCLOSURE = [*KEYS, *(key for key in _ORDER[_ORDER.index("t_c") : _ORDER.index(MIA[0])] if not key.endswith(ENDS))]
+MEMBERSHIP = [*KEYS, *(key for key in MIA if not key.endswith(ENDS))]
+# the classes' numbers are each client's own (its label mix), and so are its copies and the attacks on its x_c:
+# pooled, they are the mean over clients, and the intervals of those means come from the clients' intervals
+# (stats.pooled_interval)
 POOLED_MEANS = ["confidence", "real_fidelity", "real_class_distance", "real_fid_halves"]
-POOLED_INTERVALS = ["fidelity", "class_distance", *COPIES]
+POOLED_INTERVALS = ["fidelity", "class_distance", *COPIES, *(key for key in ATTACK if f"{key}_low" in COLUMNS)]
 COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") : _ORDER.index("train_flops_round")]]
 COSTS = ["train_flops_round", "train_flops_run", "sampling_flops_image", "bytes_run"]
-# alone (c = 1), federated and split side by side: quality and what each client paid for it
+# alone (c = 1), federated and split side by side: quality, copies, what the other parties could learn (the
+# model they hold, each image's releases) and what each client paid for it
 METHODS = ["method", "partition", "c", "who", "seeds", "fidelity", "class_distance", "fid_collaborative"]
-METHODS += ["precision", "recall", *COSTS]
+METHODS += ["precision", "recall", *COPIES, "mia_server_auc", "mia_federated_auc", "releases"]
+METHODS += ["link_pixel_top1_releases", "link_feature_top1_releases", *COSTS]
 TEXT = {"method", "split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
 NUMBERS = [key for key in COLUMNS if key not in TEXT]
 
@@ -190,6 +193,22 @@ def _quality_columns(m: dict, who: str, name: str = "collaborative") -> dict:
     return out
 
 
+def _range(key: str) -> tuple[float, float]:
+    """Where the pooled interval of ``key`` is clipped: a reconstruction's PSNR, SSIM or
+    FID has its own range; every other pooled figure is a share."""
+    ranges = {"_psnr_db": (-math.inf, math.inf), "_ssim": (-1.0, 1.0), "_fid": (0.0, math.inf)}
+    return next((r for end, r in ranges.items() if key.removesuffix("_releases").endswith(end)), (0.0, 1.0))
+
+
+def _membership(figures: dict, model: str) -> dict:
+    """The membership columns of a row whose clients sample with ``model``: their own
+    (``client``: split, fine-tuned) or FedAvg's global model (``federated``). The client's
+    model columns are the figures of that model: a FedAvg global row showed the fine-tuned
+    model's, which its clients do not sample with and no other party holds. Pooled: every
+    client's candidates under one threshold."""
+    return {key: figures.get(key.replace("mia_client_", f"mia_{model}_"), NAN) for key in MIA}
+
+
 def _convergence(curves: dict) -> dict:
     """The loss still falling of the role (clients' mean, server) that falls most, its
     scatter, and whether every role has converged (1.0 or 0.0: averaged over seeds, a share)."""
@@ -232,12 +251,13 @@ def rows(summary: dict, curves: dict) -> list[dict]:
         "server_images_per_s": roles.get(role_key(None), {}).get(SUMMARY, {}).get("images_per_s", NAN),
     }
     per_client = {who: _client_columns(m, roles, who, config) for who in clients}
-    # a fine-tuned federated run is two points: its global model's samples and its clients' fine-tuned ones
-    variants = [(method, "collaborative")]
+    # (label, image set, the model its clients sample with): a fine-tuned federated run is two points, its global
+    # model's samples and its clients' fine-tuned ones; without fine-tuning a federated client samples with the global
+    variants = [(method, "collaborative", "client" if split else "federated")]
     if not split and "global" in m["pooled"]:
-        variants = [(method, "global"), (f"{method}+ft", "collaborative")]
+        variants = [(method, "global", "federated"), (f"{method}+ft", "collaborative", "client")]
     out = []
-    for (label, scored), who in ((v, who) for v in variants for who in ["pooled", *clients]):
+    for (label, scored, model), who in ((v, who) for v in variants for who in ["pooled", *clients]):
         row = {key: NAN for key in COLUMNS} | run | {"who": who, "method": label}
         for name in SETS:
             q = m[who].get(name, {})
@@ -247,15 +267,15 @@ def rows(summary: dict, curves: dict) -> list[dict]:
         row |= _quality_columns(m, who, scored)
         if who == "pooled":  # class fidelity and distance pooled: the mean over clients (each weighs the same)
             row |= {key: _mean([p[key] for p in per_client.values()]) for key in next(iter(per_client.values()))}
-            own = [_quality_columns(m, c, scored) for c in clients]
+            own = [_quality_columns(m, c, scored) | per_client[c] for c in clients]
             row |= {key: _mean([q[key] for q in own]) for key in POOLED_MEANS}
             for key in POOLED_INTERVALS:
                 row[key], row[f"{key}_low"], row[f"{key}_high"] = stats.pooled_interval(
-                    *([q[f"{key}{end}"] for q in own] for end in ("", "_low", "_high"))
+                    *([q[f"{key}{end}"] for q in own] for end in ("", *ENDS)), bounds=_range(key)
                 )
         else:
             row |= per_client[who]
-        row |= {key: m[who].get("membership", {}).get(key, NAN) for key in MIA}  # pooled: one threshold for all
+        row |= _membership(m[who].get("membership", {}), model)
         if label.endswith("+ft"):  # and each client's F fine-tuning steps, one batch each
             f = config["federated"]
             row["train_flops_run"] += f["finetune_steps"] * row["train_flops_round"] / f["local_steps"]
@@ -342,7 +362,10 @@ SECTIONS = (
     ("Disclosure of x_c and by attack", DISCLOSURE),
     ("Membership inference against the models other parties hold", MEMBERSHIP),
     ("Client compute", COMPUTE),
-    ("Alone (c = 1), federated and split: quality and what a client paid for it", METHODS),
+    (
+        "Alone (c = 1), federated and split: quality, copies, what other parties could learn, what a client paid",
+        METHODS,
+    ),
 )
 VERSUS = ("method", "split", "partition", "share", "c", "who", "metric", "seeds", "delta", "low", "high", "interval")
 VERSUS += ("verdict",)
@@ -369,6 +392,11 @@ def _note(table: list[dict], versus: list[dict], sections: list[tuple[str, list[
             "Membership: the loss attack on the client's training images against as many held-out ones (pooled: "
             "every client's, one threshold)."
         )
+        if any(r["method"] != "split" for r in table):
+            out.append(
+                "A FedAvg row's client's model is the one its clients sample with: the global model (federated's "
+                "model, which the server and every other client hold), or with +ft the fine-tuned one."
+            )
     if COLUMNS["link_pixel_top1_releases"] in headers:
         out.append(
             "At the run's releases: each image's k releases averaged by an adversary told which they are (an upper "
