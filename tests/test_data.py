@@ -303,3 +303,11 @@ def test_reading_outside_a_split_names_the_shard(shards):
         reader.read(np.arange(len(reader) + 1))
     with pytest.raises(IndexError, match="index -1 is outside"):
         reader.read(np.array([-1]))
+
+
+def test_preparing_and_reading_shards_imports_no_torch():
+    """prepare, and every command that only reads shards' and results' files (through
+    results.schema), start without torch: 1.5 to 2 s of CPU a start (prepare: 3.5 -> 1.5 s)."""
+    check = "import sys, collafuse_hpc.data.prepare, collafuse_hpc.results.schema; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr

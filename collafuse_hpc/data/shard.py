@@ -21,12 +21,15 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import torch
 
 from collafuse_hpc.atomic import atomic_path
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: reading and checking shards needs none (config,
+    import torch  # inspect and report import this module, and torch costs 1.5 s of CPU a start)
 
 SCHEMA = "collafuse-shard"
 SCHEMA_VERSION = 2
@@ -284,15 +287,21 @@ class ShardReader:
 
 def to_model_range(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """uint8 [B, C, H, W] 0..255 -> float32 [B, C, H, W] in [-1, 1] on ``device``."""
+    import torch
+
     return torch.from_numpy(images).to(device).float().div_(127.5).sub_(1.0)
 
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror each image of x [B, C, H, W] left-right with probability 1/2."""
+    import torch
+
     flip = torch.rand(len(x), generator=generator, device=x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """float [B, C, H, W] in [-1, 1] -> uint8 numpy 0..255 (clipped)."""
+    import torch
+
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
