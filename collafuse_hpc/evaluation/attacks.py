@@ -15,6 +15,9 @@ attacks measure it:
   by the distance between the features of the public reconstruction and of each
   candidate. Top-k rate: how often the true source is among the k nearest; chance
   is k / N for N candidates.
+- intervals (disclosure.py): 95% bootstrap intervals over images; the linkage rates
+  resample the probes (each probe's hit or miss against the fixed candidates), the
+  reconstruction figures the (reconstruction, original) pairs.
 - repeated releases: the server receives each training image's x_c k times (images
   sent / training images), each with fresh noise. An adversary that groups an image's
   releases (here the grouping is given: an upper bound) averages them,
@@ -85,12 +88,20 @@ def feature_distances(probes: np.ndarray, candidates: np.ndarray) -> torch.Tenso
     return torch.cdist(torch.from_numpy(probes).double(), torch.from_numpy(candidates).double())
 
 
-def top_k_rates(distances: torch.Tensor, sources: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
-    """{k: fraction of probes whose true source (index into the candidates, [P]) is among
-    the k nearest candidates}; ties count against the attacker."""
+def top_k_hits(distances: torch.Tensor, sources: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, np.ndarray]:
+    """{k: for each probe, whether its true source (index into the candidates, [P]) is among
+    the k nearest candidates, bool [P]}; ties count against the attacker. The mean over
+    the probes is the top-k rate."""
     truth = distances.gather(1, sources.reshape(-1, 1).to(distances.device))
     closer = (distances < truth).sum(1) + (distances == truth).sum(1) - 1  # candidates ranked before the source
-    return {k: float((closer < k).double().mean()) for k in ks}
+    return {k: (closer < k).cpu().numpy() for k in ks}
+
+
+def with_interval(figures: dict, key: str) -> str:
+    """``figures[key]`` as ``0.250``, with its interval ``[0.100, 0.400]`` (``<key>_low``,
+    ``<key>_high``) where ``figures`` has one."""
+    low, high = figures.get(f"{key}_low"), figures.get(f"{key}_high")
+    return f"{figures[key]:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
 
 
 def describe(a: dict) -> str:
@@ -105,13 +116,14 @@ def describe(a: dict) -> str:
     line = (
         f"reconstruction PSNR / SSIM {public}, {a['recon_own_psnr_db']:.2f} dB / {a['recon_own_ssim']:.3f} with "
         "its own; "
-        f"linkage top-1 {a['link_pixel_top1']:.3f} (pixels), {a['link_feature_top1']:.3f} (features) of "
-        f"{a['link_candidates']} candidates, chance {a['chance_top1']:.3f}"
+        f"linkage top-1 {with_interval(a, 'link_pixel_top1')} (pixels), {with_interval(a, 'link_feature_top1')} "
+        f"(features) of {a['link_candidates']} candidates, chance {a['chance_top1']:.3f}"
     )
     if "releases" not in a:
         return line
     return (
         f"{line}; at its {a['releases']} releases per image, averaged (grouping known: an upper bound): linkage "
-        f"top-1 {a['link_pixel_top1_releases']:.3f} (pixels), {a['link_feature_top1_releases']:.3f} (features), "
+        f"top-1 {with_interval(a, 'link_pixel_top1_releases')} (pixels), "
+        f"{with_interval(a, 'link_feature_top1_releases')} (features), "
         f"reconstruction PSNR {a['recon_own_psnr_db_releases']:.2f} dB with its own model"
     )

@@ -102,20 +102,37 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int
     return float(np.mean(values)), float(np.std(values)) if spread else math.nan
 
 
+def mse_per_image(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Mean squared error per pixel of each pair of images [N, C, H, W] in [-1, 1]: float64 [N]."""
+    return (a.double() - b.double()).pow(2).flatten(1).mean(1).cpu().numpy()
+
+
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean squared error per pixel of images [N, C, H, W] in [-1, 1]."""
-    return float((a.double() - b.double()).pow(2).mean())
+    return float(mse_per_image(a, b).mean())
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB for data range 2 (images in [-1, 1]), from the mean MSE over all images
-    (infinite for identical images, e.g. x_c at c = 0)."""
-    error = mse(a, b)
+def psnr_of_mse(error: float) -> float:
+    """PSNR in dB for data range 2 (images in [-1, 1]) of a mean squared error per pixel
+    (infinite for 0: identical images, e.g. x_c at c = 0)."""
     return math.inf if error == 0 else 10 * math.log10(4.0 / error)
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB for data range 2 of images [N, C, H, W] in [-1, 1], from the mean MSE
+    over all images."""
+    return psnr_of_mse(mse(a, b))
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
-    """Mean SSIM (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03) of images [N, C, H, W].
+    """Mean SSIM of images [N, C, H, W]: the mean of :func:`ssim_per_image` (every image
+    has as many windows)."""
+    return float(ssim_per_image(a, b, data_range).mean())
+
+
+def ssim_per_image(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> np.ndarray:
+    """SSIM (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03) of each pair of images
+    [N, C, H, W], the mean over its windows and channels: float64 [N].
 
     Windows are clipped at the borders (valid convolution), as in the reference
     implementation; images smaller than the window use a window of their size."""
@@ -135,7 +152,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     var_b = blur(b * b) - mu_b**2
     cov = blur(a * b) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(s.mean())
+    return s.flatten(1).mean(1).cpu().numpy()
 
 
 def snr(abar: float) -> float:
@@ -224,8 +241,12 @@ def bootstrap_interval(
     ``resamples`` times. Centred on the estimate rather than the resamples' percentiles:
     resampling biases FD upwards (repeated rows shrink the spread of a set), which shifts
     percentile intervals off the estimate. The interval is clipped to ``bounds``, the
-    statistic's range (a share stays in [0, 1])."""
+    statistic's range (a share stays in [0, 1]). An infinite estimate (the PSNR of exact
+    copies, whose every resample is infinite too) is its own interval."""
+    estimate = statistic(*arrays)
+    if math.isinf(estimate):
+        return float(estimate), float(estimate)
     rng = np.random.default_rng(seed)
     values = [statistic(*(a[rng.integers(0, len(a), len(a))] for a in arrays)) for _ in range(resamples)]
-    estimate, error = statistic(*arrays), float(np.std(values, ddof=1))
+    error = float(np.std(values, ddof=1))
     return float(max(bounds[0], estimate - 1.96 * error)), float(min(bounds[1], estimate + 1.96 * error))

@@ -261,11 +261,6 @@ def memorization(
     return out
 
 
-def _interval(figures: dict, key: str) -> str:
-    low, high = figures.get(f"{key}_low"), figures.get(f"{key}_high")
-    return f"{figures[key]:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
-
-
 def describe_membership(figures: dict) -> str:
     """A client's (or the pooled) membership figures in one line."""
     models = [m for m in figures["models"].split(",") if m]
@@ -273,7 +268,7 @@ def describe_membership(figures: dict) -> str:
         return "no model scored"
     each = []
     for m in models:
-        auc, tpr = _interval(figures, f"mia_{m}_auc"), _interval(figures, f"mia_{m}_tpr_at_1fpr")
+        auc, tpr = (attacks.with_interval(figures, f"mia_{m}_{key}") for key in ("auc", "tpr_at_1fpr"))
         each.append(f"{m}'s model AUC {auc}, TPR at 1% FPR {tpr}")
     return f"{'; '.join(each)} ({figures['members']} members against as many held-out images; chance: AUC 0.5)"
 
