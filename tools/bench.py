@@ -31,12 +31,33 @@ import subprocess
 import sys
 import tempfile
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import harness  # noqa: E402
+import harness  # noqa: E402 (imports no torch)
+
+NAMES = ("server", "wire", "client", "scaling", "data", "e2e")
+
+
+def _args() -> argparse.Namespace:
+    """The command line, checked, and existing outputs refused (exit 2)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("which", nargs="*", help=f"benchmarks to run: all (default) or any of {', '.join(NAMES)}")
+    p.add_argument("--out", default=harness.stamped("runs/bench"), help="folder for the JSON files (default: stamped)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the server's device")
+    args = p.parse_args()
+    unknown = sorted(set(args.which) - {"all", *NAMES})
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; choose from all, {', '.join(NAMES)}")
+    args.which = NAMES if not args.which or "all" in args.which else args.which
+    harness.refuse_existing_outputs(p, [os.path.join(args.out, f"{name}.json") for name in args.which])
+    return args
+
+
+if __name__ == "__main__":  # --help, a bad argument or an existing output: answered before torch loads (2 s of CPU)
+    ARGS = _args()
+
 import measure  # noqa: E402
+import torch  # noqa: E402
 
 from collafuse_hpc.config import from_dict  # noqa: E402
 from collafuse_hpc.evaluation.compute import client_compute  # noqa: E402
@@ -176,20 +197,8 @@ def bench_e2e(ref: dict) -> dict:
     return _ratio(title, ("collaborative", "single_process"), ref["times"].run_images_per_s, ref["plain"])
 
 
-NAMES = ("server", "wire", "client", "scaling", "data", "e2e")
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("which", nargs="*", help=f"benchmarks to run: all (default) or any of {', '.join(NAMES)}")
-    p.add_argument("--out", default=harness.stamped("runs/bench"), help="folder for the JSON files (default: stamped)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the server's device")
-    args = p.parse_args()
-    unknown = sorted(set(args.which) - {"all", *NAMES})
-    if unknown:
-        p.error(f"unknown benchmark(s) {unknown}; choose from all, {', '.join(NAMES)}")
-    which = NAMES if not args.which or "all" in args.which else args.which
-    harness.refuse_existing_outputs(p, [os.path.join(args.out, f"{name}.json") for name in which])
+def main(args: argparse.Namespace) -> int:
+    which = args.which
     torch.set_num_threads(1)  # as each rank of the distributed runs
     os.makedirs(args.out, exist_ok=True)
     print(f"collafuse-hpc benchmarks on {os.cpu_count()} cores, server on {args.device}, torch {torch.__version__}")
@@ -216,4 +225,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(ARGS))

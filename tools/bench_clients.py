@@ -27,15 +27,31 @@ import sys
 import tempfile
 import time
 
-import h5py
-import numpy as np
-import torch
-from torch.func import functional_call, vmap
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import harness  # noqa: E402
+import harness  # noqa: E402 (imports no torch)
+
+
+def _args() -> argparse.Namespace:
+    """The command line, and an existing output refused (exit 2)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5, help="alternating A/B measurements per K (part 1)")
+    p.add_argument("--batch", type=int, default=4, help="images per client per round, b (part 1)")
+    p.add_argument("--rounds", type=int, default=12, help="rounds of each run (part 2)")
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args()
+    harness.refuse_existing_outputs(p, [args.json])
+    return args
+
+
+if __name__ == "__main__":  # --help, a bad argument or an existing output: answered before torch loads (2 s of CPU)
+    ARGS = _args()
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.func import functional_call, vmap  # noqa: E402
 
 from collafuse_hpc.config import ModelConfig, from_dict  # noqa: E402
 from collafuse_hpc.diffusion.unet import UNet, members_first, members_side_by_side  # noqa: E402
@@ -155,14 +171,7 @@ def scaling(tmp: str, rounds: int) -> dict:
     return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=5, help="alternating A/B measurements per K (part 1)")
-    p.add_argument("--batch", type=int, default=4, help="images per client per round, b (part 1)")
-    p.add_argument("--rounds", type=int, default=12, help="rounds of each run (part 2)")
-    p.add_argument("--json", help="also write the figures here")
-    args = p.parse_args()
-    harness.refuse_existing_outputs(p, [args.json])
+def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         figures = {"overhead": overhead(tmp, args.batch, args.repeats), "scaling": scaling(tmp, args.rounds)}
@@ -171,4 +180,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main(ARGS))

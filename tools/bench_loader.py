@@ -22,14 +22,31 @@ import sys
 import tempfile
 import time
 
-import h5py
-import numpy as np
-import torch
-from PIL import Image
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import harness  # noqa: E402
+import harness  # noqa: E402 (imports no torch)
+
+
+def _args() -> argparse.Namespace:
+    """The command line, and an existing output refused (exit 2)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    harness.refuse_existing_outputs(p, [args.json])
+    return args
+
+
+if __name__ == "__main__":  # --help, a bad argument or an existing output: answered before torch loads (2 s of CPU)
+    ARGS = _args()
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from collafuse_hpc.data import ShardReader, to_model_range  # noqa: E402
 from collafuse_hpc.data.prepare import Recipe, decode_file, prepare  # noqa: E402
@@ -57,15 +74,7 @@ def rate(fn, n_images: int, batch: int, seconds: float, seed: int = 0) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args()
-    harness.refuse_existing_outputs(p, [args.json])
+def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "jpegs")
@@ -111,4 +120,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(ARGS))

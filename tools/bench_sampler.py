@@ -26,12 +26,27 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import harness  # noqa: E402
+import harness  # noqa: E402 (imports no torch)
+
+
+def _args() -> argparse.Namespace:
+    """The command line, and an existing output refused (exit 2)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.scoring_options(p)
+    p.add_argument("--rounds", type=int, default=400, help="training rounds (the quickstart's 400)")
+    p.add_argument("--images", type=int, default=180, help="samples per client and sampler")
+    args = p.parse_args()
+    harness.refuse_existing_outputs(p, [args.json])
+    return args
+
+
+if __name__ == "__main__":  # --help, a bad argument or an existing output: answered before torch loads (2 s of CPU)
+    ARGS = _args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from collafuse_hpc.config import from_dict  # noqa: E402
 from collafuse_hpc.data import ShardReader, to_uint8  # noqa: E402
@@ -63,13 +78,7 @@ def draw(raw: dict, sampler: str, steps: int, images: int, device: torch.device)
     return [to_uint8(x) for x in out], seconds / (images * len(clients))
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    harness.scoring_options(p)
-    p.add_argument("--rounds", type=int, default=400, help="training rounds (the quickstart's 400)")
-    p.add_argument("--images", type=int, default=180, help="samples per client and sampler")
-    args = p.parse_args()
-    harness.refuse_existing_outputs(p, [args.json])
+def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     tmp = tempfile.mkdtemp(prefix="collafuse-bench-sampler-")
     inception = None if args.pixels else harness.inception_weights(args.inception, tmp)
@@ -121,4 +130,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(ARGS))

@@ -26,12 +26,31 @@ import subprocess
 import sys
 import tempfile
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import harness  # noqa: E402
+import harness  # noqa: E402 (imports no torch)
+
+
+def _args() -> argparse.Namespace:
+    """The command line, and an existing output refused (exit 2)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--batch", type=int, default=64, help="images per client per round")
+    p.add_argument("--size", type=int, default=64, help="image side (pixels), 3 channels")
+    p.add_argument("--compile", action="store_true", help="torch.compile the server's UNet (both measurements)")
+    p.add_argument("--many", type=int, default=256, help="clients hosted on the GPU in part C (0: skip C)")
+    p.add_argument("--out", default=harness.stamped("runs/gpu_check"), help="folder for gpu_check.json")
+    args = p.parse_args()
+    harness.refuse_existing_outputs(p, [os.path.join(args.out, "gpu_check.json")])
+    return args
+
+
+if __name__ == "__main__":  # --help, a bad argument or an existing output: answered before torch loads (2 s of CPU)
+    ARGS = _args()
+
 import measure  # noqa: E402
+import torch  # noqa: E402
 
 from collafuse_hpc.config import from_dict  # noqa: E402
 from collafuse_hpc.runtime.run import run_in_process  # noqa: E402
@@ -73,17 +92,7 @@ def many_clients(tmp: str, n: int, size: int, server_model: dict, device: str, r
     return {"clients": n, "gpu_busy_fraction": fraction, **vars(t)}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--batch", type=int, default=64, help="images per client per round")
-    p.add_argument("--size", type=int, default=64, help="image side (pixels), 3 channels")
-    p.add_argument("--compile", action="store_true", help="torch.compile the server's UNet (both measurements)")
-    p.add_argument("--many", type=int, default=256, help="clients hosted on the GPU in part C (0: skip C)")
-    p.add_argument("--out", default=harness.stamped("runs/gpu_check"), help="folder for gpu_check.json")
-    args = p.parse_args()
-    harness.refuse_existing_outputs(p, [os.path.join(args.out, "gpu_check.json")])
+def main(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     if cuda:
         print(f"GPU: {torch.cuda.get_device_name(0)}; server on cuda:0 with bf16 autocast, clients on CPU")
@@ -159,4 +168,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(ARGS))
