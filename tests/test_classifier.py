@@ -17,9 +17,14 @@ from collafuse_hpc.evaluation.evaluate import evaluate
 from collafuse_hpc.evaluation.features import features
 from collafuse_hpc.runtime.run import run_in_process
 
+# The tests that read the classifier run on one xdist worker, which trains it once (2.6 s of
+# CPU, up to 10 s on busy cores), not once on each worker they would otherwise spread over.
+CLASSIFIER = pytest.mark.xdist_group("classifier")
+
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, shards) -> str:
+    """digits.pt, trained once for the CLASSIFIER tests."""
     path = str(tmp_path_factory.mktemp("classifier") / "digits.pt")
     meta = train_classifier(shards, path, epochs=8, seed=0)
     assert meta["accuracy"] > 0.85 and meta["num_classes"] == 10, meta
@@ -58,6 +63,7 @@ def test_class_fidelity_and_bootstrap_on_known_answers():
     assert low < x.mean() < high and high - low == pytest.approx(2 * 1.96 / np.sqrt(400), rel=0.25)
 
 
+@CLASSIFIER
 def test_the_classifier_sees_digits_where_real_and_real_agree_and_other_classes_do_not(classifier, shards):
     """Known answers on real digits: c0's test images against its own train images are
     close in the classifier's features and far from c1's; they fall in c0's classes."""
@@ -95,6 +101,7 @@ def _brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) ->
     return inside(fake, real), inside(real, fake)
 
 
+@CLASSIFIER
 def test_precision_and_recall_equal_the_definition_on_real_features(classifier, shards):
     """Real classifier features of c0's test images against its train images: every row's
     own distance, a round-off 1e-7 by |a|^2 + |b|^2 - 2ab, must not count as a neighbour."""
@@ -111,6 +118,7 @@ def test_precision_and_recall_equal_the_definition_on_real_features(classifier, 
     np.testing.assert_allclose(metrics.knn_radii(repeated, 3)[:3], exact[0], rtol=1e-9)  # are not its neighbours
 
 
+@CLASSIFIER
 @pytest.mark.slow
 def test_evaluate_with_the_classifier_reports_fidelity_precision_recall_and_intervals(tmp_path, shards, classifier):
     raw = tiny_config(shards, tmp_path, [0.25, 1.0], rounds=2)
@@ -131,6 +139,7 @@ def test_evaluate_with_the_classifier_reports_fidelity_precision_recall_and_inte
     assert {"precision", "recall", "fid_low"} <= set(report["pooled"]["collaborative"])
 
 
+@CLASSIFIER
 def test_train_classifier_never_replaces_a_classifier_evaluations_used(classifier, shards, capsys):
     before = open(classifier, "rb").read()
     assert main(["train-classifier", *shards, "--out", classifier, "--epochs", "1"]) == 2

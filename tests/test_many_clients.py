@@ -47,10 +47,15 @@ def _read(out) -> dict:
     return got
 
 
+# The tests that compare with one_per_rank run on one xdist worker, which trains it once
+# (2.5 s of CPU), not once on each worker they would otherwise spread over.
+ONE_PER_RANK = pytest.mark.xdist_group("one_per_rank")
+
+
 @pytest.fixture(scope="module")
 def one_per_rank(tmp_path_factory, shards) -> dict:
     """The mixed run with one client per rank, trained once: what the placements below
-    are compared with (read by :func:`_read`; not to be changed)."""
+    are compared with (read by :func:`_read`; not to be changed). Its tests are ONE_PER_RANK."""
     out = tmp_path_factory.mktemp("one_per_rank")
     run_in_process(from_dict(_mixed(shards, out, clients_per_rank=1)), resume=False)
     return _read(out)
@@ -72,6 +77,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
+@ONE_PER_RANK
 def test_clients_hosted_together_train_and_sample_as_on_ranks_of_their_own(tmp_path, shards, one_per_rank):
     """One rank per client, all five on one rank, and 2 + 2 + 1: the same losses, samples,
     hand-overs and audit totals (to float tolerance)."""
@@ -89,6 +95,7 @@ def test_clients_hosted_together_train_and_sample_as_on_ranks_of_their_own(tmp_p
 
 
 @pytest.mark.slow
+@ONE_PER_RANK
 def test_a_checkpoint_resumes_with_another_placement(tmp_path, shards, one_per_rank):
     """Stopped after round 2 with one client per rank, resumed with all on one rank
     (and the other way round): the same run as an uninterrupted one, but for the audit,
@@ -191,6 +198,7 @@ def test_members_step_on_their_own():
 
 
 @pytest.mark.mpi
+@ONE_PER_RANK
 def test_hosted_clients_under_mpirun_match_in_process(tmp_path, shards, one_per_rank):
     """Five clients on two client ranks under mpirun == one rank per client in process."""
     raw = _mixed(shards, tmp_path / "dist", clients_per_rank=3)
