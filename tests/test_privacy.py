@@ -8,6 +8,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from conftest import tiny_config
 
@@ -17,7 +18,7 @@ from collafuse_hpc.data.prepare import prepare
 from collafuse_hpc.data.sources import read_digits
 from collafuse_hpc.diffusion.gaussian import GaussianDiffusion, beta_schedule
 from collafuse_hpc.diffusion.unet import UNet
-from collafuse_hpc.evaluation import attacks, disclosure, privacy
+from collafuse_hpc.evaluation import attacks, disclosure, metrics, privacy
 from collafuse_hpc.roles.client import Client
 from collafuse_hpc.roles.server import Server
 
@@ -226,13 +227,23 @@ def test_one_release_instead_of_k__linkage_and_reconstruction_grow_with_the_run_
     assert all(once[f"{k}_releases"] == single[k] for k in disclosure.FIGURES)
 
 
+def test_a_share_s_interval_is_wilson_s_and_keeps_a_width_at_none_and_all():
+    """metrics.share_interval against scipy's Wilson interval, including the linkage rates
+    a study point gives: none of 288 probes linked is [0, 1.96^2 / (288 + 1.96^2)], not the
+    [0, 0] of +- 1.96 standard errors, and every probe linked mirrors it."""
+    for n, k in ((288, 0), (288, 288), (288, 27), (16, 3), (1, 1)):
+        hits = np.arange(n) < k
+        wilson = scipy.stats.binomtest(k, n).proportion_ci(0.95, "wilson")
+        assert metrics.share_interval(hits) == pytest.approx((wilson.low, wilson.high), abs=1e-4)
+    assert metrics.share_interval(np.zeros(288, bool))[1] == pytest.approx(1.96**2 / (288 + 1.96**2))
+
+
 def test_attack_figures_have_intervals_over_images_fid_s_in_a_classifier_s_features_only(shards, tmp_path, monkeypatch):
     """Every attack figure, at one release and at the run's releases, has its 95% bootstrap
     interval around it (``<key>_low``/``_high``); none for eval.bootstrap 0, and the
     reconstruction FID's only with a classifier's features (as quality.py's FID). A linkage
-    rate's interval resamples the probes against fixed candidates: for a rate h of P
-    probes, the bootstrap standard error of a share, h +- 1.96 sqrt(h (1 - h) / P) (within
-    25%: 200 resamples estimate a standard error to about 5%)."""
+    rate's interval is the Wilson score interval of its P = 16 probes' hits against fixed
+    candidates, here checked against scipy's."""
     for releases in (1, 3):  # at one release the figures at k are copied, at 3 drawn
         single, many = _attacked(shards, tmp_path, monkeypatch, releases)
         for key in disclosure.FIGURES:
@@ -242,9 +253,8 @@ def test_attack_figures_have_intervals_over_images_fid_s_in_a_classifier_s_featu
                 else:
                     assert got[f"{name}_low"] <= got[name] <= got[f"{name}_high"], name
         for key, got in (("link_pixel_top1", single), ("link_feature_top5_releases", many)):
-            h, width = got[key], 1.96 * (got[key] * (1 - got[key]) / 16) ** 0.5
-            assert got[f"{key}_low"] == pytest.approx(max(0, h - width), rel=0.25, abs=1e-12)
-            assert got[f"{key}_high"] == pytest.approx(min(1, h + width), rel=0.25, abs=1e-12)
+            wilson = scipy.stats.binomtest(round(got[key] * 16), 16).proportion_ci(0.95, "wilson")
+            assert (got[f"{key}_low"], got[f"{key}_high"]) == pytest.approx((wilson.low, wilson.high), abs=1e-4)
     assert f"linkage top-1 {attacks.with_interval(single, 'link_pixel_top1')} (pixels)" in attacks.describe(single)
     assert attacks.with_interval(single, "link_pixel_top1").endswith("]")
     single, many = _attacked(shards, tmp_path, monkeypatch, 3, extractor="classifier", classifier_path="x.pt")

@@ -105,14 +105,16 @@ def _figures(
     labels or None, their features [M, D]). A mean of k releases enters a denoiser as one
     release at k times the SNR (attacks.as_one_release, noise from ``stream``).
 
-    Each figure has its 95% bootstrap interval over images (``eval.bootstrap`` resamples
-    of ``client.cfg``, seeded by ``run.seed``; none for 0), ``<figure>_low``/``_high``:
-    the linkage rates resample the probes (each probe's hit or miss; the candidates stay
-    fixed), PSNR and SSIM the (reconstruction, original) pairs. FID's, as quality.py's,
-    resamples the originals' and the reconstructions' features apart, and only in a
-    classifier's features: each resample refits both sets' statistics, on one core 5 ms
-    in its 128 features at 500 images but 0.35 s in Inception's 2048 at 1000 images, a
-    minute per figure at 200 resamples (four figures a client)."""
+    Each figure has its 95% interval over images (for ``eval.bootstrap`` > 0 of
+    ``client.cfg``; none for 0), ``<figure>_low``/``_high``. The linkage rates' are Wilson
+    score intervals over the probes (each probe's hit or miss, the candidates fixed:
+    metrics.share_interval keeps a width where no probe or every probe is linked). PSNR
+    and SSIM resample the (reconstruction, original) pairs (bootstrap seeded by
+    ``run.seed``). FID's, as quality.py's, resamples the originals' and the
+    reconstructions' features apart, and only in a classifier's features: each resample
+    refits both sets' statistics, on one core 5 ms in its 128 features at 500 images but
+    0.35 s in Inception's 2048 at 1000 images, a minute per figure at 200 resamples (four
+    figures a client)."""
     cut, diffusion, nan, cfg = client.cut, client.diffusion, math.nan, client.cfg
     models = {"own": client.eps_model(True, y)}
     if public is not None:
@@ -143,9 +145,12 @@ def _figures(
         diffusion, denoiser, *attacks.as_one_release(diffusion, probes, cut.t_c, releases, stream)
     )
     feature = attacks.top_k_hits(attacks.feature_distances(feats(to_uint8(guess)), train_features), sources)
-    for space, hits in (("pixel", pixel), ("feature", feature)):
-        figures.update({f"link_{space}_top{k}": (np.mean, (hits[k],), (0.0, 1.0)) for k in (1, 5)})
     resamples, seed = cfg.eval.bootstrap, cfg.run.seed
+    for space, hits in (("pixel", pixel), ("feature", feature)):
+        for k in (1, 5):
+            out[f"link_{space}_top{k}"] = float(hits[k].mean())
+            if resamples:  # as the other figures: no interval where eval.bootstrap is 0
+                out[f"link_{space}_top{k}_low"], out[f"link_{space}_top{k}_high"] = metrics.share_interval(hits[k])
     out.update(_scored(figures, resamples, seed))
     out.update(_scored(fids, resamples if cfg.eval.extractor == "classifier" else 0, seed))
     return out

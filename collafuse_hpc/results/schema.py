@@ -57,9 +57,10 @@ to records/v2/summary (counted in /summary as one training invocation).
                                   link_{pixel,feature}_top{1,5}, link_candidates, chance_top{1,5}
                                   (evaluation/attacks.py); releases and each figure at that
                                   many releases per image, <figure>_releases; each recon_* and
-                                  link_* figure with [_low|_high], its 95% bootstrap interval
-                                  over images (link_pixel_top1_releases_low, ...; recon FID's
-                                  only with the classifier extractor; none for eval.bootstrap 0)
+                                  link_* figure with [_low|_high], its 95% interval over
+                                  images (link_pixel_top1_releases_low, ...; link_*: Wilson
+                                  score, recon_*: bootstrap, FID's only with the classifier
+                                  extractor; none for eval.bootstrap 0)
       /<client id>|pooled/membership  attrs: mia_<model>_{auc,tpr_at_1fpr}[_low|_high] (model:
                                   server, client, federated), members, draws, models
                                   (evaluation/privacy.py); a set's attrs also copy_rate_{pixel,feature}
@@ -109,7 +110,8 @@ METRIC_UNITS = (
     "originals; link_*_top*: fraction of released x_c whose source is among the k nearest training images; "
     "*_releases: the same with each image's releases averaged; mia_*_auc: ROC AUC of the loss attack (0.5: chance); "
     "mia_*_tpr_at_1fpr: members flagged at 1% of non-members flagged; copy_rate_*: share of samples nearer a "
-    "training image than the 5th percentile of held-out images; *_low/*_high: the 95% bootstrap interval of *"
+    "training image than the 5th percentile of held-out images; *_low/*_high: the 95% interval of * (bootstrap; "
+    "link_*: Wilson score)"
 )
 
 
