@@ -324,8 +324,8 @@ def _has(path, key: str) -> bool:
 MOMENTS = {
     "start": ({}, lambda out: (out / "results.h5").exists(), EXIT_REQUEUE),
     "checkpoint write": ({"checkpoint_every": 1}, lambda out: checkpoint.complete_rounds(str(out)), EXIT_REQUEUE),
-    "sampling": (
-        {"rounds": 3, "samples_per_client": 1500},
+    "sampling": (  # 600 a client: about 2 s of sampling on a quiet core for the signal to land in (1500: 8.5 s of CPU)
+        {"rounds": 3, "samples_per_client": 600},
         lambda out: checkpoint.complete_rounds(str(out)) == [3],
         0,
     ),
@@ -348,6 +348,7 @@ def test_sigterm_at_every_moment_of_a_run_keeps_what_is_done(tmp_path, shards, m
     cmd = [sys.executable, "-m", "collafuse_hpc", "train", cfg, "--in-process"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     until(lambda: ready(tmp_path / "out"), what=f"the run reaching {moment}")
+    assert proc.poll() is None, f"the run ended before the signal at {moment}: make that moment last longer"
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=90)[1]
     assert proc.returncode == expected, err[-2000:]
