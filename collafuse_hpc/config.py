@@ -167,7 +167,9 @@ class EvalConfig:
     extractor: str = "inception"
     inception_path: str = ""  # weights file; empty: $COLLAFUSE_INCEPTION (features.py lists the accepted forms)
     classifier_path: str = ""  # extractor classifier: the file collafuse-hpc train-classifier wrote
-    bootstrap: int = 200  # [resamples] over images, for the 95% intervals of FID, fidelity, precision, recall; 0: none
+    # [resamples] over images, for the 95% intervals of FID, fidelity, precision, recall, copies, membership and
+    # the attacks; 0: none (the linkage rates' Wilson intervals too)
+    bootstrap: int = 200
     # [repeats] timings of a client's share of sampling and of a round against the full chain, side by side in
     # alternating order (client compute; its FLOPs are counted once)
     timing_repeats: int = 4

@@ -160,7 +160,9 @@ def test_distances_to_test_images__training_images_are_copies_and_held_out_ones_
         return images.reshape(len(images), 4, 2, 4, 2).mean((2, 4)).reshape(len(images), -1).astype(np.float64)
 
     baseline, held = test[:half], test[half : 2 * half]
+    white = np.full_like(train[:50], 255)  # no digit: nothing copied
     made = {"collaborative": (train[:50], feats(train[:50])), "client_alone": (held, feats(held))}
+    made["server_alone"] = (white, feats(white))
     reader = ShardReader(shard, "train")
     out = privacy.memorization(made, (baseline, feats(baseline)), reader, lambda _, x: feats(x), 100, 0)
     for space in ("pixel", "feature"):
@@ -168,6 +170,9 @@ def test_distances_to_test_images__training_images_are_copies_and_held_out_ones_
         assert out["collaborative"][key] == 1
         assert 0.01 <= out["client_alone"][key] <= 0.12
         assert out["client_alone"][f"{key}_low"] <= out["client_alone"][key] <= out["client_alone"][f"{key}_high"]
+        # at none or all of 50 samples every bootstrap resample agrees; the interval keeps Wilson's width
+        assert out["server_alone"][key] == 0 and out["server_alone"][f"{key}_high"] == metrics.share_interval(0, 50)[1]
+        assert out["collaborative"][f"{key}_low"] == metrics.share_interval(50, 50)[0] < 1
 
 
 def test_averaged_releases_are_one_release_at_k_times_the_snr():
@@ -232,15 +237,15 @@ def test_a_share_s_interval_is_wilson_s_and_keeps_a_width_at_none_and_all():
     a study point gives: none of 288 probes linked is [0, 1.96^2 / (288 + 1.96^2)], not the
     [0, 0] of +- 1.96 standard errors, and every probe linked mirrors it."""
     for n, k in ((288, 0), (288, 288), (288, 27), (16, 3), (1, 1)):
-        hits = np.arange(n) < k
         wilson = scipy.stats.binomtest(k, n).proportion_ci(0.95, "wilson")
-        assert metrics.share_interval(hits) == pytest.approx((wilson.low, wilson.high), abs=1e-4)
-    assert metrics.share_interval(np.zeros(288, bool))[1] == pytest.approx(1.96**2 / (288 + 1.96**2))
+        assert metrics.share_interval(k, n) == pytest.approx((wilson.low, wilson.high), abs=1e-4)
+    assert metrics.share_interval(0, 288)[1] == pytest.approx(1.96**2 / (288 + 1.96**2))
+    assert metrics.share_interval(0, 0) == (0.0, 1.0)  # no trials: nothing known
 
 
 def test_attack_figures_have_intervals_over_images_fid_s_in_a_classifier_s_features_only(shards, tmp_path, monkeypatch):
-    """Every attack figure, at one release and at the run's releases, has its 95% bootstrap
-    interval around it (``<key>_low``/``_high``); none for eval.bootstrap 0, and the
+    """Every attack figure, at one release and at the run's releases, has its 95% interval
+    around it (``<key>_low``/``_high``); none for eval.bootstrap 0, and the
     reconstruction FID's only with a classifier's features (as quality.py's FID). A linkage
     rate's interval is the Wilson score interval of its P = 16 probes' hits against fixed
     candidates, here checked against scipy's."""

@@ -19,6 +19,7 @@ from collafuse_hpc.report.stats import (
     loss_change_noise,
     loss_curves,
     pooled_interval,
+    pooled_share,
     versus_baseline,
 )
 
@@ -162,6 +163,22 @@ def test_pooled_class_intervals_are_the_clients_in_quadrature_as_the_bootstrap_o
     clipped = pooled_interval([0.99, 0.5], [0.95, 0.45], [1.0, 0.55])  # the wider side of a clipped interval
     assert clipped[2] - clipped[0] == pytest.approx(math.hypot(0.04, 0.05) / 2)
     assert math.isnan(pooled_interval([0.5, 0.6], [0.4, math.nan], [0.6, math.nan])[1])  # one without: none
+
+
+def test_a_pooled_linkage_rate_is_wilson_s_over_every_client_s_probes():
+    """A linkage rate is a share of independent probes, so its pooled interval is the Wilson
+    interval of every client's probes together (c = 0.8 of the study: 5 of 1,437 linked,
+    [0.0015, 0.0081]), not the clients' Wilson intervals in quadrature, which take each
+    as symmetric about its wide upper side and reach 0 where hits were seen."""
+    trials, hits = [288, 288, 290, 288, 283], [0, 0, 4, 0, 1]
+    shares = [h / n for h, n in zip(hits, trials, strict=True)]
+    lows, highs = zip(*(metrics.share_interval(h, n) for h, n in zip(hits, trials, strict=True)))
+    share, low, high = pooled_share(shares, list(lows), trials)
+    wilson = stats.binomtest(5, 1437).proportion_ci(0.95, "wilson")
+    assert share == pytest.approx(5 / 1437) and (low, high) == pytest.approx((wilson.low, wilson.high), abs=1e-6)
+    assert low > 0 == pooled_interval(shares, list(lows), list(highs))[1]  # quadrature's reaches 0
+    assert math.isnan(pooled_share(shares, [math.nan, *lows[1:]], trials)[1])  # one without an interval: none
+    assert pooled_share([0.5, math.nan], [0.4, math.nan], [10, math.nan])[0] == 0.5  # a client without one: left out
 
 
 def test_the_convergence_windows_are_rounds_not_rows(tmp_path):

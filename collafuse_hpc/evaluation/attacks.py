@@ -15,9 +15,9 @@ attacks measure it:
   by the distance between the features of the public reconstruction and of each
   candidate. Top-k rate: how often the true source is among the k nearest; chance
   is k / N for N candidates.
-- intervals (disclosure.py): 95% bootstrap intervals over images; the linkage rates
-  resample the probes (each probe's hit or miss against the fixed candidates), the
-  reconstruction figures the (reconstruction, original) pairs.
+- intervals (disclosure.py): 95% intervals over images; a linkage rate's is the Wilson
+  score interval of its probes' hits against the fixed candidates, the reconstruction
+  figures' bootstrap the (reconstruction, original) pairs.
 - repeated releases: the server receives each training image's x_c k times (images
   sent / training images), each with fresh noise. An adversary that groups an image's
   releases (here the grouping is given: an upper bound) averages them,

@@ -150,7 +150,9 @@ def _figures(
         for k in (1, 5):
             out[f"link_{space}_top{k}"] = float(hits[k].mean())
             if resamples:  # as the other figures: no interval where eval.bootstrap is 0
-                out[f"link_{space}_top{k}_low"], out[f"link_{space}_top{k}_high"] = metrics.share_interval(hits[k])
+                out[f"link_{space}_top{k}_low"], out[f"link_{space}_top{k}_high"] = metrics.share_interval(
+                    int(hits[k].sum()), len(hits[k])
+                )
     out.update(_scored(figures, resamples, seed))
     out.update(_scored(fids, resamples if cfg.eval.extractor == "classifier" else 0, seed))
     return out
@@ -177,8 +179,8 @@ def attack(
     n: int,
 ) -> dict:
     """Reconstruction and linkage attacks on this client's x_c, one release of each image
-    (attacks.py), each figure with its 95% bootstrap interval over images (:func:`_figures`
-    says what is resampled). ``x0``, ``x_c``: its test images and their x_c as sent;
+    (attacks.py), each figure with its 95% interval over images (:func:`_figures` says
+    how each is made). ``x0``, ``x_c``: its test images and their x_c as sent;
     ``y``: their labels when the client's model uses labels; ``real``: the test images'
     features; ``cached(split, images)``: features of real images of the client's shard,
     from the cache; ``n``: at most this many linkage candidates."""

@@ -252,12 +252,14 @@ def bootstrap_interval(
     return float(max(bounds[0], estimate - 1.96 * error)), float(min(bounds[1], estimate + 1.96 * error))
 
 
-def share_interval(hits: np.ndarray, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of the share of true entries of ``hits`` [N] (independent
-    trials, such as the probes of a linkage attack). Unlike the estimate +- 1.96 standard
-    errors, it keeps a width at a share of 0 or 1: none of 288 probes linked gives
-    [0, 0.013], not the certainty [0, 0] that no probe ever would be."""
-    n, share = len(hits), float(np.mean(hits))
-    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+def share_interval(hits: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of the share ``hits / trials`` of independent trials (the
+    probes of a linkage attack). Unlike the estimate +- 1.96 standard errors, it keeps a
+    width at a share of 0 or 1: none of 288 probes linked gives [0, 0.013], not the
+    certainty [0, 0] that no probe ever would be. No trials: [0, 1]."""
+    if trials == 0:
+        return 0.0, 1.0
+    share, q = hits / trials, z * z / trials
+    centre = (share + q / 2) / (1 + q)
+    half = z / (1 + q) * math.sqrt(share * (1 - share) / trials + q / (4 * trials))
     return max(0.0, centre - half), min(1.0, centre + half)

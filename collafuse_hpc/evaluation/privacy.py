@@ -244,9 +244,11 @@ def memorization(
     """{set: {copy_rate_pixel, copy_rate_feature, with _low/_high}} of each generated set
     of ``samples`` ({set: (uint8 images [N, C, H, W], their features [N, D])}) against
     every image of the client's train split ``train`` (its features: ``cached("train",
-    images)``) and its held-out images ``heldout`` (uint8 images, features). The 95%
-    bootstrap intervals (none for ``resamples`` 0) resample the samples and the held-out
-    images apart."""
+    images)``) and its held-out images ``heldout`` (uint8 images, features). A 95%
+    interval (none for ``resamples`` 0) is the wider of two: the bootstrap resampling the
+    samples and the held-out images apart, and the Wilson interval of the samples' share
+    at the held-out threshold, which keeps a width where no sample (or every one) is a
+    copy; there every bootstrap resample gives the same share."""
     images, _ = train.read(np.arange(len(train)))
     spaces = {"pixel": (pixels(images), pixels), "feature": (cached("train", images), np.asarray)}
     out: dict[str, dict] = {name: {} for name in samples}
@@ -254,10 +256,11 @@ def memorization(
         baseline = nearest(rows(heldout[i]), reference)
         for name, made in samples.items():
             key, near = f"copy_rate_{space}", (nearest(rows(made[i]), reference), baseline)
-            out[name][key] = copy_rate(*near)
+            out[name][key] = rate = copy_rate(*near)
             if resamples:
-                interval = metrics.bootstrap_interval(copy_rate, near, resamples, seed, (0.0, 1.0))
-                out[name][f"{key}_low"], out[name][f"{key}_high"] = interval
+                low, high = metrics.bootstrap_interval(copy_rate, near, resamples, seed, (0.0, 1.0))
+                w_low, w_high = metrics.share_interval(round(rate * len(near[0])), len(near[0]))
+                out[name][f"{key}_low"], out[name][f"{key}_high"] = min(low, w_low), max(high, w_high)
     return out
 
 

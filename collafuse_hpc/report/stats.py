@@ -25,6 +25,8 @@ import numpy as np
 import yaml
 from scipy import stats
 
+from collafuse_hpc.evaluation import metrics
+
 # metric -> (its column, +1 if higher is better, -1 if lower is better)
 COMPARED = {
     "class fidelity": ("fidelity", +1),
@@ -148,6 +150,22 @@ def pooled_interval(estimates: list[float], lows: list[float], highs: list[float
     if math.isnan(half):  # a client without an interval: the mean has none
         return mean, math.nan, math.nan
     return mean, max(bounds[0], mean - half), min(bounds[1], mean + half)
+
+
+def pooled_share(shares: list[float], lows: list[float], trials: list[float]):
+    """(share, low, high) of the clients' trials taken together (a linkage rate's probes):
+    the hits over every client's trials, with the Wilson interval of that share. A share of
+    independent trials pools exactly; pooled_interval's quadrature would take each
+    client's Wilson interval, wide above and narrow below near 0, as symmetric and reach 0
+    where hits were seen. Clients without a share are left out; a client without an
+    interval (``lows`` NaN) leaves the pooled share without one."""
+    kept = [(s, lo, n) for s, lo, n in zip(shares, lows, trials, strict=True) if not math.isnan(s)]
+    if not kept:
+        return math.nan, math.nan, math.nan
+    hits, total = sum(round(s * n) for s, _, n in kept), sum(int(n) for _, _, n in kept)
+    if any(math.isnan(lo) for _, lo, _ in kept):
+        return hits / total, math.nan, math.nan
+    return hits / total, *metrics.share_interval(hits, total)
 
 
 def _by_round(rows: h5py.Group, column: str, n: int) -> np.ndarray:

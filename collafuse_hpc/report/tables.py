@@ -123,7 +123,7 @@ DISCLOSURE = [*KEYS, *(key for key in _ORDER[_ORDER.index("t_c") : _ORDER.index(
 MEMBERSHIP = [*KEYS, *(key for key in MIA if not key.endswith(ENDS))]
 # the classes' numbers are each client's own (its label mix), and so are its copies and the attacks on its x_c:
 # pooled, they are the mean over clients, and the intervals of those means come from the clients' intervals
-# (stats.pooled_interval)
+# (stats.pooled_interval); a linkage rate pools its clients' probes (stats.pooled_share)
 POOLED_MEANS = ["confidence", "real_fidelity", "real_class_distance", "real_fid_halves"]
 POOLED_INTERVALS = ["fidelity", "class_distance", *COPIES, *(key for key in ATTACK if f"{key}_low" in COLUMNS)]
 COMPUTE = [*KEYS, *_ORDER[_ORDER.index("sampling_flops_ratio") : _ORDER.index("train_flops_round")]]
@@ -269,10 +269,15 @@ def rows(summary: dict, curves: dict) -> list[dict]:
             row |= {key: _mean([p[key] for p in per_client.values()]) for key in next(iter(per_client.values()))}
             own = [_quality_columns(m, c, scored) | per_client[c] for c in clients]
             row |= {key: _mean([q[key] for q in own]) for key in POOLED_MEANS}
+            probes = [m[c].get("attack", {}).get("link_candidates", NAN) for c in clients]
             for key in POOLED_INTERVALS:
-                row[key], row[f"{key}_low"], row[f"{key}_high"] = stats.pooled_interval(
-                    *([q[f"{key}{end}"] for q in own] for end in ("", *ENDS)), bounds=_range(key)
-                )
+                value, low, high = ([q[f"{key}{end}"] for q in own] for end in ("", *ENDS))
+                if key.startswith("link_"):  # a share of probes: pooled over every client's
+                    row[key], row[f"{key}_low"], row[f"{key}_high"] = stats.pooled_share(value, low, probes)
+                else:
+                    row[key], row[f"{key}_low"], row[f"{key}_high"] = stats.pooled_interval(
+                        value, low, high, bounds=_range(key)
+                    )
         else:
             row |= per_client[who]
         row |= _membership(m[who].get("membership", {}), model)
@@ -381,7 +386,11 @@ def _note(table: list[dict], versus: list[dict], sections: list[tuple[str, list[
     if any(r["seeds"] > 1 for r in table):
         out.append("With several seeds: mean ± std over seeds.")
     if one_seed and re.search(r"\[[^]]+, [^]]+\]", cells):
-        out.append("With one seed, [a, b] is the 95% bootstrap interval over images (membership: over candidates).")
+        out.append(
+            "With one seed, [a, b] is the 95% interval over images: bootstrap, but Wilson's for a linkage rate over "
+            "its probes (membership: bootstrap over candidates); a pooled row's combines the clients' (a linkage "
+            "rate's: Wilson's over every client's probes)."
+        )
     elif one_seed:
         out.append("No intervals over images: they come with eval.extractor: classifier and eval.bootstrap.")
     if one_seed and any(h.startswith("KID ") for _, header, _ in sections for h in header):
