@@ -19,4 +19,4 @@ VENV=${VENV:-.venv}
 # SLURM rather than computing. The SLURM tests share one worker; TEST_WORKERS=0 runs
 # everything in this process. The 25 slowest, and the 25 that used the most CPU (a test and
 # the processes it started: tests/cpu_times.py), are listed, so that growth shows.
-exec "$VENV/bin/python" -m pytest -q -n "${TEST_WORKERS:-4}" --dist loadgroup --durations=25 "$@"
+exec "$VENV/bin/python" -m pytest -q -n "${TEST_WORKERS:-3}" --dist loadgroup --durations=25 "$@"
