@@ -276,3 +276,21 @@ def test_each_fedavg_row_shows_the_membership_of_the_model_its_clients_sample_wi
     # pooled: 10 of the two clients' 16 probes, with Wilson's interval (scipy's: [0.3864, 0.8152])
     assert linkage["split", "pooled"] == "0.625 [0.3864, 0.8152]"
     assert linkage["fedavg", "c0"] == "no x_c sent (federated: model updates only)"
+
+
+def test_the_tradeoff_figure_puts_each_fedavg_row_at_its_global_model_s_membership():
+    """The quality-against-disclosure panel places FedAvg by what the server and every other
+    client hold, the global model (its membership AUC), against the FID of the samples the
+    row describes: the global model's set, or the fine-tuned clients' under +ft; split rows
+    and rows without a global model's AUC are not federated points."""
+    from collafuse_hpc.report.figures import federated_points
+
+    nan = float("nan")
+    rows = [
+        {"method": "fedavg", "mia_federated_auc": 0.55, "fid_global": 5.5, "fid_collaborative": 5.5},
+        {"method": "fedavg+ft", "mia_federated_auc": 0.55, "fid_global": 5.5, "fid_collaborative": 2.6},
+        {"method": "fedavg", "mia_federated_auc": 0.6, "fid_global": nan, "fid_collaborative": 7.0},  # no global set
+        {"method": "split", "mia_federated_auc": nan, "fid_global": nan, "fid_collaborative": 1.0},
+        {"method": "fedavg", "mia_federated_auc": nan, "fid_global": 5.0, "fid_collaborative": 5.0},  # not scored
+    ]
+    assert federated_points(rows) == [("fedavg", 0.55, 5.5), ("fedavg+ft", 0.55, 2.6), ("fedavg", 0.6, 7.0)]

@@ -39,12 +39,26 @@ def _save(plt, fig, path: str, dpi: int) -> None:
     plt.close(fig)
 
 
-def tradeoff_figure(pooled: list[dict], path: str) -> bool:
+def federated_points(pooled: list[dict]) -> list[tuple[str, float, float]]:
+    """(label, membership AUC of the global model, FID) of each pooled federated row: what
+    the server and every other client hold, against the quality of the samples that row
+    describes (the global model's set for FedAvg, the fine-tuned clients' for +ft)."""
+    out = []
+    for r in pooled:
+        if r["method"] == "split" or math.isnan(r.get("mia_federated_auc", NAN)):
+            continue
+        fid = r["fid_global"] if not r["method"].endswith("+ft") and not math.isnan(r["fid_global"]) else NAN
+        out.append((r["method"], r["mia_federated_auc"], r["fid_collaborative"] if math.isnan(fid) else fid))
+    return out
+
+
+def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -> bool:
     """Four panels, one line per split mode with error bars over seeds: over c, quality
     (collaborative against client-alone FID), disclosure (x_c and reconstructions, linkage
     at one release and at the run's releases, membership of the server's model) and client
     compute; then quality against disclosure (the server's membership AUC, the linkage at
-    the run's releases). None drawn (False) without a split run."""
+    the run's releases), with each pooled ``federated`` row as one point (the global
+    model's membership AUC: federated_points). None drawn (False) without a split run."""
     plt = _pyplot()
     if plt is None or not pooled:
         return False
@@ -99,8 +113,11 @@ def tradeoff_figure(pooled: list[dict], path: str) -> bool:
     ax[2].set(xlabel="cut ratio c", ylabel="client / local-only")
     ax[2].set_title("client compute, mean over clients")
     ax[2].legend(fontsize=7)
+    for j, (label, auc, fid) in enumerate(federated_points(federated)):
+        ax[3].plot([auc], [fid], marker="*", markersize=11, linestyle="", color=f"C{len(splits) + j}",
+                   label=f"{label}: membership AUC, global model")  # fmt: skip
     ax[3].set(xlabel="disclosure (rate or AUC; 0.5 AUC: chance)", ylabel=ax[0].get_ylabel())
-    ax[3].set_title("quality against disclosure, pooled (c < 1)")
+    ax[3].set_title("quality against disclosure, pooled (split: c < 1)")
     ax[3].legend(fontsize=7)
     _save(plt, fig, path, 120)
     return True

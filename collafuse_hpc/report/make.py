@@ -165,10 +165,11 @@ def write_report(
     print(write_tables(table, versus, out, notes))
     split = [r for r in table if r["method"] == "split"]  # the figures over c
     pooled = [r for r in split if r["who"] == "pooled"]
+    federated = [r for r in table if r["method"] != "split" and r["who"] == "pooled"]  # one point each
     figures = [
         ("Class fidelity and quality per condition, against disclosure and client compute", "conditions.png",
          lambda path: conditions_figure(split, path)),
-        ("Trade-off over the cut ratio c", "tradeoff.png", lambda path: tradeoff_figure(pooled, path)),
+        ("Trade-off over the cut ratio c", "tradeoff.png", lambda path: tradeoff_figure(pooled, path, federated)),
         ("Alone, federated and split: quality against what a client paid", "methods.png",
          lambda path: methods_figure(table, path)),
     ]  # fmt: skip
