@@ -52,6 +52,7 @@ from collafuse_hpc.config import from_dict  # noqa: E402
 from collafuse_hpc.data import ShardReader, to_uint8  # noqa: E402
 from collafuse_hpc.evaluation import metrics  # noqa: E402
 from collafuse_hpc.evaluation.features import features, load_extractor  # noqa: E402
+from collafuse_hpc.evaluation.quality import POOLED_FID  # noqa: E402
 from collafuse_hpc.evaluation.sets import generate, load_roles  # noqa: E402
 from collafuse_hpc.runtime import checkpoint  # noqa: E402
 from collafuse_hpc.runtime.run import run_in_process  # noqa: E402
@@ -124,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
     ]
     print(
         f"\n{format_table(header, rows)}\n({identity}; {2 * args.images} samples per sampler, {args.repeats} repeats)"
+        f"\n({POOLED_FID})"
     )
     harness.save_json(args.json, result)
     return 0
