@@ -16,6 +16,13 @@ def cell(value) -> str:
     return str(value)
 
 
+def with_interval(figures: dict, key: str) -> str:
+    """``figures[key]`` as ``0.250``, with its 95% interval ``[0.100, 0.400]`` (``<key>_low``,
+    ``<key>_high``) where ``figures`` has one: a metric's line in evaluate's printout."""
+    low, high = figures.get(f"{key}_low"), figures.get(f"{key}_high")
+    return f"{figures[key]:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
+
+
 def format_table(header: list[str], rows: list[list], indent: str = "") -> str:
     """Rows under a header, columns right-aligned except the first."""
     cells = [[str(h) for h in header]] + [[cell(v) for v in row] for row in rows]

@@ -21,6 +21,7 @@ from collafuse_hpc.diffusion.unet import UNet
 from collafuse_hpc.evaluation import attacks, disclosure, metrics, privacy
 from collafuse_hpc.roles.client import Client
 from collafuse_hpc.roles.server import Server
+from collafuse_hpc.tables import with_interval
 
 T = 20
 DIFFUSION = GaussianDiffusion(beta_schedule("linear", T))
@@ -260,8 +261,8 @@ def test_attack_figures_have_intervals_over_images_fid_s_in_a_classifier_s_featu
         for key, got in (("link_pixel_top1", single), ("link_feature_top5_releases", many)):
             wilson = scipy.stats.binomtest(round(got[key] * 16), 16).proportion_ci(0.95, "wilson")
             assert (got[f"{key}_low"], got[f"{key}_high"]) == pytest.approx((wilson.low, wilson.high), abs=1e-4)
-    assert f"linkage top-1 {attacks.with_interval(single, 'link_pixel_top1')} (pixels)" in attacks.describe(single)
-    assert attacks.with_interval(single, "link_pixel_top1").endswith("]")
+    assert f"linkage top-1 {with_interval(single, 'link_pixel_top1')} (pixels)" in attacks.describe(single)
+    assert with_interval(single, "link_pixel_top1").endswith("]")
     single, many = _attacked(shards, tmp_path, monkeypatch, 3, extractor="classifier", classifier_path="x.pt")
     assert single["recon_own_fid_low"] <= single["recon_own_fid"] <= single["recon_own_fid_high"]
     assert many["recon_public_fid_releases_low"] <= many["recon_public_fid_releases"]

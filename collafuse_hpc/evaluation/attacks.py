@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from collafuse_hpc.diffusion.gaussian import EpsModel, GaussianDiffusion
+from collafuse_hpc.tables import with_interval
 
 
 def release(
@@ -95,13 +96,6 @@ def top_k_hits(distances: torch.Tensor, sources: torch.Tensor, ks: tuple[int, ..
     truth = distances.gather(1, sources.reshape(-1, 1).to(distances.device))
     closer = (distances < truth).sum(1) + (distances == truth).sum(1) - 1  # candidates ranked before the source
     return {k: (closer < k).cpu().numpy() for k in ks}
-
-
-def with_interval(figures: dict, key: str) -> str:
-    """``figures[key]`` as ``0.250``, with its interval ``[0.100, 0.400]`` (``<key>_low``,
-    ``<key>_high``) where ``figures`` has one."""
-    low, high = figures.get(f"{key}_low"), figures.get(f"{key}_high")
-    return f"{figures[key]:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
 
 
 def describe(a: dict) -> str:

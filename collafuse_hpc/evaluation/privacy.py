@@ -35,6 +35,7 @@ from collafuse_hpc.evaluation import attacks, metrics
 from collafuse_hpc.roles.client import Client
 from collafuse_hpc.roles.federated import sampling_global
 from collafuse_hpc.roles.server import Server
+from collafuse_hpc.tables import with_interval
 
 MIA_STEPS = 4  # steps t per candidate, spread evenly over the model's range
 MIA_NOISE = 1  # noise draws per step (for the server, each with a fresh x_c): MIA_STEPS in all
@@ -271,7 +272,7 @@ def describe_membership(figures: dict) -> str:
         return "no model scored"
     each = []
     for m in models:
-        auc, tpr = (attacks.with_interval(figures, f"mia_{m}_{key}") for key in ("auc", "tpr_at_1fpr"))
+        auc, tpr = (with_interval(figures, f"mia_{m}_{key}") for key in ("auc", "tpr_at_1fpr"))
         each.append(f"{m}'s model AUC {auc}, TPR at 1% FPR {tpr}")
     return f"{'; '.join(each)} ({figures['members']} members against as many held-out images; chance: AUC 0.5)"
 

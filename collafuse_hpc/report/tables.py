@@ -10,8 +10,9 @@ and measured time ratios; and alone, federated and split side by side with quali
 copies, what the other parties could learn and what a client paid. The pooled row's
 FID/KID compare all clients' images with all their real images, and its membership
 figures every client's candidates under one threshold; its disclosure and compute
-columns, copy rates and attacks are means over the clients (intervals: the clients' in
-quadrature).
+columns, copy rates and reconstructions are means over the clients (intervals: the
+clients' in quadrature), and its linkage rates pool every client's probes (Wilson's
+interval over them).
 """
 
 from __future__ import annotations
