@@ -286,6 +286,8 @@ def test_evaluate_writes_prints_and_reports_what_the_parties_could_learn(shards,
     printed = capsys.readouterr().out
     assert "c0: membership: server's model AUC" in printed and "client's model AUC" in printed
     assert "c1: copies: share of samples nearer a training image" in printed
+    copies = report["c1"]["collaborative"]
+    assert f"collaborative {with_interval(copies, 'copy_rate_pixel')} / " in printed and "copy_rate_pixel_low" in copies
     assert "releases per image, averaged (grouping known: an upper bound)" in printed
     with h5py.File(tmp_path / "run/results.h5") as f:
         m = f["metrics"]

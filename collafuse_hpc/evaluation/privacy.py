@@ -246,10 +246,11 @@ def memorization(
     of ``samples`` ({set: (uint8 images [N, C, H, W], their features [N, D])}) against
     every image of the client's train split ``train`` (its features: ``cached("train",
     images)``) and its held-out images ``heldout`` (uint8 images, features). A 95%
-    interval (none for ``resamples`` 0) is the wider of two: the bootstrap resampling the
-    samples and the held-out images apart, and the Wilson interval of the samples' share
-    at the held-out threshold, which keeps a width where no sample (or every one) is a
-    copy; there every bootstrap resample gives the same share."""
+    interval (none for ``resamples`` 0) spans two, from the lower low to the higher high:
+    the bootstrap resampling the samples and the held-out images apart, and the Wilson
+    interval of the samples' share at the held-out threshold, which keeps a width where no
+    sample (or every one) is a copy; there every bootstrap resample gives the same share.
+    A conservative span: the bootstrap's symmetric low may reach 0 where copies were seen."""
     images, _ = train.read(np.arange(len(train)))
     spaces = {"pixel": (pixels(images), pixels), "feature": (cached("train", images), np.asarray)}
     out: dict[str, dict] = {name: {} for name in samples}
@@ -282,7 +283,10 @@ def describe_copies(entry: dict) -> str:
     sets = [s for s in IMAGE_SETS if "copy_rate_pixel" in entry.get(s, {})]
     if not sets:
         return "no generated image set"
-    each = [f"{s} {entry[s]['copy_rate_pixel']:.3f} / {entry[s]['copy_rate_feature']:.3f}" for s in sets]
+    each = [
+        f"{s} {with_interval(entry[s], 'copy_rate_pixel')} / {with_interval(entry[s], 'copy_rate_feature')}"
+        for s in sets
+    ]
     return (
         f"share of samples nearer a training image than {100 - COPY_PERCENTILE:g}% of held-out images are "
         f"(pixels / features; {COPY_PERCENTILE / 100:g} when nothing is copied): {', '.join(each)}"

@@ -389,8 +389,8 @@ def _note(table: list[dict], versus: list[dict], sections: list[tuple[str, list[
     if one_seed and re.search(r"\[[^]]+, [^]]+\]", cells):
         out.append(
             "With one seed, [a, b] is the 95% interval over images: bootstrap, but Wilson's for a linkage rate over "
-            "its probes (membership: bootstrap over candidates); a pooled row's combines the clients' (a linkage "
-            "rate's: Wilson's over every client's probes)."
+            "its probes and the span of both for a copy rate (membership: bootstrap over candidates); a pooled "
+            "row's combines the clients' (a linkage rate's: Wilson's over every client's probes)."
         )
     elif one_seed:
         out.append("No intervals over images: they come with eval.extractor: classifier and eval.bootstrap.")

@@ -111,7 +111,7 @@ METRIC_UNITS = (
     "*_releases: the same with each image's releases averaged; mia_*_auc: ROC AUC of the loss attack (0.5: chance); "
     "mia_*_tpr_at_1fpr: members flagged at 1% of non-members flagged; copy_rate_*: share of samples nearer a "
     "training image than the 5th percentile of held-out images; *_low/*_high: the 95% interval of * (bootstrap; "
-    "link_*: Wilson score)"
+    "link_*: Wilson score; copy_rate_*: the span of both)"
 )
 
 
