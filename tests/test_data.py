@@ -311,3 +311,22 @@ def test_preparing_and_reading_shards_imports_no_torch():
     check = "import sys, collafuse_hpc.data.prepare, collafuse_hpc.results.schema; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_the_digits_are_sklearns_read_without_importing_it(tmp_path):
+    """read_digits reads the wheel's file itself (scikit-learn's import is a second of CPU
+    a process): the same 1,797 images and labels as sklearn.datasets.load_digits."""
+    check = (
+        "import sys, numpy as np; from collafuse_hpc.data.sources import read_digits; c = read_digits(); "
+        "print('sklearn' in sys.modules); np.save(sys.argv[1], c.arrays); np.save(sys.argv[2], c.labels)"
+    )
+    out = [str(tmp_path / f"{k}.npy") for k in ("x", "y")]
+    done = subprocess.run([sys.executable, "-c", check, *out], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    arrays, labels = (np.load(p) for p in out)
+    assert arrays.shape == (1797, 8, 8) and arrays.dtype == np.uint8
+    np.testing.assert_array_equal(arrays, (reference.images * (255.0 / 16.0)).round().astype(np.uint8))
+    np.testing.assert_array_equal(labels, reference.target)
