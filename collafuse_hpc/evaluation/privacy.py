@@ -162,10 +162,14 @@ def loss_scores(
 def roc_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
     """Area under the ROC curve of "a member when its score is below a threshold": the
     chance that a member scores below a non-member, ties counted half (Mann-Whitney U
-    over the n m pairs). Scores [n], [m]."""
-    from scipy import stats  # here, not at the top: scipy.stats would add 0.6 s of CPU to every rank's start
+    over the n m pairs). Scores [n], [m].
 
-    ranks = stats.rankdata(np.concatenate([nonmembers, members]))
+    Ranks by numpy: scipy.stats' rankdata would add its import, 0.5 s of CPU, to every
+    process that evaluates."""
+    # 1-based ranks, tied scores given the mean of the ranks they span
+    _, tied, counts = np.unique(np.concatenate([nonmembers, members]), return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)
+    ranks = ((last - counts + 1 + last) / 2.0)[tied]
     above = ranks[: len(nonmembers)].sum() - len(nonmembers) * (len(nonmembers) + 1) / 2
     return float(above / (len(members) * len(nonmembers)))
 
