@@ -330,3 +330,22 @@ def test_the_digits_are_sklearns_read_without_importing_it(tmp_path):
     assert arrays.shape == (1797, 8, 8) and arrays.dtype == np.uint8
     np.testing.assert_array_equal(arrays, (reference.images * (255.0 / 16.0)).round().astype(np.uint8))
     np.testing.assert_array_equal(labels, reference.target)
+
+
+def test_the_digits_fall_back_to_sklearns_reader_and_a_missing_sklearn_is_named(tmp_path, monkeypatch):
+    """An install whose package is not a plain folder (meson-python's editable loader names a
+    virtual path) reads through sklearn.datasets; a stray sklearn/ folder is not scikit-learn."""
+    from importlib.machinery import ModuleSpec
+
+    from collafuse_hpc.data import sources
+
+    want = sources.read_digits()
+    virtual = ModuleSpec("sklearn", loader=object(), is_package=True)
+    virtual.submodule_search_locations = [str(tmp_path / "not-a-folder")]
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: virtual)
+    got = sources.read_digits()
+    np.testing.assert_array_equal(got.arrays, want.arrays)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: ModuleSpec("sklearn", None))
+    with pytest.raises(ValueError, match=r"pip install 'collafuse-hpc\[quickstart\]'"):
+        sources.read_digits()

@@ -29,7 +29,8 @@ ROUNDS = 16  # the kill lands at round 4 or 5; the restart trains the rest
 def test_kill_9_without_a_launcher_that_cleans_up(tmp_path, shards, victim, servers, cuts, named, peers):
     """Ranks that talk to the dead one name it; the others name the rank whose exit
     they saw (a cascade); nobody waits for the timeout; a complete checkpoint set is kept.
-    The restart from it, for the same three victims, is the mpirun test's below."""
+    The restart after a client's, the server's and a second server's death is the mpirun
+    test's below (the same configs; its client victim is the other client)."""
     raw = tiny_config(shards, tmp_path / "out", cuts, rounds=ROUNDS, log_every=1, checkpoint_every=2)
     raw["server"]["count"] = servers
     cfg = write_config(tmp_path / "run.yaml", raw)
@@ -77,10 +78,11 @@ def test_kill_9_under_mpirun_ends_the_job_and_a_restart_resumes(tmp_path, shards
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0 and elapsed < raw["run"]["timeout_s"]
     print(f"\nkill -9 of {part[:-3]} under mpirun: job ended (exit {proc.returncode}) {elapsed:.2f} s later")
-    last = checkpoint.complete_rounds(str(tmp_path / "out"))[-1]
+    kept = checkpoint.complete_rounds(str(tmp_path / "out"))
+    assert kept, "no complete checkpoint set to restart from"
     resumed = run_mpi(servers + len(cuts), ["train", cfg, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from the checkpoint set of round {last}" in resumed.stderr
+    assert f"resuming from the checkpoint set of round {kept[-1]}" in resumed.stderr
     with h5py.File(tmp_path / "out/results.h5") as f:
         assert list(f["server/rounds/round"][()]) == list(range(ROUNDS))
 

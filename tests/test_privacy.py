@@ -58,11 +58,13 @@ def test_auc_and_tpr_at_low_fpr_have_their_known_values():
     assert privacy.roc_auc(low, high) == 1 and privacy.roc_auc(high, low) == 0
     assert privacy.roc_auc(np.ones(5), np.ones(7)) == 0.5  # ties count half
     assert privacy.roc_auc(np.array([1.0, 3.0]), np.array([2.0, 4.0])) == 0.75  # 3 of 4 pairs ordered
-    rng = np.random.default_rng(0)
+    ties = np.random.default_rng(1)
     for n, m in ((1, 1), (7, 12), (40, 25)):  # against every pair counted, with many ties
-        members, nonmembers = rng.integers(0, 6, n).astype(float), rng.integers(0, 6, m).astype(float)
+        members, nonmembers = ties.integers(0, 6, n).astype(float), ties.integers(0, 6, m).astype(float)
         pairs = (members[:, None] < nonmembers[None, :]) + 0.5 * (members[:, None] == nonmembers[None, :])
         assert privacy.roc_auc(members, nonmembers) == pytest.approx(pairs.mean(), abs=1e-12)
+    assert np.isnan(privacy.roc_auc(np.array([1.0, np.nan]), np.ones(3)))  # a diverged model: no AUC, not chance
+    rng = np.random.default_rng(0)
     same = rng.normal(size=(2, 4000))
     assert abs(privacy.roc_auc(*same) - 0.5) < 0.02 and abs(privacy.tpr_at_fpr(*same) - 0.01) < 0.006
     assert privacy.tpr_at_fpr(low, high) == 1 and privacy.tpr_at_fpr(high, low) == 0

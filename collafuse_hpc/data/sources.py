@@ -239,12 +239,20 @@ def read_digits() -> Catalog:
     row, as ``sklearn.datasets.load_digits`` reads it) without importing scikit-learn,
     whose import alone costs a second of CPU in every process that prepares the digits."""
     spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None or spec.loader is None:  # loader None: a stray sklearn/ folder, not the package
         raise ValueError("the digits data ship with scikit-learn: pip install 'collafuse-hpc[quickstart]'")
-    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
-    if not os.path.isfile(path):
-        raise ValueError(f"scikit-learn is installed without its digits data ({path}): reinstall it")
-    table = np.loadtxt(path, delimiter=",")  # (1797, 65): pixels 0..16, then the label
+    found = [
+        path
+        for folder in spec.submodule_search_locations or []
+        if os.path.isfile(path := os.path.join(folder, "datasets", "data", "digits.csv.gz"))
+    ]
+    if found:
+        table = np.loadtxt(found[0], delimiter=",")  # (1797, 65): pixels 0..16, then the label
+    else:  # not a plain folder (an editable or zipped install): scikit-learn's own reader
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        table = np.concatenate([digits.data, digits.target[:, None]], axis=1)
     return Catalog(
         "sklearn-digits",
         "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits)",

@@ -166,8 +166,11 @@ def roc_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
 
     Ranks by numpy: scipy.stats' rankdata would add its import, 0.5 s of CPU, to every
     process that evaluates."""
+    scores = np.concatenate([nonmembers, members])
+    if np.isnan(scores).any():  # a diverged model's scores have no order: say so, not "chance"
+        return float("nan")
     # 1-based ranks, tied scores given the mean of the ranks they span
-    _, tied, counts = np.unique(np.concatenate([nonmembers, members]), return_inverse=True, return_counts=True)
+    _, tied, counts = np.unique(scores, return_inverse=True, return_counts=True)
     last = np.cumsum(counts)
     ranks = ((last - counts + 1 + last) / 2.0)[tied]
     above = ranks[: len(nonmembers)].sum() - len(nonmembers) * (len(nonmembers) + 1) / 2
