@@ -170,6 +170,10 @@ class EvalConfig:
     # [resamples] over images, for the 95% intervals of FID, fidelity, precision, recall, copies, membership and
     # the attacks; 0: none (the linkage rates' Wilson intervals too)
     bootstrap: int = 200
+    # measure each client's compute (FLOPs and timings of its share against the full chain); false: leave it out
+    # of an evaluation for quality and disclosure only (the timings run the full chain; counting FLOPs loads
+    # torch._dynamo, 1.5 s of CPU a process)
+    compute: bool = True
     # [repeats] timings of a client's share of sampling and of a round against the full chain, side by side in
     # alternating order (client compute; its FLOPs are counted once)
     timing_repeats: int = 4

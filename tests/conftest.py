@@ -138,6 +138,9 @@ def tiny_config(shards: list[str], out: Path, cuts: list[float], fault: dict | N
             # that evaluates: CLI commands, ranks, study points); the tests check that its entries are there
             # and positive, and tests/test_performance.py checks the measurement itself with one repeat
             "timing_repeats": 1,
+            # and not measured at all where a test does not read it (eval.compute): counting its FLOPs loads
+            # torch._dynamo, 1.5 s of CPU in each process that evaluates; the tests of compute turn it on
+            "compute": False,
             "cache_dir": str(Path(out).parent / "feature_cache"),
         },
         "fault": fault or {},
@@ -163,7 +166,9 @@ def evaluated_run(tmp_path_factory, shards):
 
     def run(cut: float) -> Path:
         if cut not in runs:
-            cfg = from_dict(tiny_config(shards, folder / f"c{cut}", [cut, cut], rounds=2))
+            raw = tiny_config(shards, folder / f"c{cut}", [cut, cut], rounds=2)
+            raw["eval"]["compute"] = True  # the report's compute columns are read
+            cfg = from_dict(raw)
             run_in_process(cfg, resume=False)
             evaluate(cfg)
             runs[cut] = folder / f"c{cut}"

@@ -280,7 +280,7 @@ def test_converted_reference_weights_give_the_reference_features_and_fid(tmp_pat
 def test_evaluate_writes_metrics_for_every_set_and_reuses_cached_real_features(tmp_path, shards):
     raw = tiny_config(shards, tmp_path / "out", [0.25, 1.0], rounds=6, checkpoint_every=0)
     raw["clients"][0]["wire_dtype"] = "bfloat16"
-    raw["eval"]["batch"] = 3  # 8 images per set, generated in batches of 3, 3 and 2
+    raw["eval"].update(batch=3, compute=True)  # 8 images per set, generated in batches of 3, 3 and 2
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     report = evaluate(cfg)
@@ -446,7 +446,7 @@ def test_client_compute_is_measured_once_per_model_and_cut(tmp_path, shards, mon
 
     monkeypatch.setattr(module, "client_compute", counted)
     raw = tiny_config(shards, tmp_path, [0.25, 0.25, 0.5], rounds=2)
-    raw["eval"]["timing_repeats"] = 2
+    raw["eval"].update(timing_repeats=2, compute=True)
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     report = evaluate(cfg)
@@ -462,6 +462,7 @@ def test_evaluate_scores_clients_that_use_labels_kept_and_shared(tmp_path, shard
     raw = tiny_config(shards, tmp_path, [0.25, 0.5], rounds=2)
     raw["clients"][0]["labels"] = True
     raw["clients"][1].update(labels=True, share_labels=True)
+    raw["eval"]["compute"] = True
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     report = evaluate(cfg)
@@ -785,14 +786,22 @@ def test_evaluate_fits_its_budget_and_says_its_plan(tmp_path, shards, caplog, mo
 
 @pytest.mark.slow
 def test_evaluate_scores_only_the_sets_asked_for(tmp_path, shards, capsys):
+    """eval.sets picks the image sets; eval.compute false leaves the client compute out
+    (tiny_config's default), says so, and the process never loads torch._dynamo, the
+    FLOP counter's 1.5 s of CPU."""
     raw = tiny_config(shards, tmp_path / "out", [0.25, 1.0], rounds=2)
     raw["eval"]["sets"] = ["collaborative", "client_alone"]
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     report = evaluate(cfg)
-    assert set(report["c0"]) == {"collaborative", "client_alone", "disclosure", "attack", "compute", "membership"}
+    assert set(report["c0"]) == {"collaborative", "client_alone", "disclosure", "attack", "membership"}
     assert set(report["pooled"]) == {"collaborative", "client_alone", "membership"}
     config = write_config(tmp_path / "run.yaml", raw)
+    check = "import sys; from collafuse_hpc.cli import main; main(sys.argv[1:]); print('torch._dynamo' in sys.modules)"
+    cmd = [sys.executable, "-c", check, "evaluate", config]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("False"), done.stdout[-2000:] + done.stderr[-2000:]
+    assert "c0: " in done.stdout and "client compute not measured (eval.compute false)" in done.stdout
     assert main(["evaluate", config, "--set", "eval.sets=[collaborative, fancy]"]) == 2
     assert "config key 'eval.sets.1' is 'fancy'; valid: ['collaborative', " in capsys.readouterr().err
 

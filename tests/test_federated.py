@@ -356,6 +356,7 @@ def test_the_report_puts_federated_beside_alone_and_split(tmp_path, shards):
         ("split", tiny_config(shards, tmp_path / "split", [0.5, 0.5], rounds=2)),
         ("fedavg", _federated(shards, tmp_path / "fedavg", clients=2, rounds=2)),
     ):
+        raw["eval"]["compute"] = True  # the report's FLOPs
         cfg = from_dict(raw)
         run_in_process(cfg, resume=False)
         evaluate(cfg)

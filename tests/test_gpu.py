@@ -58,7 +58,7 @@ def test_evaluate_on_gpu_a_run_trained_on_cpu(tmp_path, shards):
 
     raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=2)
     run_in_process(from_dict(raw), resume=False)
-    raw["eval"]["device"] = "cuda"
+    raw["eval"].update(device="cuda", compute=True)
     report = evaluate(from_dict(raw))
     assert np.isfinite(report["pooled"]["collaborative"]["fid"]) and report["c0"]["compute"]["sampling_ideal_ratio"]
 

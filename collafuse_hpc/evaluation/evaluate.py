@@ -251,10 +251,11 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
                 sampling_key(client),
                 client.cut.t_c,
             )
-            if key not in compute_of:
-                with parts("client compute", f"measuring client {client.id}'s compute"):
-                    compute_of[key] = client_compute(client, min(n, 16), cfg.eval.timing_repeats)
-            entry["compute"] = dict(compute_of[key])
+            if cfg.eval.compute:
+                if key not in compute_of:
+                    with parts("client compute", f"measuring client {client.id}'s compute"):
+                        compute_of[key] = client_compute(client, min(n, 16), cfg.eval.timing_repeats)
+                entry["compute"] = dict(compute_of[key])
             report[client.id] = entry
             log.info("evaluated client %s: %s", client.id, _line(entry))
     beat.at("scoring the pooled sets")
@@ -294,11 +295,12 @@ def print_report(report: dict) -> None:
         print(f"({POOLED_FID})")
     for who, entry in report.items():
         if "disclosure" in entry:
-            c = entry["compute"]
-            print(
-                f"{who}: {disclosure.describe(entry['disclosure'])}; client sampling time "
-                f"{c['sampling_time_ratio']:.3f} of local-only (ideal {c['sampling_ideal_ratio']:.3f})"
-            )
+            c = entry.get("compute")
+            cost = "client compute not measured (eval.compute false)"
+            if c:
+                cost = f"client sampling time {c['sampling_time_ratio']:.3f} of local-only (ideal "
+                cost += f"{c['sampling_ideal_ratio']:.3f})"
+            print(f"{who}: {disclosure.describe(entry['disclosure'])}; {cost}")
             print(f"{who}: attack: {attacks.describe(entry['attack'])}")
             print(f"{who}: copies: {privacy.describe_copies(entry)}")
         if "membership" in entry:

@@ -143,7 +143,7 @@ def _ratio(a: float | None, b: float | None) -> float:
 
 
 def _client_columns(m: dict, roles: dict, who: str, config: dict) -> dict:
-    d, c, a = m[who]["disclosure"], m[who]["compute"], m[who].get("attack", {})
+    d, c, a = m[who]["disclosure"], m[who].get("compute", {}), m[who].get("attack", {})  # compute: eval.compute
     client = next((cc for cc in config["clients"] if cc.get("id") == who), {})
     federated = config["run"].get("method", "split") == "federated"
     steps = config.get("federated", {}).get("local_steps", 1) if federated else 1  # batches a client trains a round
@@ -157,11 +157,11 @@ def _client_columns(m: dict, roles: dict, who: str, config: dict) -> dict:
         "mu_gdp_composed": d["mu_composed"],
         "releases": a.get("releases", NAN),
         **{key: a.get(key, NAN) for key in ATTACK},
-        "sampling_flops_ratio": _ratio(c["sampling_flops_client"], c["sampling_flops_full"]),
-        "sampling_time_ratio": c["sampling_time_ratio"],
-        "sampling_ideal_ratio": c["sampling_ideal_ratio"],
-        "train_flops_ratio": _ratio(c["train_flops_client"], c["train_flops_full"]),
-        "train_time_ratio": c["train_time_ratio"],
+        "sampling_flops_ratio": _ratio(c.get("sampling_flops_client"), c.get("sampling_flops_full")),
+        "sampling_time_ratio": c.get("sampling_time_ratio", NAN),
+        "sampling_ideal_ratio": c.get("sampling_ideal_ratio", NAN),
+        "train_flops_ratio": _ratio(c.get("train_flops_client"), c.get("train_flops_full")),
+        "train_time_ratio": c.get("train_time_ratio", NAN),
         "client_images_per_s": summary.get("images_per_s", NAN),
         "train_flops_round": c.get("train_flops_client", NAN) * client.get("batch_size", NAN) * steps,
         "train_flops_run": c.get("train_flops_client", NAN) * client.get("batch_size", NAN) * steps * rounds,
