@@ -27,7 +27,9 @@ point_args() {
           printf '%s\n' --set "eval.classifier_path=${STUDY_CLASSIFIER//\{partition\}/$field}"
         fi ;;
       shared) printf '%s\n' --set "clients.*.share_labels=true" ;;
-      fedavg) printf '%s\n' --set run.method=federated --set "run.rounds=${FEDERATED_ROUNDS:?rounds of a federated point}" ;;
+      fedavg)  # scores the global model beside the fine-tuned clients' (the collaborative set)
+        printf '%s\n' --set run.method=federated --set "run.rounds=${FEDERATED_ROUNDS:?rounds of a federated point}"
+        printf '%s\n' --set "eval.sets=[collaborative,global]" ;;
       small) printf '%s\n' --set federated.architecture=client ;;
       cond) printf '%s\n' --set "clients.*.labels=true" ;;
       c[0-9]*) c=${field#c}; printf '%s\n' --set "clients.*.cut_ratio=$c" ;;

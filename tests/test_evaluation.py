@@ -724,6 +724,13 @@ def test_study_points_name_each_partitions_classifier():
     done = subprocess.run(["bash", "-c", args], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     args = done.stdout.split()[1::2]
     assert "eval.classifier_path=j_iid.pt" in args and "clients.1.shard=d/iid/1.h5" in args
+    # a FedAvg point scores its global model beside the fine-tuned clients (the study config's sets are
+    # [collaborative] only: seeds 1 and 2 of the study's FedAvg point were scored without their global model)
+    args = "source jobs/points.sh && point_args fedavg-class-s1"
+    env["FEDERATED_ROUNDS"] = "8"
+    done = subprocess.run(["bash", "-c", args], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    args = done.stdout.split()[1::2]
+    assert "run.method=federated" in args and "eval.sets=[collaborative,global]" in args
 
 
 @pytest.mark.mpi

@@ -144,6 +144,25 @@ def _summary(clients: dict[str, dict]) -> dict:
     return {"metrics": metrics, "roles": {}, "config": config | {"run": {"seed": 0, "rounds": 10}}}
 
 
+def test_a_fine_tuned_federated_runs_collaborative_set_is_labelled_fine_tuned_with_or_without_its_global():
+    """The collaborative set of a FedAvg run with finetune_steps > 0 is its fine-tuned
+    clients' samples (fedavg+ft), whether or not the global model was scored beside it: it
+    was reported as the global model's (fedavg) when eval.sets had no global."""
+    curves = {"rounds": np.arange(10), "clients": np.ones(10)}
+
+    def labels(finetune_steps: int, scored: tuple[str, ...]) -> set[str]:
+        summary = _summary({"c0": {"class_fidelity": 0.7}})
+        summary["config"]["run"] |= {"method": "federated"}
+        summary["config"]["federated"] = {"local_steps": 2, "finetune_steps": finetune_steps}
+        for who in ("c0", "pooled"):
+            summary["metrics"][who] |= {name: {"fid": 1.0} for name in scored}
+        return {r["method"] for r in report.rows(summary, curves)}
+
+    assert labels(100, ("collaborative",)) == {"fedavg+ft"}
+    assert labels(100, ("collaborative", "global")) == {"fedavg", "fedavg+ft"}
+    assert labels(0, ("collaborative",)) == labels(0, ("collaborative", "global")) == {"fedavg"}
+
+
 def test_pooled_class_intervals_are_the_clients_in_quadrature_as_the_bootstrap_of_the_mean():
     """The pooled class fidelity is the mean over K clients, so its half-width is
     sqrt(sum h_k^2) / K (0.0147 for four clients of 0.0293), not the mean of the bounds

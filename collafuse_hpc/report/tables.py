@@ -253,10 +253,12 @@ def rows(summary: dict, curves: dict) -> list[dict]:
     }
     per_client = {who: _client_columns(m, roles, who, config) for who in clients}
     # (label, image set, the model its clients sample with): a fine-tuned federated run is two points, its global
-    # model's samples and its clients' fine-tuned ones; without fine-tuning a federated client samples with the global
+    # model's samples (when scored: eval.sets' global) and its clients' fine-tuned ones, which are its collaborative
+    # set whether or not the global one was scored; without fine-tuning a federated client samples with the global
     variants = [(method, "collaborative", "client" if split else "federated")]
-    if not split and "global" in m["pooled"]:
-        variants = [(method, "global", "federated"), (f"{method}+ft", "collaborative", "client")]
+    if not split and config.get("federated", {}).get("finetune_steps", 0) > 0:
+        variants = [(method, "global", "federated")] if "global" in m["pooled"] else []
+        variants.append((f"{method}+ft", "collaborative", "client"))
     out = []
     for (label, scored, model), who in ((v, who) for v in variants for who in ["pooled", *clients]):
         row = {key: NAN for key in COLUMNS} | run | {"who": who, "method": label}
