@@ -773,7 +773,7 @@ def test_evaluate_fits_its_budget_and_says_its_plan(tmp_path, shards, caplog, mo
     went silent for a minute)."""
     caplog.set_level("INFO", logger="collafuse_hpc")
     raw = tiny_config(shards, tmp_path / "out", [0.25, 1.0], rounds=2)
-    raw["eval"].update(images=16, max_image_steps=600)
+    raw["eval"].update(images=16, max_image_steps=600, compute=True)  # the docs quote its timing's line too
     cfg = from_dict(raw)
     run_in_process(cfg, resume=False)
     monkeypatch.setattr(evaluate_module, "Heartbeat", functools.partial(Heartbeat, every_s=0.05))
