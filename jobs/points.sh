@@ -4,7 +4,8 @@
 # (c0.2, c0.6-reference-s2, c0.2-markov-iid-shared-s1), or of the federated baseline
 # fedavg[-small][-cond][-<partition>][-s<seed>] (run.method=federated; small: the clients'
 # architecture, federated.architecture=client; cond: every client's model conditioned on its
-# own labels, which stay local), and is also its folder name.
+# own labels, which stay local; each scores its global model beside the fine-tuned clients',
+# eval.sets=[collaborative,global]), and is also its folder name.
 # point_args POINT prints the --set overrides of that run, one argument per line: every
 # client's cut ratio, the split mode and seed when given, the shards of the partition
 # (STUDY_SHARDS with {partition} and {k} filled in, for k < STUDY_CLIENTS), labels sent

@@ -809,6 +809,9 @@ def test_evaluate_scores_only_the_sets_asked_for(tmp_path, shards, capsys):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.rstrip().endswith("False"), done.stdout[-2000:] + done.stderr[-2000:]
     assert "c0: " in done.stdout and "client compute not measured (eval.compute false)" in done.stdout
+    with h5py.File(tmp_path / "out/results.h5") as f:  # not "client compute 0.0 s", as if measured
+        totals = yaml.safe_load(f["records"][str(len(f["records"]) - 1)].attrs["totals"])
+    assert "time_client_compute_s" not in totals and "time_sampling_s" in totals
     assert main(["evaluate", config, "--set", "eval.sets=[collaborative, fancy]"]) == 2
     assert "config key 'eval.sets.1' is 'fancy'; valid: ['collaborative', " in capsys.readouterr().err
 

@@ -367,6 +367,7 @@ def test_the_report_puts_federated_beside_alone_and_split(tmp_path, shards):
     fed, alone = rows[("fedavg", "-", "c0")], rows[("split", "1.0", "c0")]
     tuned = rows[("fedavg+ft", "-", "pooled")]  # the fine-tuned clients' samples: a point of their own
     assert fed["fid_collaborative"] == rows[("fedavg", "-", "c0")]["fid_global"]  # the global model's
+    assert fed["kid_std_collaborative"] == fed["kid_std_global"]  # its KID's spread too, not the fine-tuned set's
     assert tuned["fid_collaborative"] != rows[("fedavg", "-", "pooled")]["fid_collaborative"]
     # the tiny server and client models are one UNet: a federated round is E = 2 of the alone client's steps
     assert float(fed["train_flops_round"]) == pytest.approx(2 * float(alone["train_flops_round"]))

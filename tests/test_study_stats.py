@@ -257,3 +257,25 @@ def test_a_federated_runs_rounds_count_by_their_local_steps_for_convergence():
     flat = 0.05 + np.exp(-np.arange(80) / 5)
     assert math.isnan(loss_change(flat)) and loss_change(flat, steps=10) < 0.001
     assert converged(flat, steps=10)
+
+
+def test_the_methods_figure_names_every_method_whichever_panel_shows_it(tmp_path, monkeypatch):
+    """A point is drawn where its cost is above 0 on the log axes: with eval.compute false
+    (no FLOPs) or at c = 0 (no client training) a method shows in the bytes panel only,
+    and the legend, drawn from the first panel alone, left it unnamed."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from collafuse_hpc.report.figures import methods_figure
+
+    def row(method: str, c, flops: float, sent: float) -> dict:
+        costs = {"train_flops_run": flops, "sampling_flops_image": flops, "bytes_run": sent}
+        return {"who": "pooled", "method": method, "c": c, "split": "markov", "partition": "class", "seeds": 1,
+                "fidelity": 0.5, "class_distance": 0.3, **costs}  # fmt: skip
+
+    shown = []
+    monkeypatch.setattr(plt, "close", lambda fig: shown.append(fig))  # keep the figure to read its legend
+    table = [row("fedavg", "-", math.nan, 1e8), row("split", 0.2, math.nan, 2e7), row("split", 0.0, 0.0, 2e7)]
+    assert methods_figure(table, str(tmp_path / "methods.png"))
+    (legend,) = [axis.get_legend() for axis in shown[0].axes if axis.get_legend()]
+    assert [t.get_text() for t in legend.get_texts()] == ["fedavg", "split c = 0.2 (markov)", "split c = 0 (markov)"]

@@ -160,6 +160,8 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
     scores: dict[str, tuple[list, list]] = {}  # model -> (members' scores, non-members') of every client
     grids = {}
     parts = Parts(beat)
+    if not cfg.eval.compute:  # not measured: no "client compute 0.0 s" in the log and the record
+        del parts.seconds["client compute"]
     resamples, seed = cfg.eval.bootstrap, cfg.run.seed
 
     def feats(images: np.ndarray) -> np.ndarray:

@@ -241,15 +241,18 @@ def methods_figure(table: list[dict], path: str) -> bool:
             marker = "s" if r["method"] != "split" else ("x" if r["c"] == 1 else "o")
             label = method_label(r) + (f", {partition}" if len(partitions) > 1 else "")
             style = {"capsize": 3, "marker": marker, "color": f"C{i % 10}", "linestyle": "none", "alpha": 1 - 0.3 * p}
-            for axis, (cost, _) in zip(ax, costs):
-                if r[cost] > 0:  # log axes: a client at c = 1 moves no bytes
-                    axis.errorbar([r[cost]], [r[key]], yerr=err, label=label if axis is ax[0] else None, **style)
+            drawn = [(axis, r[cost]) for axis, (cost, _) in zip(ax, costs) if r[cost] > 0]  # log axes: no 0 or NaN
+            for n, (axis, x) in enumerate(drawn):  # (c = 1 moves no bytes, c = 0 trains nothing on a client,
+                # eval.compute false counted no FLOPs): labelled once, on the first panel that shows it
+                axis.errorbar([x], [r[key]], yerr=err, label=None if n else label, **style)
     for axis, (_, xlabel) in zip(ax, costs):
         axis.set(xscale="log", xlabel=xlabel, ylabel=name)
     ax[0].set_title("quality against client training compute")
     ax[1].set_title("quality against client sampling compute")
     ax[2].set_title("quality against bytes on the wire")
-    ax[0].legend(fontsize=7)
+    shown = [pair for axis in ax for pair in zip(*axis.get_legend_handles_labels())]
+    if shown:  # every method, whichever panel showed it first
+        ax[0].legend(*zip(*shown), fontsize=7)
     _save(plt, fig, path, 110)
     return True
 

@@ -182,6 +182,7 @@ def _quality_columns(m: dict, who: str, name: str = "collaborative") -> dict:
     q, real = m[who].get(name, {}), m[who].get("real", {})
     out = {key: q.get(key, NAN) for key in ("precision", "recall", "confidence", "class_distance", *COPIES)}
     out["fid_collaborative"], out["kid_mean_collaborative"] = q.get("fid", NAN), q.get("kid_mean", NAN)
+    out["kid_std_collaborative"] = q.get("kid_std", NAN)
     out["fidelity"] = q.get("class_fidelity", NAN)
     for end in ("low", "high"):
         out[f"fidelity_{end}"] = q.get(f"class_fidelity_{end}", NAN)

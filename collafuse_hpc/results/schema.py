@@ -64,7 +64,7 @@ to records/v2/summary (counted in /summary as one training invocation).
       /<client id>|pooled/membership  attrs: mia_<model>_{auc,tpr_at_1fpr}[_low|_high] (model:
                                   server, client, federated), members, draws, models
                                   (evaluation/privacy.py); a set's attrs also copy_rate_{pixel,feature}
-      /<client id>/compute        attrs: evaluation.compute.client_compute's fields
+      /<client id>/compute        attrs: evaluation.compute.client_compute's fields (absent with eval.compute false)
 """
 
 from __future__ import annotations
