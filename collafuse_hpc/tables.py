@@ -16,11 +16,12 @@ def cell(value) -> str:
     return str(value)
 
 
-def with_interval(figures: dict, key: str) -> str:
+def with_interval(figures: dict, key: str, digits: int = 3) -> str:
     """``figures[key]`` as ``0.250``, with its 95% interval ``[0.100, 0.400]`` (``<key>_low``,
-    ``<key>_high``) where ``figures`` has one: a metric's line in evaluate's printout."""
+    ``<key>_high``) where ``figures`` has one: a metric's line in evaluate's printout.
+    ``digits`` after the point (2 for a PSNR in dB)."""
     low, high = figures.get(f"{key}_low"), figures.get(f"{key}_high")
-    return f"{figures[key]:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
+    return f"{figures[key]:.{digits}f}" + ("" if low is None else f" [{low:.{digits}f}, {high:.{digits}f}]")
 
 
 def format_table(header: list[str], rows: list[list], indent: str = "") -> str:

@@ -454,6 +454,22 @@ def test_client_compute_is_measured_once_per_model_and_cut(tmp_path, shards, mon
     assert report["c1"]["compute"] == report["c0"]["compute"] != report["c2"]["compute"]
 
 
+def test_evaluate_parts_record_only_the_parts_that_ran_in_their_order():
+    """The record's and the log's part times list what ran, summed, in PARTS' order: a part
+    that never ran (the client compute with eval.compute false) is absent, not 0.0 s."""
+    from collafuse_hpc.evaluation.evaluate import Parts
+    from collafuse_hpc.logs import Heartbeat
+
+    with Heartbeat("evaluate") as beat:
+        parts = Parts(beat)
+        for part in ("membership inference", "sampling", "sampling"):
+            with parts(part, part):
+                pass
+    assert list(parts.seconds) == ["sampling", "membership inference"]
+    assert all(s >= 0 for s in parts.seconds.values())
+    assert parts.line().startswith("sampling ") and "client compute" not in parts.line()
+
+
 @pytest.mark.slow
 def test_evaluate_scores_clients_that_use_labels_kept_and_shared(tmp_path, shards):
     """Every model evaluate runs with labels (the sets, the attacks with the client's own

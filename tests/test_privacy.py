@@ -269,6 +269,10 @@ def test_attack_figures_have_intervals_over_images_fid_s_in_a_classifier_s_featu
             assert (got[f"{key}_low"], got[f"{key}_high"]) == pytest.approx((wilson.low, wilson.high), abs=1e-4)
     assert f"linkage top-1 {with_interval(single, 'link_pixel_top1')} (pixels)" in attacks.describe(single)
     assert with_interval(single, "link_pixel_top1").endswith("]")
+    own = f"{with_interval(single, 'recon_own_psnr_db', 2)} dB / {with_interval(single, 'recon_own_ssim')} with its own"
+    assert own in attacks.describe(single) and with_interval(single, "recon_own_psnr_db", 2).endswith("]")
+    at_releases = f"reconstruction PSNR {with_interval(many, 'recon_own_psnr_db_releases', 2)} dB with its own model"
+    assert at_releases in attacks.describe({**single, **many, "releases": 3}), "the printout's PSNR at k releases"
     single, many = _attacked(shards, tmp_path, monkeypatch, 3, extractor="classifier", classifier_path="x.pt")
     assert single["recon_own_fid_low"] <= single["recon_own_fid"] <= single["recon_own_fid_high"]
     assert many["recon_public_fid_releases_low"] <= many["recon_public_fid_releases"]

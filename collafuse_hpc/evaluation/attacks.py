@@ -105,11 +105,11 @@ def describe(a: dict) -> str:
         return a.get("reading", "-")
     public = "no public model"
     if a["public_model"] != "none":
-        public = f"{a['recon_public_psnr_db']:.2f} dB / {a['recon_public_ssim']:.3f} with a public model "
-        public += f"({a['public_model']})"
+        public = f"{with_interval(a, 'recon_public_psnr_db', 2)} dB / {with_interval(a, 'recon_public_ssim')} "
+        public += f"with a public model ({a['public_model']})"
+    own = f"{with_interval(a, 'recon_own_psnr_db', 2)} dB / {with_interval(a, 'recon_own_ssim')}"
     line = (
-        f"reconstruction PSNR / SSIM {public}, {a['recon_own_psnr_db']:.2f} dB / {a['recon_own_ssim']:.3f} with "
-        "its own; "
+        f"reconstruction PSNR / SSIM {public}, {own} with its own; "
         f"linkage top-1 {with_interval(a, 'link_pixel_top1')} (pixels), {with_interval(a, 'link_feature_top1')} "
         f"(features) of {a['link_candidates']} candidates, chance {a['chance_top1']:.3f}"
     )
@@ -119,5 +119,5 @@ def describe(a: dict) -> str:
         f"{line}; at its {a['releases']} releases per image, averaged (grouping known: an upper bound): linkage "
         f"top-1 {with_interval(a, 'link_pixel_top1_releases')} (pixels), "
         f"{with_interval(a, 'link_feature_top1_releases')} (features), "
-        f"reconstruction PSNR {a['recon_own_psnr_db_releases']:.2f} dB with its own model"
+        f"reconstruction PSNR {with_interval(a, 'recon_own_psnr_db_releases', 2)} dB with its own model"
     )

@@ -85,11 +85,18 @@ PARTS = (
 
 
 class Parts:
-    """Seconds each of PARTS took, summed over the clients; ``with parts(part, stage):``
-    times one and names ``stage`` to the heartbeat."""
+    """Seconds each of PARTS that ran took, summed over the clients; ``with parts(part,
+    stage):`` times one and names ``stage`` to the heartbeat. A part that never ran (the
+    client compute with ``eval.compute`` false, the attacks on a run without releases) is
+    absent, not recorded as 0 s."""
 
     def __init__(self, beat: Heartbeat):
-        self.beat, self.seconds = beat, dict.fromkeys(PARTS, 0.0)
+        self.beat, self._seconds = beat, {}
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds by part, in the order of PARTS."""
+        return {part: self._seconds[part] for part in PARTS if part in self._seconds}
 
     @contextlib.contextmanager
     def __call__(self, part: str, stage: str) -> Iterator[None]:
@@ -98,7 +105,7 @@ class Parts:
         try:
             yield
         finally:
-            self.seconds[part] += time.perf_counter() - start
+            self._seconds[part] = self._seconds.get(part, 0.0) + time.perf_counter() - start
 
     def line(self) -> str:
         """``sampling 8.1 s, image quality 1.2 s, ...``: the parts' seconds in one line."""
@@ -160,8 +167,6 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
     scores: dict[str, tuple[list, list]] = {}  # model -> (members' scores, non-members') of every client
     grids = {}
     parts = Parts(beat)
-    if not cfg.eval.compute:  # not measured: no "client compute 0.0 s" in the log and the record
-        del parts.seconds["client compute"]
     resamples, seed = cfg.eval.bootstrap, cfg.run.seed
 
     def feats(images: np.ndarray) -> np.ndarray:
