@@ -16,6 +16,7 @@ Inputs are plain arrays; nothing here loads models or files.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -179,10 +180,15 @@ def knn_radii(x: np.ndarray, k: int) -> np.ndarray:
     """Distance from each row of x [N, D] to its k-th nearest other row [N]. The row
     itself and exact copies of it (a bootstrap resample repeats rows) are not neighbours:
     they are told by identity, not by a distance near 0, which round-off can exceed."""
+    return np.partition(_others(x), k - 1, axis=1)[:, k - 1]
+
+
+def _others(x: np.ndarray) -> np.ndarray:
+    """Distances [N, N] between the rows of x [N, D], inf between a row and its copies."""
     d = distances(x, x)
     _, copy_of = np.unique(x, axis=0, return_inverse=True)
     d[copy_of.reshape(-1)[:, None] == copy_of.reshape(-1)[None, :]] = np.inf
-    return np.partition(d, k - 1, axis=1)[:, k - 1]
+    return d
 
 
 def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -216,6 +222,63 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     return precision, recall
 
 
+def precision_recall_intervals(
+    real: np.ndarray, fake: np.ndarray, k: int = 3, resamples: int = 200, seed: int = 0
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """95% intervals of precision and of recall over images: :func:`bootstrap_interval` of
+    :func:`precision_recall` with the same resamples, computed from one distance matrix.
+
+    A resample's rows are the original rows, some repeated: its distances are the
+    originals', and a row's k-th nearest other row is the first of its originals' sorted
+    neighbours (copies of it excluded) at which the neighbours' counts in the resample
+    reach k. So no resample recomputes distances (pooled over 5 clients, 2,500 samples:
+    the per-resample route took 0.17 s a resample, two statistics x 200 of them a set)."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    k = min(k, len(real) - 1, len(fake) - 1)
+    if k < 1:
+        raise ValueError("precision and recall need at least 2 images per set")
+    cross = distances(fake, real)  # [M, N]
+    estimate = precision_recall(real, fake, k)
+    near_real, near_fake = _Neighbours(real, k), _Neighbours(fake, k)
+    values = []
+    for rows_real, rows_fake in resample_rows((real, fake), resamples, seed):
+        count_real = np.bincount(rows_real, minlength=len(real))
+        count_fake = np.bincount(rows_fake, minlength=len(fake))
+        drawn_real, drawn_fake = np.flatnonzero(count_real), np.flatnonzero(count_fake)
+        ball_real, ball_fake = near_real.radii(count_real, drawn_real), near_fake.radii(count_fake, drawn_fake)
+        in_real = (cross[:, drawn_real] <= ball_real[None, :]).any(1)  # [M]: each fake row in the real manifold
+        in_fake = (cross[drawn_fake, :] <= ball_fake[:, None]).any(0)  # [N]: each real row in the generated one
+        values.append((in_real[rows_fake].mean(), in_fake[rows_real].mean()))
+    values = np.array(values)
+    return tuple(normal_interval(estimate[i], values[:, i], (0.0, 1.0)) for i in range(2))
+
+
+class _Neighbours:
+    """Each row's other rows of x [N, D] by distance, copies of it (identical rows) left
+    out, for the k-th nearest other row of a bootstrap resample (:meth:`radii`)."""
+
+    def __init__(self, x: np.ndarray, k: int, keep: int = 64):
+        self.k, self.d = k, _others(x)
+        d = self.d
+        keep = min(keep, len(x))  # the nearest ``keep`` suffice unless a resample draws too few of them
+        nearest = np.argpartition(d, keep - 1, axis=1)[:, :keep]
+        order = np.take_along_axis(d, nearest, 1).argsort(1, kind="stable")
+        self.order = np.take_along_axis(nearest, order, 1)  # [N, keep]
+        self.sorted = np.take_along_axis(d, self.order, 1)
+
+    def radii(self, counts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The k-th nearest other row's distance of each of ``rows`` in the resample that
+        holds original row i ``counts[i]`` times [len(rows)] (inf when it holds fewer than
+        k others)."""
+        reached = np.cumsum(counts[self.order[rows]], axis=1) >= self.k  # [R, keep]
+        found = reached.any(1)
+        radius = np.full(len(rows), np.inf)
+        radius[found] = self.sorted[rows[found], reached[found].argmax(1)]
+        for j in np.flatnonzero(~found & (self.order.shape[1] < len(self.d))):  # beyond the nearest kept
+            radius[j] = np.sort(np.repeat(self.d[rows[j]], counts))[self.k - 1]
+        return radius
+
+
 def class_fidelity(probabilities: np.ndarray, held: set[int]) -> tuple[float, float]:
     """(share of images whose predicted class is one the client holds, mean confidence
     of the prediction) for class probabilities [N, classes]."""
@@ -246,8 +309,20 @@ def bootstrap_interval(
     estimate = statistic(*arrays)
     if math.isinf(estimate):
         return float(estimate), float(estimate)
+    values = [statistic(*(a[i] for a, i in zip(arrays, draw))) for draw in resample_rows(arrays, resamples, seed)]
+    return normal_interval(estimate, values, bounds)
+
+
+def resample_rows(arrays: tuple[np.ndarray, ...], resamples: int, seed: int) -> Iterator[list[np.ndarray]]:
+    """The rows each bootstrap resample takes of each array (with replacement, as many as
+    it has): one list of index arrays per resample, the same for the same ``seed``."""
     rng = np.random.default_rng(seed)
-    values = [statistic(*(a[rng.integers(0, len(a), len(a))] for a in arrays)) for _ in range(resamples)]
+    for _ in range(resamples):
+        yield [rng.integers(0, len(a), len(a)) for a in arrays]
+
+
+def normal_interval(estimate: float, values: list[float] | np.ndarray, bounds=(-np.inf, np.inf)) -> tuple[float, float]:
+    """``estimate`` +- 1.96 standard deviations of its resampled ``values``, clipped to ``bounds``."""
     error = float(np.std(values, ddof=1))
     return float(max(bounds[0], estimate - 1.96 * error)), float(min(bounds[1], estimate + 1.96 * error))
 

@@ -4,8 +4,6 @@ each with its 95% bootstrap interval over images (the formulas are in metrics.py
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from collafuse_hpc.config import Config
@@ -30,12 +28,11 @@ def quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
         return out
     out["precision"], out["recall"] = metrics.precision_recall(real, fake)
     if cfg.eval.bootstrap:
-        interval = functools.partial(metrics.bootstrap_interval, resamples=cfg.eval.bootstrap, seed=cfg.run.seed)
-        out["fid_low"], out["fid_high"] = interval(metrics.fid, (real, fake))
-        for i, name in enumerate(("precision", "recall")):
-            out[f"{name}_low"], out[f"{name}_high"] = interval(
-                lambda r, f, i=i: metrics.precision_recall(r, f)[i], (real, fake), bounds=(0.0, 1.0)
-            )
+        resamples, seed = cfg.eval.bootstrap, cfg.run.seed
+        out["fid_low"], out["fid_high"] = metrics.bootstrap_interval(metrics.fid, (real, fake), resamples, seed)
+        intervals = metrics.precision_recall_intervals(real, fake, resamples=resamples, seed=seed)
+        for name, (low, high) in zip(("precision", "recall"), intervals):
+            out[f"{name}_low"], out[f"{name}_high"] = low, high
     return out
 
 
