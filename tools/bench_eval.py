@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Evaluation benchmark: what the privacy metrics (issue 33: membership inference,
-copy rates, the attacks at the run's releases per image) add to an evaluation, or the
+copy rates, the attacks at the run's releases per image) add to an evaluation, the
 package's exact FID against FID's previous matrix square root (scipy.linalg.sqrtm of
-the [D, D] product); side by side in one run.
+the [D, D] product), or precision's and recall's bootstrap intervals from one distance
+matrix against recomputing every resample; side by side in one run.
 
-    python tools/bench_eval.py [--against privacy|sqrtm] [--inception FILE | --pixels]
+    python tools/bench_eval.py [--against privacy|sqrtm|knn] [--inception FILE | --pixels]
         [--images 180] [--rounds 20] [--releases K] [--set KEY=VALUE ...] [--repeats 2] [--json out.json]
 
 Trains the quickstart (digits, 1 server + 2 clients, in one process) for a few rounds
@@ -18,6 +19,11 @@ part's seconds from evaluate's own record and the privacy parts' share of them (
 one evaluate, so a load that changes between the variants does not move it);
 ``--against sqrtm`` the two FIDs, the share of evaluate that sqrtm took and the largest
 relative difference between their FIDs.
+``--against knn`` scores in a digit classifier's features (trained here on the shards
+for a few epochs: precision and recall need one) and times evaluate with
+``metrics.precision_recall_intervals`` against the route that recomputes every
+resample's distances (the package's before), with the image quality part's seconds of
+each and the largest difference between their intervals (0: the same numbers).
 ``--set`` changes the config as on the command line, e.g. the study's sampler:
 ``--set diffusion.timesteps=100 --set diffusion.sampler=ddim --set diffusion.sampling_steps=25``.
 Features: the FID Inception-v3 from --inception, $COLLAFUSE_INCEPTION, or
@@ -42,7 +48,9 @@ def _args() -> argparse.Namespace:
     """The command line, and an existing output refused (exit 2)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.scoring_options(p)
-    p.add_argument("--against", choices=("privacy", "sqrtm"), default="privacy", help="what evaluate is timed against")
+    p.add_argument(
+        "--against", choices=("privacy", "sqrtm", "knn"), default="privacy", help="what evaluate is timed against"
+    )
     p.add_argument("--images", type=int, default=0, help="eval.images (default: the quickstart's)")
     p.add_argument("--rounds", type=int, default=20, help="training rounds before evaluating")
     p.add_argument("--releases", type=int, default=0, help="releases per image the attacks assume (0: the run's)")
@@ -62,6 +70,7 @@ import yaml  # noqa: E402
 
 from collafuse_hpc.config import apply_override, from_dict  # noqa: E402
 from collafuse_hpc.evaluation import disclosure, metrics, privacy  # noqa: E402
+from collafuse_hpc.evaluation.classifier import train_classifier  # noqa: E402
 from collafuse_hpc.evaluation.evaluate import PARTS, evaluate  # noqa: E402
 from collafuse_hpc.results.schema import index_path, record_key, record_numbers  # noqa: E402
 from collafuse_hpc.runtime.run import run_in_process  # noqa: E402
@@ -77,8 +86,25 @@ def sqrtm_fid(real: np.ndarray, fake: np.ndarray) -> float:
     return max(float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)), 0.0)
 
 
+def resampled_intervals(real: np.ndarray, fake: np.ndarray, k: int = 3, resamples: int = 200, seed: int = 0):
+    """Precision's and recall's intervals as the package computed them before: every
+    resample's distances and neighbours recomputed, each statistic resampled on its own."""
+    return tuple(
+        metrics.bootstrap_interval(
+            lambda r, f, i=i: metrics.precision_recall(r, f, k)[i], (real, fake), resamples, seed, (0.0, 1.0)
+        )
+        for i in range(2)
+    )
+
+
 def fid_values(report: dict) -> np.ndarray:
     return np.array([q["fid"] for who in report.values() for q in who.values() if "fid" in q])
+
+
+def interval_ends(report: dict) -> np.ndarray:
+    """Every precision and recall interval end of a report."""
+    ends = ("precision_low", "precision_high", "recall_low", "recall_high")
+    return np.array([q[e] for who in report.values() for q in who.values() if "precision" in q for e in ends])
 
 
 PRIVACY = PARTS[-3:]  # evaluate's parts that score what the parties could learn
@@ -113,7 +139,7 @@ def part_seconds(output_dir: str) -> dict[str, float]:
     with h5py.File(index_path(output_dir), "r", locking=False) as f:
         newest = max(n for n in record_numbers(f) if f[record_key(n)].attrs["command"] == "evaluate")
         totals = yaml.safe_load(f[record_key(newest)].attrs["totals"])
-    return {part: totals[f"time_{part.replace(' ', '_')}_s"] for part in PARTS}
+    return {part: totals[key] for part in PARTS if (key := f"time_{part.replace(' ', '_')}_s") in totals}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -122,6 +148,10 @@ def main(args: argparse.Namespace) -> int:
     raw = harness.quickstart_config(tmp, args.rounds, inception)
     if args.images:
         raw["eval"]["images"] = args.images
+    if args.against == "knn":
+        classifier = os.path.join(tmp, "classifier.pt")
+        train_classifier([c["shard"] for c in raw["clients"]], classifier, epochs=8)
+        raw["eval"].update(extractor="classifier", classifier_path=classifier)
     for assignment in args.set:
         apply_override(raw, assignment)
     cfg = from_dict(raw)
@@ -129,22 +159,29 @@ def main(args: argparse.Namespace) -> int:
     if args.releases:
         at_releases(args.releases)
     evaluate(cfg)  # fills the real-feature cache: both variants then do the same work but for the one compared
-    variants = ("package", "sqrtm") if args.against == "sqrtm" else ("with privacy", "without privacy")
+    variants = {
+        "sqrtm": ("package", "sqrtm"),
+        "knn": ("one distance matrix", "every resample"),
+        "privacy": ("with privacy", "without privacy"),
+    }[args.against]
     times: dict[str, list[float]] = {v: [] for v in variants}
     fids: dict[str, np.ndarray] = {}
+    ends: dict[str, np.ndarray] = {}
     parts: dict[str, dict[str, float]] = {}
-    package_fid = metrics.fid
+    package_fid, package_intervals = metrics.fid, metrics.precision_recall_intervals
     for i in range(2 * args.repeats):
         variant = variants[(i + i // 2) % 2]  # first, second, second, first, ...
         metrics.fid = sqrtm_fid if variant == "sqrtm" else package_fid
+        metrics.precision_recall_intervals = resampled_intervals if variant == "every resample" else package_intervals
         originals = without_privacy() if variant == "without privacy" else {}
         t0 = time.perf_counter()
-        fids[variant] = fid_values(evaluate(cfg))
+        report = evaluate(cfg)
         times[variant].append(time.perf_counter() - t0)
+        fids[variant], ends[variant] = fid_values(report), interval_ends(report)
         for (module, name), function in originals.items():
             setattr(module, name, function)
         parts[variant] = part_seconds(cfg.run.output_dir)
-    metrics.fid = package_fid
+    metrics.fid, metrics.precision_recall_intervals = package_fid, package_intervals
     first, second = (float(np.mean(times[v])) for v in variants)
     result = {
         "extractor": cfg.eval.extractor,
@@ -158,6 +195,17 @@ def main(args: argparse.Namespace) -> int:
             "ratio_package_over_sqrtm": first / second,
             "sqrtm_share_of_evaluate": (second - first) / second,
             "max_relative_fid_difference": float(np.max(np.abs(fids["package"] - fids["sqrtm"]) / fids["sqrtm"])),
+        }
+    elif args.against == "knn":
+        quality = [parts[v]["image quality"] for v in variants]
+        result |= {
+            "evaluate_s_one_distance_matrix": first,
+            "evaluate_s_every_resample": second,
+            "ratio_evaluate": first / second,
+            "image_quality_s_one_distance_matrix": quality[0],
+            "image_quality_s_every_resample": quality[1],
+            "ratio_image_quality": quality[0] / quality[1],
+            "max_interval_difference": float(np.max(np.abs(ends[variants[0]] - ends[variants[1]]))),
         }
     else:
         result |= {
