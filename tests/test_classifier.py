@@ -136,7 +136,7 @@ def test_precision_recall_intervals_equal_recomputing_every_resample_copies_and_
     copies inside a set (not a row's neighbours), k near the set's size, and a row whose
     nearest kept neighbours a resample leaves out (keep=2: the full row is read then)."""
     rng = np.random.default_rng(3)
-    for n, m, d, k in ((72, 500, 16, 3), (30, 40, 8, 1), (20, 25, 4, 5), (6, 5, 3, 3)):
+    for n, m, d, k in ((72, 500, 16, 3), (30, 40, 8, 1), (20, 25, 4, 5), (6, 5, 3, 3), (4, 3, 2, 5)):  # k clipped
         real, fake = rng.normal(size=(n, d)), 1.3 * rng.normal(size=(m, d))
         real[1:3], fake[3:10] = real[0], fake[2]
         assert metrics.precision_recall_intervals(real, fake, k, 60, 7) == _resampled(real, fake, k, 60, 7), (n, k)
@@ -144,11 +144,9 @@ def test_precision_recall_intervals_equal_recomputing_every_resample_copies_and_
     x[5:9] = x[4]
     near = metrics._Neighbours(x, 3, keep=2)
     for rows in metrics.resample_rows((x,), 30, 1):
-        counts = np.bincount(rows[0], minlength=len(x))
-        drawn = np.flatnonzero(counts)
-        np.testing.assert_allclose(
-            near.radii(counts, drawn)[np.searchsorted(drawn, rows[0])], metrics.knn_radii(x[rows[0]], 3), rtol=1e-12
-        )
+        radii = near.radii(np.bincount(rows[0], minlength=len(x)))
+        np.testing.assert_allclose(radii[rows[0]], metrics.knn_radii(x[rows[0]], 3), rtol=1e-12)
+        assert (radii[np.setdiff1d(np.arange(len(x)), rows[0])] == -np.inf).all()  # a row not drawn has no ball
 
 
 @CLASSIFIER

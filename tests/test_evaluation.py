@@ -466,7 +466,6 @@ def test_evaluate_parts_record_only_the_parts_that_ran_in_their_order():
             with parts(part, part):
                 pass
     assert list(parts.seconds) == ["sampling", "membership inference"]
-    assert all(s >= 0 for s in parts.seconds.values())
     assert parts.line().startswith("sampling ") and "client compute" not in parts.line()
 
 

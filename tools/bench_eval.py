@@ -23,7 +23,9 @@ relative difference between their FIDs.
 for a few epochs: precision and recall need one) and times evaluate with
 ``metrics.precision_recall_intervals`` against the route that recomputes every
 resample's distances (the package's before), with the image quality part's seconds of
-each and the largest difference between their intervals (0: the same numbers).
+each and the largest difference between their intervals (0: the same numbers); it
+scores in the classifier's features whatever the feature options say (``--pixels`` only
+spares fetching the Inception weights).
 ``--set`` changes the config as on the command line, e.g. the study's sampler:
 ``--set diffusion.timesteps=100 --set diffusion.sampler=ddim --set diffusion.sampling_steps=25``.
 Features: the FID Inception-v3 from --inception, $COLLAFUSE_INCEPTION, or

@@ -87,8 +87,7 @@ PARTS = (
 class Parts:
     """Seconds each of PARTS that ran took, summed over the clients; ``with parts(part,
     stage):`` times one and names ``stage`` to the heartbeat. A part that never ran (the
-    client compute with ``eval.compute`` false, the attacks on a run without releases) is
-    absent, not recorded as 0 s."""
+    client compute with ``eval.compute`` false) is absent, not recorded as 0 s."""
 
     def __init__(self, beat: Heartbeat):
         self.beat, self._seconds = beat, {}
@@ -100,6 +99,8 @@ class Parts:
 
     @contextlib.contextmanager
     def __call__(self, part: str, stage: str) -> Iterator[None]:
+        if part not in PARTS:
+            raise KeyError(f"{part!r} is not one of evaluate's PARTS")
         self.beat.at(stage)
         start = time.perf_counter()
         try:
