@@ -265,6 +265,7 @@ def test_the_methods_figure_names_every_method_whichever_panel_shows_it(tmp_path
     and the legend, drawn from the first panel alone, left it unnamed."""
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
 
     from collafuse_hpc.report.figures import methods_figure
 
@@ -279,3 +280,15 @@ def test_the_methods_figure_names_every_method_whichever_panel_shows_it(tmp_path
     assert methods_figure(table, str(tmp_path / "methods.png"))
     (legend,) = [axis.get_legend() for axis in shown[0].axes if axis.get_legend()]
     assert [t.get_text() for t in legend.get_texts()] == ["fedavg", "split c = 0.2 (markov)", "split c = 0 (markov)"]
+    # several partitions: a row of panels each, titled by it, a method in one colour in every row
+    other = [{**r, "partition": "iid"} for r in table[:2]]
+    assert methods_figure(table + other, str(tmp_path / "methods2.png"))
+    figure = shown[1]
+    assert len(figure.axes) == 6 and figure.axes[3].get_title().endswith("(iid)")
+    legends = [axis.get_legend() for axis in figure.axes if axis.get_legend()]
+    assert [[t.get_text() for t in legend.get_texts()] for legend in legends] == [
+        ["fedavg", "split c = 0.2 (markov)", "split c = 0 (markov)"],
+        ["fedavg", "split c = 0.2 (markov)"],
+    ]
+    colour = [{t.get_text(): to_hex(h.get_color()) for t, h in zip(g.get_texts(), g.legend_handles)} for g in legends]
+    assert colour[0]["fedavg"] == colour[1]["fedavg"] != colour[0]["split c = 0.2 (markov)"]

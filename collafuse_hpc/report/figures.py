@@ -219,40 +219,40 @@ def method_label(row: dict) -> str:
 
 
 def methods_figure(table: list[dict], path: str) -> bool:
-    """Alone, federated and split per partition: personalization (:func:`personalization`)
-    against each client's training FLOPs over the run, its sampling FLOPs per image and the
-    bytes it moved over the run (log axes), one point per method and c; error bars as in
+    """Alone, federated and split, one row of panels per partition: personalization
+    (:func:`personalization`) against each client's training FLOPs over the run, its
+    sampling FLOPs per image and the bytes it moved over the run (log axes), one point
+    per method and c, a method in one colour across partitions; error bars as in
     :func:`conditions_figure`. Drawn when the report holds a federated run."""
     plt = _pyplot()
     rows = [r for r in table if r["who"] == "pooled" and not math.isnan(r["fidelity"]) and r["c"] != "mixed"]
     if plt is None or not any(r["method"] != "split" for r in rows):
         return False
     key, name = personalization(rows)
-    fig, ax = plt.subplots(1, 3, figsize=(17, 4.8))
-    costs = (
-        ("train_flops_run", "client training FLOPs over the run"),
-        ("sampling_flops_image", "client sampling FLOPs per image"),
-        ("bytes_run", "bytes a client moved in training rounds"),
-    )
     partitions = sorted({r["partition"] for r in rows})
-    for p, partition in enumerate(partitions):
-        for i, r in enumerate(r for r in rows if r["partition"] == partition):
+    labels = list(dict.fromkeys(method_label(r) for r in rows))  # a method's colour, the same in every row
+    fig, axes = plt.subplots(len(partitions), 3, figsize=(17, 4.8 * len(partitions)), squeeze=False)
+    costs = (
+        ("train_flops_run", "client training FLOPs over the run", "client training compute"),
+        ("sampling_flops_image", "client sampling FLOPs per image", "client sampling compute"),
+        ("bytes_run", "bytes a client moved in training rounds", "bytes on the wire"),
+    )
+    for ax, partition in zip(axes, partitions):
+        for r in (r for r in rows if r["partition"] == partition):
             err = np.array([_spread(r, key)]).T
             marker = "s" if r["method"] != "split" else ("x" if r["c"] == 1 else "o")
-            label = method_label(r) + (f", {partition}" if len(partitions) > 1 else "")
-            style = {"capsize": 3, "marker": marker, "color": f"C{i % 10}", "linestyle": "none", "alpha": 1 - 0.3 * p}
-            drawn = [(axis, r[cost]) for axis, (cost, _) in zip(ax, costs) if r[cost] > 0]  # log axes: no 0 or NaN
+            label = method_label(r)
+            style = {"capsize": 3, "marker": marker, "color": f"C{labels.index(label) % 10}", "linestyle": "none"}
+            drawn = [(axis, r[cost]) for axis, (cost, _, _) in zip(ax, costs) if r[cost] > 0]  # log axes: no 0 or NaN
             for n, (axis, x) in enumerate(drawn):  # (c = 1 moves no bytes, c = 0 trains nothing on a client,
                 # eval.compute false counted no FLOPs): labelled once, on the first panel that shows it
                 axis.errorbar([x], [r[key]], yerr=err, label=None if n else label, **style)
-    for axis, (_, xlabel) in zip(ax, costs):
-        axis.set(xscale="log", xlabel=xlabel, ylabel=name)
-    ax[0].set_title("quality against client training compute")
-    ax[1].set_title("quality against client sampling compute")
-    ax[2].set_title("quality against bytes on the wire")
-    shown = [pair for axis in ax for pair in zip(*axis.get_legend_handles_labels())]
-    if shown:  # every method, whichever panel showed it first
-        ax[0].legend(*zip(*shown), fontsize=7)
+        where = f" ({partition})" if len(partitions) > 1 else ""
+        for axis, (_, xlabel, title) in zip(ax, costs):
+            axis.set(xscale="log", xlabel=xlabel, ylabel=name, title=f"quality against {title}{where}")
+        shown = [pair for axis in ax for pair in zip(*axis.get_legend_handles_labels())]
+        if shown:  # every method, whichever panel showed it first
+            ax[0].legend(*zip(*shown), fontsize=7)
     _save(plt, fig, path, 110)
     return True
 
