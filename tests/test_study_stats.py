@@ -281,14 +281,16 @@ def test_the_methods_figure_names_every_method_whichever_panel_shows_it(tmp_path
     (legend,) = [axis.get_legend() for axis in shown[0].axes if axis.get_legend()]
     assert [t.get_text() for t in legend.get_texts()] == ["fedavg", "split c = 0.2 (markov)", "split c = 0 (markov)"]
     # several partitions: a row of panels each, titled by it, a method in one colour in every row
-    other = [{**r, "partition": "iid"} for r in table[:2]]
+    other = [{**r, "partition": "iid"} for r in table[:2]] + [{**row("fedavg+ft", "-", 1e12, 1e8), "partition": "iid"}]
     assert methods_figure(table + other, str(tmp_path / "methods2.png"))
     figure = shown[1]
     assert len(figure.axes) == 6 and figure.axes[3].get_title().endswith("(iid)")
     legends = [axis.get_legend() for axis in figure.axes if axis.get_legend()]
-    assert [[t.get_text() for t in legend.get_texts()] for legend in legends] == [
-        ["fedavg", "split c = 0.2 (markov)", "split c = 0 (markov)"],
-        ["fedavg", "split c = 0.2 (markov)"],
+    assert [sorted(t.get_text() for t in legend.get_texts()) for legend in legends] == [
+        ["fedavg", "split c = 0 (markov)", "split c = 0.2 (markov)"],
+        ["fedavg", "fedavg+ft", "split c = 0.2 (markov)"],
     ]
+    markers = {c.get_label(): c.lines[0].get_marker() for axis in figure.axes[3:] for c in axis.containers}
+    assert markers["fedavg"] == "s" and markers["fedavg+ft"] == "D"  # the global model and the fine-tuned apart
     colour = [{t.get_text(): to_hex(h.get_color()) for t, h in zip(g.get_texts(), g.legend_handles)} for g in legends]
     assert colour[0]["fedavg"] == colour[1]["fedavg"] != colour[0]["split c = 0.2 (markov)"]

@@ -233,9 +233,10 @@ def precision_recall_intervals(
     A resample's rows are the original rows, some repeated: its distances are the
     originals', and a row's k-th nearest other row is the first of its originals' sorted
     neighbours (copies of it excluded) at which the neighbours' counts in the resample
-    reach k. So no resample recomputes distances. The numbers are those of recomputing
-    each resample but where a distance ties a radius exactly: there the two differ by
-    round-off, as any two computations of the distances do."""
+    reach k. So no resample recomputes distances, but for a row of which it drew fewer
+    than k of the nearest neighbours kept (:class:`_Neighbours`). The numbers are those
+    of recomputing each resample but where a distance ties a radius exactly: there the
+    two differ by round-off, as any two computations of the distances do."""
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     k = min(k, len(real) - 1, len(fake) - 1)
     if k < 1:
@@ -244,7 +245,8 @@ def precision_recall_intervals(
     near_real, near_fake = _Neighbours(real, k), _Neighbours(fake, k)
 
     def shares(count_real: np.ndarray, count_fake: np.ndarray) -> tuple[float, float]:
-        """(precision, recall) of the resample holding original row i count[i] times."""
+        """(precision, recall) of the resample holding real row i ``count_real[i]`` times
+        ([N]) and fake row j ``count_fake[j]`` times ([M])."""
         in_real = (cross <= near_real.radii(count_real)[None, :]).any(1)  # [M]: each fake row in the real manifold
         in_fake = (cross <= near_fake.radii(count_fake)[:, None]).any(0)  # [N]: each real row in the generated one
         return np.average(in_real, weights=count_fake), np.average(in_fake, weights=count_real)
@@ -266,7 +268,7 @@ class _Neighbours:
     def __init__(self, x: np.ndarray, k: int, keep: int = 64):
         self.x, self.k = x, k
         d, self.copy_of = _others(x)
-        keep = min(keep, len(x))  # the nearest ``keep`` suffice unless a resample draws too few of them
+        keep = min(max(keep, k), len(x))  # the nearest ``keep`` suffice unless a resample draws too few of them
         nearest = np.argpartition(d, keep - 1, axis=1)[:, :keep]
         order = np.take_along_axis(d, nearest, 1).argsort(1, kind="stable")
         self.order = np.take_along_axis(nearest, order, 1)  # [N, keep]
@@ -282,8 +284,9 @@ class _Neighbours:
         found = reached.any(1)
         radius[rows[found]] = self.sorted[rows[found], reached[found].argmax(1)]
         for i in rows[~found]:
-            radius[i] = np.inf
-            if self.order.shape[1] < len(counts):  # beyond the nearest kept: the whole row
+            if self.order.shape[1] == len(counts):  # every other row was kept: fewer than k in the resample
+                radius[i] = np.inf
+            else:  # beyond the nearest kept: the whole row
                 d = distances(self.x[i : i + 1], self.x)[0]
                 d[self.copy_of == self.copy_of[i]] = np.inf
                 radius[i] = np.sort(np.repeat(d, counts))[self.k - 1]

@@ -222,7 +222,8 @@ def methods_figure(table: list[dict], path: str) -> bool:
     """Alone, federated and split, one row of panels per partition: personalization
     (:func:`personalization`) against each client's training FLOPs over the run, its
     sampling FLOPs per image and the bytes it moved over the run (log axes), one point
-    per method and c, a method in one colour across partitions; error bars as in
+    per method and c, a method in one colour across partitions (squares: FedAvg's global
+    models, diamonds: fine-tuned); error bars as in
     :func:`conditions_figure`. Drawn when the report holds a federated run."""
     plt = _pyplot()
     rows = [r for r in table if r["who"] == "pooled" and not math.isnan(r["fidelity"]) and r["c"] != "mixed"]
@@ -231,6 +232,7 @@ def methods_figure(table: list[dict], path: str) -> bool:
     key, name = personalization(rows)
     partitions = sorted({r["partition"] for r in rows})
     labels = list(dict.fromkeys(method_label(r) for r in rows))  # a method's colour, the same in every row
+    palette = [f"C{i}" for i in range(10)] if len(labels) <= 10 else [plt.get_cmap("tab20")(i) for i in range(20)]
     fig, axes = plt.subplots(len(partitions), 3, figsize=(17, 4.8 * len(partitions)), squeeze=False)
     costs = (
         ("train_flops_run", "client training FLOPs over the run", "client training compute"),
@@ -240,9 +242,12 @@ def methods_figure(table: list[dict], path: str) -> bool:
     for ax, partition in zip(axes, partitions):
         for r in (r for r in rows if r["partition"] == partition):
             err = np.array([_spread(r, key)]).T
-            marker = "s" if r["method"] != "split" else ("x" if r["c"] == 1 else "o")
+            marker = "D" if r["method"].endswith("+ft") else "s"  # FedAvg's fine-tuned and global models
+            if r["method"] == "split":
+                marker = "x" if r["c"] == 1 else "o"
             label = method_label(r)
-            style = {"capsize": 3, "marker": marker, "color": f"C{labels.index(label) % 10}", "linestyle": "none"}
+            colour = palette[labels.index(label) % len(palette)]
+            style = {"capsize": 3, "marker": marker, "color": colour, "linestyle": "none"}
             drawn = [(axis, r[cost]) for axis, (cost, _, _) in zip(ax, costs) if r[cost] > 0]  # log axes: no 0 or NaN
             for n, (axis, x) in enumerate(drawn):  # (c = 1 moves no bytes, c = 0 trains nothing on a client,
                 # eval.compute false counted no FLOPs): labelled once, on the first panel that shows it
