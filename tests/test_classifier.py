@@ -117,12 +117,12 @@ def test_precision_and_recall_equal_the_definition_on_real_features(classifier, 
     repeated = f_test[[0, 0, 0, *range(1, len(f_test))]]  # a bootstrap resample repeats rows: a row's copies
     np.testing.assert_allclose(metrics.knn_radii(repeated, 3)[:3], exact[0], rtol=1e-9)  # are not its neighbours
     for k in (1, 3):  # the intervals from one distance matrix are the resample-by-resample ones
-        assert metrics.precision_recall_intervals(f_train, f_test, k, 50, 3) == _resampled(f_train, f_test, k, 50, 3)
+        assert metrics.precision_recall_bootstrap(f_train, f_test, k, 50, 3) == _resampled(f_train, f_test, k, 50, 3)
 
 
 def _resampled(real: np.ndarray, fake: np.ndarray, k: int, resamples: int, seed: int) -> tuple:
-    """Precision's and recall's intervals with every resample's distances recomputed."""
-    return tuple(
+    """Precision and recall, and their intervals with every resample's distances recomputed."""
+    return metrics.precision_recall(real, fake, k), tuple(
         metrics.bootstrap_interval(
             lambda r, f, i=i: metrics.precision_recall(r, f, k)[i], (real, fake), resamples, seed, (0.0, 1.0)
         )
@@ -130,16 +130,17 @@ def _resampled(real: np.ndarray, fake: np.ndarray, k: int, resamples: int, seed:
     )
 
 
-def test_precision_recall_intervals_equal_recomputing_every_resample_copies_and_few_rows_included():
-    """precision_recall_intervals reads every resample's distances and neighbours from the
-    original sets; it must give exactly the intervals of recomputing each resample, with
-    copies inside a set (not a row's neighbours), k near the set's size, and a row whose
-    nearest kept neighbours a resample leaves out (keep=2: the full row is read then)."""
+def test_precision_recall_bootstrap_equals_recomputing_every_resample_copies_and_few_rows_included():
+    """precision_recall_bootstrap reads every resample's distances and neighbours from the
+    original sets; it must give exactly precision_recall's estimate and the intervals of
+    recomputing each resample, with copies inside a set (not a row's neighbours), k near
+    the set's size, and a row whose nearest kept neighbours a resample leaves out (keep=2:
+    the full row is read then)."""
     rng = np.random.default_rng(3)
     for n, m, d, k in ((72, 500, 16, 3), (30, 40, 8, 1), (20, 25, 4, 5), (6, 5, 3, 3), (4, 3, 2, 5)):  # k clipped
         real, fake = rng.normal(size=(n, d)), 1.3 * rng.normal(size=(m, d))
         real[1:3], fake[3:10] = real[0], fake[2]
-        assert metrics.precision_recall_intervals(real, fake, k, 60, 7) == _resampled(real, fake, k, 60, 7), (n, k)
+        assert metrics.precision_recall_bootstrap(real, fake, k, 60, 7) == _resampled(real, fake, k, 60, 7), (n, k)
     x = rng.normal(size=(40, 4))
     x[5:9] = x[4]
     near = metrics._Neighbours(x, 3, keep=2)

@@ -21,7 +21,7 @@ one evaluate, so a load that changes between the variants does not move it);
 relative difference between their FIDs.
 ``--against knn`` scores in a digit classifier's features (trained here on the shards
 for a few epochs: precision and recall need one) and times evaluate with
-``metrics.precision_recall_intervals`` against the route that recomputes every
+``metrics.precision_recall_bootstrap`` against the route that recomputes every
 resample's distances (the package's before), with the image quality part's seconds of
 each and the largest difference between their intervals (0: the same numbers); it
 scores in the classifier's features whatever the feature options say (``--pixels`` only
@@ -89,9 +89,9 @@ def sqrtm_fid(real: np.ndarray, fake: np.ndarray) -> float:
 
 
 def resampled_intervals(real: np.ndarray, fake: np.ndarray, k: int = 3, resamples: int = 200, seed: int = 0):
-    """Precision's and recall's intervals as the package computed them before: every
+    """Precision, recall and their intervals as the package computed them before: every
     resample's distances and neighbours recomputed, each statistic resampled on its own."""
-    return tuple(
+    return metrics.precision_recall(real, fake, k), tuple(
         metrics.bootstrap_interval(
             lambda r, f, i=i: metrics.precision_recall(r, f, k)[i], (real, fake), resamples, seed, (0.0, 1.0)
         )
@@ -170,11 +170,11 @@ def main(args: argparse.Namespace) -> int:
     fids: dict[str, np.ndarray] = {}
     ends: dict[str, np.ndarray] = {}
     parts: dict[str, dict[str, float]] = {}
-    package_fid, package_intervals = metrics.fid, metrics.precision_recall_intervals
+    package_fid, package_intervals = metrics.fid, metrics.precision_recall_bootstrap
     for i in range(2 * args.repeats):
         variant = variants[(i + i // 2) % 2]  # first, second, second, first, ...
         metrics.fid = sqrtm_fid if variant == "sqrtm" else package_fid
-        metrics.precision_recall_intervals = resampled_intervals if variant == "every resample" else package_intervals
+        metrics.precision_recall_bootstrap = resampled_intervals if variant == "every resample" else package_intervals
         originals = without_privacy() if variant == "without privacy" else {}
         t0 = time.perf_counter()
         report = evaluate(cfg)
@@ -183,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
         for (module, name), function in originals.items():
             setattr(module, name, function)
         parts[variant] = part_seconds(cfg.run.output_dir)
-    metrics.fid, metrics.precision_recall_intervals = package_fid, package_intervals
+    metrics.fid, metrics.precision_recall_bootstrap = package_fid, package_intervals
     first, second = (float(np.mean(times[v])) for v in variants)
     result = {
         "extractor": cfg.eval.extractor,

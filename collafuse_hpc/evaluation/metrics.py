@@ -224,11 +224,11 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     return precision, recall
 
 
-def precision_recall_intervals(
+def precision_recall_bootstrap(
     real: np.ndarray, fake: np.ndarray, k: int = 3, resamples: int = 200, seed: int = 0
-) -> tuple[tuple[float, float], tuple[float, float]]:
-    """95% intervals of precision and of recall over images: :func:`bootstrap_interval` of
-    :func:`precision_recall` with the same resamples, computed from one distance matrix.
+) -> tuple[tuple[float, float], tuple[tuple[float, float], tuple[float, float]]]:
+    """(precision, recall) and their 95% intervals over images: :func:`precision_recall`
+    and its :func:`bootstrap_interval` with the same resamples, from one distance matrix.
 
     A resample's rows are the original rows, some repeated: its distances are the
     originals', and a row's k-th nearest other row is the first of its originals' sorted
@@ -249,7 +249,7 @@ def precision_recall_intervals(
         ([N]) and fake row j ``count_fake[j]`` times ([M])."""
         in_real = (cross <= near_real.radii(count_real)[None, :]).any(1)  # [M]: each fake row in the real manifold
         in_fake = (cross <= near_fake.radii(count_fake)[:, None]).any(0)  # [N]: each real row in the generated one
-        return np.average(in_real, weights=count_fake), np.average(in_fake, weights=count_real)
+        return float(np.average(in_real, weights=count_fake)), float(np.average(in_fake, weights=count_real))
 
     estimate = shares(np.ones(len(real), np.int64), np.ones(len(fake), np.int64))
     values = np.array(
@@ -258,7 +258,7 @@ def precision_recall_intervals(
             for rows_real, rows_fake in resample_rows((real, fake), resamples, seed)
         ]
     )
-    return tuple(normal_interval(estimate[i], values[:, i], (0.0, 1.0)) for i in range(2))
+    return estimate, tuple(normal_interval(estimate[i], values[:, i], (0.0, 1.0)) for i in range(2))
 
 
 class _Neighbours:

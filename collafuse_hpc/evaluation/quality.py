@@ -26,13 +26,15 @@ def quality(real: np.ndarray, fake: np.ndarray, cfg: Config) -> dict:
     out = {"fid": metrics.fid(real, fake), "kid_mean": k_mean, "kid_std": k_std}
     if cfg.eval.extractor != "classifier":
         return out
-    out["precision"], out["recall"] = metrics.precision_recall(real, fake)
-    if cfg.eval.bootstrap:
-        resamples, seed = cfg.eval.bootstrap, cfg.run.seed
-        out["fid_low"], out["fid_high"] = metrics.bootstrap_interval(metrics.fid, (real, fake), resamples, seed)
-        intervals = metrics.precision_recall_intervals(real, fake, resamples=resamples, seed=seed)
-        for name, (low, high) in zip(("precision", "recall"), intervals):
-            out[f"{name}_low"], out[f"{name}_high"] = low, high
+    if not cfg.eval.bootstrap:
+        out["precision"], out["recall"] = metrics.precision_recall(real, fake)
+        return out
+    resamples, seed = cfg.eval.bootstrap, cfg.run.seed
+    out["fid_low"], out["fid_high"] = metrics.bootstrap_interval(metrics.fid, (real, fake), resamples, seed)
+    estimate, intervals = metrics.precision_recall_bootstrap(real, fake, resamples=resamples, seed=seed)
+    out["precision"], out["recall"] = estimate
+    for name, (low, high) in zip(("precision", "recall"), intervals):
+        out[f"{name}_low"], out[f"{name}_high"] = low, high
     return out
 
 
