@@ -294,3 +294,33 @@ def test_the_methods_figure_names_every_method_whichever_panel_shows_it(tmp_path
     assert markers["fedavg"] == "s" and markers["fedavg+ft"] == "D"  # the global model and the fine-tuned apart
     colour = [{t.get_text(): to_hex(h.get_color()) for t, h in zip(g.get_texts(), g.legend_handles)} for g in legends]
     assert colour[0]["fedavg"] == colour[1]["fedavg"] != colour[0]["split c = 0.2 (markov)"]
+
+
+def test_the_methods_figure_tells_labels_shared_from_labels_kept(tmp_path, monkeypatch):
+    """Split runs at one c with labels kept and with labels shared are two methods: they
+    had one name, colour and marker, so the figure drew them as one. Alone sends no labels
+    and is one point whichever share aggregate() stood it beside."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from collafuse_hpc.report.figures import method_label, methods_figure
+
+    def row(method: str, c, share: str, distance: float) -> dict:
+        return {"who": "pooled", "method": method, "c": c, "split": "markov" if method == "split" else "-",
+                "partition": "class", "share": share, "seeds": 1, "fidelity": 0.5, "class_distance": distance,
+                "train_flops_run": 1e12, "sampling_flops_image": 1e9, "bytes_run": 1e8}  # fmt: skip
+
+    table = [row("fedavg", "-", "-", 0.3), row("split", 0.2, "off", 0.1), row("split", 0.2, "on", 0.2)]
+    table += [row("split", 1, "off", 0.4), row("split", 1, "on", 0.4)]
+    assert [method_label(r) for r in table[1:3]] == ["split c = 0.2 (markov)", "split c = 0.2 (markov, labels shared)"]
+    shown = []
+    monkeypatch.setattr(plt, "close", lambda fig: shown.append(fig))
+    assert methods_figure(table, str(tmp_path / "methods.png"))
+    (legend,) = [axis.get_legend() for axis in shown[0].axes if axis.get_legend()]
+    names = [t.get_text() for t in legend.get_texts()]
+    split = ["split c = 0.2 (markov)", "split c = 0.2 (markov, labels shared)"]
+    assert sorted(names) == ["alone (c = 1)", "fedavg", *split]
+    colours = {t.get_text(): to_hex(h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    assert len(set(colours.values())) == 4
+    assert len(shown[0].axes[0].containers) == 4  # alone once, not once per share

@@ -212,10 +212,15 @@ def conditions_figure(table: list[dict], path: str) -> bool:
 
 
 def method_label(row: dict) -> str:
-    """A pooled row's name in the methods figure: alone, split at c, or FedAvg's variant."""
+    """A pooled row's name in the methods figure: alone, split at c (labels kept or shared
+    with the server), or FedAvg's variant. Alone sends nothing, so it has one name whichever
+    share its partition's split runs used."""
     if row["method"] != "split":
         return row["method"]
-    return "alone (c = 1)" if row["c"] == 1 else f"split c = {row['c']:g} ({row['split']})"
+    if row["c"] == 1:
+        return "alone (c = 1)"
+    shared = ", labels shared" if row.get("share") == "on" else ""
+    return f"split c = {row['c']:g} ({row['split']}{shared})"
 
 
 def methods_figure(table: list[dict], path: str) -> bool:
@@ -229,6 +234,8 @@ def methods_figure(table: list[dict], path: str) -> bool:
     rows = [r for r in table if r["who"] == "pooled" and not math.isnan(r["fidelity"]) and r["c"] != "mixed"]
     if plt is None or not any(r["method"] != "split" for r in rows):
         return False
+    # aggregate() stands a c = 1 run beside each share: one point per partition and name
+    rows = list({(r["partition"], method_label(r)): r for r in rows}.values())
     key, name = personalization(rows)
     partitions = sorted({r["partition"] for r in rows})
     labels = list(dict.fromkeys(method_label(r) for r in rows))  # a method's colour, the same in every row
