@@ -5,12 +5,14 @@ import csv
 import functools
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -832,11 +834,21 @@ def test_evaluate_scores_only_the_sets_asked_for(tmp_path, shards, capsys):
 
 
 @pytest.mark.slow
-def test_pooled_scores_weigh_each_client_the_same_on_both_sides(tmp_path):
+def test_pooled_scores_weigh_each_client_the_same_on_both_sides(tmp_path, monkeypatch, caplog):
     """Test splits of 3 images and eval.images 8: each client adds 3 real and 3 generated
-    images to the pooled score (the generated side took all 8 of each before)."""
+    images to the pooled score (the generated side took all 8 of each before). The pooled
+    score's time counts in the image quality part (it ran outside every part before)."""
     from collafuse_hpc.data.prepare import prepare
     from collafuse_hpc.data.sources import read_digits
+
+    score = evaluate_module.quality
+
+    def slow(real, fake, cfg):
+        time.sleep(0.5)
+        return score(real, fake, cfg)
+
+    monkeypatch.setattr(evaluate_module, "quality", slow)
+    caplog.set_level(logging.INFO, logger="collafuse_hpc")
 
     small = prepare(read_digits(), str(tmp_path / "shards"), 2, "class", size=8, seed=0, test_size=3)
     raw = tiny_config(small, tmp_path / "out", [0.25, 0.5], rounds=1)
@@ -846,6 +858,8 @@ def test_pooled_scores_weigh_each_client_the_same_on_both_sides(tmp_path):
     assert report["c0"]["collaborative"]["images"] == 8 and report["c0"]["collaborative"]["real_images"] == 3
     pooled = report["pooled"]["collaborative"]
     assert pooled["real_images"] == 6 and pooled["images"] == 6
+    (took,) = [r.getMessage() for r in caplog.records if "what each part took" in r.getMessage()]
+    assert float(re.search(r"image quality ([0-9.]+) s", took).group(1)) >= 3 * 0.5  # two clients and the pooled
 
 
 @pytest.mark.slow

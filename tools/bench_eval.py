@@ -145,7 +145,15 @@ def part_seconds(output_dir: str) -> dict[str, float]:
 
 
 def main(args: argparse.Namespace) -> int:
-    tmp = tempfile.mkdtemp(prefix="collafuse-bench-eval-")
+    with tempfile.TemporaryDirectory(prefix="collafuse-bench-eval-") as tmp:  # its runs and weights go with it
+        result = measure(args, tmp)
+    print(format_table(["figure", "value"], [list(item) for item in result.items()], indent="  "))
+    harness.save_json(args.json, result)
+    return 0
+
+
+def measure(args: argparse.Namespace, tmp: str) -> dict:
+    """Train the quickstart in ``tmp``, time evaluate's two variants, return the figures."""
     inception = None if args.pixels else harness.inception_weights(args.inception, tmp)
     raw = harness.quickstart_config(tmp, args.rounds, inception)
     if args.images:
@@ -220,9 +228,7 @@ def main(args: argparse.Namespace) -> int:
             "privacy_share_of_parts": sum(parts["with privacy"][p] for p in PRIVACY)
             / sum(parts["with privacy"].values()),
         }
-    print(format_table(["figure", "value"], [list(item) for item in result.items()], indent="  "))
-    harness.save_json(args.json, result)
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -266,14 +266,15 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
                 entry["compute"] = dict(compute_of[key])
             report[client.id] = entry
             log.info("evaluated client %s: %s", client.id, _line(entry))
-    beat.at("scoring the pooled sets")
     report["pooled"] = {}
-    for name, (reals, fakes) in pooled.items():
-        if fakes:
-            real, fake = np.concatenate(reals), np.concatenate(fakes)
-            report["pooled"][name] = {**quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
-    pooled_scores = {model: tuple(map(np.concatenate, s)) for model, s in scores.items()}
-    report["pooled"]["membership"] = _membership(pooled_scores, resamples, seed)
+    with parts("image quality", "scoring the pooled sets"):
+        for name, (reals, fakes) in pooled.items():
+            if fakes:
+                real, fake = np.concatenate(reals), np.concatenate(fakes)
+                report["pooled"][name] = {**quality(real, fake, cfg), "images": len(fake), "real_images": len(real)}
+    with parts("membership inference", "inferring membership pooled over the clients"):
+        pooled_scores = {model: tuple(map(np.concatenate, s)) for model, s in scores.items()}
+        report["pooled"]["membership"] = _membership(pooled_scores, resamples, seed)
     _write(index, cfg, report, grids, identity, round_, started, parts.seconds)
     log.info("evaluate: what each part took: %s", parts.line())
     log.info("evaluation of round %d written to %s (%.1f s)", round_, index, time.perf_counter() - t0)
