@@ -41,12 +41,14 @@ CHOICES = {
 
 @dataclass(frozen=True)
 class Range:
-    """A closed or half-open interval; ``hi`` may name another key (``diffusion.timesteps``)."""
+    """A closed or half-open interval; ``hi`` may name another key (``diffusion.timesteps``);
+    ``or_zero``: 0 (off) is valid too."""
 
     lo: float
     hi: float | str | None = None
     lo_open: bool = False
     hi_open: bool = False
+    or_zero: bool = False
 
     def bounds(self, values: dict[str, Any]) -> tuple[float, float | None]:
         return self.lo, values[self.hi] if isinstance(self.hi, str) else self.hi
@@ -55,15 +57,17 @@ class Range:
         lo, hi = self.bounds(values)
         above = value > lo if self.lo_open else value >= lo
         below = hi is None or (value < hi if self.hi_open else value <= hi)
-        return above and below
+        return (above and below) or (self.or_zero and value == 0)
 
     def describe(self, values: dict[str, Any] | None = None) -> str:
         """``>= 1``, ``> 0``, ``in [0, 1)``; with ``values`` a named bound is resolved."""
         hi = self.hi if values is None else self.bounds(values)[1]
         if hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        hi_text = hi if isinstance(hi, str) else f"{hi:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {hi_text}{')' if self.hi_open else ']'}"
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            hi_text = hi if isinstance(hi, str) else f"{hi:g}"
+            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {hi_text}{')' if self.hi_open else ']'}"
+        return f"0 or {text}" if self.or_zero else text
 
 
 POSITIVE, AT_LEAST_1, AT_LEAST_2, NON_NEGATIVE = Range(0, lo_open=True), Range(1), Range(2), Range(0)
@@ -98,7 +102,7 @@ RANGES = {
     "eval.kid_subset_size": AT_LEAST_2,
     "eval.batch": AT_LEAST_2,
     "eval.max_image_steps": NON_NEGATIVE,
-    "eval.bootstrap": NON_NEGATIVE,
+    "eval.bootstrap": Range(2, or_zero=True),  # an interval's spread needs 2 resamples; 0: no intervals
     "eval.timing_repeats": AT_LEAST_1,
     "clients.*.cut_ratio": Range(0, 1),
     "clients.*.cut_step": Range(0, "diffusion.timesteps"),

@@ -150,6 +150,30 @@ def test_precision_recall_bootstrap_equals_recomputing_every_resample_copies_and
         assert (radii[np.setdiff1d(np.arange(len(x)), rows[0])] == -np.inf).all()  # a row not drawn has no ball
 
 
+def test_a_full_resample_reads_each_rows_radius_from_its_kept_neighbours(monkeypatch):
+    """_Neighbours keeps at least k neighbours a row: with fewer kept (keep=2, k=5) every
+    row of every resample took the whole-row route, one distance computation per row."""
+    x = np.random.default_rng(0).normal(size=(40, 4))
+    near, expected = metrics._Neighbours(x, 5, keep=2), metrics.knn_radii(x, 5)
+
+    def recomputed(*args):
+        raise AssertionError("a full resample recomputed a row's distances")
+
+    monkeypatch.setattr(metrics, "distances", recomputed)
+    np.testing.assert_array_equal(near.radii(np.ones(len(x), np.int64)), expected)
+
+
+def test_an_interval_from_fewer_than_two_resamples_is_refused_by_name():
+    """One resample has no spread: the intervals read [0, 1] (a share) or (-inf, inf) (FID)
+    without a word, and precision_recall_bootstrap with none raised an IndexError."""
+    real, fake = np.random.default_rng(0).normal(size=(2, 20, 3))
+    for resamples in (0, 1):
+        with pytest.raises(ValueError, match=f"at least 2 resamples, got {resamples}"):
+            metrics.precision_recall_bootstrap(real, fake, resamples=resamples)
+        with pytest.raises(ValueError, match=f"at least 2 resamples, got {resamples}"):
+            metrics.bootstrap_interval(metrics.fid, (real, fake), resamples)
+
+
 @CLASSIFIER
 @pytest.mark.slow
 def test_evaluate_with_the_classifier_reports_fidelity_precision_recall_and_intervals(tmp_path, shards, classifier):

@@ -469,6 +469,9 @@ def test_evaluate_parts_record_only_the_parts_that_ran_in_their_order():
                 pass
     assert list(parts.seconds) == ["sampling", "membership inference"]
     assert parts.line().startswith("sampling ") and "client compute" not in parts.line()
+    with pytest.raises(KeyError, match="'scoring' is not one of evaluate's PARTS"):  # it would be left unordered
+        with parts("scoring", "scoring"):
+            pass
 
 
 @pytest.mark.slow

@@ -329,10 +329,12 @@ def bootstrap_interval(
 
 def resample_rows(arrays: tuple[np.ndarray, ...], resamples: int, seed: int) -> Iterator[list[np.ndarray]]:
     """The rows each bootstrap resample takes of each array (with replacement, as many as
-    it has): one list of index arrays per resample, the same for the same ``seed``."""
+    it has): one list of index arrays per resample, the same for the same ``seed``.
+    Fewer than 2 resamples have no spread, so no interval: refused here, for every caller."""
+    if resamples < 2:
+        raise ValueError(f"a bootstrap interval needs at least 2 resamples, got {resamples} (0: ask for no interval)")
     rng = np.random.default_rng(seed)
-    for _ in range(resamples):
-        yield [rng.integers(0, len(a), len(a)) for a in arrays]
+    return ([rng.integers(0, len(a), len(a)) for a in arrays] for _ in range(resamples))
 
 
 def normal_interval(estimate: float, values: list[float] | np.ndarray, bounds=(-np.inf, np.inf)) -> tuple[float, float]:
