@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from bench_eval import resampled_intervals as _resampled  # the route before: every resample recomputed
 from conftest import tiny_config
 
 from collafuse_hpc.cli import main
@@ -118,16 +119,6 @@ def test_precision_and_recall_equal_the_definition_on_real_features(classifier, 
     np.testing.assert_allclose(metrics.knn_radii(repeated, 3)[:3], exact[0], rtol=1e-9)  # are not its neighbours
     for k in (1, 3):  # the intervals from one distance matrix are the resample-by-resample ones
         assert metrics.precision_recall_bootstrap(f_train, f_test, k, 50, 3) == _resampled(f_train, f_test, k, 50, 3)
-
-
-def _resampled(real: np.ndarray, fake: np.ndarray, k: int, resamples: int, seed: int) -> tuple:
-    """Precision and recall, and their intervals with every resample's distances recomputed."""
-    return metrics.precision_recall(real, fake, k), tuple(
-        metrics.bootstrap_interval(
-            lambda r, f, i=i: metrics.precision_recall(r, f, k)[i], (real, fake), resamples, seed, (0.0, 1.0)
-        )
-        for i in range(2)
-    )
 
 
 def test_precision_recall_bootstrap_equals_recomputing_every_resample_copies_and_few_rows_included():
