@@ -294,3 +294,53 @@ def test_the_tradeoff_figure_puts_each_fedavg_row_at_its_global_model_s_membersh
         {"method": "fedavg", "mia_federated_auc": nan, "fid_global": 5.0, "fid_collaborative": 5.0},  # not scored
     ]
     assert federated_points(rows) == [("fedavg", 0.55, 5.5), ("fedavg+ft", 0.55, 2.6), ("fedavg", 0.6, 7.0)]
+
+
+def test_the_tradeoff_figure_draws_one_line_per_condition(tmp_path, monkeypatch):
+    """Rows of two partitions and of labels kept and shared: one line per split mode
+    joined them all, c going 0.2, 0.5, 0.2, 0.5, ...; each condition is its own line, named
+    by what differs, and each partition's FedAvg point names its partition."""
+    pytest.importorskip("matplotlib")
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from collafuse_hpc.report.figures import tradeoff_figure
+    from collafuse_hpc.report.tables import COLUMNS
+
+    def row(partition: str, share: str, c: float, method: str = "split") -> dict:
+        numbers = {key: 0.5 for key in COLUMNS if key not in ("method", "split", "partition", "share", "c", "who")}
+        return {f"{key}_seed_std": math.nan for key in COLUMNS} | numbers | {
+            "method": method, "split": "markov", "partition": partition, "share": share, "c": c, "who": "pooled",
+            "seeds": 1, "features": "classifier"}  # fmt: skip
+
+    pooled = [row(p, s, c) for p in ("class", "iid") for s in ("off", "on") for c in (0.2, 0.5)]
+    federated = [row(p, "-", "-", "fedavg") for p in ("class", "iid")]
+    shown = []
+    monkeypatch.setattr(plt, "close", lambda fig: shown.append(fig))
+    assert tradeoff_figure(pooled, str(tmp_path / "tradeoff.png"), federated)
+    lines = {bars.get_label(): list(bars.lines[0].get_xdata()) for bars in shown[0].axes[0].containers}
+    assert lines["collaborative (markov, iid, labels shared)"] == [0.2, 0.5] and len(lines) == 8
+    stars = [line.get_label() for line in shown[0].axes[3].lines if line.get_marker() == "*"]
+    assert stars == ["fedavg (class): membership AUC, global model", "fedavg (iid): membership AUC, global model"]
+
+
+def test_centralized_training_is_one_method_in_the_methods_figure(tmp_path, monkeypatch):
+    """aggregate() stands c = 0 beside each split mode; it is one run, drawn once."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from collafuse_hpc.report.figures import methods_figure
+
+    def row(method: str, split: str, c) -> dict:
+        return {"who": "pooled", "method": method, "c": c, "split": split, "partition": "class", "share": "off",
+                "seeds": 1, "fidelity": 0.5, "class_distance": 0.2, "train_flops_run": 1e12,
+                "sampling_flops_image": 1e9, "bytes_run": 1e8}  # fmt: skip
+
+    table = [row("fedavg", "-", "-")] + [row("split", s, c) for s in ("markov", "reference") for c in (0, 0.5)]
+    shown = []
+    monkeypatch.setattr(plt, "close", lambda fig: shown.append(fig))
+    assert methods_figure(table, str(tmp_path / "methods.png"))
+    (legend,) = [axis.get_legend() for axis in shown[0].axes if axis.get_legend()]
+    assert sorted(t.get_text() for t in legend.get_texts()) == [
+        "centralized (c = 0)", "fedavg", "split c = 0.5 (markov)", "split c = 0.5 (reference)"]  # fmt: skip

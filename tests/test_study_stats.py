@@ -279,7 +279,7 @@ def test_the_methods_figure_names_every_method_whichever_panel_shows_it(tmp_path
     table = [row("fedavg", "-", math.nan, 1e8), row("split", 0.2, math.nan, 2e7), row("split", 0.0, 0.0, 2e7)]
     assert methods_figure(table, str(tmp_path / "methods.png"))
     (legend,) = [axis.get_legend() for axis in shown[0].axes if axis.get_legend()]
-    assert [t.get_text() for t in legend.get_texts()] == ["fedavg", "split c = 0.2 (markov)", "split c = 0 (markov)"]
+    assert [t.get_text() for t in legend.get_texts()] == ["fedavg", "split c = 0.2 (markov)", "centralized (c = 0)"]
     # several partitions: a row of panels each, titled by it, a method in one colour in every row
     other = [{**r, "partition": "iid"} for r in table[:2]] + [{**row("fedavg+ft", "-", 1e12, 1e8), "partition": "iid"}]
     assert methods_figure(table + other, str(tmp_path / "methods2.png"))
@@ -287,7 +287,7 @@ def test_the_methods_figure_names_every_method_whichever_panel_shows_it(tmp_path
     assert len(figure.axes) == 6 and figure.axes[3].get_title().endswith("(iid)")
     legends = [axis.get_legend() for axis in figure.axes if axis.get_legend()]
     assert [sorted(t.get_text() for t in legend.get_texts()) for legend in legends] == [
-        ["fedavg", "split c = 0 (markov)", "split c = 0.2 (markov)"],
+        ["centralized (c = 0)", "fedavg", "split c = 0.2 (markov)"],
         ["fedavg", "fedavg+ft", "split c = 0.2 (markov)"],
     ]
     markers = {c.get_label(): c.lines[0].get_marker() for axis in figure.axes[3:] for c in axis.containers}

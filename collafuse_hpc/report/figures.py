@@ -44,16 +44,32 @@ def federated_points(pooled: list[dict]) -> list[tuple[str, float, float]]:
     the server and every other client hold, against the quality of the samples that row
     describes (the global model's set for FedAvg, the fine-tuned clients' for +ft)."""
     out = []
+    several = len({r.get("partition") for r in pooled}) > 1  # then a point names its partition
     for r in pooled:
         if r["method"] == "split" or math.isnan(r.get("mia_federated_auc", NAN)):
             continue
         fid = r["fid_global"] if not r["method"].endswith("+ft") and not math.isnan(r["fid_global"]) else NAN
-        out.append((r["method"], r["mia_federated_auc"], r["fid_collaborative"] if math.isnan(fid) else fid))
+        label = f"{r['method']} ({r['partition']})" if several else r["method"]
+        out.append((label, r["mia_federated_auc"], r["fid_collaborative"] if math.isnan(fid) else fid))
     return out
 
 
+def condition_names(rows: list[dict]) -> dict[tuple, str]:
+    """{(split, partition, share): its name} for the conditions of ``rows``: the split
+    mode, and the partition and whether labels were shared where ``rows`` hold several."""
+    conditions = sorted({(r["split"], r["partition"], r["share"]) for r in rows})
+    partitions, shares = {c[1] for c in conditions}, {c[2] for c in conditions}
+    names = {}
+    for split, partition, share in conditions:
+        parts = [split] + ([partition] if len(partitions) > 1 else [])
+        parts += [{"on": "labels shared", "off": "labels kept"}.get(share, share)] if len(shares) > 1 else []
+        names[(split, partition, share)] = ", ".join(parts)
+    return names
+
+
 def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -> bool:
-    """Four panels, one line per split mode with error bars over seeds: over c, quality
+    """Four panels, one line per condition (split mode, and partition and labels shared
+    where the rows hold several: :func:`condition_names`) with error bars over seeds: over c, quality
     (collaborative against client-alone FID), disclosure (x_c and reconstructions, linkage
     at one release and at the run's releases, membership of the server's model) and client
     compute; then quality against disclosure (the server's membership AUC, the linkage at
@@ -64,9 +80,10 @@ def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -
         return False
     fig, ax = plt.subplots(1, 4, figsize=(21, 4.6))
     twin = ax[1].twinx()
-    splits = sorted({r["split"] for r in pooled})
-    for i, split in enumerate(splits):
-        runs = [r for r in pooled if r["split"] == split and not isinstance(r["c"], str)]
+    names = condition_names(pooled)
+    for i, (condition, split) in enumerate(names.items()):  # split: the condition's name in the legends
+        runs = [r for r in pooled if (r["split"], r["partition"], r["share"]) == condition]
+        runs = sorted((r for r in runs if not isinstance(r["c"], str)), key=lambda r: r["c"])
         cs, color = [r["c"] for r in runs], f"C{i}"
         _errorbar(ax[0], runs, "fid_collaborative", f"collaborative ({split})", color=color, marker="o")
         _errorbar(ax[0], runs, "fid_client_alone", f"client alone ({split})", color=color, marker="x", linestyle="--")
@@ -91,7 +108,7 @@ def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -
             linestyle=":",
             label=f"sampling time ({split})",
         )
-        if i == 0:  # x_c, what it discloses and the client's training do not depend on the split mode
+        if i == 0:  # x_c, what it discloses and the client's training do not depend on the condition
             _errorbar(ax[1], sent, "psnr_x_c_db", "x_c as sent", color="grey", marker=".")
             twin.plot(cs, [r["chance_top1"] for r in runs], color="black", linewidth=0.8, label="linkage chance")
             ax[2].plot(
@@ -114,7 +131,7 @@ def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -
     ax[2].set_title("client compute, mean over clients")
     ax[2].legend(fontsize=7)
     for j, (label, auc, fid) in enumerate(federated_points(federated)):
-        ax[3].plot([auc], [fid], marker="*", markersize=11, linestyle="", color=f"C{len(splits) + j}",
+        ax[3].plot([auc], [fid], marker="*", markersize=11, linestyle="", color=f"C{(len(names) + j) % 10}",
                    label=f"{label}: membership AUC, global model")  # fmt: skip
     ax[3].set(xlabel="disclosure (rate or AUC; 0.5 AUC: chance)", ylabel=ax[0].get_ylabel())
     ax[3].set_title("quality against disclosure, pooled (split: c < 1)")
@@ -187,10 +204,9 @@ def conditions_figure(table: list[dict], path: str) -> bool:
         return False
     key, name = personalization(rows)
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.6))
-    conditions = sorted({(r["split"], r["partition"], r["share"]) for r in rows})
-    for i, cond in enumerate(conditions):
+    for i, (cond, label) in enumerate(condition_names(rows).items()):
         runs = sorted((r for r in rows if (r["split"], r["partition"], r["share"]) == cond), key=lambda r: r["c"])
-        label, color = f"{cond[0]}, {cond[1]}, labels shared {cond[2]}", f"C{i}"
+        color = f"C{i}"
         for axis, shown in ((ax[0], key), (ax[1], "fid_collaborative")):
             err = [_spread(r, shown) for r in runs]
             axis.errorbar([r["c"] for r in runs], [r[shown] for r in runs], yerr=np.array(err).T, capsize=3,
@@ -219,6 +235,8 @@ def method_label(row: dict) -> str:
         return row["method"]
     if row["c"] == 1:
         return "alone (c = 1)"
+    if row["c"] == 0:  # the same run under every split mode (aggregate() stands it beside each)
+        return "centralized (c = 0)" + (", labels shared" if row.get("share") == "on" else "")
     shared = ", labels shared" if row.get("share") == "on" else ""
     return f"split c = {row['c']:g} ({row['split']}{shared})"
 
