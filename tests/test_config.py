@@ -227,8 +227,11 @@ def test_every_range_of_the_reference_is_enforced(tmp_path, shards):
     for pattern, rng in RANGES.items():
         key = pattern.replace("*.model", "server.model").replace("clients.*", "clients.0").replace(".*", ".0")
         bad = rng.lo if rng.lo_open else rng.lo - 1
+        assert bad != 0 or not rng.or_zero, f"{key}: pick a refused value below {rng.lo}"
         with pytest.raises(ValueError, match=re.escape(f"'{key}' must be {rng.describe({'diffusion.timesteps': 20})}")):
             load(base, [f"{key}={bad}"])
+        if rng.or_zero:  # 0 turns it off (eval.bootstrap: 0, no intervals)
+            load(base, [f"{key}=0"])
 
 
 def test_an_override_of_one_client_leaves_clients_sharing_a_yaml_anchor_alone(tmp_path):

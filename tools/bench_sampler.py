@@ -80,8 +80,13 @@ def draw(raw: dict, sampler: str, steps: int, images: int, device: torch.device)
 
 
 def main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="collafuse-bench-sampler-") as tmp:  # its run and weights go with it
+        return measure(args, tmp)
+
+
+def measure(args: argparse.Namespace, tmp: str) -> int:
+    """Train the quickstart in ``tmp``, draw and time each sampler, print and save the table."""
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    tmp = tempfile.mkdtemp(prefix="collafuse-bench-sampler-")
     inception = None if args.pixels else harness.inception_weights(args.inception, tmp)
     raw = harness.quickstart_config(tmp, args.rounds, inception)
     raw["run"]["samples_per_client"] = 1  # the run's own end-of-run grid is not measured here
