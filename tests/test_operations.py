@@ -93,6 +93,9 @@ def test_sigusr1_to_mpirun_stops_checkpoints_exits_for_requeue_and_resumes(tmp_p
     assert f"resuming from the checkpoint set of round {stopped}" in proc.stderr
     with h5py.File(tmp_path / "out/results.h5") as f:
         assert list(f["server/rounds/round"][()]) == list(range(rounds))
+        for key in ("server", "clients/c0", "clients/c1"):  # the stopped invocation's rounds count in the run's
+            assert (f[f"{key}/summary"].attrs["rounds_run"], f[f"{key}/summary"].attrs["invocations"]) == (rounds, 2)
+        assert f["records/0"].attrs["finished"]
 
 
 SLOW_RANK0 = {"rank": 0, "mode": "slow_write", "delay_s": 8}  # longer than run.stop_grace_s (5 s)

@@ -344,3 +344,31 @@ def test_inspect_says_the_steps_each_side_sampled_and_no_loss_a_cut_never_trains
     assert sampled_steps(10, 20, {"timesteps": 20}) == "10 steps, all on the client"
     assert sampled_steps(10, 0, {"timesteps": 20}) == "10 steps, all on the server"
     assert sampled_steps(10, None, {}) == "sampling_steps 10"  # a file without the cut: the setting as given
+
+
+@pytest.mark.parametrize("method", ["split", "federated"])
+def test_a_stopped_invocation_counts_in_the_runs_summary_and_its_record_is_finished(tmp_path, shards, method):
+    """A stop (SIGTERM, SLURM's preemption) after round 2 writes the checkpoint set and
+    exits for requeue; it wrote no summary, so after the resume the run's /summary said
+    1 invocation and 6 rounds run of 8 (the bytes and images of the stopped rounds gone)
+    and the stopped invocation's record stayed unfinished."""
+    from collafuse_hpc.runtime.preemption import Preempted, StopRequest
+    from collafuse_hpc.runtime.run import run_in_process
+
+    raw = tiny_config(shards, tmp_path / "out", [0.2, 0.5], rounds=8, log_every=1, checkpoint_every=0)
+    raw["run"]["method"] = method
+    stop = StopRequest()
+    stop.signal_name = "SIGTERM"  # as if it came before the first round: the ranks agree on a stop at round 2
+    with pytest.raises(Preempted) as stopped:
+        run_in_process(from_dict(raw), resume=False, stop=stop)
+    assert stopped.value.round == 2
+    run_in_process(from_dict(raw), resume=True)
+    with h5py.File(tmp_path / "out/results.h5", "r", locking=False) as f:
+        record = f["records/0"].attrs
+        assert record["finished"] and yaml.safe_load(record["totals"])["rounds_run"] == 2
+        for key in ("server", "clients/c0", "clients/c1"):
+            first, second = (_attrs(f[f"{key}/records/{n}/summary"]) for n in (0, 1))
+            total = _attrs(f[f"{key}/summary"])
+            assert (first["rounds_run"], total["rounds_run"], total["invocations"]) == (2, 8, 2), key
+            assert total["bytes_received"] == first["bytes_received"] + second["bytes_received"] > 0, key
+        assert _attrs(f["clients/c0/summary"])["invocation_bytes_sent"] == _attrs(f["clients/c0/audit"])["bytes_sent"]

@@ -24,6 +24,7 @@ from collafuse_hpc.runtime.loops import (
     client_start,
     finish_client,
     hosts_of,
+    invocation_released,
     log_audit,
     round_profiler,
     send_packed,
@@ -44,6 +45,7 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
     totals = {"images": 0, "updates": 0, "bytes_received": 0, "bytes_sent": 0}
     totals.update(time_recv_s=0.0, time_compute_s=0.0, time_send_s=0.0)
     recent = Recent(run.rounds - ctx.start_round)
+    ctx.so_far = lambda: {None: dict(totals)}
     profiler = round_profiler(ctx, server.device)
     for r in rounds(ctx):
         t0 = time.perf_counter()
@@ -166,7 +168,7 @@ def fed_client_loop(ctx: Context, host: FedHost, results: dict[int, RoleResults]
             finish_client(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), None, extra)
         totals[c.index].update(time_sampling_wait_s=t1 - t0, time_sampling_local_s=t2 - t1)
         totals[c.index]["bytes_received_model"] = model[c.index].nbytes
-        totals[c.index].update({f"invocation_{k}": v - released[c.index][k] for k, v in c.released.items()})
+        totals[c.index].update(invocation_released(c, released[c.index]))
     return totals
 
 

@@ -122,6 +122,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     totals = {"images": 0, "bytes_received": 0, "bytes_sent": 0}
     totals.update(time_recv_s=0.0, time_compute_s=0.0, time_send_s=0.0)
     recent = Recent(run.rounds - ctx.start_round)
+    ctx.so_far = lambda: {None: dict(totals)}
     profiler = round_profiler(ctx, server.device)
     if not hosts:
         log.info("server %d: every client it serves is local-only (c = 1); it stays idle until sampling", ctx.rank)
@@ -282,8 +283,14 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
         with ctx.stop.writing():
             finish_client(ctx, c, results[c.index], totals[c.index], to_uint8(samples[c.index]), x_h[c.index])
         totals[c.index].update(time_sampling_wait_s=t1 - t0, time_sampling_local_s=t2 - t1)
-        totals[c.index].update({f"invocation_{k}": v - released[c.index][k] for k, v in c.released.items()})
+        totals[c.index].update(invocation_released(c, released[c.index]))
     return totals
+
+
+def invocation_released(client: Any, before: dict) -> dict:
+    """What left ``client`` in this invocation (``invocation_<count>``): its counts now
+    less ``before``, those at the invocation's start."""
+    return {f"invocation_{k}": v - before[k] for k, v in client.released.items()}
 
 
 def client_start(
@@ -298,6 +305,9 @@ def client_start(
     for c in host.clients:
         c.count_audited(results[c.index].audit_totals())
     released = {c.index: dict(c.released) for c in host.clients}
+    ctx.so_far = lambda: {
+        c.index: {**totals[c.index], **invocation_released(c, released[c.index])} for c in host.clients
+    }
     return totals, recent, released, round_profiler(ctx, host.device)
 
 
@@ -365,13 +375,13 @@ def run_role(ctx: Context, role: Any, loop: Callable) -> dict[str, dict]:
         restore(ctx, role)
         results = _open_parts(ctx, role)
         summaries = {None: loop(ctx, role, results[None])} if server else loop(ctx, role, results)
-        with ctx.stop.writing():
-            for k, part in results.items():
-                part.flush()
-                part.write_summary(ctx.record, summaries[k], ctx.trains)
+        _write_summaries(ctx, results, summaries)
         ctx.wire.barrier(ctx.cfg.run.work_timeout_s)  # every role has written its part (clients sample at their pace)
         return {summary_key(cfg, topo, rank, k): summary for k, summary in summaries.items()}
     except Preempted:
+        if ctx.so_far is not None and ctx.trains:  # the rounds it trained count in the run's summary
+            _write_summaries(ctx, results, ctx.so_far())
+            ctx.wire.barrier(ctx.cfg.run.work_timeout_s)  # every rank stopped at the same round: rank 0 reads them
         raise
     except PeerFailure as e:
         if e.unnamed:  # a collective failed without saying who: ask the peers
@@ -387,6 +397,14 @@ def run_role(ctx: Context, role: Any, loop: Callable) -> dict[str, dict]:
         ctx.wire.send_error(peers, ctx.round, text)
         _keep_rows(ctx, role, results)
         raise RankFailure(text) from e
+
+
+def _write_summaries(ctx: Context, results: dict[int | None, RoleResults], summaries: dict) -> None:
+    """Each part's rows and this invocation's summary (``summaries`` by part) into its file."""
+    with ctx.stop.writing():
+        for k, part in results.items():
+            part.flush()
+            part.write_summary(ctx.record, summaries[k], ctx.trains)
 
 
 def _keep_rows(ctx: Context, role: Any, results: dict[int | None, RoleResults]) -> None:

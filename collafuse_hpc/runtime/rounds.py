@@ -43,6 +43,9 @@ class Context:
     attempt: int = 0  # the job's torchrun restarts, agreed by every rank (dist_wire.join); 0 for other launchers
     record: int = 0  # this invocation's record in results.h5 (results/schema.py)
     trains: bool = True  # False for ``sample``: the training summary stays as it was
+    # this invocation's summaries so far by part (None: the server's), set by the role's loop:
+    # what a stop writes, so that the run's summed /summary keeps a stopped invocation's rounds
+    so_far: Callable[[], dict] | None = None
 
     @property
     def output_dir(self) -> str:

@@ -190,8 +190,8 @@ def _command(resume: bool | str, sample: bool) -> str:
 
 
 def _finish(cfg: Config, record: int, summaries: dict[str, dict], wall_s: float) -> None:
-    """Rank 0 at the end: what this invocation did, into its record (the rounds its roles
-    ran: from the set they agreed on, which may be older than the newest)."""
+    """Rank 0 at the end, or after a stop: what this invocation did, into its record (the
+    rounds its roles ran: from the set they agreed on, which may be older than the newest)."""
     rounds_run = max(s.get("rounds_run", 0) for s in summaries.values())
     totals = {"rounds_run": rounds_run, "wall_s": round(wall_s, 3), "samples_per_client": cfg.run.samples_per_client}
     finish_record(index_path(cfg.run.output_dir), record, totals)
@@ -259,7 +259,12 @@ def run_distributed(cfg: Config, resume: bool | str, stop: StopRequest | None = 
         watchdog = Watchdog(topo.describe(rank), cfg.run.watchdog_s) if cfg.run.watchdog_s > 0 else None
         ctx = Context(cfg, topo, rank, wire, start_round, dump(cfg), stop, watchdog, attempt=attempt.restarts)
         ctx.record, ctx.trains = record, not sample
-        run_role(ctx, *build_role(cfg, topo, rank, device, wire))
+        try:
+            run_role(ctx, *build_role(cfg, topo, rank, device, wire))
+        except Preempted:
+            if rank == 0 and not sample:  # every role wrote what it trained before run_role's barrier
+                _finish(cfg, record, _summaries(cfg, topo, record), time.perf_counter() - t0)
+            raise
         wire.heartbeat.stop()  # no peer is waited for or worked for from here on; an evaluation may take hours
         if watchdog is not None:
             watchdog.stop()
@@ -323,6 +328,8 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
         t.join()
     if errors:
         order = sorted(errors.values(), key=lambda e: isinstance(e, PeerFailure))  # the cause before its echoes
+        if isinstance(order[0], Preempted) and command != "sample":  # each role wrote what it trained
+            _finish(cfg, record, _summaries(cfg, topo, record), time.perf_counter() - t0)
         raise order[0]
     summaries = {key: summaries[key] for key in _summary_order(cfg, topo)}
     print_summary(cfg, summaries, time.perf_counter() - t0)
