@@ -363,12 +363,21 @@ def test_a_stopped_invocation_counts_in_the_runs_summary_and_its_record_is_finis
         run_in_process(from_dict(raw), resume=False, stop=stop)
     assert stopped.value.round == 2
     run_in_process(from_dict(raw), resume=True)
+    raw["run"]["rounds"] = 12  # then a stop after a finished invocation: the newest summary is the stopped one's
+    with pytest.raises(Preempted):
+        run_in_process(from_dict(raw), resume=True, stop=stop)
     with h5py.File(tmp_path / "out/results.h5", "r", locking=False) as f:
+        totals = yaml.safe_load(f["records/2"].attrs["totals"])
+        assert totals["stopped"] == "SIGTERM after round 10" and "samples_per_client" not in totals  # sampled none
+        client = _attrs(f["clients/c0/summary"])
+        assert client["bytes_sent"] == _attrs(f["clients/c0/audit"])["bytes_sent"]  # over the run, not the stop's
+        assert (client["invocations"], client["rounds_run"]) == (3, 10) and client["images_per_s"] > 0
         record = f["records/0"].attrs
         assert record["finished"] and yaml.safe_load(record["totals"])["rounds_run"] == 2
         for key in ("server", "clients/c0", "clients/c1"):
-            first, second = (_attrs(f[f"{key}/records/{n}/summary"]) for n in (0, 1))
+            first, second, third = (_attrs(f[f"{key}/records/{n}/summary"]) for n in (0, 1, 2))
             total = _attrs(f[f"{key}/summary"])
-            assert (first["rounds_run"], total["rounds_run"], total["invocations"]) == (2, 8, 2), key
-            assert total["bytes_received"] == first["bytes_received"] + second["bytes_received"] > 0, key
-        assert _attrs(f["clients/c0/summary"])["invocation_bytes_sent"] == _attrs(f["clients/c0/audit"])["bytes_sent"]
+            assert (first["rounds_run"], second["rounds_run"], total["rounds_run"]) == (2, 6, 10), key
+            received = first["bytes_received"] + second["bytes_received"] + third["bytes_received"]
+            assert total["bytes_received"] == received > 0, key
+        assert client["invocation_bytes_sent"] == _attrs(f["clients/c0/audit"])["bytes_sent"]

@@ -15,7 +15,8 @@ read it; ``collafuse-hpc bundle`` copies it into one self-contained file::
       /clients/<id>       -> parts/client_<id>.h5
       /records/<n>        one per invocation that wrote into the run, n = 0, 1, ... in order:
                           attrs command (train | resume | sample | evaluate), argv, started,
-                          finished ("" while it runs or if it stopped), checkpoint_round (the
+                          finished ("" while it runs or if it failed; a stop's totals say by
+                          what), checkpoint_round (the
                           set it started from or used), settings (YAML: the keys that differ
                           from the training config), totals (YAML)
       /records/<n>/metrics  an evaluate record's metrics (layout of /metrics below)

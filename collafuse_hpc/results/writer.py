@@ -119,8 +119,9 @@ SUMMED_PREFIX = ("time_", "invocation_")
 def combine_summaries(parts: list[dict]) -> dict:
     """One role's training summary over several invocations (oldest first): times, images,
     rounds, bytes, updates averaged and what each invocation sent add up, rates are
-    recomputed, the rest is the newest's."""
-    out = dict(parts[-1])
+    recomputed, the rest is the newest's that has it (a stopped invocation sampled
+    nothing: the sampling figures stay those of the last that did)."""
+    out = {key: value for part in parts for key, value in part.items()}
     for key in out:
         if (key in SUMMED and f"invocation_{key}" not in out) or key.startswith(SUMMED_PREFIX):
             out[key] = sum(p.get(key, 0) for p in parts)

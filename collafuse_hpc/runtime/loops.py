@@ -305,8 +305,9 @@ def client_start(
     for c in host.clients:
         c.count_audited(results[c.index].audit_totals())
     released = {c.index: dict(c.released) for c in host.clients}
-    ctx.so_far = lambda: {
-        c.index: {**totals[c.index], **invocation_released(c, released[c.index])} for c in host.clients
+    ctx.so_far = lambda: {  # at a stop: what left each client over the run, written as at the end (finish_client)
+        c.index: {**totals[c.index], **write_audit(results[c.index], c), **invocation_released(c, released[c.index])}
+        for c in host.clients
     }
     return totals, recent, released, round_profiler(ctx, host.device)
 
@@ -341,11 +342,17 @@ def finish_client(
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_grid(samples, path)
     totals["images_per_s"] = totals["images"] / totals["time_round_s"] if totals["time_round_s"] else 0.0
+    totals.update(write_audit(results, client), grid=grid)
+
+
+def write_audit(results: RoleResults, client: Client) -> dict:
+    """Write what left ``client`` (its rows, and its totals over every run as the audit's
+    attributes: count_audited) at the end of an invocation, or at a stop; returns the totals."""
     log_audit(results, client)
     results.flush()
-    audit = {**client.released, "t_c": client.cut.t_c, "sent": client.what_leaves()}  # over every run (count_audited)
+    audit = {**client.released, "t_c": client.cut.t_c, "sent": client.what_leaves()}
     results.write_attrs(AUDIT, audit)
-    totals.update(audit, grid=grid)
+    return audit
 
 
 def log_audit(results: RoleResults, client: Client) -> None:
@@ -380,7 +387,11 @@ def run_role(ctx: Context, role: Any, loop: Callable) -> dict[str, dict]:
         return {summary_key(cfg, topo, rank, k): summary for k, summary in summaries.items()}
     except Preempted:
         if ctx.so_far is not None and ctx.trains:  # the rounds it trained count in the run's summary
-            _write_summaries(ctx, results, ctx.so_far())
+            try:
+                with ctx.stop.writing():  # so_far writes a client's audit totals too
+                    _write_summaries(ctx, results, ctx.so_far())
+            except Exception as e:  # noqa: BLE001 - the set is complete: the stop (exit 75) matters more
+                log.warning("%s: could not write what it trained before the stop: %s", topo.describe(rank), e)
             ctx.wire.barrier(ctx.cfg.run.work_timeout_s)  # every rank stopped at the same round: rank 0 reads them
         raise
     except PeerFailure as e:

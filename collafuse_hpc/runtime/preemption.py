@@ -45,7 +45,7 @@ class Preempted(Exception):
         super().__init__(
             f"stopped by {signal_name} {what}; exit {EXIT_REQUEUE} so the job is requeued (continue with --resume)"
         )
-        self.round = round_
+        self.round, self.signal_name = round_, signal_name
 
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)

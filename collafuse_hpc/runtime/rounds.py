@@ -44,7 +44,8 @@ class Context:
     record: int = 0  # this invocation's record in results.h5 (results/schema.py)
     trains: bool = True  # False for ``sample``: the training summary stays as it was
     # this invocation's summaries so far by part (None: the server's), set by the role's loop:
-    # what a stop writes, so that the run's summed /summary keeps a stopped invocation's rounds
+    # what a stop writes (a client's audit totals with them), so that the run's summed
+    # /summary keeps a stopped invocation's rounds
     so_far: Callable[[], dict] | None = None
 
     @property

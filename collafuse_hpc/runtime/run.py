@@ -189,12 +189,26 @@ def _command(resume: bool | str, sample: bool) -> str:
     return "sample" if sample else ("resume" if resume else "train")
 
 
-def _finish(cfg: Config, record: int, summaries: dict[str, dict], wall_s: float) -> None:
-    """Rank 0 at the end, or after a stop: what this invocation did, into its record (the
-    rounds its roles ran: from the set they agreed on, which may be older than the newest)."""
+def _finish(cfg: Config, record: int, summaries: dict[str, dict], wall_s: float, stopped: str = "") -> None:
+    """Rank 0 at the end, or after a stop (``stopped``: by what, after which round; it
+    sampled nothing): what this invocation did, into its record (the rounds its roles
+    ran: from the set they agreed on, which may be older than the newest)."""
     rounds_run = max(s.get("rounds_run", 0) for s in summaries.values())
-    totals = {"rounds_run": rounds_run, "wall_s": round(wall_s, 3), "samples_per_client": cfg.run.samples_per_client}
+    totals = {"rounds_run": rounds_run, "wall_s": round(wall_s, 3)}
+    totals |= {"stopped": stopped} if stopped else {"samples_per_client": cfg.run.samples_per_client}
     finish_record(index_path(cfg.run.output_dir), record, totals)
+
+
+def _finish_stopped(cfg: Config, topo: Topology, record: int, wall_s: float, stop: Preempted) -> None:
+    """Rank 0 after a stop: the record says what the invocation trained and what stopped
+    it. A failure to write it is logged, not raised: the checkpoint set is complete and
+    the exit stays 75 (requeue)."""
+    try:
+        _finish(
+            cfg, record, _summaries(cfg, topo, record), wall_s, stopped=f"{stop.signal_name} after round {stop.round}"
+        )
+    except Exception as e:  # noqa: BLE001 - a full disk or a broken part file: the requeue matters more
+        log.warning("could not record what the stopped invocation trained: %s: %s", type(e).__name__, e)
 
 
 def _job_key(launch: Launch) -> str:
@@ -261,9 +275,11 @@ def run_distributed(cfg: Config, resume: bool | str, stop: StopRequest | None = 
         ctx.record, ctx.trains = record, not sample
         try:
             run_role(ctx, *build_role(cfg, topo, rank, device, wire))
-        except Preempted:
-            if rank == 0 and not sample:  # every role wrote what it trained before run_role's barrier
-                _finish(cfg, record, _summaries(cfg, topo, record), time.perf_counter() - t0)
+        except Preempted as e:
+            if not sample:
+                if rank == 0:  # every role wrote what it trained before run_role's barrier
+                    _finish_stopped(cfg, topo, record, time.perf_counter() - t0, e)
+                wire.barrier(cfg.run.work_timeout_s)  # mpirun ends every rank once one exits: rank 0 writes first
             raise
         wire.heartbeat.stop()  # no peer is waited for or worked for from here on; an evaluation may take hours
         if watchdog is not None:
@@ -329,7 +345,7 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
     if errors:
         order = sorted(errors.values(), key=lambda e: isinstance(e, PeerFailure))  # the cause before its echoes
         if isinstance(order[0], Preempted) and command != "sample":  # each role wrote what it trained
-            _finish(cfg, record, _summaries(cfg, topo, record), time.perf_counter() - t0)
+            _finish_stopped(cfg, topo, record, time.perf_counter() - t0, order[0])
         raise order[0]
     summaries = {key: summaries[key] for key in _summary_order(cfg, topo)}
     print_summary(cfg, summaries, time.perf_counter() - t0)
