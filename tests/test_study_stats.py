@@ -324,3 +324,26 @@ def test_the_methods_figure_tells_labels_shared_from_labels_kept(tmp_path, monke
     colours = {t.get_text(): to_hex(h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
     assert len(set(colours.values())) == 4
     assert len(shown[0].axes[0].containers) == 4  # alone once, not once per share
+
+
+def test_a_log_axis_within_one_decade_is_labelled_at_its_points(tmp_path, monkeypatch):
+    """Methods whose costs lie within a tenth of a decade (FedAvg variants' sampling
+    FLOPs): matplotlib labelled every minor tick, and the labels ran into each other."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from collafuse_hpc.report.figures import methods_figure
+
+    def row(method: str, flops: float) -> dict:
+        return {"who": "pooled", "method": method, "c": "-", "split": "-", "partition": "class", "share": "-",
+                "seeds": 1, "fidelity": 0.5, "class_distance": 0.2, "train_flops_run": flops,
+                "sampling_flops_image": flops, "bytes_run": flops}  # fmt: skip
+
+    shown = []
+    monkeypatch.setattr(plt, "close", lambda fig: shown.append(fig))
+    assert methods_figure(
+        [row("fedavg", 7.7e8), row("fedavg+ft", 7.75e8), row("fedavg-cond", 8.6e8)], str(tmp_path / "m.png")
+    )
+    for axis in shown[0].axes:
+        assert [t.get_text() for t in axis.get_xticklabels()] == ["7.7e+08", "8.6e+08"]
+        assert not [t.get_text() for t in axis.get_xticklabels(minor=True) if t.get_text()]

@@ -28,12 +28,23 @@ def _errorbar(axis, runs: list[dict], key: str, label: str, **style) -> None:
 
 def _save(plt, fig, path: str, dpi: int) -> None:
     """Write ``fig`` to ``path``. An axis whose points sit at one or two x values (one run,
-    one c) gets its ticks there: around a single value matplotlib fills the axis with
-    long tick labels that overlap."""
+    one c), or on a log axis within one decade, gets its ticks at the points: around a
+    single value or in a fraction of a decade matplotlib fills the axis with long tick
+    labels that overlap."""
+    from matplotlib.ticker import NullFormatter
+
     for axis in fig.axes:
-        xs = {float(x) for line in axis.get_lines() for x in np.ravel(line.get_xdata()) if np.isfinite(x)}
+        xs = sorted({float(x) for line in axis.get_lines() for x in np.ravel(line.get_xdata()) if np.isfinite(x)})
         if 0 < len(xs) < 3 and axis.get_xscale() == "linear":
-            axis.set_xticks(sorted(xs))
+            axis.set_xticks(xs)
+        elif xs and axis.get_xscale() == "log" and 0 < xs[0] and xs[-1] < 10 * xs[0]:
+            lo, hi = np.log(axis.get_xlim())
+            ticks = [xs[0]]
+            for x in xs[1:]:
+                if (np.log(x) - np.log(ticks[-1])) / (hi - lo) > 0.15:  # closer labels would overlap
+                    ticks.append(x)
+            axis.xaxis.set_minor_formatter(NullFormatter())
+            axis.set_xticks(ticks, [f"{x:.2g}" for x in ticks])
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
