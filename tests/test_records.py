@@ -372,6 +372,8 @@ def test_a_stopped_invocation_counts_in_the_runs_summary_and_its_record_is_finis
         client = _attrs(f["clients/c0/summary"])
         assert client["bytes_sent"] == _attrs(f["clients/c0/audit"])["bytes_sent"]  # over the run, not the stop's
         assert (client["invocations"], client["rounds_run"]) == (3, 10) and client["images_per_s"] > 0
+        stopped = _attrs(f["clients/c0/records/2/summary"])  # its recent loss, not the finished invocation's
+        assert stopped["loss_rows"] == 2 and client["loss_rows"] == 2 and "loss_local_recent" in stopped
         record = f["records/0"].attrs
         assert record["finished"] and yaml.safe_load(record["totals"])["rounds_run"] == 2
         for key in ("server", "clients/c0", "clients/c1"):

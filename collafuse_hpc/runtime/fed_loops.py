@@ -45,7 +45,7 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
     totals = {"images": 0, "updates": 0, "bytes_received": 0, "bytes_sent": 0}
     totals.update(time_recv_s=0.0, time_compute_s=0.0, time_send_s=0.0)
     recent = Recent(run.rounds - ctx.start_round)
-    ctx.so_far = lambda: {None: dict(totals)}
+    ctx.so_far = lambda: {None: recent.added(totals)}
     profiler = round_profiler(ctx, server.device)
     for r in rounds(ctx):
         t0 = time.perf_counter()

@@ -60,6 +60,12 @@ class Recent:
         self.rows.append(row)
         self.count += 1
 
+    def added(self, totals: dict) -> dict:
+        """A copy of ``totals`` with :meth:`into`'s figures (what a stop writes)."""
+        out = dict(totals)
+        self.into(out)
+        return out
+
     def into(self, totals: dict) -> None:
         """At the end: each loss's recent mean (``<loss>_recent``) and how many of this
         invocation's rows it is over (``loss_window`` of ``loss_rows``), as inspect says it."""
@@ -122,7 +128,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     totals = {"images": 0, "bytes_received": 0, "bytes_sent": 0}
     totals.update(time_recv_s=0.0, time_compute_s=0.0, time_send_s=0.0)
     recent = Recent(run.rounds - ctx.start_round)
-    ctx.so_far = lambda: {None: dict(totals)}
+    ctx.so_far = lambda: {None: recent.added(totals)}
     profiler = round_profiler(ctx, server.device)
     if not hosts:
         log.info("server %d: every client it serves is local-only (c = 1); it stays idle until sampling", ctx.rank)
@@ -306,7 +312,9 @@ def client_start(
         c.count_audited(results[c.index].audit_totals())
     released = {c.index: dict(c.released) for c in host.clients}
     ctx.so_far = lambda: {  # at a stop: what left each client over the run, written as at the end (finish_client)
-        c.index: {**totals[c.index], **write_audit(results[c.index], c), **invocation_released(c, released[c.index])}
+        c.index: recent[c.index].added(totals[c.index])
+        | write_audit(results[c.index], c)
+        | invocation_released(c, released[c.index])
         for c in host.clients
     }
     return totals, recent, released, round_profiler(ctx, host.device)
