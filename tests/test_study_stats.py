@@ -347,3 +347,8 @@ def test_a_log_axis_within_one_decade_is_labelled_at_its_points(tmp_path, monkey
     for axis in shown[0].axes:
         assert [t.get_text() for t in axis.get_xticklabels()] == ["7.7e+08", "8.6e+08"]
         assert not [t.get_text() for t in axis.get_xticklabels(minor=True) if t.get_text()]
+    shown.clear()  # points 20% of the axis apart whose labels round alike: one label, not two
+    assert methods_figure(
+        [row("fedavg", 1.00e9), row("fedavg+ft", 1.04e9), row("fedavg-cond", 1.1e9)], str(tmp_path / "n.png")
+    )
+    assert [t.get_text() for t in shown[0].axes[0].get_xticklabels()] == ["1e+09", "1.1e+09"]

@@ -40,8 +40,8 @@ def _save(plt, fig, path: str, dpi: int) -> None:
         elif xs and axis.get_xscale() == "log" and 0 < xs[0] and xs[-1] < 10 * xs[0]:
             lo, hi = np.log(axis.get_xlim())
             ticks = [xs[0]]
-            for x in xs[1:]:
-                if (np.log(x) - np.log(ticks[-1])) / (hi - lo) > 0.15:  # closer labels would overlap
+            for x in xs[1:]:  # closer labels would overlap, and equal ones say nothing
+                if (np.log(x) - np.log(ticks[-1])) / (hi - lo) > 0.15 and f"{x:.2g}" != f"{ticks[-1]:.2g}":
                     ticks.append(x)
             axis.xaxis.set_minor_formatter(NullFormatter())
             axis.set_xticks(ticks, [f"{x:.2g}" for x in ticks])
