@@ -323,6 +323,18 @@ def test_the_tradeoff_figure_draws_one_line_per_condition(tmp_path, monkeypatch)
     assert lines["collaborative (markov, iid, labels shared)"] == [0.2, 0.5] and len(lines) == 8
     stars = [line.get_label() for line in shown[0].axes[3].lines if line.get_marker() == "*"]
     assert stars == ["fedavg (class): membership AUC, global model", "fedavg (iid): membership AUC, global model"]
+    # linkage chance, x_c and the client's training depend on the partition's images: one line
+    # each per partition, named by it, in a colour no condition line has (C3 clashed with the 4th)
+    axes = shown[0].axes
+    twin = [axis for axis in axes if axis not in axes[:4]][0]
+    assert [line.get_label() for line in twin.lines if line.get_label().startswith("linkage chance")] == [
+        "linkage chance (class)", "linkage chance (iid)"]  # fmt: skip
+    training = [line for line in axes[2].lines if line.get_label().startswith("training")]
+    assert sorted(line.get_label() for line in training) == [
+        "training FLOPs (exact) (class)", "training FLOPs (exact) (iid)",
+        "training time (class)", "training time (iid)"]  # fmt: skip
+    conditions = {line.get_color() for line in axes[2].lines if line.get_label().startswith("sampling FLOPs")}
+    assert len(conditions) == 4 and not conditions & {line.get_color() for line in training}
 
 
 def test_centralized_training_is_one_method_in_the_methods_figure(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ DISCLOSED = (
     ("link_pixel_top1_releases", "linkage top-1 at the run's releases", "D"),
     ("mia_server_auc", "membership AUC, server's model", "^"),
 )
+SHADES = ("black", "dimgrey", "darkgrey")  # per partition, never a condition's colour
 
 
 def _errorbar(axis, runs: list[dict], key: str, label: str, **style) -> None:
@@ -92,6 +93,8 @@ def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -
     fig, ax = plt.subplots(1, 4, figsize=(21, 4.6))
     twin = ax[1].twinx()
     names = condition_names(pooled)
+    several = len({partition for _, partition, _ in names}) > 1
+    shades: dict[str, str] = {}  # partition: the colour of what depends on its images alone
     for i, (condition, split) in enumerate(names.items()):  # split: the condition's name in the legends
         runs = [r for r in pooled if (r["split"], r["partition"], r["share"]) == condition]
         runs = sorted((r for r in runs if not isinstance(r["c"], str)), key=lambda r: r["c"])
@@ -119,18 +122,19 @@ def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -
             linestyle=":",
             label=f"sampling time ({split})",
         )
-        if i == 0:  # x_c, what it discloses and the client's training do not depend on the condition
-            _errorbar(ax[1], sent, "psnr_x_c_db", "x_c as sent", color="grey", marker=".")
-            twin.plot(cs, [r["chance_top1"] for r in runs], color="black", linewidth=0.8, label="linkage chance")
+        if i == 0:
             ax[2].plot(
                 cs, [r["sampling_ideal_ratio"] for r in runs], color="grey", linestyle="--", label="sampling, ideal (c)"
             )
-            ax[2].plot(
-                cs, [r["train_flops_ratio"] for r in runs], color="C3", marker="^", label="training FLOPs (exact)"
-            )
-            ax[2].plot(
-                cs, [r["train_time_ratio"] for r in runs], color="C3", marker="v", linestyle=":", label="training time"
-            )
+        if condition[1] not in shades:  # x_c, its linkage chance and the client's training depend on the images only
+            shade = shades[condition[1]] = SHADES[len(shades) % len(SHADES)]
+            where = f" ({condition[1]})" if several else ""
+            _errorbar(ax[1], sent, "psnr_x_c_db", f"x_c as sent{where}", color=shade, marker=".")
+            twin.plot(cs, [r["chance_top1"] for r in runs], color=shade, linewidth=0.8, label=f"linkage chance{where}")
+            ax[2].plot(cs, [r["train_flops_ratio"] for r in runs], color=shade, marker="^",
+                       label=f"training FLOPs (exact){where}")  # fmt: skip
+            ax[2].plot(cs, [r["train_time_ratio"] for r in runs], color=shade, marker="v", linestyle=":",
+                       label=f"training time{where}")  # fmt: skip
     ax[0].set(xlabel="cut ratio c (share of steps on the client)", ylabel=f"FID ({pooled[0]['features']})")
     ax[0].set_title("quality, pooled over clients (lower is better)")
     ax[0].legend(fontsize=7)
