@@ -18,6 +18,7 @@ DISCLOSED = (
     ("link_pixel_top1_releases", "linkage top-1 at the run's releases", "D"),
     ("mia_server_auc", "membership AUC, server's model", "^"),
 )
+SHARE_NAMES = {"on": "labels shared", "off": "labels kept"}  # a condition's share, in words
 SHADES = ("black", "dimgrey", "darkgrey")  # per partition, never a condition's colour
 
 
@@ -74,7 +75,7 @@ def condition_names(rows: list[dict]) -> dict[tuple, str]:
     names = {}
     for split, partition, share in conditions:
         parts = [split] + ([partition] if len(partitions) > 1 else [])
-        parts += [{"on": "labels shared", "off": "labels kept"}.get(share, share)] if len(shares) > 1 else []
+        parts += [SHARE_NAMES.get(share, share)] if len(shares) > 1 else []
         names[(split, partition, share)] = ", ".join(parts)
     return names
 
@@ -250,9 +251,9 @@ def method_label(row: dict) -> str:
         return row["method"]
     if row["c"] == 1:
         return "alone (c = 1)"
+    shared = f", {SHARE_NAMES['on']}" if row.get("share") == "on" else ""
     if row["c"] == 0:  # the same run under every split mode (aggregate() stands it beside each)
-        return "centralized (c = 0)" + (", labels shared" if row.get("share") == "on" else "")
-    shared = ", labels shared" if row.get("share") == "on" else ""
+        return f"centralized (c = 0){shared}"
     return f"split c = {row['c']:g} ({row['split']}{shared})"
 
 
