@@ -190,6 +190,24 @@ def test_the_report_of_one_run_says_and_shows_only_what_it_holds(evaluated, tmp_
             assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
 
 
+def test_a_report_with_a_c1_run_and_nothing_to_pair_says_why_versus_c1_is_empty(evaluated, tmp_path, capsys):
+    """A study's first finished point is often c = 1: the report of it alone, or beside a
+    c < 1 run of another seed, raised KeyError 'seed' (the reason was sought in the rows
+    averaged over seeds) instead of saying why versus_c1.csv is empty."""
+    alone = _copy(evaluated, tmp_path / "c1-s0", c=1.0)
+    other_seed = _copy(evaluated, tmp_path / "c0.25-s1", seed=1)
+    for runs, why in (
+        ([alone], "no run with one cut ratio c < 1 for every client has a c = 1 run of its partition and seed"),
+        ([alone, other_seed], "no run with one cut ratio c < 1 for every client has a c = 1 run"),
+    ):
+        done = _report(capsys, *runs, out=tmp_path / f"report{len(runs)}")
+        assert done.returncode == 0, done.stderr
+        assert f"versus_c1.csv has no rows: {why}" in done.stdout
+        page = (tmp_path / f"report{len(runs)}/report.html").read_text()
+        assert html.escape(f"versus_c1.csv has no rows: {why}") in page
+        assert _rows(tmp_path / f"report{len(runs)}", "versus_c1.csv") == []
+
+
 @pytest.mark.slow  # its run is trained and evaluated (conftest.evaluated_run): 20 s on busy cores
 def test_a_pooled_fid_is_printed_with_why_it_sits_below_the_clients(evaluated, tmp_path, capsys):
     """A pooled FID below every client's (6.00 against 12.81 and 12.16) went unexplained: FID

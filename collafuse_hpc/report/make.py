@@ -161,8 +161,9 @@ def write_report(
     for note in unpaired:
         print(f"report: {note}")
     notes = [*notes, *unpaired]
+    why_empty = "" if versus else stats.no_comparison(table)  # from the runs: the reason is in their seeds
     table = aggregate(table)
-    print(write_tables(table, versus, out, notes))
+    print(write_tables(table, versus, out, notes, why_empty))
     split = [r for r in table if r["method"] == "split"]  # the figures over c
     pooled = [r for r in split if r["who"] == "pooled"]
     federated = [r for r in table if r["method"] != "split" and r["who"] == "pooled"]  # one point each
@@ -176,5 +177,5 @@ def write_report(
     drawn = [(title, os.path.join(out, name)) for title, name, draw in figures if draw(os.path.join(out, name))]
     if loss_figure(curves, os.path.join(out, "loss.png")):
         drawn.append(("Training loss of every run", os.path.join(out, "loss.png")))
-    write_html(table, versus, out, drawn, notes)
+    write_html(table, versus, out, drawn, notes, why_empty)
     return [os.path.basename(path) for _, path in drawn]

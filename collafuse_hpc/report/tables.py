@@ -381,9 +381,9 @@ VERSUS += ("verdict",)
 VERSUS += ("unpaired",)  # the point's seeds without a c = 1 run of their partition and seed: not in the difference
 
 
-def _note(table: list[dict], versus: list[dict], sections: list[tuple[str, list[str], list[list[str]]]]) -> str:
+def _note(table: list[dict], why_empty: str, sections: list[tuple[str, list[str], list[list[str]]]]) -> str:
     """What the tables' cells hold, said only of what they show (the legend of report.html and
-    table.md), and why versus_c1.csv is empty when it is."""
+    table.md), and ``why_empty``: why versus_c1.csv has no rows ("" when it has)."""
     one_seed = any(r["seeds"] == 1 for r in table)
     cells = " ".join(c for _, _, rows in sections for row in rows for c in row)
     out = [f"Features for FID/KID: {', '.join(sorted({r['features'] for r in table}))}."]
@@ -415,8 +415,8 @@ def _note(table: list[dict], versus: list[dict], sections: list[tuple[str, list[
             "At the run's releases: each image's k releases averaged by an adversary told which they are (an upper "
             "bound)."
         )
-    if not versus:
-        out.append(f"versus_c1.csv has no rows: {stats.no_comparison(table)}.")
+    if why_empty:
+        out.append(f"versus_c1.csv has no rows: {why_empty}.")
     if any(r["who"] == "pooled" for r in table):
         out.append(f"FID/FD {POOLED_FID}.")
     return " ".join(out)
@@ -445,9 +445,9 @@ def _sections(table: list[dict], versus: list[dict]) -> list[tuple[str, list[str
     return out
 
 
-def write_tables(table: list[dict], versus: list[dict], out: str, notes: list[str]) -> str:
+def write_tables(table: list[dict], versus: list[dict], out: str, notes: list[str], why_empty: str) -> str:
     """table.csv, versus_c1.csv and table.md (``notes``: what was left out and why, under
-    its own heading); returns the markdown."""
+    its own heading; ``why_empty``: why ``versus`` has no rows); returns the markdown."""
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, [*COLUMNS, *(f"{key}_seed_std" for key in NUMBERS)])
         w.writeheader()
@@ -457,7 +457,7 @@ def write_tables(table: list[dict], versus: list[dict], out: str, notes: list[st
         w.writeheader()
         w.writerows(versus)
     sections = _sections(table, versus)
-    lines = [_note(table, versus, sections), ""]
+    lines = [_note(table, why_empty, sections), ""]
     for title, header, cells in sections:
         lines += [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in cells]
@@ -478,10 +478,11 @@ def _png(path: str, alt: str) -> str:
 
 
 def write_html(
-    table: list[dict], versus: list[dict], out: str, figures: list[tuple[str, str]], notes: list[str]
+    table: list[dict], versus: list[dict], out: str, figures: list[tuple[str, str]], notes: list[str], why_empty: str
 ) -> str:
     """report.html: one self-contained page (tables, the figures ``[(title, path)]``, every
-    sample grid under ``out``/grids, images embedded) to open in a browser or send by mail."""
+    sample grid under ``out``/grids, images embedded) to open in a browser or send by mail;
+    ``notes`` and ``why_empty`` as in :func:`write_tables`."""
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -493,7 +494,7 @@ def write_html(
         "<h1>collafuse-hpc report</h1>",
     ]
     sections = _sections(table, versus)
-    parts.append(f"<p>{esc(_note(table, versus, sections))}</p>")
+    parts.append(f"<p>{esc(_note(table, why_empty, sections))}</p>")
     for title, path in figures:
         parts += [f"<h2>{esc(title)}</h2>", _png(path, title)]
     for title, header, cells in sections:
