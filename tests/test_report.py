@@ -190,6 +190,7 @@ def test_the_report_of_one_run_says_and_shows_only_what_it_holds(evaluated, tmp_
             assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
 
 
+@pytest.mark.slow  # its run is trained and evaluated (conftest.evaluated_run)
 def test_a_report_with_a_c1_run_and_nothing_to_pair_says_why_versus_c1_is_empty(evaluated, tmp_path, capsys):
     """A study's first finished point is often c = 1: the report of it alone, or beside a
     c < 1 run of another seed, raised KeyError 'seed' (the reason was sought in the rows
@@ -197,8 +198,8 @@ def test_a_report_with_a_c1_run_and_nothing_to_pair_says_why_versus_c1_is_empty(
     alone = _copy(evaluated, tmp_path / "c1-s0", c=1.0)
     other_seed = _copy(evaluated, tmp_path / "c0.25-s1", seed=1)
     for runs, why in (
-        ([alone], "no run with one cut ratio c < 1 for every client has a c = 1 run of its partition and seed"),
-        ([alone, other_seed], "no run with one cut ratio c < 1 for every client has a c = 1 run"),
+        ([alone], "no run to compare with c = 1 (one cut ratio c < 1 for every client, or a federated run)"),
+        ([alone, other_seed], "no run with one cut ratio c < 1 for every client has a c = 1 run of its partition"),
     ):
         done = _report(capsys, *runs, out=tmp_path / f"report{len(runs)}")
         assert done.returncode == 0, done.stderr
@@ -206,6 +207,7 @@ def test_a_report_with_a_c1_run_and_nothing_to_pair_says_why_versus_c1_is_empty(
         page = (tmp_path / f"report{len(runs)}/report.html").read_text()
         assert html.escape(f"versus_c1.csv has no rows: {why}") in page
         assert _rows(tmp_path / f"report{len(runs)}", "versus_c1.csv") == []
+    assert "c = 0.25: seed(s) 1 left out of versus_c1 (no c = 1 run of that partition and seed)" in done.stdout
 
 
 @pytest.mark.slow  # its run is trained and evaluated (conftest.evaluated_run): 20 s on busy cores
@@ -333,26 +335,38 @@ def test_the_tradeoff_figure_draws_one_line_per_condition(tmp_path, monkeypatch)
             "seeds": 1, "features": "classifier"}  # fmt: skip
 
     pooled = [row(p, s, c) for p in ("class", "iid") for s in ("off", "on") for c in (0.2, 0.5)]
+    # a study's c = 1 run beside its labels-shared points: "labels kept" holds c = 1 alone and sorts first
+    pooled += [row("mnist", "off", 1.0), row("mnist", "on", 0.2), row("mnist", "on", 0.5)]
     federated = [row(p, "-", "-", "fedavg") for p in ("class", "iid")]
     shown = []
     monkeypatch.setattr(plt, "close", lambda fig: shown.append(fig))
     assert tradeoff_figure(pooled, str(tmp_path / "tradeoff.png"), federated)
     lines = {bars.get_label(): list(bars.lines[0].get_xdata()) for bars in shown[0].axes[0].containers}
-    assert lines["collaborative (markov, iid, labels shared)"] == [0.2, 0.5] and len(lines) == 8
-    stars = [line.get_label() for line in shown[0].axes[3].lines if line.get_marker() == "*"]
-    assert stars == ["fedavg (class): membership AUC, global model", "fedavg (iid): membership AUC, global model"]
+    assert lines["collaborative (markov, iid, labels shared)"] == [0.2, 0.5] and len(lines) == 12
+    stars = [line for line in shown[0].axes[3].lines if line.get_marker() == "*"]
+    assert [star.get_label() for star in stars] == [
+        "fedavg (class): membership AUC, global model", "fedavg (iid): membership AUC, global model"]  # fmt: skip
     # linkage chance, x_c and the client's training depend on the partition's images: one line
-    # each per partition, named by it, in a colour no condition line has (C3 clashed with the 4th)
+    # each per partition over every c it holds, named by it, in a colour no condition line has
+    # (C3 clashed with the 4th condition; they were drawn for the first condition only)
     axes = shown[0].axes
     twin = [axis for axis in axes if axis not in axes[:4]][0]
-    assert [line.get_label() for line in twin.lines if line.get_label().startswith("linkage chance")] == [
-        "linkage chance (class)", "linkage chance (iid)"]  # fmt: skip
+    chance = {line.get_label(): list(line.get_xdata()) for line in twin.lines if "chance" in line.get_label()}
+    assert chance == {f"linkage chance ({p})": [0.2, 0.5] for p in ("class", "iid")} | {
+        "linkage chance (mnist)": [0.2, 0.5, 1.0]}  # fmt: skip
+    sent = {bars.get_label(): list(bars.lines[0].get_xdata()) for bars in axes[1].containers}
+    assert sent["x_c as sent (mnist)"] == [0.2, 0.5]
     training = [line for line in axes[2].lines if line.get_label().startswith("training")]
-    assert sorted(line.get_label() for line in training) == [
-        "training FLOPs (exact) (class)", "training FLOPs (exact) (iid)",
-        "training time (class)", "training time (iid)"]  # fmt: skip
-    conditions = {line.get_color() for line in axes[2].lines if line.get_label().startswith("sampling FLOPs")}
-    assert len(conditions) == 4 and not conditions & {line.get_color() for line in training}
+    assert sorted(line.get_label() for line in training) == sorted(
+        f"{what} ({p})" for what in ("training FLOPs (exact)", "training time") for p in ("class", "iid", "mnist")
+    )
+    assert [list(line.get_xdata()) for line in axes[2].lines if "ideal" in line.get_label()] == [[0.2, 0.5, 1.0]]
+    from matplotlib.colors import to_hex
+
+    conditions = {to_hex(line.get_color()) for line in axes[2].lines if line.get_label().startswith("sampling FLOPs")}
+    assert len(conditions) == 6 and to_hex("C7") not in conditions  # C7 is grey, as the neutral lines are
+    assert not conditions & {to_hex(line.get_color()) for line in training}
+    assert not conditions & {to_hex(star.get_color()) for star in stars}
 
 
 def test_centralized_training_is_one_method_in_the_methods_figure(tmp_path, monkeypatch):

@@ -19,7 +19,10 @@ DISCLOSED = (
     ("mia_server_auc", "membership AUC, server's model", "^"),
 )
 SHARE_NAMES = {"on": "labels shared", "off": "labels kept"}  # a condition's share, in words
-SHADES = ("black", "dimgrey", "darkgrey")  # per partition, never a condition's colour
+# a condition's colour: matplotlib's cycle without its grey (C7), kept for what depends on the partition alone
+PALETTE = tuple(f"C{k}" for k in range(10) if k != 7)
+# per partition: x_c, linkage chance and the client's training, apart from the conditions' colours by shade and line
+NEUTRAL = (("black", "-"), ("dimgrey", "--"), ("darkgrey", "-."), ("black", ":"))
 
 
 def _errorbar(axis, runs: list[dict], key: str, label: str, **style) -> None:
@@ -80,6 +83,45 @@ def condition_names(rows: list[dict]) -> dict[tuple, str]:
     return names
 
 
+def condition_colours(rows: list[dict]) -> dict[tuple, str]:
+    """{(split, partition, share): its colour}, by the order of :func:`condition_names`, so
+    that one condition has one colour in every figure of a report."""
+    return {cond: PALETTE[i % len(PALETTE)] for i, cond in enumerate(condition_names(rows))}
+
+
+def _first_per_c(rows: list[dict], field: str) -> dict[str, list[dict]]:
+    """{value of ``field``: its rows' first row at each c, by c}: for what does not depend
+    on the other fields (the rows of one c repeat it, bar measured times)."""
+    out: dict[str, dict] = {}
+    for r in sorted((r for r in rows if not isinstance(r["c"], str)), key=lambda r: r["c"]):
+        out.setdefault(r[field], {}).setdefault(r["c"], r)
+    return {value: list(by_c.values()) for value, by_c in sorted(out.items())}
+
+
+def _shared_lines(pooled: list[dict], psnr_axis, rate_axis, compute_axis) -> None:
+    """What depends on a partition's images alone, once per partition over every c its rows
+    hold: x_c's PSNR, the linkage chance, the client's training FLOPs and time; and the
+    client's ideal share of the sampling grid, once per split mode (the reference split
+    hands over later)."""
+    by_split = _first_per_c(pooled, "split")
+    for k, (split, runs) in enumerate(by_split.items()):
+        where = f" ({split})" if len(by_split) > 1 else ""
+        compute_axis.plot([r["c"] for r in runs], [r["sampling_ideal_ratio"] for r in runs], color="grey",
+                          linestyle=("--", ":", "-.")[k % 3], label=f"sampling, ideal{where}")  # fmt: skip
+    by_partition = _first_per_c(pooled, "partition")
+    for k, (partition, runs) in enumerate(by_partition.items()):
+        sent = [r for r in runs if r["c"] < 1]
+        where = f" ({partition})" if len(by_partition) > 1 else ""
+        color, line = NEUTRAL[k % len(NEUTRAL)]
+        _errorbar(psnr_axis, sent, "psnr_x_c_db", f"x_c as sent{where}", color=color, marker=".", linestyle=line)
+        rate_axis.plot([r["c"] for r in runs], [r["chance_top1"] for r in runs], color=color, linestyle=line,
+                       linewidth=0.8, label=f"linkage chance{where}")  # fmt: skip
+        for key, label, marker in (("train_flops_ratio", "training FLOPs (exact)", "^"),
+                                   ("train_time_ratio", "training time", "v")):  # fmt: skip
+            compute_axis.plot([r["c"] for r in runs], [r[key] for r in runs], color=color, marker=marker,
+                              linestyle=line, label=f"{label}{where}")  # fmt: skip
+
+
 def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -> bool:
     """Four panels, one line per condition (split mode, and partition and labels shared
     where the rows hold several: :func:`condition_names`) with error bars over seeds: over c, quality
@@ -94,12 +136,11 @@ def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -
     fig, ax = plt.subplots(1, 4, figsize=(21, 4.6))
     twin = ax[1].twinx()
     names = condition_names(pooled)
-    several = len({partition for _, partition, _ in names}) > 1
-    shades: dict[str, str] = {}  # partition: the colour of what depends on its images alone
-    for i, (condition, split) in enumerate(names.items()):  # split: the condition's name in the legends
+    colours = condition_colours(pooled)
+    for condition, split in names.items():  # split: the condition's name in the legends
         runs = [r for r in pooled if (r["split"], r["partition"], r["share"]) == condition]
         runs = sorted((r for r in runs if not isinstance(r["c"], str)), key=lambda r: r["c"])
-        cs, color = [r["c"] for r in runs], f"C{i}"
+        cs, color = [r["c"] for r in runs], colours[condition]
         _errorbar(ax[0], runs, "fid_collaborative", f"collaborative ({split})", color=color, marker="o")
         _errorbar(ax[0], runs, "fid_client_alone", f"client alone ({split})", color=color, marker="x", linestyle="--")
         _errorbar(
@@ -123,19 +164,7 @@ def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -
             linestyle=":",
             label=f"sampling time ({split})",
         )
-        if i == 0:
-            ax[2].plot(
-                cs, [r["sampling_ideal_ratio"] for r in runs], color="grey", linestyle="--", label="sampling, ideal (c)"
-            )
-        if condition[1] not in shades:  # x_c, its linkage chance and the client's training depend on the images only
-            shade = shades[condition[1]] = SHADES[len(shades) % len(SHADES)]
-            where = f" ({condition[1]})" if several else ""
-            _errorbar(ax[1], sent, "psnr_x_c_db", f"x_c as sent{where}", color=shade, marker=".")
-            twin.plot(cs, [r["chance_top1"] for r in runs], color=shade, linewidth=0.8, label=f"linkage chance{where}")
-            ax[2].plot(cs, [r["train_flops_ratio"] for r in runs], color=shade, marker="^",
-                       label=f"training FLOPs (exact){where}")  # fmt: skip
-            ax[2].plot(cs, [r["train_time_ratio"] for r in runs], color=shade, marker="v", linestyle=":",
-                       label=f"training time{where}")  # fmt: skip
+    _shared_lines(pooled, ax[1], twin, ax[2])
     ax[0].set(xlabel="cut ratio c (share of steps on the client)", ylabel=f"FID ({pooled[0]['features']})")
     ax[0].set_title("quality, pooled over clients (lower is better)")
     ax[0].legend(fontsize=7)
@@ -147,7 +176,8 @@ def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -
     ax[2].set_title("client compute, mean over clients")
     ax[2].legend(fontsize=7)
     for j, (label, auc, fid) in enumerate(federated_points(federated)):
-        ax[3].plot([auc], [fid], marker="*", markersize=11, linestyle="", color=f"C{(len(names) + j) % 10}",
+        color = PALETTE[(len(names) + j) % len(PALETTE)]
+        ax[3].plot([auc], [fid], marker="*", markersize=11, linestyle="", color=color,
                    label=f"{label}: membership AUC, global model")  # fmt: skip
     ax[3].set(xlabel="disclosure (rate or AUC; 0.5 AUC: chance)", ylabel=ax[0].get_ylabel())
     ax[3].set_title("quality against disclosure, pooled (split: c < 1)")
@@ -220,9 +250,10 @@ def conditions_figure(table: list[dict], path: str) -> bool:
         return False
     key, name = personalization(rows)
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.6))
-    for i, (cond, label) in enumerate(condition_names(rows).items()):
+    colours = condition_colours([r for r in table if r["who"] == "pooled"])  # as in the trade-off figure
+    for cond, label in condition_names(rows).items():
         runs = sorted((r for r in rows if (r["split"], r["partition"], r["share"]) == cond), key=lambda r: r["c"])
-        color = f"C{i}"
+        color = colours[cond]
         for axis, shown in ((ax[0], key), (ax[1], "fid_collaborative")):
             err = [_spread(r, shown) for r in runs]
             axis.errorbar([r["c"] for r in runs], [r[shown] for r in runs], yerr=np.array(err).T, capsize=3,

@@ -59,7 +59,7 @@ def _pairs(table: list[dict]) -> tuple[dict[tuple, list[tuple[dict, dict]]], dic
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
     unpaired: dict[tuple, list] = {}
     for r in table:
-        if _alone(r) or (r["method"] == "split" and isinstance(r["c"], str)):
+        if not _point(r):
             continue
         point = (r["method"], r["split"], r["partition"], r["share"], r["c"], r["who"])
         base = baseline.get((r["partition"], r["seed"], r["who"]))
@@ -68,6 +68,12 @@ def _pairs(table: list[dict]) -> tuple[dict[tuple, list[tuple[dict, dict]]], dic
         else:
             groups.setdefault(point, []).append((r, base))
     return groups, unpaired
+
+
+def _point(row: dict) -> bool:
+    """A run compared with c = 1: a split run with one cut c < 1 for every client, or a
+    federated run."""
+    return not _alone(row) and not (row["method"] == "split" and isinstance(row["c"], str))
 
 
 def _alone(row: dict) -> bool:
@@ -90,9 +96,12 @@ def unpaired_seeds(table: list[dict]) -> list[str]:
 
 
 def no_comparison(table: list[dict]) -> str:
-    """Why :func:`versus_baseline` has no row for ``table``."""
+    """Why :func:`versus_baseline` has no row for ``table``: each run's rows, with their
+    seeds (not aggregate()'s)."""
     if not any(_alone(r) for r in table):
         return "no run at c = 1 (each client training alone) to compare with"
+    if not any(_point(r) for r in table):
+        return "no run to compare with c = 1 (one cut ratio c < 1 for every client, or a federated run)"
     if not _pairs(table)[0]:
         return "no run with one cut ratio c < 1 for every client has a c = 1 run of its partition and seed"
     return f"no compared metric ({', '.join(COMPARED)}) has a value in both runs of a pair"
