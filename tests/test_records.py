@@ -346,6 +346,7 @@ def test_inspect_says_the_steps_each_side_sampled_and_no_loss_a_cut_never_trains
     assert sampled_steps(10, None, {}) == "sampling_steps 10"  # a file without the cut: the setting as given
 
 
+@pytest.mark.slow  # three invocations of a run: 7 to 11 s on busy cores, over the fast tier's 10 s
 @pytest.mark.parametrize("method", ["split", "federated"])
 def test_a_stopped_invocation_counts_in_the_runs_summary_and_its_record_is_finished(tmp_path, shards, method):
     """A stop (SIGTERM, SLURM's preemption) after round 2 writes the checkpoint set and
