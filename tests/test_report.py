@@ -199,7 +199,7 @@ def test_a_report_with_a_c1_run_and_nothing_to_pair_says_why_versus_c1_is_empty(
     other_seed = _copy(evaluated, tmp_path / "c0.25-s1", seed=1)
     for runs, why in (
         ([alone], "no run to compare with c = 1 (one cut ratio c < 1 for every client, or a federated run)"),
-        ([alone, other_seed], "no run with one cut ratio c < 1 for every client has a c = 1 run of its partition"),
+        ([alone, other_seed], "no run compared with c = 1 has a c = 1 run of its partition and seed"),
     ):
         done = _report(capsys, *runs, out=tmp_path / f"report{len(runs)}")
         assert done.returncode == 0, done.stderr
@@ -337,6 +337,8 @@ def test_the_tradeoff_figure_draws_one_line_per_condition(tmp_path, monkeypatch)
     pooled = [row(p, s, c) for p in ("class", "iid") for s in ("off", "on") for c in (0.2, 0.5)]
     # a study's c = 1 run beside its labels-shared points: "labels kept" holds c = 1 alone and sorts first
     pooled += [row("mnist", "off", 1.0), row("mnist", "on", 0.2), row("mnist", "on", 0.5)]
+    for r in pooled[-3:]:  # each partition is scored by its own classifier
+        r["features"] = "classifier (mnist)"
     federated = [row(p, "-", "-", "fedavg") for p in ("class", "iid")]
     shown = []
     monkeypatch.setattr(plt, "close", lambda fig: shown.append(fig))
@@ -367,6 +369,7 @@ def test_the_tradeoff_figure_draws_one_line_per_condition(tmp_path, monkeypatch)
     assert len(conditions) == 6 and to_hex("C7") not in conditions  # C7 is grey, as the neutral lines are
     assert not conditions & {to_hex(line.get_color()) for line in training}
     assert not conditions & {to_hex(star.get_color()) for star in stars}
+    assert axes[0].get_ylabel() == "FD (each partition's own features: compare within a partition)"  # not the first's
 
 
 def test_centralized_training_is_one_method_in_the_methods_figure(tmp_path, monkeypatch):

@@ -165,7 +165,7 @@ def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -
             label=f"sampling time ({split})",
         )
     _shared_lines(pooled, ax[1], twin, ax[2])
-    ax[0].set(xlabel="cut ratio c (share of steps on the client)", ylabel=f"FID ({pooled[0]['features']})")
+    ax[0].set(xlabel="cut ratio c (share of steps on the client)", ylabel=fd_label(pooled))
     ax[0].set_title("quality, pooled over clients (lower is better)")
     ax[0].legend(fontsize=7)
     ax[1].set(xlabel="cut ratio c", ylabel="PSNR against x_0 (dB)")

@@ -103,7 +103,7 @@ def no_comparison(table: list[dict]) -> str:
     if not any(_point(r) for r in table):
         return "no run to compare with c = 1 (one cut ratio c < 1 for every client, or a federated run)"
     if not _pairs(table)[0]:
-        return "no run with one cut ratio c < 1 for every client has a c = 1 run of its partition and seed"
+        return "no run compared with c = 1 has a c = 1 run of its partition and seed"
     return f"no compared metric ({', '.join(COMPARED)}) has a value in both runs of a pair"
 
 
