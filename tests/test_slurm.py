@@ -64,9 +64,11 @@ def _config(tmp_path, shards, rounds, fault=None, **run):
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 
 
-def _submit_train(tmp_path: Path, cfg: str, out: Path, env: dict[str, str] | None = None) -> str:
-    """jobs/train.sbatch on both nodes (1 server + 2 clients), with ``env`` added to the job's
-    environment; returns the job id."""
+def _submit_train(
+    tmp_path: Path, cfg: str, out: Path, env: dict[str, str] | None = None, script: str = "jobs/train.sbatch"
+) -> str:
+    """jobs/train.sbatch (or ``script``) on both nodes (1 server + 2 clients), with ``env`` added
+    to the job's environment; returns the job id."""
     return _run(
         "sbatch",
         "--parsable",
@@ -76,7 +78,7 @@ def _submit_train(tmp_path: Path, cfg: str, out: Path, env: dict[str, str] | Non
         "--ntasks-per-node=2",
         f"--output={tmp_path}/job.out",
         ",".join(["--export=ALL", f"OUTPUT_DIR={out}", *(f"{k}={v}" for k, v in (env or {}).items())]),
-        "jobs/train.sbatch",
+        script,
         cfg,
     ).strip()
 
@@ -207,6 +209,36 @@ def test_usr1_before_a_slow_rank_catches_it_requeues(tmp_path, shards):
     assert re.search(r"died of SIG(USR1|TERM) while it was still starting", log), log[-3000:]
     assert "requeueing job" in log, log[-3000:]
     assert not (tmp_path / "out/results.h5").exists()
+
+
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_a_stop_while_the_batch_script_still_prepares_stops_it_cleanly(tmp_path, shards, sig):
+    """A stop while the script still runs its cluster-specific lines (a slow module load; a
+    --time shorter than --signal's lead) killed the script before it set its traps: no requeue,
+    no exit 75. Now no job step starts; USR1 requeues the job, TERM ends it with 75."""
+    train = (ROOT / "jobs/train.sbatch").read_text()
+    module_line = "# module load cuda/12.4 python/3.11   # cluster specific"
+    assert module_line in train  # the line a user edits for their cluster
+    script = tmp_path / "train.sbatch"
+    script.write_text(train.replace(module_line, f"touch {tmp_path}/preparing; sleep 8  # a slow module load"))
+    cfg = _config(tmp_path, shards, rounds=4)
+    jid = _submit_train(tmp_path, cfg, tmp_path / "out", script=str(script))
+    until(lambda: (tmp_path / "preparing").exists(), 120, "the batch script's module line")
+    _run("scancel", "--batch", f"--signal={sig}", jid)
+    try:
+        if sig == "USR1":
+            until(lambda: _job(jid).get("Restarts") == "1", 60, "the requeue")
+        else:
+            info = _wait(jid, FINAL, timeout=60)
+    finally:
+        log = (tmp_path / "job.out").read_text()
+        _run("scancel", jid)  # the requeued job would prepare again: what matters is the requeue
+    assert f"{sig} before the job step started: no step starts" in log, log[-3000:]
+    if sig == "USR1":
+        assert "requeueing job" in log, log[-3000:]
+    else:
+        assert info["ExitCode"] == "75:0" and "not requeued (stopped by TERM/INT)" in log, log[-3000:]
+    assert not (tmp_path / "out").exists()  # no step started: nothing was written
 
 
 def test_heterogeneous_job_server_component_and_client_component(tmp_path, shards):
