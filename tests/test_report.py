@@ -366,10 +366,57 @@ def test_the_tradeoff_figure_draws_one_line_per_condition(tmp_path, monkeypatch)
     from matplotlib.colors import to_hex
 
     conditions = {to_hex(line.get_color()) for line in axes[2].lines if line.get_label().startswith("sampling FLOPs")}
-    assert len(conditions) == 6 and to_hex("C7") not in conditions  # C7 is grey, as the neutral lines are
+    assert len(conditions) == 6
     assert not conditions & {to_hex(line.get_color()) for line in training}
     assert not conditions & {to_hex(star.get_color()) for star in stars}
     assert axes[0].get_ylabel() == "FD (each partition's own features: compare within a partition)"  # not the first's
+
+
+def test_a_condition_has_one_colour_in_every_figure_and_none_is_the_neutral_grey(tmp_path, monkeypatch):
+    """Eight conditions (two split modes, partitions and shares), one without class fidelity,
+    and a FedAvg point: the trade-off and conditions figures give each condition the same
+    colour (the conditions figure leaves that one out), eight colours and
+    none of them matplotlib's grey C7, the colour of the partition lines (the 8th condition
+    took it, and the two figures numbered conditions over differently filtered rows); the
+    FedAvg star has a colour of its own; the ideal sampling share is one line per split mode."""
+    pytest.importorskip("matplotlib")
+    import math
+
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from collafuse_hpc.report.figures import conditions_figure, tradeoff_figure
+    from collafuse_hpc.report.tables import COLUMNS
+
+    def row(split: str, partition: str, share: str, c, who: str = "pooled", method: str = "split") -> dict:
+        numbers = {key: 0.5 for key in COLUMNS if key not in ("method", "split", "partition", "share", "c", "who")}
+        return {f"{key}_seed_std": math.nan for key in COLUMNS} | numbers | {
+            "method": method, "split": split, "partition": partition, "share": share, "c": c, "who": who,
+            "seeds": 1, "features": "classifier"}  # fmt: skip
+
+    splits, partitions, shares = ("markov", "reference"), ("class", "iid"), ("off", "on")
+    kinds = [(split, p, share) for split in splits for p in partitions for share in shares]
+    table = [row(*kind, c, who) for kind in kinds for c in (0.2, 0.5) for who in ("pooled", "c0")]
+    for r in table[:4]:  # a condition without class fidelity (older runs): left out of the conditions figure
+        r["fidelity"] = math.nan
+    pooled = [r for r in table if r["who"] == "pooled"]
+    shown = []
+    monkeypatch.setattr(plt, "close", lambda fig: shown.append(fig))
+    assert tradeoff_figure(pooled, str(tmp_path / "tradeoff.png"), [row("-", "class", "-", "-", method="fedavg")])
+    assert conditions_figure(table, str(tmp_path / "conditions.png"))
+    tradeoff, conditions = shown
+    in_tradeoff = {
+        line.get_label().removeprefix("sampling FLOPs (").removesuffix(")"): to_hex(line.get_color())
+        for line in tradeoff.axes[2].lines
+        if line.get_label().startswith("sampling FLOPs")
+    }
+    in_conditions = {bars.get_label(): to_hex(bars.lines[0].get_color()) for bars in conditions.axes[0].containers}
+    assert len(in_tradeoff) == 8 and len(in_conditions) == 7 and in_conditions.items() <= in_tradeoff.items()
+    assert len(set(in_tradeoff.values())) == 8 and to_hex("C7") not in in_tradeoff.values()
+    (star,) = [line for line in tradeoff.axes[3].lines if line.get_marker() == "*"]
+    assert to_hex(star.get_color()) not in in_tradeoff.values()
+    ideal = sorted(line.get_label() for line in tradeoff.axes[2].lines if "ideal" in line.get_label())
+    assert ideal == ["sampling, ideal (markov)", "sampling, ideal (reference)"]
 
 
 def test_centralized_training_is_one_method_in_the_methods_figure(tmp_path, monkeypatch):
