@@ -10,8 +10,10 @@
 #     requeued with scontrol. TERM to the script is forwarded the same way, without
 #     the requeue (scancel without --signal reaches the ranks directly). A rank that
 #     dies of the forwarded signal while still starting is exit 75 too (jobs/stop.sh).
-#   - A stop that comes before the step starts (a short --time, a slow module load) is
-#     not the script's death: no step starts, and the job is requeued (USR1) or exits 75.
+#   - A stop that comes before the step starts (a slow module load) is not the script's
+#     death: no step starts, and the job is requeued (USR1) or exits 75. A requeued job
+#     stopped again before anything was trained (a --time shorter than --signal's lead) is
+#     not requeued again: it would loop.
 # SRUN_ARGS (an array, optional) adds options to srun, e.g. (--het-group=0,1).
 
 # The rendezvous store is unauthenticated: keep it on the cluster's internal
@@ -23,25 +25,25 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 VENV=${VENV:-.venv}
 source "$(dirname "${BASH_SOURCE[0]}")/stop.sh"
 
-collafuse_stopped=""  # the stop signal's name once one came
+collafuse_stopped=""  # the stop's name (USR1, TERM) once one came; the ranks get it
 collafuse_requeue=1
-collafuse_launched=""  # set just before srun starts the job step
 
-# collafuse_stop SIGNAL: forward a stop to the ranks if they run; remember it either way
+# collafuse_stop SIGNAL: remember a stop; collafuse_run forwards it to the ranks
 collafuse_stop() {
+  echo "collafuse: got $1 (restart ${SLURM_RESTART_COUNT:-0})"
   collafuse_stopped=$1
-  if [ "$1" = TERM ]; then
-    collafuse_requeue=0  # TERM or INT to this script alone (scancel --batch, a job killed from outside)
-  fi
-  if [ -z "$collafuse_launched" ]; then
-    echo "collafuse: $1 before the job step started: no step starts"
-    return
-  fi
-  echo "collafuse: $1, ranks stop at the next round boundary"
-  scancel --signal="$1" "$SLURM_JOB_ID"
+  [ "$1" = USR1 ] || collafuse_requeue=0  # TERM or INT to this script alone (scancel --batch, a job killed from outside)
 }
 trap 'collafuse_stop USR1' USR1
 trap 'collafuse_stop TERM' TERM INT  # the ranks stop on TERM (INT is what a terminal sends)
+
+# collafuse_forward: send the stop to the job step's tasks; true when the step exists (a
+# signal sent while srun still creates it reaches nothing: it is sent until the step has
+# been seen twice, a second apart)
+collafuse_forward() {
+  scancel --signal="$collafuse_stopped" "$SLURM_JOB_ID"
+  squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -q '\.[0-9]'
+}
 
 collafuse_run() {
   local config=$1
@@ -52,19 +54,31 @@ collafuse_run() {
   echo "collafuse: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST -> $out"
   local rc=75
   if [ -z "$collafuse_stopped" ]; then
-    collafuse_launched=1
     srun --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" "$VENV/bin/python" -m collafuse_hpc train "$config" \
       --set "run.output_dir=$out" "${resume[@]}" "$@" &
-    local step=$!
-    rc=0
-    wait "$step" || rc=$?
-    while kill -0 "$step" 2>/dev/null; do  # wait returns early when a trap runs
-      rc=0
-      wait "$step" || rc=$?
+    local step=$! sent=0 seen=0
+    while kill -0 "$step" 2>/dev/null; do
+      if [ -n "$collafuse_stopped" ] && [ "$seen" -lt 2 ]; then
+        [ "$sent" -gt 0 ] || echo "collafuse: $collafuse_stopped, ranks stop at the next round boundary"
+        sent=$((sent + 1))
+        if collafuse_forward; then seen=$((seen + 1)); fi
+        sleep 1
+      else
+        wait "$step"  # until the step ends, or a trap runs
+      fi
     done
+    rc=0
+    wait "$step" || rc=$?  # the step's own status (a wait a trap cut short gave 128 + its signal)
     [ -z "$collafuse_stopped" ] || rc=$(stop_status "$rc")
+  else
+    echo "collafuse: $collafuse_stopped before the job step started: no step starts"
   fi
-  if [ "$rc" -eq 75 ] && [ "$collafuse_requeue" -eq 1 ]; then
+  if [ "$rc" -eq 75 ] && [ "$collafuse_requeue" -eq 1 ] && [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] &&
+    [ ! -f "$out/results.h5" ]; then
+    echo "collafuse: stopped (exit 75) before anything was trained, in this job and in its requeue: not" \
+      "requeued again (it would repeat); if the job's --time is not longer than --signal's lead" \
+      "(B:USR1@120 s) and its start, raise --time; else submit again"
+  elif [ "$rc" -eq 75 ] && [ "$collafuse_requeue" -eq 1 ]; then
     echo "collafuse: stopped (exit 75), requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
   elif [ "$rc" -eq 75 ]; then

@@ -211,34 +211,86 @@ def test_usr1_before_a_slow_rank_catches_it_requeues(tmp_path, shards):
     assert not (tmp_path / "out/results.h5").exists()
 
 
-@pytest.mark.parametrize("sig", ["USR1", "TERM"])
-def test_a_stop_while_the_batch_script_still_prepares_stops_it_cleanly(tmp_path, shards, sig):
-    """A stop while the script still runs its cluster-specific lines (a slow module load; a
-    --time shorter than --signal's lead) killed the script before it set its traps: no requeue,
-    no exit 75. Now no job step starts; USR1 requeues the job, TERM ends it with 75."""
+def _log_has(tmp_path: Path, text: str, count: int = 1) -> bool:
+    return (tmp_path / "job.out").exists() and (tmp_path / "job.out").read_text().count(text) >= count
+
+
+def _slow_module_line(tmp_path: Path) -> str:
+    """jobs/train.sbatch with its module line made slow: it makes preparing-<restart> in
+    ``tmp_path`` and waits for go-<restart> there; returns the script's path."""
     train = (ROOT / "jobs/train.sbatch").read_text()
     module_line = "# module load cuda/12.4 python/3.11   # cluster specific"
     assert module_line in train  # the line a user edits for their cluster
+    n = "${SLURM_RESTART_COUNT:-0}"
+    wait = f"touch {tmp_path}/preparing-{n}; until [ -e {tmp_path}/go-{n} ]; do sleep 0.2; done"
     script = tmp_path / "train.sbatch"
-    script.write_text(train.replace(module_line, f"touch {tmp_path}/preparing; sleep 8  # a slow module load"))
-    cfg = _config(tmp_path, shards, rounds=4)
-    jid = _submit_train(tmp_path, cfg, tmp_path / "out", script=str(script))
-    until(lambda: (tmp_path / "preparing").exists(), 120, "the batch script's module line")
+    script.write_text(train.replace(module_line, wait))
+    return str(script)
+
+
+def _stop_while_preparing(tmp_path: Path, jid: str, sig: str, restart: int) -> None:
+    until(lambda: (tmp_path / f"preparing-{restart}").exists(), 120, f"the module line of restart {restart}")
     _run("scancel", "--batch", f"--signal={sig}", jid)
+    until(lambda: _log_has(tmp_path, f"got {sig} (restart {restart})"), 60, f"the script's trap of {sig}")
+    (tmp_path / f"go-{restart}").touch()
+
+
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_a_stop_while_the_batch_script_still_prepares_stops_it_cleanly(tmp_path, shards, sig):
+    """A stop while the script still runs its cluster-specific lines (a slow module load)
+    killed the script before it set its traps: no requeue, no exit 75. Now no job step
+    starts; USR1 requeues the job, TERM ends it with 75. A requeued job stopped again before
+    anything was trained (a --time shorter than --signal's lead) is not requeued again: it
+    looped."""
+    jid = _submit_train(
+        tmp_path, _config(tmp_path, shards, rounds=4), tmp_path / "out", script=_slow_module_line(tmp_path)
+    )
     try:
+        _stop_while_preparing(tmp_path, jid, sig, 0)
         if sig == "USR1":
             until(lambda: _job(jid).get("Restarts") == "1", 60, "the requeue")
-        else:
-            info = _wait(jid, FINAL, timeout=60)
+            _stop_while_preparing(tmp_path, jid, sig, 1)
+        info = _wait(jid, FINAL, timeout=60)
     finally:
         log = (tmp_path / "job.out").read_text()
-        _run("scancel", jid)  # the requeued job would prepare again: what matters is the requeue
-    assert f"{sig} before the job step started: no step starts" in log, log[-3000:]
+        _run("scancel", jid)
+    assert info["ExitCode"] == "75:0", log[-3000:]
+    assert log.count(f"{sig} before the job step started: no step starts") == (2 if sig == "USR1" else 1), log
     if sig == "USR1":
-        assert "requeueing job" in log, log[-3000:]
+        assert "requeueing job" in log and "not requeued again (it would repeat)" in log, log[-3000:]
+        assert info["Restarts"] == "1"
     else:
-        assert info["ExitCode"] == "75:0" and "not requeued (stopped by TERM/INT)" in log, log[-3000:]
+        assert "not requeued (stopped by TERM/INT)" in log and info["Restarts"] == "0", log[-3000:]
     assert not (tmp_path / "out").exists()  # no step started: nothing was written
+
+
+def test_a_stop_while_srun_still_creates_the_step_reaches_the_ranks(tmp_path, shards):
+    """USR1 forwarded while srun still created the job step (busy nodes, a slow controller)
+    went to a job without a step and reached no rank: the job trained on to its time limit,
+    unrequeued. The script sends it again until the step exists: the ranks stop (at a round
+    boundary, before training, or die while starting: exit 75 each) and the job is requeued."""
+    real = shutil.which("srun")
+    wrapper = tmp_path / "bin/srun"
+    wrapper.parent.mkdir()
+    wrapper.write_text(
+        f"#!/usr/bin/env bash\ntouch {tmp_path}/srun-called\n"
+        f'until [ -e {tmp_path}/go-srun ]; do sleep 0.2; done\nexec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    path = {"PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
+    jid = _submit_train(tmp_path, _config(tmp_path, shards, rounds=400), tmp_path / "out", path)
+    try:
+        until(lambda: (tmp_path / "srun-called").exists(), 120, "srun")
+        _run("scancel", "--batch", "--signal=USR1", jid)
+        until(lambda: _log_has(tmp_path, "got USR1 (restart 0)"), 60, "the script's trap of USR1")
+        (tmp_path / "go-srun").touch()
+        until(lambda: _job(jid).get("Restarts") == "1", 120, "the requeue")
+    finally:
+        log = (tmp_path / "job.out").read_text()
+        _run("scancel", jid)  # what matters is the stop and the requeue
+    assert "USR1, ranks stop at the next round boundary" in log and "requeueing job" in log, log[-3000:]
+    stopped = r"stopped by SIGUSR1 (after round|before training)|died of SIGUSR1 while it was still starting"
+    assert re.search(stopped, log), log[-3000:]
 
 
 def test_heterogeneous_job_server_component_and_client_component(tmp_path, shards):
