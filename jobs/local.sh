@@ -44,11 +44,10 @@ set -m
 launcher=$!
 set +m
 [ -z "$stopped" ] || kill -USR1 "$launcher" 2>/dev/null || true
-rc=0
-wait "$launcher" || rc=$?
-while kill -0 "$launcher" 2>/dev/null; do  # wait returns early when a trap runs
-  rc=0
-  wait "$launcher" || rc=$?
+while kill -0 "$launcher" 2>/dev/null; do
+  wait "$launcher" || true  # until mpirun ends, or a trap runs
 done
+rc=0
+wait "$launcher" || rc=$?  # mpirun's own status (a wait a trap cut short gave 128 + its signal)
 [ -z "$stopped" ] || rc=$(stop_status "$rc")
 exit "$rc"
