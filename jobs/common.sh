@@ -8,12 +8,14 @@
 #   - USR1 (from --signal=B:USR1@120) is forwarded to every rank, which stop at
 #     the next round boundary with a checkpoint set and exit 75; the job is then
 #     requeued with scontrol. TERM to the script is forwarded the same way, without
-#     the requeue (scancel without --signal reaches the ranks directly). A rank that
-#     dies of the forwarded signal while still starting is exit 75 too (jobs/stop.sh).
+#     the requeue (scancel without --signal reaches the ranks directly); a TERM after a
+#     forwarded USR1 only cancels the requeue. A rank that dies of the forwarded signal
+#     while still starting is exit 75 too (jobs/stop.sh). A stop sent while srun still
+#     creates the step (named collafuse-train) is sent again until squeue shows the step.
 #   - A stop that comes before the step starts (a slow module load) is not the script's
 #     death: no step starts, and the job is requeued (USR1) or exits 75. A requeued job
-#     stopped again before anything was trained (a --time shorter than --signal's lead) is
-#     not requeued again: it would loop.
+#     stopped again before it trained a round (no newer checkpoint set; a --time not longer
+#     than --signal's lead) is not requeued again: it could loop.
 # SRUN_ARGS (an array, optional) adds options to srun, e.g. (--het-group=0,1).
 
 # The rendezvous store is unauthenticated: keep it on the cluster's internal
@@ -37,12 +39,20 @@ collafuse_stop() {
 trap 'collafuse_stop USR1' USR1
 trap 'collafuse_stop TERM' TERM INT  # the ranks stop on TERM (INT is what a terminal sends)
 
-# collafuse_forward: send the stop to the job step's tasks; true when the step exists (a
+# collafuse_forward: send the stop to the job's steps; true when the training step exists (a
 # signal sent while srun still creates it reaches nothing: it is sent until the step has
 # been seen twice, a second apart)
 collafuse_forward() {
   scancel --signal="$collafuse_stopped" "$SLURM_JOB_ID"
-  squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -q '\.[0-9]'
+  squeue -h -s -j "$SLURM_JOB_ID" -o %j 2>/dev/null | grep -qx collafuse-train
+}
+
+# collafuse_newest_set DIR: the round of DIR's newest complete checkpoint set (-1: none); a
+# stopped step that trained wrote one
+collafuse_newest_set() {
+  "$VENV/bin/python" -c 'import sys
+from collafuse_hpc.runtime.checkpoint import complete_rounds
+print((complete_rounds(sys.argv[1]) or [-1])[-1])' "$1" 2>/dev/null || echo -1
 }
 
 collafuse_run() {
@@ -52,9 +62,10 @@ collafuse_run() {
   local resume=()
   [ -f "$out/results.h5" ] && resume=(--resume=auto)
   echo "collafuse: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST -> $out"
-  local rc=75
+  local rc=75 before=""
+  [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ] || before=$(collafuse_newest_set "$out")
   if [ -z "$collafuse_stopped" ]; then
-    srun --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" "$VENV/bin/python" -m collafuse_hpc train "$config" \
+    srun --job-name=collafuse-train --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" "$VENV/bin/python" -m collafuse_hpc train "$config" \
       --set "run.output_dir=$out" "${resume[@]}" "$@" &
     local step=$! sent=0 seen=0
     while kill -0 "$step" 2>/dev/null; do
@@ -73,11 +84,11 @@ collafuse_run() {
   else
     echo "collafuse: $collafuse_stopped before the job step started: no step starts"
   fi
-  if [ "$rc" -eq 75 ] && [ "$collafuse_requeue" -eq 1 ] && [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] &&
-    [ ! -f "$out/results.h5" ]; then
-    echo "collafuse: stopped (exit 75) before anything was trained, in this job and in its requeue: not" \
-      "requeued again (it would repeat); if the job's --time is not longer than --signal's lead" \
-      "(B:USR1@120 s) and its start, raise --time; else submit again"
+  if [ "$rc" -eq 75 ] && [ "$collafuse_requeue" -eq 1 ] && [ -n "$before" ] &&
+    [ "$(collafuse_newest_set "$out")" = "$before" ]; then
+    echo "collafuse: stopped (exit 75) again after a requeue, before this allocation trained a round:" \
+      "not requeued again, which could repeat without end; if the job's --time is not longer than" \
+      "--signal's lead (B:USR1@<seconds>) and its start, raise --time; else submit the same job again"
   elif [ "$rc" -eq 75 ] && [ "$collafuse_requeue" -eq 1 ]; then
     echo "collafuse: stopped (exit 75), requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"

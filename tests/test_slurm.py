@@ -228,6 +228,13 @@ def _slow_module_line(tmp_path: Path) -> str:
     return str(script)
 
 
+def _start_now(jid: str) -> None:
+    """Skip SLURM's requeue hold-off (up to 2 minutes) of a requeued job that still waits."""
+    time.sleep(3)  # not in the requeue's second: slurmd refuses a credential no newer than the revoked one
+    if _job(jid)["JobState"] == "PENDING":
+        subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True, timeout=60)
+
+
 def _stop_while_preparing(tmp_path: Path, jid: str, sig: str, restart: int) -> None:
     until(lambda: (tmp_path / f"preparing-{restart}").exists(), 120, f"the module line of restart {restart}")
     _run("scancel", "--batch", f"--signal={sig}", jid)
@@ -249,6 +256,7 @@ def test_a_stop_while_the_batch_script_still_prepares_stops_it_cleanly(tmp_path,
         _stop_while_preparing(tmp_path, jid, sig, 0)
         if sig == "USR1":
             until(lambda: _job(jid).get("Restarts") == "1", 60, "the requeue")
+            _start_now(jid)
             _stop_while_preparing(tmp_path, jid, sig, 1)
         info = _wait(jid, FINAL, timeout=60)
     finally:
@@ -257,11 +265,31 @@ def test_a_stop_while_the_batch_script_still_prepares_stops_it_cleanly(tmp_path,
     assert info["ExitCode"] == "75:0", log[-3000:]
     assert log.count(f"{sig} before the job step started: no step starts") == (2 if sig == "USR1" else 1), log
     if sig == "USR1":
-        assert "requeueing job" in log and "not requeued again (it would repeat)" in log, log[-3000:]
+        assert "requeueing job" in log and "not requeued again, which could repeat" in log, log[-3000:]
         assert info["Restarts"] == "1"
     else:
         assert "not requeued (stopped by TERM/INT)" in log and info["Restarts"] == "0", log[-3000:]
     assert not (tmp_path / "out").exists()  # no step started: nothing was written
+
+
+def test_a_requeued_job_that_trained_is_requeued_again_at_its_next_stop(tmp_path, shards):
+    """The rule that ends a requeue loop (a requeued job stopped again before its allocation
+    trained a round) must not refuse a job that did train: USR1, requeue, train on, USR1
+    again: requeued a second time, and each allocation left a newer checkpoint set."""
+    jid, out = _train_running(tmp_path, shards, 100_000, log_every=1, checkpoint_every=0)
+    try:
+        _run("scancel", "--batch", "--signal=USR1", jid)
+        until(lambda: _job(jid).get("Restarts") == "1", 120, "the first requeue")
+        first = checkpoint.complete_rounds(str(out))[-1]
+        _start_now(jid)
+        wait_for_rounds(out / "parts/server_0.h5", first + 4, timeout=240)
+        _run("scancel", "--batch", "--signal=USR1", jid)
+        until(lambda: _job(jid).get("Restarts") == "2", 120, "the second requeue")
+    finally:
+        log = (tmp_path / "job.out").read_text()
+        _run("scancel", jid)
+    assert "not requeued again" not in log and log.count("requeueing job") == 2, log[-3000:]
+    assert checkpoint.complete_rounds(str(out))[-1] > first
 
 
 def test_a_stop_while_srun_still_creates_the_step_reaches_the_ranks(tmp_path, shards):
@@ -289,7 +317,7 @@ def test_a_stop_while_srun_still_creates_the_step_reaches_the_ranks(tmp_path, sh
         log = (tmp_path / "job.out").read_text()
         _run("scancel", jid)  # what matters is the stop and the requeue
     assert "USR1, ranks stop at the next round boundary" in log and "requeueing job" in log, log[-3000:]
-    stopped = r"stopped by SIGUSR1 (after round|before training)|died of SIGUSR1 while it was still starting"
+    stopped = r"stopped by SIGUSR1 (after round|before training)|died of SIG(USR1|TERM) while it was still starting"
     assert re.search(stopped, log), log[-3000:]
 
 
