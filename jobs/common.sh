@@ -25,6 +25,7 @@ export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-^lo,docker}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 VENV=${VENV:-.venv}
+set +o posix  # POSIX mode (POSIXLY_CORRECT exported by sbatch) forgets a waited child's status: collafuse_run waits twice
 source "$(dirname "${BASH_SOURCE[0]}")/stop.sh"
 
 collafuse_stopped=""  # the stop's name (USR1, TERM) once one came; the ranks get it
@@ -47,12 +48,13 @@ collafuse_forward() {
   squeue -h -s -j "$SLURM_JOB_ID" -o %j 2>/dev/null | grep -qx collafuse-train
 }
 
-# collafuse_newest_set DIR: the round of DIR's newest complete checkpoint set (-1: none); a
-# stopped step that trained wrote one
+# collafuse_newest_set DIR: the round of DIR's newest complete checkpoint set (-1: none; nothing
+# printed when it cannot tell: then the requeue-loop guard stays off); a stopped step that
+# trained wrote one
 collafuse_newest_set() {
   "$VENV/bin/python" -c 'import sys
 from collafuse_hpc.runtime.checkpoint import complete_rounds
-print((complete_rounds(sys.argv[1]) or [-1])[-1])' "$1" 2>/dev/null || echo -1
+print((complete_rounds(sys.argv[1]) or [-1])[-1])' "$1" 2>/dev/null
 }
 
 collafuse_run() {
@@ -62,7 +64,7 @@ collafuse_run() {
   local resume=()
   [ -f "$out/results.h5" ] && resume=(--resume=auto)
   echo "collafuse: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST -> $out"
-  local rc=75 before=""
+  local rc=75 before="" after=""
   [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ] || before=$(collafuse_newest_set "$out")
   if [ -z "$collafuse_stopped" ]; then
     srun --job-name=collafuse-train --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" "$VENV/bin/python" -m collafuse_hpc train "$config" \
@@ -84,9 +86,10 @@ collafuse_run() {
   else
     echo "collafuse: $collafuse_stopped before the job step started: no step starts"
   fi
-  if [ "$rc" -eq 75 ] && [ "$collafuse_requeue" -eq 1 ] && [ -n "$before" ] &&
-    [ "$(collafuse_newest_set "$out")" = "$before" ]; then
-    echo "collafuse: stopped (exit 75) again after a requeue, before this allocation trained a round:" \
+  [ "$rc" -ne 75 ] || [ -z "$before" ] || after=$(collafuse_newest_set "$out")
+  if [ "$rc" -eq 75 ] && [ "$collafuse_requeue" -eq 1 ] && [ -n "$after" ] && [ "$after" = "$before" ]; then
+    echo "collafuse: stopped (exit 75) again after a requeue, before this allocation trained a round (or" \
+      "while it only evaluated: eval.at_end starts over):" \
       "not requeued again, which could repeat without end; if the job's --time is not longer than" \
       "--signal's lead (B:USR1@<seconds>) and its start, raise --time; else submit the same job again"
   elif [ "$rc" -eq 75 ] && [ "$collafuse_requeue" -eq 1 ]; then

@@ -29,6 +29,7 @@ export OMPI_MCA_btl=${OMPI_MCA_btl:-self,tcp}  # no stale /dev/shm segments
 export PRTE_MCA_rmaps_default_mapping_policy=${PRTE_MCA_rmaps_default_mapping_policy:-:oversubscribe}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 MPIRUN=${MPIRUN:-$VENV/bin/mpirun}
+set +o posix  # POSIX mode (POSIXLY_CORRECT in the environment) forgets a waited child's status: mpirun's is read twice
 source jobs/stop.sh
 stopped=""
 stop() {  # before mpirun starts: a stop that comes meanwhile is handed over once it runs

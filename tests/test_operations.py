@@ -415,6 +415,18 @@ def test_a_signal_while_the_command_starts_stops_it_cleanly(tmp_path, shards, si
 
 
 @pytest.mark.mpi
+def test_local_sh_gives_the_commands_exit_status_in_posix_mode(tmp_path):
+    """jobs/local.sh reads mpirun's status with a second wait (the first may be cut short by
+    a trap); in bash's POSIX mode (POSIXLY_CORRECT in the environment) that second wait
+    answered 127, 'not a child', whatever the run gave. A missing config is exit 2."""
+    env = harness.mpi_env(MPIRUN=mpirun(), VENV=str(Path(sys.executable).parent.parent), POSIXLY_CORRECT="1")
+    done = subprocess.run(
+        ["bash", str(ROOT / "jobs/local.sh"), "1", "train", str(tmp_path / "missing.yaml")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "not found" in done.stderr, (done.returncode, done.stderr[-2000:])
+
+
 def test_a_stop_to_local_sh_before_a_slow_rank_catches_it_gives_75(tmp_path, shards):
     """Under load, jobs/local.sh signalled 0.3 s after its start exited 138: mpirun forwarded
     the SIGUSR1 to a rank whose Python had not installed its handler yet, and it died of it.
