@@ -106,6 +106,28 @@ def test_versus_baseline_over_few_seeds_is_never_narrower_than_the_images_allow(
     assert fd["interval"] == "seeds" and fd["high"] - fd["delta"] == pytest.approx(stats.t.ppf(0.975, 1) * 0.5)
 
 
+def test_a_rows_interval_over_several_seeds_is_the_t_interval_never_narrower_than_the_images(tmp_path):
+    """table.csv's ``_low``/``_high`` of a point run with several seeds follow the rule the
+    versus_c1 differences do: the t-interval over the seeds (not each run's interval over
+    images averaged, which leaves out the spread between seeds), floored by the images'
+    noise of the mean, clipped to the figure's range; one seed keeps its own."""
+
+    def run(c: float, seed: int, fidelity: float, fid: float, half: float) -> dict:
+        row = {key: math.nan for key in report.COLUMNS} | _run(c, seed, fidelity, fid, half)
+        return row | {"features": "classifier"}
+
+    table = [run(0.4, s, f, 5.0, 0.3) for s, f in enumerate((0.1, 0.2, 0.3))] + [run(0.2, 0, 0.5, 4.0, 0.05)]
+    got = {r["c"]: r for r in report.aggregate(table)}
+    spread = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)  # sd of (0.1, 0.2, 0.3): 0.1; 4.30 / sqrt(3) = 2.48 sd
+    assert got[0.4]["fidelity_low"] == 0.0 and got[0.4]["fidelity_high"] == pytest.approx(0.2 + spread)  # clipped
+    floor = math.sqrt(3 * 0.3**2) / 3  # the seeds agree on FD 5.0: the images' noise of the mean sets the width
+    fd = got[0.4]["fid_collaborative_low"], got[0.4]["fid_collaborative_high"]
+    assert fd == pytest.approx((5 - floor, 5 + floor))
+    assert (got[0.2]["fidelity_low"], got[0.2]["fidelity_high"]) == pytest.approx((0.45, 0.55))  # one seed: its own
+    md = report.write_tables(report.aggregate(table), [], str(tmp_path), [], "")
+    assert f"0.2 [0, {0.2 + spread:.4g}]" in md and "t-interval over the seeds" in md
+
+
 def test_the_c1_baseline_stands_beside_the_shares_its_partition_was_run_with():
     """c = 1 sends no labels, so one run serves both shares, but only where that
     partition has runs with labels shared: no lone "shared" condition of one point."""

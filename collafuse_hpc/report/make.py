@@ -5,7 +5,9 @@
 Writes into --out:
   table.csv     one row per split mode, cut ratio c and client, plus a ``pooled`` row;
                 numbers are means over the runs' seeds (``seeds`` counts them) and
-                ``<column>_seed_std`` their standard deviation; column names carry their
+                ``<column>_seed_std`` their standard deviation, ``<column>_low``/``_high``
+                the 95% interval (one seed: over images; several: the t-interval over
+                them, never narrower than the images' noise); column names carry their
                 units (see COLUMNS): FID and KID per image set, disclosure of x_c and by
                 attack, client compute as exact FLOP ratios and measured time ratios
   table.md      the same as readable tables: quality (copies beside precision and

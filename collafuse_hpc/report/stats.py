@@ -44,6 +44,22 @@ WINDOW = 0.1
 CONVERGED = 0.02  # share of the whole fall still happening at the end: below it (or within its scatter), converged
 
 
+def seeds_half(values: list[float], image_halves: list[float]) -> tuple[float, str]:
+    """(half-width, what it is over) of the 95% interval of the mean of ``values``, one per
+    seed, each with the half-width of its own 95% interval over images: over several seeds
+    the t-interval (``"seeds"``), never narrower than the images' noise of the mean,
+    sqrt(sum h^2) / n (``"seeds (images floor)"``: two seeds that happen to agree would
+    give a zero-width interval); over one seed its images' (``"images"``). NaN half-widths
+    over images leave the floor out, or with one seed the interval."""
+    images = math.sqrt(sum(h**2 for h in image_halves)) / len(values)
+    if len(values) == 1:
+        return images, "images"
+    seeds = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
+    if math.isnan(images) or seeds >= images:
+        return float(seeds), "seeds"
+    return images, "seeds (images floor)"
+
+
 def _image_half(run: dict, base: dict, column: str) -> float:
     """Half-width of the 95% interval over images of one difference run - base: the two
     runs' own intervals in quadrature (NaN when a run has none)."""
@@ -120,17 +136,7 @@ def versus_baseline(table: list[dict]) -> list[dict]:
             if any(math.isnan(d) for d in deltas):
                 continue
             mean = float(np.mean(deltas))
-            # over images, the mean of n independent differences: sqrt(sum of halves^2) / n
-            images = math.sqrt(sum(_image_half(run, base, column) ** 2 for run, base in pairs)) / len(pairs)
-            over = "images"
-            half = images
-            if len(deltas) > 1:
-                seeds = stats.t.ppf(0.975, len(deltas) - 1) * np.std(deltas, ddof=1) / math.sqrt(len(deltas))
-                # Each seed's difference carries the images' sampling noise, so the spread over
-                # few seeds cannot honestly be narrower than that (two seeds that happen to agree
-                # would give a zero-width interval): the wider of the two.
-                over = "seeds" if math.isnan(images) or seeds >= images else "seeds (images floor)"
-                half = seeds if over == "seeds" else images
+            half, over = seeds_half(deltas, [_image_half(run, base, column) for run, base in pairs])
             low, high = mean - half, mean + half
             better, worse = (low > 0, high < 0) if sign > 0 else (high < 0, low > 0)
             verdict = "wins" if better else "loses" if worse else "ties"

@@ -2,8 +2,9 @@
 averaged over seeds, and table.csv, versus_c1.csv, table.md and report.html.
 
 Column names carry their units (COLUMNS): FID and KID per image set, class fidelity and
-distance, precision and recall and the copy rates with their 95% intervals over images,
-the loss still falling, disclosure of x_c and by attack (at one release and at the run's
+distance, precision and recall and the copy rates with their 95% intervals (one seed:
+over images; several: the t-interval over the seeds, floored by the images' noise), the
+loss still falling, disclosure of x_c and by attack (at one release and at the run's
 releases per image, with their intervals where evaluate wrote them), membership
 inference against each model another party holds, client compute as exact FLOP ratios
 and measured time ratios; and alone, federated and split side by side with quality,
@@ -38,10 +39,10 @@ COPIED = (
 
 
 def _interval(key: str, header: str) -> dict[str, str]:
-    """``key`` and the ends of its 95% interval over images, which evaluate writes beside it
-    as ``<key>_low`` and ``<key>_high`` where it has one: table.csv keeps them, and a cell of
-    table.md shows them beside the value (``_cell``)."""
-    return {key: header, f"{key}_low": f"{header}, 95% low (images)", f"{key}_high": f"{header}, 95% high (images)"}
+    """``key`` and the ends of its 95% interval, ``<key>_low`` and ``<key>_high``: over images
+    (evaluate writes it beside the value) for one seed, over seeds for several (aggregate);
+    table.csv keeps them, and a cell of table.md shows them beside the value (``_cell``)."""
+    return {key: header, f"{key}_low": f"{header}, 95% low", f"{key}_high": f"{header}, 95% high"}
 
 
 # csv key -> markdown header (with units); FID and KID are in squared units of the features named in
@@ -59,8 +60,8 @@ COLUMNS = {
     **{f"fid_{s}": f"FID {s}" for s in SETS},
     **{f"kid_mean_{s}": f"KID {s}" for s in SETS},
     **{f"kid_std_{s}": f"KID std {s}" for s in SETS},
-    "fid_collaborative_low": "FD collaborative, 95% low (images)",
-    "fid_collaborative_high": "FD collaborative, 95% high (images)",
+    "fid_collaborative_low": "FD collaborative, 95% low",
+    "fid_collaborative_high": "FD collaborative, 95% high",
     **_interval("fidelity", "class fidelity (share in the client's classes)"),
     **_interval("class_distance", "class distance (total variation to the client's label mix; 0 best)"),
     "confidence": "classifier confidence",
@@ -136,6 +137,7 @@ METHODS += ["precision", "recall", *COPIES, "mia_server_auc", "mia_federated_auc
 METHODS += ["link_pixel_top1_releases", "link_feature_top1_releases", *COSTS]
 TEXT = {"method", "split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
 NUMBERS = [key for key in COLUMNS if key not in TEXT]
+INTERVALS = [key for key in NUMBERS if f"{key}_low" in COLUMNS]  # the figures with a 95% interval
 
 
 def _ratio(a: float | None, b: float | None) -> float:
@@ -196,10 +198,14 @@ def _quality_columns(m: dict, who: str, name: str = "collaborative") -> dict:
 
 
 def _range(key: str) -> tuple[float, float]:
-    """Where the pooled interval of ``key`` is clipped: a reconstruction's PSNR, SSIM or
-    FID has its own range; every other pooled figure is a share."""
-    ranges = {"_psnr_db": (-math.inf, math.inf), "_ssim": (-1.0, 1.0), "_fid": (0.0, math.inf)}
-    return next((r for end, r in ranges.items() if key.removesuffix("_releases").endswith(end)), (0.0, 1.0))
+    """Where an interval of ``key`` (pooled over clients, or over seeds) is clipped: an FD
+    or a reconstruction's PSNR, SSIM or FID has its own range; every other figure with an
+    interval is a share (a rate, an AUC)."""
+    name = key.removesuffix("_releases")
+    if name.startswith("fid_") or name.endswith("_fid"):
+        return 0.0, math.inf
+    ranges = {"_psnr_db": (-math.inf, math.inf), "_ssim": (-1.0, 1.0)}
+    return next((r for end, r in ranges.items() if name.endswith(end)), (0.0, 1.0))
 
 
 def _membership(figures: dict, model: str) -> dict:
@@ -298,8 +304,11 @@ def _std(values: list[float], mean: float) -> float:
 
 def aggregate(table: list[dict]) -> list[dict]:
     """One row per (split, c, client): numbers averaged over the seeds, ``<key>_seed_std``
-    their spread. Runs at c = 0 or 1 (the same under every split) stand beside each split
-    mode their partition was run with (at some 0 < c < 1; its own split when none was)."""
+    their spread, and over several seeds a figure's 95% interval the t-interval over them,
+    never narrower than the images' noise of the mean (stats.seeds_half; over one seed,
+    its interval over images). Runs at c = 0 or 1 (the same under every split) stand
+    beside each split mode their partition was run with (at some 0 < c < 1; its own split
+    when none was)."""
     partitions = {r["partition"] for r in table}
     split_runs = [r for r in table if r["method"] == "split"]
     shares = {p: sorted({r["share"] for r in split_runs if r["partition"] == p}) for p in partitions}
@@ -320,6 +329,13 @@ def aggregate(table: list[dict]) -> list[dict]:
             values = [r[key] for r in runs if isinstance(r[key], (int, float)) and not math.isnan(r[key])]
             row[key] = sum(values) / len(values) if values else NAN
             row[f"{key}_seed_std"] = _std(values, row[key])
+        for key in INTERVALS:
+            scored = [r for r in runs if isinstance(r[key], (int, float)) and not math.isnan(r[key])]
+            if len(scored) > 1:
+                halves = [(r[f"{key}_high"] - r[f"{key}_low"]) / 2 for r in scored]
+                half, _ = stats.seeds_half([r[key] for r in scored], halves)
+                low, high = _range(key)
+                row[f"{key}_low"], row[f"{key}_high"] = max(low, row[key] - half), min(high, row[key] + half)
         out.append(row)
     out.sort(
         key=lambda r: (
@@ -348,15 +364,15 @@ def _absent(row: dict, key: str) -> str | None:
 def _cell(row: dict, key: str) -> str:
     if isinstance(row[key], float) and math.isnan(row[key]) and _absent(row, key):
         return _absent(row, key)
+    low, high = row.get(f"{key}_low", NAN), row.get(f"{key}_high", NAN)
+    if not (math.isnan(low) or math.isnan(high) or math.isnan(row[key])):  # over seeds, or one seed's over images
+        return f"{_num(row[key])} [{_num(low)}, {_num(high)}]"
     spread = row.get(f"{key}_seed_std", NAN)
     if row["seeds"] > 1 and not math.isnan(spread):
         return f"{_num(row[key])} ± {_num(spread)}"
     if key.startswith("kid_mean_"):  # one seed: KID's spread over subsets
         std = row[key.replace("mean", "std")]
         return f"{_num(row[key])} ± {_num(std)}" if not math.isnan(row[key]) else "-"
-    low, high = row.get(f"{key}_low", NAN), row.get(f"{key}_high", NAN)
-    if not (math.isnan(low) or math.isnan(high) or math.isnan(row[key])):  # one seed: the interval over images
-        return f"{_num(row[key])} [{_num(low)}, {_num(high)}]"
     return _num(row[key])
 
 
@@ -387,7 +403,14 @@ def _note(table: list[dict], why_empty: str, sections: list[tuple[str, list[str]
     one_seed = any(r["seeds"] == 1 for r in table)
     cells = " ".join(c for _, _, rows in sections for row in rows for c in row)
     out = [f"Features for FID/KID: {', '.join(sorted({r['features'] for r in table}))}."]
-    if any(r["seeds"] > 1 for r in table):
+    several = [r for r in table if r["seeds"] > 1]
+    if any(not math.isnan(r[f"{key}_low"]) for r in several for key in INTERVALS):
+        out.append(
+            "With several seeds, [a, b] is the 95% t-interval over the seeds, never narrower than the images' noise "
+            "of the mean (each seed's interval over images, in quadrature, over their number); a cell without one, "
+            "mean ± std over seeds."
+        )
+    elif several:
         out.append("With several seeds: mean ± std over seeds.")
     if one_seed and re.search(r"\[[^]]+, [^]]+\]", cells):
         out.append(
