@@ -115,11 +115,15 @@ def test_the_report_runs_from_an_installed_wheel_outside_the_repository(evaluate
     """On a cluster the package comes from a wheel (a module), without tools/: the report,
     its statistics and figures are in the package, and its folder takes the umask."""
     source, wheels = tmp_path / "source", tmp_path / "wheels"  # setuptools builds in the tree: a copy of it
-    # the files git tracks: a developer's checkout also holds ignored runs/ and data/ (gigabytes, written meanwhile)
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for name in (n for n in tracked.stdout.split("\0") if n and (ROOT / n).is_file()):
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, source / name)
+    # a git checkout: the files git tracks (a developer's also holds ignored runs/ and data/, gigabytes written
+    # meanwhile); an unpacked source tree: all of it
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode == 0 and tracked.stdout:
+        for name in (n for n in tracked.stdout.split("\0") if n and (ROOT / n).is_file()):
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    else:
+        shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", "build", "*.egg-info", "__pycache__"))
     wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)]
     built = subprocess.run(
         [*wheel, str(source)],

@@ -110,20 +110,34 @@ def test_a_rows_interval_over_several_seeds_is_the_t_interval_never_narrower_tha
     """table.csv's ``_low``/``_high`` of a point run with several seeds follow the rule the
     versus_c1 differences do: the t-interval over the seeds (not each run's interval over
     images averaged, which leaves out the spread between seeds), floored by the images'
-    noise of the mean, clipped to the figure's range; one seed keeps its own."""
+    noise of the mean, clipped to the figure's range; one seed keeps its own; none where
+    it cannot be told (one scored seed of three, an infinite PSNR)."""
 
-    def run(c: float, seed: int, fidelity: float, fid: float, half: float) -> dict:
+    def run(c: float, seed: int, fidelity: float, fid: float, half: float, **more: float) -> dict:
         row = {key: math.nan for key in report.COLUMNS} | _run(c, seed, fidelity, fid, half)
-        return row | {"features": "classifier"}
+        return row | {"features": "classifier"} | more
 
-    table = [run(0.4, s, f, 5.0, 0.3) for s, f in enumerate((0.1, 0.2, 0.3))] + [run(0.2, 0, 0.5, 4.0, 0.05)]
+    fidelities, fds = (0.1, 0.2, 0.3), (0.2, 0.3, 2.0)
+    table = [run(0.4, s, f, 5.0, 0.3, precision=p) for s, (f, p) in enumerate(zip(fidelities, (0.9, 1.0, 1.0)))]
+    table += [run(0.6, s, 0.95, d, 0.05, recall=math.nan if s else 0.5, recon_public_psnr_db=math.inf)
+              for s, d in enumerate(fds)]  # fmt: skip
+    table += [run(0.2, 0, 0.5, 4.0, 0.05)]
     got = {r["c"]: r for r in report.aggregate(table)}
-    spread = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)  # sd of (0.1, 0.2, 0.3): 0.1; 4.30 / sqrt(3) = 2.48 sd
+    t = stats.t.ppf(0.975, 2) / math.sqrt(3)  # 4.30 / sqrt(3) = 2.48 sd
+    spread = t * 0.1  # sd of (0.1, 0.2, 0.3)
     assert got[0.4]["fidelity_low"] == 0.0 and got[0.4]["fidelity_high"] == pytest.approx(0.2 + spread)  # clipped
     floor = math.sqrt(3 * 0.3**2) / 3  # the seeds agree on FD 5.0: the images' noise of the mean sets the width
     fd = got[0.4]["fid_collaborative_low"], got[0.4]["fid_collaborative_high"]
     assert fd == pytest.approx((5 - floor, 5 + floor))
+    assert got[0.4]["precision_high"] == 1.0  # a share's interval ends at 1
+    assert got[0.6]["fid_collaborative_low"] == 0.0  # an FD's at 0
+    assert got[0.6]["fid_collaborative_high"] == pytest.approx(np.mean(fds) + t * np.std(fds, ddof=1))
+    assert all(math.isnan(got[0.6][k]) for k in ("recall_low", "recall_high", "recon_public_psnr_db_low"))
     assert (got[0.2]["fidelity_low"], got[0.2]["fidelity_high"]) == pytest.approx((0.45, 0.55))  # one seed: its own
+    # the same rule as the paired differences: against a c = 1 without spread, the same half-width
+    base = [run(1, s, 0.0, 0.0, 0.0) for s in range(3)]
+    delta = next(v for v in versus_baseline(base + table[:3]) if v["metric"] == "class fidelity")
+    assert delta["high"] - delta["delta"] == pytest.approx(spread)
     md = report.write_tables(report.aggregate(table), [], str(tmp_path), [], "")
     assert f"0.2 [0, {0.2 + spread:.4g}]" in md and "t-interval over the seeds" in md
 

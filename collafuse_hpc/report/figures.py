@@ -26,8 +26,8 @@ NEUTRAL = (("black", "-"), ("dimgrey", "--"), ("darkgrey", "-."), ("black", ":")
 
 
 def _errorbar(axis, runs: list[dict], key: str, label: str, **style) -> None:
-    """``key`` over c with its spread over seeds (none with one seed)."""
-    spread = [0 if math.isnan(r[f"{key}_seed_std"]) else r[f"{key}_seed_std"] for r in runs]
+    """``key`` over c with its error bars (:func:`_spread`)."""
+    spread = np.array([_spread(r, key) for r in runs]).T
     axis.errorbar([r["c"] for r in runs], [r[key] for r in runs], yerr=spread, capsize=3, label=label, **style)
 
 
@@ -124,7 +124,7 @@ def _shared_lines(pooled: list[dict], psnr_axis, rate_axis, compute_axis) -> Non
 
 def tradeoff_figure(pooled: list[dict], path: str, federated: list[dict] = ()) -> bool:
     """Four panels, one line per condition (split mode, and partition and labels shared
-    where the rows hold several: :func:`condition_names`) with error bars over seeds: over c, quality
+    where the rows hold several: :func:`condition_names`) with error bars (:func:`_spread`): over c, quality
     (collaborative against client-alone FID), disclosure (x_c and reconstructions, linkage
     at one release and at the run's releases, membership of the server's model) and client
     compute; then quality against disclosure (the server's membership AUC, the linkage at
@@ -242,8 +242,8 @@ def personalization(rows: list[dict]) -> tuple[str, str]:
 def conditions_figure(table: list[dict], path: str) -> bool:
     """The trade-off per condition (split, partition, labels shared): personalization and FD
     (pooled, and the mean over clients of each client's own) over c, and personalization
-    against disclosure (linkage) and client compute; error bars: over seeds, or the 95%
-    interval over images with one seed. Personalization: :func:`personalization`."""
+    against disclosure (linkage) and client compute; error bars: the 95% interval
+    (:func:`_spread`). Personalization: :func:`personalization`."""
     plt = _pyplot()
     rows = [r for r in table if r["who"] == "pooled" and not isinstance(r["c"], str) and not math.isnan(r["fidelity"])]
     if plt is None or not rows:
@@ -344,12 +344,13 @@ def fd_label(rows: list[dict]) -> str:
 
 
 def _spread(row: dict, key: str) -> tuple[float, float]:
-    """(below, above) for an error bar: the seed std, or the interval over images."""
-    std = row.get(f"{key}_seed_std", NAN)
-    if row["seeds"] > 1 and not math.isnan(std):
-        return std, std
+    """(below, above) for an error bar: the 95% interval the tables show (over seeds, or
+    over images with one seed); without one, the std over seeds; else none."""
     low, high = row.get(f"{key}_low", NAN), row.get(f"{key}_high", NAN)
-    return (0.0, 0.0) if math.isnan(low) else (row[key] - low, high - row[key])
+    if not (math.isnan(low) or math.isnan(high) or math.isnan(row[key])):
+        return row[key] - low, high - row[key]
+    std = row.get(f"{key}_seed_std", NAN)
+    return (std, std) if row["seeds"] > 1 and not math.isnan(std) else (0.0, 0.0)
 
 
 def _same(a: dict, b: dict) -> bool:

@@ -15,7 +15,7 @@ Writes into --out:
                 releases), membership inference, compute, and with a federated run
                 alone, federated and split side by side
   tradeoff.png  quality vs disclosure vs client compute over c, one line per split mode,
-                error bars over seeds (needs matplotlib: pip install 'collafuse-hpc[report]';
+                error bars the 95% intervals (needs matplotlib: pip install 'collafuse-hpc[report]';
                 skipped with a note otherwise)
   grids/        sample grids per run, client and image set (PNG)
   report.html   all of the above in one self-contained page (images embedded, no network)

@@ -6,7 +6,8 @@ the run a user would do instead of collaborating. Each point (condition, c, clie
 pooled) is compared with the c = 1 run of the same partition and seed:
 
 - with several seeds: the mean of the paired differences over seeds and its 95%
-  t-interval (``interval = "seeds"``);
+  t-interval (``interval = "seeds"``), never narrower than the images' noise of that
+  mean (``"seeds (images floor)"``; :func:`seeds_half`);
 - with one seed: the difference of the two runs and a 95% interval from their
   bootstrap intervals over images (half-widths added in quadrature;
   ``interval = "images"``).
@@ -49,14 +50,19 @@ def seeds_half(values: list[float], image_halves: list[float]) -> tuple[float, s
     seed, each with the half-width of its own 95% interval over images: over several seeds
     the t-interval (``"seeds"``), never narrower than the images' noise of the mean,
     sqrt(sum h^2) / n (``"seeds (images floor)"``: two seeds that happen to agree would
-    give a zero-width interval); over one seed its images' (``"images"``). NaN half-widths
-    over images leave the floor out, or with one seed the interval."""
+    give a zero-width interval); over one seed its images' (``"images"``). A run's
+    half-width is half its interval's width, as versus_c1 has always taken it
+    (:func:`pooled_interval` takes the wider side: for a rate clipped at 0 this floor is
+    up to half as wide). NaN half-widths over images leave the floor out, or
+    with one seed the interval; values that are not all finite (a PSNR of inf) give NaN."""
     images = math.sqrt(sum(h**2 for h in image_halves)) / len(values)
     if len(values) == 1:
         return images, "images"
-    seeds = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
+    if not all(map(math.isfinite, values)):
+        return math.nan, "seeds"
+    seeds = float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
     if math.isnan(images) or seeds >= images:
-        return float(seeds), "seeds"
+        return seeds, "seeds"
     return images, "seeds (images floor)"
 
 

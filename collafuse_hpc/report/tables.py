@@ -98,7 +98,7 @@ COLUMNS = {
         f"mia_{model}_{figure}{end}": f"membership {name}, {model}'s model{what}"
         for model in MIA_MODELS
         for figure, name in (("auc", "AUC (0.5: chance)"), ("tpr_at_1fpr", "TPR at 1% FPR (0.01: chance)"))
-        for end, what in (("", ""), ("_low", ", 95% low (candidates)"), ("_high", ", 95% high (candidates)"))
+        for end, what in (("", ""), ("_low", ", 95% low"), ("_high", ", 95% high"))
     },
     "sampling_flops_ratio": "sampling FLOPs client/local",
     "sampling_time_ratio": "sampling time client/local",
@@ -138,6 +138,7 @@ METHODS += ["link_pixel_top1_releases", "link_feature_top1_releases", *COSTS]
 TEXT = {"method", "split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
 NUMBERS = [key for key in COLUMNS if key not in TEXT]
 INTERVALS = [key for key in NUMBERS if f"{key}_low" in COLUMNS]  # the figures with a 95% interval
+SPREADS = [key for key in NUMBERS if not key.endswith(("_low", "_high"))]  # with <key>_seed_std over seeds
 
 
 def _ratio(a: float | None, b: float | None) -> float:
@@ -302,6 +303,20 @@ def _std(values: list[float], mean: float) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else NAN
 
 
+def _seeds_interval(runs: list[dict], key: str, mean: float) -> dict[str, float]:
+    """``<key>_low`` and ``<key>_high`` of ``mean``, the mean of ``key`` over several seeds'
+    ``runs``: stats.seeds_half's interval clipped to the figure's range; NaN where fewer
+    than two seeds have a value or it cannot be told (an infinite PSNR)."""
+    scored = [r for r in runs if isinstance(r[key], (int, float)) and not math.isnan(r[key])]
+    half = math.nan
+    if len(scored) > 1:
+        half, _ = stats.seeds_half([r[key] for r in scored], [(r[f"{key}_high"] - r[f"{key}_low"]) / 2 for r in scored])
+    if math.isnan(half):
+        return {f"{key}_low": NAN, f"{key}_high": NAN}
+    low, high = _range(key)
+    return {f"{key}_low": max(low, mean - half), f"{key}_high": min(high, mean + half)}
+
+
 def aggregate(table: list[dict]) -> list[dict]:
     """One row per (split, c, client): numbers averaged over the seeds, ``<key>_seed_std``
     their spread, and over several seeds a figure's 95% interval the t-interval over them,
@@ -328,14 +343,10 @@ def aggregate(table: list[dict]) -> list[dict]:
         for key in NUMBERS:
             values = [r[key] for r in runs if isinstance(r[key], (int, float)) and not math.isnan(r[key])]
             row[key] = sum(values) / len(values) if values else NAN
-            row[f"{key}_seed_std"] = _std(values, row[key])
-        for key in INTERVALS:
-            scored = [r for r in runs if isinstance(r[key], (int, float)) and not math.isnan(r[key])]
-            if len(scored) > 1:
-                halves = [(r[f"{key}_high"] - r[f"{key}_low"]) / 2 for r in scored]
-                half, _ = stats.seeds_half([r[key] for r in scored], halves)
-                low, high = _range(key)
-                row[f"{key}_low"], row[f"{key}_high"] = max(low, row[key] - half), min(high, row[key] + half)
+            if key in SPREADS:
+                row[f"{key}_seed_std"] = _std(values, row[key])
+        if len(runs) > 1:
+            row |= {end: value for key in INTERVALS for end, value in _seeds_interval(runs, key, row[key]).items()}
         out.append(row)
     out.sort(
         key=lambda r: (
@@ -472,7 +483,7 @@ def write_tables(table: list[dict], versus: list[dict], out: str, notes: list[st
     """table.csv, versus_c1.csv and table.md (``notes``: what was left out and why, under
     its own heading; ``why_empty``: why ``versus`` has no rows); returns the markdown."""
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, [*COLUMNS, *(f"{key}_seed_std" for key in NUMBERS)])
+        w = csv.DictWriter(f, [*COLUMNS, *(f"{key}_seed_std" for key in SPREADS)])
         w.writeheader()
         w.writerows(table)
     with open(os.path.join(out, "versus_c1.csv"), "w", newline="") as f:
