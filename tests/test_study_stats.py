@@ -12,7 +12,7 @@ from scipy import stats
 
 from collafuse_hpc.evaluation import metrics
 from collafuse_hpc.report import tables as report
-from collafuse_hpc.report.figures import fd_label, personalization
+from collafuse_hpc.report.figures import _spread, fd_label, personalization
 from collafuse_hpc.report.stats import (
     converged,
     loss_change,
@@ -140,6 +140,9 @@ def test_a_rows_interval_over_several_seeds_is_the_t_interval_never_narrower_tha
     assert delta["high"] - delta["delta"] == pytest.approx(spread)
     md = report.write_tables(report.aggregate(table), [], str(tmp_path), [], "")
     assert f"0.2 [0, {0.2 + spread:.4g}]" in md and "t-interval over the seeds" in md
+    # the figures' error bars are the same interval; without one, the std over seeds
+    assert _spread(got[0.4], "fidelity") == pytest.approx((0.2, spread))
+    assert _spread(got[0.6], "recon_public_psnr_db") == (0.0, 0.0)  # inf: neither
 
 
 def test_the_c1_baseline_stands_beside_the_shares_its_partition_was_run_with():

@@ -66,11 +66,16 @@ def seeds_half(values: list[float], image_halves: list[float]) -> tuple[float, s
     return images, "seeds (images floor)"
 
 
+def image_half(row: dict, column: str) -> float:
+    """Half-width of one run's 95% interval over images of ``column``: half its width (NaN
+    when it has none)."""
+    return (row.get(f"{column}_high", math.nan) - row.get(f"{column}_low", math.nan)) / 2
+
+
 def _image_half(run: dict, base: dict, column: str) -> float:
     """Half-width of the 95% interval over images of one difference run - base: the two
     runs' own intervals in quadrature (NaN when a run has none)."""
-    halves = [(row.get(f"{column}_high", math.nan) - row.get(f"{column}_low", math.nan)) / 2 for row in (run, base)]
-    return math.hypot(*halves)
+    return math.hypot(image_half(run, column), image_half(base, column))
 
 
 def _pairs(table: list[dict]) -> tuple[dict[tuple, list[tuple[dict, dict]]], dict[tuple, list]]:

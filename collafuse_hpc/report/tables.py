@@ -138,7 +138,7 @@ METHODS += ["link_pixel_top1_releases", "link_feature_top1_releases", *COSTS]
 TEXT = {"method", "split", "partition", "share", "c", "who", "seeds", "features"}  # not averaged over seeds
 NUMBERS = [key for key in COLUMNS if key not in TEXT]
 INTERVALS = [key for key in NUMBERS if f"{key}_low" in COLUMNS]  # the figures with a 95% interval
-SPREADS = [key for key in NUMBERS if not key.endswith(("_low", "_high"))]  # with <key>_seed_std over seeds
+SPREADS = [key for key in NUMBERS if not key.endswith(("_low", "_high"))]  # means, with <key>_seed_std over seeds
 
 
 def _ratio(a: float | None, b: float | None) -> float:
@@ -310,7 +310,7 @@ def _seeds_interval(runs: list[dict], key: str, mean: float) -> dict[str, float]
     scored = [r for r in runs if isinstance(r[key], (int, float)) and not math.isnan(r[key])]
     half = math.nan
     if len(scored) > 1:
-        half, _ = stats.seeds_half([r[key] for r in scored], [(r[f"{key}_high"] - r[f"{key}_low"]) / 2 for r in scored])
+        half, _ = stats.seeds_half([r[key] for r in scored], [stats.image_half(r, key) for r in scored])
     if math.isnan(half):
         return {f"{key}_low": NAN, f"{key}_high": NAN}
     low, high = _range(key)
@@ -340,13 +340,13 @@ def aggregate(table: list[dict]) -> list[dict]:
         row = {"method": method, "split": split, "partition": partition, "share": share, "c": c, "who": who}
         row["seeds"] = len({r["seed"] for r in runs})
         row["features"] = ", ".join(sorted({r["features"] for r in runs}))
-        for key in NUMBERS:
+        for key in SPREADS:
             values = [r[key] for r in runs if isinstance(r[key], (int, float)) and not math.isnan(r[key])]
             row[key] = sum(values) / len(values) if values else NAN
-            if key in SPREADS:
-                row[f"{key}_seed_std"] = _std(values, row[key])
-        if len(runs) > 1:
-            row |= {end: value for key in INTERVALS for end, value in _seeds_interval(runs, key, row[key]).items()}
+            row[f"{key}_seed_std"] = _std(values, row[key])
+        for key in INTERVALS:  # one seed: its own interval over images
+            one = {f"{key}{end}": runs[0][f"{key}{end}"] for end in ("_low", "_high")}
+            row |= _seeds_interval(runs, key, row[key]) if len(runs) > 1 else one
         out.append(row)
     out.sort(
         key=lambda r: (
