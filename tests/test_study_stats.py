@@ -20,6 +20,7 @@ from collafuse_hpc.report.stats import (
     loss_curves,
     pooled_interval,
     pooled_share,
+    seeds_half,
     versus_baseline,
 )
 
@@ -140,6 +141,8 @@ def test_a_rows_interval_over_several_seeds_is_the_t_interval_never_narrower_tha
     assert delta["high"] - delta["delta"] == pytest.approx(spread)
     md = report.write_tables(report.aggregate(table), [], str(tmp_path), [], "")
     assert f"0.2 [0, {0.2 + spread:.4g}]" in md and "t-interval over the seeds" in md
+    # a seed without an interval over images leaves the others' floor: two agreeing seeds get no zero width
+    assert seeds_half([0.5, 0.5], [0.1, math.nan]) == (pytest.approx(0.05), "seeds (images floor)")
     # the figures' error bars are the same interval; without one, the std over seeds
     assert _spread(got[0.4], "fidelity") == pytest.approx((0.2, spread))
     assert _spread(got[0.6], "recon_public_psnr_db") == (0.0, 0.0)  # inf: neither

@@ -53,9 +53,11 @@ def seeds_half(values: list[float], image_halves: list[float]) -> tuple[float, s
     give a zero-width interval); over one seed its images' (``"images"``). A run's
     half-width is half its interval's width, as versus_c1 has always taken it
     (:func:`pooled_interval` takes the wider side: for a rate clipped at 0 this floor is
-    up to half as wide). NaN half-widths over images leave the floor out, or
-    with one seed the interval; values that are not all finite (a PSNR of inf) give NaN."""
-    images = math.sqrt(sum(h**2 for h in image_halves)) / len(values)
+    up to half as wide). The floor counts the seeds with an interval over images (a seed
+    without one cannot lift it off); none at all leaves the floor out, or with one seed
+    the interval; values that are not all finite (a PSNR of inf) give NaN."""
+    known = [h for h in image_halves if not math.isnan(h)]
+    images = math.sqrt(sum(h**2 for h in known)) / len(values) if known else math.nan
     if len(values) == 1:
         return images, "images"
     if not all(map(math.isfinite, values)):
