@@ -141,6 +141,7 @@ def test_a_rows_interval_over_several_seeds_is_the_t_interval_never_narrower_tha
     assert delta["high"] - delta["delta"] == pytest.approx(spread)
     md = report.write_tables(report.aggregate(table), [], str(tmp_path), [], "")
     assert f"0.2 [0, {0.2 + spread:.4g}]" in md and "t-interval over the seeds" in md
+    assert "| 0.5 (1 of 3 seeds) |" in md  # c = 0.6's recall: not read as a three-seed mean
     # a seed without an interval over images leaves the others' floor: two agreeing seeds get no zero width
     assert seeds_half([0.5, 0.5], [0.1, math.nan]) == (pytest.approx(0.05), "seeds (images floor)")
     # the figures' error bars are the same interval; without one, the std over seeds
