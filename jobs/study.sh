@@ -2,7 +2,8 @@
 # The paper's study with one command: every seed x split mode x cut ratio c is trained,
 # sampled and evaluated (eval.at_end: FID/KID, disclosure by attack, client compute) into
 # <study>/<point>/ (jobs/points.sh names the points), then collafuse-hpc report writes the
-# table (mean +- std over seeds), the figure and the sample grids to <study>/report/.
+# tables (means over seeds with their 95% intervals), the figures and the sample grids to
+# <study>/report/.
 #
 #   bash jobs/study.sh CONFIG [--set key=value ...]                  # here, one run after another
 #   bash jobs/study.sh CONFIG --slurm [sbatch options] [-- --set ...] # a job array, one task per point
