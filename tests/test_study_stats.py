@@ -395,3 +395,32 @@ def test_a_log_axis_within_one_decade_is_labelled_at_its_points(tmp_path, monkey
         [row("fedavg", 1.00e9), row("fedavg+ft", 1.04e9), row("fedavg-cond", 1.1e9)], str(tmp_path / "n.png")
     )
     assert [t.get_text() for t in shown[0].axes[0].get_xticklabels()] == ["1e+09", "1.1e+09"]
+
+
+def test_the_loss_figure_of_runs_where_one_side_never_trains_names_them_without_a_warning(tmp_path, monkeypatch):
+    """A report of centralized runs only (c = 0: no client trains) drew an empty clients'
+    panel, put the legend there and printed matplotlib's "No artists with labels" warning
+    to the user; beside runs with clients, a c = 0 run was missing from the legend, which
+    named the clients' panel's runs only. The legend names every run, and an empty panel
+    says why."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from collafuse_hpc.report.figures import loss_figure
+
+    shown = []
+    monkeypatch.setattr(plt, "close", lambda fig: shown.append(fig))
+    rounds = np.arange(1, 51)
+    server = {"server_rounds": rounds, "server": 1 / rounds}
+    local = {"rounds": rounds, "clients": 1 / rounds}
+    for curves in ({"c0-s0": server}, {"c1-s0": local}, {"c0-s0": server, "c1-s0": local}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert loss_figure(curves, str(tmp_path / "loss.png"))
+        clients, servers = shown[-1].axes
+        (legend,) = [axis.get_legend() for axis in (clients, servers) if axis.get_legend()]
+        assert sorted(t.get_text() for t in legend.get_texts()) == sorted(curves)
+        notes = [t.get_text() for axis in (clients, servers) for t in axis.texts]
+        assert notes == ["no client trains (c = 0)"] * ("c1-s0" not in curves) + [
+            "no server trains (c = 1, federated)"
+        ] * ("c0-s0" not in curves)

@@ -224,7 +224,11 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
         yscale="log",
     )
     ax[1].set(xlabel="round", ylabel="loss (MSE), EMA 0.98", title="server loss", yscale="log")
-    ax[0].legend(fontsize=6)
+    for axis, none in ((ax[0], "no client trains (c = 0)"), (ax[1], "no server trains (c = 1, federated)")):
+        if not axis.lines:  # an empty panel says why, and the legend goes where the runs are
+            axis.text(0.5, 0.5, none, ha="center", va="center", transform=axis.transAxes)
+    named = {line.get_label(): line for axis in ax for line in axis.lines}  # a c = 0 run draws the server's only
+    (ax[0] if ax[0].lines else ax[1]).legend(named.values(), named.keys(), fontsize=6)
     _save(plt, fig, path, 110)
     return True
 
