@@ -142,6 +142,7 @@ def test_a_rows_interval_over_several_seeds_is_the_t_interval_never_narrower_tha
     md = report.write_tables(report.aggregate(table), [], str(tmp_path), [], "")
     assert f"0.2 [0, {0.2 + spread:.4g}]" in md and "t-interval over the seeds" in md
     assert "| 0.5 (1 of 3 seeds) |" in md  # c = 0.6's recall: not read as a three-seed mean
+    assert md.count("(1 of 3 seeds)") == md.count("| 0.5 (1 of 3 seeds) |")  # nothing else: not c, not a count
     # a seed without an interval over images leaves the others' floor: two agreeing seeds get no zero width
     assert seeds_half([0.5, 0.5], [0.1, math.nan]) == (pytest.approx(0.05), "seeds (images floor)")
     # the figures' error bars are the same interval; without one, the std over seeds
@@ -413,13 +414,14 @@ def test_the_loss_figure_of_runs_where_one_side_never_trains_names_them_without_
     rounds = np.arange(1, 51)
     server = {"server_rounds": rounds, "server": 1 / rounds}
     local = {"rounds": rounds, "clients": 1 / rounds}
-    for curves in ({"c0-s0": server}, {"c1-s0": local}, {"c0-s0": server, "c1-s0": local}):
+    assert not loss_figure({"no-loss-logged": {}}, str(tmp_path / "none.png"))  # no figure of nothing
+    for curves in ({"c0-s0": server}, {"c1-s0": local}, {"c0-s0": server, "c1-s0": local, "c1-s1": local}):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert loss_figure(curves, str(tmp_path / "loss.png"))
         clients, servers = shown[-1].axes
         (legend,) = [axis.get_legend() for axis in (clients, servers) if axis.get_legend()]
-        assert sorted(t.get_text() for t in legend.get_texts()) == sorted(curves)
+        assert [t.get_text() for t in legend.get_texts()] == sorted(curves)
         notes = [t.get_text() for axis in (clients, servers) for t in axis.texts]
         assert notes == ["no client trains (c = 0)"] * ("c1-s0" not in curves) + [
             "no server trains (c = 1, federated)"

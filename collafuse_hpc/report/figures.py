@@ -206,6 +206,7 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
     """Every run's training loss over the rounds (EMA), clients' mean and server: the
     reader sees whether a run stopped before its loss flattened."""
     plt = _pyplot()
+    curves = {name: c for name, c in curves.items() if "clients" in c or "server" in c}  # runs that logged a loss
     if plt is None or not curves:
         return False
     fig, ax = plt.subplots(1, 2, figsize=(14, 4.6))
@@ -227,7 +228,7 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
     for axis, none in ((ax[0], "no client trains (c = 0)"), (ax[1], "no server trains (c = 1, federated)")):
         if not axis.lines:  # an empty panel says why, and the legend goes where the runs are
             axis.text(0.5, 0.5, none, ha="center", va="center", transform=axis.transAxes)
-    named = {line.get_label(): line for axis in ax for line in axis.lines}  # a c = 0 run draws the server's only
+    named = dict(sorted({line.get_label(): line for axis in ax for line in axis.lines}.items()))  # c = 0: server only
     (ax[0] if ax[0].lines else ax[1]).legend(named.values(), named.keys(), fontsize=6)
     _save(plt, fig, path, 110)
     return True

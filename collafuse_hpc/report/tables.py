@@ -381,7 +381,7 @@ def _cell(row: dict, key: str) -> str:
     spread = row.get(f"{key}_seed_std", NAN)
     if row["seeds"] > 1 and not math.isnan(spread):
         return f"{_num(row[key])} ± {_num(spread)}"
-    if row["seeds"] > 1 and isinstance(row[key], float) and math.isfinite(row[key]):  # one seed of several scored it
+    if key in SPREADS and row["seeds"] > 1 and math.isfinite(row[key]):  # a mean that one seed alone scored
         return f"{_num(row[key])} (1 of {row['seeds']} seeds)"
     if key.startswith("kid_mean_"):  # one seed: KID's spread over subsets
         std = row[key.replace("mean", "std")]
