@@ -5,13 +5,15 @@ results.h5, shards, feature caches, the run lock) is written to a temporary
 file beside its target and renamed over it, so a reader or a crash sees the
 old file or the new one, never half of one. A command that makes a file others are
 judged by or read from (a classifier, a converted network, a bundle, exported
-grids) never replaces one that exists: :func:`refuse_existing`.
+grids) never replaces one that exists: :func:`refuse_existing`. A folder written whole
+(a report) is written beside its target and swapped in: :func:`replace_folder`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 
 
@@ -38,6 +40,25 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
         raise
     if durable:
         _fsync(folder)
+
+
+def replace_folder(staging: str, path: str) -> None:
+    """Put the folder ``staging`` at ``path`` by renames: a reader sees the earlier folder
+    whole, then none for an instant, then the new one whole, never a mix of the two;
+    whatever stops it puts the earlier folder back. ``staging`` must be beside ``path``
+    (one file system)."""
+    aside = staging + ".old"
+    earlier = os.path.exists(path)
+    if earlier:
+        os.rename(path, aside)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        if earlier:
+            os.rename(aside, path)
+        raise
+    if earlier:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _fsync(path: str) -> None:

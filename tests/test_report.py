@@ -5,12 +5,15 @@ c = 1 partner, metrics older than the run), and the report from an installed whe
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import html
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -446,3 +449,62 @@ def test_centralized_training_is_one_method_in_the_methods_figure(tmp_path, monk
     (legend,) = [axis.get_legend() for axis in shown[0].axes if axis.get_legend()]
     assert sorted(t.get_text() for t in legend.get_texts()) == [
         "centralized (c = 0)", "fedavg", "split c = 0.5 (markov)", "split c = 0.5 (reference)"]  # fmt: skip
+
+
+@pytest.mark.slow  # three report processes: 15 s on busy cores
+def test_reports_into_one_folder_at_once_take_turns_and_leave_one_whole_report(evaluated, tmp_path):
+    """Two study points finishing together each wrote the study's report: one removed the
+    folder the other was renaming into place and died with a raw FileNotFoundError. They
+    now take turns (the later one reads the runs after the earlier one is written), each
+    says it waits, all exit 0, and one whole report is left with nothing aside."""
+    command = [sys.executable, "-m", "collafuse_hpc", "report", str(evaluated / "results.h5"), "--out", "report"]
+    held = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a report still being written there would
+    logs, reports = [tmp_path / f"report-{i}.log" for i in range(3)], []
+    try:
+        for log in logs:
+            with open(log, "w") as f:
+                reports.append(subprocess.Popen(command, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 120
+        while not all("waiting for another report" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(r.poll() is None for r in reports), [
+                log.read_text() for log in logs
+            ]
+            time.sleep(0.2)
+        assert not (tmp_path / "report").exists()
+    finally:
+        os.close(held)
+    said = [(r.wait(timeout=300), log.read_text()) for r, log in zip(reports, logs, strict=True)]
+    assert all(code == 0 and "Traceback" not in text for code, text in said), said
+    assert {"table.csv", "table.md", "report.html"} <= set(os.listdir(tmp_path / "report"))
+    assert sorted(os.listdir(tmp_path)) == ["report", *(log.name for log in logs)]
+
+
+@pytest.mark.slow  # its run is trained and evaluated (conftest.evaluated_run)
+def test_a_report_not_written_or_interrupted_leaves_the_earlier_one(evaluated, tmp_path, capsys, monkeypatch):
+    """A full disk or Ctrl-C while the report is written is one clear line and the earlier
+    report as it was, nothing left aside; a file system without locks still gets a report."""
+    out = tmp_path / "report"
+    assert _report(capsys, evaluated / "results.h5", out=out).returncode == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def fail(error: BaseException):
+        def write(*args, **kwargs):
+            raise error
+
+        return write
+
+    for error, code, said in (
+        (OSError(errno.ENOSPC, "No space left on device"), 1, "cannot write the report: [Errno 28] No space left"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr("collafuse_hpc.report.make.write_report", fail(error))
+            done = _report(capsys, evaluated / "results.h5", out=out)
+        assert done.returncode == code and said in done.stderr and "is as it was" in done.stderr, done
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        assert os.listdir(tmp_path) == ["report"]
+    with monkeypatch.context() as m:  # e.g. a Lustre mount without flock: ENOLCK or ENOSYS
+        m.setattr("collafuse_hpc.report.make.fcntl.flock", fail(OSError(errno.ENOLCK, "No locks available")))
+        assert _report(capsys, evaluated / "results.h5", out=out).returncode == 0
+    assert os.listdir(tmp_path) == ["report"] and (out / "report.html").exists()

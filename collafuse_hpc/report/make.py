@@ -31,16 +31,22 @@ runs labelled alike are refused: pooled, they would count as two seeds. A seed o
 without the c = 1 run of its partition and seed is left out of versus_c1. What was left
 out, and why, is printed and listed in table.md and report.html. The report is written
 aside and then replaces --out whole, so nothing of an earlier report stays, and a
-refused command leaves --out as it was.
+refused, failed or interrupted command leaves --out as it was. Two reports into one
+--out at once (a study's points finishing together) take turns: the later one reads the
+runs after the earlier one is written, so the report left is the newer one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 
+from collafuse_hpc.atomic import replace_folder
 from collafuse_hpc.report import stats
 from collafuse_hpc.report.figures import (
     conditions_figure,
@@ -82,10 +88,44 @@ def _is_report(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, name)) for name in ("report.html", "table.csv"))
 
 
+@contextlib.contextmanager
+def _one_writer(out: str) -> Iterator[None]:
+    """Hold an exclusive lock while the report into ``out`` is read and written, so that two
+    reports into one folder take turns instead of removing each other's folders. The lock
+    is on the nearest existing folder above ``out`` (flock: no lock file is left beside the
+    report); a file system without locks (some NFS or Lustre mounts) goes on unlocked."""
+    folder = os.path.dirname(out)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"report: waiting for another report writing into {folder}", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks here: two reports at once may fail one another, clearly, never half-written
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def make_report(results: list[str], out_arg: str, record: int | None = None) -> int:
     """Write the report of the results files ``results`` into the folder ``out_arg``;
-    the exit code (0 written, 1 no evaluated run, 2 refused: nothing written)."""
+    the exit code (0 written, 1 no evaluated run or not written, 2 refused, 130
+    interrupted: nothing of --out changed unless 0)."""
     out = os.path.abspath(out_arg)
+    try:
+        with _one_writer(out):
+            return _make_report(results, out, out_arg, record)
+    except KeyboardInterrupt:
+        print(f"report: interrupted; {out_arg} is as it was", file=sys.stderr)
+        return 130
+
+
+def _make_report(results: list[str], out: str, out_arg: str, record: int | None) -> int:
+    """make_report, holding the lock on ``out``."""
     if os.path.exists(out) and not (os.path.isdir(out) and (not os.listdir(out) or _is_report(out))):
         print(f"report: error: --out {out_arg} exists and is not a report folder; choose a new one", file=sys.stderr)
         return 2
@@ -129,18 +169,21 @@ def make_report(results: list[str], out_arg: str, record: int | None = None) -> 
     if not evaluated:
         print("report: no evaluated runs")
         return 1
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(staging, 0o777 & ~mask)  # a folder like any other the user makes (mkdtemp's is 0700)
+    staging = None
     try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(staging, 0o777 & ~mask)  # a folder like any other the user makes (mkdtemp's is 0700)
         made = write_report(evaluated, staging, record, notes)
-        if os.path.exists(out):  # replaced whole: no grid or figure of an earlier report stays
-            shutil.rmtree(out)
-        os.rename(staging, out)
+        replace_folder(staging, out)  # replaced whole: no grid or figure of an earlier report stays
+    except OSError as e:  # a full disk, a folder made read-only
+        print(f"report: error: cannot write the report: {e}; {out_arg} is as it was", file=sys.stderr)
+        return 1
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
     if not figures_available():  # the figures need an optional extra
         print("report: matplotlib is not installed, no figures (pip install 'collafuse-hpc[report]')")
     print(f"report: {out_arg}/" + ", ".join(["table.csv", "versus_c1.csv", "table.md", *made, "grids/", "report.html"]))
