@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 
 
@@ -42,23 +41,23 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
         _fsync(folder)
 
 
-def replace_folder(staging: str, path: str) -> None:
-    """Put the folder ``staging`` at ``path`` by renames: a reader sees the earlier folder
-    whole, then none for an instant, then the new one whole, never a mix of the two;
-    whatever stops it puts the earlier folder back. ``staging`` must be beside ``path``
-    (one file system)."""
+def replace_folder(staging: str, path: str) -> str | None:
+    """Put the folder ``staging`` at ``path`` by two renames: a reader sees the earlier
+    folder whole, then none for an instant, then the new one whole, never a mix; an
+    exception between the renames (Ctrl-C, a failed rename) puts the earlier one back.
+    ``staging`` must be beside ``path`` (one file system). Returns where the earlier
+    folder now is, for the caller to remove (None if there was none): removing a large
+    folder takes a while and is not part of the swap."""
     aside = staging + ".old"
-    earlier = os.path.exists(path)
-    if earlier:
-        os.rename(path, aside)
     try:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, aside)
         os.rename(staging, path)
     except BaseException:
-        if earlier:
+        if os.path.exists(aside) and not os.path.exists(path):
             os.rename(aside, path)
         raise
-    if earlier:
-        shutil.rmtree(aside, ignore_errors=True)
+    return aside if os.path.exists(aside) else None
 
 
 def _fsync(path: str) -> None:

@@ -11,6 +11,7 @@ import html
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -451,39 +452,58 @@ def test_centralized_training_is_one_method_in_the_methods_figure(tmp_path, monk
         "centralized (c = 0)", "fedavg", "split c = 0.5 (markov)", "split c = 0.5 (reference)"]  # fmt: skip
 
 
-@pytest.mark.slow  # three report processes: 15 s on busy cores
+def _waiting_reports(command: list[str], cwd: Path, n: int) -> tuple[list[subprocess.Popen], list[Path]]:
+    """``n`` report processes started at once, returned when each has said it waits."""
+    logs, reports = [cwd / f"report-{i}.log" for i in range(n)], []
+    for log in logs:
+        with open(log, "w") as f:
+            reports.append(subprocess.Popen(command, cwd=cwd, stdout=f, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 600
+    while not all("waiting for another report" in log.read_text() for log in logs):
+        assert time.monotonic() < deadline and all(r.poll() is None for r in reports), [x.read_text() for x in logs]
+        time.sleep(0.2)
+    return reports, logs
+
+
+@pytest.mark.slow  # seven report processes: a minute on busy cores
 def test_reports_into_one_folder_at_once_take_turns_and_leave_one_whole_report(evaluated, tmp_path):
     """Two study points finishing together each wrote the study's report: one removed the
     folder the other was renaming into place and died with a raw FileNotFoundError. They
     now take turns (the later one reads the runs after the earlier one is written), each
-    says it waits, all exit 0, and one whole report is left with nothing aside."""
+    says it waits, all exit 0, and one whole report is left with nothing aside, whether or
+    not the folder above --out existed; SIGTERM (scancel) while waiting changes nothing."""
     command = [sys.executable, "-m", "collafuse_hpc", "report", str(evaluated / "results.h5"), "--out", "report"]
-    held = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(held, fcntl.LOCK_EX)  # as a report still being written there would
-    logs, reports = [tmp_path / f"report-{i}.log" for i in range(3)], []
+    held = os.open(tmp_path / ".report.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.lockf(held, fcntl.LOCK_EX)  # as a report still being written there would
     try:
-        for log in logs:
-            with open(log, "w") as f:
-                reports.append(subprocess.Popen(command, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 120
-        while not all("waiting for another report" in log.read_text() for log in logs):
-            assert time.monotonic() < deadline and all(r.poll() is None for r in reports), [
-                log.read_text() for log in logs
-            ]
-            time.sleep(0.2)
+        reports, logs = _waiting_reports(command, tmp_path, 4)
+        reports[0].send_signal(signal.SIGTERM)
+        assert reports[0].wait(timeout=60) == 130 and "report: interrupted; report is as it was" in logs[0].read_text()
         assert not (tmp_path / "report").exists()
     finally:
         os.close(held)
-    said = [(r.wait(timeout=300), log.read_text()) for r, log in zip(reports, logs, strict=True)]
+    said = [(r.wait(timeout=600), log.read_text()) for r, log in zip(reports[1:], logs[1:], strict=True)]
     assert all(code == 0 and "Traceback" not in text for code, text in said), said
     assert {"table.csv", "table.md", "report.html"} <= set(os.listdir(tmp_path / "report"))
-    assert sorted(os.listdir(tmp_path)) == ["report", *(log.name for log in logs)]
+    assert sorted(os.listdir(tmp_path)) == ["report", *(log.name for log in logs)]  # no lock file, nothing aside
+    # the folder above --out made by whichever comes first: the others wait on its lock all the same
+    command[-1] = "new/study/report"
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    reports = [subprocess.Popen(command, cwd=tmp_path, **pipes) for _ in range(3)]
+    said = []
+    for r in reports:
+        out, err = r.communicate(timeout=600)
+        said.append((r.returncode, out, err))
+    assert all(code == 0 and "Traceback" not in err for code, _, err in said), said
+    assert sum("waiting for another report" in out for _, out, _ in said) >= 1, said
+    assert os.listdir(tmp_path / "new/study") == ["report"]
 
 
 @pytest.mark.slow  # its run is trained and evaluated (conftest.evaluated_run)
 def test_a_report_not_written_or_interrupted_leaves_the_earlier_one(evaluated, tmp_path, capsys, monkeypatch):
     """A full disk or Ctrl-C while the report is written is one clear line and the earlier
-    report as it was, nothing left aside; a file system without locks still gets a report."""
+    report as it was, nothing left aside; a refused report into new folders makes none; a
+    file system without locks (NFS's EBADF, Lustre's ENOSYS) says so and writes the report."""
     out = tmp_path / "report"
     assert _report(capsys, evaluated / "results.h5", out=out).returncode == 0
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -504,7 +524,12 @@ def test_a_report_not_written_or_interrupted_leaves_the_earlier_one(evaluated, t
         assert done.returncode == code and said in done.stderr and "is as it was" in done.stderr, done
         assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
         assert os.listdir(tmp_path) == ["report"]
-    with monkeypatch.context() as m:  # e.g. a Lustre mount without flock: ENOLCK or ENOSYS
-        m.setattr("collafuse_hpc.report.make.fcntl.flock", fail(OSError(errno.ENOLCK, "No locks available")))
-        assert _report(capsys, evaluated / "results.h5", out=out).returncode == 0
-    assert os.listdir(tmp_path) == ["report"] and (out / "report.html").exists()
+    (tmp_path / "broken.h5").write_bytes(b"not an HDF5 file")
+    assert _report(capsys, tmp_path / "broken.h5", out=tmp_path / "new/deeper/report").returncode == 2
+    assert sorted(os.listdir(tmp_path)) == ["broken.h5", "report"]
+    for error in (errno.EBADF, errno.ENOSYS):
+        with monkeypatch.context() as m:
+            m.setattr("collafuse_hpc.report.make.fcntl.lockf", fail(OSError(error, os.strerror(error))))
+            done = _report(capsys, evaluated / "results.h5", out=out)
+        assert done.returncode == 0 and f"no file locks in {tmp_path} ({os.strerror(error)})" in done.stdout, done
+        assert sorted(os.listdir(tmp_path)) == ["broken.h5", "report"] and (out / "report.html").exists()

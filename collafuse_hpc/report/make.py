@@ -42,8 +42,10 @@ import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 
 from collafuse_hpc.atomic import replace_folder
@@ -89,39 +91,79 @@ def _is_report(folder: str) -> bool:
 
 
 @contextlib.contextmanager
-def _one_writer(out: str) -> Iterator[None]:
-    """Hold an exclusive lock while the report into ``out`` is read and written, so that two
-    reports into one folder take turns instead of removing each other's folders. The lock
-    is on the nearest existing folder above ``out`` (flock: no lock file is left beside the
-    report); a file system without locks (some NFS or Lustre mounts) goes on unlocked."""
-    folder = os.path.dirname(out)
-    while not os.path.isdir(folder):
-        folder = os.path.dirname(folder)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+def _one_writer(out: str, out_arg: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` while its report is read and written, so that two
+    reports into one folder (a study's points finishing together) take turns instead of
+    removing each other's folders, and the later one reads the runs as the earlier left
+    them. The lock is a POSIX record lock (fcntl: NFS serves these, not flock on a
+    folder) on a hidden ``.<name>.lock`` beside ``out``, removed when done, as are the
+    folders above ``out`` that this call made and nothing was written into. Where the
+    file system has no locks (a Lustre mount without ``-o flock``), a line says so and
+    the report goes on unlocked."""
+    folder, name = os.path.split(out)
+    made, above = [], folder  # the folders above out that do not exist yet, deepest first
+    while not os.path.isdir(above):
+        made.append(above)
+        above = os.path.dirname(above)
+    path, fd, held = os.path.join(folder, f".{name}.lock"), None, False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"report: waiting for another report writing into {folder}", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # no locks here: two reports at once may fail one another, clearly, never half-written
-            pass
+        while not held:
+            os.makedirs(folder, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except FileNotFoundError:  # a report that made the folder was refused and removed it meanwhile
+                continue
+            try:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another report holds it
+                    print(f"report: waiting for another report writing into {out_arg}", flush=True)
+                    fcntl.lockf(fd, fcntl.LOCK_EX)
+            except OSError as e:
+                print(f"report: no file locks in {folder} ({e.strerror}): reports into {out_arg} at once would fail")
+                held = True
+                break
+            try:
+                held = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:  # the report before this one removed the file this one waited on
+                pass
+            if not held:
+                os.close(fd)
+                fd = None
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if held:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # while still locked: a report waiting on it then sees it gone and locks anew
+        if fd is not None:
+            os.close(fd)
+        for made_folder in made:
+            try:
+                os.rmdir(made_folder)
+            except OSError:  # the report is in it, or another report's lock file
+                break
 
 
 def make_report(results: list[str], out_arg: str, record: int | None = None) -> int:
     """Write the report of the results files ``results`` into the folder ``out_arg``;
     the exit code (0 written, 1 no evaluated run or not written, 2 refused, 130
-    interrupted: nothing of --out changed unless 0)."""
+    interrupted by Ctrl-C or SIGTERM: nothing of --out changed unless 0)."""
     out = os.path.abspath(out_arg)
+    terminate = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (scancel, a time limit) as Ctrl-C
+        terminate = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        with _one_writer(out):
+        with _one_writer(out, out_arg):
             return _make_report(results, out, out_arg, record)
     except KeyboardInterrupt:
         print(f"report: interrupted; {out_arg} is as it was", file=sys.stderr)
         return 130
+    except OSError as e:  # the folder above --out cannot be made, or its lock file written
+        print(f"report: error: cannot write into {os.path.dirname(out)}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
 
 
 def _make_report(results: list[str], out: str, out_arg: str, record: int | None) -> int:
@@ -169,21 +211,26 @@ def _make_report(results: list[str], out: str, out_arg: str, record: int | None)
     if not evaluated:
         print("report: no evaluated runs")
         return 1
-    staging = None
+    staging = aside = None
     try:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(staging, 0o777 & ~mask)  # a folder like any other the user makes (mkdtemp's is 0700)
         made = write_report(evaluated, staging, record, notes)
-        replace_folder(staging, out)  # replaced whole: no grid or figure of an earlier report stays
+        aside = replace_folder(staging, out)  # replaced whole: no grid or figure of an earlier report stays
     except OSError as e:  # a full disk, a folder made read-only
         print(f"report: error: cannot write the report: {e}; {out_arg} is as it was", file=sys.stderr)
         return 1
     finally:
-        if staging:
+        if staging:  # gone once swapped in
             shutil.rmtree(staging, ignore_errors=True)
+    if aside:
+        try:
+            shutil.rmtree(aside, ignore_errors=True)
+        except KeyboardInterrupt:
+            print(f"report: interrupted; {out_arg} is written, and the earlier one is left in {aside}", file=sys.stderr)
+            return 130
     if not figures_available():  # the figures need an optional extra
         print("report: matplotlib is not installed, no figures (pip install 'collafuse-hpc[report]')")
     print(f"report: {out_arg}/" + ", ".join(["table.csv", "versus_c1.csv", "table.md", *made, "grids/", "report.html"]))
