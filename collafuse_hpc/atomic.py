@@ -6,7 +6,9 @@ file beside its target and renamed over it, so a reader or a crash sees the
 old file or the new one, never half of one. A command that makes a file others are
 judged by or read from (a classifier, a converted network, a bundle, exported
 grids) never replaces one that exists: :func:`refuse_existing`. A folder written whole
-(a report) is written beside its target and swapped in: :func:`replace_folder`.
+(a report) is written beside its target and swapped in: :func:`replace_folder`. A file
+that one of several processes starting together may create (the run lock):
+:func:`write_new`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,27 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
         raise
     if durable:
         _fsync(folder)
+
+
+def write_new(path: str, text: str) -> bool:
+    """Write ``text`` to ``path`` whole, only if nothing is at ``path``; False if something
+    is. Of processes writing one path at once exactly one gets True: the file is written
+    aside and hard-linked into place, which never replaces and is never seen half-written.
+    Where the file system has no hard links it is renamed into place (True)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (EPERM, ENOTSUP): at least never half-written
+            os.replace(tmp, path)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def replace_folder(staging: str, path: str) -> str | None:

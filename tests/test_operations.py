@@ -2,6 +2,7 @@
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -70,6 +71,34 @@ def test_a_live_lock_of_another_job_refuses_the_folder_and_a_dead_one_is_taken_o
     lock.write_text(json.dumps({"job": "other", "host": socket.gethostname(), "pid": dead.pid}))
     run_in_process(from_dict(raw), resume=False)
     assert not lock.exists()
+
+
+def _take_lock(folder: str, job: str, start, said) -> None:
+    """One job's rank 0 taking the run lock when ``start`` lets every job go."""
+    from collafuse_hpc.runtime.lock import RunLock
+
+    start.wait()
+    try:
+        RunLock(folder, job).release()
+        said.put("took it")
+    except ValueError as e:
+        said.put(str(e))
+
+
+def test_of_two_jobs_started_together_into_one_folder_one_takes_it_and_the_other_is_refused(tmp_path):
+    """Both checked that no lock was there, then both wrote theirs: two jobs trained into
+    one folder (6 of 20 tries). Two processes released at one instant, ten times."""
+    context = multiprocessing.get_context("fork")
+    for attempt in range(10):
+        folder, start, said = str(tmp_path / f"run{attempt}"), context.Barrier(2), context.Queue()
+        jobs = [context.Process(target=_take_lock, args=(folder, f"job{i}", start, said)) for i in range(2)]
+        for job in jobs:
+            job.start()
+        outcomes = sorted(said.get(timeout=60) for _ in jobs)
+        for job in jobs:
+            job.join(timeout=60)
+        assert outcomes[1] == "took it" and "is in use by job 'job" in outcomes[0], outcomes
+        assert os.listdir(folder) == [], "the lock is released, and nothing is left beside it"
 
 
 @pytest.mark.mpi

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 
-from collafuse_hpc.atomic import atomic_path
+from collafuse_hpc.atomic import atomic_path, write_new
 
 HEARTBEAT_S = 10.0  # how often the owner touches the lock
 STALE_S = 60.0  # a lock untouched this long is abandoned
@@ -62,8 +62,11 @@ class RunLock:
         os.makedirs(output_dir, exist_ok=True)
         self.path = _path(output_dir)
         info = {"job": job, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        with atomic_path(self.path) as tmp, open(tmp, "w") as f:
-            json.dump(info, f)
+        text = json.dumps(info)
+        if not write_new(self.path, text):  # ours before a requeue, an abandoned one, or a job started with this one
+            check(output_dir, job)
+            with atomic_path(self.path) as tmp, open(tmp, "w") as f:
+                f.write(text)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
         self._thread.start()
