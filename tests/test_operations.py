@@ -74,22 +74,27 @@ def test_a_live_lock_of_another_job_refuses_the_folder_and_a_dead_one_is_taken_o
 
 
 def _take_lock(folder: str, job: str, start, said) -> None:
-    """One job's rank 0 taking the run lock when ``start`` lets every job go."""
+    """One job's rank 0 taking the run lock when ``start`` lets every job go, and holding
+    it until every job has tried (a run holds it while it trains)."""
     from collafuse_hpc.runtime.lock import RunLock
 
     start.wait()
     try:
-        RunLock(folder, job).release()
-        said.put("took it")
+        lock = RunLock(folder, job)
     except ValueError as e:
         said.put(str(e))
+        start.wait()
+        return
+    said.put("took it")
+    start.wait()
+    lock.release()
 
 
 def test_of_two_jobs_started_together_into_one_folder_one_takes_it_and_the_other_is_refused(tmp_path):
     """Both checked that no lock was there, then both wrote theirs: two jobs trained into
-    one folder (6 of 20 tries). Two processes released at one instant, ten times."""
+    one folder (6 of 20 tries). Two processes released at one instant, 30 times."""
     context = multiprocessing.get_context("fork")
-    for attempt in range(10):
+    for attempt in range(30):
         folder, start, said = str(tmp_path / f"run{attempt}"), context.Barrier(2), context.Queue()
         jobs = [context.Process(target=_take_lock, args=(folder, f"job{i}", start, said)) for i in range(2)]
         for job in jobs:
