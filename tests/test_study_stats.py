@@ -415,13 +415,16 @@ def test_the_loss_figure_of_runs_where_one_side_never_trains_names_them_without_
     server = {"server_rounds": rounds, "server": 1 / rounds}
     local = {"rounds": rounds, "clients": 1 / rounds}
     assert not loss_figure({"no-loss-logged": {}}, str(tmp_path / "none.png"))  # no figure of nothing
-    for curves in ({"c0-s0": server}, {"c1-s0": local}, {"c0-s0": server, "c1-s0": local, "c1-s1": local}):
+    study = {f"c{c}-s{seed}": local | server for c in range(27) for seed in range(3)}  # a study's 81 runs
+    for curves in ({"c0-s0": server}, {"c1-s0": local}, {"c0-s0": server, "c1-s0": local, "c1-s1": local}, study):
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error")  # 81 runs: "Tight layout not applied", the legend ran off the figure
             assert loss_figure(curves, str(tmp_path / "loss.png"))
         clients, servers = shown[-1].axes
-        (legend,) = [axis.get_legend() for axis in (clients, servers) if axis.get_legend()]
+        (legend,) = shown[-1].legends
         assert [t.get_text() for t in legend.get_texts()] == sorted(curves)
+        saved = plt.imread(tmp_path / "loss.png")  # the image holds the legend beside the panels
+        assert saved.shape[1] > shown[-1].get_figwidth() * 110
         notes = [t.get_text() for axis in (clients, servers) for t in axis.texts]
         assert notes == ["no client trains (c = 0)"] * ("c1-s0" not in curves) + [
             "no server trains (c = 1, federated)"

@@ -31,11 +31,11 @@ def _errorbar(axis, runs: list[dict], key: str, label: str, **style) -> None:
     axis.errorbar([r["c"] for r in runs], [r[key] for r in runs], yerr=spread, capsize=3, label=label, **style)
 
 
-def _save(plt, fig, path: str, dpi: int) -> None:
+def _save(plt, fig, path: str, dpi: int, outside: bool = False) -> None:
     """Write ``fig`` to ``path``. An axis whose points sit at one or two x values (one run,
     one c), or on a log axis within one decade, gets its ticks at the points: around a
     single value or in a fraction of a decade matplotlib fills the axis with long tick
-    labels that overlap."""
+    labels that overlap. ``outside``: the image grows to hold a legend beside the axes."""
     from matplotlib.ticker import NullFormatter
 
     for axis in fig.axes:
@@ -51,7 +51,7 @@ def _save(plt, fig, path: str, dpi: int) -> None:
             axis.xaxis.set_minor_formatter(NullFormatter())
             axis.set_xticks(ticks, [f"{x:.2g}" for x in ticks])
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight" if outside else None)
     plt.close(fig)
 
 
@@ -229,8 +229,10 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
         if not axis.lines:  # an empty panel says why, and the legend goes where the runs are
             axis.text(0.5, 0.5, none, ha="center", va="center", transform=axis.transAxes)
     named = dict(sorted({line.get_label(): line for axis in ax for line in axis.lines}.items()))  # c = 0: server only
-    (ax[0] if ax[0].lines else ax[1]).legend(named.values(), named.keys(), fontsize=6)
-    _save(plt, fig, path, 110)
+    # beside the panels, in as many columns as a study's runs need: inside a panel 80 runs ran off the figure
+    columns = -(-len(named) // 32)
+    fig.legend(named.values(), named.keys(), fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5), ncol=columns)
+    _save(plt, fig, path, 110, outside=True)
     return True
 
 
