@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from collafuse_hpc import logs
@@ -410,6 +412,20 @@ def main(argv: list[str] | None = None) -> int:
             _setup_logs(args)
             return _run(args, stop)
     _setup_logs(args)
+    main_thread = threading.current_thread() is threading.main_thread()
+    terminate = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None  # scancel
+    try:
+        return _command(args)
+    except KeyboardInterrupt:  # every command writes its files whole, or removes what it wrote
+        text = f"interrupted; {args.command} left no partial output: run it again"
+        return _die(130, text, hard=False, label="stopped")
+    finally:
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Every command but train and sample, which stop at a round boundary instead."""
     if args.command == "prepare":
         return _prepare(args)
     if args.command == "train-classifier":

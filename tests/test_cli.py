@@ -1,6 +1,7 @@
 """The command line, as a user runs it."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import file_tree, tiny_config, write_config
+from conftest import file_tree, tiny_config, until, write_config
 
 from collafuse_hpc.cli import main
+from collafuse_hpc.results.inspection import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,3 +159,39 @@ def test_config_of_a_run_describes_it(tmp_path, shards, capsys, monkeypatch):
         assert "client c1   20" in out and "0 + 20" in out, out
     assert main(["config", str(run), "--set", "clients.0.cut_ratio=0.5"]) == 2
     assert "config of a trained run takes its own config: --set clients.0.cut_ratio" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # an evaluation of its own, stopped: 20 s on busy cores
+def test_a_command_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_no_partial_output(evaluated_run, tmp_path, capsys):
+    """Ctrl-C in `evaluate` printed a 40-line traceback, and SIGTERM (scancel, a time limit)
+    killed it silently; an interrupted `export` left the grids it had written, so running
+    it again was refused as mixing in an earlier export. Each is now one line, exit 130,
+    and nothing partial stays."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run(0.25), run)
+    before = file_tree(run)
+    said = tmp_path / "evaluate.log"
+    with open(said, "w") as log:
+        command = [sys.executable, "-m", "collafuse_hpc", "evaluate", str(run), "--set", "eval.images=64"]
+        evaluating = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    until(lambda: "evaluate" in said.read_text() or evaluating.poll() is not None, timeout=300)
+    evaluating.send_signal(signal.SIGTERM)
+    evaluating.wait(timeout=120)
+    err = said.read_text()
+    assert evaluating.returncode == 130 and "Traceback" not in err, err
+    assert "collafuse-hpc: stopped: interrupted; evaluate left no partial output: run it again" in err
+    assert file_tree(run) == before
+    grids = tmp_path / "grids"
+    calls = []
+
+    def save_then_stop(array, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        save_grid(array, path)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("collafuse_hpc.results.inspection.save_grid", save_then_stop)
+        assert main(["export", str(run), "--out", str(grids)]) == 130
+    assert "export left no partial output" in capsys.readouterr().err and not grids.exists()
+    assert main(["export", str(run), "--out", str(grids)]) == 0 and len(os.listdir(grids)) > 2

@@ -42,10 +42,8 @@ import contextlib
 import fcntl
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 
 from collafuse_hpc.atomic import replace_folder
@@ -147,11 +145,8 @@ def _one_writer(out: str, out_arg: str) -> Iterator[None]:
 def make_report(results: list[str], out_arg: str, record: int | None = None) -> int:
     """Write the report of the results files ``results`` into the folder ``out_arg``;
     the exit code (0 written, 1 no evaluated run or not written, 2 refused, 130
-    interrupted by Ctrl-C or SIGTERM: nothing of --out changed unless 0)."""
+    interrupted (Ctrl-C; the command turns SIGTERM into one): nothing of --out changed unless 0)."""
     out = os.path.abspath(out_arg)
-    terminate = None
-    if threading.current_thread() is threading.main_thread():  # SIGTERM (scancel, a time limit) as Ctrl-C
-        terminate = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with _one_writer(out, out_arg):
             return _make_report(results, out, out_arg, record)
@@ -161,9 +156,6 @@ def make_report(results: list[str], out_arg: str, record: int | None = None) -> 
     except OSError as e:  # the folder above --out cannot be made, or its lock file written
         print(f"report: error: cannot write into {os.path.dirname(out)}: {e}", file=sys.stderr)
         return 1
-    finally:
-        if terminate is not None:
-            signal.signal(signal.SIGTERM, terminate)
 
 
 def _make_report(results: list[str], out: str, out_arg: str, record: int | None) -> int:

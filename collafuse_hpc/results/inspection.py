@@ -7,6 +7,7 @@ missing (a role's part file, its summary, samples, metrics) is listed under
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -353,13 +354,25 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
     kinds = (".png", ".npy") if arrays else (".png",)
     targets = {os.path.join(out_dir, name + kind): array for name, array in images.items() for kind in kinds}
     refuse_existing(targets, "an earlier export (of this run, another record or another run) would be mixed in")
-    if targets:  # no folder made when there is nothing to export
-        os.makedirs(out_dir, exist_ok=True)
-    for path, array in targets.items():
-        if path.endswith(".png"):
-            save_grid(array, path)
-        else:
-            np.save(path, array)
+    made = bool(targets) and not os.path.isdir(out_dir)  # no folder made when there is nothing to export
+    written = []
+    try:
+        if made:
+            os.makedirs(out_dir)
+        for path, array in targets.items():
+            written.append(path)
+            if path.endswith(".png"):
+                save_grid(array, path)
+            else:
+                np.save(path, array)
+    except BaseException:  # Ctrl-C, a full disk: a partial export would refuse the command run again
+        for path in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise
     return list(targets)
 
 
