@@ -14,7 +14,9 @@ that one of several processes starting together may create (the run lock):
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 
 
@@ -46,17 +48,20 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
 def write_new(path: str, text: str) -> bool:
     """Write ``text`` to ``path`` whole, only if nothing is at ``path``; False if something
     is. Of processes writing one path at once exactly one gets True: the file is written
-    aside and hard-linked into place, which never replaces and is never seen half-written.
-    Where the file system has no hard links it is renamed into place (True)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    under a name of its own beside ``path`` and hard-linked into place, which never
+    replaces and is never seen half-written. Where the file system has no hard links it
+    is renamed into place instead (True), and that exclusivity is lost."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
     try:
-        with open(tmp, "w") as f:
+        with os.fdopen(fd, "w") as f:
             f.write(text)
         try:
             os.link(tmp, path)
         except FileExistsError:
             return False
-        except OSError:  # no hard links here (EPERM, ENOTSUP): at least never half-written
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):  # no hard links
+                raise
             os.replace(tmp, path)
         return True
     finally:
@@ -64,14 +69,13 @@ def write_new(path: str, text: str) -> bool:
             os.unlink(tmp)
 
 
-def replace_folder(staging: str, path: str) -> str | None:
-    """Put the folder ``staging`` at ``path`` by two renames: a reader sees the earlier
-    folder whole, then none for an instant, then the new one whole, never a mix; an
-    exception between the renames (Ctrl-C, a failed rename) puts the earlier one back.
-    ``staging`` must be beside ``path`` (one file system). Returns where the earlier
-    folder now is, for the caller to remove (None if there was none): removing a large
-    folder takes a while and is not part of the swap."""
-    aside = staging + ".old"
+def replace_folder(staging: str, path: str, aside: str) -> None:
+    """Put the folder ``staging`` at ``path`` by two renames, the earlier folder at
+    ``path`` going to ``aside`` for the caller to remove (removing a large folder takes a
+    while and is not part of the swap): a reader sees the earlier folder whole, then none
+    for an instant, then the new one whole, never a mix. An exception between the
+    renames (Ctrl-C, a failed rename) puts the earlier one back; once ``staging`` is gone
+    the swap is done. All three paths must be on one file system."""
     try:
         with contextlib.suppress(FileNotFoundError):
             os.rename(path, aside)
@@ -80,7 +84,6 @@ def replace_folder(staging: str, path: str) -> str | None:
         if os.path.exists(aside) and not os.path.exists(path):
             os.rename(aside, path)
         raise
-    return aside if os.path.exists(aside) else None
 
 
 def _fsync(path: str) -> None:

@@ -488,14 +488,14 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
 
     try:
         cfg = _load(args)
-        if args.dry_run:  # a dry run of train refuses what train refuses, a missing file too
+        resume = True if args.command == "sample" else args.resume
+        if args.dry_run:  # refuses what the command refuses: a missing file, a folder holding a run, no checkpoint
             from collafuse_hpc.runtime import preflight
 
-            preflight.check(cfg)
+            preflight.preflight(cfg, resume, args.command == "sample")
             print(_describe(cfg))
             _warn_ignored(cfg)
             return 0
-        resume = True if args.command == "sample" else args.resume
         if args.command == "sample":
             cfg.run.rounds = checkpoint.trained_round(cfg, "sample")
     except (ValueError, TypeError) as e:

@@ -33,7 +33,7 @@ def test_config_and_dry_run_print_the_resolved_run_and_write_nothing(tmp_path, s
     raw = tiny_config(shards, tmp_path / "out", [0.25, 1.0])
     raw["diffusion"]["sampling_steps"] = 10
     cfg = write_config(tmp_path / "run.yaml", raw)
-    for args in (["config", cfg], ["train", cfg, "--dry-run"], ["sample", cfg, "--in-process", "--dry-run"]):
+    for args in (["config", cfg], ["train", cfg, "--dry-run"]):
         assert main([*args, "--set", "run.rounds=7"]) == 0
         out = capsys.readouterr().out
         resolved = yaml.safe_load(out.split("\n# ")[0])
@@ -43,6 +43,13 @@ def test_config_and_dry_run_print_the_resolved_run_and_write_nothing(tmp_path, s
         assert re.search(r"1\s+client c0\s+5\s+5\s+0\s+8 \+ 2", out), out
         assert re.search(r"2\s+client c1\s+20\s+20\s+0\s+0 \+ 10", out), out
     assert not (tmp_path / "out").exists()
+    # a dry run answers whether the command would start: train --dry-run passed a folder train refused
+    assert main(["sample", cfg, "--in-process", "--dry-run"]) == 2
+    assert "so there is no model to sample: train it first" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/results.h5").write_bytes(b"")
+    assert main(["train", cfg, "--dry-run"]) == 2
+    assert "holds results of an earlier run; pass --resume" in capsys.readouterr().err
     assert main(["config", cfg, "--set", "clients.0.cut_ratio=0"]) == 2  # a cut of 0 needs the opt-in
     assert "allow_centralized" in capsys.readouterr().err
 

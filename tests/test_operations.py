@@ -95,13 +95,17 @@ def test_of_two_jobs_started_together_into_one_folder_one_takes_it_and_the_other
     one folder (6 of 20 tries). Two processes released at one instant, 30 times."""
     context = multiprocessing.get_context("fork")
     for attempt in range(30):
-        folder, start, said = str(tmp_path / f"run{attempt}"), context.Barrier(2), context.Queue()
-        jobs = [context.Process(target=_take_lock, args=(folder, f"job{i}", start, said)) for i in range(2)]
+        folder, start, said = str(tmp_path / f"run{attempt}"), context.Barrier(2, timeout=60), context.Queue()
+        tries = [(folder, f"job{i}", start, said) for i in range(2)]
+        jobs = [context.Process(target=_take_lock, args=one, daemon=True) for one in tries]
         for job in jobs:
             job.start()
-        outcomes = sorted(said.get(timeout=60) for _ in jobs)
-        for job in jobs:
-            job.join(timeout=60)
+        try:
+            outcomes = sorted(said.get(timeout=60) for _ in jobs)
+        finally:
+            for job in jobs:
+                job.join(timeout=60)
+                job.terminate()
         assert outcomes[1] == "took it" and "is in use by job 'job" in outcomes[0], outcomes
         assert os.listdir(folder) == [], "the lock is released, and nothing is left beside it"
 

@@ -502,8 +502,9 @@ def test_reports_into_one_folder_at_once_take_turns_and_leave_one_whole_report(e
 @pytest.mark.slow  # its run is trained and evaluated (conftest.evaluated_run)
 def test_a_report_not_written_or_interrupted_leaves_the_earlier_one(evaluated, tmp_path, capsys, monkeypatch):
     """A full disk or Ctrl-C while the report is written is one clear line and the earlier
-    report as it was, nothing left aside; a refused report into new folders makes none; a
-    file system without locks (NFS's EBADF, Lustre's ENOSYS) says so and writes the report."""
+    report as it was, nothing left aside; once the new report is in place, an interrupt
+    says so; a refused report into new folders makes none; a file system without locks
+    (ENOLCK, or Lustre's ENOSYS without -o flock) says so and writes the report."""
     out = tmp_path / "report"
     assert _report(capsys, evaluated / "results.h5", out=out).returncode == 0
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -527,9 +528,20 @@ def test_a_report_not_written_or_interrupted_leaves_the_earlier_one(evaluated, t
     (tmp_path / "broken.h5").write_bytes(b"not an HDF5 file")
     assert _report(capsys, tmp_path / "broken.h5", out=tmp_path / "new/deeper/report").returncode == 2
     assert sorted(os.listdir(tmp_path)) == ["broken.h5", "report"]
-    for error in (errno.EBADF, errno.ENOSYS):
+    for error in (errno.ENOLCK, errno.ENOSYS):
         with monkeypatch.context() as m:
             m.setattr("collafuse_hpc.report.make.fcntl.lockf", fail(OSError(error, os.strerror(error))))
             done = _report(capsys, evaluated / "results.h5", out=out)
         assert done.returncode == 0 and f"no file locks in {tmp_path} ({os.strerror(error)})" in done.stdout, done
         assert sorted(os.listdir(tmp_path)) == ["broken.h5", "report"] and (out / "report.html").exists()
+    (out / "earlier.txt").write_text("of the report before")  # Ctrl-C while the earlier report is removed
+    remove = shutil.rmtree
+    with monkeypatch.context() as m:
+        m.setattr(
+            "collafuse_hpc.report.make.shutil.rmtree",
+            lambda path, **kw: fail(KeyboardInterrupt())() if str(path).endswith(".old") else remove(path, **kw),
+        )
+        done = _report(capsys, evaluated / "results.h5", out=out)
+    left = [name for name in os.listdir(tmp_path) if name.endswith(".old")]
+    assert done.returncode == 130 and f"interrupted after {out} was written; what is left" in done.stderr, done
+    assert len(left) == 1 and left[0] in done.stderr and not (out / "earlier.txt").exists()

@@ -31,7 +31,8 @@ runs labelled alike are refused: pooled, they would count as two seeds. A seed o
 without the c = 1 run of its partition and seed is left out of versus_c1. What was left
 out, and why, is printed and listed in table.md and report.html. The report is written
 aside and then replaces --out whole, so nothing of an earlier report stays, and a
-refused, failed or interrupted command leaves --out as it was. Two reports into one
+refused, failed or interrupted command leaves --out as it was (an interrupt that comes
+after the new report is in place says so). Two reports into one
 --out at once (a study's points finishing together) take turns: the later one reads the
 runs after the earlier one is written, so the report left is the newer one.
 """
@@ -39,6 +40,7 @@ runs after the earlier one is written, so the report left is the newer one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -88,49 +90,65 @@ def _is_report(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, name)) for name in ("report.html", "table.csv"))
 
 
+NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # lockf where locks are not served
+
+
 @contextlib.contextmanager
 def _one_writer(out: str, out_arg: str) -> Iterator[None]:
     """Hold an exclusive lock on ``out`` while its report is read and written, so that two
     reports into one folder (a study's points finishing together) take turns instead of
     removing each other's folders, and the later one reads the runs as the earlier left
     them. The lock is a POSIX record lock (fcntl: NFS serves these, not flock on a
-    folder) on a hidden ``.<name>.lock`` beside ``out``, removed when done, as are the
-    folders above ``out`` that this call made and nothing was written into. Where the
-    file system has no locks (a Lustre mount without ``-o flock``), a line says so and
-    the report goes on unlocked."""
+    folder) on a hidden ``.<name>.lock`` beside ``out``, removed by its holder, as are
+    the folders above ``out`` that this call made when nothing was written into them
+    (reports into new folders at once that all write nothing may leave them). Where the
+    file system serves no locks (a Lustre mount without ``-o flock``), a line says so
+    and the report goes on unlocked. POSIX locks are per process: one call per process
+    at a time."""
     folder, name = os.path.split(out)
     made, above = [], folder  # the folders above out that do not exist yet, deepest first
     while not os.path.isdir(above):
         made.append(above)
         above = os.path.dirname(above)
-    path, fd, held = os.path.join(folder, f".{name}.lock"), None, False
+    path, fd = os.path.join(folder, f".{name}.lock"), None
+    held = created = waiting = unlocked = False
     try:
         while not held:
             os.makedirs(folder, exist_ok=True)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            except FileNotFoundError:  # a report that made the folder was refused and removed it meanwhile
+                try:
+                    fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+                except FileExistsError:
+                    fd, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:  # its holder removed it, or a refused report its folder: anew
                 continue
             try:
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another report holds it
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another report holds it
+                if not waiting:
                     print(f"report: waiting for another report writing into {out_arg}", flush=True)
+                waiting = True
+                try:
                     fcntl.lockf(fd, fcntl.LOCK_EX)
+                except OSError as e:  # NFS: the file waited on was removed by its holder
+                    if e.errno not in (errno.ESTALE, errno.ENOENT):
+                        raise
             except OSError as e:
+                if e.errno not in NO_LOCKS:
+                    raise
                 print(f"report: no file locks in {folder} ({e.strerror}): reports into {out_arg} at once would fail")
-                held = True
+                unlocked = True
                 break
             try:
                 held = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:  # the report before this one removed the file this one waited on
+            except OSError:  # the report before this one removed the file this one waited on: lock the new one
                 pass
             if not held:
                 os.close(fd)
                 fd = None
         yield
     finally:
-        if held:
+        if held or (unlocked and created):  # never a file another report may hold
             with contextlib.suppress(OSError):
                 os.unlink(path)  # while still locked: a report waiting on it then sees it gone and locks anew
         if fd is not None:
@@ -145,7 +163,8 @@ def _one_writer(out: str, out_arg: str) -> Iterator[None]:
 def make_report(results: list[str], out_arg: str, record: int | None = None) -> int:
     """Write the report of the results files ``results`` into the folder ``out_arg``;
     the exit code (0 written, 1 no evaluated run or not written, 2 refused, 130
-    interrupted (Ctrl-C; the command turns SIGTERM into one): nothing of --out changed unless 0)."""
+    interrupted (Ctrl-C; the command turns SIGTERM into one): --out as it was, unless the
+    message says the report was written)."""
     out = os.path.abspath(out_arg)
     try:
         with _one_writer(out, out_arg):
@@ -203,26 +222,27 @@ def _make_report(results: list[str], out: str, out_arg: str, record: int | None)
     if not evaluated:
         print("report: no evaluated runs")
         return 1
-    staging = aside = None
+    staging = None
     try:
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(staging, 0o777 & ~mask)  # a folder like any other the user makes (mkdtemp's is 0700)
         made = write_report(evaluated, staging, record, notes)
-        aside = replace_folder(staging, out)  # replaced whole: no grid or figure of an earlier report stays
+        replace_folder(staging, out, staging + ".old")  # replaced whole: no grid or figure of an earlier report stays
+        shutil.rmtree(staging + ".old", ignore_errors=True)
     except OSError as e:  # a full disk, a folder made read-only
         print(f"report: error: cannot write the report: {e}; {out_arg} is as it was", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if staging is None or os.path.exists(staging):  # not swapped in
+            raise
+        left = f"; what is left of the earlier one is in {staging}.old" if os.path.exists(staging + ".old") else ""
+        print(f"report: interrupted after {out_arg} was written{left}", file=sys.stderr)
+        return 130
     finally:
         if staging:  # gone once swapped in
             shutil.rmtree(staging, ignore_errors=True)
-    if aside:
-        try:
-            shutil.rmtree(aside, ignore_errors=True)
-        except KeyboardInterrupt:
-            print(f"report: interrupted; {out_arg} is written, and the earlier one is left in {aside}", file=sys.stderr)
-            return 130
     if not figures_available():  # the figures need an optional extra
         print("report: matplotlib is not installed, no figures (pip install 'collafuse-hpc[report]')")
     print(f"report: {out_arg}/" + ", ".join(["table.csv", "versus_c1.csv", "table.md", *made, "grids/", "report.html"]))
