@@ -245,7 +245,8 @@ def _make_report(results: list[str], out: str, out_arg: str, record: int | None)
             shutil.rmtree(staging, ignore_errors=True)
     if not figures_available():  # the figures need an optional extra
         print("report: matplotlib is not installed, no figures (pip install 'collafuse-hpc[report]')")
-    print(f"report: {out_arg.rstrip('/')}/" + ", ".join(["table.csv", "versus_c1.csv", "table.md", *made, "grids/", "report.html"]))
+    files = ["table.csv", "versus_c1.csv", "table.md", *made, "grids/", "report.html"]
+    print(f"report: {out_arg.rstrip('/')}/" + ", ".join(files))
     return 0
 
 
