@@ -186,6 +186,8 @@ def _load(args: argparse.Namespace, check_files: bool = True) -> Config:
         raise ValueError(f"{args.config!r} is a folder without a results.h5, not a run: give {what}")
     if results and args.command not in RUN_COMMANDS:
         raise ValueError(_train_of_a_run(args.config, results))
+    if not os.path.exists(args.config) and args.command in RUN_COMMANDS:  # a run's folder or a config: say both
+        raise ValueError(f"{args.config!r} not found: give a run's folder (its run.output_dir) or a config file")
     cfg = load_run(results, args.set, args.command) if results else load(args.config, args.set, check_files)
     apply_env_defaults(cfg)
     return cfg

@@ -195,3 +195,11 @@ def test_a_command_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_no_partial_ou
         assert main(["export", str(run), "--out", str(grids)]) == 130
     assert "export left no partial output" in capsys.readouterr().err and not grids.exists()
     assert main(["export", str(run), "--out", str(grids)]) == 0 and len(os.listdir(grids)) > 2
+
+
+def test_a_run_command_given_a_path_that_does_not_exist_names_both_things_it_takes(tmp_path, capsys):
+    """`evaluate runs/nope` answered "config file 'runs/nope' not found" to a user who meant a run."""
+    for command in ("evaluate", "sample", "config"):
+        assert main([command, str(tmp_path / "nope")]) == 2
+        err = capsys.readouterr().err
+        assert f"'{tmp_path / 'nope'}' not found: give a run's folder (its run.output_dir) or a config file" in err
