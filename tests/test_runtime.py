@@ -1,6 +1,7 @@
 """Whole runs with every role in one process: privacy invariant, failures,
 aggregation modes, resume."""
 
+import re
 import time
 
 import h5py
@@ -360,3 +361,12 @@ def test_a_run_from_before_a_config_key_existed_resumes_samples_and_evaluates(tm
     assert cli.main(["sample", str(tmp_path / "old"), "--in-process"]) == 0
     raw["run"]["rounds"] = 3
     run_in_process(from_dict(raw), resume=True)
+
+
+def test_a_run_shorter_than_its_log_interval_says_how_its_first_round_went(tmp_path, shards, caplog):
+    """With run.log_every = 50 a 10-round run (the federated quickstart) said nothing for six
+    minutes: the first round of every invocation is logged at once, then every interval."""
+    cfg = from_dict(tiny_config(shards, tmp_path, [0.25, 0.5], rounds=3, log_every=50, checkpoint_every=0))
+    with caplog.at_level("INFO", logger="collafuse_hpc"):
+        run_in_process(cfg, resume=False)
+    assert re.search(r"server 0 round 1/3 loss/server \d", caplog.text) and "round 2/3" not in caplog.text
