@@ -370,3 +370,25 @@ def test_a_run_shorter_than_its_log_interval_says_how_its_first_round_went(tmp_p
     with caplog.at_level("INFO", logger="collafuse_hpc"):
         run_in_process(cfg, resume=False)
     assert re.search(r"server 0 round 1/3 loss/server \d", caplog.text) and "round 2/3" not in caplog.text
+
+
+def test_the_server_says_it_is_still_sampling_when_a_batch_runs_for_long(tmp_path, shards, caplog, monkeypatch):
+    """The quickstart's final sampling logged "0/128 images" and then nothing for three
+    minutes (a batch's whole chain counts at once): a user saw a hung job."""
+    import functools
+
+    from collafuse_hpc.logs import Heartbeat
+    from collafuse_hpc.roles.server import Server
+
+    sample = Server.sample
+
+    def slow(self, *args, **kwargs):
+        time.sleep(2.0)
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(Server, "sample", slow)
+    monkeypatch.setattr("collafuse_hpc.runtime.loops.Heartbeat", functools.partial(Heartbeat, every_s=0.5))
+    cfg = from_dict(tiny_config(shards, tmp_path, [0.25, 0.5], rounds=1, checkpoint_every=0))
+    with caplog.at_level("INFO", logger="collafuse_hpc"):
+        run_in_process(cfg, resume=False)
+    assert re.search(r"server 0: still sampling \d+ images \(\d s\)", caplog.text), caplog.text[-2000:]

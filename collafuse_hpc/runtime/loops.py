@@ -21,6 +21,7 @@ import torch
 
 from collafuse_hpc.config import Config
 from collafuse_hpc.data import to_uint8
+from collafuse_hpc.logs import Heartbeat
 from collafuse_hpc.results.schema import AUDIT, part_path, recent_mean, recent_rows
 from collafuse_hpc.results.tensorboard import ScalarSink
 from collafuse_hpc.results.writer import RoleResults, save_grid
@@ -188,7 +189,9 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     requests = {}
     for src, ks in hosts.items():
         requests.update(wire.split(src, wire.recv(src, Kind.SAMPLE_REQUEST, run.rounds), ks))
-    replies = server.sample(requests, lambda: wire.check_alive(list(hosts)))
+    with Heartbeat(f"server {ctx.rank}") as beat:  # a batch's whole chain counts at once: minutes without a line
+        beat.at(f"sampling {sum(m.count for m in requests.values())} images")
+        replies = server.sample(requests, lambda: wire.check_alive(list(hosts)))
     send_packed(wire, replies, rank_of)
     wire.flush()
     totals["time_sampling_s"] = time.perf_counter() - t0
