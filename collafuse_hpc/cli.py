@@ -23,7 +23,8 @@ Launch lines::
 Exit status: 0 done, 1 a rank failed (the message names it), 2 bad input,
 75 stopped by SIGUSR1/SIGTERM/SIGINT at a round boundary with a checkpoint set (requeue
 and continue with --resume), 130 interrupted by a second SIGINT (the newest complete
-checkpoint set is kept).
+checkpoint set is kept), or any other command stopped by SIGINT or SIGTERM (it leaves
+no partial output).
 """
 
 from __future__ import annotations
@@ -354,7 +355,12 @@ def _read_results(args: argparse.Namespace) -> int:
             print(inspection.to_json(summary) if args.json else inspection.format_summary(summary))
             return 1 if any("part file" in m for m in summary["missing"]) else 0
         if args.command == "export":
-            written = inspection.export(args.results, args.out, args.npy)
+            try:
+                written = inspection.export(args.results, args.out, args.npy)
+            except OSError as e:  # a full disk, a folder made read-only: nothing of the export stays
+                if not (e.filename and os.path.abspath(e.filename).startswith(os.path.abspath(args.out))):
+                    raise
+                return _die(1, f"cannot write {e.filename!r}: {e.strerror or e}; nothing was exported", hard=False)
             for path in written:
                 print(path)
             if not written:
@@ -491,6 +497,8 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     try:
         cfg = _load(args)
         resume = True if args.command == "sample" else args.resume
+        if args.command == "sample":
+            cfg.run.rounds = checkpoint.trained_round(cfg, "sample")
         if args.dry_run:  # refuses what the command refuses: a missing file, a folder holding a run, no checkpoint
             from collafuse_hpc.runtime import preflight
 
@@ -498,8 +506,6 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
             print(_describe(cfg))
             _warn_ignored(cfg)
             return 0
-        if args.command == "sample":
-            cfg.run.rounds = checkpoint.trained_round(cfg, "sample")
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=False)
     distributed = not args.in_process

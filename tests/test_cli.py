@@ -1,5 +1,6 @@
 """The command line, as a user runs it."""
 
+import errno
 import os
 import shutil
 import signal
@@ -181,19 +182,40 @@ def test_a_command_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_no_partial_ou
     assert evaluating.returncode == 130 and "Traceback" not in err, err
     assert "collafuse-hpc: stopped: interrupted; evaluate left no partial output: run it again" in err
     assert file_tree(run) == before
-    grids = tmp_path / "grids"
-    calls = []
+    # a signal while its record is written arrives after it: the record is whole, not "did not finish"
+    from collafuse_hpc.results import writer
 
-    def save_then_stop(array, path):
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        save_grid(array, path)
+    point = writer.point_newest
+
+    def signalled(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        point(*args)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr("collafuse_hpc.results.inspection.save_grid", save_then_stop)
-        assert main(["export", str(run), "--out", str(grids)]) == 130
-    assert "export left no partial output" in capsys.readouterr().err and not grids.exists()
+        m.setattr("collafuse_hpc.evaluation.evaluate.point_newest", signalled)
+        assert main(["evaluate", str(run), "--set", "eval.images=16", "--set", "eval.bootstrap=10"]) == 130
+    with h5py.File(run / "results.h5") as f:
+        newest = f["records"][str(max(map(int, f["records"])))]
+        assert newest.attrs["command"] == "evaluate" and newest.attrs["finished"] and newest.attrs["totals"]
+    grids = tmp_path / "new/sub/grids"  # the folders export makes go with what it wrote
+    capsys.readouterr()
+    for stop, code, said in (
+        (KeyboardInterrupt(), 130, "export left no partial output"),
+        (OSError(errno.ENOSPC, "No space left on device"), 1, "No space left on device; nothing was exported"),
+    ):
+        calls = []
+
+        def save_then_stop(array, path, stop=stop, calls=calls):
+            calls.append(path)
+            if len(calls) == 2:
+                stop.filename = path
+                raise stop
+            save_grid(array, path)
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("collafuse_hpc.results.inspection.save_grid", save_then_stop)
+            assert main(["export", str(run), "--out", str(grids)]) == code
+        assert said in capsys.readouterr().err and not (tmp_path / "new").exists()
     assert main(["export", str(run), "--out", str(grids)]) == 0 and len(os.listdir(grids)) > 2
 
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -275,7 +277,8 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
     with parts("membership inference", "inferring membership pooled over the clients"):
         pooled_scores = {model: tuple(map(np.concatenate, s)) for model, s in scores.items()}
         report["pooled"]["membership"] = _membership(pooled_scores, resamples, seed)
-    _write(index, cfg, report, grids, identity, round_, started, parts.seconds)
+    with _signals_after():
+        _write(index, cfg, report, grids, identity, round_, started, parts.seconds)
     log.info("evaluate: what each part took: %s", parts.line())
     log.info("evaluation of round %d written to %s (%.1f s)", round_, index, time.perf_counter() - t0)
     return report
@@ -318,6 +321,30 @@ def print_report(report: dict) -> None:
 
 def _line(entry: dict) -> str:
     return ", ".join(f"{s} FID {entry[s]['fid']:.2f}" for s in SETS if s in entry)
+
+
+@contextlib.contextmanager
+def _signals_after() -> Iterator[None]:
+    """SIGINT and SIGTERM that come while the block runs arrive when it ends: a record is
+    written whole or not begun (an interrupt in between left a record that "did not
+    finish" with /metrics pointing into it). Python runs signal handlers in the main
+    thread only, so elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+
+    def hold(number: int, frame) -> None:
+        caught.append(number)
+
+    previous = {number: signal.signal(number, hold) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def _write(

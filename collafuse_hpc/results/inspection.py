@@ -354,7 +354,10 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
     kinds = (".png", ".npy") if arrays else (".png",)
     targets = {os.path.join(out_dir, name + kind): array for name, array in images.items() for kind in kinds}
     refuse_existing(targets, "an earlier export (of this run, another record or another run) would be mixed in")
-    made = bool(targets) and not os.path.isdir(out_dir)  # no folder made when there is nothing to export
+    made, above = [], os.path.abspath(out_dir)  # the folders to make, deepest first; none for nothing to export
+    while targets and not os.path.isdir(above):
+        made.append(above)
+        above = os.path.dirname(above)
     written = []
     try:
         if made:
@@ -369,9 +372,9 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
         for path in written:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        if made:
+        for folder in made:
             with contextlib.suppress(OSError):
-                os.rmdir(out_dir)
+                os.rmdir(folder)
         raise
     return list(targets)
 

@@ -43,8 +43,8 @@ class Preempted(Exception):
     def __init__(self, round_: int, signal_name: str, during: str = ""):
         what = during or f"after round {round_}: checkpoint set written"
         super().__init__(
-            f"stopped by {signal_name} {what}; exit {EXIT_REQUEUE}: the same command with --resume continues "
-            "it (the job scripts requeue on this code)"
+            f"stopped by {signal_name} {what}; exit {EXIT_REQUEUE}: run it again to continue (train with "
+            "--resume; the job scripts requeue on this code)"
         )
         self.round, self.signal_name = round_, signal_name
 

@@ -136,8 +136,6 @@ def _resume_round(cfg: Config, auto: bool, command: str) -> int:
     if not checkpoint.complete_rounds(out):
         if auto:
             return 0
-        if command == "sample":
-            raise ValueError(f"sample: {checkpoint.describe(out)}, so there is no model to sample: train it first")
         raise ValueError(
             f"{command}: {checkpoint.describe(out)}, so there is nothing to continue. Start without --resume "
             "(a new run.output_dir), or pass --resume=auto to continue when a set exists and start otherwise"
