@@ -69,6 +69,26 @@ def write_new(path: str, text: str) -> bool:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def made_folder(path: str) -> Iterator[None]:
+    """Make the folder ``path`` with its missing parents; on leaving, remove those this
+    call made that are empty again, deepest first: a refused, failed or interrupted
+    command leaves no folder behind, a command that wrote into it keeps it."""
+    made, above = [], os.path.abspath(path)
+    while not os.path.isdir(above):
+        made.append(above)
+        above = os.path.dirname(above)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield
+    finally:
+        for folder in made:
+            try:
+                os.rmdir(folder)
+            except OSError:  # something was written into it (or by another process)
+                break
+
+
 def replace_folder(staging: str, path: str, aside: str) -> None:
     """Put the folder ``staging`` at ``path`` by two renames, the earlier folder at
     ``path`` going to ``aside`` for the caller to remove (removing a large folder takes a

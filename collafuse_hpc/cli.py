@@ -358,7 +358,8 @@ def _read_results(args: argparse.Namespace) -> int:
             try:
                 written = inspection.export(args.results, args.out, args.npy)
             except OSError as e:  # a full disk, a folder made read-only: nothing of the export stays
-                if not (e.filename and os.path.abspath(e.filename).startswith(os.path.abspath(args.out))):
+                out = os.path.abspath(args.out)
+                if not (e.filename and os.path.commonpath([out, os.path.abspath(e.filename)]) == out):
                     raise
                 return _die(1, f"cannot write {e.filename!r}: {e.strerror or e}; nothing was exported", hard=False)
             for path in written:

@@ -48,7 +48,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-from collafuse_hpc.atomic import replace_folder
+from collafuse_hpc.atomic import made_folder, replace_folder
 from collafuse_hpc.report import stats
 from collafuse_hpc.report.figures import (
     conditions_figure,
@@ -106,58 +106,51 @@ def _one_writer(out: str, out_arg: str) -> Iterator[None]:
     and the report goes on unlocked. POSIX locks are per process: one call per process
     at a time."""
     folder, name = os.path.split(out)
-    made, above = [], folder  # the folders above out that do not exist yet, deepest first
-    while not os.path.isdir(above):
-        made.append(above)
-        above = os.path.dirname(above)
     path, fd = os.path.join(folder, f".{name}.lock"), None
     held = created = waiting = unlocked = False
-    try:
-        while not held:
-            os.makedirs(folder, exist_ok=True)
-            try:
+    with made_folder(folder):
+        try:
+            while not held:
+                os.makedirs(folder, exist_ok=True)  # a refused report that made it may have removed it meanwhile
                 try:
-                    fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
-                except FileExistsError:
-                    fd, created = os.open(path, os.O_RDWR), False
-            except FileNotFoundError:  # its holder removed it, or a refused report its folder: anew
-                continue
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another report holds it
-                if not waiting:
-                    print(f"report: waiting for another report writing into {out_arg}", flush=True)
-                waiting = True
+                    try:
+                        fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+                    except FileExistsError:
+                        fd, created = os.open(path, os.O_RDWR), False
+                except FileNotFoundError:  # its holder removed it, or a refused report its folder: anew
+                    continue
                 try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX)
-                except OSError as e:  # NFS: the file waited on was removed by its holder
-                    if e.errno not in (errno.ESTALE, errno.ENOENT):
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another report holds it
+                    if not waiting:
+                        print(f"report: waiting for another report writing into {out_arg}", flush=True)
+                    waiting = True
+                    try:
+                        fcntl.lockf(fd, fcntl.LOCK_EX)
+                    except OSError as e:  # NFS: the file waited on was removed by its holder
+                        if e.errno not in (errno.ESTALE, errno.ENOENT):
+                            raise
+                except OSError as e:
+                    if e.errno not in NO_LOCKS:
                         raise
-            except OSError as e:
-                if e.errno not in NO_LOCKS:
-                    raise
-                print(f"report: no file locks in {folder} ({e.strerror}): reports into {out_arg} at once would fail")
-                unlocked = True
-                break
-            try:
-                held = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except OSError:  # the report before this one removed the file this one waited on: lock the new one
-                pass
-            if not held:
+                    said = f"{folder} ({e.strerror}): reports into {out_arg} at once would fail"
+                    print(f"report: no file locks in {said}")
+                    unlocked = True
+                    break
+                try:
+                    held = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except OSError:  # the report before this one removed the file this one waited on: lock the new one
+                    pass
+                if not held:
+                    os.close(fd)
+                    fd = None
+            yield
+        finally:
+            if held or (unlocked and created):  # never a file another report may hold
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # while still locked: a report waiting on it then sees it gone and locks anew
+            if fd is not None:
                 os.close(fd)
-                fd = None
-        yield
-    finally:
-        if held or (unlocked and created):  # never a file another report may hold
-            with contextlib.suppress(OSError):
-                os.unlink(path)  # while still locked: a report waiting on it then sees it gone and locks anew
-        if fd is not None:
-            os.close(fd)
-        for made_folder in made:
-            try:
-                os.rmdir(made_folder)
-            except OSError:  # the report is in it, or another report's lock file
-                break
 
 
 def make_report(results: list[str], out_arg: str, record: int | None = None) -> int:

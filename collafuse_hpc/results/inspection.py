@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import yaml
 
-from collafuse_hpc.atomic import refuse_existing
+from collafuse_hpc.atomic import made_folder, refuse_existing
 from collafuse_hpc.config_rules import describe_keys
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.evaluation.attacks import describe as describe_attack
@@ -354,28 +354,22 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
     kinds = (".png", ".npy") if arrays else (".png",)
     targets = {os.path.join(out_dir, name + kind): array for name, array in images.items() for kind in kinds}
     refuse_existing(targets, "an earlier export (of this run, another record or another run) would be mixed in")
-    made, above = [], os.path.abspath(out_dir)  # the folders to make, deepest first; none for nothing to export
-    while targets and not os.path.isdir(above):
-        made.append(above)
-        above = os.path.dirname(above)
+    if not targets:  # no folder made when there is nothing to export
+        return []
     written = []
-    try:
-        if made:
-            os.makedirs(out_dir)
-        for path, array in targets.items():
-            written.append(path)
-            if path.endswith(".png"):
-                save_grid(array, path)
-            else:
-                np.save(path, array)
-    except BaseException:  # Ctrl-C, a full disk: a partial export would refuse the command run again
-        for path in written:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        for folder in made:
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-        raise
+    with made_folder(out_dir):
+        try:
+            for path, array in targets.items():
+                written.append(path)
+                if path.endswith(".png"):
+                    save_grid(array, path)
+                else:
+                    np.save(path, array)
+        except BaseException:  # Ctrl-C, a full disk: a partial export would refuse the command run again
+            for path in written:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            raise
     return list(targets)
 
 

@@ -46,7 +46,7 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
     totals.update(time_recv_s=0.0, time_compute_s=0.0, time_send_s=0.0)
     recent = Recent(run.rounds - ctx.start_round)
     ctx.so_far = lambda: {None: recent.added(totals)}
-    profiler, first_log = round_profiler(ctx, server.device), True
+    profiler = round_profiler(ctx, server.device)
     for r in rounds(ctx):
         t0 = time.perf_counter()
         taking = sorted(participants(ctx.cfg, r))
@@ -80,9 +80,8 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
         add_totals(totals, row)
         totals["images"] += images
         totals["updates"] += len(updates)
-        if (r + 1) % run.log_every == 0 or first_log:  # the first round at once: a short run said nothing
+        if (r + 1) % run.log_every == 0 or r == ctx.start_round:  # the first round at once: a short run said nothing
             log.info("server round %d/%d: %d updates, |mean update| %.3g", r + 1, run.rounds, len(updates), norm)
-            first_log = False
         profiler.step()
         end_of_round(ctx, [results], server.state_dict, r)
     profiler.close()

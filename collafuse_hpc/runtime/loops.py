@@ -133,7 +133,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
     profiler = round_profiler(ctx, server.device)
     if not hosts:
         log.info("server %d: every client it serves is local-only (c = 1); it stays idle until sampling", ctx.rank)
-    trained_since_log, last_row, first_log = 0, {}, True
+    trained_since_log, last_row = 0, {}
     for r in rounds(ctx):
         t0 = time.perf_counter()
         bound = run.work_timeout_s if r == ctx.start_round else None  # the first round starts models (compile, ...)
@@ -178,9 +178,9 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
             trained_since_log, last_row = trained_since_log + 1, row
         add_totals(totals, row)
         totals["images"] += n
-        if (r + 1) % run.log_every == 0 or first_log:  # the first round at once: a short run said nothing
+        if (r + 1) % run.log_every == 0 or r == ctx.start_round:  # the first round at once: a short run said nothing
             _log_server_interval(ctx, r, last_row, trained_since_log)
-            trained_since_log, first_log = 0, False
+            trained_since_log = 0
         profiler.step()
         end_of_round(ctx, [results], server.state_dict, r)
     profiler.close()
