@@ -365,10 +365,12 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
                     save_grid(array, path)
                 else:
                     np.save(path, array)
-        except BaseException:  # Ctrl-C, a full disk: a partial export would refuse the command run again
+        except BaseException as e:  # Ctrl-C, a full disk: a partial export would refuse the command run again
             for path in written:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+            if isinstance(e, OSError) and not e.filename:  # PIL and numpy write errors name no file
+                raise OSError(e.errno, e.strerror or str(e), written[-1]) from e
             raise
     return list(targets)
 
