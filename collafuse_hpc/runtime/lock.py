@@ -37,21 +37,70 @@ def _alive(info: dict) -> bool:
     return True
 
 
-def check(output_dir: str, job: str) -> None:
-    """ValueError if another live job holds ``output_dir`` (call on every rank)."""
-    path = _path(output_dir)
+def _read(path: str) -> tuple[dict, os.stat_result] | None:
+    """The lock at ``path`` and its file's status, read from one open file (so they
+    describe the same file when another job replaces it meanwhile); None when there is none."""
     try:
         with open(path) as f:
-            info = json.load(f)
-        age = time.time() - os.path.getmtime(path)
+            return json.load(f), os.fstat(f.fileno())
     except (FileNotFoundError, json.JSONDecodeError, OSError):
-        return
+        return None
+
+
+def _refuse_if_held(output_dir: str, job: str, info: dict, st: os.stat_result) -> None:
+    age = time.time() - st.st_mtime
     if info.get("job") != job and age < STALE_S and _alive(info):
         raise ValueError(
             f"output folder {output_dir!r} is in use by job {info.get('job')!r} (host {info.get('host')}, "
             f"pid {info.get('pid')}, lock touched {age:.0f} s ago). Use another run.output_dir, or wait; "
             f"a lock untouched for {STALE_S:.0f} s is taken over"
         )
+
+
+def check(output_dir: str, job: str) -> None:
+    """ValueError if another live job holds ``output_dir`` (call on every rank)."""
+    found = _read(_path(output_dir))
+    if found is not None:
+        _refuse_if_held(output_dir, job, *found)
+
+
+def _take_over(output_dir: str, job: str, text: str) -> bool:
+    """Replace the lock of ``output_dir`` with ``text`` if it is ours from before a requeue
+    or abandoned; ValueError if a live job holds it, False if it vanished meanwhile (try
+    again). Of jobs taking one abandoned lock at once exactly one succeeds: each first
+    creates a marker named after that lock's file (inode and modification time), and only
+    the marker's creator replaces the lock, only while it is still that file."""
+    path = _path(output_dir)
+    found = _read(path)
+    if found is None:
+        return False
+    info, st = found
+    _refuse_if_held(output_dir, job, info, st)
+    marker = f"{path}.takeover-{st.st_ino}-{st.st_mtime_ns}"
+    if not write_new(marker, text):
+        taker = _read(marker)
+        if taker is not None and time.time() - taker[1].st_mtime >= STALE_S:
+            raise ValueError(
+                f"a job that took over the abandoned lock of {output_dir!r} died while doing so; "
+                f"if no job runs there, remove {marker!r} and start again"
+            )
+        who = taker[0].get("job") if taker else None
+        raise ValueError(
+            f"output folder {output_dir!r} is being taken over by job {who!r}, started with this one. "
+            "Use another run.output_dir, or wait for it to end"
+        )
+    try:
+        now = os.stat(path)
+        if (now.st_ino, now.st_mtime_ns) != (st.st_ino, st.st_mtime_ns):  # another taker was faster
+            check(output_dir, job)
+            return False
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            f.write(text)
+        return True
+    except FileNotFoundError:  # released meanwhile
+        return False
+    finally:
+        os.remove(marker)
 
 
 class RunLock:
@@ -63,10 +112,9 @@ class RunLock:
         self.path = _path(output_dir)
         info = {"job": job, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         text = json.dumps(info)
-        if not write_new(self.path, text):  # ours before a requeue, an abandoned one, or a job started with this one
-            check(output_dir, job)
-            with atomic_path(self.path) as tmp, open(tmp, "w") as f:
-                f.write(text)
+        # a lock there: ours before a requeue, an abandoned one, or a job started with this one
+        while not write_new(self.path, text) and not _take_over(output_dir, job, text):
+            pass
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
         self._thread.start()
