@@ -425,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     terminate = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None  # scancel
     try:
         return _command(args)
-    except KeyboardInterrupt:  # every command writes its files whole, or removes what it wrote
-        text = f"interrupted; {args.command} left no partial output: run it again"
+    except KeyboardInterrupt as e:  # every command writes its files whole, or removes what it wrote
+        text = str(e) or f"interrupted; {args.command} left no partial output: run it again"
         return _die(130, text, hard=False, label="stopped")
     finally:
         if terminate is not None:

@@ -194,6 +194,9 @@ def test_a_command_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_no_partial_ou
     with pytest.MonkeyPatch.context() as m:
         m.setattr("collafuse_hpc.evaluation.evaluate.point_newest", signalled)
         assert main(["evaluate", str(run), "--set", "eval.images=16", "--set", "eval.bootstrap=10"]) == 130
+    said = capsys.readouterr().err
+    assert f"stopped: interrupted after the evaluation of round 2 was written whole to {run / 'results.h5'}" in said
+    assert "run it again" not in said
     with h5py.File(run / "results.h5") as f:
         newest = f["records"][str(max(map(int, f["records"])))]
         assert newest.attrs["command"] == "evaluate" and newest.attrs["finished"] and newest.attrs["totals"]

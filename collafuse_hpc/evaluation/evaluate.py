@@ -277,7 +277,7 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
     with parts("membership inference", "inferring membership pooled over the clients"):
         pooled_scores = {model: tuple(map(np.concatenate, s)) for model, s in scores.items()}
         report["pooled"]["membership"] = _membership(pooled_scores, resamples, seed)
-    with _signals_after():
+    with _signals_after(f"interrupted after the evaluation of round {round_} was written whole to {index}"):
         _write(index, cfg, report, grids, identity, round_, started, parts.seconds)
     log.info("evaluate: what each part took: %s", parts.line())
     log.info("evaluation of round %d written to %s (%.1f s)", round_, index, time.perf_counter() - t0)
@@ -324,11 +324,12 @@ def _line(entry: dict) -> str:
 
 
 @contextlib.contextmanager
-def _signals_after() -> Iterator[None]:
+def _signals_after(done: str) -> Iterator[None]:
     """SIGINT and SIGTERM that come while the block runs arrive when it ends: a record is
     written whole or not begun (an interrupt in between left a record that "did not
-    finish" with /metrics pointing into it). Python runs signal handlers in the main
-    thread only, so elsewhere the block runs as it is."""
+    finish" with /metrics pointing into it). The KeyboardInterrupt they raise then says
+    ``done`` (what was written), not that nothing was. Python runs signal handlers in the
+    main thread only, so elsewhere the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -344,7 +345,10 @@ def _signals_after() -> Iterator[None]:
         for number, handler in previous.items():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
         if caught:
-            signal.raise_signal(caught[0])
+            try:
+                signal.raise_signal(caught[0])
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(done) from None
 
 
 def _write(
