@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -243,7 +244,11 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(hints))
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
-        raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(hints)}")
+        near = {k: difflib.get_close_matches(k, hints, n=1) for k in unknown}
+        near = {k: m[0] for k, m in near.items() if m}
+        meant = ", ".join(repr(m) if len(unknown) == 1 else f"{m!r} for {k!r}" for k, m in near.items())
+        meant = f" (did you mean {meant}?)" if meant else ""
+        raise ValueError(f"unknown config key(s) {unknown} in {where}{meant}; valid keys: {sorted(hints)}")
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 

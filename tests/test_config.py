@@ -30,6 +30,12 @@ def test_valid_config_loads_with_defaults_and_cut_steps(cfg_file):
 def test_unknown_key_names_it_and_lists_valid_keys(cfg_file):
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['stepz'\] in section 'diffusion'.*timesteps"):
         load(cfg_file(diffusion={"stepz": 3}))
+    with pytest.raises(ValueError, match=r"\['round'\] in section 'run' \(did you mean 'rounds'\?\); valid keys"):
+        load(cfg_file(), ["run.round=5"])
+    with pytest.raises(ValueError, match=r"mean 'cut_ratio' for 'cut_rato', 'share_labels' for 'sahre_labels'\?"):
+        load(cfg_file(), ["clients.0.cut_rato=0.5", "clients.0.sahre_labels=true"])
+    with pytest.raises(ValueError, match=r"\['sever'\] in the top level \(did you mean 'server'\?\)"):
+        load(cfg_file(sever={}))
 
 
 def test_wrong_type_names_the_key(cfg_file):
