@@ -474,6 +474,35 @@ def test_evaluate_parts_record_only_the_parts_that_ran_in_their_order():
             pass
 
 
+def test_a_stop_request_after_sampling_stops_the_evaluation_at_its_next_part(evaluated_run, tmp_path, monkeypatch):
+    """The evaluation at the end of training checked a stop request only between batches of
+    generated images: a Ctrl-C or scancel during the attacks or membership inference (most
+    of an evaluation's time at large eval.images) was ignored until it ended."""
+    from collafuse_hpc.config import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run(0.25), run)
+    before = file_tree(run)
+    stop, calls, memorization = [], [], evaluate_module.privacy.memorization
+
+    def stop_during(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the last client's, after every image was generated
+            stop.append("SIGTERM")  # as the signal handler records it
+        return memorization(*args)
+
+    def check():
+        if stop:
+            raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(evaluate_module.privacy, "memorization", stop_during)
+    cfg = load_run(str(run / "results.h5"), ["eval.images=16", "eval.bootstrap=10"], "evaluate")
+    with pytest.raises(KeyboardInterrupt, match="stopped"):
+        evaluate(cfg, check)
+    assert stop == ["SIGTERM"], "it stopped at the part after the one the signal came in"
+    assert file_tree(run) == before
+
+
 @pytest.mark.slow
 def test_evaluate_scores_clients_that_use_labels_kept_and_shared(tmp_path, shards):
     """Every model evaluate runs with labels (the sets, the attacks with the client's own

@@ -88,11 +88,12 @@ PARTS = (
 
 class Parts:
     """Seconds each of PARTS that ran took, summed over the clients; ``with parts(part,
-    stage):`` times one and names ``stage`` to the heartbeat. A part that never ran (the
-    client compute with ``eval.compute`` false) is absent, not recorded as 0 s."""
+    stage):`` calls ``check`` (a stop request raises), times the part and names ``stage``
+    to the heartbeat. A part that never ran (the client compute with ``eval.compute``
+    false) is absent, not recorded as 0 s."""
 
-    def __init__(self, beat: Heartbeat):
-        self.beat, self._seconds = beat, {}
+    def __init__(self, beat: Heartbeat, check: Callable[[], None] = lambda: None):
+        self.beat, self.check, self._seconds = beat, check, {}
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -103,6 +104,7 @@ class Parts:
     def __call__(self, part: str, stage: str) -> Iterator[None]:
         if part not in PARTS:
             raise KeyError(f"{part!r} is not one of evaluate's PARTS")
+        self.check()
         self.beat.at(stage)
         start = time.perf_counter()
         try:
@@ -141,9 +143,10 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None, threads: int
     """Evaluate the newest complete checkpoint set of ``cfg.run.output_dir``; write
     ``/metrics`` into its results.h5 and return the same numbers as a dict.
 
-    ``check`` runs before every batch of generated images: it raises to stop (a
-    preemption signal); then nothing is written. Runs with ``threads`` torch threads
-    (default ``run.threads``; 0: the caller's), and gives the caller its own back.
+    ``check`` runs before every batch of generated images and every part of the
+    evaluation (PARTS): it raises to stop (a preemption signal); then nothing is
+    written. Runs with ``threads`` torch threads (default ``run.threads``; 0: the
+    caller's), and gives the caller its own back.
     Logs a line at least every 10 s: progress while sampling, else the step under way."""
     with torch_threads(cfg.run.threads if threads is None else threads), Heartbeat("evaluate") as beat:
         return _evaluate(cfg, check, beat)
@@ -169,7 +172,7 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
     pooled = {s: ([], []) for s in SETS}  # set -> (real features, generated features) of the clients that have it
     scores: dict[str, tuple[list, list]] = {}  # model -> (members' scores, non-members') of every client
     grids = {}
-    parts = Parts(beat)
+    parts = Parts(beat, check)
     resamples, seed = cfg.eval.bootstrap, cfg.run.seed
 
     def feats(images: np.ndarray) -> np.ndarray:
