@@ -500,10 +500,11 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
         resume = True if args.command == "sample" else args.resume
         if args.command == "sample":
             cfg.run.rounds = checkpoint.trained_round(cfg, "sample")
-        if args.dry_run:  # refuses what the command refuses: a missing file, a folder holding a run, no checkpoint
-            from collafuse_hpc.runtime import preflight
+        if args.dry_run:  # refuses what the command refuses: a missing file, a folder a run holds or a job runs in
+            from collafuse_hpc.runtime import lock, preflight
 
             preflight.preflight(cfg, resume, args.command == "sample")
+            lock.check(cfg.run.output_dir, job="")  # no job's key: any live job's lock refuses
             print(_describe(cfg))
             _warn_ignored(cfg)
             return 0

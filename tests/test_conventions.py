@@ -3,16 +3,18 @@ lines with level and rank, progress, TensorBoard scalars, and results files that
 generic HDF5 tools read (units, the round dimension scale, one self-contained file)."""
 
 import importlib.util
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
 import h5py
 import pytest
 import yaml
-from conftest import tiny_config, write_config
+from conftest import file_tree, tiny_config, write_config
 
 from collafuse_hpc.cli import main
 from collafuse_hpc.config import from_dict
@@ -52,6 +54,22 @@ def test_config_and_dry_run_print_the_resolved_run_and_write_nothing(tmp_path, s
     assert "holds results of an earlier run; pass --resume" in capsys.readouterr().err
     assert main(["config", cfg, "--set", "clients.0.cut_ratio=0"]) == 2  # a cut of 0 needs the opt-in
     assert "allow_centralized" in capsys.readouterr().err
+
+
+def test_a_dry_run_of_a_trained_run_passes_and_one_into_a_folder_a_job_runs_in_is_refused(tmp_path, shards, capsys):
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5], rounds=1)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    assert main(["train", cfg, "--in-process"]) == 0
+    before = file_tree(tmp_path / "out")
+    capsys.readouterr()
+    assert main(["sample", cfg, "--in-process", "--dry-run"]) == 0
+    assert "# 3 ranks" in capsys.readouterr().out
+    (tmp_path / "out/.lock").write_text(json.dumps({"job": "other", "host": socket.gethostname(), "pid": os.getpid()}))
+    for args in (["sample", cfg, "--dry-run"], ["train", cfg, "--resume", "--set", "run.rounds=2", "--dry-run"]):
+        assert main(args) == 2, args  # train and sample refuse it: the dry run says so before the job is queued
+        assert f"output folder '{tmp_path / 'out'}' is in use by job 'other'" in capsys.readouterr().err
+    (tmp_path / "out/.lock").unlink()
+    assert file_tree(tmp_path / "out") == before
 
 
 def test_config_plans_a_job_whose_files_do_not_exist_yet(tmp_path, shards, capsys):
