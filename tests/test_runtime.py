@@ -3,6 +3,7 @@ aggregation modes, resume."""
 
 import re
 import time
+import types
 
 import h5py
 import numpy as np
@@ -370,6 +371,26 @@ def test_a_run_shorter_than_its_log_interval_says_how_its_first_round_went(tmp_p
     with caplog.at_level("INFO", logger="collafuse_hpc"):
         run_in_process(cfg, resume=False)
     assert re.search(r"server 0 round 1/3 loss/server \d", caplog.text) and "round 2/3" not in caplog.text
+
+
+@pytest.mark.parametrize("method", ["split", "federated"])
+def test_the_clients_log_their_local_loss_beside_the_servers(tmp_path, shards, caplog, method):
+    """A run logged only the server's loss: the quickstart's user could not see whether the
+    clients' models, which make the final images, were learning."""
+    from collafuse_hpc.runtime.rounds import log_clients
+
+    raw = tiny_config(shards, tmp_path, [0.25, 0.5], rounds=3, log_every=2, checkpoint_every=0, method=method)
+    with caplog.at_level("INFO", logger="collafuse_hpc"):
+        run_in_process(from_dict(raw), resume=False)
+    for r in (1, 2):  # the first round at once, then every log_every
+        for who in ("c0", "c1"):
+            assert re.search(rf"clients round {r}/3 loss/local .*{who} \d+\.\d{{4}}", caplog.text), caplog.text[-3000:]
+    assert "round 3/3 loss/local" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="collafuse_hpc"):  # a rank of many clients: one line, not one each
+        ctx = types.SimpleNamespace(cfg=types.SimpleNamespace(run=types.SimpleNamespace(rounds=10)))
+        log_clients(ctx, 4, {f"c{i}": 0.1 * (i + 1) for i in range(5)})
+    assert "clients round 5/10 loss/local mean 0.3000 over 5 clients (0.1000 to 0.5000)" in caplog.text
 
 
 def test_the_server_says_it_is_still_sampling_when_a_batch_runs_for_long(tmp_path, shards, caplog, monkeypatch):

@@ -30,7 +30,7 @@ from collafuse_hpc.runtime.loops import (
     send_packed,
     wire_bytes,
 )
-from collafuse_hpc.runtime.rounds import Context, end_of_round, rounds
+from collafuse_hpc.runtime.rounds import Context, end_of_round, log_clients, log_due, rounds
 from collafuse_hpc.runtime.topology import participants
 from collafuse_hpc.runtime.wire import Kind
 
@@ -80,7 +80,7 @@ def fed_server_loop(ctx: Context, server: FedServer, results: RoleResults) -> di
         add_totals(totals, row)
         totals["images"] += images
         totals["updates"] += len(updates)
-        if (r + 1) % run.log_every == 0 or r == ctx.start_round:  # the first round at once: a short run said nothing
+        if log_due(ctx, r):
             log.info("server round %d/%d: %d updates, |mean update| %.3g", r + 1, run.rounds, len(updates), norm)
         profiler.step()
         end_of_round(ctx, [results], server.state_dict, r)
@@ -100,6 +100,7 @@ def fed_client_loop(ctx: Context, host: FedHost, results: dict[int, RoleResults]
     wire, run, f = ctx.wire, ctx.cfg.run, ctx.cfg.federated
     server = 0  # one server (config_rules)
     totals, recent, released, profiler = client_start(ctx, host, results)
+    newest: dict[str, float] = {}  # each client's newest local loss, for the log
     for r in rounds(ctx):
         drawn = participants(ctx.cfg, r)
         taking = [c for c in host.clients if c.index in drawn]
@@ -144,6 +145,9 @@ def fed_client_loop(ctx: Context, host: FedHost, results: dict[int, RoleResults]
             recent[c.index].add(row)
             add_totals(totals[c.index], row)
             totals[c.index]["images"] += images
+            newest[c.id] = losses[c.index]
+        if log_due(ctx, r):
+            log_clients(ctx, r, newest)
         profiler.step()
         end_of_round(ctx, list(results.values()), host.state_dict, r)
     profiler.close()

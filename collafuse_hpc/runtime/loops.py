@@ -30,7 +30,7 @@ from collafuse_hpc.roles.host import ClientHost
 from collafuse_hpc.roles.server import Server
 from collafuse_hpc.runtime.preemption import Preempted
 from collafuse_hpc.runtime.profiling import RoundProfiler
-from collafuse_hpc.runtime.rounds import Context, end_of_round, restore, rounds, slow_write
+from collafuse_hpc.runtime.rounds import Context, end_of_round, log_clients, log_due, restore, rounds, slow_write
 from collafuse_hpc.runtime.topology import Topology, participants
 from collafuse_hpc.runtime.wire import Kind, Message, PeerFailure, Wire, pack
 
@@ -178,7 +178,7 @@ def server_loop(ctx: Context, server: Server, results: RoleResults) -> dict:
             trained_since_log, last_row = trained_since_log + 1, row
         add_totals(totals, row)
         totals["images"] += n
-        if (r + 1) % run.log_every == 0 or r == ctx.start_round:  # the first round at once: a short run said nothing
+        if log_due(ctx, r):
             _log_server_interval(ctx, r, last_row, trained_since_log)
             trained_since_log = 0
         profiler.step()
@@ -226,6 +226,7 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
     wire, run, topo = ctx.wire, ctx.cfg.run, ctx.topo
     server_of = {c.index: topo.server_of(c.index) for c in host.clients}
     totals, recent, released, profiler = client_start(ctx, host, results)
+    newest: dict[str, float] = {}  # each client's newest local loss, for the log
     for r in rounds(ctx):
         drawn = participants(ctx.cfg, r)
         taking = [c for c in host.clients if c.index in drawn]
@@ -271,6 +272,10 @@ def client_loop(ctx: Context, host: ClientHost, results: dict[int, RoleResults])
             recent[c.index].add(row)
             add_totals(totals[c.index], row)
             totals[c.index]["images"] += c.batch_size
+            if local is not None:  # c = 0 trains no local model
+                newest[c.id] = local
+        if log_due(ctx, r):
+            log_clients(ctx, r, newest)
         profiler.step()
         end_of_round(ctx, list(results.values()), host.state_dict, r)
     profiler.close()

@@ -117,6 +117,26 @@ def end_of_round(ctx: Context, results: list[RoleResults], state: Callable[[], d
         raise Preempted(done, ctx.stop.signal_name or "a signal on another rank")
 
 
+def log_due(ctx: Context, r: int) -> bool:
+    """Whether round ``r`` gets the loops' log lines: every ``run.log_every`` rounds, and
+    the first round of each invocation at once (a run shorter than that said nothing)."""
+    return (r + 1) % ctx.cfg.run.log_every == 0 or r == ctx.start_round
+
+
+def log_clients(ctx: Context, r: int, losses: dict[str, float]) -> None:
+    """One line for this rank's clients beside the server's: the newest local loss of each
+    that has trained (``losses`` by client id); past four clients their mean and range."""
+    if not losses:
+        return
+    if len(losses) <= 4:
+        text = ", ".join(f"{who} {loss:.4f}" for who, loss in losses.items())
+    else:
+        values = list(losses.values())
+        mean, low, high = sum(values) / len(values), min(values), max(values)
+        text = f"mean {mean:.4f} over {len(values)} clients ({low:.4f} to {high:.4f})"
+    log.info("clients round %d/%d loss/local %s", r + 1, ctx.cfg.run.rounds, text)
+
+
 def rounds(ctx: Context):
     """The rounds still to run; keeps ``ctx.round`` current and injects faults."""
     for r in range(ctx.start_round, ctx.cfg.run.rounds):
