@@ -63,6 +63,12 @@ class Progress:
         )
 
 
+def few(names: list[str], shown: int = 3) -> str:
+    """``c0, c1, c2 and 5 more``: a list of names short enough for a log line."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 class Heartbeat:
     """Within ``with Heartbeat(what) as beat:``, logs ``<what>: still <stage> (<s> s)``
     whenever the package has logged nothing for ``every_s`` seconds. Some steps report

@@ -413,3 +413,27 @@ def test_the_server_says_it_is_still_sampling_when_a_batch_runs_for_long(tmp_pat
     with caplog.at_level("INFO", logger="collafuse_hpc"):
         run_in_process(cfg, resume=False)
     assert re.search(r"server 0: still sampling \d+ images \(\d s\)", caplog.text), caplog.text[-2000:]
+
+
+def test_the_clients_say_they_are_still_sampling_when_their_chain_runs_for_long(tmp_path, shards, caplog, monkeypatch):
+    """A client's part of the final chain (the whole chain at c = 1) logged nothing while
+    it ran: as the server's, a line every 10 s says it is under way."""
+    import functools
+
+    from collafuse_hpc.logs import Heartbeat
+    from collafuse_hpc.roles import host
+
+    finish = host.finish_samples
+
+    def slow(*args):
+        time.sleep(2.0)
+        return finish(*args)
+
+    monkeypatch.setattr(host, "finish_samples", slow)
+    monkeypatch.setattr(host, "Heartbeat", functools.partial(Heartbeat, every_s=0.5))
+    cfg = from_dict(tiny_config(shards, tmp_path, [0.25, 1.0], rounds=1, checkpoint_every=0))
+    with caplog.at_level("INFO", logger="collafuse_hpc"):
+        run_in_process(cfg, resume=False)
+    # in one process one line resets every waiting heartbeat: one client of the two says it
+    said = r"client\(s\) c[01]: still sampling \d+ images each for 1 client\(s\) \(\d s\)"
+    assert re.search(said, caplog.text), caplog.text[-2000:]

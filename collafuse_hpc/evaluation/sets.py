@@ -13,7 +13,7 @@ import torch
 
 from collafuse_hpc.config import Config, EvalConfig
 from collafuse_hpc.diffusion.split import Cut
-from collafuse_hpc.logs import Progress
+from collafuse_hpc.logs import Progress, few
 from collafuse_hpc.results.schema import SETS, audit_totals, part_path
 from collafuse_hpc.roles.client import Client, finish_samples, sample_alone
 from collafuse_hpc.roles.federated import FedHost, sampling_global
@@ -163,8 +163,7 @@ def image_sets(
     called before each; a set a client's cut does not have is left out."""
     parts: dict[int, dict[str, list[torch.Tensor]]] = {c.index: {} for c in clients}
     per = max(1, cfg.eval.batch // len(clients))
-    names = ", ".join(c.id for c in clients[:3]) + (f" and {len(clients) - 3} more" if len(clients) > 3 else "")
-    progress = Progress(f"evaluating client(s) {names}", total * len(clients))
+    progress = Progress(f"evaluating client(s) {few([c.id for c in clients])}", total * len(clients))
     for start in range(0, total, per):
         check()
         n = min(per, total - start)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Hashable
 import torch
 
 from collafuse_hpc.config import Config
+from collafuse_hpc.logs import Heartbeat, few
 from collafuse_hpc.roles.client import Client, client_nets, finish_samples, local_steps
 from collafuse_hpc.runtime.topology import Topology
 
@@ -67,11 +68,14 @@ class ClientHost:
 
     def finish_samples(self, n: int, x_h: dict[int, torch.Tensor | None]) -> dict[int, torch.Tensor]:
         """Every client's samples (after its sample request), batched by model and
-        sampling grid; {client index: float32 [n, C, H, W] in [-1, 1]}."""
+        sampling grid; {client index: float32 [n, C, H, W] in [-1, 1]}. A batch's chain
+        reports no progress of its own: a heartbeat line says it is still under way."""
         out = {}
-        for group in batches(self.clients, sampling_key):
-            images = finish_samples(group, n, [x_h[c.index] for c in group])
-            out.update({c.index: x for c, x in zip(group, images)})
+        with Heartbeat(f"client(s) {few([c.id for c in self.clients])}") as beat:
+            for group in batches(self.clients, sampling_key):
+                beat.at(f"sampling {n} images each for {len(group)} client(s)")
+                images = finish_samples(group, n, [x_h[c.index] for c in group])
+                out.update({c.index: x for c, x in zip(group, images)})
         return out
 
     def state_dict(self) -> dict:
