@@ -474,6 +474,7 @@ def test_evaluate_parts_record_only_the_parts_that_ran_in_their_order():
             pass
 
 
+@pytest.mark.slow  # an evaluation of its own: 20 s on a quiet core
 def test_a_stop_request_after_sampling_stops_the_evaluation_at_its_next_part(evaluated_run, tmp_path, monkeypatch):
     """The evaluation at the end of training checked a stop request only between batches of
     generated images: a Ctrl-C or scancel during the attacks or membership inference (most
@@ -598,6 +599,8 @@ def test_report_writes_the_table_figure_and_grids(report):
     md = (out / "table.md").read_text()
     assert "| 0.25 | c0 |" in md and "PSNR x_c vs x_0 (dB)" in md and "sampling FLOPs client/local" in md
     assert "Features for FID/KID: pixels" in md and " ± n/a" in md
+    assert [(r["who"], float(r["images"]), float(r["real_images"])) for r in rows[1:3]] == [("c0", 8, 8), ("c1", 8, 8)]
+    assert "Images scored per client and run: 8 generated (eval.images) against 8 real held-out test images" in md
     assert (out / "tradeoff.png").stat().st_size > 10_000
     assert (out / "grids/c0.25/c0_server_alone.png").exists()  # grids/<run folder>/
     assert "### Disclosure of x_c and by attack" in md and "linkage top-1, pixels" in md

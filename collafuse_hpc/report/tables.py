@@ -57,6 +57,8 @@ COLUMNS = {
     "seeds": "seeds",
     "rounds": "rounds",
     "features": "features (FID/KID)",
+    "images": "images scored (generated, per set)",
+    "real_images": "real held-out images scored",
     **{f"fid_{s}": f"FID {s}" for s in SETS},
     **{f"kid_mean_{s}": f"KID {s}" for s in SETS},
     **{f"kid_std_{s}": f"KID std {s}" for s in SETS},
@@ -276,6 +278,8 @@ def rows(summary: dict, curves: dict) -> list[dict]:
             row[f"kid_mean_{name}"] = q.get("kid_mean", NAN)
             row[f"kid_std_{name}"] = q.get("kid_std", NAN)
         row |= _quality_columns(m, who, scored)
+        row["images"] = m[who].get(scored, {}).get("images", NAN)
+        row["real_images"] = m[who].get(scored, {}).get("real_images", NAN)
         if who == "pooled":  # class fidelity and distance pooled: the mean over clients (each weighs the same)
             row |= {key: _mean([p[key] for p in per_client.values()]) for key in next(iter(per_client.values()))}
             own = [_quality_columns(m, c, scored) | per_client[c] for c in clients]
@@ -389,6 +393,11 @@ def _cell(row: dict, key: str) -> str:
     return _num(row[key])
 
 
+def _span(counts: set[float]) -> str:
+    """``72``, or ``36 to 72`` where runs or clients scored different numbers."""
+    return f"{min(counts):.0f}" if len(counts) == 1 else f"{min(counts):.0f} to {max(counts):.0f}"
+
+
 def _num(v) -> str:
     if isinstance(v, float):
         return "n/a" if math.isnan(v) else f"{v:.4g}"
@@ -416,6 +425,13 @@ def _note(table: list[dict], why_empty: str, sections: list[tuple[str, list[str]
     one_seed = any(r["seeds"] == 1 for r in table)
     cells = " ".join(c for _, _, rows in sections for row in rows for c in row)
     out = [f"Features for FID/KID: {', '.join(sorted({r['features'] for r in table}))}."]
+    clients = [r for r in table if r["who"] != "pooled"]
+    made, real = ({r[key] for r in clients if not math.isnan(r[key])} for key in ("images", "real_images"))
+    if made and real:
+        out.append(
+            f"Images scored per client and run: {_span(made)} generated (eval.images) against {_span(real)} real "
+            "held-out test images (the client's test split, at most eval.images); a pooled row pools the clients'."
+        )
     several = [r for r in table if r["seeds"] > 1]
     if any(not math.isnan(r[f"{key}_low"]) for r in several for key in INTERVALS):
         out.append(
