@@ -57,8 +57,8 @@ def write_new(path: str, text: str) -> bool:
             f.write(text)
         try:
             os.link(tmp, path)
-        except FileExistsError:
-            return False
+        except FileExistsError:  # on NFS a retransmitted link that was made answers EEXIST too
+            return os.stat(tmp).st_nlink > 1
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):  # no hard links
                 raise

@@ -241,10 +241,10 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(hints))
+    unknown = sorted(set(data) - set(hints), key=str)
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
-        near = {k: difflib.get_close_matches(k, hints, n=1) for k in unknown}
+        near = {k: difflib.get_close_matches(str(k), hints, n=1) for k in unknown}  # YAML's `on:` is True
         near = {k: m[0] for k, m in near.items() if m}
         meant = ", ".join(repr(m) if len(unknown) == 1 else f"{m!r} for {k!r}" for k, m in near.items())
         meant = f" (did you mean {meant}?)" if meant else ""

@@ -36,6 +36,8 @@ def test_unknown_key_names_it_and_lists_valid_keys(cfg_file):
         load(cfg_file(), ["clients.0.cut_rato=0.5", "clients.0.sahre_labels=true"])
     with pytest.raises(ValueError, match=r"\['sever'\] in the top level \(did you mean 'server'\?\)"):
         load(cfg_file(sever={}))
+    with pytest.raises(ValueError, match=r"\[True, 'stepz'\] in section 'diffusion'; valid keys"):  # YAML's `on:`
+        load(cfg_file(diffusion={True: 1, "stepz": 3}))
 
 
 def test_wrong_type_names_the_key(cfg_file):

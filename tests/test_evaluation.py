@@ -2,6 +2,7 @@
 the evaluate command on real short runs, inspection tools and the sweep report."""
 
 import csv
+import errno
 import functools
 import importlib.util
 import json
@@ -10,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -472,6 +474,18 @@ def test_evaluate_parts_record_only_the_parts_that_ran_in_their_order():
     with pytest.raises(KeyError, match="'scoring' is not one of evaluate's PARTS"):  # it would be left unordered
         with parts("scoring", "scoring"):
             pass
+
+
+def test_a_signal_held_while_the_record_is_written_says_it_was_written_unless_the_write_failed():
+    """The held Ctrl-C said "written whole" after a write that had failed (a full disk),
+    and the write's error was lost."""
+    with pytest.raises(OSError, match="No space left"):
+        with evaluate_module._signals_after("written whole"):
+            os.kill(os.getpid(), signal.SIGINT)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(KeyboardInterrupt, match="written whole"):
+        with evaluate_module._signals_after("written whole"):
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 @pytest.mark.slow  # an evaluation of its own: 20 s on a quiet core

@@ -133,12 +133,14 @@ def test_of_jobs_finding_one_dead_jobs_lock_together_one_takes_it_over_and_the_o
                 job.join(timeout=60)
                 job.terminate()
         assert outcomes[2] == "took it", outcomes
-        assert all("in use by job 'job" in o or "being taken over by job 'job" in o for o in outcomes[:2]), outcomes
+        assert all("in use by job 'job" in o for o in outcomes[:2]), outcomes
         assert os.listdir(folder) == [], "the lock is released, and no marker is left beside it"
 
 
 def test_a_takeover_left_by_a_job_that_died_during_it_is_named_with_what_to_remove(tmp_path):
-    from collafuse_hpc.runtime.lock import STALE_S, RunLock
+    """A marker of a takeover under way is waited for; one its taker left (killed between
+    two system calls) refuses the folder, in the dry run too, naming what to remove."""
+    from collafuse_hpc.runtime.lock import STALE_S, RunLock, check
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -147,13 +149,36 @@ def test_a_takeover_left_by_a_job_that_died_during_it_is_named_with_what_to_remo
     st = lock.stat()
     marker = tmp_path / f".lock.takeover-{st.st_ino}-{st.st_mtime_ns}"
     marker.write_text(json.dumps({"job": "taker", "host": socket.gethostname(), "pid": dead.pid}))
-    with pytest.raises(ValueError, match="is being taken over by job 'taker'"):
-        RunLock(str(tmp_path), "mine")
-    os.utime(marker, (time.time() - STALE_S - 1,) * 2)
+    os.utime(marker, (time.time() - STALE_S + 1,) * 2)  # under way for a second more
+    check(str(tmp_path), "mine")
+    t0 = time.monotonic()
     with pytest.raises(ValueError, match=f"died while doing so; if no job runs there, remove '{marker}'"):
         RunLock(str(tmp_path), "mine")
+    assert 0.5 < time.monotonic() - t0 < 10, "it waited for the taker until its marker was stale"
+    with pytest.raises(ValueError, match=f"remove '{marker}'"):  # what train --dry-run calls
+        check(str(tmp_path), "mine")
     assert sorted(os.listdir(tmp_path)) == [".lock", marker.name], "a refused job changes nothing"
     marker.unlink()
+    RunLock(str(tmp_path), "mine").release()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", "folder"])
+def test_a_lock_that_cannot_be_read_is_refused_while_fresh_and_taken_over_once_stale(tmp_path, content):
+    """An empty or corrupt lock made RunLock retry forever at full CPU; a folder in its
+    place (or another user's lock, mode 0600) too."""
+    from collafuse_hpc.runtime.lock import STALE_S, RunLock
+
+    lock = tmp_path / ".lock"
+    if content == "folder":
+        lock.mkdir()
+        with pytest.raises(ValueError, match=r"cannot read the run lock .*\.lock' \(Is a directory\)"):
+            RunLock(str(tmp_path), "mine")
+        return
+    lock.write_text(content)
+    with pytest.raises(ValueError, match="is in use by a job its lock does not name .lock touched 0 s ago"):
+        RunLock(str(tmp_path), "mine")
+    os.utime(lock, (time.time() - STALE_S - 1,) * 2)
     RunLock(str(tmp_path), "mine").release()
     assert os.listdir(tmp_path) == []
 

@@ -389,8 +389,11 @@ def test_the_clients_log_their_local_loss_beside_the_servers(tmp_path, shards, c
     caplog.clear()
     with caplog.at_level("INFO", logger="collafuse_hpc"):  # a rank of many clients: one line, not one each
         ctx = types.SimpleNamespace(cfg=types.SimpleNamespace(run=types.SimpleNamespace(rounds=10)))
-        log_clients(ctx, 4, {f"c{i}": 0.1 * (i + 1) for i in range(5)})
+        newest = {f"c{i}": 0.1 * (i + 1) for i in range(5)}
+        log_clients(ctx, 4, newest)
+        log_clients(ctx, 5, newest)  # none trained since: partial participation shows no stale loss
     assert "clients round 5/10 loss/local mean 0.3000 over 5 clients (0.1000 to 0.5000)" in caplog.text
+    assert "round 6/10" not in caplog.text
 
 
 def test_the_server_says_it_is_still_sampling_when_a_batch_runs_for_long(tmp_path, shards, caplog, monkeypatch):

@@ -331,7 +331,8 @@ def _signals_after(done: str) -> Iterator[None]:
     """SIGINT and SIGTERM that come while the block runs arrive when it ends: a record is
     written whole or not begun (an interrupt in between left a record that "did not
     finish" with /metrics pointing into it). The KeyboardInterrupt they raise then says
-    ``done`` (what was written), not that nothing was. Python runs signal handlers in the
+    ``done`` (what was written), not that nothing was; when the block fails, its error
+    goes on instead. Python runs signal handlers in the
     main thread only, so elsewhere the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -342,12 +343,14 @@ def _signals_after(done: str) -> Iterator[None]:
         caught.append(number)
 
     previous = {number: signal.signal(number, hold) for number in (signal.SIGINT, signal.SIGTERM)}
+    finished = False
     try:
         yield
+        finished = True
     finally:
         for number, handler in previous.items():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
-        if caught:
+        if caught and finished:  # else the block's own error (a full disk) goes on: the process ends with it
             try:
                 signal.raise_signal(caught[0])
             except KeyboardInterrupt:

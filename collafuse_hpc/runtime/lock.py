@@ -10,6 +10,8 @@ requeue for long.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import socket
@@ -39,37 +41,66 @@ def _alive(info: dict) -> bool:
 
 def _read(path: str) -> tuple[dict, os.stat_result] | None:
     """The lock at ``path`` and its file's status, read from one open file (so they
-    describe the same file when another job replaces it meanwhile); None when there is none."""
+    describe the same file when another job replaces it meanwhile); None when there is
+    none, {} for a lock that is not a JSON object. ValueError when it cannot be read."""
     try:
         with open(path) as f:
-            return json.load(f), os.fstat(f.fileno())
-    except (FileNotFoundError, json.JSONDecodeError, OSError):
+            st = os.fstat(f.fileno())
+            try:
+                info = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                info = {}
+            return (info if isinstance(info, dict) else {}), st
+    except FileNotFoundError:
         return None
+    except OSError as e:  # another user's lock (mkstemp's mode is 0600), a folder of that name
+        raise ValueError(
+            f"cannot read the run lock {path!r} ({e.strerror or e}): another user's job may run in that folder. "
+            "Use another run.output_dir, or remove it if no job runs there"
+        ) from None
 
 
 def _refuse_if_held(output_dir: str, job: str, info: dict, st: os.stat_result) -> None:
+    """ValueError if the lock ``info`` (its file's status ``st``) is another job's, fresh,
+    and its process may be alive."""
     age = time.time() - st.st_mtime
     if info.get("job") != job and age < STALE_S and _alive(info):
+        who = "a job its lock does not name ("  # a lock that is not JSON: taken over once stale
+        if "job" in info:
+            who = f"job {info['job']!r} (host {info.get('host')}, pid {info.get('pid')}, "
         raise ValueError(
-            f"output folder {output_dir!r} is in use by job {info.get('job')!r} (host {info.get('host')}, "
-            f"pid {info.get('pid')}, lock touched {age:.0f} s ago). Use another run.output_dir, or wait; "
-            f"a lock untouched for {STALE_S:.0f} s is taken over"
+            f"output folder {output_dir!r} is in use by {who}lock touched {age:.0f} s ago). Use another "
+            f"run.output_dir, or wait; a lock untouched for {STALE_S:.0f} s is taken over"
         )
 
 
+def _died_taking_over(output_dir: str, marker: str) -> ValueError:
+    return ValueError(
+        f"a job that took over the abandoned lock of {output_dir!r} died while doing so; if no job runs there, "
+        f"remove {marker!r} and start again"
+    )
+
+
 def check(output_dir: str, job: str) -> None:
-    """ValueError if another live job holds ``output_dir`` (call on every rank)."""
+    """ValueError if another live job holds ``output_dir``, or a takeover of its lock was
+    left half done (call on every rank)."""
     found = _read(_path(output_dir))
     if found is not None:
         _refuse_if_held(output_dir, job, *found)
+    for marker in glob.glob(glob.escape(_path(output_dir)) + ".takeover-*"):
+        with contextlib.suppress(FileNotFoundError):  # a takeover under way ends in microseconds
+            if time.time() - os.path.getmtime(marker) >= STALE_S:
+                raise _died_taking_over(output_dir, marker)
 
 
 def _take_over(output_dir: str, job: str, text: str) -> bool:
     """Replace the lock of ``output_dir`` with ``text`` if it is ours from before a requeue
-    or abandoned; ValueError if a live job holds it, False if it vanished meanwhile (try
-    again). Of jobs taking one abandoned lock at once exactly one succeeds: each first
-    creates a marker named after that lock's file (inode and modification time), and only
-    the marker's creator replaces the lock, only while it is still that file."""
+    or abandoned; ValueError if a live job holds it, False to look again (it vanished, or
+    another job is taking it over). Of jobs taking one abandoned lock at once exactly one
+    succeeds: each first creates a marker named after that lock's file (inode and
+    modification time), and only the marker's creator replaces the lock, only while it
+    is still that file. (Where the file system has no hard links, atomic.write_new
+    cannot refuse the second marker, and that exclusivity is lost.)"""
     path = _path(output_dir)
     found = _read(path)
     if found is None:
@@ -80,25 +111,19 @@ def _take_over(output_dir: str, job: str, text: str) -> bool:
     if not write_new(marker, text):
         taker = _read(marker)
         if taker is not None and time.time() - taker[1].st_mtime >= STALE_S:
-            raise ValueError(
-                f"a job that took over the abandoned lock of {output_dir!r} died while doing so; "
-                f"if no job runs there, remove {marker!r} and start again"
-            )
-        who = taker[0].get("job") if taker else None
-        raise ValueError(
-            f"output folder {output_dir!r} is being taken over by job {who!r}, started with this one. "
-            "Use another run.output_dir, or wait for it to end"
-        )
+            raise _died_taking_over(output_dir, marker)
+        time.sleep(0.05)  # the other taker's lock, once it is in place, refuses this job
+        return False
     try:
-        now = os.stat(path)
-        if (now.st_ino, now.st_mtime_ns) != (st.st_ino, st.st_mtime_ns):  # another taker was faster
-            check(output_dir, job)
+        now = _read(path)  # opened: on NFS a stat may answer from a cache
+        if now is None:  # released meanwhile
+            return False
+        if (now[1].st_ino, now[1].st_mtime_ns) != (st.st_ino, st.st_mtime_ns):  # another taker was faster
+            _refuse_if_held(output_dir, job, *now)
             return False
         with atomic_path(path) as tmp, open(tmp, "w") as f:
             f.write(text)
         return True
-    except FileNotFoundError:  # released meanwhile
-        return False
     finally:
         os.remove(marker)
 

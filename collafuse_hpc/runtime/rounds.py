@@ -125,7 +125,9 @@ def log_due(ctx: Context, r: int) -> bool:
 
 def log_clients(ctx: Context, r: int, losses: dict[str, float]) -> None:
     """One line for this rank's clients beside the server's: the newest local loss of each
-    that has trained (``losses`` by client id); past four clients their mean and range."""
+    that trained since the last line (``losses`` by client id, emptied here: with partial
+    participation a client not drawn since is left out); past four clients their mean
+    and range."""
     if not losses:
         return
     if len(losses) <= 4:
@@ -135,6 +137,7 @@ def log_clients(ctx: Context, r: int, losses: dict[str, float]) -> None:
         mean, low, high = sum(values) / len(values), min(values), max(values)
         text = f"mean {mean:.4f} over {len(values)} clients ({low:.4f} to {high:.4f})"
     log.info("clients round %d/%d loss/local %s", r + 1, ctx.cfg.run.rounds, text)
+    losses.clear()
 
 
 def rounds(ctx: Context):

@@ -357,7 +357,7 @@ def _run_threads(cfg: Config, topo: Topology, start_round: int, stop: StopReques
 def _evaluate_at_end(cfg: Config, stop: StopRequest) -> None:
     """With ``eval.at_end``: evaluate the final checkpoint set in this process (rank 0),
     at ``run.threads`` torch threads, or every core when that is 0 (auto). A stop signal
-    ends it between batches (exit 75): the requeued run evaluates again."""
+    ends it before its next batch or part (exit 75): the requeued run evaluates again."""
     if not cfg.eval.at_end:
         return
     from collafuse_hpc.evaluation.evaluate import evaluate, print_report  # the models of FID: only when asked
