@@ -90,22 +90,30 @@ def _take_lock(folder: str, job: str, start, said) -> None:
     lock.release()
 
 
+def _race_for_lock(folder: str, jobs: int) -> list[str]:
+    """What each of ``jobs`` processes, released at one instant, got taking the run lock of
+    ``folder``: "took it" or the refusal's message, sorted (refusals first)."""
+    context = multiprocessing.get_context("fork")
+    start, said = context.Barrier(jobs, timeout=60), context.Queue()
+    racers = [
+        context.Process(target=_take_lock, args=(folder, f"job{i}", start, said), daemon=True) for i in range(jobs)
+    ]
+    for racer in racers:
+        racer.start()
+    try:
+        return sorted(said.get(timeout=60) for _ in racers)
+    finally:
+        for racer in racers:
+            racer.join(timeout=60)
+            racer.terminate()
+
+
 def test_of_two_jobs_started_together_into_one_folder_one_takes_it_and_the_other_is_refused(tmp_path):
     """Both checked that no lock was there, then both wrote theirs: two jobs trained into
     one folder (6 of 20 tries). Two processes released at one instant, 30 times."""
-    context = multiprocessing.get_context("fork")
     for attempt in range(30):
-        folder, start, said = str(tmp_path / f"run{attempt}"), context.Barrier(2, timeout=60), context.Queue()
-        tries = [(folder, f"job{i}", start, said) for i in range(2)]
-        jobs = [context.Process(target=_take_lock, args=one, daemon=True) for one in tries]
-        for job in jobs:
-            job.start()
-        try:
-            outcomes = sorted(said.get(timeout=60) for _ in jobs)
-        finally:
-            for job in jobs:
-                job.join(timeout=60)
-                job.terminate()
+        folder = str(tmp_path / f"run{attempt}")
+        outcomes = _race_for_lock(folder, 2)
         assert outcomes[1] == "took it" and "is in use by job 'job" in outcomes[0], outcomes
         assert os.listdir(folder) == [], "the lock is released, and nothing is left beside it"
 
@@ -114,24 +122,14 @@ def test_of_jobs_finding_one_dead_jobs_lock_together_one_takes_it_over_and_the_o
     """A requeued job and a second job started into its folder both find the dead job's
     lock: both checked that it was abandoned, then both replaced it (26 of 30 tries).
     Three processes released at one instant, 30 times."""
-    context = multiprocessing.get_context("fork")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     for attempt in range(30):
-        folder, start, said = str(tmp_path / f"run{attempt}"), context.Barrier(3, timeout=60), context.Queue()
+        folder = str(tmp_path / f"run{attempt}")
         os.makedirs(folder)
         with open(os.path.join(folder, ".lock"), "w") as f:
             json.dump({"job": "dead", "host": socket.gethostname(), "pid": dead.pid}, f)
-        tries = [(folder, f"job{i}", start, said) for i in range(3)]
-        jobs = [context.Process(target=_take_lock, args=one, daemon=True) for one in tries]
-        for job in jobs:
-            job.start()
-        try:
-            outcomes = sorted(said.get(timeout=60) for _ in jobs)
-        finally:
-            for job in jobs:
-                job.join(timeout=60)
-                job.terminate()
+        outcomes = _race_for_lock(folder, 3)
         assert outcomes[2] == "took it", outcomes
         assert all("in use by job 'job" in o for o in outcomes[:2]), outcomes
         assert os.listdir(folder) == [], "the lock is released, and no marker is left beside it"
