@@ -50,7 +50,8 @@ def write_new(path: str, text: str) -> bool:
     is. Of processes writing one path at once exactly one gets True: the file is written
     under a name of its own beside ``path`` and hard-linked into place, which never
     replaces and is never seen half-written. Where the file system has no hard links it
-    is renamed into place instead (True), and that exclusivity is lost."""
+    is created exclusively (O_EXCL) and written in place: still exclusive, but a reader
+    may see it half-written for an instant."""
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, "w") as f:
@@ -62,7 +63,12 @@ def write_new(path: str, text: str) -> bool:
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):  # no hard links
                 raise
-            os.replace(tmp, path)
+            try:
+                made = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(made, "w") as f:
+                f.write(text)
         return True
     finally:
         with contextlib.suppress(FileNotFoundError):

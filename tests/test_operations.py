@@ -1,5 +1,6 @@
 """Preemption (stop at a round boundary, checkpoint, resume) and the output-folder lock."""
 
+import errno
 import json
 import logging
 import multiprocessing
@@ -159,6 +160,51 @@ def test_a_takeover_left_by_a_job_that_died_during_it_is_named_with_what_to_remo
     marker.unlink()
     RunLock(str(tmp_path), "mine").release()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_job_that_lost_its_lock_while_stalled_stops_touching_it_and_leaves_it(tmp_path, monkeypatch, caplog):
+    """A job stalled past STALE_S (suspended) loses its folder to another: its heartbeat
+    kept the new owner's lock fresh, and its release removed it, letting a third job in.
+    A takeover marker of a lock that is gone is cleared, not refused for good."""
+    from collafuse_hpc.runtime import lock as run_lock
+
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    mine = run_lock.RunLock(str(tmp_path), "mine")
+    other = json.dumps({"job": "other", "host": socket.gethostname(), "pid": os.getpid()})
+    (tmp_path / "new").write_text(other)
+    os.replace(tmp_path / "new", tmp_path / ".lock")  # as a takeover writes it
+    with caplog.at_level("WARNING", logger="collafuse_hpc"):
+        until(lambda: "is no longer this job's" in caplog.text, timeout=10, what="the heartbeat noticing")
+    mine.release()
+    assert (tmp_path / ".lock").read_text() == other
+    (tmp_path / ".lock").unlink()
+    gone = tmp_path / ".lock.takeover-1-2"  # its taker stopped after replacing the lock
+    gone.write_text(other)
+    os.utime(gone, (time.time() - run_lock.STALE_S - 1,) * 2)
+    run_lock.check(str(tmp_path), "mine")
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_new_is_exclusive_without_hard_links_and_takes_a_link_made_before_an_eexist(tmp_path, monkeypatch):
+    from collafuse_hpc.atomic import write_new
+
+    link = os.link
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "link", no_links)
+        assert write_new(str(tmp_path / "a"), "first") and not write_new(str(tmp_path / "a"), "second")
+    assert (tmp_path / "a").read_text() == "first"
+
+    def made_then_eexist(src, dst):  # NFS: a retransmitted link that was made answers EEXIST
+        link(src, dst)
+        raise FileExistsError(errno.EEXIST, "File exists")
+
+    monkeypatch.setattr(os, "link", made_then_eexist)
+    assert write_new(str(tmp_path / "b"), "mine") and (tmp_path / "b").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
 
 
 @pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", "folder"])

@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import socket
 import threading
 import time
 
 from collafuse_hpc.atomic import atomic_path, write_new
+
+log = logging.getLogger("collafuse_hpc")
 
 HEARTBEAT_S = 10.0  # how often the owner touches the lock
 STALE_S = 60.0  # a lock untouched this long is abandoned
@@ -81,16 +84,28 @@ def _died_taking_over(output_dir: str, marker: str) -> ValueError:
     )
 
 
+def _marker(path: str, st: os.stat_result) -> str:
+    """The takeover marker of the lock file ``path`` whose status is ``st``."""
+    return f"{path}.takeover-{st.st_ino}-{st.st_mtime_ns}"
+
+
 def check(output_dir: str, job: str) -> None:
     """ValueError if another live job holds ``output_dir``, or a takeover of its lock was
-    left half done (call on every rank)."""
-    found = _read(_path(output_dir))
+    left half done (call on every rank). A marker of a lock that is gone (its taker was
+    stopped after replacing it) is removed."""
+    path = _path(output_dir)
+    found = _read(path)
     if found is not None:
         _refuse_if_held(output_dir, job, *found)
-    for marker in glob.glob(glob.escape(_path(output_dir)) + ".takeover-*"):
+    current = _marker(path, found[1]) if found is not None else None
+    for marker in glob.glob(glob.escape(path) + ".takeover-*"):
         with contextlib.suppress(FileNotFoundError):  # a takeover under way ends in microseconds
-            if time.time() - os.path.getmtime(marker) >= STALE_S:
-                raise _died_taking_over(output_dir, marker)
+            if time.time() - os.path.getmtime(marker) < STALE_S:
+                continue
+            if marker != current:
+                os.remove(marker)
+                continue
+            raise _died_taking_over(output_dir, marker)
 
 
 def _take_over(output_dir: str, job: str, text: str) -> bool:
@@ -99,15 +114,14 @@ def _take_over(output_dir: str, job: str, text: str) -> bool:
     another job is taking it over). Of jobs taking one abandoned lock at once exactly one
     succeeds: each first creates a marker named after that lock's file (inode and
     modification time), and only the marker's creator replaces the lock, only while it
-    is still that file. (Where the file system has no hard links, atomic.write_new
-    cannot refuse the second marker, and that exclusivity is lost.)"""
+    is still that file."""
     path = _path(output_dir)
     found = _read(path)
     if found is None:
         return False
     info, st = found
     _refuse_if_held(output_dir, job, info, st)
-    marker = f"{path}.takeover-{st.st_ino}-{st.st_mtime_ns}"
+    marker = _marker(path, st)
     if not write_new(marker, text):
         taker = _read(marker)
         if taker is not None and time.time() - taker[1].st_mtime >= STALE_S:
@@ -125,18 +139,20 @@ def _take_over(output_dir: str, job: str, text: str) -> bool:
             f.write(text)
         return True
     finally:
-        os.remove(marker)
+        with contextlib.suppress(FileNotFoundError):  # check() removes a stale one of a lock that is gone
+            os.remove(marker)
 
 
 class RunLock:
-    """Held by rank 0 for the whole run; a daemon thread keeps it fresh."""
+    """Held by rank 0 for the whole run; a daemon thread keeps it fresh while it is still
+    this job's (a job stalled past STALE_S, suspended say, may have lost it to another)."""
 
     def __init__(self, output_dir: str, job: str):
         check(output_dir, job)
         os.makedirs(output_dir, exist_ok=True)
-        self.path = _path(output_dir)
-        info = {"job": job, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        text = json.dumps(info)
+        self.output_dir, self.path = output_dir, _path(output_dir)
+        self.info = {"job": job, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        text = json.dumps(self.info)
         # a lock there: ours before a requeue, an abandoned one, or a job started with this one
         while not write_new(self.path, text) and not _take_over(output_dir, job, text):
             pass
@@ -144,16 +160,31 @@ class RunLock:
         self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
         self._thread.start()
 
+    def _ours(self) -> bool | None:
+        """Whether the lock file is still the one this job wrote; None when it cannot tell."""
+        try:
+            found = _read(self.path)
+        except ValueError:
+            return None
+        return found is not None and found[0] == self.info
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
+            ours = self._ours()
+            if ours is False:  # another job took the folder over: touching its lock would keep it from others
+                log.warning(
+                    "the run lock of %r is no longer this job's: another job took the folder over while this one "
+                    "stalled for over %.0f s, and both may write into it",
+                    self.output_dir,
+                    STALE_S,
+                )
                 return
+            with contextlib.suppress(OSError):  # a passing file-server error: the next beat tries again
+                os.utime(self.path)
 
     def release(self) -> None:
+        """Remove the lock, if it is still this job's."""
         self._stop.set()
-        try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
+        if self._ours():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
