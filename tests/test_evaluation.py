@@ -782,6 +782,37 @@ def test_study_conditions_partition_and_shared_labels_against_c1(tmp_path, shard
     assert all(r["verdict"] in ("wins", "ties", "loses") for r in versus)  # one seed: intervals over images
 
 
+@pytest.mark.slow  # two studies of one point each, side by side
+def test_studies_started_together_train_the_classifier_they_share_once(tmp_path, shards):
+    """Several jobs/study.sh into one STUDY_DIR (docs/study.md) each found the partition's
+    classifier missing and trained it, the later one replacing the file the earlier one's
+    points were being scored with."""
+    (tmp_path / "class").symlink_to(Path(shards[0]).parent)
+    raw = tiny_config(shards, tmp_path / "unused", [1.0, 1.0], rounds=2)
+    raw["eval"].update(extractor="classifier", images=8, bootstrap=20, classifier_path=str(tmp_path / "judge.pt"))
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    study = {"SPLITS": "markov", "CUTS": "1", "PARTITIONS": "class", "LAUNCH": "in-process",
+             "STUDY_SHARDS": str(tmp_path / "{partition}/client_{k}.h5"),
+             "STUDY_DIR": str(tmp_path / "study")}  # fmt: skip
+    studies = [
+        subprocess.Popen(
+            ["bash", "jobs/study.sh", cfg],
+            cwd=ROOT,
+            env={**os.environ, **study, "SEEDS": seed},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for seed in ("0", "1")
+    ]
+    said = [p.communicate(timeout=600)[0] for p in studies]
+    assert [p.returncode for p in studies] == [0, 0], said
+    assert "".join(said).count("test accuracy") == 1, said
+    assert (tmp_path / "judge_class.pt").exists() and not list(tmp_path.glob("*.lock"))  # no lock left beside it
+    with open(tmp_path / "study/report/table.csv") as f:
+        assert {r["seeds"] for r in csv.DictReader(f)} == {"2"}  # the later report holds both points
+
+
 def test_study_points_name_each_partitions_classifier():
     """A point of partition p is scored by STUDY_CLASSIFIER with {partition} = p."""
     env = {**os.environ, "STUDY_CLIENTS": "2", "STUDY_SHARDS": "d/{partition}/{k}.h5",
