@@ -332,8 +332,8 @@ def _signals_after(done: str) -> Iterator[None]:
     written whole or not begun (an interrupt in between left a record that "did not
     finish" with /metrics pointing into it). The KeyboardInterrupt they raise then says
     ``done`` (what was written), not that nothing was; when the block fails, its error
-    goes on instead. Python runs signal handlers in the
-    main thread only, so elsewhere the block runs as it is."""
+    goes on instead. Python runs signal handlers in the main thread only, so elsewhere
+    the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
