@@ -504,7 +504,7 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
             from collafuse_hpc.runtime import lock, preflight
 
             preflight.preflight(cfg, resume, args.command == "sample")
-            lock.check(cfg.run.output_dir, job="")  # no job's key: any live job's lock refuses
+            lock.check(cfg.run.output_dir, job="", tidy=False)  # no job's key: any live job's lock refuses
             print(_describe(cfg))
             _warn_ignored(cfg)
             return 0

@@ -181,7 +181,16 @@ def test_a_job_that_lost_its_lock_while_stalled_stops_touching_it_and_leaves_it(
     gone = tmp_path / ".lock.takeover-1-2"  # its taker stopped after replacing the lock
     gone.write_text(other)
     os.utime(gone, (time.time() - run_lock.STALE_S - 1,) * 2)
+    run_lock.check(str(tmp_path), "mine", tidy=False)  # a dry run's: it writes nothing
+    assert os.listdir(tmp_path) == [gone.name]
     run_lock.check(str(tmp_path), "mine")
+    assert os.listdir(tmp_path) == []
+    caplog.clear()
+    mine = run_lock.RunLock(str(tmp_path), "mine")  # its lock removed by hand: put back, no takeover said
+    (tmp_path / ".lock").unlink()
+    until(lambda: (tmp_path / ".lock").exists(), timeout=10, what="the heartbeat putting the lock back")
+    assert json.loads((tmp_path / ".lock").read_text())["job"] == "mine" and "no longer" not in caplog.text
+    mine.release()
     assert os.listdir(tmp_path) == []
 
 

@@ -89,10 +89,11 @@ def _marker(path: str, st: os.stat_result) -> str:
     return f"{path}.takeover-{st.st_ino}-{st.st_mtime_ns}"
 
 
-def check(output_dir: str, job: str) -> None:
+def check(output_dir: str, job: str, tidy: bool = True) -> None:
     """ValueError if another live job holds ``output_dir``, or a takeover of its lock was
-    left half done (call on every rank). A marker of a lock that is gone (its taker was
-    stopped after replacing it) is removed."""
+    left half done (call on every rank). With ``tidy`` (not in a dry run, which writes
+    nothing) a marker of a lock that is gone (its taker was stopped after replacing it)
+    is removed."""
     path = _path(output_dir)
     found = _read(path)
     if found is not None:
@@ -103,7 +104,8 @@ def check(output_dir: str, job: str) -> None:
             if time.time() - os.path.getmtime(marker) < STALE_S:
                 continue
             if marker != current:
-                os.remove(marker)
+                if tidy:
+                    os.remove(marker)
                 continue
             raise _died_taking_over(output_dir, marker)
 
@@ -161,12 +163,13 @@ class RunLock:
         self._thread.start()
 
     def _ours(self) -> bool | None:
-        """Whether the lock file is still the one this job wrote; None when it cannot tell."""
+        """Whether the lock file is still the one this job wrote; None when it is gone or
+        cannot be read."""
         try:
             found = _read(self.path)
         except ValueError:
             return None
-        return found is not None and found[0] == self.info
+        return None if found is None else found[0] == self.info
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -180,7 +183,10 @@ class RunLock:
                 )
                 return
             with contextlib.suppress(OSError):  # a passing file-server error: the next beat tries again
-                os.utime(self.path)
+                if ours is None:  # removed (by hand, say): put it back, unless another job's is there
+                    write_new(self.path, json.dumps(self.info))
+                else:
+                    os.utime(self.path)
 
     def release(self) -> None:
         """Remove the lock, if it is still this job's."""
