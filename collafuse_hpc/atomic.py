@@ -8,7 +8,9 @@ judged by or read from (a classifier, a converted network, a bundle, exported
 grids) never replaces one that exists: :func:`refuse_existing`. A folder written whole
 (a report) is written beside its target and swapped in: :func:`replace_folder`. A file
 that one of several processes starting together may create (the run lock):
-:func:`write_new`.
+:func:`write_new`. A command checks where it will write before its work
+(:func:`check_destination`), and an error making or writing an output is a
+:class:`WriteError`, which commands report apart from their inputs' read errors.
 """
 
 from __future__ import annotations
@@ -20,29 +22,73 @@ import tempfile
 from collections.abc import Iterable, Iterator
 
 
+class WriteError(OSError):
+    """A command's output that could not be made or written (``filename`` names it):
+    told apart from an input that could not be read, which a command reports otherwise."""
+
+
+def check_destination(path: str, folder: bool) -> None:
+    """Raise ValueError when ``path`` (a folder with ``folder``, else a file) could not be
+    made: a file where it or a folder above it should be, or a nearest existing folder
+    in which this process cannot create a file (one is made and removed to find out).
+    Called before a command's work, so a mistyped --out costs a second, not the
+    training or decoding before the first write; errors of the write itself (a full
+    disk) still come when they happen, as WriteError."""
+    target = os.path.abspath(path)
+    above = target if folder else os.path.dirname(target)
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        if above == target:
+            raise ValueError(f"cannot write into {path!r}: it is a file, not a folder; give a folder")
+        raise ValueError(f"cannot write {path!r}: {above!r} is a file, not a folder")
+    try:  # made and removed: permission bits say yes to root, and nothing about a read-only mount or /proc
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=above)
+    except OSError as e:
+        raise ValueError(
+            f"cannot write {path!r}: cannot create a file in {above!r} ({e.strerror}); write elsewhere"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+@contextlib.contextmanager
+def _as_write_error() -> Iterator[None]:
+    """Re-raise an OSError of the block (making a folder, a rename) as a WriteError."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), e.filename) from e
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     """Yield a temporary path to write ``path``'s new content to; rename it over
-    ``path`` when the block ends, or remove it when the block raises.
+    ``path`` when the block ends, or remove it (and the folders made for it) when the
+    block raises.
 
     Args:
         durable: fsync the file and its folder, so the rename survives a power loss
             (checkpoints: the newest complete set must really be on disk).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        yield tmp
+    with made_folder(folder):  # the folders it makes go again when nothing was written
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            yield tmp
+            with _as_write_error():
+                if durable:
+                    _fsync(tmp)
+                os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         if durable:
-            _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        _fsync(folder)
+            with _as_write_error():
+                _fsync(folder)
 
 
 def write_new(path: str, text: str) -> bool:
@@ -84,8 +130,9 @@ def made_folder(path: str) -> Iterator[None]:
     while not os.path.isdir(above):
         made.append(above)
         above = os.path.dirname(above)
-    os.makedirs(path, exist_ok=True)
     try:
+        with _as_write_error():  # a failure part-way leaves the folders made before it: removed below
+            os.makedirs(path, exist_ok=True)
         yield
     finally:
         for folder in made:

@@ -38,7 +38,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from collafuse_hpc import logs
-from collafuse_hpc.atomic import refuse_existing
+from collafuse_hpc.atomic import WriteError, check_destination, refuse_existing
 from collafuse_hpc.version import __version__
 
 if TYPE_CHECKING:  # the rest loads after the signal handlers are in place (see main)
@@ -288,6 +288,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
         return _die(2, f"--epochs must be >= 1, got {args.epochs}", hard=False)
     try:
         refuse_existing([args.out], "evaluations already made with it would no longer match new ones")
+        check_destination(args.out, folder=False)
         meta = train_classifier(args.shards, args.out, epochs=args.epochs, seed=args.seed)
     except ValueError as e:
         return _die(2, str(e), hard=False)
@@ -355,13 +356,7 @@ def _read_results(args: argparse.Namespace) -> int:
             print(inspection.to_json(summary) if args.json else inspection.format_summary(summary))
             return 1 if any("part file" in m for m in summary["missing"]) else 0
         if args.command == "export":
-            try:
-                written = inspection.export(args.results, args.out, args.npy)
-            except OSError as e:  # a full disk, a folder made read-only: nothing of the export stays
-                out = os.path.abspath(args.out)
-                if not (e.filename and os.path.commonpath([out, os.path.abspath(e.filename)]) == out):
-                    raise
-                return _die(1, f"cannot write {e.filename!r}: {e.strerror or e}; nothing was exported", hard=False)
+            written = inspection.export(args.results, args.out, args.npy)
             for path in written:
                 print(path)
             if not written:
@@ -384,6 +379,8 @@ def _read_results(args: argparse.Namespace) -> int:
         return 0
     except ValueError as e:
         return _die(2, str(e), hard=False)
+    except WriteError as e:  # a full disk, a folder made read-only: nothing of the output stays
+        return _die(1, f"cannot write {e.filename!r}: {e.strerror or e}; nothing was written", hard=False)
     except OSError as e:
         return _die(2, f"cannot read results: {e}", hard=False)
     return 0

@@ -8,16 +8,18 @@ returns extra command-line arguments (or a replacement config path as ``str``).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import tiny_config, write_config
+from conftest import file_tree, tiny_config, write_config
 from layouts import make_folder, make_mnist
 
 from collafuse_hpc.cli import main
@@ -205,8 +207,9 @@ def _folder(*extra: str, unreadable_class: int | None = None):
     return build
 
 
-def _out_read_only(tmp_path):
-    """--out inside a file system mounted read-only (root cannot be kept out otherwise)."""
+def _read_only_mount(tmp_path: Path) -> Path:
+    """``tmp_path/ro``, a file system mounted read-only (root cannot be kept out otherwise);
+    unmounted by :func:`_unmount`."""
     (tmp_path / "ro").mkdir()
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(tmp_path / "ro")], capture_output=True
@@ -215,7 +218,16 @@ def _out_read_only(tmp_path):
         if os.environ.get("CI"):
             pytest.fail(f"cannot mount a read-only tmpfs (CI runs as root): {done.stderr.decode()}")
         pytest.skip("mounting a tmpfs needs root")
-    return ["digits", "--out", str(tmp_path / "ro/shards")]
+    return tmp_path / "ro"
+
+
+def _unmount(tmp_path: Path) -> None:
+    if (tmp_path / "ro").is_dir():
+        subprocess.run(["umount", "-l", str(tmp_path / "ro")], check=False)
+
+
+def _out_read_only(tmp_path):
+    return ["digits", "--out", str(_read_only_mount(tmp_path) / "shards")]
 
 
 def _out_is_a_file(tmp_path):
@@ -226,8 +238,8 @@ def _out_is_a_file(tmp_path):
 PREPARE_CORPUS = [
     ("truncated gzip IDX", _mnist(_truncate_gzip), 2, "is truncated or damaged (EOFError"),
     ("IDX with only a header", _mnist(_header_only), 2, "is truncated or damaged (error"),
-    ("--out is a file", _out_is_a_file, 2, "is a file; give a folder for the shards"),
-    ("--out on a read-only file system", _out_read_only, 2, "(no permission, or a read-only file system)"),
+    ("--out is a file", _out_is_a_file, 2, "it is a file, not a folder; give a folder"),
+    ("--out on a read-only file system", _out_read_only, 2, "cannot create a file in"),
     ("--alpha nan", _folder("--partition", "dirichlet", "--alpha", "nan"), 2, "must be a positive number, got nan"),
     ("--size 0", _folder("--size", "0"), 2, "--size must be >= 1"),
     ("--bbox-margin without boxes", _folder("--bbox-margin", "0.1"), 2, "--bbox-margin needs bounding boxes (CUB)"),
@@ -249,5 +261,78 @@ def test_bad_prepare_input_gives_one_clear_line_and_writes_no_shard(tmp_path, ca
     assert fragment in err, err
     assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1, err
     assert not list(tmp_path.glob("out/client_*.h5"))
-    if (tmp_path / "ro").is_dir():
-        subprocess.run(["umount", "-l", str(tmp_path / "ro")], check=False)
+    _unmount(tmp_path)
+
+
+# Each command that writes a file or a folder, given a results file, the shards and where to write.
+WRITERS = {
+    "prepare": lambda results, shards, out: ["prepare", "digits", "--out", out, "--clients", "2", "--size", "8"],
+    "train-classifier": lambda results, shards, out: ["train-classifier", *shards, "--out", out],
+    "convert-inception": lambda results, shards, out: ["convert-inception", shards[0], out],
+    "export": lambda results, shards, out: ["export", results, "--out", out],
+    "bundle": lambda results, shards, out: ["bundle", results, out],
+    "report": lambda results, shards, out: ["report", results, "--out", out],
+}
+
+
+def _file(path: Path) -> Path:
+    path.write_text("mine")
+    return path
+
+
+PLACES = {  # a destination that cannot be written, and the fragment its message must hold
+    "under a file": (lambda tmp_path: _file(tmp_path / "notes.txt"), "is a file"),
+    "on a read-only file system": (_read_only_mount, "cannot create a file in"),
+    "in /proc": (lambda tmp_path: Path("/proc"), "cannot create a file in '/proc'"),
+}
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("command", WRITERS)
+def test_a_destination_that_cannot_be_written_is_refused_before_the_work(
+    tmp_path, shards, capsys, monkeypatch, command, place
+):
+    """train-classifier trained, and prepare decoded every image, before finding that --out
+    could not be written; export and bundle called a folder they could not make "cannot read
+    results". The commands that read results are given a shard: refused before reading it."""
+    monkeypatch.setattr(
+        "collafuse_hpc.evaluation.classifier.train_classifier", lambda *a, **k: pytest.fail("trained first")
+    )
+    results = shards[0]
+    make, fragment = PLACES[place]
+    out = make(tmp_path) / "new/out"
+    before = file_tree(tmp_path)
+    try:
+        got = _exit_code(WRITERS[command](results, shards, str(out)))
+    finally:
+        _unmount(tmp_path)
+    err = capsys.readouterr().err
+    assert got == 2, err
+    assert f"cannot write '{out}" in err and fragment in err, err
+    assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1, err
+    assert file_tree(tmp_path) == before and not os.path.lexists(out)
+
+
+@pytest.mark.slow  # reads an evaluated run
+@pytest.mark.parametrize("command", ["export", "bundle"])
+def test_a_write_that_fails_is_told_apart_from_a_run_that_cannot_be_read(
+    tmp_path, evaluated_run, capsys, monkeypatch, command
+):
+    """A folder or file that could not be made was reported as "cannot read results"
+    (exit 2), which sent the user to check a run that was fine."""
+    results = str(evaluated_run(0.25) / "results.h5")
+    real = os.replace
+
+    def full_disk(src, dst):
+        if str(tmp_path / "new") in str(dst):
+            raise OSError(errno.ENOSPC, "No space left on device", src)
+        real(src, dst)
+
+    monkeypatch.setattr("collafuse_hpc.atomic.os.replace", full_disk)
+    monkeypatch.setattr("collafuse_hpc.results.inspection.np.save", lambda *a: full_disk("x", tmp_path / "new"))
+    out = tmp_path / "new/sub/out"
+    args = ["export", results, "--out", str(out), "--npy"] if command == "export" else ["bundle", results, str(out)]
+    assert _exit_code(args) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "No space left on device; nothing was written" in err, err
+    assert "cannot read results" not in err and not (tmp_path / "new").exists()

@@ -204,7 +204,7 @@ def test_a_command_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_no_partial_ou
     capsys.readouterr()
     for stop, code, said in (
         (KeyboardInterrupt(), 130, "export left no partial output"),
-        (OSError(errno.ENOSPC, "No space left on device"), 1, "No space left on device; nothing was exported"),
+        (OSError(errno.ENOSPC, "No space left on device"), 1, "No space left on device; nothing was written"),
     ):
         calls = []
 

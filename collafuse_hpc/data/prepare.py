@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from collafuse_hpc.atomic import refuse_existing
+from collafuse_hpc.atomic import check_destination, refuse_existing
 from collafuse_hpc.data import partition as part
 from collafuse_hpc.data.shard import Split, content_hash, inspect_shard, write_shard
 from collafuse_hpc.data.sources import Catalog
@@ -242,7 +242,7 @@ def prepare(
         raise ValueError(f"--alpha (the Dirichlet concentration) must be a positive number, got {alpha}")
     if bbox_margin >= 0 and catalog.boxes is None:
         raise ValueError(f"--bbox-margin needs bounding boxes (CUB); {catalog.dataset} has none")
-    _check_out(out)
+    check_destination(out, folder=True)
     if rule not in part.RULES:
         raise ValueError(f"unknown partition rule {rule!r}; valid: {list(part.RULES)}")
     if rule in ("class", "dirichlet") and catalog.labels is None:
@@ -357,14 +357,3 @@ def _may_hold(path: str, ids: dict[str, list[str]], recipe: Recipe) -> bool:
         stored = {split: f[split]["ids"].asstr()[()].tolist() for split in ids if "ids" in f[split]}
     kept = {split: set(names) for split, names in stored.items()}  # one set per split: ids of 80k images are quick
     return all(stored[split] == [i for i in ids[split] if i in kept[split]] for split in stored)
-
-
-def _check_out(out: str) -> None:
-    """--out must be a folder this process can write (made if missing)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a file; give a folder for the shards")
-    parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out!r}: cannot write in {parent!r} (no permission, or a read-only file system)")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collafuse_hpc.atomic import atomic_path, refuse_existing
+from collafuse_hpc.atomic import atomic_path, check_destination, refuse_existing
 from collafuse_hpc.evaluation.inception import FIDInceptionV3, convert_torchscript, fid_input
 from collafuse_hpc.runtime.checkpoint import save_atomic
 
@@ -211,6 +211,7 @@ def convert_inception(source: str, target: str) -> float:
     if not os.path.isfile(source):
         raise ValueError(f"{source!r} not found; {STAGE_HINT}")
     refuse_existing([target], "evaluations already made with that network would no longer match new ones")
+    check_destination(target, folder=False)
     if not is_torchscript(source):
         raise ValueError(f"{source!r} is not a TorchScript file; {CONVENTIONS}")
     scripted = load_torchscript(source)
@@ -227,9 +228,6 @@ def convert_inception(source: str, target: str) -> float:
     error = float((got - want).norm() / want.norm())
     if not error < 1e-4:
         raise ValueError(f"{source!r}: converted network differs from the file by {error:.2e} (relative); not written")
-    folder = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {target!r}: folder {folder!r} does not exist")
     try:
         save_atomic(target, state)
     except OSError as e:

@@ -48,7 +48,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-from collafuse_hpc.atomic import made_folder, replace_folder
+from collafuse_hpc.atomic import check_destination, made_folder, replace_folder
 from collafuse_hpc.report import stats
 from collafuse_hpc.report.figures import (
     conditions_figure,
@@ -159,6 +159,11 @@ def make_report(results: list[str], out_arg: str, record: int | None = None) -> 
     interrupted (Ctrl-C; the command turns SIGTERM into one): --out as it was, unless the
     message says the report was written)."""
     out = os.path.abspath(out_arg)
+    try:
+        check_destination(out, folder=True)
+    except ValueError as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
     try:
         with _one_writer(out, out_arg):
             return _make_report(results, out, out_arg, record)

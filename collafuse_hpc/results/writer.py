@@ -11,6 +11,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 
 import h5py
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from collafuse_hpc.atomic import atomic_path, refuse_existing
+from collafuse_hpc.atomic import WriteError, atomic_path, check_destination, refuse_existing
 from collafuse_hpc.results.schema import (
     METRICS,
     RECORDS,
@@ -302,8 +303,9 @@ def bundle(index: str, target: str) -> list[str]:
     missing (also stored in the ``missing_parts`` attribute). ValueError when
     ``index`` is not a results file."""
     refuse_existing([target], "it may be the run's own results.h5, another run's, or a bundle already sent")
+    check_destination(target, folder=False)
     missing = []
-    with open_results(index) as src, atomic_path(target) as tmp, h5py.File(tmp, "w") as dst:
+    with open_results(index) as src, atomic_path(target) as tmp, _created(tmp) as dst:
         dst.attrs.update(src.attrs)
         dst.attrs["bundled_from"] = os.path.abspath(index)
         for key in yaml.safe_load(src.attrs.get("roles", "{}")) or {}:
@@ -325,6 +327,21 @@ def bundle(index: str, target: str) -> list[str]:
             dst.copy(src[METRICS], METRICS)  # the newest evaluation's, resolved
         dst.attrs["missing_parts"] = yaml.safe_dump(missing)
     return missing
+
+
+@contextlib.contextmanager
+def _created(path: str) -> Iterator[h5py.File]:
+    """A new HDF5 file at ``path``; failing to create or close it (a full disk) is a WriteError."""
+    try:
+        f = h5py.File(path, "w")
+    except OSError as e:
+        raise WriteError(e.errno, str(e).splitlines()[0], path) from e
+    with f:
+        yield f
+        try:
+            f.close()
+        except OSError as e:
+            raise WriteError(e.errno, str(e).splitlines()[0], path) from e
 
 
 def save_grid(images: np.ndarray, path: str, columns: int = 8) -> None:
