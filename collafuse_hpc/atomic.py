@@ -27,17 +27,26 @@ class WriteError(OSError):
     told apart from an input that could not be read, which a command reports otherwise."""
 
 
-def check_destination(path: str, folder: bool) -> None:
+def check_destination(path: str, folder: bool) -> str:
     """Raise ValueError when ``path`` (a folder with ``folder``, else a file) could not be
-    made: a file where it or a folder above it should be, or a nearest existing folder
-    in which this process cannot create a file (one is made and removed to find out).
-    Called before a command's work, so a mistyped --out costs a second, not the
-    training or decoding before the first write; errors of the write itself (a full
-    disk) still come when they happen, as WriteError."""
+    made: a file or a broken link where it or a folder above it should be, or a nearest
+    existing folder in which this process cannot create a file (one is made and removed
+    to find out). Called before a command's work, so a mistyped --out costs a second,
+    not the training or decoding before the first write; errors of the write itself (a
+    full disk) still come when they happen, as WriteError.
+
+    Returns:
+        the absolute path to write to, ``..`` resolved as text (``q/../x`` is ``x``
+        whether ``q`` exists or not): the path checked is the path written.
+    """
+    if not folder and path.endswith((os.sep, os.altsep or os.sep)):
+        raise ValueError(f"cannot write {path!r}: it names a folder; give a file name")
     target = os.path.abspath(path)
     above = target if folder else os.path.dirname(target)
     while not os.path.lexists(above):
         above = os.path.dirname(above)
+    if not os.path.exists(above):
+        raise ValueError(f"cannot write {path!r}: {above!r} is a link to {os.readlink(above)!r}, which is missing")
     if not os.path.isdir(above):
         if above == target:
             raise ValueError(f"cannot write into {path!r}: it is a file, not a folder; give a folder")
@@ -50,6 +59,16 @@ def check_destination(path: str, folder: bool) -> None:
         ) from None
     os.close(fd)
     os.unlink(probe)
+    return target
+
+
+def write_error(e: Exception, path: str) -> WriteError:
+    """``e``, raised while writing ``path``, as a WriteError naming ``path``. numpy and
+    HDF5 report a write cut short by a full disk in words, without an errno: ENOSPC."""
+    code = getattr(e, "errno", None)
+    if code is None and any(words in str(e) for words in ("written", "write failed")):
+        code = errno.ENOSPC
+    return WriteError(code, os.strerror(code) if code else str(e).split(" (")[0], path)
 
 
 @contextlib.contextmanager
@@ -66,29 +85,29 @@ def _as_write_error() -> Iterator[None]:
 @contextlib.contextmanager
 def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     """Yield a temporary path to write ``path``'s new content to; rename it over
-    ``path`` when the block ends, or remove it (and the folders made for it) when the
-    block raises.
+    ``path`` when the block ends, or remove it when the block raises.
 
     Args:
         durable: fsync the file and its folder, so the rename survives a power loss
             (checkpoints: the newest complete set must really be on disk).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    with made_folder(folder):  # the folders it makes go again when nothing was written
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            yield tmp
-            with _as_write_error():
-                if durable:
-                    _fsync(tmp)
-                os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        if durable:
-            with _as_write_error():
-                _fsync(folder)
+    with _as_write_error():  # the folder stays: several ranks write a checkpoint set into one
+        os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        with _as_write_error():
+            if durable:
+                _fsync(tmp)
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        with _as_write_error():
+            _fsync(folder)
 
 
 def write_new(path: str, text: str) -> bool:

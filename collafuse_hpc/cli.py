@@ -287,9 +287,9 @@ def _train_classifier(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         return _die(2, f"--epochs must be >= 1, got {args.epochs}", hard=False)
     try:
-        refuse_existing([args.out], "evaluations already made with it would no longer match new ones")
-        check_destination(args.out, folder=False)
-        meta = train_classifier(args.shards, args.out, epochs=args.epochs, seed=args.seed)
+        out = check_destination(args.out, folder=False)
+        refuse_existing([out], "evaluations already made with it would no longer match new ones")
+        meta = train_classifier(args.shards, out, epochs=args.epochs, seed=args.seed)
     except ValueError as e:
         return _die(2, str(e), hard=False)
     except OSError as e:
@@ -393,6 +393,8 @@ def _convert_inception(args: argparse.Namespace) -> int:
         error = convert_inception(args.source, args.target)
     except ValueError as e:
         return _die(2, str(e), hard=False)
+    except WriteError as e:  # a full disk: nothing was written
+        return _die(1, f"cannot write {e.filename!r}: {e.strerror}", hard=False)
     print(f"wrote {args.target}: features match {args.source} to {error:.1e} (relative L2)")
     return 0
 

@@ -284,7 +284,13 @@ PLACES = {  # a destination that cannot be written, and the fragment its message
     "under a file": (lambda tmp_path: _file(tmp_path / "notes.txt"), "is a file"),
     "on a read-only file system": (_read_only_mount, "cannot create a file in"),
     "in /proc": (lambda tmp_path: Path("/proc"), "cannot create a file in '/proc'"),
+    "under a broken link": (lambda tmp_path: _link(tmp_path / "results", tmp_path / "gone"), "which is missing"),
 }
+
+
+def _link(path: Path, to: Path) -> Path:
+    path.symlink_to(to)
+    return path
 
 
 @pytest.mark.parametrize("place", PLACES)
@@ -336,3 +342,39 @@ def test_a_write_that_fails_is_told_apart_from_a_run_that_cannot_be_read(
     err = capsys.readouterr().err
     assert "cannot write" in err and "No space left on device; nothing was written" in err, err
     assert "cannot read results" not in err and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("command", ["train-classifier", "convert-inception", "bundle"])
+def test_a_file_output_given_as_a_folder_is_refused_before_the_work(tmp_path, shards, capsys, monkeypatch, command):
+    """``--out newdir/`` trained the classifier, then raised torch's "invalid file name"."""
+    monkeypatch.setattr(
+        "collafuse_hpc.evaluation.classifier.train_classifier", lambda *a, **k: pytest.fail("trained first")
+    )
+    assert _exit_code(WRITERS[command](shards[0], shards, f"{tmp_path}/new/")) == 2
+    assert "it names a folder; give a file name" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_path_through_a_folder_that_does_not_exist_is_written_where_it_says(tmp_path, shards, monkeypatch):
+    """``q/../x`` names x, but the write went through q, which did not exist: a traceback
+    after the work. The path checked is the path written, and no q is made."""
+
+    def train(shards, out, **kwargs):  # as the classifier's: writes its file, says what it trained
+        Path(out).write_text("weights")
+        return {"train_images": 1, "num_classes": 1, "accuracy": 1.0, "test_images": 1}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("collafuse_hpc.evaluation.classifier.train_classifier", train)
+    assert main(["train-classifier", shards[0], "--out", "q/../cls.pt"]) == 0
+    assert os.listdir(tmp_path) == ["cls.pt"]
+
+
+def test_a_report_into_a_mount_point_is_refused_before_the_work(tmp_path, shards, capsys):
+    """A report replaces its folder whole, which a mount point cannot be: it failed with
+    "Device or resource busy" after the whole report was made."""
+    mount = _read_only_mount(tmp_path)
+    try:
+        assert _exit_code(["report", shards[0], "--out", str(mount)]) == 2
+    finally:
+        _unmount(tmp_path)
+    assert "is a mount point, and a report replaces its folder whole; give a folder in it" in capsys.readouterr().err

@@ -35,10 +35,8 @@ def small_disk(tmp_path):
 
 def _fill(folder, leave: int) -> None:
     """Write a ballast file so that ``leave`` bytes stay free."""
-    free = shutil.disk_usage(folder).free
-    with open(folder / "ballast", "wb") as f:
-        f.truncate(0)
-        f.write(b"\0" * max(0, free - leave))
+    with open(folder / "ballast", "wb") as f:  # emptied first: the free space counts the old ballast's
+        f.write(b"\0" * max(0, shutil.disk_usage(folder).free - leave))
 
 
 def test_a_checkpoint_that_does_not_fit_leaves_nothing_and_says_what_it_needs(small_disk):
@@ -53,7 +51,30 @@ def test_a_checkpoint_that_does_not_fit_leaves_nothing_and_says_what_it_needs(sm
     assert e.value.errno == errno.ENOSPC
     assert f"round 4: no space left for '{out}/checkpoints/round_00000004/rank0.pt': it needs 12" in str(e.value)
     assert checkpoint.complete_rounds(out) == [2] and not os.path.exists(checkpoint.set_dir(out, 4))
+    _fill(small_disk, 200_000)  # the failed set's files were removed
+    with pytest.raises(OSError) as e:  # the set's first file, its folder new
+        checkpoint.save_rank(out, 6, 0, state, "config: {}", {})
+    assert e.value.errno == errno.ENOSPC and "round 6: no space left for" in str(e.value)
     assert [p.name for p in (small_disk / "out").rglob("*tmp*")] == []
+
+
+@pytest.mark.slow  # reads an evaluated run
+def test_export_and_bundle_onto_a_full_disk_say_so_and_leave_nothing(small_disk, evaluated_run, capsys):
+    """A bundle that filled the disk was "cannot read results" (exit 2), or a traceback of
+    HDF5's flush; an export's numpy write named no cause."""
+    from collafuse_hpc.cli import main
+
+    results = str(evaluated_run(0.25) / "results.h5")
+    for leave in (0, 8_000, 40_000):  # the disk fills at different writes (24 files, 96 kB of tmpfs pages; 580 kB)
+        _fill(small_disk, leave)
+        for args in (
+            ["export", results, "--out", str(small_disk / "new/grids"), "--npy"],
+            ["bundle", results, str(small_disk / "new/run.h5")],
+        ):
+            assert main(args) == 1, args
+            err = capsys.readouterr().err
+            assert "No space left on device; nothing was written" in err and "Traceback" not in err, err
+            assert sorted(os.listdir(small_disk)) == ["ballast"], args
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collafuse_hpc.atomic import atomic_path, check_destination, refuse_existing
+from collafuse_hpc.atomic import WriteError, atomic_path, check_destination, refuse_existing
 from collafuse_hpc.evaluation.inception import FIDInceptionV3, convert_torchscript, fid_input
 from collafuse_hpc.runtime.checkpoint import save_atomic
 
@@ -210,8 +210,8 @@ def convert_inception(source: str, target: str) -> float:
     returns the relative L2 difference of their features (about 1e-7)."""
     if not os.path.isfile(source):
         raise ValueError(f"{source!r} not found; {STAGE_HINT}")
+    target = check_destination(target, folder=False)
     refuse_existing([target], "evaluations already made with that network would no longer match new ones")
-    check_destination(target, folder=False)
     if not is_torchscript(source):
         raise ValueError(f"{source!r} is not a TorchScript file; {CONVENTIONS}")
     scripted = load_torchscript(source)
@@ -231,5 +231,5 @@ def convert_inception(source: str, target: str) -> float:
     try:
         save_atomic(target, state)
     except OSError as e:
-        raise ValueError(f"cannot write {target!r}: {e.strerror}") from None
+        raise WriteError(e.errno, e.strerror or str(e), target) from None
     return error

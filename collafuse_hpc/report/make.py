@@ -160,7 +160,11 @@ def make_report(results: list[str], out_arg: str, record: int | None = None) -> 
     message says the report was written)."""
     out = os.path.abspath(out_arg)
     try:
-        check_destination(out, folder=True)
+        check_destination(out, folder=False)  # the folder above: the lock and the new report are made there
+        if os.path.ismount(out):
+            raise ValueError(
+                f"--out {out_arg} is a mount point, and a report replaces its folder whole; give a folder in it"
+            )
     except ValueError as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 2

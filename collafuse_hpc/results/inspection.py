@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import yaml
 
-from collafuse_hpc.atomic import WriteError, check_destination, made_folder, refuse_existing
+from collafuse_hpc.atomic import WriteError, check_destination, made_folder, refuse_existing, write_error
 from collafuse_hpc.config_rules import describe_keys
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.evaluation.attacks import describe as describe_attack
@@ -336,7 +336,7 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
     ``.npy`` arrays with ``arrays``) into ``out_dir``; returns the files written
     (none, and no folder made, when the file holds no images). The newest samples and
     metrics, or those of ``record``."""
-    check_destination(out_dir, folder=True)
+    out_dir = check_destination(out_dir, folder=True)
     images = {}
     samples = SAMPLES if record is None else f"{record_key(record, 'samples')}/images"
     with open_results(path) as f:
@@ -371,7 +371,7 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             if isinstance(e, OSError) and not isinstance(e, WriteError):  # PIL and numpy name no file
-                raise WriteError(e.errno, e.strerror or str(e), e.filename or written[-1]) from e
+                raise write_error(e, written[-1]) from e
             raise
     return list(targets)
 

@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from collafuse_hpc.atomic import WriteError, atomic_path, check_destination, refuse_existing
+from collafuse_hpc.atomic import atomic_path, check_destination, made_folder, refuse_existing, write_error
 from collafuse_hpc.results.schema import (
     METRICS,
     RECORDS,
@@ -302,10 +302,15 @@ def bundle(index: str, target: str) -> list[str]:
     external links). Written atomically; returns the role keys whose part file is
     missing (also stored in the ``missing_parts`` attribute). ValueError when
     ``index`` is not a results file."""
+    target = check_destination(target, folder=False)
     refuse_existing([target], "it may be the run's own results.h5, another run's, or a bundle already sent")
-    check_destination(target, folder=False)
     missing = []
-    with open_results(index) as src, atomic_path(target) as tmp, _created(tmp) as dst:
+    with (
+        open_results(index) as src,
+        made_folder(os.path.dirname(target)),  # gone again when the bundle fails
+        atomic_path(target) as tmp,
+        _created(tmp, target) as dst,
+    ):
         dst.attrs.update(src.attrs)
         dst.attrs["bundled_from"] = os.path.abspath(index)
         for key in yaml.safe_load(src.attrs.get("roles", "{}")) or {}:
@@ -330,18 +335,23 @@ def bundle(index: str, target: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def _created(path: str) -> Iterator[h5py.File]:
-    """A new HDF5 file at ``path``; failing to create or close it (a full disk) is a WriteError."""
+def _created(tmp: str, target: str) -> Iterator[h5py.File]:
+    """A new HDF5 file at ``tmp``, written for ``target``. HDF5 reports a full disk when it
+    writes, flushes or closes, as OSError or RuntimeError: a WriteError naming ``target``."""
     try:
-        f = h5py.File(path, "w")
+        f = h5py.File(tmp, "w")
     except OSError as e:
-        raise WriteError(e.errno, str(e).splitlines()[0], path) from e
-    with f:
+        raise write_error(e, target) from e
+    try:
         yield f
-        try:
+        f.close()
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OSError) and "write" not in str(e).lower() and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise  # reading the run's files
+        raise write_error(e, target) from e
+    finally:
+        with contextlib.suppress(Exception):  # after a failed write: its handle, not a second error
             f.close()
-        except OSError as e:
-            raise WriteError(e.errno, str(e).splitlines()[0], path) from e
 
 
 def save_grid(images: np.ndarray, path: str, columns: int = 8) -> None:
