@@ -378,3 +378,22 @@ def test_a_report_into_a_mount_point_is_refused_before_the_work(tmp_path, shards
     finally:
         _unmount(tmp_path)
     assert "is a mount point, and a report replaces its folder whole; give a folder in it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["train", "--in-process"], ["train", "--dry-run"], ["evaluate"]])
+@pytest.mark.parametrize("key", ["run.output_dir", "eval.cache_dir"])
+def test_a_run_folder_or_feature_cache_that_cannot_be_written_is_refused_before_the_work(
+    tmp_path, shards, capsys, command, key
+):
+    """A run folder under a file was "cannot read the run lock (Not a directory): another
+    user's job may run in that folder"; evaluate sampled every image (331 s on a study
+    run) before finding that its feature cache could not be written."""
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5])
+    raw["eval"]["at_end"] = True
+    config = write_config(tmp_path / "run.yaml", raw)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = file_tree(tmp_path)
+    got = _exit_code([command[0], config, *command[1:], "--set", f"{key}={tmp_path}/notes.txt/sub"])
+    err = capsys.readouterr().err
+    assert got == 2 and f"{key}: cannot write '{tmp_path}/notes.txt/sub': '{tmp_path}/notes.txt' is a file" in err, err
+    assert file_tree(tmp_path) == before and not (tmp_path / "out").exists()

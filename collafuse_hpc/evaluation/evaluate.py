@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import yaml
 
+from collafuse_hpc.atomic import check_destination
 from collafuse_hpc.config import Config, to_dict, with_defaults
 from collafuse_hpc.config_rules import changed_keys
 from collafuse_hpc.data import ShardReader, inspect_shard, to_model_range, to_uint8
@@ -139,6 +140,17 @@ def check_config(cfg: Config) -> None:
         Classifier(cfg.eval.classifier_path, torch.device("cpu")).check(cfg.data.channels, cfg.data.image_size)
 
 
+def check_writable(cfg: Config, evaluating: bool) -> None:
+    """ValueError naming the key when the run's folder, or (``evaluating``) the feature
+    cache, cannot be written: found before the training or the sampling, not after."""
+    places = [("run.output_dir", cfg.run.output_dir)] + [("eval.cache_dir", _cache_dir(cfg))] * evaluating
+    for key, folder in places:
+        try:
+            check_destination(folder, folder=True)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+
+
 def evaluate(cfg: Config, check: Callable[[], None] = lambda: None, threads: int | None = None) -> dict:
     """Evaluate the newest complete checkpoint set of ``cfg.run.output_dir``; write
     ``/metrics`` into its results.h5 and return the same numbers as a dict.
@@ -154,6 +166,7 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None, threads: int
 
 def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
     check_config(cfg)
+    check_writable(cfg, evaluating=True)
     device = _device(cfg.eval.device)
     scorer = Classifier(cfg.eval.classifier_path, device) if cfg.eval.extractor == "classifier" else None
     if scorer is not None:
