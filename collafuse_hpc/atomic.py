@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 
@@ -27,47 +28,67 @@ class WriteError(OSError):
     told apart from an input that could not be read, which a command reports otherwise."""
 
 
-def check_destination(path: str, folder: bool) -> str:
+def check_destination(path: str, folder: bool, test: str = "probe") -> str:
     """Raise ValueError when ``path`` (a folder with ``folder``, else a file) could not be
     made: a file or a broken link where it or a folder above it should be, or a nearest
-    existing folder in which this process cannot create a file (one is made and removed
-    to find out). Called before a command's work, so a mistyped --out costs a second,
-    not the training or decoding before the first write; errors of the write itself (a
-    full disk) still come when they happen, as WriteError.
+    existing folder in which this process cannot create a file. Called before a
+    command's work, so a mistyped --out costs a second, not the training or decoding
+    before the first write; errors of the write itself (a full disk) still come when
+    they happen, as WriteError.
+
+    Args:
+        test: how to find out whether a file can be created there: "probe" makes and
+            removes one (permission bits say yes to root); "access" asks ``os.access``,
+            which writes nothing (a dry run) and sees a read-only mount but not every
+            refusal; "none" checks the path alone (a cache that may be read-only and
+            full).
 
     Returns:
-        the absolute path to write to, ``..`` resolved as text (``q/../x`` is ``x``
-        whether ``q`` exists or not): the path checked is the path written.
+        the absolute path to write to, symbolic links resolved as the system does and
+        ``..`` after a folder that does not exist yet as text (``q/../x`` is ``x``): the
+        path checked is the path written.
     """
     if not folder and path.endswith((os.sep, os.altsep or os.sep)):
         raise ValueError(f"cannot write {path!r}: it names a folder; give a file name")
-    target = os.path.abspath(path)
-    above = target if folder else os.path.dirname(target)
-    while not os.path.lexists(above):
-        above = os.path.dirname(above)
-    if not os.path.exists(above):
-        raise ValueError(f"cannot write {path!r}: {above!r} is a link to {os.readlink(above)!r}, which is missing")
+    given = _nearest(os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path)))
+    if not os.path.exists(given):  # realpath would go on where the link points; the system stops here
+        raise ValueError(f"cannot write {path!r}: {given!r} is a link to {os.readlink(given)!r}, which is missing")
+    target = os.path.abspath(path) if os.path.lexists(path) else os.path.realpath(path)
+    above = _nearest(target if folder else os.path.dirname(target))
     if not os.path.isdir(above):
         if above == target:
             raise ValueError(f"cannot write into {path!r}: it is a file, not a folder; give a folder")
         raise ValueError(f"cannot write {path!r}: {above!r} is a file, not a folder")
-    try:  # made and removed: permission bits say yes to root, and nothing about a read-only mount or /proc
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=above)
+    refused = f"cannot write {path!r}: cannot create a file in {above!r}"
+    if test != "probe":
+        if test == "access" and not os.access(above, os.W_OK | os.X_OK):
+            raise ValueError(f"{refused} (no permission, or a read-only file system)")
+        return target
+    try:
+        fd, made = tempfile.mkstemp(prefix=".write-check-", dir=above)
     except OSError as e:
-        raise ValueError(
-            f"cannot write {path!r}: cannot create a file in {above!r} ({e.strerror}); write elsewhere"
-        ) from None
+        raise ValueError(f"{refused} ({e.strerror})") from None
     os.close(fd)
-    os.unlink(probe)
+    with contextlib.suppress(OSError):  # a folder that takes new files but keeps them (append-only)
+        os.unlink(made)
     return target
 
 
+def _nearest(path: str) -> str:
+    """``path`` or the nearest folder above it that is there (a broken link counts)."""
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def write_error(e: Exception, path: str) -> WriteError:
-    """``e``, raised while writing ``path``, as a WriteError naming ``path``. numpy and
-    HDF5 report a write cut short by a full disk in words, without an errno: ENOSPC."""
+    """``e``, raised while writing ``path``, as a WriteError naming ``path``. HDF5 gives
+    the system's errno in its text only; numpy's short write gives none."""
     code = getattr(e, "errno", None)
-    if code is None and any(words in str(e) for words in ("written", "write failed")):
-        code = errno.ENOSPC
+    if code is None and (found := re.search(r"errno = (\d+)", str(e))):
+        code = int(found.group(1))
+    if code is None and " written" in str(e):  # numpy: "8192 requested and 8064 written"
+        return WriteError(None, f"{e}: only part was written (a full disk, or a quota reached)", path)
     return WriteError(code, os.strerror(code) if code else str(e).split(" (")[0], path)
 
 

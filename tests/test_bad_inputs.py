@@ -380,7 +380,7 @@ def test_a_report_into_a_mount_point_is_refused_before_the_work(tmp_path, shards
     assert "is a mount point, and a report replaces its folder whole; give a folder in it" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["train", "--in-process"], ["train", "--dry-run"], ["evaluate"]])
+@pytest.mark.parametrize("command", [["train", "--in-process"], ["train", "--dry-run"], ["evaluate"], ["config"]])
 @pytest.mark.parametrize("key", ["run.output_dir", "eval.cache_dir"])
 def test_a_run_folder_or_feature_cache_that_cannot_be_written_is_refused_before_the_work(
     tmp_path, shards, capsys, command, key
@@ -397,3 +397,38 @@ def test_a_run_folder_or_feature_cache_that_cannot_be_written_is_refused_before_
     err = capsys.readouterr().err
     assert got == 2 and f"{key}: cannot write '{tmp_path}/notes.txt/sub': '{tmp_path}/notes.txt' is a file" in err, err
     assert file_tree(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_a_read_only_cache_serves_and_a_read_only_run_folder_stops_only_what_writes_there(tmp_path, shards):
+    """evaluate refused a read-only feature cache that held every feature it needed, and
+    a run folder it does not write in (it writes only results.h5); train and sample
+    write there, and a dry run finds out without writing."""
+    from collafuse_hpc.config import from_dict
+    from collafuse_hpc.evaluation.evaluate import check_places
+
+    mount = _read_only_mount(tmp_path)
+    try:
+        raw = tiny_config(shards, mount / "run", [0.25, 0.5])
+        raw["eval"]["cache_dir"] = str(mount / "cache")
+        cfg = from_dict(raw)
+        check_places(cfg, evaluating=True, writes_run=False)  # evaluate
+        with pytest.raises(ValueError, match="run.output_dir: cannot write .* read-only file system"):
+            check_places(cfg, evaluating=True, writes_run=True)  # train, sample
+    finally:
+        _unmount(tmp_path)
+
+
+def test_a_path_through_a_link_is_written_where_the_system_takes_it(tmp_path, shards, monkeypatch):
+    """``link/../x``, with link to base/inner, is base/x to the system; resolving ``..`` as
+    text wrote ./x instead."""
+
+    def train(shards, out, **kwargs):
+        Path(out).write_text("weights")
+        return {"train_images": 1, "num_classes": 1, "accuracy": 1.0, "test_images": 1}
+
+    (tmp_path / "base/inner").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "base/inner")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("collafuse_hpc.evaluation.classifier.train_classifier", train)
+    assert main(["train-classifier", shards[0], "--out", "link/../cls.pt"]) == 0
+    assert (tmp_path / "base/cls.pt").exists() and not (tmp_path / "cls.pt").exists()

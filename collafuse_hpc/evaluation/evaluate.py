@@ -140,13 +140,20 @@ def check_config(cfg: Config) -> None:
         Classifier(cfg.eval.classifier_path, torch.device("cpu")).check(cfg.data.channels, cfg.data.image_size)
 
 
-def check_writable(cfg: Config, evaluating: bool) -> None:
-    """ValueError naming the key when the run's folder, or (``evaluating``) the feature
-    cache, cannot be written: found before the training or the sampling, not after."""
-    places = [("run.output_dir", cfg.run.output_dir)] + [("eval.cache_dir", _cache_dir(cfg))] * evaluating
-    for key, folder in places:
+def check_places(cfg: Config, evaluating: bool, writes_run: bool) -> None:
+    """ValueError naming the key when run.output_dir, or (``evaluating``) eval.cache_dir,
+    has a file or a broken link in its path, and (``writes_run``: train, sample) when the
+    run's folder cannot be written: found before the training or the sampling, not
+    after. The cache is not tested for writing: a read-only one that holds every
+    feature serves; evaluate writes only into results.h5."""
+    places = [("run.output_dir", cfg.run.output_dir, "access" if writes_run else "none")]
+    if evaluating:
+        places.append(
+            ("eval.cache_dir" if cfg.eval.cache_dir else "eval.cache_dir (its default)", _cache_dir(cfg), "none")
+        )
+    for key, folder, test in places:
         try:
-            check_destination(folder, folder=True)
+            check_destination(folder, folder=True, test=test)
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from None
 
@@ -166,7 +173,7 @@ def evaluate(cfg: Config, check: Callable[[], None] = lambda: None, threads: int
 
 def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
     check_config(cfg)
-    check_writable(cfg, evaluating=True)
+    check_places(cfg, evaluating=True, writes_run=False)
     device = _device(cfg.eval.device)
     scorer = Classifier(cfg.eval.classifier_path, device) if cfg.eval.extractor == "classifier" else None
     if scorer is not None:

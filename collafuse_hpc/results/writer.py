@@ -337,7 +337,8 @@ def bundle(index: str, target: str) -> list[str]:
 @contextlib.contextmanager
 def _created(tmp: str, target: str) -> Iterator[h5py.File]:
     """A new HDF5 file at ``tmp``, written for ``target``. HDF5 reports a full disk when it
-    writes, flushes or closes, as OSError or RuntimeError: a WriteError naming ``target``."""
+    writes, flushes or closes, as OSError or RuntimeError: a WriteError naming ``target``;
+    its other errors come from reading the run."""
     try:
         f = h5py.File(tmp, "w")
     except OSError as e:
@@ -346,9 +347,12 @@ def _created(tmp: str, target: str) -> Iterator[h5py.File]:
         yield f
         f.close()
     except (OSError, RuntimeError) as e:
-        if isinstance(e, OSError) and "write" not in str(e).lower() and e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise  # reading the run's files
-        raise write_error(e, target) from e
+        text, code = str(e).lower(), getattr(e, "errno", None)
+        if "write" in text or "flush" in text or code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise write_error(e, target) from e
+        if isinstance(e, OSError):
+            raise
+        raise OSError(f"copying the run failed: {e} (a damaged part file?)") from e  # HDF5 reading the run
     finally:
         with contextlib.suppress(Exception):  # after a failed write: its handle, not a second error
             f.close()

@@ -14,7 +14,7 @@ from collafuse_hpc.data import ShardReader, inspect_shard
 from collafuse_hpc.diffusion.split import cuts
 from collafuse_hpc.diffusion.unet import UNet
 from collafuse_hpc.evaluation.evaluate import check_config as check_eval
-from collafuse_hpc.evaluation.evaluate import check_writable
+from collafuse_hpc.evaluation.evaluate import check_places
 from collafuse_hpc.results.schema import index_path
 from collafuse_hpc.results.tensorboard import check_available
 from collafuse_hpc.runtime import checkpoint
@@ -54,7 +54,7 @@ def check(cfg: Config, plan: bool = False) -> list[str]:
     missing = missing_shards(cfg)
     if not plan:
         refuse_missing(missing)
-        check_writable(cfg, evaluating=cfg.eval.at_end)
+    check_places(cfg, evaluating=cfg.eval.at_end, writes_run=not plan)
     for i, c in enumerate(cfg.clients):
         if f"clients.{i}.shard" in missing:
             continue
