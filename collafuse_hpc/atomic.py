@@ -28,57 +28,58 @@ class WriteError(OSError):
     told apart from an input that could not be read, which a command reports otherwise."""
 
 
-def check_destination(path: str, folder: bool, test: str = "probe") -> str:
+TESTS = ("probe", "access", "none")  # check_destination's ways to find out whether a file can be made
+
+
+def check_destination(path: str, folder: bool, test: str = "probe") -> None:
     """Raise ValueError when ``path`` (a folder with ``folder``, else a file) could not be
-    made: a file or a broken link where it or a folder above it should be, or a nearest
-    existing folder in which this process cannot create a file. Called before a
+    made: a file or a broken link where it or a folder above it should be, a ``..`` after
+    a folder that does not exist, or a nearest existing folder in which this process
+    cannot create a file. The path is taken as the system takes it (each ``..`` after
+    the link before it), so the path checked is the path written. Called before a
     command's work, so a mistyped --out costs a second, not the training or decoding
     before the first write; errors of the write itself (a full disk) still come when
     they happen, as WriteError.
 
     Args:
         test: how to find out whether a file can be created there: "probe" makes and
-            removes one (permission bits say yes to root); "access" asks ``os.access``,
-            which writes nothing (a dry run) and sees a read-only mount but not every
-            refusal; "none" checks the path alone (a cache that may be read-only and
-            full).
-
-    Returns:
-        the absolute path to write to, symbolic links resolved as the system does and
-        ``..`` after a folder that does not exist yet as text (``q/../x`` is ``x``): the
-        path checked is the path written.
+            removes one (permission bits say yes to root; a folder that keeps it is
+            refused too); "access" asks ``os.access``, which writes nothing (a dry run)
+            and sees a read-only mount but not every refusal; "none" checks the path
+            alone (a cache that may be read-only and full).
     """
+    if test not in TESTS:
+        raise ValueError(f"test must be one of {TESTS}, got {test!r}")
     if not folder and path.endswith((os.sep, os.altsep or os.sep)):
         raise ValueError(f"cannot write {path!r}: it names a folder; give a file name")
-    given = _nearest(os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path)))
-    if not os.path.exists(given):  # realpath would go on where the link points; the system stops here
-        raise ValueError(f"cannot write {path!r}: {given!r} is a link to {os.readlink(given)!r}, which is missing")
-    target = os.path.abspath(path) if os.path.lexists(path) else os.path.realpath(path)
-    above = _nearest(target if folder else os.path.dirname(target))
+    above = path if folder else os.path.dirname(path)
+    while not os.path.lexists(above or "."):
+        if os.path.basename(above) == os.pardir:
+            through = os.path.dirname(above)
+            what = f"a link to {os.readlink(through)!r}, which is missing" if os.path.islink(through) else "missing"
+            raise ValueError(f"cannot write {path!r}: it goes through {through!r}, {what}")
+        above = os.path.dirname(above.rstrip(os.sep)) if above.rstrip(os.sep) else above
+    above = above or "."
+    if not os.path.exists(above):
+        raise ValueError(f"cannot write {path!r}: {above!r} is a link to {os.readlink(above)!r}, which is missing")
     if not os.path.isdir(above):
-        if above == target:
+        if folder and above == path:
             raise ValueError(f"cannot write into {path!r}: it is a file, not a folder; give a folder")
         raise ValueError(f"cannot write {path!r}: {above!r} is a file, not a folder")
     refused = f"cannot write {path!r}: cannot create a file in {above!r}"
+    if test == "access" and not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"{refused} (no permission, or a read-only file system)")
     if test != "probe":
-        if test == "access" and not os.access(above, os.W_OK | os.X_OK):
-            raise ValueError(f"{refused} (no permission, or a read-only file system)")
-        return target
+        return
     try:
         fd, made = tempfile.mkstemp(prefix=".write-check-", dir=above)
     except OSError as e:
         raise ValueError(f"{refused} ({e.strerror})") from None
     os.close(fd)
-    with contextlib.suppress(OSError):  # a folder that takes new files but keeps them (append-only)
+    try:
         os.unlink(made)
-    return target
-
-
-def _nearest(path: str) -> str:
-    """``path`` or the nearest folder above it that is there (a broken link counts)."""
-    while not os.path.lexists(path):
-        path = os.path.dirname(path)
-    return path
+    except OSError as e:  # an append-only folder: the rename of a finished write would fail too
+        raise ValueError(f"cannot write {path!r}: a file made in {above!r} cannot be removed ({e.strerror})") from None
 
 
 def write_error(e: Exception, path: str) -> WriteError:

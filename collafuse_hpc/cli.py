@@ -287,9 +287,9 @@ def _train_classifier(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         return _die(2, f"--epochs must be >= 1, got {args.epochs}", hard=False)
     try:
-        out = check_destination(args.out, folder=False)
-        refuse_existing([out], "evaluations already made with it would no longer match new ones")
-        meta = train_classifier(args.shards, out, epochs=args.epochs, seed=args.seed)
+        check_destination(args.out, folder=False)
+        refuse_existing([args.out], "evaluations already made with it would no longer match new ones")
+        meta = train_classifier(args.shards, args.out, epochs=args.epochs, seed=args.seed)
     except ValueError as e:
         return _die(2, str(e), hard=False)
     except OSError as e:

@@ -355,20 +355,6 @@ def test_a_file_output_given_as_a_folder_is_refused_before_the_work(tmp_path, sh
     assert os.listdir(tmp_path) == []
 
 
-def test_a_path_through_a_folder_that_does_not_exist_is_written_where_it_says(tmp_path, shards, monkeypatch):
-    """``q/../x`` names x, but the write went through q, which did not exist: a traceback
-    after the work. The path checked is the path written, and no q is made."""
-
-    def train(shards, out, **kwargs):  # as the classifier's: writes its file, says what it trained
-        Path(out).write_text("weights")
-        return {"train_images": 1, "num_classes": 1, "accuracy": 1.0, "test_images": 1}
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("collafuse_hpc.evaluation.classifier.train_classifier", train)
-    assert main(["train-classifier", shards[0], "--out", "q/../cls.pt"]) == 0
-    assert os.listdir(tmp_path) == ["cls.pt"]
-
-
 def test_a_report_into_a_mount_point_is_refused_before_the_work(tmp_path, shards, capsys):
     """A report replaces its folder whole, which a mount point cannot be: it failed with
     "Device or resource busy" after the whole report was made."""
@@ -418,9 +404,10 @@ def test_a_read_only_cache_serves_and_a_read_only_run_folder_stops_only_what_wri
         _unmount(tmp_path)
 
 
-def test_a_path_through_a_link_is_written_where_the_system_takes_it(tmp_path, shards, monkeypatch):
-    """``link/../x``, with link to base/inner, is base/x to the system; resolving ``..`` as
-    text wrote ./x instead."""
+def test_a_path_with_dots_is_checked_and_written_as_the_system_takes_it(tmp_path, shards, monkeypatch, capsys):
+    """``q/../x`` trained, then failed (q does not exist); ``link/../x`` is base/x to the
+    system (link to base/inner), and a check that took ``..`` as text looked at ./x, and
+    at a broken link's target."""
 
     def train(shards, out, **kwargs):
         Path(out).write_text("weights")
@@ -428,7 +415,17 @@ def test_a_path_through_a_link_is_written_where_the_system_takes_it(tmp_path, sh
 
     (tmp_path / "base/inner").mkdir(parents=True)
     (tmp_path / "link").symlink_to(tmp_path / "base/inner")
+    (tmp_path / "broken").symlink_to(tmp_path / "gone/deep")
+    (tmp_path / "base/old.pt").write_text("mine")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("collafuse_hpc.evaluation.classifier.train_classifier", train)
     assert main(["train-classifier", shards[0], "--out", "link/../cls.pt"]) == 0
     assert (tmp_path / "base/cls.pt").exists() and not (tmp_path / "cls.pt").exists()
+    for out, said in (
+        ("q/../cls2.pt", "it goes through 'q', missing"),
+        ("broken/../cls3.pt", "it goes through 'broken', a link to"),
+        ("link/../old.pt", "exists: evaluations already made with it"),
+    ):
+        assert main(["train-classifier", shards[0], "--out", out]) == 2, out
+        assert said in capsys.readouterr().err, out
+    assert not (tmp_path / "gone").exists() and (tmp_path / "base/old.pt").read_text() == "mine"

@@ -242,7 +242,7 @@ def prepare(
         raise ValueError(f"--alpha (the Dirichlet concentration) must be a positive number, got {alpha}")
     if bbox_margin >= 0 and catalog.boxes is None:
         raise ValueError(f"--bbox-margin needs bounding boxes (CUB); {catalog.dataset} has none")
-    out = check_destination(out, folder=True)
+    check_destination(out, folder=True)
     if rule not in part.RULES:
         raise ValueError(f"unknown partition rule {rule!r}; valid: {list(part.RULES)}")
     if rule in ("class", "dirichlet") and catalog.labels is None:

@@ -145,7 +145,7 @@ def check_places(cfg: Config, evaluating: bool, writes_run: bool) -> None:
     has a file or a broken link in its path, and (``writes_run``: train, sample) when the
     run's folder cannot be written: found before the training or the sampling, not
     after. The cache is not tested for writing: a read-only one that holds every
-    feature serves; evaluate writes only into results.h5."""
+    feature serves. evaluate writes into results.h5 alone, which it checks itself."""
     places = [("run.output_dir", cfg.run.output_dir, "access" if writes_run else "none")]
     if evaluating:
         places.append(
@@ -184,6 +184,11 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
     index = index_path(cfg.run.output_dir)
     if not os.path.exists(index):
         raise ValueError(f"{index!r} not found: evaluate needs the run's results file")
+    if not os.access(index, os.W_OK):  # found now, not after the sampling
+        raise ValueError(
+            f"{index!r} cannot be written (no permission, or a read-only file system), and evaluate writes its "
+            "metrics there: copy the run folder to a place you can write"
+        )
     t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     servers, clients = load_roles(cfg, round_, device)
     topo = Topology.from_config(cfg)

@@ -210,7 +210,7 @@ def convert_inception(source: str, target: str) -> float:
     returns the relative L2 difference of their features (about 1e-7)."""
     if not os.path.isfile(source):
         raise ValueError(f"{source!r} not found; {STAGE_HINT}")
-    target = check_destination(target, folder=False)
+    check_destination(target, folder=False)
     refuse_existing([target], "evaluations already made with that network would no longer match new ones")
     if not is_torchscript(source):
         raise ValueError(f"{source!r} is not a TorchScript file; {CONVENTIONS}")

@@ -336,7 +336,7 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
     ``.npy`` arrays with ``arrays``) into ``out_dir``; returns the files written
     (none, and no folder made, when the file holds no images). The newest samples and
     metrics, or those of ``record``."""
-    out_dir = check_destination(out_dir, folder=True)
+    check_destination(out_dir, folder=True)
     images = {}
     samples = SAMPLES if record is None else f"{record_key(record, 'samples')}/images"
     with open_results(path) as f:

@@ -302,7 +302,7 @@ def bundle(index: str, target: str) -> list[str]:
     external links). Written atomically; returns the role keys whose part file is
     missing (also stored in the ``missing_parts`` attribute). ValueError when
     ``index`` is not a results file."""
-    target = check_destination(target, folder=False)
+    check_destination(target, folder=False)
     refuse_existing([target], "it may be the run's own results.h5, another run's, or a bundle already sent")
     missing = []
     with (
