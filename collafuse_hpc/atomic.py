@@ -50,13 +50,17 @@ def check_destination(path: str, folder: bool, test: str = "probe") -> None:
     """
     if test not in TESTS:
         raise ValueError(f"test must be one of {TESTS}, got {test!r}")
-    if not folder and path.endswith((os.sep, os.altsep or os.sep)):
+    names_folder = path.endswith((os.sep, os.altsep or os.sep)) or os.path.basename(path) in (os.curdir, os.pardir)
+    if not folder and names_folder:
         raise ValueError(f"cannot write {path!r}: it names a folder; give a file name")
+    path = path.rstrip(os.sep) or os.sep  # "afile/" is afile to the walk: lexists says no to both
     above = path if folder else os.path.dirname(path)
     while not os.path.lexists(above or "."):
         if os.path.basename(above) == os.pardir:
             through = os.path.dirname(above)
-            what = f"a link to {os.readlink(through)!r}, which is missing" if os.path.islink(through) else "missing"
+            what = "missing"
+            if os.path.lexists(through):
+                what = f"a link to {os.readlink(through)!r}, which is missing" if os.path.islink(through) else "a file"
             raise ValueError(f"cannot write {path!r}: it goes through {through!r}, {what}")
         above = os.path.dirname(above.rstrip(os.sep)) if above.rstrip(os.sep) else above
     above = above or "."
@@ -113,7 +117,7 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
         durable: fsync the file and its folder, so the rename survives a power loss
             (checkpoints: the newest complete set must really be on disk).
     """
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.dirname(path) or os.curdir  # as given: the system takes link/../x through the link
     with _as_write_error():  # the folder stays: several ranks write a checkpoint set into one
         os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -167,8 +171,8 @@ def made_folder(path: str) -> Iterator[None]:
     """Make the folder ``path`` with its missing parents; on leaving, remove those this
     call made that are empty again, deepest first: a refused, failed or interrupted
     command leaves no folder behind, a command that wrote into it keeps it."""
-    made, above = [], os.path.abspath(path)
-    while not os.path.isdir(above):
+    made, above = [], path.rstrip(os.sep)
+    while above and not os.path.isdir(above):  # the path as given, as makedirs takes it
         made.append(above)
         above = os.path.dirname(above)
     try:

@@ -429,3 +429,14 @@ def test_a_path_with_dots_is_checked_and_written_as_the_system_takes_it(tmp_path
         assert main(["train-classifier", shards[0], "--out", out]) == 2, out
         assert said in capsys.readouterr().err, out
     assert not (tmp_path / "gone").exists() and (tmp_path / "base/old.pt").read_text() == "mine"
+    (tmp_path / "afile").write_text("mine")
+    for args, said in (  # a trailing slash or a last ".." hid what the path goes through
+        (["train-classifier", shards[0], "--out", "q/.."], "it names a folder; give a file name"),
+        (["prepare", "digits", "--out", "q/../"], "it goes through 'q', missing"),
+        (["prepare", "digits", "--out", "afile/"], "it is a file, not a folder"),
+        (["prepare", "digits", "--out", "broken/"], "'broken' is a link to"),
+    ):
+        assert main(args) == 2, args
+        assert said in capsys.readouterr().err, args
+    assert main(["train-classifier", shards[0], "--out", "plain.pt"]) == 0  # no folder in the path
+    assert sorted(os.listdir(tmp_path)) == ["afile", "base", "broken", "link", "plain.pt"]

@@ -59,7 +59,7 @@ def test_a_checkpoint_that_does_not_fit_leaves_nothing_and_says_what_it_needs(sm
 
 
 @pytest.mark.slow  # reads an evaluated run
-def test_export_and_bundle_onto_a_full_disk_say_so_and_leave_nothing(small_disk, evaluated_run, capsys):
+def test_export_and_bundle_onto_a_full_disk_say_so_and_leave_nothing(small_disk, evaluated_run, capsys, monkeypatch):
     """A bundle that filled the disk was "cannot read results" (exit 2), or a traceback of
     HDF5's flush; an export's numpy write named no cause."""
     from collafuse_hpc.cli import main
@@ -76,6 +76,9 @@ def test_export_and_bundle_onto_a_full_disk_say_so_and_leave_nothing(small_disk,
             full = "No space left on device" in err or "(a full disk, or a quota reached)" in err  # numpy's words
             assert full and "; nothing was written" in err and "Traceback" not in err, err
             assert sorted(os.listdir(small_disk)) == ["ballast"], args
+    os.remove(small_disk / "ballast")
+    monkeypatch.chdir(small_disk)
+    assert main(["bundle", results, "plain.h5"]) == 0 and os.path.isfile(small_disk / "plain.h5")  # no folder given
 
 
 @pytest.mark.slow

@@ -307,7 +307,7 @@ def bundle(index: str, target: str) -> list[str]:
     missing = []
     with (
         open_results(index) as src,
-        made_folder(os.path.dirname(target)),  # gone again when the bundle fails
+        made_folder(os.path.dirname(target) or os.curdir),  # gone again when the bundle fails
         atomic_path(target) as tmp,
         _created(tmp, target) as dst,
     ):
