@@ -62,7 +62,7 @@ def check_destination(path: str, folder: bool, test: str = "probe") -> None:
             if os.path.lexists(through):
                 what = f"a link to {os.readlink(through)!r}, which is missing" if os.path.islink(through) else "a file"
             raise ValueError(f"cannot write {path!r}: it goes through {through!r}, {what}")
-        above = os.path.dirname(above.rstrip(os.sep)) if above.rstrip(os.sep) else above
+        above = os.path.dirname(above)  # "" ends the walk: it is "." to lexists
     above = above or "."
     if not os.path.exists(above):
         raise ValueError(f"cannot write {path!r}: {above!r} is a link to {os.readlink(above)!r}, which is missing")
