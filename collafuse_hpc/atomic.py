@@ -53,7 +53,7 @@ def check_destination(path: str, folder: bool, test: str = "probe") -> None:
     names_folder = path.endswith((os.sep, os.altsep or os.sep)) or os.path.basename(path) in (os.curdir, os.pardir)
     if not folder and names_folder:
         raise ValueError(f"cannot write {path!r}: it names a folder; give a file name")
-    path = path.rstrip(os.sep) or os.sep  # "afile/" is afile to the walk: lexists says no to both
+    path = path.rstrip(os.sep) or (os.sep if path else os.curdir)  # "afile/" is afile to the walk; "" is "."
     above = path if folder else os.path.dirname(path)
     while not os.path.lexists(above or "."):
         if os.path.basename(above) == os.pardir:
@@ -98,14 +98,15 @@ def write_error(e: Exception, path: str) -> WriteError:
 
 
 @contextlib.contextmanager
-def _as_write_error() -> Iterator[None]:
-    """Re-raise an OSError of the block (making a folder, a rename) as a WriteError."""
+def _as_write_error(name: str | None = None) -> Iterator[None]:
+    """Re-raise an OSError of the block (making a folder, a rename) as a WriteError naming
+    ``name`` (the file the user asked for, not its temporary), else the error's file."""
     try:
         yield
     except WriteError:
         raise
     except OSError as e:
-        raise WriteError(e.errno, e.strerror or str(e), e.filename) from e
+        raise WriteError(e.errno, e.strerror or str(e), name or e.filename) from e
 
 
 @contextlib.contextmanager
@@ -123,7 +124,7 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
-        with _as_write_error():
+        with _as_write_error(path):
             if durable:
                 _fsync(tmp)
             os.replace(tmp, path)
@@ -173,7 +174,8 @@ def made_folder(path: str) -> Iterator[None]:
     command leaves no folder behind, a command that wrote into it keeps it."""
     made, above = [], path.rstrip(os.sep)
     while above and not os.path.isdir(above):  # the path as given, as makedirs takes it
-        made.append(above)
+        if os.path.basename(above) not in (os.curdir, os.pardir):  # "a/./b" makes a and a/b, not a/.
+            made.append(above)
         above = os.path.dirname(above)
     try:
         with _as_write_error():  # a failure part-way leaves the folders made before it: removed below

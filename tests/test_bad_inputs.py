@@ -440,3 +440,22 @@ def test_a_path_with_dots_is_checked_and_written_as_the_system_takes_it(tmp_path
         assert said in capsys.readouterr().err, args
     assert main(["train-classifier", shards[0], "--out", "plain.pt"]) == 0  # no folder in the path
     assert sorted(os.listdir(tmp_path)) == ["afile", "base", "broken", "link", "plain.pt"]
+
+
+def test_dots_and_an_empty_path_are_the_folders_the_system_takes(tmp_path, monkeypatch):
+    """``a/./b`` left ``a`` behind after a failed write (rmdir of ``a/.`` fails and ended the
+    clean-up); an empty path was checked as ``/``, where the system writes into ``.``."""
+    from collafuse_hpc.atomic import check_destination, made_folder
+
+    monkeypatch.chdir(tmp_path)
+    for path in ("a/./b", "c/b/."):
+        with pytest.raises(RuntimeError), made_folder(path):
+            raise RuntimeError("the write failed")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.chdir(_read_only_mount(tmp_path))
+    try:
+        with pytest.raises(ValueError, match="cannot create a file in '.'"):
+            check_destination("", folder=True)
+    finally:
+        monkeypatch.chdir(tmp_path)
+        _unmount(tmp_path)
