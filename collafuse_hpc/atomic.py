@@ -10,7 +10,8 @@ grids) never replaces one that exists: :func:`refuse_existing`. A folder written
 that one of several processes starting together may create (the run lock):
 :func:`write_new`. A command checks where it will write before its work
 (:func:`check_destination`), and an error making or writing an output is a
-:class:`WriteError`, which commands report apart from their inputs' read errors.
+:class:`WriteError`, which commands report apart from their inputs' read errors. A new
+HDF5 file (a shard, a run's index, a bundle) is written by :func:`new_hdf5`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
+
+import h5py
 
 
 class WriteError(OSError):
@@ -135,6 +138,25 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     if durable:
         with _as_write_error():
             _fsync(folder)
+
+
+@contextlib.contextmanager
+def new_hdf5(path: str) -> Iterator[h5py.File]:
+    """Yield a new HDF5 file, built in memory, that replaces ``path`` when the block ends
+    (:func:`atomic_path`). It is written by Python, not by HDF5: HDF5 writing a file that
+    meets a full disk or a file size limit raised from its flush, its close or its
+    objects' destructors, and closing such a file crashed the process (SIGSEGV); a failed
+    write here is a WriteError naming ``path``. Memory: the file's size, once more while
+    it is written."""
+    f = h5py.File(f"{path}.in-memory", "w", driver="core", backing_store=False)  # the name is not opened
+    try:
+        yield f
+        f.flush()
+        image = f.id.get_file_image()
+    finally:
+        f.close()
+    with atomic_path(path) as tmp, _as_write_error(path), open(tmp, "wb") as out:
+        out.write(image)
 
 
 def write_new(path: str, text: str) -> bool:

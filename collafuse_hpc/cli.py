@@ -281,6 +281,11 @@ def _die(code: int, text: str, hard: bool, label: str = "error") -> int:
     return code
 
 
+def _write_failed(e: WriteError, kept: str = "nothing was written") -> int:
+    """A command's output that could not be written (a full disk, a file size limit)."""
+    return _die(1, f"cannot write {e.filename!r}: {e.strerror or e}; {kept}", hard=False)
+
+
 def _train_classifier(args: argparse.Namespace) -> int:
     from collafuse_hpc.evaluation.classifier import train_classifier
 
@@ -292,8 +297,10 @@ def _train_classifier(args: argparse.Namespace) -> int:
         meta = train_classifier(args.shards, args.out, epochs=args.epochs, seed=args.seed)
     except ValueError as e:
         return _die(2, str(e), hard=False)
-    except OSError as e:
-        return _die(1, f"{e.filename or args.out}: {e.strerror or e}", hard=False)
+    except WriteError as e:
+        return _write_failed(e)
+    except OSError as e:  # a shard that could not be read
+        return _die(1, f"cannot read {e.filename!r}: {e.strerror or e}", hard=False)
     print(
         f"classifier: {meta['train_images']} train images of {len(args.shards)} shards, {meta['num_classes']} "
         f"classes; test accuracy {meta['accuracy']:.4f} on {meta['test_images']} test images; wrote {args.out}"
@@ -333,8 +340,10 @@ def _prepare(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         return _die(2, str(e), hard=False)
-    except OSError as e:
-        return _die(1, f"cannot write {e.filename or args.out!r}: {e.strerror or e}", hard=False)
+    except WriteError as e:
+        return _write_failed(e, "no shard was written; decoded images are kept: run it again once there is space")
+    except OSError as e:  # the source's files
+        return _die(1, f"cannot read {e.filename!r}: {e.strerror or e}", hard=False)
     except KeyboardInterrupt:
         kept = os.path.join(args.out, ".cache")
         text = f"interrupted; decoded images are kept in {kept!r}: run the same command again to continue"
@@ -356,19 +365,21 @@ def _read_results(args: argparse.Namespace) -> int:
             print(inspection.to_json(summary) if args.json else inspection.format_summary(summary))
             return 1 if any("part file" in m for m in summary["missing"]) else 0
         if args.command == "export":
-            written = inspection.export(args.results, args.out, args.npy)
+            written, left_out = inspection.export(args.results, args.out, args.npy)
             for path in written:
                 print(path)
+            for line in left_out:
+                print(f"collafuse-hpc: warning: samples left out: {line}", file=sys.stderr)
             if not written:
                 return _die(
                     1, f"nothing to export: {args.results!r} holds no samples and no evaluated images", hard=False
                 )
-            return 0
+            return 1 if left_out else 0
         if args.command == "bundle":
             from collafuse_hpc.results.writer import bundle
 
             missing = bundle(args.results, args.out)
-            print(f"wrote {args.out}" + (f" without {', '.join(missing)} (part files missing)" if missing else ""))
+            print(f"wrote {args.out}" + (f" without {'; '.join(missing)}" if missing else ""))
             return 1 if missing else 0
         paths, rows = inspection.compare(args.results, args.record)
         print(
@@ -380,7 +391,7 @@ def _read_results(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _die(2, str(e), hard=False)
     except WriteError as e:  # a full disk, a folder made read-only: nothing of the output stays
-        return _die(1, f"cannot write {e.filename!r}: {e.strerror or e}; nothing was written", hard=False)
+        return _write_failed(e)
     except OSError as e:
         return _die(2, f"cannot read results: {e}", hard=False)
     return 0
@@ -393,8 +404,8 @@ def _convert_inception(args: argparse.Namespace) -> int:
         error = convert_inception(args.source, args.target)
     except ValueError as e:
         return _die(2, str(e), hard=False)
-    except WriteError as e:  # a full disk: nothing was written
-        return _die(1, f"cannot write {e.filename!r}: {e.strerror}", hard=False)
+    except WriteError as e:
+        return _write_failed(e)
     print(f"wrote {args.target}: features match {args.source} to {error:.1e} (relative L2)")
     return 0
 

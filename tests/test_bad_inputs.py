@@ -459,3 +459,36 @@ def test_dots_and_an_empty_path_are_the_folders_the_system_takes(tmp_path, monke
     finally:
         monkeypatch.chdir(tmp_path)
         _unmount(tmp_path)
+
+
+@pytest.mark.slow  # reads an evaluated run
+def test_a_damaged_part_file_is_named_by_every_command_that_reads_the_run(tmp_path, evaluated_run, capsys):
+    """A part file damaged in its middle made inspect, compare and report end in HDF5's
+    KeyError or RuntimeError traceback, export too, and bundle said "cannot read results";
+    a part cut short was called "missing (the rank never started)" though it was there.
+    Each command now names the part and says it is damaged, at every place the damage lands."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run(0.25), run, ignore=shutil.ignore_patterns("checkpoints"))
+    part = run / "parts/client_c1.h5"
+    original = part.read_bytes()
+    results = str(run / "results.h5")
+    named = "clients/c1: part file parts/client_c1.h5 (damaged: not a readable HDF5 file"
+    for n, at in enumerate([*range(0, len(original), len(original) // 12), -1]):
+        damaged = original[: len(original) // 2] if at < 0 else original[:at] + b"\xff" * 3000 + original[at + 3000 :]
+        part.write_bytes(damaged)
+        for args in (
+            ["inspect", results],
+            ["compare", results, results],
+            ["export", results, "--out", str(tmp_path / f"grids{n}")],
+            ["bundle", results, str(tmp_path / f"bundle{n}.h5")],
+            ["report", results, "--out", str(tmp_path / f"report{n}")],
+        ):
+            got = _exit_code(args)  # an exception would fail the test here
+            captured = capsys.readouterr()
+            said = captured.out + captured.err
+            assert "Traceback" not in said, (at, args, said)
+            if got:  # the damage was in what the command reads: it names the part
+                assert named in said, (at, args, said)
+            if args[0] == "inspect" and at < 0:  # cut short: there, and damaged, not "never started"
+                assert got == 1 and named in said and "never started" not in said, said
+

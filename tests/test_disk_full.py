@@ -49,12 +49,13 @@ def test_a_checkpoint_that_does_not_fit_leaves_nothing_and_says_what_it_needs(sm
     with pytest.raises(OSError) as e:
         checkpoint.save_rank(out, 4, 0, state, "config: {}", {})
     assert e.value.errno == errno.ENOSPC
-    assert f"round 4: no space left for '{out}/checkpoints/round_00000004/rank0.pt': it needs 12" in str(e.value)
+    path = f"{out}/checkpoints/round_00000004/rank0.pt"
+    assert f"round 4: cannot write '{path}': No space left on device: it needs 12" in str(e.value)
     assert checkpoint.complete_rounds(out) == [2] and not os.path.exists(checkpoint.set_dir(out, 4))
     _fill(small_disk, 200_000)  # the failed set's files were removed
     with pytest.raises(OSError) as e:  # the set's first file, its folder new
         checkpoint.save_rank(out, 6, 0, state, "config: {}", {})
-    assert e.value.errno == errno.ENOSPC and "round 6: no space left for" in str(e.value)
+    assert e.value.errno == errno.ENOSPC and "No space left on device: it needs" in str(e.value)
     assert [p.name for p in (small_disk / "out").rglob("*tmp*")] == []
 
 
@@ -92,7 +93,7 @@ def test_a_run_that_fills_the_disk_stops_cleanly_and_continues_after(small_disk,
     t0 = time.monotonic()
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 1 and time.monotonic() - t0 < 30, err
-    assert "no space left" in err and str(small_disk / "out") in err and "Traceback" not in err, err
+    assert "no space left" in err.lower() and str(small_disk / "out") in err and "Traceback" not in err, err
     assert [p.name for p in (small_disk / "out").rglob("*tmp*")] == []
     sets = checkpoint.complete_rounds(str(small_disk / "out"))
     assert sets and sets[-1] >= 10
@@ -107,3 +108,88 @@ def test_a_run_that_fills_the_disk_stops_cleanly_and_continues_after(small_disk,
     assert done.returncode == 0, done.stderr[-3000:]
     with h5py.File(small_disk / "out/results.h5") as f:
         assert list(f["server/rounds/round"][()]) == list(range(sets[-1] + 5))
+
+
+def _prepare(source: str, out, leave: int | None = None, disk=None) -> subprocess.CompletedProcess:
+    """The prepare command in its own process: HDF5 writing onto a full disk crashed it (SIGSEGV)."""
+    if leave is not None:
+        _fill(disk, leave)
+    how = ["digits", "--size", "16"] if source == "digits" else ["folder", "--root", source, "--size", "32"]
+    cmd = [sys.executable, "-m", "collafuse_hpc", "prepare", *how, "--out", str(out), "--clients", "2"]
+    cmd += ["--workers", "1"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("source", ["folder", "digits"])
+def test_prepare_onto_a_full_disk_refuses_or_fails_cleanly_and_continues_after(small_disk, tmp_path, source):
+    """prepare printed hundreds of HDF5 tracebacks and crashed (SIGSEGV) when the disk filled
+    while it wrote its cache or a shard, and kept the shards written before (and an empty
+    --out when it failed at the first). Refused before the work when the disk cannot hold
+    the decoded images and shards; a write that fails all the same leaves no shard, keeps
+    the decoded images, and the same command continues once there is space."""
+    from layouts import make_folder
+
+    if source == "folder":
+        source = str(tmp_path / "pictures")
+        make_folder(source, classes=2, per_class=200)  # 400 images, 1.2 MB at 32 x 32 RGB
+    out = small_disk / "data"
+    need = 2.5e6 if source != "digits" else 0.46e6  # cache and shards, or shards (digits are decoded in memory)
+    for leave, code in ((0, 2), (int(need * 0.9), 2), (int(need + 20_000), 1)):
+        done = _prepare(source, out, leave, small_disk)
+        err = done.stderr
+        assert done.returncode == code, err
+        assert "Traceback" not in err and sum("error:" in line for line in err.splitlines()) == 1, err
+        if code == 2:
+            assert "MB free, and the" in err and "free space or choose another --out" in err, err
+        else:
+            assert "No space left on device; no shard was written" in err, err
+        assert not list(small_disk.rglob("client_*")) and not list(small_disk.rglob("*tmp*")), err
+        kept = list(small_disk.rglob("*.npz"))
+        assert sorted(os.listdir(small_disk)) == (["ballast", "data"] if kept else ["ballast"]), code
+    (small_disk / "ballast").unlink()
+    done = _prepare(source, out)
+    made = sorted(os.listdir(out))
+    assert done.returncode == 0 and made == [".cache", "client_0.h5", "client_1.h5"][source == "digits" :]
+    if source != "digits":  # the decoded images were kept: nothing is decoded again
+        assert "0/0 images, nothing to do" in done.stderr, done.stderr
+
+
+def test_a_decoded_image_cache_that_fills_the_disk_keeps_every_batch_written(small_disk, tmp_path, monkeypatch, caplog):
+    """The cache was one HDF5 file appended in place: a failed flush left it damaged, and the
+    next run could not open it. Now each batch is a file written whole."""
+    from layouts import make_folder
+
+    from collafuse_hpc.atomic import WriteError
+    from collafuse_hpc.data import prepare as prep
+    from collafuse_hpc.data.sources import read_folder
+
+    source = str(tmp_path / "pictures")
+    make_folder(source, classes=2, per_class=300)
+    monkeypatch.setattr(prep, "_check_space", lambda *a: None)  # the disk fills after the check
+    monkeypatch.setattr(prep, "CHUNK", 64)
+    _fill(small_disk, 300_000)  # room for one or two batches (64 x 3072 bytes each)
+    with pytest.raises(WriteError, match="No space left on device"):
+        prep.prepare(read_folder(source), str(small_disk / "data"), 2, "iid", size=32, workers=1)
+    kept = list(small_disk.rglob("*.npz"))
+    assert kept and not list(small_disk.rglob("*tmp*")) and not list(small_disk.rglob("client_*"))
+    (small_disk / "ballast").unlink()
+    caplog.set_level("INFO", logger="collafuse_hpc")
+    prep.prepare(read_folder(source), str(small_disk / "data"), 2, "iid", size=32, workers=1)
+    assert f"decoding folder: {600 - 64 * len(kept)}/{600 - 64 * len(kept)} images" in caplog.text
+
+
+def test_train_classifier_over_a_file_size_limit_says_so_and_leaves_nothing(tmp_path, shards):
+    """train-classifier under ``ulimit -f`` ended in torch's RuntimeError traceback, and a
+    folder it made stayed."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    out = tmp_path / "new/classifier.pt"
+    cmd = [sys.executable, "-m", "collafuse_hpc", "train-classifier", *shards, "--out", str(out), "--epochs", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert done.returncode == 1, done.stderr
+    assert f"cannot write '{out}': File too large: it needs" in done.stderr and "(ulimit -f) is 50000" in done.stderr
+    assert "; nothing was written" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert os.listdir(tmp_path) == []

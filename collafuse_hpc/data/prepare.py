@@ -4,10 +4,11 @@ Pipeline: partition the catalog across clients, split each client's pool into
 train/test, decode every needed image once (in parallel processes, with a
 progress line) into a resumable cache, then write one shard per client.
 
-- Idempotent and resumable: decoded pixels go to ``<out>/.cache/<key>.h5``
-  with a per-image state and the source file's size and mtime, flushed every
-  chunk; an interrupted run continues where it stopped, a repeated run decodes
-  nothing but the images whose file changed and those that failed before.
+- Idempotent and resumable: decoded pixels go to ``<out>/.cache/<key>/``
+  (:mod:`.decode_cache`) with a per-image state and the source file's size and
+  mtime, one file per chunk; an interrupted or failed run continues where it
+  stopped, a repeated run decodes nothing but the images whose file changed and
+  those that failed before.
 - Unreadable images (missing, corrupt) are reported and left out; with
   ``strict`` the run fails after the cache is flushed, naming them, and nothing
   already decoded is lost.
@@ -22,6 +23,7 @@ import multiprocessing as mp
 import multiprocessing.pool
 import os
 import re
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -31,14 +33,14 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from collafuse_hpc.atomic import check_destination, refuse_existing
+from collafuse_hpc.atomic import check_destination, made_folder, refuse_existing
 from collafuse_hpc.data import partition as part
+from collafuse_hpc.data.decode_cache import DONE, FAILED, DecodeCache
 from collafuse_hpc.data.shard import Split, content_hash, inspect_shard, write_shard
 from collafuse_hpc.data.sources import Catalog
 from collafuse_hpc.logs import Progress
 
-CHUNK = 256  # images decoded between cache flushes
-PENDING, DONE, FAILED = 0, 1, 2
+CHUNK = 256  # images decoded per cache file
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def _stamp(path: str) -> tuple[int, int]:
 
 def _cache_path(out: str, catalog: Catalog, recipe: Recipe) -> str:
     key = json.dumps([catalog.dataset, catalog.source, len(catalog), asdict(recipe)])
-    return os.path.join(out, ".cache", f"{catalog.dataset}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.h5")
+    return os.path.join(out, ".cache", f"{catalog.dataset}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
 
 
 def decode(
@@ -132,74 +134,73 @@ def decode(
         done = [_finish(Image.fromarray(catalog.arrays[i]), recipe, None) for i in needed]
         images = np.stack([d[0] for d in done]).reshape(len(needed), *shape)
         return images, np.ones(len(needed), dtype=bool), np.array([d[1] for d in done])
-    path = _cache_path(out, catalog, recipe)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cache = DecodeCache(_cache_path(out, catalog, recipe), len(catalog), shape)
     workers = workers or os.cpu_count() or 1
-    pool = mp.get_context("fork").Pool(workers, initializer=_worker_init)  # fork before opening the cache
+    pool = mp.get_context("fork").Pool(workers, initializer=_worker_init)
     try:
-        return _decode_into_cache(catalog, needed, recipe, path, pool, strict)
+        return _decode_into_cache(catalog, needed, recipe, cache, pool, strict)
     finally:
         pool.terminate()
         pool.join()
 
 
 def _decode_into_cache(
-    catalog: Catalog, needed: np.ndarray, recipe: Recipe, path: str, pool: mp.pool.Pool, strict: bool
+    catalog: Catalog, needed: np.ndarray, recipe: Recipe, cache: DecodeCache, pool: mp.pool.Pool, strict: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    shape = (recipe.channels, recipe.size, recipe.size)
     errors: list[str] = []
-    with h5py.File(path, "a") as cache:
-        if "stamp" not in cache:  # new, or from a version that kept no stamps: decode everything
-            for name in ("images", "state", "side"):
-                if name in cache:
-                    del cache[name]
-            cache.create_dataset("images", (len(catalog), *shape), np.uint8, chunks=(1, *shape))
-            cache.create_dataset("state", data=np.zeros(len(catalog), np.int8))
-            cache.create_dataset("side", data=np.zeros(len(catalog), np.int32))
-            cache.create_dataset("stamp", data=np.full((len(catalog), 2), -1, np.int64))
-        state, sides, stamps = cache["state"][()], cache["side"][()], cache["stamp"][()]
-        now = {int(i): _stamp(catalog.files[i]) for i in needed}
-        # decode what is new, what failed before (it may have been fixed) and what changed since
-        todo = [int(i) for i in needed if state[i] != DONE or tuple(stamps[i]) != now[int(i)]]
-        progress = Progress(f"decoding {catalog.dataset}", len(todo))
-        boxes = catalog.boxes if recipe.bbox_margin >= 0 else None
-        jobs = ((i, catalog.files[i], None if boxes is None else boxes[i], recipe) for i in todo)
-        done = failed = 0
-        batch: list[tuple[int, np.ndarray]] = []
-        for i, pixels, side, error in pool.imap_unordered(decode_file, jobs, chunksize=16):
-            stamps[i] = now[i]
-            if pixels is None:
-                state[i] = FAILED
-                errors.append(error)
-                failed += 1
-            else:
-                batch.append((i, pixels))
-                sides[i] = side
-            done += 1
-            if len(batch) >= CHUNK or done == len(todo):
-                for j, px in sorted(batch, key=lambda b: b[0]):
-                    cache["images"][j] = px
-                    state[j] = DONE
-                batch = []
-                cache["state"][...], cache["side"][...], cache["stamp"][...] = state, sides, stamps
-                cache.flush()
-            progress.update(1, f"{failed} unreadable")
-        cache["state"][...], cache["side"][...], cache["stamp"][...] = state, sides, stamps
-        ok = state[needed] == DONE
-        if errors or (~ok).any():
-            missing = [catalog.files[i] for i in needed[~ok]]
-            shown = "\n  ".join(errors[:10] or missing[:10])
-            print(f"{int((~ok).sum())} unreadable image(s) left out, e.g.:\n  {shown}", file=sys.stderr)
-            if strict:
-                raise ValueError(
-                    f"{int((~ok).sum())} unreadable image(s) (strict mode), first {missing[0]!r}; "
-                    f"decoded images are kept in {path!r} for the next run"
-                )
-        images = np.empty((len(needed), *shape), np.uint8)
-        for k, i in enumerate(needed):
-            if ok[k]:
-                cache["images"].read_direct(images, np.s_[int(i)], np.s_[k])
-    return images, ok, sides[needed]
+    now = {int(i): _stamp(catalog.files[i]) for i in needed}
+    # decode what is new, what failed before (it may have been fixed) and what changed since
+    todo = [int(i) for i in needed if cache.state[i] != DONE or tuple(cache.stamp[i]) != now[int(i)]]
+    image_bytes = int(np.prod(cache.shape))
+    _check_space(os.path.dirname(cache.folder), (len(todo) + len(needed)) * image_bytes, "decoded images and shards")
+    progress = Progress(f"decoding {catalog.dataset}", len(todo))
+    boxes = catalog.boxes if recipe.bbox_margin >= 0 else None
+    jobs = ((i, catalog.files[i], None if boxes is None else boxes[i], recipe) for i in todo)
+    done = failed = 0
+    batch: list[tuple[int, np.ndarray | None, int]] = []
+    for i, pixels, side, error in pool.imap_unordered(decode_file, jobs, chunksize=16):
+        if pixels is None:
+            errors.append(error)
+            failed += 1
+        batch.append((i, pixels, side))
+        done += 1
+        if len(batch) >= CHUNK or done == len(todo):
+            batch.sort(key=lambda b: b[0])
+            index = np.array([b[0] for b in batch], np.int64)
+            cache.add(
+                index,
+                np.array([FAILED if b[1] is None else DONE for b in batch], np.int8),
+                np.array([b[2] for b in batch], np.int32),
+                np.array([now[b[0]] for b in batch], np.int64).reshape(-1, 2),
+                np.stack([np.zeros(cache.shape, np.uint8) if b[1] is None else b[1] for b in batch]),
+            )
+            batch = []
+        progress.update(1, f"{failed} unreadable")
+    ok = cache.state[needed] == DONE
+    if errors or (~ok).any():
+        missing = [catalog.files[i] for i in needed[~ok]]
+        shown = "\n  ".join(errors[:10] or missing[:10])
+        print(f"{int((~ok).sum())} unreadable image(s) left out, e.g.:\n  {shown}", file=sys.stderr)
+        if strict:
+            raise ValueError(
+                f"{int((~ok).sum())} unreadable image(s) (strict mode), first {missing[0]!r}; "
+                f"decoded images are kept in {cache.folder!r} for the next run"
+            )
+    images = np.zeros((len(needed), *cache.shape), np.uint8)
+    images[ok] = cache.read(needed[ok])
+    return images, ok, cache.side[needed]
+
+
+def _check_space(folder: str, need: int, what: str) -> None:
+    """Refuse, before the work, a disk that cannot hold ``need`` bytes (a lower bound) of ``what``."""
+    while not os.path.isdir(folder):  # --out may not exist yet
+        folder = os.path.dirname(folder) or os.curdir
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ValueError(
+            f"{folder!r} has {free / 1e6:.1f} MB free, and the {what} need at least {need / 1e6:.1f} MB; "
+            "free space or choose another --out" + (" (images decoded before are kept)" if "decoded" in what else "")
+        )
 
 
 def _histogram(labels: np.ndarray | None) -> str:
@@ -303,26 +304,37 @@ def prepare(
     )
     hashes = [content_hash(shard) for shard in shards]
     _refuse_other_shards(out, lambda k, path: k < len(hashes) and inspect_shard(path).content_hash == hashes[k])
-    paths = []
+    _check_space(out, sum(split.images.nbytes for shard in shards for split in shard.values()), "shards")
+    paths = [os.path.join(out, f"client_{k}.h5") for k in range(len(shards))]
+    made = []  # shards where there was none: removed when a later one cannot be written
+    with made_folder(out):
+        try:
+            for k, (path, shard) in enumerate(zip(paths, shards)):
+                new = not os.path.lexists(path)  # else the same shard (refused above otherwise)
+                write_shard(
+                    path,
+                    shard,
+                    attribute_names=catalog.attribute_names,
+                    dataset=catalog.dataset,
+                    source=catalog.source,
+                    recipe=recipe.describe(sides[np.concatenate(positions[k])]),
+                    client_id=f"client_{k}",
+                    partition=partition,
+                    split="train+test"
+                    + (" (official)" if catalog.split is not None else f" (test_fraction={test_fraction})"),
+                )
+                if new:
+                    made.append(path)
+        except BaseException:
+            for path in made:
+                os.remove(path)
+            raise
     print(f"{'client':<10}{'train':>8}{'test':>8}  train labels")
     for k, shard in enumerate(shards):
-        path = os.path.join(out, f"client_{k}.h5")
-        write_shard(
-            path,
-            shard,
-            attribute_names=catalog.attribute_names,
-            dataset=catalog.dataset,
-            source=catalog.source,
-            recipe=recipe.describe(sides[np.concatenate(positions[k])]),
-            client_id=f"client_{k}",
-            partition=partition,
-            split="train+test" + (" (official)" if catalog.split is not None else f" (test_fraction={test_fraction})"),
-        )
         print(
             f"{'client_' + str(k):<10}{len(shard['train'].images):>8}{len(shard['test'].images):>8}  "
             f"{_histogram(shard['train'].labels)}"
         )
-        paths.append(path)
     return paths
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from collafuse_hpc.atomic import atomic_path
+from collafuse_hpc.atomic import new_hdf5
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made: reading and checking shards needs none (config,
     import torch  # inspect and report import this module, and torch costs 1.5 s of CPU a start)
@@ -99,7 +99,7 @@ def write_shard(path: str, splits: dict[str, Split], attribute_names: list[str] 
     """
     tree = {name: _datasets(split) for name, split in splits.items()}
     content_hash = _content_hash(tree)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with new_hdf5(path) as f:
         for name, datasets in tree.items():
             images = datasets["images"]
             assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[2] == images.shape[3]

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from collafuse_hpc.atomic import made_folder
 from collafuse_hpc.data import ShardReader, inspect_shard
 from collafuse_hpc.evaluation.features import file_digest
 from collafuse_hpc.runtime.checkpoint import save_atomic
@@ -134,7 +136,8 @@ def train_classifier(
         "epochs": epochs,
         "seed": seed,
     }
-    save_atomic(out, {**meta, "state": model.state_dict()})
+    with made_folder(os.path.dirname(out) or os.curdir):  # gone again when the write fails
+        save_atomic(out, {**meta, "state": model.state_dict()})
     return meta
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collafuse_hpc.atomic import WriteError, atomic_path, check_destination, refuse_existing
+from collafuse_hpc.atomic import atomic_path, check_destination, made_folder, refuse_existing
 from collafuse_hpc.evaluation.inception import FIDInceptionV3, convert_torchscript, fid_input
 from collafuse_hpc.runtime.checkpoint import save_atomic
 
@@ -228,8 +228,6 @@ def convert_inception(source: str, target: str) -> float:
     error = float((got - want).norm() / want.norm())
     if not error < 1e-4:
         raise ValueError(f"{source!r}: converted network differs from the file by {error:.2e} (relative); not written")
-    try:
+    with made_folder(os.path.dirname(target) or os.curdir):  # gone again when the write fails
         save_atomic(target, state)
-    except OSError as e:
-        raise WriteError(e.errno, e.strerror or str(e), target) from None
     return error

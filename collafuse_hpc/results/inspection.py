@@ -35,6 +35,7 @@ from collafuse_hpc.results.schema import (
     SUMMARY,
     audit_totals,
     index_path,
+    lost_part,
     open_results,
     recent_mean,
     recent_rows,
@@ -155,11 +156,10 @@ def summarize(path: str, record: int | None = None) -> dict:
         out["roles"] = {}
         for key, part in roles.items():
             try:
-                g = f[key]
-            except KeyError:
-                out["missing"].append(f"{key}: part file {part} (the rank never started or its file was lost)")
+                role = _role(f[key], record)
+            except (KeyError, RuntimeError, OSError):  # HDF5's errors for a part file missing or damaged
+                out["missing"].append(f"{key}: part file {part} ({lost_part(path, part)})")
                 continue
-            role = _role(g, record)
             out["roles"][key] = role
             if SUMMARY not in role:
                 last = role.get("last_round")
@@ -331,23 +331,27 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def export(path: str, out_dir: str, arrays: bool = False, record: int | None = None) -> list[str]:
+def export(path: str, out_dir: str, arrays: bool = False, record: int | None = None) -> tuple[list[str], list[str]]:
     """Write each client's samples and each evaluated image set as PNG grids (and
     ``.npy`` arrays with ``arrays``) into ``out_dir``; returns the files written
-    (none, and no folder made, when the file holds no images). The newest samples and
+    (none, and no folder made, when the file holds no images) and one line per client
+    whose part file is missing or damaged, whose samples were left out. The newest samples and
     metrics, or those of ``record``."""
     check_destination(out_dir, folder=True)
-    images = {}
+    images, left_out = {}, []
     samples = SAMPLES if record is None else f"{record_key(record, 'samples')}/images"
     with open_results(path) as f:
         metrics_group = f.get(METRICS) if record is None else f.get(record_key(record, METRICS))
-        for cid in f.get(CLIENTS, {}):
-            try:
-                g = f[f"{CLIENTS}/{cid}"]
-            except KeyError:  # a part file that is missing
+        roles = yaml.safe_load(f.attrs.get("roles", "{}")) or {}
+        for key, part in roles.items():
+            if not key.startswith(f"{CLIENTS}/"):
                 continue
-            if samples in g:
-                images[f"samples_{cid}"] = g[samples][()]
+            try:
+                g = f[key]
+                if samples in g:
+                    images[f"samples_{key.split('/', 1)[1]}"] = g[samples][()]
+            except (KeyError, RuntimeError, OSError):  # HDF5's errors for a part file missing or damaged
+                left_out.append(f"{key}: part file {part} ({lost_part(path, part)})")
         for who, g in (metrics_group or {}).items():
             for name, s in g.items():
                 if "images" in s:
@@ -356,7 +360,7 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
     targets = {os.path.join(out_dir, name + kind): array for name, array in images.items() for kind in kinds}
     refuse_existing(targets, "an earlier export (of this run, another record or another run) would be mixed in")
     if not targets:  # no folder made when there is nothing to export
-        return []
+        return [], left_out
     written = []
     with made_folder(out_dir):
         try:
@@ -373,7 +377,7 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
             if isinstance(e, OSError) and not isinstance(e, WriteError):  # PIL and numpy name no file
                 raise write_error(e, written[-1]) from e
             raise
-    return list(targets)
+    return list(targets), left_out
 
 
 COMPARE_ROWS = (

@@ -187,6 +187,13 @@ def part_path(output_dir: str, client_id: str | None, server_rank: int = 0) -> s
     return os.path.join(output_dir, PARTS, name)
 
 
+def lost_part(results: str, part: str) -> str:
+    """Why the part file ``part`` (as results.h5 at ``results`` links it) could not be read."""
+    if os.path.lexists(os.path.join(os.path.dirname(results), part)):
+        return "damaged: not a readable HDF5 file; a copy or a full disk may have cut it short"
+    return "the rank never started or its file was lost"
+
+
 def open_results(path: str) -> h5py.File:
     """Open a results file for reading, without HDF5's file lock (a reader must never
     make a training rank fail); ValueError saying what the file is otherwise (not

@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from collafuse_hpc.atomic import atomic_path, check_destination, made_folder, refuse_existing, write_error
+from collafuse_hpc.atomic import check_destination, made_folder, new_hdf5, refuse_existing
 from collafuse_hpc.results.schema import (
     METRICS,
     RECORDS,
@@ -30,6 +30,7 @@ from collafuse_hpc.results.schema import (
     SUMMARY,
     V2,
     audit_totals,
+    lost_part,
     open_results,
     plain_attrs,
     record_key,
@@ -46,7 +47,7 @@ def create_index(path: str, config_yaml: str, seed: int, roles: dict[str, str]) 
     Args:
         roles: {"server": "parts/server_0.h5", "clients/<id>": "parts/client_<id>.h5", ...}
     """
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with new_hdf5(path) as f:
         f.attrs.update(
             schema=SCHEMA,
             schema_version=SCHEMA_VERSION,
@@ -299,25 +300,28 @@ def _attach_round_scale(g: h5py.Group) -> None:
 def bundle(index: str, target: str) -> list[str]:
     """Copy a run's results.h5 with every linked part file into one self-contained
     HDF5 file at ``target`` (to send to a colleague: generic tools do not follow
-    external links). Written atomically; returns the role keys whose part file is
-    missing (also stored in the ``missing_parts`` attribute). ValueError when
-    ``index`` is not a results file."""
+    external links). Written atomically; returns what was left out, one line per role
+    whose part file is missing or damaged (their role keys are stored in the
+    ``missing_parts`` attribute). ValueError when ``index`` is not a results file."""
     check_destination(target, folder=False)
     refuse_existing([target], "it may be the run's own results.h5, another run's, or a bundle already sent")
-    missing = []
+    missing, left_out = [], []
     with (
         open_results(index) as src,
         made_folder(os.path.dirname(target) or os.curdir),  # gone again when the bundle fails
-        atomic_path(target) as tmp,
-        _created(tmp, target) as dst,
+        _reading_the_run(),
+        new_hdf5(target) as dst,
     ):
         dst.attrs.update(src.attrs)
         dst.attrs["bundled_from"] = os.path.abspath(index)
-        for key in yaml.safe_load(src.attrs.get("roles", "{}")) or {}:
+        for key, part in (yaml.safe_load(src.attrs.get("roles", "{}")) or {}).items():
             try:
                 dst.copy(src[key], key)  # the external link resolves: the part's content is copied
-            except KeyError:
+            except (KeyError, RuntimeError, OSError):  # HDF5's errors for a part file missing or damaged
+                if key in dst:  # what was copied before the damage
+                    del dst[key]
                 missing.append(key)
+                left_out.append(f"{key}: part file {part} ({lost_part(index, part)})")
                 continue
             for group in dst[key].values():  # scales point into the part file: attach them anew
                 if isinstance(group, h5py.Group) and ROUND in group:
@@ -331,31 +335,17 @@ def bundle(index: str, target: str) -> list[str]:
         if METRICS in src:
             dst.copy(src[METRICS], METRICS)  # the newest evaluation's, resolved
         dst.attrs["missing_parts"] = yaml.safe_dump(missing)
-    return missing
+    return left_out
 
 
 @contextlib.contextmanager
-def _created(tmp: str, target: str) -> Iterator[h5py.File]:
-    """A new HDF5 file at ``tmp``, written for ``target``. HDF5 reports a full disk when it
-    writes, flushes or closes, as OSError or RuntimeError: a WriteError naming ``target``;
-    its other errors come from reading the run."""
+def _reading_the_run() -> Iterator[None]:
+    """HDF5's errors copying the records and metrics of results.h5 itself: an OSError that
+    says so (the file is built in memory: they are not a write's)."""
     try:
-        f = h5py.File(tmp, "w")
-    except OSError as e:
-        raise write_error(e, target) from e
-    try:
-        yield f
-        f.close()
-    except (OSError, RuntimeError) as e:
-        text, code = str(e).lower(), getattr(e, "errno", None)
-        if "write" in text or "flush" in text or code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise write_error(e, target) from e
-        if isinstance(e, OSError):
-            raise
-        raise OSError(f"copying the run failed: {e} (a damaged part file?)") from e  # HDF5 reading the run
-    finally:
-        with contextlib.suppress(Exception):  # after a failed write: its handle, not a second error
-            f.close()
+        yield
+    except RuntimeError as e:
+        raise OSError(f"copying the run failed: {e} (a damaged results.h5?)") from e
 
 
 def save_grid(images: np.ndarray, path: str, columns: int = 8) -> None:

@@ -18,12 +18,13 @@ import errno
 import io
 import os
 import re
+import resource
 import shutil
 
 import torch
 import yaml
 
-from collafuse_hpc.atomic import atomic_path
+from collafuse_hpc.atomic import WriteError, atomic_path, write_error
 from collafuse_hpc.config import Config, to_dict, with_defaults
 from collafuse_hpc.config_rules import resume_differences
 from collafuse_hpc.data import inspect_shard
@@ -44,16 +45,26 @@ def set_dir(output_dir: str, round_: int) -> str:
 def save_atomic(path: str, obj: dict) -> None:
     """Write ``obj`` to ``path`` all-or-nothing and durably (see :mod:`..atomic`).
 
-    A failed write leaves nothing behind; a full disk raises OSError(ENOSPC) that
-    names the file, the bytes it needs and the bytes free."""
+    A failed write leaves nothing behind and raises a WriteError naming ``path``. torch's
+    zip writer reports a failed write as a RuntimeError without its cause, so a full disk
+    (ENOSPC) and a file size limit (EFBIG, ``ulimit -f``) are told by the bytes needed."""
     try:
         with atomic_path(path, durable=True) as tmp:
             torch.save(obj, tmp)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-        need, free = _serialized_size(obj), shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        if getattr(e, "errno", None) == errno.ENOSPC or free < need:
-            raise OSError(errno.ENOSPC, f"no space left for {path!r}: it needs {need} bytes, {free} are free") from None
-        raise
+    except (OSError, RuntimeError) as e:
+        code, need = getattr(e, "errno", None), _serialized_size(obj)
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(folder):  # its folder may be what could not be made
+            folder = os.path.dirname(folder)
+        free = shutil.disk_usage(folder).free
+        if code == errno.ENOSPC or free < need:
+            text = f"{os.strerror(errno.ENOSPC)}: it needs {need} bytes, {free} are free"
+            raise WriteError(errno.ENOSPC, text, path) from None
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if code == errno.EFBIG or limit != resource.RLIM_INFINITY and need > limit:
+            text = f"{os.strerror(errno.EFBIG)}: it needs {need} bytes, the file size limit (ulimit -f) is {limit}"
+            raise WriteError(errno.EFBIG, text, path) from None
+        raise write_error(e, path) from e
 
 
 class _ByteCounter(io.RawIOBase):
@@ -148,10 +159,10 @@ def save_rank(
         if e.errno != errno.ENOSPC:
             raise
         shutil.rmtree(set_dir(output_dir, round_), ignore_errors=True)
-        raise OSError(
+        raise WriteError(
             errno.ENOSPC,
-            f"checkpoint set of round {round_}: {e.strerror}. Free space (or point run.output_dir elsewhere), "
-            "then continue with --resume: the newest complete set is kept",
+            f"checkpoint set of round {round_}: cannot write {e.filename!r}: {e.strerror}. Free space (or point "
+            "run.output_dir elsewhere), then continue with --resume: the newest complete set is kept",
         ) from None
 
 

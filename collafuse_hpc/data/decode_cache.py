@@ -1,0 +1,78 @@
+"""prepare's cache of decoded images: ``<out>/.cache/<key>/``, one file per batch.
+
+Decoding a large dataset takes hours, so a stopped or failed preparation continues from
+what was decoded. Each batch is one ``.npz`` file written whole (:func:`atomic_path`):
+a kill, a crash or a full disk at any moment leaves every earlier batch readable, and a
+full disk is an ordinary OSError. (An HDF5 file appended in place could be left
+unreadable by a failed flush, and crashed the process when closed after it.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import zipfile
+
+import numpy as np
+
+from collafuse_hpc.atomic import atomic_path, made_folder, write_error
+
+PENDING, DONE, FAILED = 0, 1, 2  # per catalog image
+_BATCH = re.compile(r"batch-\d+-\d+\.npz")
+
+
+class DecodeCache:
+    """What is known of each catalog image: ``state`` (PENDING, DONE or FAILED), ``side``
+    (the crop side used, source pixels) and ``stamp`` (the source file's size and mtime
+    in ns when it was decoded), and where its pixels are. A batch written later wins."""
+
+    def __init__(self, folder: str, images: int, shape: tuple[int, ...]) -> None:
+        self.folder, self.shape = folder, shape
+        self.state = np.full(images, PENDING, np.int8)
+        self.side = np.zeros(images, np.int32)
+        self.stamp = np.full((images, 2), -1, np.int64)
+        self._where: dict[int, tuple[str, int]] = {}  # catalog index -> (batch file, row)
+        names = sorted(n for n in os.listdir(folder) if _BATCH.fullmatch(n)) if os.path.isdir(folder) else []
+        for name in names:  # by the time in their names: oldest first
+            path = os.path.join(folder, name)
+            try:
+                with np.load(path) as z:
+                    index, state, side, stamp = (z[k] for k in ("index", "state", "side", "stamp"))
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # not ours: its images are decoded again
+                continue
+            if len(index) and (index.min() < 0 or index.max() >= images):
+                continue
+            self._take(path, index, state, side, stamp)
+
+    def _take(self, path: str, index: np.ndarray, state: np.ndarray, side: np.ndarray, stamp: np.ndarray) -> None:
+        self.state[index], self.side[index], self.stamp[index] = state, side, stamp
+        self._where.update((int(i), (path, row)) for row, i in enumerate(index))
+
+    def add(
+        self, index: np.ndarray, state: np.ndarray, side: np.ndarray, stamp: np.ndarray, images: np.ndarray
+    ) -> None:
+        """Store one batch: catalog ``index`` [n], ``state`` [n], crop ``side`` [n], source
+        ``stamp`` [n, 2] and uint8 ``images`` [n, *shape] (zeros where the state is FAILED).
+        Raises WriteError when it cannot be written; the batches before stay."""
+        path = os.path.join(self.folder, f"batch-{time.time_ns():020d}-{os.getpid()}.npz")
+        try:  # the cache's folders go again if its first batch fails
+            with made_folder(self.folder), atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, index=index, state=state, side=side, stamp=stamp, images=images)
+        except OSError as e:
+            raise write_error(e, path) from e
+        self._take(path, index, state, side, stamp)
+
+    def read(self, index: np.ndarray) -> np.ndarray:
+        """uint8 [len(index), *shape]: the pixels of catalog images ``index``, all DONE."""
+        images = np.empty((len(index), *self.shape), np.uint8)
+        rows: dict[str, list[tuple[int, int]]] = {}
+        for k, i in enumerate(index):
+            path, row = self._where[int(i)]
+            rows.setdefault(path, []).append((k, row))
+        for path, pairs in rows.items():
+            with np.load(path) as z:
+                stored = z["images"]
+            for k, row in pairs:
+                images[k] = stored[row]
+        return images
