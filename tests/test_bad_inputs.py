@@ -492,3 +492,33 @@ def test_a_damaged_part_file_is_named_by_every_command_that_reads_the_run(tmp_pa
             if args[0] == "inspect" and at < 0:  # cut short: there, and damaged, not "never started"
                 assert got == 1 and named in said and "never started" not in said, said
 
+
+@pytest.mark.slow  # reads an evaluated run
+def test_a_report_goes_where_its_path_points_as_the_system_takes_it(tmp_path, evaluated_run, monkeypatch, capsys):
+    """report took --out as text: ``link/../rep`` was ./rep (the system: base/rep) and
+    ``q/../rep`` was accepted; a link to a report folder was replaced by a folder, leaving
+    ``.NAME-*.old`` behind; ``--out /`` was refused as "it names a folder; give a file name"."""
+    results = str(evaluated_run(0.25) / "results.h5")
+    (tmp_path / "base/inner").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "base/inner")
+    (tmp_path / "broken").symlink_to(tmp_path / "gone")
+    (tmp_path / "reports/first").mkdir(parents=True)
+    (tmp_path / "latest").symlink_to(tmp_path / "reports/first")
+    monkeypatch.chdir(tmp_path)
+    for out in ("link/../rep", "latest", "latest/", "new/"):
+        assert main(["report", results, "--out", out]) == 0, out
+        assert "report: error" not in capsys.readouterr().err
+    assert (tmp_path / "base/rep/table.csv").exists() and not (tmp_path / "rep").exists()
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "reports/first/table.csv").exists()
+    assert sorted(os.listdir(tmp_path / "reports")) == ["first"]  # no .first-*.old
+    assert (tmp_path / "new/table.csv").exists()
+    before = file_tree(tmp_path)
+    for out, said in (
+        ("q/../rep", "it goes through 'q', missing"),
+        ("broken", "--out broken is a link to"),
+        ("/", "names a folder by '/', '.' or '..'; give the report folder's own name"),
+        ("..", "names a folder by '/', '.' or '..'"),
+    ):
+        assert main(["report", results, "--out", out]) == 2, out
+        assert said in capsys.readouterr().err, out
+    assert file_tree(tmp_path) == before and not (tmp_path / "q").exists() and not (tmp_path / "gone").exists()

@@ -153,18 +153,31 @@ def _one_writer(out: str, out_arg: str) -> Iterator[None]:
                 os.close(fd)
 
 
+def _report_folder(out_arg: str) -> str:
+    """The folder ``--out`` names, as the system takes the path (each ``..`` after the link
+    before it; a link to a folder: that folder, the link kept), for the report, its lock
+    and its staging folder; ValueError when a report cannot replace it whole."""
+    given = out_arg.rstrip(os.sep)
+    if os.path.basename(given) in ("", os.curdir, os.pardir):
+        raise ValueError(f"--out {out_arg} names a folder by '/', '.' or '..'; give the report folder's own name")
+    check_destination(given, folder=False)  # the path above: the lock and the new report are made there
+    if os.path.islink(given) and not os.path.exists(given):
+        raise ValueError(f"--out {out_arg} is a link to {os.readlink(given)!r}, which is missing")
+    out = os.path.realpath(given)
+    if os.path.ismount(out):
+        raise ValueError(
+            f"--out {out_arg} is a mount point, and a report replaces its folder whole; give a folder in it"
+        )
+    return out
+
+
 def make_report(results: list[str], out_arg: str, record: int | None = None) -> int:
     """Write the report of the results files ``results`` into the folder ``out_arg``;
     the exit code (0 written, 1 no evaluated run or not written, 2 refused, 130
     interrupted (Ctrl-C; the command turns SIGTERM into one): --out as it was, unless the
     message says the report was written)."""
-    out = os.path.abspath(out_arg)
     try:
-        check_destination(out, folder=False)  # the folder above: the lock and the new report are made there
-        if os.path.ismount(out):
-            raise ValueError(
-                f"--out {out_arg} is a mount point, and a report replaces its folder whole; give a folder in it"
-            )
+        out = _report_folder(out_arg)
     except ValueError as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 2
@@ -262,7 +275,7 @@ def write_report(
     for (path, run, run_curves), name in zip(evaluated, _run_names([e[0] for e in evaluated]), strict=True):
         table += run
         curves[name] = run_curves
-        export(path, os.path.join(out, "grids", name), record=record)
+        export(path, os.path.join(out, "grids", name), record=record)  # its parts were all read above
     versus = stats.versus_baseline(table)
     unpaired = stats.unpaired_seeds(table)
     for note in unpaired:
