@@ -385,6 +385,22 @@ def test_a_run_folder_or_feature_cache_that_cannot_be_written_is_refused_before_
     assert file_tree(tmp_path) == before and not (tmp_path / "out").exists()
 
 
+def test_a_default_feature_cache_that_cannot_be_written_says_it_is_the_default_and_how_to_move_it(
+    tmp_path, shards, capsys, monkeypatch
+):
+    """The refusal named "eval.cache_dir (its default)" without saying how to move it."""
+    raw = tiny_config(shards, tmp_path / "out", [0.25, 0.5])
+    raw["eval"].update(at_end=True, cache_dir="")
+    config = write_config(tmp_path / "run.yaml", raw)
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(tmp_path / "notes.txt"))
+    monkeypatch.delenv("COLLAFUSE_CACHE", raising=False)
+    assert _exit_code(["config", config]) == 2
+    err = capsys.readouterr().err
+    said = "eval.cache_dir (empty: its default; set it or $COLLAFUSE_CACHE to move it): cannot write"
+    assert said in err and f"'{tmp_path}/notes.txt' is a file" in err, err
+
+
 def test_a_read_only_cache_serves_and_a_read_only_run_folder_stops_only_what_writes_there(tmp_path, shards):
     """evaluate refused a read-only feature cache that held every feature it needed, and
     a run folder it does not write in (it writes only results.h5); train and sample

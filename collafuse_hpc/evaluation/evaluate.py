@@ -148,9 +148,8 @@ def check_places(cfg: Config, evaluating: bool, writes_run: bool) -> None:
     feature serves. evaluate writes into results.h5 alone, which it checks itself."""
     places = [("run.output_dir", cfg.run.output_dir, "access" if writes_run else "none")]
     if evaluating:
-        places.append(
-            ("eval.cache_dir" if cfg.eval.cache_dir else "eval.cache_dir (its default)", _cache_dir(cfg), "none")
-        )
+        default = "" if cfg.eval.cache_dir else " (empty: its default; set it or $COLLAFUSE_CACHE to move it)"
+        places.append(("eval.cache_dir" + default, _cache_dir(cfg), "none"))
     for key, folder, test in places:
         try:
             check_destination(folder, folder=True, test=test)
