@@ -341,7 +341,9 @@ def _prepare(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _die(2, str(e), hard=False)
     except WriteError as e:
-        return _write_failed(e, "no shard was written; decoded images are kept: run it again once there is space")
+        cache = os.path.join(args.out, ".cache")
+        kept = f"; the images decoded before are kept in {cache!r}" if os.path.isdir(cache) else ""
+        return _write_failed(e, f"no shard was written{kept}")
     except OSError as e:  # the source's files
         return _die(1, f"cannot read {e.filename!r}: {e.strerror or e}", hard=False)
     except KeyboardInterrupt:
@@ -381,10 +383,13 @@ def _read_results(args: argparse.Namespace) -> int:
             missing = bundle(args.results, args.out)
             print(f"wrote {args.out}" + (f" without {'; '.join(missing)}" if missing else ""))
             return 1 if missing else 0
-        paths, rows = inspection.compare(args.results, args.record)
+        paths, rows, lost = inspection.compare(args.results, args.record)
         print(
             inspection.to_json({"files": paths, "rows": rows}) if args.json else inspection.format_compare(paths, rows)
         )
+        for line in lost:
+            print(f"collafuse-hpc: warning: left out of the totals: {line}", file=sys.stderr)
+        return 1 if lost else 0
     except BrokenPipeError:  # the reader stopped early (| head): what it read is all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
@@ -417,6 +422,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print_report(evaluate(_load(args)))
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=False)
+    except WriteError as e:  # the feature cache: results.h5 is written last
+        return _write_failed(e)
     except OSError as e:  # a checkpoint or results file that could not be read or written
         return _die(1, str(e), hard=False)
     return 0

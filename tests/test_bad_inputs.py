@@ -481,15 +481,16 @@ def test_dots_and_an_empty_path_are_the_folders_the_system_takes(tmp_path, monke
 def test_a_damaged_part_file_is_named_by_every_command_that_reads_the_run(tmp_path, evaluated_run, capsys):
     """A part file damaged in its middle made inspect, compare and report end in HDF5's
     KeyError or RuntimeError traceback, export too, and bundle said "cannot read results";
-    a part cut short was called "missing (the rank never started)" though it was there.
-    Each command now names the part and says it is damaged, at every place the damage lands."""
+    a part cut short was called "missing (the rank never started)" though it was there, and
+    compare left it out of its totals without a word (exit 0). Each command now names the
+    part and says it is damaged, at every place the damage lands."""
     run = tmp_path / "run"
     shutil.copytree(evaluated_run(0.25), run, ignore=shutil.ignore_patterns("checkpoints"))
     part = run / "parts/client_c1.h5"
     original = part.read_bytes()
     results = str(run / "results.h5")
     named = "clients/c1: part file parts/client_c1.h5 (damaged: not a readable HDF5 file"
-    for n, at in enumerate([*range(0, len(original), len(original) // 12), -1]):
+    for n, at in enumerate([-1, *range(0, len(original), len(original) // 16)]):
         damaged = original[: len(original) // 2] if at < 0 else original[:at] + b"\xff" * 3000 + original[at + 3000 :]
         part.write_bytes(damaged)
         for args in (
@@ -505,8 +506,13 @@ def test_a_damaged_part_file_is_named_by_every_command_that_reads_the_run(tmp_pa
             assert "Traceback" not in said, (at, args, said)
             if got:  # the damage was in what the command reads: it names the part
                 assert named in said, (at, args, said)
-            if args[0] == "inspect" and at < 0:  # cut short: there, and damaged, not "never started"
-                assert got == 1 and named in said and "never started" not in said, said
+            if at < 0:  # cut short: there, and damaged, not "never started"; compare left it out of its totals
+                assert got == (2 if args[0] == "report" else 1) and named in said, (args, said)
+                assert "never started" not in said, said
+    part.unlink()
+    part.symlink_to(tmp_path / "elsewhere/client_c1.h5")
+    assert _exit_code(["inspect", results]) == 1
+    assert "part file parts/client_c1.h5 (a link to" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # reads an evaluated run
@@ -534,6 +540,7 @@ def test_a_report_goes_where_its_path_points_as_the_system_takes_it(tmp_path, ev
         ("broken", "--out broken is a link to"),
         ("/", "names a folder by '/', '.' or '..'; give the report folder's own name"),
         ("..", "names a folder by '/', '.' or '..'"),
+        ("", "--out is empty"),
     ):
         assert main(["report", results, "--out", out]) == 2, out
         assert said in capsys.readouterr().err, out

@@ -349,3 +349,34 @@ def test_the_digits_fall_back_to_sklearns_reader_and_a_missing_sklearn_is_named(
     monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: ModuleSpec("sklearn", None))
     with pytest.raises(ValueError, match=r"pip install 'collafuse-hpc\[quickstart\]'"):
         sources.read_digits()
+
+
+def test_the_decode_cache_keeps_one_copy_of_each_image_and_names_a_damaged_file(tmp_path, capsys):
+    """Batches whose images were all decoded again stayed for ever (the cache grew with
+    each changed source), a killed run's temporary file stayed, an earlier version's
+    cache was ignored without a word, and a damaged batch ended in zipfile's traceback."""
+    root = tmp_path / "pictures"
+    make_folder(str(root), classes=2, per_class=20)
+    out = tmp_path / "out"
+    prepare(read_folder(str(root)), str(out), 1, "iid", size=8, workers=1)
+    (cache,) = (out / ".cache").iterdir()
+    (batch,) = cache.glob("batch-*.npz")
+    (cache / f"{batch.name}.tmp999999999").write_bytes(b"half")  # a pid that cannot be alive
+    (out / ".cache" / f"{cache.name}.h5").write_bytes(b"old")
+    for path in root.rglob("*.jpg"):  # every source changed: every image is decoded again
+        os.utime(path, ns=(1, 1))
+    for path in out.glob("client_*.h5"):
+        path.unlink()
+    prepare(read_folder(str(root)), str(out), 1, "iid", size=8, workers=1)
+    assert [p.name for p in cache.iterdir()] != [batch.name] and len(list(cache.iterdir())) == 1
+    assert f"{cache}.h5, the cache of an earlier version, is not read: remove it" in capsys.readouterr().err
+    (batch,) = cache.glob("batch-*.npz")
+    data = batch.read_bytes()
+    batch.write_bytes(data[:4000] + b"\xa5" * 500 + data[4500:])  # inside the pixels
+    for path in out.glob("client_*.h5"):
+        path.unlink()
+    with pytest.raises(ValueError, match=r"cache file .* is damaged .*remove it and run the same command again"):
+        prepare(read_folder(str(root)), str(out), 1, "iid", size=8, workers=1)
+    batch.write_bytes(data[:-200])  # cut short: not read, removed, its images decoded again
+    prepare(read_folder(str(root)), str(out), 1, "iid", size=8, workers=1)
+    assert len(list(cache.iterdir())) == 1 and not batch.exists()

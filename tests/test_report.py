@@ -516,13 +516,14 @@ def test_a_report_not_written_or_interrupted_leaves_the_earlier_one(evaluated, t
         return write
 
     for error, code, said in (
-        (OSError(errno.ENOSPC, "No space left on device"), 1, "cannot write the report: [Errno 28] No space left"),
+        (OSError(errno.ENOSPC, "No space left on device", "/x/.report-1/a.png"), 1, ": No space left on device; "),
         (KeyboardInterrupt(), 130, "interrupted"),
     ):
         with monkeypatch.context() as m:
             m.setattr("collafuse_hpc.report.make.write_report", fail(error))
             done = _report(capsys, evaluated / "results.h5", out=out)
         assert done.returncode == code and said in done.stderr and "is as it was" in done.stderr, done
+        assert ".report-" not in done.stderr, done  # the staging folder the user never named
         assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
         assert os.listdir(tmp_path) == ["report"]
     (tmp_path / "broken.h5").write_bytes(b"not an HDF5 file")

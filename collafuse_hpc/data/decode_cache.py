@@ -33,8 +33,12 @@ class DecodeCache:
         self.side = np.zeros(images, np.int32)
         self.stamp = np.full((images, 2), -1, np.int64)
         self._where: dict[int, tuple[str, int]] = {}  # catalog index -> (batch file, row)
-        names = sorted(n for n in os.listdir(folder) if _BATCH.fullmatch(n)) if os.path.isdir(folder) else []
-        for name in names:  # by the time in their names: oldest first
+        self._held: dict[str, int] = {}  # batch file -> how many images' newest pixels it holds
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        for name in names:  # a killed run's temporary file: gone with its process
+            if (m := re.fullmatch(r"batch-\d+-\d+\.npz\.tmp(\d+)", name)) and not _alive(int(m.group(1))):
+                os.unlink(os.path.join(folder, name))
+        for name in filter(_BATCH.fullmatch, names):  # by the time in their names: oldest first
             path = os.path.join(folder, name)
             try:
                 with np.load(path) as z:
@@ -44,10 +48,23 @@ class DecodeCache:
             if len(index) and (index.min() < 0 or index.max() >= images):
                 continue
             self._take(path, index, state, side, stamp)
+        for path in {os.path.join(folder, n) for n in filter(_BATCH.fullmatch, names)} - self._held.keys():
+            os.unlink(path)  # unreadable, or each of its images decoded again since
 
     def _take(self, path: str, index: np.ndarray, state: np.ndarray, side: np.ndarray, stamp: np.ndarray) -> None:
+        """Record a batch; remove the batch files it leaves holding no image's newest pixels:
+        the cache keeps one copy of each image however often its source changes."""
         self.state[index], self.side[index], self.stamp[index] = state, side, stamp
-        self._where.update((int(i), (path, row)) for row, i in enumerate(index))
+        self._held[path] = len(index)
+        for row, i in enumerate(index):
+            old = self._where.get(int(i))
+            self._where[int(i)] = (path, row)
+            if old is not None:
+                self._held[old[0]] -= 1
+                if not self._held[old[0]]:
+                    del self._held[old[0]]
+                    if os.path.exists(old[0]):
+                        os.unlink(old[0])
 
     def add(
         self, index: np.ndarray, state: np.ndarray, side: np.ndarray, stamp: np.ndarray, images: np.ndarray
@@ -63,16 +80,32 @@ class DecodeCache:
             raise write_error(e, path) from e
         self._take(path, index, state, side, stamp)
 
-    def read(self, index: np.ndarray) -> np.ndarray:
-        """uint8 [len(index), *shape]: the pixels of catalog images ``index``, all DONE."""
-        images = np.empty((len(index), *self.shape), np.uint8)
+    def read(self, index: np.ndarray, out: np.ndarray) -> None:
+        """Put the pixels of catalog images ``index`` into ``out`` [len(index), *shape], where DONE."""
         rows: dict[str, list[tuple[int, int]]] = {}
         for k, i in enumerate(index):
+            if self.state[i] != DONE:
+                continue
             path, row = self._where[int(i)]
             rows.setdefault(path, []).append((k, row))
         for path, pairs in rows.items():
-            with np.load(path) as z:
-                stored = z["images"]
-            for k, row in pairs:
-                images[k] = stored[row]
-        return images
+            try:
+                with np.load(path) as z:
+                    stored = z["images"]
+            except (OSError, ValueError, zipfile.BadZipFile) as e:
+                raise ValueError(
+                    f"the decoded-image cache file {path!r} is damaged ({e}); remove it and run the same command "
+                    "again: its images are decoded again"
+                ) from None
+            k, row = (np.array(v) for v in zip(*pairs))
+            out[k] = stored[row]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True

@@ -135,6 +135,8 @@ def decode(
         images = np.stack([d[0] for d in done]).reshape(len(needed), *shape)
         return images, np.ones(len(needed), dtype=bool), np.array([d[1] for d in done])
     cache = DecodeCache(_cache_path(out, catalog, recipe), len(catalog), shape)
+    if os.path.exists(cache.folder + ".h5"):
+        print(f"note: {cache.folder}.h5, the cache of an earlier version, is not read: remove it", file=sys.stderr)
     workers = workers or os.cpu_count() or 1
     pool = mp.get_context("fork").Pool(workers, initializer=_worker_init)
     try:
@@ -152,7 +154,9 @@ def _decode_into_cache(
     # decode what is new, what failed before (it may have been fixed) and what changed since
     todo = [int(i) for i in needed if cache.state[i] != DONE or tuple(cache.stamp[i]) != now[int(i)]]
     image_bytes = int(np.prod(cache.shape))
-    _check_space(os.path.dirname(cache.folder), (len(todo) + len(needed)) * image_bytes, "decoded images and shards")
+    need = (len(todo) + len(needed)) * image_bytes
+    kept = bool((cache.state == DONE).any())
+    _check_space(os.path.dirname(cache.folder), need, "decoded images and shards", kept)
     progress = Progress(f"decoding {catalog.dataset}", len(todo))
     boxes = catalog.boxes if recipe.bbox_margin >= 0 else None
     jobs = ((i, catalog.files[i], None if boxes is None else boxes[i], recipe) for i in todo)
@@ -187,19 +191,20 @@ def _decode_into_cache(
                 f"decoded images are kept in {cache.folder!r} for the next run"
             )
     images = np.zeros((len(needed), *cache.shape), np.uint8)
-    images[ok] = cache.read(needed[ok])
+    cache.read(needed, images)
     return images, ok, cache.side[needed]
 
 
-def _check_space(folder: str, need: int, what: str) -> None:
-    """Refuse, before the work, a disk that cannot hold ``need`` bytes (a lower bound) of ``what``."""
+def _check_space(folder: str, need: int, what: str, kept: bool = False) -> None:
+    """Refuse, before the work, a disk that cannot hold ``need`` bytes (a lower bound) of
+    ``what``; ``kept``: the cache holds images decoded before, which the message says."""
     while not os.path.isdir(folder):  # --out may not exist yet
         folder = os.path.dirname(folder) or os.curdir
     free = shutil.disk_usage(folder).free
     if free < need:
         raise ValueError(
             f"{folder!r} has {free / 1e6:.1f} MB free, and the {what} need at least {need / 1e6:.1f} MB; "
-            "free space or choose another --out" + (" (images decoded before are kept)" if "decoded" in what else "")
+            "free space or choose another --out" + (" (the images decoded before are kept)" if kept else "")
         )
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collafuse_hpc.atomic import atomic_path, check_destination, made_folder, refuse_existing
+from collafuse_hpc.atomic import atomic_path, check_destination, made_folder, refuse_existing, write_error
 from collafuse_hpc.evaluation.inception import FIDInceptionV3, convert_torchscript, fid_input
 from collafuse_hpc.runtime.checkpoint import save_atomic
 
@@ -197,8 +197,11 @@ def cached_real_features(cache_dir: str, key: str, compute: Callable[[], np.ndar
     if os.path.exists(path):
         return np.load(path)
     value = compute()
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, value)
+    try:
+        with made_folder(cache_dir), atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, value)
+    except OSError as e:  # numpy's short write names no file and no cause
+        raise write_error(e, path) from e
     return value
 
 

@@ -158,6 +158,8 @@ def _report_folder(out_arg: str) -> str:
     before it; a link to a folder: that folder, the link kept), for the report, its lock
     and its staging folder; ValueError when a report cannot replace it whole."""
     given = out_arg.rstrip(os.sep)
+    if not out_arg:
+        raise ValueError("--out is empty; give the report folder's name")
     if os.path.basename(given) in ("", os.curdir, os.pardir):
         raise ValueError(f"--out {out_arg} names a folder by '/', '.' or '..'; give the report folder's own name")
     check_destination(given, folder=False)  # the path above: the lock and the new report are made there
@@ -210,7 +212,10 @@ def _make_report(results: list[str], out: str, out_arg: str, record: int | None)
             lost = [m for m in s["missing"] if ": part file " in m]
             if lost:  # its loss curves, and whether it converged, are in those files
                 raise ValueError(f"{path}: missing {'; '.join(lost)}; restore it, or leave the run out")
-            curves = stats.loss_curves(path)
+            try:
+                curves = stats.loss_curves(path)
+            except (KeyError, RuntimeError, IndexError) as e:  # HDF5's errors, or garbage read, from a damaged part
+                raise ValueError(f"{path}: a part file is damaged ({e}); restore it, or leave the run out") from None
         except (OSError, ValueError) as e:
             print(f"report: error: {e}", file=sys.stderr)
             return 2
@@ -246,8 +251,9 @@ def _make_report(results: list[str], out: str, out_arg: str, record: int | None)
         made = write_report(evaluated, staging, record, notes)
         replace_folder(staging, out, staging + ".old")  # replaced whole: no grid or figure of an earlier report stays
         shutil.rmtree(staging + ".old", ignore_errors=True)
-    except OSError as e:  # a full disk, a folder made read-only
-        print(f"report: error: cannot write the report: {e}; {out_arg} is as it was", file=sys.stderr)
+    except OSError as e:  # a full disk, a folder made read-only; numpy and PIL may name no cause
+        said = f"cannot write the report into {out_arg}: {e.strerror or str(e) or type(e).__name__}"
+        print(f"report: error: {said}; {out_arg} is as it was", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if staging is None or os.path.exists(staging):  # not swapped in

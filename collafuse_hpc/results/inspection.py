@@ -392,10 +392,12 @@ COMPARE_ROWS = (
 )
 
 
-def compare(paths: list[str], record: int | None = None) -> tuple[list[str], list[list]]:
+def compare(paths: list[str], record: int | None = None) -> tuple[list[str], list[list], list[str]]:
     """Side-by-side rows (name, value per file) of the headline numbers of ``paths``
-    (metrics of the newest evaluation, or of ``record``)."""
+    (metrics of the newest evaluation, or of ``record``), and one line per part file
+    missing or damaged: the totals of such a file leave its role out."""
     summaries = [summarize(p, record) for p in paths]
+    lost = [f"{s['file']}: {m}" for s in summaries for m in s["missing"] if ": part file " in m]
     rows = []
     for name, get in COMPARE_ROWS:
         rows.append([name] + [_safe(get, s) for s in summaries])
@@ -414,7 +416,7 @@ def compare(paths: list[str], record: int | None = None) -> tuple[list[str], lis
     for who in sorted(clients):
         for label, group, key in per_client:
             rows.append([label.format(who)] + [_metric(s, who, group, key) for s in summaries])
-    return paths, rows
+    return paths, rows, lost
 
 
 def _kid(quality: dict) -> str | None:

@@ -189,7 +189,10 @@ def part_path(output_dir: str, client_id: str | None, server_rank: int = 0) -> s
 
 def lost_part(results: str, part: str) -> str:
     """Why the part file ``part`` (as results.h5 at ``results`` links it) could not be read."""
-    if os.path.lexists(os.path.join(os.path.dirname(results), part)):
+    path = os.path.join(os.path.dirname(results), part)
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a link to {os.readlink(path)!r}, which is missing"
+    if os.path.lexists(path):
         return "damaged: not a readable HDF5 file; a copy or a full disk may have cut it short"
     return "the rank never started or its file was lost"
 
