@@ -347,8 +347,9 @@ def _prepare(args: argparse.Namespace) -> int:
     except OSError as e:  # the source's files
         return _die(1, f"cannot read {e.filename!r}: {e.strerror or e}", hard=False)
     except KeyboardInterrupt:
-        kept = os.path.join(args.out, ".cache")
-        text = f"interrupted; decoded images are kept in {kept!r}: run the same command again to continue"
+        cache = os.path.join(args.out, ".cache")
+        kept = f"decoded images are kept in {cache!r}: " if os.path.isdir(cache) else ""
+        text = f"interrupted; {kept}run the same command again to continue"
         return _die(130, text, hard=False, label="stopped")
     return 0
 

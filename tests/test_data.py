@@ -153,7 +153,8 @@ def test_ctrl_c_during_prepare_says_what_was_kept_and_exits_130(tmp_path):
     finally:
         proc.kill()  # a prepare that ignored the signal would wait on the pipe for ever
     assert proc.returncode == 130, err
-    assert "interrupted; decoded images are kept in" in err and "run the same command again" in err
+    # the first batch of decoded images was not complete: none is kept, and none is claimed
+    assert "interrupted; run the same command again to continue" in err and not (tmp_path / "out/.cache").exists()
     assert "Traceback" not in err and not list((tmp_path / "out").glob("client_*.h5"))
 
 
@@ -371,6 +372,13 @@ def test_the_decode_cache_keeps_one_copy_of_each_image_and_names_a_damaged_file(
     assert [p.name for p in cache.iterdir()] != [batch.name] and len(list(cache.iterdir())) == 1
     assert f"{cache}.h5, the cache of an earlier version, is not read: remove it" in capsys.readouterr().err
     (batch,) = cache.glob("batch-*.npz")
+    later = cache / f"batch-{int(batch.name.split('-')[1]) + 1:020d}-1.npz"  # a kill before the old one went
+    shutil.copy(batch, later)
+    for path in out.glob("client_*.h5"):
+        path.unlink()
+    prepare(read_folder(str(root)), str(out), 1, "iid", size=8, workers=1)  # failed: removed twice
+    assert [p.name for p in cache.iterdir()] == [later.name]
+    batch = later
     data = batch.read_bytes()
     batch.write_bytes(data[:4000] + b"\xa5" * 500 + data[4500:])  # inside the pixels
     for path in out.glob("client_*.h5"):

@@ -9,6 +9,7 @@ unreadable by a failed flush, and crashed the process when closed after it.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -37,7 +38,7 @@ class DecodeCache:
         names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         for name in names:  # a killed run's temporary file: gone with its process
             if (m := re.fullmatch(r"batch-\d+-\d+\.npz\.tmp(\d+)", name)) and not _alive(int(m.group(1))):
-                os.unlink(os.path.join(folder, name))
+                _remove(os.path.join(folder, name))
         for name in filter(_BATCH.fullmatch, names):  # by the time in their names: oldest first
             path = os.path.join(folder, name)
             try:
@@ -49,7 +50,7 @@ class DecodeCache:
                 continue
             self._take(path, index, state, side, stamp)
         for path in {os.path.join(folder, n) for n in filter(_BATCH.fullmatch, names)} - self._held.keys():
-            os.unlink(path)  # unreadable, or each of its images decoded again since
+            _remove(path)  # unreadable, or each of its images decoded again since
 
     def _take(self, path: str, index: np.ndarray, state: np.ndarray, side: np.ndarray, stamp: np.ndarray) -> None:
         """Record a batch; remove the batch files it leaves holding no image's newest pixels:
@@ -63,8 +64,7 @@ class DecodeCache:
                 self._held[old[0]] -= 1
                 if not self._held[old[0]]:
                     del self._held[old[0]]
-                    if os.path.exists(old[0]):
-                        os.unlink(old[0])
+                    _remove(old[0])
 
     def add(
         self, index: np.ndarray, state: np.ndarray, side: np.ndarray, stamp: np.ndarray, images: np.ndarray
@@ -99,6 +99,12 @@ class DecodeCache:
                 ) from None
             k, row = (np.array(v) for v in zip(*pairs))
             out[k] = stored[row]
+
+
+def _remove(path: str) -> None:
+    """Remove a cache file no image needs; one already gone (removed above) is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _alive(pid: int) -> bool:
