@@ -20,6 +20,8 @@ import contextlib
 import errno
 import os
 import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 
@@ -124,7 +126,7 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     folder = os.path.dirname(path) or os.curdir  # as given: the system takes link/../x through the link
     with _as_write_error():  # the folder stays: several ranks write a checkpoint set into one
         os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"  # whose it is: see dead_temporary
     try:
         yield tmp
         with _as_write_error(path):
@@ -138,6 +140,35 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     if durable:
         with _as_write_error():
             _fsync(folder)
+
+
+def dead_temporary(name: str) -> bool:
+    """Whether ``name`` is the temporary file of an :func:`atomic_path` write whose process
+    is gone (killed mid-write: nothing will rename or remove it). A process of another
+    host (a shared file system) is never judged dead."""
+    found = re.search(r"\.tmp-(.+)-(\d+)$", name)
+    return found is not None and not process_alive(found.group(1), int(found.group(2)))
+
+
+def process_alive(host: str, pid: int) -> bool:
+    """Whether process ``pid`` of ``host`` may still run: only one of this host can be known gone."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def free_space(path: str) -> int:
+    """Bytes free on the file system where ``path`` is, or would be made."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):  # a folder still to be made: its nearest existing one
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
 
 
 @contextlib.contextmanager

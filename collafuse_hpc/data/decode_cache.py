@@ -17,7 +17,7 @@ import zipfile
 
 import numpy as np
 
-from collafuse_hpc.atomic import atomic_path, made_folder, write_error
+from collafuse_hpc.atomic import atomic_path, dead_temporary, made_folder, write_error
 
 PENDING, DONE, FAILED = 0, 1, 2  # per catalog image
 _BATCH = re.compile(r"batch-\d+-\d+\.npz")
@@ -36,9 +36,8 @@ class DecodeCache:
         self._where: dict[int, tuple[str, int]] = {}  # catalog index -> (batch file, row)
         self._held: dict[str, int] = {}  # batch file -> how many images' newest pixels it holds
         names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        for name in names:  # a killed run's temporary file: gone with its process
-            if (m := re.fullmatch(r"batch-\d+-\d+\.npz\.tmp(\d+)", name)) and not _alive(int(m.group(1))):
-                _remove(os.path.join(folder, name))
+        for name in filter(dead_temporary, names):  # a killed run's half-written batch
+            _remove(os.path.join(folder, name))
         for name in filter(_BATCH.fullmatch, names):  # by the time in their names: oldest first
             path = os.path.join(folder, name)
             try:
@@ -105,13 +104,3 @@ def _remove(path: str) -> None:
     """Remove a cache file no image needs; one already gone (removed above) is fine."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True

@@ -23,7 +23,6 @@ import multiprocessing as mp
 import multiprocessing.pool
 import os
 import re
-import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from collafuse_hpc.atomic import check_destination, made_folder, refuse_existing
+from collafuse_hpc.atomic import check_destination, free_space, made_folder, refuse_existing
 from collafuse_hpc.data import partition as part
 from collafuse_hpc.data.decode_cache import DONE, FAILED, DecodeCache
 from collafuse_hpc.data.shard import Split, content_hash, inspect_shard, write_shard
@@ -198,9 +197,7 @@ def _decode_into_cache(
 def _check_space(folder: str, need: int, what: str, kept: bool = False) -> None:
     """Refuse, before the work, a disk that cannot hold ``need`` bytes (a lower bound) of
     ``what``; ``kept``: the cache holds images decoded before, which the message says."""
-    while not os.path.isdir(folder):  # --out may not exist yet
-        folder = os.path.dirname(folder) or os.curdir
-    free = shutil.disk_usage(folder).free
+    free = free_space(folder)
     if free < need:
         raise ValueError(
             f"{folder!r} has {free / 1e6:.1f} MB free, and the {what} need at least {need / 1e6:.1f} MB; "

@@ -27,6 +27,7 @@ from collafuse_hpc.results.schema import (
     AUDIT,
     CLIENTS,
     METRICS,
+    PART_ERRORS,
     ROUND,
     ROUNDS,
     SAMPLES,
@@ -157,7 +158,7 @@ def summarize(path: str, record: int | None = None) -> dict:
         for key, part in roles.items():
             try:
                 role = _role(f[key], record)
-            except (KeyError, RuntimeError, OSError):  # HDF5's errors for a part file missing or damaged
+            except PART_ERRORS:
                 out["missing"].append(f"{key}: part file {part} ({lost_part(path, part)})")
                 continue
             out["roles"][key] = role
@@ -350,7 +351,7 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
                 g = f[key]
                 if samples in g:
                     images[f"samples_{key.split('/', 1)[1]}"] = g[samples][()]
-            except (KeyError, RuntimeError, OSError):  # HDF5's errors for a part file missing or damaged
+            except PART_ERRORS:
                 left_out.append(f"{key}: part file {part} ({lost_part(path, part)})")
         for who, g in (metrics_group or {}).items():
             for name, s in g.items():

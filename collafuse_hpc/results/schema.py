@@ -187,6 +187,9 @@ def part_path(output_dir: str, client_id: str | None, server_rank: int = 0) -> s
     return os.path.join(output_dir, PARTS, name)
 
 
+PART_ERRORS = (KeyError, RuntimeError, OSError)  # h5py's errors opening or reading a part missing or damaged
+
+
 def lost_part(results: str, part: str) -> str:
     """Why the part file ``part`` (as results.h5 at ``results`` links it) could not be read."""
     path = os.path.join(os.path.dirname(results), part)

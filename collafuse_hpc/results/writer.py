@@ -8,7 +8,6 @@ import contextlib
 import errno
 import os
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -19,9 +18,10 @@ import torch
 import yaml
 from PIL import Image
 
-from collafuse_hpc.atomic import check_destination, made_folder, new_hdf5, refuse_existing
+from collafuse_hpc.atomic import check_destination, free_space, made_folder, new_hdf5, refuse_existing
 from collafuse_hpc.results.schema import (
     METRICS,
+    PART_ERRORS,
     RECORDS,
     ROUND,
     ROUNDS,
@@ -152,7 +152,7 @@ def _writing(path: str, mode: str = "a"):
     HDF5 can leave a file unreadable when a write fails half-way for lack of space,
     so nothing is written with less than RESERVE_BYTES free: the rows written
     before stay readable."""
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    free = free_space(path)
     if free < RESERVE_BYTES:
         raise OSError(
             errno.ENOSPC,
@@ -317,7 +317,7 @@ def bundle(index: str, target: str) -> list[str]:
         for key, part in (yaml.safe_load(src.attrs.get("roles", "{}")) or {}).items():
             try:
                 dst.copy(src[key], key)  # the external link resolves: the part's content is copied
-            except (KeyError, RuntimeError, OSError):  # HDF5's errors for a part file missing or damaged
+            except PART_ERRORS:
                 if key in dst:  # what was copied before the damage
                     del dst[key]
                 missing.append(key)

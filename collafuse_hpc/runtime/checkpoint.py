@@ -24,7 +24,7 @@ import shutil
 import torch
 import yaml
 
-from collafuse_hpc.atomic import WriteError, atomic_path, write_error
+from collafuse_hpc.atomic import WriteError, atomic_path, free_space, write_error
 from collafuse_hpc.config import Config, to_dict, with_defaults
 from collafuse_hpc.config_rules import resume_differences
 from collafuse_hpc.data import inspect_shard
@@ -52,11 +52,7 @@ def save_atomic(path: str, obj: dict) -> None:
         with atomic_path(path, durable=True) as tmp:
             torch.save(obj, tmp)
     except (OSError, RuntimeError) as e:
-        code, need = getattr(e, "errno", None), _serialized_size(obj)
-        folder = os.path.dirname(os.path.abspath(path))
-        while not os.path.isdir(folder):  # its folder may be what could not be made
-            folder = os.path.dirname(folder)
-        free = shutil.disk_usage(folder).free
+        code, need, free = getattr(e, "errno", None), _serialized_size(obj), free_space(path)
         if code == errno.ENOSPC or free < need:
             text = f"{os.strerror(errno.ENOSPC)}: it needs {need} bytes, {free} are free"
             raise WriteError(errno.ENOSPC, text, path) from None

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 
-from collafuse_hpc.atomic import atomic_path, write_new
+from collafuse_hpc.atomic import atomic_path, process_alive, write_new
 
 log = logging.getLogger("collafuse_hpc")
 
@@ -32,14 +32,10 @@ def _path(output_dir: str) -> str:
 
 
 def _alive(info: dict) -> bool:
-    if info.get("host") == socket.gethostname():
-        try:
-            os.kill(int(info["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, ValueError, KeyError):
-            return True
-    return True
+    try:
+        return process_alive(str(info.get("host")), int(info["pid"]))
+    except (ValueError, KeyError, TypeError):  # a lock that names no pid: only its age tells
+        return True
 
 
 def _read(path: str) -> tuple[dict, os.stat_result] | None:
