@@ -156,7 +156,7 @@ def process_alive(host: str, pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process; no such pid
         return False
     except PermissionError:  # another user's
         return True

@@ -510,10 +510,11 @@ def test_a_damaged_part_file_is_named_by_every_command_that_reads_the_run(tmp_pa
                 assert got == (2 if args[0] == "report" else 1) and named in said, (args, said)
                 assert "never started" not in said, said
     part.write_bytes(original)
-    with h5py.File(part, "a") as f:  # readable, but a garbage round number: numpy was asked for 1e17 rounds
-        f["rounds/round"][-1] = 10**17
-    assert _exit_code(["report", results, "--out", str(tmp_path / "report-rounds")]) == 2
-    assert "a part file is damaged" in capsys.readouterr().err
+    for garbage in (10**17, -(10**17)):  # readable, but numpy was asked for 1e17 rounds, or fewer than none
+        with h5py.File(part, "a") as f:
+            f["rounds/round"][-1] = garbage
+        assert _exit_code(["report", results, "--out", str(tmp_path / "report-rounds")]) == 2
+        assert "a part file is damaged" in capsys.readouterr().err
     part.unlink()
     part.symlink_to(tmp_path / "elsewhere/client_c1.h5")
     assert _exit_code(["inspect", results]) == 1

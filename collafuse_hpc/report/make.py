@@ -215,8 +215,8 @@ def _make_report(results: list[str], out: str, out_arg: str, record: int | None)
                 raise ValueError(f"{path}: missing {'; '.join(lost)}; restore it, or leave the run out")
             try:
                 curves = stats.loss_curves(path)
-            except (*PART_ERRORS, IndexError, TypeError, MemoryError) as e:  # a damaged part: HDF5's errors,
-                # or garbage read (a round number of 1e17 asks numpy for that many)
+            except (*PART_ERRORS, IndexError, TypeError, ValueError, MemoryError) as e:  # a damaged part:
+                # HDF5's errors, or garbage read (a round number of 1e17 asks numpy for that many)
                 raise ValueError(f"{path}: a part file is damaged ({e}); restore it, or leave the run out") from None
         except (OSError, ValueError) as e:
             print(f"report: error: {e}", file=sys.stderr)

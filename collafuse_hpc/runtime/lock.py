@@ -34,7 +34,7 @@ def _path(output_dir: str) -> str:
 def _alive(info: dict) -> bool:
     try:
         return process_alive(str(info.get("host")), int(info["pid"]))
-    except (ValueError, KeyError, TypeError):  # a lock that names no pid: only its age tells
+    except (ValueError, KeyError, TypeError, OverflowError):  # a lock that names no pid: only its age tells
         return True
 
 
