@@ -521,6 +521,54 @@ def test_a_damaged_part_file_is_named_by_every_command_that_reads_the_run(tmp_pa
     assert "part file parts/client_c1.h5 (a link to" in capsys.readouterr().out
 
 
+def _listing(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.slow  # reads an evaluated run
+def test_a_damaged_results_file_is_named_by_every_command_and_nothing_is_written(tmp_path, evaluated_run, capsys):
+    """results.h5 itself damaged made inspect, compare, report and bundle end in HDF5's
+    KeyError or RuntimeError traceback and export in a TypeError, wherever the damage
+    landed. Each command now says the file is damaged and where, exits 2 and writes
+    nothing; the part files, which it is not, are named as kept."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run(0.25), run)
+    index = run / "results.h5"
+    original, before = index.read_bytes(), _listing(run)
+    results = str(index)
+    said_damaged = f"{results!r} is damaged near /"
+    found = 0
+    for at in [-1, *range(0, len(original), len(original) // 16)]:
+        damaged = original[: len(original) // 2] if at < 0 else original[:at] + b"\xff" * 512 + original[at + 512 :]
+        index.write_bytes(damaged)
+        commands = [
+            ["inspect", results],
+            ["compare", results, results],
+            ["export", results, "--out", str(tmp_path / "grids")],
+            ["bundle", results, str(tmp_path / "bundle.h5")],
+            ["report", results, "--out", str(tmp_path / "report")],
+        ]
+        if at < 0:  # the commands that act on the run: each reads the config first
+            commands += [["evaluate", str(run)], ["sample", str(run), "--in-process"]]
+        for args in commands:
+            got = _exit_code(args)  # an exception would fail the test here
+            captured = capsys.readouterr()
+            said = captured.out + captured.err
+            assert "Traceback" not in said, (at, args, said)
+            if said_damaged in said:
+                assert got == 2 and "part files in parts/ are separate" in said, (at, args, said)
+                assert sorted(os.listdir(tmp_path)) == ["run"], (at, args, os.listdir(tmp_path))
+                found += 1
+            elif at < 0:
+                pytest.fail(f"{args}: a results file cut short was not named: {said}")
+        assert _listing(run) == {**before, "results.h5": len(damaged)} and index.read_bytes() == damaged, at
+        for name in set(os.listdir(tmp_path)) - {"run"}:  # what a command read past undetected damage wrote
+            shutil.rmtree(tmp_path / name) if (tmp_path / name).is_dir() else (tmp_path / name).unlink()
+    assert found >= 5 * 8  # the damage was found where it landed in most places, not only when cut short
+    index.write_bytes(original)
+    assert _exit_code(["inspect", results]) == 0
+
+
 @pytest.mark.slow  # reads an evaluated run
 def test_a_report_goes_where_its_path_points_as_the_system_takes_it(tmp_path, evaluated_run, monkeypatch, capsys):
     """report took --out as text: ``link/../rep`` was ./rep (the system: base/rep) and

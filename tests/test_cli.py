@@ -192,7 +192,7 @@ def test_a_command_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_no_partial_ou
         point(*args)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr("collafuse_hpc.evaluation.evaluate.point_newest", signalled)
+        m.setattr("collafuse_hpc.results.writer.point_newest", signalled)
         assert main(["evaluate", str(run), "--set", "eval.images=16", "--set", "eval.bootstrap=10"]) == 130
     said = capsys.readouterr().err
     assert f"stopped: interrupted after the evaluation of round 2 was written whole to {run / 'results.h5'}" in said

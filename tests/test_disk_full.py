@@ -194,3 +194,37 @@ def test_train_classifier_over_a_file_size_limit_says_so_and_leaves_nothing(tmp_
     assert f"cannot write '{out}': File too large: it needs" in done.stderr and "(ulimit -f) is 50000" in done.stderr
     assert "; nothing was written" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow  # evaluates a run
+def test_an_evaluation_that_fills_the_disk_keeps_results_h5_readable_and_says_so(
+    small_disk, evaluated_run, monkeypatch, capsys
+):
+    """evaluate wrote its metrics into results.h5 with a plain HDF5 append: a disk that
+    filled during the evaluation left HDF5's error and a results file it may have broken.
+    The metrics are now written as every other result is, refused below the reserve that
+    keeps HDF5 from breaking the file; the run's results stay readable, and the same
+    evaluation succeeds once there is space."""
+    from collafuse_hpc.cli import main
+    from collafuse_hpc.evaluation import evaluate
+
+    run = small_disk / "run"
+    shutil.copytree(evaluated_run(0.25), run)
+    before = (run / "results.h5").read_bytes()
+    begin = evaluate.begin_record
+
+    def begin_then_fill(*args, **kwargs):  # another job fills the disk while the metrics are computed
+        n = begin(*args, **kwargs)
+        _fill(small_disk, 0)
+        return n
+
+    monkeypatch.setattr(evaluate, "begin_record", begin_then_fill)
+    assert main(["evaluate", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert f"no space left to write results to {str(run / 'results.h5')!r}" in err and "Traceback" not in err, err
+    assert main(["inspect", str(run)]) == 0  # the record begun says it did not finish; the metrics are record 1's
+    out = capsys.readouterr().out
+    assert "evaluate" in out and len((run / "results.h5").read_bytes()) >= len(before)
+    monkeypatch.setattr(evaluate, "begin_record", begin)
+    (small_disk / "ballast").unlink()
+    assert main(["evaluate", str(run)]) == 0

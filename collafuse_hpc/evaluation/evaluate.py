@@ -35,7 +35,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-import h5py
 import numpy as np
 import torch
 import yaml
@@ -58,14 +57,8 @@ from collafuse_hpc.evaluation.features import (
 from collafuse_hpc.evaluation.quality import POOLED_FID, fidelity, label_counts, quality
 from collafuse_hpc.evaluation.sets import check_sets, image_sets, load_roles, planned_images, sampling_batches
 from collafuse_hpc.logs import Heartbeat
-from collafuse_hpc.results.schema import (
-    METRIC_UNITS,
-    METRICS,
-    SETS,
-    index_path,
-    record_key,
-)
-from collafuse_hpc.results.writer import begin_record, finish_record, point_newest
+from collafuse_hpc.results.schema import METRIC_UNITS, SETS, index_path, open_results
+from collafuse_hpc.results.writer import begin_record, finish_record, record_metrics
 from collafuse_hpc.roles.host import sampling_key
 from collafuse_hpc.runtime import checkpoint
 from collafuse_hpc.runtime.launch import torch_threads
@@ -387,28 +380,18 @@ def _write(
     """A new evaluate record holding the metrics and what each part took (``seconds``, in
     its totals); /metrics then points at them. The metrics of earlier evaluations stay in
     their records."""
-    with h5py.File(index, "r", locking=False) as f:
+    with open_results(index) as f:
         trained_with = yaml.safe_load(f.attrs["config"])
-    n = begin_record(index, "evaluate", round_, changed_keys(with_defaults(trained_with), to_dict(cfg)))
-    with h5py.File(index, "a", locking=False) as f:
-        target = record_key(n, METRICS)
-        f[record_key(n)].attrs["started"] = started
-        g = f.create_group(target)
-        g.attrs.update(
-            extractor=identity,
-            partition=",".join(sorted({inspect_shard(c.shard).partition or "?" for c in cfg.clients})),
-            checkpoint_round=round_,
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            units=METRIC_UNITS,
-            record=n,
-        )
-        for who, entry in report.items():
-            for name, values in entry.items():
-                sub = g.create_group(f"{who}/{name}")
-                sub.attrs.update(values)
-                if (who, name) in grids:
-                    sub.create_dataset("images", data=grids[(who, name)])
-        point_newest(f, METRICS, target)
+    settings = changed_keys(with_defaults(trained_with), to_dict(cfg))
+    n = begin_record(index, "evaluate", round_, settings, started=started)
+    attrs = dict(
+        extractor=identity,
+        partition=",".join(sorted({inspect_shard(c.shard).partition or "?" for c in cfg.clients})),
+        checkpoint_round=round_,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        units=METRIC_UNITS,
+    )
+    record_metrics(index, n, attrs, report, grids)
     scored = sum(entry[s]["images"] for who, entry in report.items() if who != "pooled" for s in SETS if s in entry)
     took = {f"time_{part.replace(' ', '_')}_s": round(value, 3) for part, value in seconds.items()}
     finish_record(index, n, {"extractor": identity, "images_scored": scored, "clients": len(report) - 1, **took})

@@ -75,6 +75,7 @@ import os
 
 import h5py
 import numpy as np
+import yaml
 
 from collafuse_hpc.data.shard import SCHEMA as SHARD_SCHEMA
 
@@ -203,21 +204,65 @@ def lost_part(results: str, part: str) -> str:
 def open_results(path: str) -> h5py.File:
     """Open a results file for reading, without HDF5's file lock (a reader must never
     make a training rank fail); ValueError saying what the file is otherwise (not
-    HDF5, a client shard, another HDF5 file)."""
+    HDF5, a client shard, another HDF5 file, a damaged results file)."""
     hint = "pass the results.h5 in a run's output_dir"
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as e:
+        if h5py.is_hdf5(path) and "locking flag values don't match" not in str(e):  # HDF5's signature, then garbage
+            raise _damaged(path, e) from None
         if "locking flag values don't match" not in str(e):
             raise ValueError(f"{path!r} is not a readable HDF5 file ({e}); {hint}") from None
         f = h5py.File(path, "r")  # this process already has it open with HDF5's lock
-    schema = f.attrs.get("schema")
-    if schema != SCHEMA:
+    try:
+        _check(f, path, hint)
+    except ValueError:
         f.close()
+        raise
+    return f
+
+
+def _damaged(path: str, error: Exception, near: str = "/", bundled: bool = False) -> ValueError:
+    """The error of a results file that HDF5 or YAML cannot read from ``near`` on."""
+    cause = str(error.args[0] if isinstance(error, KeyError) and error.args else error).splitlines()
+    parts = "" if bundled else "; the part files in parts/ are separate and keep each role's rounds, samples and audit"
+    return ValueError(
+        f"{path!r} is damaged near {near} ({cause[0] if cause else type(error).__name__}): a copy or a full disk "
+        f"may have cut it short. Restore it from a copy (a bundle made by collafuse-hpc bundle is one){parts}"
+    )
+
+
+YAML_ATTRS = ("config", "roles", "settings", "totals", "ignored", "missing_parts")  # attributes holding YAML
+INDEX_ERRORS = (KeyError, RuntimeError, OSError, TypeError, ValueError, yaml.YAMLError)  # reading a damaged index
+
+
+def _check(f: h5py.File, path: str, hint: str) -> None:
+    """ValueError unless ``f`` is a results file that reads whole: every group, dataset,
+    attribute and YAML attribute of the file itself, not of the parts its external links
+    point to (each reader names those, per role). A damaged index would otherwise fail in
+    whichever reader reached the damage first, with HDF5's or YAML's traceback. It is small
+    (records, metrics, 64 images a set): reading it whole takes milliseconds."""
+    where, bundled = ["/"], False
+
+    def read(name: str, obj: h5py.Group | h5py.Dataset) -> None:
+        where[0] = f"/{name}" if name else "/"
+        for key, value in obj.attrs.items():
+            if key in YAML_ATTRS:
+                yaml.safe_load(value)
+        if isinstance(obj, h5py.Dataset):
+            obj[()]
+
+    try:
+        schema, bundled = f.attrs.get("schema"), "bundled_from" in f.attrs
+        if schema == SCHEMA:
+            read("", f)
+            f.visititems(read)  # hard links only: neither the parts nor the /metrics and /samples links
+    except INDEX_ERRORS as e:
+        raise _damaged(path, e, where[0], bundled) from None
+    if schema != SCHEMA:
         what = (
             "a client shard (made by collafuse-hpc prepare)"
             if schema == SHARD_SCHEMA
             else f"an HDF5 file with schema {schema!r}"
         )
         raise ValueError(f"{path!r} is {what}, not a collafuse-hpc results file; {hint}")
-    return f

@@ -73,17 +73,25 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def begin_record(index: str, command: str, checkpoint_round: int, settings: dict, ignored: dict | None = None) -> int:
+def begin_record(
+    index: str,
+    command: str,
+    checkpoint_round: int,
+    settings: dict,
+    ignored: dict | None = None,
+    started: str | None = None,
+) -> int:
     """Append the record of one invocation that writes into the run (rank 0 of train,
     resume or sample; evaluate); returns its number. ``settings``: the keys that differ
     from the training config (config.changed_keys); ``ignored``: the keys set that the
-    run's method ignores (config_rules.ignored_keys)."""
+    run's method ignores (config_rules.ignored_keys); ``started``: when it started, if
+    not now (evaluate records its metrics when it has them)."""
     with _writing(index) as f:
         n = len(record_numbers(f))
         f.create_group(record_key(n)).attrs.update(
             command=command,
             argv=shlex.join(sys.argv),
-            started=_now(),
+            started=started or _now(),
             finished="",
             checkpoint_round=checkpoint_round,
             settings=yaml.safe_dump(settings, sort_keys=True),
@@ -97,6 +105,28 @@ def finish_record(index: str, n: int, totals: dict) -> None:
     """Mark record ``n`` finished, with what it did (YAML totals)."""
     with _writing(index) as f:
         f[record_key(n)].attrs.update(finished=_now(), totals=yaml.safe_dump(totals, sort_keys=True))
+
+
+def record_metrics(index: str, n: int, attrs: dict, sets: dict[str, dict[str, dict]], grids: dict) -> None:
+    """Write an evaluation's metrics into record ``n`` and point /metrics at them (the
+    metrics of earlier evaluations stay in their records).
+
+    Args:
+        attrs: the metrics group's attributes (extractor, checkpoint_round, ...).
+        sets: {client id | "pooled": {set name: its attributes}}.
+        grids: {(client id | "pooled", set name): uint8 [n, C, H, W] images scored}.
+    """
+    target = record_key(n, METRICS)
+    with _writing(index) as f:
+        g = f.create_group(target)
+        g.attrs.update(attrs, record=n)
+        for who, entry in sets.items():
+            for name, values in entry.items():
+                sub = g.create_group(f"{who}/{name}")
+                sub.attrs.update(values)
+                if (who, name) in grids:
+                    sub.create_dataset("images", data=grids[(who, name)])
+        point_newest(f, METRICS, target)
 
 
 def point_newest(f: h5py.File, name: str, target: str) -> None:
