@@ -240,10 +240,12 @@ def personalization(rows: list[dict]) -> tuple[str, str]:
     """(column, axis label) of the personalization measure of ``rows``: the class distance
     when every row has it (it sees a client's label proportions, which class fidelity
     cannot when clients hold every class), else class fidelity (runs evaluated before the
-    class distance existed)."""
+    class distance existed); the pooled FD when no row has either (no eval.classifier)."""
     if all(not math.isnan(r.get("class_distance", NAN)) for r in rows):
         return "class_distance", "class distance (lower is better)"
-    return "fidelity", "class fidelity (higher is better)"
+    if any(not math.isnan(r.get("fidelity", NAN)) for r in rows):
+        return "fidelity", "class fidelity (higher is better)"
+    return "fid_collaborative", "FD pooled (lower is better)"
 
 
 def conditions_figure(table: list[dict], path: str) -> bool:
@@ -303,12 +305,13 @@ def methods_figure(table: list[dict], path: str) -> bool:
     models, diamonds: fine-tuned); error bars as in
     :func:`conditions_figure`. Drawn when the report holds a federated run."""
     plt = _pyplot()
-    rows = [r for r in table if r["who"] == "pooled" and not math.isnan(r["fidelity"]) and r["c"] != "mixed"]
+    rows = [r for r in table if r["who"] == "pooled" and r["c"] != "mixed"]
+    key, name = personalization(rows)
+    rows = [r for r in rows if not math.isnan(r[key])]
     if plt is None or not any(r["method"] != "split" for r in rows):
         return False
     # aggregate() stands a c = 1 run beside each share: one point per partition and name
     rows = list({(r["partition"], method_label(r)): r for r in rows}.values())
-    key, name = personalization(rows)
     partitions = sorted({r["partition"] for r in rows})
     labels = list(dict.fromkeys(method_label(r) for r in rows))  # a method's colour, the same in every row
     palette = [f"C{i}" for i in range(10)] if len(labels) <= 10 else [plt.get_cmap("tab20")(i) for i in range(20)]

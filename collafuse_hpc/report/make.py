@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import os
 import shutil
 import sys
@@ -303,6 +304,11 @@ def write_report(
          lambda path: methods_figure(table, path)),
     ]  # fmt: skip
     drawn = [(title, os.path.join(out, name)) for title, name, draw in figures if draw(os.path.join(out, name))]
+    if pooled and figures_available() and all(math.isnan(r["fidelity"]) for r in pooled):
+        print(
+            "report: conditions.png not drawn: no run was scored for class fidelity (eval.classifier: "
+            "docs/evaluation.md); methods.png shows the pooled FD in its place"
+        )
     if loss_figure(curves, os.path.join(out, "loss.png")):
         drawn.append(("Training loss of every run", os.path.join(out, "loss.png")))
     write_html(table, versus, out, drawn, notes, why_empty)
