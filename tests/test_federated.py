@@ -259,18 +259,32 @@ def test_local_sh_trains_resumes_samples_and_evaluates_as_the_in_process_run(tmp
 
 
 @pytest.mark.mpi
-def test_torchrun_trains_the_in_process_run(tmp_path, shards):
-    """The real torchrun binary, three workers: the same run as in one process."""
+def test_torchrun_trains_resumes_and_samples_as_the_in_process_run(tmp_path, shards):
+    """The real torchrun binary, three workers: 2 rounds, a resume to 4 and a sample of the
+    run folder give the uninterrupted in-process run's rounds, audit, global model and samples."""
     from test_torchrun import start_torchrun
 
-    raw = _federated(shards, tmp_path / "torchrun", clients_per_rank=2, clients_per_round=3)
-    proc = start_torchrun(write_config(tmp_path / "torchrun.yaml", raw), tmp_path)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-3000:]
-    raw["run"]["output_dir"] = str(tmp_path / "local")
+    raw = _federated(shards, tmp_path / "torchrun", clients_per_rank=2, clients_per_round=3, rounds=2)
+    path = write_config(tmp_path / "torchrun.yaml", raw)
+    for command, run in (
+        (("train",), path),
+        (("train", "--resume=auto", "--set", "run.rounds=4"), path),
+        (("sample",), str(tmp_path / "torchrun")),
+    ):
+        proc = start_torchrun(run, tmp_path, command=command)
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+        if command[0] == "train" and len(command) > 1:
+            assert "resuming from the checkpoint set of round 2" in err
+            trained = _read(tmp_path / "torchrun")
+    raw["run"].update(output_dir=str(tmp_path / "local"), rounds=4)
     run_in_process(from_dict(raw), resume=False)
-    _assert_same(_read(tmp_path / "torchrun"), _read(tmp_path / "local"))
+    _assert_same(trained, _read(tmp_path / "local"))
     torch.testing.assert_close(_theta(tmp_path / "torchrun", 4), _theta(tmp_path / "local", 4), rtol=0, atol=1e-6)
+    sampled = _read(tmp_path / "torchrun")
+    for cid in IDS:  # a sample invocation fine-tunes the same model from the same set: the same images
+        assert np.abs(sampled[cid]["samples"] - trained[cid]["samples"]).max() <= 1, cid
+        assert sampled[cid]["audit"] == trained[cid]["audit"], cid  # sampling sends nothing
 
 
 @pytest.mark.slow

@@ -411,12 +411,14 @@ def test_a_signal_to_the_batch_script_stops_the_ranks_with_a_checkpoint_set(tmp_
     assert re.search(rf"stopped by SIGTERM after round {stopped}", log)
 
 
-def test_a_federated_job_checkpoints_on_usr1_requeues_and_finishes(tmp_path, shards):
+def test_a_federated_job_checkpoints_on_usr1_requeues_finishes_samples_and_evaluates(tmp_path, shards):
     """run.method=federated under jobs/train.sbatch on both nodes: SLURM's USR1 stops it
-    with a checkpoint set, the requeued job resumes from it and trains every round."""
+    with a checkpoint set, the requeued job resumes from it, trains every round, samples
+    (the fine-tuned and the global model) and evaluates them (eval.at_end)."""
     rounds = 40  # the signal lands a round or two after round 5; the requeued job trains the rest
     raw = tiny_config(shards, tmp_path / "unused", [0.2, 0.5], rounds=rounds, log_every=1, method="federated")
-    raw["federated"] = {"local_steps": 1}
+    raw["federated"] = {"local_steps": 1, "finetune_steps": 2}
+    raw["eval"].update(at_end=True, sets=["collaborative", "global"])
     out = tmp_path / "out"
     jid = _submit_train(tmp_path, write_config(tmp_path / "run.yaml", raw), out)
     _wait(jid, {"RUNNING"}, timeout=60)
@@ -434,3 +436,7 @@ def test_a_federated_job_checkpoints_on_usr1_requeues_and_finishes(tmp_path, sha
     with h5py.File(out / "results.h5") as f:
         assert list(f["server/rounds/round"][()]) == list(range(rounds))
         assert f["clients/c0/audit"].attrs["messages_sent"] == rounds  # one update a round, none lost or doubled
+        for cid in ("c0", "c1"):
+            assert len(f[f"clients/{cid}/samples/images"]) == len(f[f"clients/{cid}/samples/images_global"]) > 0
+            assert {"collaborative", "global"} <= set(f[f"metrics/{cid}"]), cid
+        assert f["metrics"].attrs["checkpoint_round"] == rounds

@@ -34,10 +34,15 @@ def torchrun_env() -> dict[str, str]:
     return {**os.environ, "PET_MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
 
 
-def start_torchrun(config: str, cwd: Path, options: tuple[str, ...] = ()) -> subprocess.Popen:
-    """``torchrun --nproc-per-node=3 [options] -m collafuse_hpc train CONFIG``, as docs/getting-started.md has it."""
+def start_torchrun(
+    config: str, cwd: Path, options: tuple[str, ...] = (), command: tuple[str, ...] = ("train",)
+) -> subprocess.Popen:
+    """``torchrun --nproc-per-node=3 [options] -m collafuse_hpc train CONFIG``, as
+    docs/getting-started.md has it; ``command``: the words in place of ``train`` (before
+    CONFIG, a run's folder for ``sample``; after it, as ``train CONFIG --resume``)."""
+    words = [*command[:1], config, *command[1:]]
     return subprocess.Popen(
-        [TORCHRUN, "--nproc-per-node=3", *options, "-m", "collafuse_hpc", "train", config],
+        [TORCHRUN, "--nproc-per-node=3", *options, "-m", "collafuse_hpc", *words],
         cwd=cwd,
         env=torchrun_env(),
         stdout=subprocess.PIPE,
