@@ -521,8 +521,28 @@ def test_a_damaged_part_file_is_named_by_every_command_that_reads_the_run(tmp_pa
     assert "part file parts/client_c1.h5 (a link to" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # evaluates a run
+def test_evaluate_names_a_client_part_it_cannot_read_and_writes_nothing(tmp_path, evaluated_run, capsys):
+    """evaluate reads each client's audit (how often each image left it) from its part: a
+    part cut short ended in HDF5's "Unable to synchronously open file" without a file
+    name, and a part replaced by a broken link was skipped, counting no releases."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run(0.25), run)
+    part = run / "parts/client_c1.h5"
+    part.write_bytes(part.read_bytes()[:1000])
+    before = _listing(run)
+    for said in ("damaged: not a readable HDF5 file", "a link to"):
+        assert _exit_code(["evaluate", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert f"client 'c1': its part file {str(part)!r} cannot be read ({said}" in err, err
+        assert "restore the file" in err and _listing(run) == before
+        part.unlink()
+        part.symlink_to(tmp_path / "elsewhere.h5")
+        before = _listing(run)
+
+
 def _listing(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))}
+    return {str(p.relative_to(folder)): p.lstat().st_size for p in sorted(folder.rglob("*"))}
 
 
 @pytest.mark.slow  # reads an evaluated run

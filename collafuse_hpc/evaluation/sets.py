@@ -14,7 +14,7 @@ import torch
 from collafuse_hpc.config import Config, EvalConfig
 from collafuse_hpc.diffusion.split import Cut
 from collafuse_hpc.logs import Progress, few
-from collafuse_hpc.results.schema import SETS, audit_totals, part_path
+from collafuse_hpc.results.schema import PART_ERRORS, SETS, audit_totals, index_path, lost_part, part_path
 from collafuse_hpc.roles.client import Client, finish_samples, sample_alone
 from collafuse_hpc.roles.federated import FedHost, sampling_global
 from collafuse_hpc.roles.host import batches, sampling_key
@@ -44,9 +44,16 @@ def load_roles(cfg: Config, round_: int, device: torch.device) -> tuple[dict[int
     for client in clients:
         client.load_weights(states[client.id])
         part = part_path(out, client.id)
-        if os.path.exists(part):
-            with h5py.File(part, "r", locking=False) as f:
-                client.count_audited(audit_totals(f))
+        if os.path.lexists(part):  # a broken link too: its audit is what left the client
+            try:
+                with h5py.File(part, "r", locking=False) as f:
+                    client.count_audited(audit_totals(f))
+            except PART_ERRORS:
+                why = lost_part(index_path(out), os.path.relpath(part, out))
+                raise ValueError(
+                    f"client {client.id!r}: its part file {part!r} cannot be read ({why}); evaluate needs its audit "
+                    "(how often each image left the client): restore the file"
+                ) from None
     if isinstance(host, FedHost):  # what the clients sample with at the end of training
         host.personalize(checkpoint.load_rank(out, round_, 0)["state"]["ema"].to(device), cfg.federated.finetune_steps)
     return servers, clients
