@@ -423,6 +423,10 @@ def test_a_condition_has_one_colour_in_every_figure_and_none_is_the_neutral_grey
     }
     in_conditions = {bars.get_label(): to_hex(bars.lines[0].get_color()) for bars in conditions.axes[0].containers}
     assert len(in_tradeoff) == 8 and len(in_conditions) == 7 and in_conditions.items() <= in_tradeoff.items()
+    # every panel of personalization has its bars, is titled by what it shows, and names each point's c once
+    assert [len(axis.containers) for axis in conditions.axes[2:]] == [7, 7]
+    assert conditions.axes[3].get_title() == "personalization against client compute"
+    assert sorted(t.get_text() for t in conditions.axes[3].texts) == ["c=0.2", "c=0.5"]  # 7 conditions, one place
     assert len(set(in_tradeoff.values())) == 8 and to_hex("C7") not in in_tradeoff.values()
     (star,) = [line for line in tradeoff.axes[3].lines if line.get_marker() == "*"]
     assert to_hex(star.get_color()) not in in_tradeoff.values()

@@ -274,7 +274,10 @@ def test_c0_and_c1_stand_only_beside_the_split_modes_their_partition_was_run_wit
     ]
     alone = [row("reference", "dirichlet", 1, "classifier-c")]  # only c = 1: under its own split
     assert [(r["split"], r["c"]) for r in report.aggregate(alone)] == [("reference", 1)]
-    assert fd_label(table[:4]) == "FD (classifier-a)"
+    assert fd_label(table[:4]) == "FD (classifier features)"  # the README figure's was cut at 40 characters
+    for r in table[:4]:
+        r["features"] = "classifier-0078258180f-test-accuracy-0.9923"
+    assert fd_label(table[:4]) == "FD (classifier features)"
     assert "each partition's own features" in fd_label(table)
 
 
@@ -423,6 +426,8 @@ def test_the_loss_figure_of_runs_where_one_side_never_trains_names_them_without_
         clients, servers = shown[-1].axes
         (legend,) = shown[-1].legends
         assert [t.get_text() for t in legend.get_texts()] == sorted(curves)
+        styles = [(line.get_color(), line.get_linestyle()) for line in clients.lines]
+        assert len(set(styles[:40])) == min(40, len(styles))  # 27 runs had shared 10 colours on 2 line styles
         saved = plt.imread(tmp_path / "loss.png")  # the image holds the legend beside the panels
         assert saved.shape[1] > shown[-1].get_figwidth() * 110
         notes = [t.get_text() for axis in (clients, servers) for t in axis.texts]

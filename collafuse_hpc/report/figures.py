@@ -202,6 +202,10 @@ def _pyplot():
     return plt
 
 
+LABEL_BOX = {"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.5}  # a point's label readable over the lines
+LINES = ("-", "--", ":", "-.")  # with matplotlib's 10 colours: 40 runs told apart in the loss figure
+
+
 def loss_figure(curves: dict[str, dict], path: str) -> bool:
     """Every run's training loss over the rounds (EMA), clients' mean and server: the
     reader sees whether a run stopped before its loss flattened."""
@@ -211,7 +215,7 @@ def loss_figure(curves: dict[str, dict], path: str) -> bool:
         return False
     fig, ax = plt.subplots(1, 2, figsize=(14, 4.6))
     for i, (name, c) in enumerate(sorted(curves.items())):
-        style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "label": name}
+        style = {"color": f"C{i % 10}", "linestyle": LINES[i // 10 % len(LINES)], "label": name}
         if "clients" in c:  # c = 0: no client trains; rounds where none took part take the mean
             local = np.nan_to_num(c["clients"], nan=np.nanmean(c["clients"]))
             steps = c.get("steps", 1)  # federated: a round's loss is the mean of E steps; the EMA is per step
@@ -260,7 +264,8 @@ def conditions_figure(table: list[dict], path: str) -> bool:
     key, name = personalization(rows)
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.6))
     colours = condition_colours([r for r in table if r["who"] == "pooled"])  # as in the trade-off figure
-    for cond, label in condition_names(rows).items():
+    named: set[tuple] = set()
+    for k, (cond, label) in enumerate(condition_names(rows).items()):
         runs = sorted((r for r in rows if (r["split"], r["partition"], r["share"]) == cond), key=lambda r: r["c"])
         color = colours[cond]
         for axis, shown in ((ax[0], key), (ax[1], "fid_collaborative")):
@@ -270,14 +275,21 @@ def conditions_figure(table: list[dict], path: str) -> bool:
         own = [np.mean([t["fid_collaborative"] for t in table if t["who"] != "pooled" and _same(t, r)]) for r in runs]
         ax[1].plot([r["c"] for r in runs], own, color=color, marker="x", linestyle="--", label=f"{label}: per client")
         sent = [r for r in runs if r["c"] < 1]
-        ax[2].plot([r["link_pixel_top1"] for r in sent], [r[key] for r in sent], "o-", color=color, label=label)
-        ax[3].plot([r["sampling_flops_ratio"] for r in runs], [r[key] for r in runs], "o-", color=color)
-        for r in runs:
-            ax[3].annotate(f"c={r['c']:g}", (r["sampling_flops_ratio"], r[key]), fontsize=6)
-    ax[0].set(xlabel="cut ratio c", ylabel=name, title="personalization")
-    ax[1].set(xlabel="cut ratio c", ylabel=fd_label(rows), title="FD: pooled (o), clients' own (x); lower: better")
-    ax[2].set(xlabel="linkage top-1 rate (disclosure)", ylabel=name, title="quality against disclosure")
-    ax[3].set(xlabel="client sampling FLOPs / local-only", ylabel=name, title="quality against client compute")
+        for axis, x, shown in ((ax[2], "link_pixel_top1", sent), (ax[3], "sampling_flops_ratio", runs)):
+            err = np.array([_spread(r, key) for r in shown]).T
+            axis.errorbar([r[x] for r in shown], [r[key] for r in shown], yerr=err, capsize=3, color=color,
+                          marker="o", label=label)  # fmt: skip
+        for r in runs:  # c = 0 and 1 are one run under every split mode: named once; each condition's
+            at = (r["sampling_flops_ratio"], r[key])  # labels sit at their own height beside its points
+            if (at, r["c"]) not in named:
+                named.add((at, r["c"]))
+                ax[3].annotate(f"c={r['c']:g}", at, xytext=(5, 5 - 14 * (k % 4)), textcoords="offset points",
+                               fontsize=7, color=color, bbox=LABEL_BOX)  # fmt: skip
+    what = "quality" if key == "fid_collaborative" else "personalization"
+    ax[0].set(xlabel="cut ratio c", ylabel=name, title=what)
+    ax[1].set(xlabel="cut ratio c", ylabel=fd_label(rows), title="FD: pooled (o), clients' own mean (x); lower: better")
+    ax[2].set(xlabel="linkage top-1 rate (disclosure)", ylabel=name, title=f"{what} against disclosure")
+    ax[3].set(xlabel="client sampling FLOPs / local-only", ylabel=name, title=f"{what} against client compute")
     ax[0].legend(fontsize=7)
     _save(plt, fig, path, 110)
     return True
@@ -348,8 +360,8 @@ def fd_label(rows: list[dict]) -> str:
     """The FD axis's label: the features it is measured in, when all rows share them; each
     partition is scored by its own classifier otherwise (its FDs compare within it only)."""
     features = sorted({r["features"] for r in rows})
-    if len(features) == 1:
-        return f"FD ({features[0][:40]})"
+    if len(features) == 1:  # "classifier-<digest>-test-accuracy-<a>", "pixels", ...: the tables name it whole
+        return f"FD ({features[0].split('-', 1)[0]} features)"
     return "FD (each partition's own features: compare within a partition)"
 
 
