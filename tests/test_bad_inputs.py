@@ -509,6 +509,9 @@ def test_a_damaged_part_file_is_named_by_every_command_that_reads_the_run(tmp_pa
             if at < 0:  # cut short: there, and damaged, not "never started"; compare left it out of its totals
                 assert got == (2 if args[0] == "report" else 1) and named in said, (args, said)
                 assert "never started" not in said, said
+    assert _exit_code(["inspect", str(tmp_path / "bundle0.h5")]) == 1  # the bundle made of the part cut short
+    said = capsys.readouterr().out
+    assert "part file parts/client_c1.h5 (left out of this bundle: it could not be read when" in said, said
     part.write_bytes(original)
     for garbage in (10**17, -(10**17)):  # readable, but numpy was asked for 1e17 rounds, or fewer than none
         with h5py.File(part, "a") as f:

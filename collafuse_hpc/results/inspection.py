@@ -25,6 +25,7 @@ from collafuse_hpc.evaluation.disclosure import describe as describe_disclosure
 from collafuse_hpc.evaluation.quality import POOLED_FID
 from collafuse_hpc.results.schema import (
     AUDIT,
+    BUNDLED,
     CLIENTS,
     METRICS,
     PART_ERRORS,
@@ -159,7 +160,7 @@ def summarize(path: str, record: int | None = None) -> dict:
             try:
                 role = _role(f[key], record)
             except PART_ERRORS:
-                out["missing"].append(f"{key}: part file {part} ({lost_part(path, part)})")
+                out["missing"].append(f"{key}: part file {part} ({lost_part(path, part, BUNDLED in f.attrs)})")
                 continue
             out["roles"][key] = role
             if SUMMARY not in role:
@@ -352,7 +353,7 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
                 if samples in g:
                     images[f"samples_{key.split('/', 1)[1]}"] = g[samples][()]
             except PART_ERRORS:
-                left_out.append(f"{key}: part file {part} ({lost_part(path, part)})")
+                left_out.append(f"{key}: part file {part} ({lost_part(path, part, BUNDLED in f.attrs)})")
         for who, g in (metrics_group or {}).items():
             for name, s in g.items():
                 if "images" in s:

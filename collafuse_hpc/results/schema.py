@@ -87,6 +87,7 @@ SERVER, SERVERS, CLIENTS = "server", "servers", "clients"
 ROUNDS, AUDIT, SUMMARY, METRICS, RECORDS = "rounds", "audit", "summary", "metrics", "records"
 SAMPLES, HANDOVER = "samples/images", "samples/x_handover"  # the newest, through the /samples link
 ROUND = "round"  # the column every row group is indexed by
+BUNDLED = "bundled_from"  # a bundle's attribute: the results.h5 it was made from
 V2 = "v2"  # records/v2: what a file of schema version 2 held at /samples and /summary, moved aside
 
 # the image sets evaluate scores, in report order (evaluation/evaluate.py says what each is)
@@ -191,8 +192,11 @@ def part_path(output_dir: str, client_id: str | None, server_rank: int = 0) -> s
 PART_ERRORS = (KeyError, RuntimeError, OSError)  # h5py's errors opening or reading a part missing or damaged
 
 
-def lost_part(results: str, part: str) -> str:
-    """Why the part file ``part`` (as results.h5 at ``results`` links it) could not be read."""
+def lost_part(results: str, part: str, bundled: bool = False) -> str:
+    """Why the part file ``part`` (as results.h5 at ``results`` links it) could not be read;
+    ``bundled``: ``results`` is a bundle, which holds its parts' content, not links."""
+    if bundled:
+        return "left out of this bundle: it could not be read when the bundle was made"
     path = os.path.join(os.path.dirname(results), part)
     if os.path.islink(path) and not os.path.exists(path):
         return f"a link to {os.readlink(path)!r}, which is missing"
@@ -253,7 +257,7 @@ def _check(f: h5py.File, path: str, hint: str) -> None:
             obj[()]
 
     try:
-        schema, bundled = f.attrs.get("schema"), "bundled_from" in f.attrs
+        schema, bundled = f.attrs.get("schema"), BUNDLED in f.attrs
         if schema == SCHEMA:
             read("", f)
             f.visititems(read)  # hard links only: neither the parts nor the /metrics and /samples links

@@ -20,6 +20,7 @@ from PIL import Image
 
 from collafuse_hpc.atomic import check_destination, free_space, made_folder, new_hdf5, refuse_existing
 from collafuse_hpc.results.schema import (
+    BUNDLED,
     METRICS,
     PART_ERRORS,
     RECORDS,
@@ -343,7 +344,7 @@ def bundle(index: str, target: str) -> list[str]:
         new_hdf5(target) as dst,
     ):
         dst.attrs.update(src.attrs)
-        dst.attrs["bundled_from"] = os.path.abspath(index)
+        dst.attrs[BUNDLED] = os.path.abspath(index)
         for key, part in (yaml.safe_load(src.attrs.get("roles", "{}")) or {}).items():
             try:
                 dst.copy(src[key], key)  # the external link resolves: the part's content is copied
@@ -351,7 +352,7 @@ def bundle(index: str, target: str) -> list[str]:
                 if key in dst:  # what was copied before the damage
                     del dst[key]
                 missing.append(key)
-                left_out.append(f"{key}: part file {part} ({lost_part(index, part)})")
+                left_out.append(f"{key}: part file {part} ({lost_part(index, part, BUNDLED in src.attrs)})")
                 continue
             for group in dst[key].values():  # scales point into the part file: attach them anew
                 if isinstance(group, h5py.Group) and ROUND in group:
