@@ -129,7 +129,7 @@ def test_study_job_array_submitted_again_runs_only_what_is_not_evaluated(tmp_pat
                 shutil.rmtree(study / "c0.2-markov-s0")  # as if that run had been lost
         assert "c1.0-markov-s0 already evaluated" in text
         assert (study / "c1.0-markov-s0/results.h5").read_bytes() == kept  # not trained or evaluated again
-        assert (study / "report.out").read_text().count("report: ") == 2  # appended, not replaced
+        assert (study / "report.out").read_text().count("grids/, report.html") == 2  # appended, not replaced
         assert "every point is evaluated" in _run(*submit, **env)
     finally:
         for array in arrays:
