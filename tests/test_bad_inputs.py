@@ -489,7 +489,7 @@ def test_a_damaged_part_file_is_named_by_every_command_that_reads_the_run(tmp_pa
     part = run / "parts/client_c1.h5"
     original = part.read_bytes()
     results = str(run / "results.h5")
-    named = "clients/c1: part file parts/client_c1.h5 (damaged: not a readable HDF5 file"
+    named = "clients/c1: part file parts/client_c1.h5 (damaged: HDF5 cannot read it whole"
     for n, at in enumerate([-1, *range(0, len(original), len(original) // 16)]):
         damaged = original[: len(original) // 2] if at < 0 else original[:at] + b"\xff" * 3000 + original[at + 3000 :]
         part.write_bytes(damaged)
@@ -524,6 +524,78 @@ def test_a_damaged_part_file_is_named_by_every_command_that_reads_the_run(tmp_pa
     assert "part file parts/client_c1.h5 (a link to" in capsys.readouterr().out
 
 
+def _edit_attrs(path: Path, change) -> None:
+    with h5py.File(path, "a") as f:
+        change(f)
+
+
+def _overwrite_header(path: Path, name: str) -> None:
+    """Write garbage over the object header of ``name``: damage in one known place."""
+    with h5py.File(path, "r") as f:
+        at = h5py.h5o.get_info(f[name].id).addr
+    data = bytearray(path.read_bytes())
+    data[at : at + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow  # reads an evaluated run
+def test_a_damaged_results_file_names_the_object_or_attribute_and_every_command_refuses_it(
+    tmp_path, evaluated_run, shards, capsys, monkeypatch
+):
+    """The review of the whole-file read found attributes that still ended in a traceback
+    (a number where YAML text belongs: AttributeError; YAML of the wrong shape: the readers'
+    AttributeError or KeyError), a damaged header named as the object read before it, a
+    dangling /metrics link ending bundle in a KeyError, and an empty results.h5 called
+    "not a readable HDF5 file; pass the results.h5 in a run's output_dir"."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run(0.25), run)
+    index = run / "results.h5"
+    original = index.read_bytes()
+    cases = [
+        (lambda p: _edit_attrs(p, lambda f: f.attrs.__setitem__("config", 5)), "/ (attribute config) (a int64"),
+        (lambda p: _edit_attrs(p, lambda f: f.attrs.__setitem__("config", "just text")), "/ (attribute config) (YAML"),
+        (lambda p: _edit_attrs(p, lambda f: f.attrs.__delitem__("config")), "/ (attribute config) (it holds no"),
+        (lambda p: _edit_attrs(p, lambda f: f.attrs.__setitem__("roles", "[1, 2]")), "/ (attribute roles) (YAML"),
+        (lambda p: _edit_attrs(p, lambda f: f["records/0"].attrs.__setitem__("settings", np.arange(3))),
+         "/records/0 (attribute settings) (a ndarray"),
+        (lambda p: _edit_attrs(p, lambda f: f.__delitem__("records/1/metrics")), "/metrics (a link to"),
+        (lambda p: _overwrite_header(p, "records/1"), "/records/1 ("),
+        (lambda p: _overwrite_header(p, "records/1/metrics/c1/cut"), "/records/1/metrics/c1/cut ("),
+        (lambda p: p.write_bytes(b""), "/ (the file is empty)"),
+    ]  # fmt: skip
+    for damage, where in cases:
+        index.write_bytes(original)
+        damage(index)
+        for args in (
+            ["inspect", str(run)],
+            ["compare", str(run), str(run)],
+            ["export", str(run), "--out", str(tmp_path / "grids")],
+            ["bundle", str(run), str(tmp_path / "bundle.h5")],
+            ["report", str(index), "--out", str(tmp_path / "report")],
+        ):
+            assert _exit_code(args) == 2, (where, args)
+            err = capsys.readouterr().err
+            assert f"{str(index)!r} is damaged at {where}" in err and "Traceback" not in err, (where, args, err)
+            assert sorted(os.listdir(tmp_path)) == ["run"], (where, args)
+    # evaluate of the run's config refuses before it samples (it had sampled everything, then refused)
+    config = write_config(tmp_path.parent / "run.yaml", tiny_config(shards, run, [0.25, 0.25], rounds=2))
+    with monkeypatch.context() as m:
+        m.setattr("collafuse_hpc.evaluation.evaluate.load_roles", lambda *a: pytest.fail("sampled first"))
+        assert _exit_code(["evaluate", config]) == 2
+    assert f"{str(index)!r} is damaged at / (the file is empty)" in capsys.readouterr().err
+    # a bundle holds its roles' content: one damaged inside it is named, and the others are read
+    index.write_bytes(original)
+    bundle = tmp_path.parent / "bundle.h5"
+    assert _exit_code(["bundle", str(run), str(bundle)]) == 0
+    _overwrite_header(bundle, "clients/c1/rounds")
+    assert _exit_code(["inspect", str(bundle)]) == 1
+    out = capsys.readouterr().out
+    assert "clients/c1: part file parts/client_c1.h5 (damaged inside this bundle" in out and "c0" in out, out
+    _overwrite_header(run / "parts/client_c1.h5", "rounds")  # a part's group: it was shown with no rounds
+    assert _exit_code(["inspect", str(run)]) == 1
+    assert "clients/c1: part file parts/client_c1.h5 (damaged: HDF5 cannot read it whole" in capsys.readouterr().out
+
+
 @pytest.mark.slow  # evaluates a run
 def test_evaluate_names_a_client_part_it_cannot_read_and_writes_nothing(tmp_path, evaluated_run, capsys):
     """evaluate reads each client's audit (how often each image left it) from its part: a
@@ -534,7 +606,7 @@ def test_evaluate_names_a_client_part_it_cannot_read_and_writes_nothing(tmp_path
     part = run / "parts/client_c1.h5"
     part.write_bytes(part.read_bytes()[:1000])
     before = _listing(run)
-    for said in ("damaged: not a readable HDF5 file", "a link to"):
+    for said in ("damaged: HDF5 cannot read it whole", "a link to"):
         assert _exit_code(["evaluate", str(run)]) == 2
         err = capsys.readouterr().err
         assert f"client 'c1': its part file {str(part)!r} cannot be read ({said}" in err, err
@@ -559,7 +631,7 @@ def test_a_damaged_results_file_is_named_by_every_command_and_nothing_is_written
     index = run / "results.h5"
     original, before = index.read_bytes(), _listing(run)
     results = str(index)
-    said_damaged = f"{results!r} is damaged near /"
+    said_damaged = f"{results!r} is damaged at /"
     found = 0
     for at in [-1, *range(0, len(original), len(original) // 16)]:
         damaged = original[: len(original) // 2] if at < 0 else original[:at] + b"\xff" * 512 + original[at + 512 :]

@@ -453,6 +453,9 @@ def test_centralized_training_is_one_method_in_the_methods_figure(tmp_path, monk
     (legend,) = [axis.get_legend() for axis in shown[0].axes if axis.get_legend()]
     assert sorted(t.get_text() for t in legend.get_texts()) == [
         "centralized (c = 0)", "fedavg", "split c = 0.5 (markov)", "split c = 0.5 (reference)"]  # fmt: skip
+    table.append(row("split", "markov", 0.2) | {"fidelity": math.nan, "class_distance": math.nan})
+    assert methods_figure(table, str(tmp_path / "methods.png"))  # a run without a classifier among those with one
+    assert shown[-1].axes[0].get_ylabel() == "class distance (lower is better)"  # as the conditions figure's
     for r in table:  # runs evaluated without eval.classifier: the figure was left out without a word
         r["fidelity"] = r["class_distance"] = math.nan
         r["fid_collaborative"], r["fid_collaborative_low"], r["fid_collaborative_high"] = 3.0, 2.0, 4.0

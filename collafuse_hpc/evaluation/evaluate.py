@@ -58,7 +58,7 @@ from collafuse_hpc.evaluation.quality import POOLED_FID, fidelity, label_counts,
 from collafuse_hpc.evaluation.sets import check_sets, image_sets, load_roles, planned_images, sampling_batches
 from collafuse_hpc.logs import Heartbeat
 from collafuse_hpc.results.schema import METRIC_UNITS, SETS, index_path, open_results
-from collafuse_hpc.results.writer import begin_record, finish_record, record_metrics
+from collafuse_hpc.results.writer import begin_record, check_space, finish_record, record_metrics
 from collafuse_hpc.roles.host import sampling_key
 from collafuse_hpc.runtime import checkpoint
 from collafuse_hpc.runtime.launch import torch_threads
@@ -181,6 +181,8 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
             f"{index!r} cannot be written (no permission, or a read-only file system), and evaluate writes its "
             "metrics there: copy the run folder to a place you can write"
         )
+    with open_results(index):  # read whole: a damaged one is refused now, not after the sampling
+        check_space(index)
     t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     servers, clients = load_roles(cfg, round_, device)
     topo = Topology.from_config(cfg)

@@ -318,6 +318,7 @@ def methods_figure(table: list[dict], path: str) -> bool:
     :func:`conditions_figure`. Drawn when the report holds a federated run."""
     plt = _pyplot()
     rows = [r for r in table if r["who"] == "pooled" and r["c"] != "mixed"]
+    rows = [r for r in rows if not math.isnan(r["fidelity"])] or rows  # the pooled FD only when none has it
     key, name = personalization(rows)
     rows = [r for r in rows if not math.isnan(r[key])]
     if plt is None or not any(r["method"] != "split" for r in rows):

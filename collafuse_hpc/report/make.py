@@ -305,9 +305,10 @@ def write_report(
     ]  # fmt: skip
     drawn = [(title, os.path.join(out, name)) for title, name, draw in figures if draw(os.path.join(out, name))]
     if pooled and figures_available() and all(math.isnan(r["fidelity"]) for r in pooled):
+        instead = "; methods.png shows the pooled FD in its place" if federated else ""
         print(
             "report: conditions.png not drawn: no run was scored for class fidelity (eval.classifier: "
-            "docs/evaluation.md); methods.png shows the pooled FD in its place"
+            f"docs/evaluation.md){instead}"
         )
     if loss_figure(curves, os.path.join(out, "loss.png")):
         drawn.append(("Training loss of every run", os.path.join(out, "loss.png")))

@@ -25,7 +25,6 @@ from collafuse_hpc.evaluation.disclosure import describe as describe_disclosure
 from collafuse_hpc.evaluation.quality import POOLED_FID
 from collafuse_hpc.results.schema import (
     AUDIT,
-    BUNDLED,
     CLIENTS,
     METRICS,
     PART_ERRORS,
@@ -36,6 +35,8 @@ from collafuse_hpc.results.schema import (
     SETS,
     SUMMARY,
     audit_totals,
+    bundle_left_out,
+    check_role,
     index_path,
     lost_part,
     open_results,
@@ -158,9 +159,10 @@ def summarize(path: str, record: int | None = None) -> dict:
         out["roles"] = {}
         for key, part in roles.items():
             try:
+                check_role(f[key])
                 role = _role(f[key], record)
             except PART_ERRORS:
-                out["missing"].append(f"{key}: part file {part} ({lost_part(path, part, BUNDLED in f.attrs)})")
+                out["missing"].append(f"{key}: part file {part} ({lost_part(path, part, key, bundle_left_out(f))})")
                 continue
             out["roles"][key] = role
             if SUMMARY not in role:
@@ -350,10 +352,11 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
                 continue
             try:
                 g = f[key]
+                check_role(g)
                 if samples in g:
                     images[f"samples_{key.split('/', 1)[1]}"] = g[samples][()]
             except PART_ERRORS:
-                left_out.append(f"{key}: part file {part} ({lost_part(path, part, BUNDLED in f.attrs)})")
+                left_out.append(f"{key}: part file {part} ({lost_part(path, part, key, bundle_left_out(f))})")
         for who, g in (metrics_group or {}).items():
             for name, s in g.items():
                 if "images" in s:

@@ -192,17 +192,26 @@ def part_path(output_dir: str, client_id: str | None, server_rank: int = 0) -> s
 PART_ERRORS = (KeyError, RuntimeError, OSError)  # h5py's errors opening or reading a part missing or damaged
 
 
-def lost_part(results: str, part: str, bundled: bool = False) -> str:
-    """Why the part file ``part`` (as results.h5 at ``results`` links it) could not be read;
-    ``bundled``: ``results`` is a bundle, which holds its parts' content, not links."""
-    if bundled:
-        return "left out of this bundle: it could not be read when the bundle was made"
+def lost_part(results: str, part: str, key: str = "", left_out: list[str] | None = None) -> str:
+    """Why the part file ``part`` of role ``key`` (as results.h5 at ``results`` links it)
+    could not be read. ``left_out``: ``results`` is a bundle, which holds its parts'
+    content instead of links, and these are the roles it was made without
+    (:func:`bundle_left_out`)."""
+    if left_out is not None:
+        if key in left_out:
+            return "left out of this bundle: it could not be read when the bundle was made"
+        return "damaged inside this bundle; a copy or a full disk may have cut it short"
     path = os.path.join(os.path.dirname(results), part)
     if os.path.islink(path) and not os.path.exists(path):
         return f"a link to {os.readlink(path)!r}, which is missing"
     if os.path.lexists(path):
-        return "damaged: not a readable HDF5 file; a copy or a full disk may have cut it short"
+        return "damaged: HDF5 cannot read it whole; a copy or a full disk may have cut it short"
     return "the rank never started or its file was lost"
+
+
+def bundle_left_out(f: h5py.File) -> list[str] | None:
+    """The roles a bundle was made without (its missing_parts); None for a run's results.h5."""
+    return yaml.safe_load(f.attrs.get("missing_parts", "[]")) or [] if BUNDLED in f.attrs else None
 
 
 def open_results(path: str) -> h5py.File:
@@ -213,9 +222,9 @@ def open_results(path: str) -> h5py.File:
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as e:
-        if h5py.is_hdf5(path) and "locking flag values don't match" not in str(e):  # HDF5's signature, then garbage
-            raise _damaged(path, e) from None
         if "locking flag values don't match" not in str(e):
+            if h5py.is_hdf5(path) or os.path.basename(path) == INDEX:  # HDF5's signature or a run's name: damaged
+                raise _damaged(path, e if os.path.getsize(path) else OSError("the file is empty")) from None
             raise ValueError(f"{path!r} is not a readable HDF5 file ({e}); {hint}") from None
         f = h5py.File(path, "r")  # this process already has it open with HDF5's lock
     try:
@@ -227,40 +236,39 @@ def open_results(path: str) -> h5py.File:
 
 
 def _damaged(path: str, error: Exception, near: str = "/", bundled: bool = False) -> ValueError:
-    """The error of a results file that HDF5 or YAML cannot read from ``near`` on."""
+    """The error of a results file that HDF5 or YAML cannot read at ``near``."""
     cause = str(error.args[0] if isinstance(error, KeyError) and error.args else error).splitlines()
     parts = "" if bundled else "; the part files in parts/ are separate and keep each role's rounds, samples and audit"
     return ValueError(
-        f"{path!r} is damaged near {near} ({cause[0] if cause else type(error).__name__}): a copy or a full disk "
+        f"{path!r} is damaged at {near} ({cause[0] if cause else type(error).__name__}): a copy or a full disk "
         f"may have cut it short. Restore it from a copy (a bundle made by collafuse-hpc bundle is one){parts}"
     )
 
 
-YAML_ATTRS = ("config", "roles", "settings", "totals", "ignored", "missing_parts")  # attributes holding YAML
-INDEX_ERRORS = (KeyError, RuntimeError, OSError, TypeError, ValueError, yaml.YAMLError)  # reading a damaged index
+# the attributes holding YAML, and what each holds when set ("" reads as None: a record not finished)
+YAML_SHAPES = {"config": dict, "roles": dict, "settings": dict, "totals": dict, "ignored": dict, "missing_parts": list}
+INDEX_ERRORS = (KeyError, RuntimeError, OSError, TypeError, ValueError, yaml.YAMLError, RecursionError)
 
 
 def _check(f: h5py.File, path: str, hint: str) -> None:
     """ValueError unless ``f`` is a results file that reads whole: every group, dataset,
-    attribute and YAML attribute of the file itself, not of the parts its external links
-    point to (each reader names those, per role). A damaged index would otherwise fail in
-    whichever reader reached the damage first, with HDF5's or YAML's traceback. It is small
-    (records, metrics, 64 images a set): reading it whole takes milliseconds."""
+    attribute and YAML attribute of the file itself, and every soft link resolves. Not
+    the roles: the parts its external links point to, or in a bundle the copies of them,
+    which each reader names per role. A damaged index would otherwise fail in whichever
+    reader reached the damage first, with HDF5's or YAML's traceback. What is read is
+    small (records, metrics, 64 images a set): milliseconds."""
     where, bundled = ["/"], False
-
-    def read(name: str, obj: h5py.Group | h5py.Dataset) -> None:
-        where[0] = f"/{name}" if name else "/"
-        for key, value in obj.attrs.items():
-            if key in YAML_ATTRS:
-                yaml.safe_load(value)
-        if isinstance(obj, h5py.Dataset):
-            obj[()]
-
     try:
         schema, bundled = f.attrs.get("schema"), BUNDLED in f.attrs
         if schema == SCHEMA:
-            read("", f)
-            f.visititems(read)  # hard links only: neither the parts nor the /metrics and /samples links
+            where[0] = "/ (attribute config)"
+            if not isinstance(_yaml(f, "config"), dict):
+                raise KeyError("it holds no config")
+            where[0] = "/ (attribute roles)"
+            roles = _yaml(f, "roles") or {}
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in roles.items()):
+                raise TypeError("its roles are not role keys and part files")
+            _walk(f, "/", set(roles), where)
     except INDEX_ERRORS as e:
         raise _damaged(path, e, where[0], bundled) from None
     if schema != SCHEMA:
@@ -270,3 +278,55 @@ def _check(f: h5py.File, path: str, hint: str) -> None:
             else f"an HDF5 file with schema {schema!r}"
         )
         raise ValueError(f"{path!r} is {what}, not a collafuse-hpc results file; {hint}")
+
+
+def _yaml(obj: h5py.Group | h5py.Dataset, key: str):
+    """The YAML attribute ``key`` of ``obj``, parsed: TypeError when it is not text or not
+    of its shape (YAML_SHAPES); None when absent or empty."""
+    if key not in obj.attrs:
+        return None
+    value = obj.attrs[key]
+    if not isinstance(value, str | bytes):
+        raise TypeError(f"a {type(value).__name__}, not YAML text")
+    parsed = yaml.safe_load(value)
+    if parsed is not None and not isinstance(parsed, YAML_SHAPES[key]):
+        raise TypeError(f"YAML of a {type(parsed).__name__}, not of a {YAML_SHAPES[key].__name__}")
+    return parsed
+
+
+def check_role(role: h5py.Group) -> None:
+    """Read every group, dataset header and attribute of a role (its part file, through
+    results.h5's link, or its copy in a bundle), not its data: KeyError or RuntimeError
+    where it is damaged, which the readers catch per role (PART_ERRORS). h5py's ``get``
+    takes a damaged group for a missing one: a reader would show the role with no rows."""
+    _walk(role, role.name, set(), ["/"], data=False)
+
+
+def _walk(obj: h5py.Group | h5py.Dataset, name: str, roles: set[str], where: list[str], data: bool = True) -> None:
+    """Read ``obj`` (at ``name``) and what it holds (datasets' ``data`` too), setting
+    ``where`` to each object and attribute before it is read, so that the error names
+    the damaged one."""
+    for key in list(obj.attrs):
+        where[0] = f"{name} (attribute {key})"
+        obj.attrs[key]
+        if key in YAML_SHAPES:
+            _yaml(obj, key)
+    where[0] = name
+    if isinstance(obj, h5py.Dataset):
+        if data:
+            obj[()]
+        return
+    _ = "images" in obj  # a lookup by name, as readers make, reads what listing may not (an empty group's heap)
+    soft = []
+    for key in list(obj):
+        child = f"{name.rstrip('/')}/{key}"
+        where[0] = child
+        link = obj.get(key, getlink=True)
+        if isinstance(link, h5py.SoftLink):  # /metrics, /samples: the newest record's, read where they point
+            soft.append((key, child, link.path))
+        elif isinstance(link, h5py.HardLink) and child.lstrip("/") not in roles:  # parts: each reader names its own
+            _walk(obj[key], child, roles, where, data)
+    for key, child, target in soft:  # after the objects, so that a damaged target is named as itself
+        where[0] = child
+        if obj.get(key) is None:
+            raise KeyError(f"a link to {target!r}, which is missing")

@@ -31,6 +31,7 @@ from collafuse_hpc.results.schema import (
     SUMMARY,
     V2,
     audit_totals,
+    bundle_left_out,
     lost_part,
     open_results,
     plain_attrs,
@@ -176,6 +177,18 @@ def _open(path: str, mode: str) -> h5py.File:
 RESERVE_BYTES = 4 << 20  # free space below which results are not written (HDF5 breaks files on a full disk)
 
 
+def check_space(path: str) -> None:
+    """OSError (ENOSPC) when less than RESERVE_BYTES are free where ``path`` is written."""
+    free = free_space(path)
+    if free < RESERVE_BYTES:
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left to write results to {path!r}: {free} bytes free, {RESERVE_BYTES} needed to write "
+            "safely. The results written before are kept; free space (or move run.output_dir), then run the "
+            "command again (train with --resume)",
+        )
+
+
 @contextlib.contextmanager
 def _writing(path: str, mode: str = "a"):
     """Open ``path`` to write; OSError naming the file when it cannot be.
@@ -183,14 +196,7 @@ def _writing(path: str, mode: str = "a"):
     HDF5 can leave a file unreadable when a write fails half-way for lack of space,
     so nothing is written with less than RESERVE_BYTES free: the rows written
     before stay readable."""
-    free = free_space(path)
-    if free < RESERVE_BYTES:
-        raise OSError(
-            errno.ENOSPC,
-            f"no space left to write results to {path!r}: {free} bytes free, {RESERVE_BYTES} needed to write "
-            "safely. The rows written before are kept; free space (or move run.output_dir), then continue "
-            "with --resume",
-        )
+    check_space(path)
     try:
         with _open(path, mode) as f:
             yield f
@@ -352,7 +358,7 @@ def bundle(index: str, target: str) -> list[str]:
                 if key in dst:  # what was copied before the damage
                     del dst[key]
                 missing.append(key)
-                left_out.append(f"{key}: part file {part} ({lost_part(index, part, BUNDLED in src.attrs)})")
+                left_out.append(f"{key}: part file {part} ({lost_part(index, part, key, bundle_left_out(src))})")
                 continue
             for group in dst[key].values():  # scales point into the part file: attach them anew
                 if isinstance(group, h5py.Group) and ROUND in group:
