@@ -353,6 +353,24 @@ def test_the_digits_fall_back_to_sklearns_reader_and_a_missing_sklearn_is_named(
         sources.read_digits()
 
 
+def test_a_decode_cache_batch_removed_under_a_running_prepare_is_said_so_not_called_damaged(tmp_path):
+    """Another prepare into the same --out may remove a batch this one holds: that was
+    "the decoded-image cache file ... is damaged ([Errno 2] ...); remove it"."""
+    from collafuse_hpc.data.decode_cache import DONE, DecodeCache
+
+    cache = DecodeCache(str(tmp_path / "cache"), 2, (1, 2, 2))
+    ones = np.ones(2, np.int64)
+    cache.add(np.arange(2), ones.astype(np.int8) * DONE, ones.astype(np.int32), np.ones((2, 2), np.int64),
+              np.full((2, 1, 2, 2), 7, np.uint8))  # fmt: skip
+    out = np.zeros((2, 1, 2, 2), np.uint8)
+    cache.read(np.arange(2), out)
+    assert (out == 7).all()
+    for batch in (tmp_path / "cache").iterdir():
+        batch.unlink()
+    with pytest.raises(ValueError, match=r"was removed while this command ran .*run the same command again"):
+        cache.read(np.arange(2), out)
+
+
 def test_the_decode_cache_keeps_one_copy_of_each_image_and_names_a_damaged_file(tmp_path, capsys):
     """Batches whose images were all decoded again stayed for ever (the cache grew with
     each changed source), a killed run's temporary file stayed, an earlier version's

@@ -91,6 +91,11 @@ class DecodeCache:
             try:
                 with np.load(path) as z:
                     stored = z["images"]
+            except FileNotFoundError:
+                raise ValueError(
+                    f"the decoded-image cache file {path!r} was removed while this command ran (another prepare "
+                    "into the same --out?); run the same command again: its images are decoded again"
+                ) from None
             except (OSError, ValueError, zipfile.BadZipFile) as e:
                 raise ValueError(
                     f"the decoded-image cache file {path!r} is damaged ({e}); remove it and run the same command "
