@@ -424,7 +424,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         return _die(2, str(e), hard=False)
     except WriteError as e:  # the feature cache: results.h5 is written last
-        return _write_failed(e)
+        return _write_failed(e, "the run's results are unchanged; feature-cache files written before stay, for reuse")
     except OSError as e:  # a checkpoint or results file that could not be read or written
         return _die(1, str(e), hard=False)
     return 0

@@ -319,6 +319,32 @@ def test_a_destination_that_cannot_be_written_is_refused_before_the_work(
     assert file_tree(tmp_path) == before and not os.path.lexists(out)
 
 
+@pytest.mark.slow  # evaluates a run
+def test_a_feature_cache_that_cannot_be_written_leaves_the_run_and_says_what_stays(
+    tmp_path, evaluated_run, capsys, monkeypatch
+):
+    """evaluate's failed feature-cache write said "nothing was written", though the cache
+    files written before it in the same evaluation stay (to be reused)."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run(0.25), run)
+    before = (run / "results.h5").read_bytes()
+    written = []
+    real = np.save
+
+    def second_fails(f, value):  # the first client's real features are stored, the second's not
+        written.append(f)
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, value)
+
+    monkeypatch.setattr("collafuse_hpc.evaluation.features.np.save", second_fails)
+    assert _exit_code(["evaluate", str(run), "--set", f"eval.cache_dir={tmp_path / 'cache'}"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device; the run's results are unchanged; feature-cache files written before" in err
+    assert "nothing was written" not in err and len(list((tmp_path / "cache").iterdir())) == 1, err
+    assert (run / "results.h5").read_bytes() == before
+
+
 @pytest.mark.slow  # reads an evaluated run
 @pytest.mark.parametrize("command", ["export", "bundle"])
 def test_a_write_that_fails_is_told_apart_from_a_run_that_cannot_be_read(
