@@ -587,6 +587,8 @@ def test_a_damaged_results_file_names_the_object_or_attribute_and_every_command_
         (lambda p: _edit_attrs(p, lambda f: f.__delitem__("records/1/metrics")), "/metrics (a link to"),
         (lambda p: _overwrite_header(p, "records/1"), "/records/1 ("),
         (lambda p: _overwrite_header(p, "records/1/metrics/c1/cut"), "/records/1/metrics/c1/cut ("),
+        (lambda p: _edit_attrs(p, lambda f: f["records/0"].attrs.__setitem__(b"\xff\xfeab", 1)),
+         "/records/0 (attribute b'\\xff\\xfeab') (an attribute name that is not text"),  # readers' KeyError
         (lambda p: p.write_bytes(b""), "/ (the file is empty)"),
     ]  # fmt: skip
     for damage, where in cases:
@@ -620,6 +622,12 @@ def test_a_damaged_results_file_names_the_object_or_attribute_and_every_command_
     _overwrite_header(run / "parts/client_c1.h5", "rounds")  # a part's group: it was shown with no rounds
     assert _exit_code(["inspect", str(run)]) == 1
     assert "clients/c1: part file parts/client_c1.h5 (damaged: HDF5 cannot read it whole" in capsys.readouterr().out
+    shutil.copy(evaluated_run(0.25) / "parts/client_c1.h5", run / "parts/client_c1.h5")
+    _edit_attrs(run / "parts/client_c1.h5", lambda f: f["rounds"].attrs.__setitem__(b"\xff\xfeab", 1))
+    for args in (["inspect", str(run)], ["bundle", str(run), str(tmp_path.parent / "bundle2.h5")]):
+        assert _exit_code(args) == 1, args  # inspect's TypeError; bundle had copied the damage in
+        said = capsys.readouterr()
+        assert "clients/c1: part file parts/client_c1.h5 (damaged" in said.out + said.err, (args, said)
 
 
 @pytest.mark.slow  # evaluates a run

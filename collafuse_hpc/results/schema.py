@@ -299,7 +299,10 @@ def check_role(role: h5py.Group) -> None:
     results.h5's link, or its copy in a bundle), not its data: KeyError or RuntimeError
     where it is damaged, which the readers catch per role (PART_ERRORS). h5py's ``get``
     takes a damaged group for a missing one: a reader would show the role with no rows."""
-    _walk(role, role.name, set(), ["/"], data=False)
+    try:
+        _walk(role, role.name, set(), ["/"], data=False)
+    except (ValueError, TypeError) as e:  # a garbled name: undecodable, or bytes
+        raise RuntimeError(f"damaged: {e}") from None
 
 
 def _walk(obj: h5py.Group | h5py.Dataset, name: str, roles: set[str], where: list[str], data: bool = True) -> None:
@@ -308,6 +311,8 @@ def _walk(obj: h5py.Group | h5py.Dataset, name: str, roles: set[str], where: lis
     the damaged one."""
     for key in list(obj.attrs):
         where[0] = f"{name} (attribute {key})"
+        if not isinstance(key, str):  # h5py gives a garbled name as bytes; readers look names up as text
+            raise TypeError(f"an attribute name that is not text: {key!r}")
         obj.attrs[key]
         if key in YAML_SHAPES:
             _yaml(obj, key)
@@ -322,6 +327,8 @@ def _walk(obj: h5py.Group | h5py.Dataset, name: str, roles: set[str], where: lis
         child = f"{name.rstrip('/')}/{key}"
         where[0] = child
         link = obj.get(key, getlink=True)
+        if link is None:  # h5py's get says None where the lookup itself failed
+            raise KeyError("a link HDF5 cannot look up")
         if isinstance(link, h5py.SoftLink):  # /metrics, /samples: the newest record's, read where they point
             soft.append((key, child, link.path))
         elif isinstance(link, h5py.HardLink) and child.lstrip("/") not in roles:  # parts: each reader names its own

@@ -32,6 +32,7 @@ from collafuse_hpc.results.schema import (
     V2,
     audit_totals,
     bundle_left_out,
+    check_role,
     lost_part,
     open_results,
     plain_attrs,
@@ -353,6 +354,7 @@ def bundle(index: str, target: str) -> list[str]:
         dst.attrs[BUNDLED] = os.path.abspath(index)
         for key, part in (yaml.safe_load(src.attrs.get("roles", "{}")) or {}).items():
             try:
+                check_role(src[key])  # damage that copying would carry into the bundle
                 dst.copy(src[key], key)  # the external link resolves: the part's content is copied
             except PART_ERRORS:
                 if key in dst:  # what was copied before the damage
