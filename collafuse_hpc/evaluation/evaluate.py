@@ -181,8 +181,9 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
             f"{index!r} cannot be written (no permission, or a read-only file system), and evaluate writes its "
             "metrics there: copy the run folder to a place you can write"
         )
-    with open_results(index):  # read whole: a damaged one is refused now, not after the sampling
-        check_space(index)
+    with open_results(index) as f:  # read whole: a damaged one is refused now, not after the sampling
+        settings = changed_keys(with_defaults(yaml.safe_load(f.attrs["config"])), to_dict(cfg))
+    check_space(index)  # and a full disk
     t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     servers, clients = load_roles(cfg, round_, device)
     topo = Topology.from_config(cfg)
@@ -300,7 +301,7 @@ def _evaluate(cfg: Config, check: Callable[[], None], beat: Heartbeat) -> dict:
         pooled_scores = {model: tuple(map(np.concatenate, s)) for model, s in scores.items()}
         report["pooled"]["membership"] = _membership(pooled_scores, resamples, seed)
     with _signals_after(f"interrupted after the evaluation of round {round_} was written whole to {index}"):
-        _write(index, cfg, report, grids, identity, round_, started, parts.seconds)
+        _write(index, cfg, settings, report, grids, identity, round_, started, parts.seconds)
     log.info("evaluate: what each part took: %s", parts.line())
     log.info("evaluation of round %d written to %s (%.1f s)", round_, index, time.perf_counter() - t0)
     return report
@@ -377,14 +378,19 @@ def _signals_after(done: str) -> Iterator[None]:
 
 
 def _write(
-    index: str, cfg: Config, report: dict, grids: dict, identity: str, round_: int, started: str, seconds: dict
+    index: str,
+    cfg: Config,
+    settings: dict,
+    report: dict,
+    grids: dict,
+    identity: str,
+    round_: int,
+    started: str,
+    seconds: dict,
 ) -> None:
     """A new evaluate record holding the metrics and what each part took (``seconds``, in
     its totals); /metrics then points at them. The metrics of earlier evaluations stay in
-    their records."""
-    with open_results(index) as f:
-        trained_with = yaml.safe_load(f.attrs["config"])
-    settings = changed_keys(with_defaults(trained_with), to_dict(cfg))
+    their records. ``settings``: the keys that differ from the training config."""
     n = begin_record(index, "evaluate", round_, settings, started=started)
     attrs = dict(
         extractor=identity,

@@ -35,11 +35,10 @@ from collafuse_hpc.results.schema import (
     SETS,
     SUMMARY,
     audit_totals,
-    bundle_left_out,
-    check_role,
     index_path,
-    lost_part,
+    lost_role,
     open_results,
+    open_role,
     recent_mean,
     recent_rows,
     record_key,
@@ -159,10 +158,9 @@ def summarize(path: str, record: int | None = None) -> dict:
         out["roles"] = {}
         for key, part in roles.items():
             try:
-                check_role(f[key])
-                role = _role(f[key], record)
+                role = _role(open_role(f, key), record)
             except PART_ERRORS:
-                out["missing"].append(f"{key}: part file {part} ({lost_part(path, part, key, bundle_left_out(f))})")
+                out["missing"].append(lost_role(f, key, part))
                 continue
             out["roles"][key] = role
             if SUMMARY not in role:
@@ -351,12 +349,11 @@ def export(path: str, out_dir: str, arrays: bool = False, record: int | None = N
             if not key.startswith(f"{CLIENTS}/"):
                 continue
             try:
-                g = f[key]
-                check_role(g)
+                g = open_role(f, key)
                 if samples in g:
                     images[f"samples_{key.split('/', 1)[1]}"] = g[samples][()]
             except PART_ERRORS:
-                left_out.append(f"{key}: part file {part} ({lost_part(path, part, key, bundle_left_out(f))})")
+                left_out.append(lost_role(f, key, part))
         for who, g in (metrics_group or {}).items():
             for name, s in g.items():
                 if "images" in s:

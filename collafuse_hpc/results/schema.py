@@ -294,15 +294,24 @@ def _yaml(obj: h5py.Group | h5py.Dataset, key: str):
     return parsed
 
 
-def check_role(role: h5py.Group) -> None:
-    """Read every group, dataset header and attribute of a role (its part file, through
-    results.h5's link, or its copy in a bundle), not its data: KeyError or RuntimeError
-    where it is damaged, which the readers catch per role (PART_ERRORS). h5py's ``get``
-    takes a damaged group for a missing one: a reader would show the role with no rows."""
+def open_role(f: h5py.File, key: str) -> h5py.Group:
+    """Role ``key`` of the results file ``f`` (its part file, through results.h5's link, or
+    its copy in a bundle), its groups, dataset headers and attributes read (not its data):
+    PART_ERRORS where it is missing or damaged, which the readers catch per role
+    (:func:`lost_role` says why). h5py's ``get`` takes a damaged group for a missing one:
+    a reader would show the role with no rows."""
+    role = f[key]
     try:
         _walk(role, role.name, set(), ["/"], data=False)
     except (ValueError, TypeError) as e:  # a garbled name: undecodable, or bytes
         raise RuntimeError(f"damaged: {e}") from None
+    return role
+
+
+def lost_role(f: h5py.File, key: str, part: str) -> str:
+    """The line naming role ``key`` of the results file ``f``, whose part file ``part``
+    could not be read (:func:`open_role`), and why."""
+    return f"{key}: part file {part} ({lost_part(f.filename, part, key, bundle_left_out(f))})"
 
 
 def _walk(obj: h5py.Group | h5py.Dataset, name: str, roles: set[str], where: list[str], data: bool = True) -> None:

@@ -31,10 +31,9 @@ from collafuse_hpc.results.schema import (
     SUMMARY,
     V2,
     audit_totals,
-    bundle_left_out,
-    check_role,
-    lost_part,
+    lost_role,
     open_results,
+    open_role,
     plain_attrs,
     record_key,
     record_numbers,
@@ -353,14 +352,13 @@ def bundle(index: str, target: str) -> list[str]:
         dst.attrs.update(src.attrs)
         dst.attrs[BUNDLED] = os.path.abspath(index)
         for key, part in (yaml.safe_load(src.attrs.get("roles", "{}")) or {}).items():
-            try:
-                check_role(src[key])  # damage that copying would carry into the bundle
-                dst.copy(src[key], key)  # the external link resolves: the part's content is copied
+            try:  # checked first: copying would carry damage into the bundle
+                dst.copy(open_role(src, key), key)  # the external link resolves: the part's content is copied
             except PART_ERRORS:
                 if key in dst:  # what was copied before the damage
                     del dst[key]
                 missing.append(key)
-                left_out.append(f"{key}: part file {part} ({lost_part(index, part, key, bundle_left_out(src))})")
+                left_out.append(lost_role(src, key, part))
                 continue
             for group in dst[key].values():  # scales point into the part file: attach them anew
                 if isinstance(group, h5py.Group) and ROUND in group:
